@@ -1,0 +1,18 @@
+//! pageserv: post-copy-first live migration of Linux process trees with CRIU, userfaultfd and QUIC.
+//!
+//! The crate splits a sans-IO core from thin IO shells:
+//! - core (pure, property-tested): [`criu::image`], [`criu::images`], [`criu::page_server`],
+//!   [`wire`], [`dst::regions`], [`source::push_plan`], [`stats`].
+//! - shells: [`transport`] (QUIC), [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`],
+//!   [`source::pump`] (CRIU's page server socket), [`criu::binary`] (running CRIU).
+
+pub mod criu;
+pub mod dst;
+pub mod images_show;
+pub mod keys;
+pub mod pages;
+pub mod pb;
+pub mod source;
+pub mod stats;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,5 @@
+//! `pageserv src`: runs or joins the lazy dump, ships images, serves faults and pushes pages.
+
+pub mod dump;
+pub mod pump;
+pub mod push_plan;

@@ -1,1 +1,215 @@
-//! (stub: being written)
+//! Finding the CRIU binary, checking its version, and building its command lines.
+//!
+//! pageserv looks for CRIU in this order: `--criu PATH`, `$PAGESERV_CRIU`, the private prefix that
+//! `tools/setup-criu` installs, then `criu` on PATH. CRIU older than 4.0 is refused: 3.x fails on
+//! current kernels (vDSO) and its lazy-pages path predates the behaviour pageserv relies on.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::criu::page_server::Layout;
+
+/// Where `tools/setup-criu` installs its wrapper.
+pub const PRIVATE_PREFIX_CRIU: &str = "/opt/pageserv/criu/bin/criu";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriuBinaryError {
+    #[error(
+        "no CRIU found (tried {tried}); run `tools/setup-criu` as root, or pass --criu PATH / set PAGESERV_CRIU"
+    )]
+    NotFound { tried: String },
+    #[error("could not run `{path} --version`: {source}")]
+    Run {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path} --version` printed no version line (got {output:?}); is it really CRIU?")]
+    NoVersion { path: PathBuf, output: String },
+    #[error(
+        "CRIU at {path} is version {version}; pageserv needs CRIU >= 4.0 (older releases fail on this \
+         kernel's vDSO and lack the lazy-pages behaviour pageserv relies on). Run `tools/setup-criu`."
+    )]
+    TooOld { path: PathBuf, version: Version },
+}
+
+/// A CRIU release number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl Version {
+    /// Parses CRIU's `--version` output ("Version: 4.1.1" on its first line; a GitCommitID line may follow).
+    pub fn parse_criu_output(out: &str) -> Option<Version> {
+        let line = out.lines().find_map(|l| l.trim().strip_prefix("Version:"))?;
+        let mut parts = line.trim().split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(Version {
+            major,
+            minor,
+            patch,
+        })
+    }
+}
+
+/// A located, version-checked CRIU.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    pub path: PathBuf,
+    pub version: Version,
+}
+
+impl Criu {
+    /// Finds CRIU (see the module docs for the order) and checks its version.
+    pub fn locate(explicit: Option<&Path>) -> Result<Criu, CriuBinaryError> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(p) = explicit {
+            candidates.push(p.to_path_buf());
+        } else {
+            if let Some(p) = std::env::var_os("PAGESERV_CRIU") {
+                candidates.push(PathBuf::from(p));
+            }
+            candidates.push(PathBuf::from(PRIVATE_PREFIX_CRIU));
+            if let Some(path) = std::env::var_os("PATH") {
+                candidates.extend(std::env::split_paths(&path).map(|d| d.join("criu")));
+            }
+        }
+        let found = candidates.iter().find(|p| p.is_file());
+        let Some(path) = found else {
+            let tried = candidates
+                .iter()
+                .take(3)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(CriuBinaryError::NotFound {
+                tried: format!("{tried}, PATH"),
+            });
+        };
+        Self::at(path)
+    }
+
+    /// Checks the CRIU at `path`.
+    pub fn at(path: &Path) -> Result<Criu, CriuBinaryError> {
+        let out = Command::new(path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CriuBinaryError::Run {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let version =
+            Version::parse_criu_output(&text).ok_or_else(|| CriuBinaryError::NoVersion {
+                path: path.to_path_buf(),
+                output: text.chars().take(200).collect(),
+            })?;
+        if version.major < 4 {
+            return Err(CriuBinaryError::TooOld {
+                path: path.to_path_buf(),
+                version,
+            });
+        }
+        Ok(Criu {
+            path: path.to_path_buf(),
+            version,
+        })
+    }
+
+    /// The page-server header layout this CRIU speaks (it has no version field on the wire).
+    pub fn layout(&self) -> Layout {
+        Layout::for_criu_version(self.version.major, self.version.minor)
+    }
+
+    /// A bare command for this CRIU.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.path);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// Makes each `(fd, n)` appear in the child as descriptor number `n`, without CLOEXEC.
+/// CRIU takes `--ps-socket N` and `--status-fd N` as numbers, so they must survive `exec`. The
+/// caller keeps ownership and must drop its copies right after spawning: a parent that keeps the
+/// status pipe's write end open would never see EOF when CRIU dies.
+pub fn pass_fds(cmd: &mut Command, fds: &[(&OwnedFd, i32)]) {
+    let raw: Vec<(i32, i32)> = fds.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2, close) are made on
+    // memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move every source above the targets first, so no dup2 clobbers a later source.
+            let mut hi_fds = [0i32; 8];
+            for (i, (from, _)) in raw.iter().enumerate().take(hi_fds.len()) {
+                let hi = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
+                if hi < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                hi_fds[i] = hi;
+            }
+            for (i, (_, to)) in raw.iter().enumerate().take(hi_fds.len()) {
+                // dup2 clears CLOEXEC on the new descriptor.
+                if libc::dup2(hi_fds[i], *to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The last `max_lines` lines of a CRIU log, for error messages.
+pub fn log_tail(log: &Path, max_lines: usize) -> String {
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(max_lines);
+            lines[start..].join("\n")
+        }
+        Err(e) => format!("(no log at {}: {e})", log.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_criu_version_lines() {
+        let v = Version::parse_criu_output("Version: 4.1.1\n").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (4, 1, 1));
+        let v = Version::parse_criu_output("Version: 4.2\nGitID: v4.2-10-gabc\n").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (4, 2, 0));
+        assert!(Version::parse_criu_output("criu: command not found").is_none());
+    }
+
+    #[test]
+    fn orders_versions() {
+        let a = Version {
+            major: 3,
+            minor: 17,
+            patch: 1,
+        };
+        let b = Version {
+            major: 4,
+            minor: 0,
+            patch: 0,
+        };
+        assert!(a < b);
+    }
+}

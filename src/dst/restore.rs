@@ -1,1 +1,128 @@
-//! (stub: being written)
+//! Running the restore at the destination.
+//!
+//! The default is `criu restore --lazy-pages -d`, run in the work directory where pageserv's
+//! lazy-pages socket already listens (CRIU resolves `lazy-pages.socket` relative to `-W`).
+//! `--restore-cmd` replaces it for runc/podman-style restores: a shell command in which
+//! `{images}` and `{work}` are replaced by the directories (e.g.
+//! `runc restore --image-path {images} --work-path {work} --lazy-pages --detach ctr`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use crate::criu::binary::{Criu, log_tail};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("could not start the restore ({what}): {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the restore failed ({status}). Last lines of {log}:\n{tail}")]
+    Failed {
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+/// A restore in progress.
+#[derive(Debug)]
+pub struct Restore {
+    child: Child,
+    pub log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+/// How to run the restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Extra CRIU options for the default command.
+    pub extra: Vec<String>,
+    /// A shell template replacing the default command.
+    pub template: Option<String>,
+}
+
+impl Restore {
+    /// Starts the restore of `images` with `work` as its work directory.
+    pub fn start(
+        criu: &Criu,
+        images: &Path,
+        work: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<Restore, RestoreError> {
+        let log = work.join("restore.log");
+        let pidfile = work.join("restore.pid");
+        let mut cmd = match &opts.template {
+            Some(t) => {
+                let line = t
+                    .replace("{images}", &images.display().to_string())
+                    .replace("{work}", &work.display().to_string());
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c").arg(line);
+                c
+            }
+            None => {
+                let mut c = criu.command();
+                c.arg("restore")
+                    .arg("-D")
+                    .arg(images)
+                    .arg("-W")
+                    .arg(work)
+                    .arg("-o")
+                    .arg(&log)
+                    .arg("-v4")
+                    .arg("--lazy-pages")
+                    .arg("-d")
+                    .arg("--pidfile")
+                    .arg(&pidfile)
+                    .args(&opts.extra);
+                c
+            }
+        };
+        cmd.current_dir(work).stdin(Stdio::null()).stdout(Stdio::null());
+        let child = cmd.spawn().map_err(|source| RestoreError::Spawn {
+            what: format!("{cmd:?}"),
+            source,
+        })?;
+        Ok(Restore {
+            child,
+            log,
+            pidfile,
+        })
+    }
+
+    /// Non-blocking: the restore command's exit status, once it has ended.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Turns a non-zero exit into an error carrying the log tail.
+    pub fn check(&self, status: ExitStatus) -> Result<(), RestoreError> {
+        if status.success() {
+            Ok(())
+        } else {
+            Err(RestoreError::Failed {
+                status: status.to_string(),
+                log: self.log.clone(),
+                tail: log_tail(&self.log, 20),
+            })
+        }
+    }
+
+    /// The restored tree's root pid, from the pidfile (default command only).
+    pub fn root_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills the restore command itself (not the restored tasks).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

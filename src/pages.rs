@@ -30,3 +30,52 @@ impl PageRange {
 pub fn page_floor(addr: u64) -> u64 {
     addr & !(PAGE_SIZE - 1)
 }
+
+/// Splits page data into runs of all-zero and non-zero pages: `(first_page, nr_pages, is_zero)`.
+/// Zero pages never cross the network as 4 KiB; this is how every sender finds them.
+pub fn zero_runs(data: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+        let zero = is_zero(page);
+        match runs.last_mut() {
+            Some((_, n, z)) if *z == zero => *n += 1,
+            _ => runs.push((i, 1, zero)),
+        }
+    }
+    runs
+}
+
+/// True when every byte is zero. Folds 16-byte words so a typical non-zero page exits early and
+/// a zero page is checked at memory speed, with no allocation.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u128;
+        for w in c.chunks_exact(16) {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(w);
+            acc |= u128::from_ne_bytes(b);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_zero_runs() {
+        let mut data = vec![0u8; 5 * PAGE_SIZE as usize];
+        data[PAGE_SIZE as usize + 7] = 1;
+        data[4 * PAGE_SIZE as usize] = 9;
+        assert_eq!(
+            zero_runs(&data),
+            vec![(0, 1, true), (1, 1, false), (2, 2, true), (4, 1, false)]
+        );
+        assert!(zero_runs(&[]).is_empty());
+    }
+}

@@ -14,5 +14,6 @@ pub mod pages;
 pub mod pb;
 pub mod source;
 pub mod stats;
+pub mod testbed;
 pub mod transport;
 pub mod wire;

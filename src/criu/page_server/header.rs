@@ -14,7 +14,7 @@ const TYPE_BITS: u32 = 8;
 const MAX_PAGEMAP_ID: u64 = u64::MAX >> TYPE_BITS;
 
 /// Which kind of pagemap image a dst_id names (§1.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PagemapKind {
     /// `pagemap-<vpid>.img` (type 1; legacy 10, 11, 16, 17).
     Pid,
@@ -23,7 +23,7 @@ pub enum PagemapKind {
 }
 
 /// A pagemap image: the kind and the id (virtual pid or shmid; at most 56 bits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PagemapId {
     pub kind: PagemapKind,
     pub id: u64,

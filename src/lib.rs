@@ -16,3 +16,4 @@ pub mod source;
 pub mod stats;
 pub mod transport;
 pub mod wire;
+pub mod workload_log;

@@ -118,7 +118,10 @@ fn start(args: &Args) -> anyhow::Result<u8> {
     let log =
         || LogFile::open(&args.log).with_context(|| format!("opening log {}", args.log.display()));
     let root_mem = if args.cow_children {
-        Some(Memory::new(args.mib, args.seed).context("mapping memory")?)
+        Some(
+            Memory::new(args.mib, args.seed)
+                .with_context(|| format!("mapping {} MiB of workload memory", args.mib))?,
+        )
     } else {
         None
     };
@@ -134,7 +137,8 @@ fn start(args: &Args) -> anyhow::Result<u8> {
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
             let mem = match root_mem {
                 Some(m) => m,
-                None => Memory::new(args.mib, args.seed ^ k as u64).context("mapping memory")?,
+                None => Memory::new(args.mib, args.seed ^ k as u64)
+                    .with_context(|| format!("mapping {} MiB of workload memory", args.mib))?,
             };
             let code = run_process(
                 args,
@@ -147,7 +151,8 @@ fn start(args: &Args) -> anyhow::Result<u8> {
     }
     let mem = match root_mem {
         Some(m) => m,
-        None => Memory::new(args.mib, args.seed).context("mapping memory")?,
+        None => Memory::new(args.mib, args.seed)
+            .with_context(|| format!("mapping {} MiB of workload memory", args.mib))?,
     };
     Ok(run_process(
         args,

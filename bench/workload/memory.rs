@@ -139,13 +139,15 @@ impl Memory {
     /// Maps `mib` MiB in up to [`MAX_CHUNKS`] chunks plus the table, and initialises every page
     /// (version 0; every 16th page zero, but written, so no page is left untouched).
     pub fn new(mib: usize, salt: u64) -> io::Result<Self> {
-        let pages = mib * (1 << 20) / PAGE_BYTES;
-        if pages == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "--mib must be >= 1",
-            ));
-        }
+        let pages = match mib.checked_mul((1 << 20) / PAGE_BYTES) {
+            Some(p) if p > 0 => p,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("--mib {mib}: must be >= 1 and fit the address space"),
+                ));
+            }
+        };
         let chunk_pages = pages.div_ceil(MAX_CHUNKS);
         let mut chunks = Vec::new();
         let mut first = 0;

@@ -92,16 +92,16 @@ pub fn run(mem: &Memory, rate: Option<f64>, seed: u64, count: &Counter, stop: &A
             continue;
         }
         // A locked page (checker, churn, another writer) is skipped for another random one.
-        loop {
+        while !stop.load(Ordering::Relaxed) {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             if let Some(g) = mem.try_lock((rng % mem.pages as u64) as usize) {
                 g.rewrite();
+                count.0.fetch_add(1, Ordering::Relaxed);
                 break;
             }
         }
-        count.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -11,11 +11,29 @@ use std::time::{Duration, Instant};
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
 const PAGE: u64 = 4096;
 
-fn scratch(name: &str) -> PathBuf {
+/// A scratch directory, removed when the test passes (kept for inspection when it fails).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("pageserv-workload-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 fn summary(log: &Path) -> Summary {

@@ -17,3 +17,4 @@ pub mod stats;
 pub mod testbed;
 pub mod transport;
 pub mod wire;
+pub mod workload_log;

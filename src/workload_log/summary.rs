@@ -1,0 +1,426 @@
+//! Aggregates of a workload log, per process tag: heartbeat gaps (downtime), checks, write rate
+//! over time windows (post-copy slowdown).
+
+use super::{Check, ChildExit, ChunkInfo, Churn, Event, Exit, Heartbeat, ParseError, Ready};
+use std::collections::BTreeMap;
+
+/// At most this many windows per rate query, whatever the timestamps claim.
+const MAX_WINDOWS: u64 = 1_000_000;
+const NS_PER_MS: u64 = 1_000_000;
+
+/// The time between two consecutive heartbeats of one process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gap {
+    pub ms: f64,
+    /// The heartbeat before the gap.
+    pub from_ns: u64,
+    pub from_seq: u64,
+    /// The heartbeat after the gap.
+    pub to_ns: u64,
+    pub to_seq: u64,
+}
+
+/// Everything one process (`r`, `c1`, ...) logged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TagSummary {
+    pub tag: String,
+    pub ready: Option<Ready>,
+    pub exit: Option<Exit>,
+    pub chunks: Vec<ChunkInfo>,
+    /// In log order.
+    pub heartbeats: Vec<Heartbeat>,
+    pub checks: Vec<Check>,
+    pub churn: Vec<Churn>,
+    /// Children this process reaped.
+    pub children: Vec<ChildExit>,
+    /// `error` lines.
+    pub errors: Vec<String>,
+}
+
+/// A whole log: per-tag summaries plus the lines that did not parse.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub tags: BTreeMap<String, TagSummary>,
+    pub errors: Vec<ParseError>,
+}
+
+impl Summary {
+    /// Parses the complete lines of a log text.
+    pub fn parse(text: &str) -> Self {
+        let (events, errors) = super::parse_log(text);
+        Summary {
+            errors,
+            ..Self::from_events(events)
+        }
+    }
+
+    /// Aggregates events in log order.
+    pub fn from_events(events: impl IntoIterator<Item = Event>) -> Self {
+        let mut s = Summary::default();
+        for e in events {
+            let t = s
+                .tags
+                .entry(e.tag().to_string())
+                .or_insert_with(|| TagSummary {
+                    tag: e.tag().to_string(),
+                    ..TagSummary::default()
+                });
+            match e {
+                Event::Chunk(c) => t.chunks.push(c),
+                Event::Ready(r) => t.ready = Some(r),
+                Event::Heartbeat { hb, .. } => t.heartbeats.push(hb),
+                Event::Check(c) => t.checks.push(c),
+                Event::Churn(c) => t.churn.push(c),
+                Event::Child(c) => t.children.push(c),
+                Event::Exit(x) => t.exit = Some(x),
+                Event::Error { text, .. } => t.errors.push(text),
+            }
+        }
+        s
+    }
+
+    pub fn tag(&self, tag: &str) -> Option<&TagSummary> {
+        self.tags.get(tag)
+    }
+
+    /// Passed checks, all processes.
+    pub fn checks_ok(&self) -> usize {
+        self.tags.values().map(TagSummary::checks_ok).sum()
+    }
+
+    /// Failed checks, all processes.
+    pub fn checks_failed(&self) -> usize {
+        self.tags.values().map(TagSummary::checks_failed).sum()
+    }
+
+    /// The earliest failed check of any process.
+    pub fn first_fail(&self) -> Option<&Check> {
+        self.tags
+            .values()
+            .filter_map(TagSummary::first_fail)
+            .min_by_key(|c| c.unix_ns)
+    }
+
+    /// The largest heartbeat gap of any process.
+    pub fn max_gap(&self) -> Option<Gap> {
+        self.max_gap_between(0, u64::MAX)
+    }
+
+    /// The largest heartbeat gap of any process that overlaps `[from_ns, to_ns]`.
+    pub fn max_gap_between(&self, from_ns: u64, to_ns: u64) -> Option<Gap> {
+        self.tags
+            .values()
+            .filter_map(|t| t.max_gap_between(from_ns, to_ns))
+            .max_by(|a, b| a.ms.total_cmp(&b.ms))
+    }
+}
+
+impl TagSummary {
+    pub fn checks_ok(&self) -> usize {
+        self.checks.iter().filter(|c| c.ok).count()
+    }
+
+    pub fn checks_failed(&self) -> usize {
+        self.checks.iter().filter(|c| !c.ok).count()
+    }
+
+    pub fn first_fail(&self) -> Option<&Check> {
+        self.checks.iter().find(|c| !c.ok)
+    }
+
+    /// (passed, failed) checks that ended within `[from_ns, to_ns]`.
+    pub fn checks_between(&self, from_ns: u64, to_ns: u64) -> (usize, usize) {
+        let within = || {
+            self.checks
+                .iter()
+                .filter(move |c| (from_ns..=to_ns).contains(&c.unix_ns))
+        };
+        (
+            within().filter(|c| c.ok).count(),
+            within().filter(|c| !c.ok).count(),
+        )
+    }
+
+    /// How many churn lines of kind `what` (fork, forkchild, dontneed, reinit, mremap) had
+    /// verdict `ok`.
+    pub fn churn_count(&self, what: &str, ok: bool) -> usize {
+        self.churn
+            .iter()
+            .filter(|c| c.what == what && c.ok == ok)
+            .count()
+    }
+
+    /// The largest gap between consecutive heartbeats (downtime of this process).
+    pub fn max_gap(&self) -> Option<Gap> {
+        self.max_gap_between(0, u64::MAX)
+    }
+
+    /// The largest gap between consecutive heartbeats whose span overlaps `[from_ns, to_ns]`
+    /// (a gap that starts before `from_ns` and ends inside counts whole).
+    pub fn max_gap_between(&self, from_ns: u64, to_ns: u64) -> Option<Gap> {
+        self.heartbeats
+            .windows(2)
+            .filter(|w| w[1].unix_ns >= from_ns && w[0].unix_ns <= to_ns)
+            .map(|w| Gap {
+                ms: w[1].unix_ns.saturating_sub(w[0].unix_ns) as f64 / 1e6,
+                from_ns: w[0].unix_ns,
+                from_seq: w[0].seq,
+                to_ns: w[1].unix_ns,
+                to_seq: w[1].seq,
+            })
+            .max_by(|a, b| a.ms.total_cmp(&b.ms))
+    }
+
+    /// Heartbeat samples (unix_ns, writes) sorted by time for interpolation.
+    fn samples(&self) -> Vec<(u64, u64)> {
+        let mut s: Vec<(u64, u64)> = self
+            .heartbeats
+            .iter()
+            .map(|h| (h.unix_ns, h.writes))
+            .collect();
+        s.sort_by_key(|&(t, _)| t);
+        s
+    }
+
+    /// Total writes at `t_ns`, interpolated linearly between heartbeats; None outside them.
+    pub fn writes_at(&self, t_ns: u64) -> Option<f64> {
+        writes_at(&self.samples(), t_ns)
+    }
+
+    /// Write rate over consecutive windows of `window_ms` from the first heartbeat: (window
+    /// start unix_ns, writes per second). Only whole windows; during downtime the rate is ~0.
+    pub fn write_rate(&self, window_ms: u64) -> Vec<(u64, f64)> {
+        match self.heartbeats.iter().map(|h| h.unix_ns).min() {
+            Some(t0) => self.write_rate_from(t0, window_ms),
+            None => Vec::new(),
+        }
+    }
+
+    /// As [`Self::write_rate`], windows starting at `start_ns`.
+    pub fn write_rate_from(&self, start_ns: u64, window_ms: u64) -> Vec<(u64, f64)> {
+        let samples = self.samples();
+        let (Some(&(first, _)), Some(&(last, _))) = (samples.first(), samples.last()) else {
+            return Vec::new();
+        };
+        let window_ns = window_ms.saturating_mul(NS_PER_MS);
+        if window_ns == 0 || start_ns < first || start_ns >= last {
+            return Vec::new();
+        }
+        let n = ((last - start_ns) / window_ns).min(MAX_WINDOWS);
+        (0..n)
+            .filter_map(|k| {
+                let a = start_ns + k * window_ns;
+                let wa = writes_at(&samples, a)?;
+                let wb = writes_at(&samples, a + window_ns)?;
+                Some((a, ((wb - wa) / window_ms as f64 * 1e3).max(0.0)))
+            })
+            .collect()
+    }
+
+    /// Mean write rate (writes per second) over `[from_ns, to_ns]`, clamped to the heartbeats.
+    pub fn mean_rate(&self, from_ns: u64, to_ns: u64) -> Option<f64> {
+        let samples = self.samples();
+        let a = from_ns.max(samples.first()?.0);
+        let b = to_ns.min(samples.last()?.0);
+        if b <= a {
+            return None;
+        }
+        let dw = writes_at(&samples, b)? - writes_at(&samples, a)?;
+        Some((dw / ((b - a) as f64 / 1e9)).max(0.0))
+    }
+
+    /// Milliseconds after `after_ns` spent below `fraction` of `normal_per_s` (writes per
+    /// second), counted in whole windows of `window_ms` starting at `after_ns`.
+    pub fn time_below_rate(
+        &self,
+        after_ns: u64,
+        fraction: f64,
+        normal_per_s: f64,
+        window_ms: u64,
+    ) -> u64 {
+        let floor = fraction * normal_per_s;
+        let below = self
+            .write_rate_from(after_ns, window_ms)
+            .iter()
+            .filter(|(_, r)| *r < floor)
+            .count() as u64;
+        below * window_ms
+    }
+}
+
+fn writes_at(samples: &[(u64, u64)], t: u64) -> Option<f64> {
+    let i = samples.partition_point(|&(ts, _)| ts < t);
+    let &(tb, wb) = samples.get(i)?;
+    if tb == t {
+        return Some(wb as f64);
+    }
+    let &(ta, wa) = samples.get(i.checked_sub(1)?)?;
+    let frac = (t - ta) as f64 / (tb - ta) as f64;
+    Some(wa as f64 + (wb as f64 - wa as f64) * frac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload_log::{LineError, parse_line};
+    use proptest::prelude::*;
+
+    const T0: u64 = 1_700_000_000_000_000_000;
+
+    /// Heartbeats every `period_ms`, `rate` writes per ms, with a stall of `stall_ms` after
+    /// heartbeat `stall_at`.
+    fn synthetic(n: u64, period_ms: u64, rate: u64, stall_at: u64, stall_ms: u64) -> String {
+        let mut log =
+            format!("ready r pid=1 mib=64 pages=16384 chunks=16 threads=2 unix_ns={T0}\n");
+        let mut t = T0;
+        let mut w = 0;
+        for seq in 0..n {
+            log += &format!("hb r {seq} {t} {w}\n");
+            let dt = if seq == stall_at { stall_ms } else { period_ms };
+            t += dt * NS_PER_MS;
+            if seq != stall_at {
+                w += rate * dt;
+            }
+            if seq % 100 == 99 {
+                log += &format!("check r ok pages=16384 ms=12.5 skipped=0 zero=1024 unix_ns={t}\n");
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn finds_the_stall_as_max_gap() {
+        let s = Summary::parse(&synthetic(1000, 1, 5, 400, 250));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let g = s.max_gap().unwrap();
+        assert_eq!((g.ms, g.from_seq, g.to_seq), (250.0, 400, 401));
+        assert_eq!(g.from_ns, T0 + 400 * NS_PER_MS);
+        // Outside the stall the gaps are 1 ms.
+        let before = s.max_gap_between(T0, T0 + 300 * NS_PER_MS).unwrap();
+        assert_eq!(before.ms, 1.0);
+        // A window inside the stall still sees the whole gap.
+        let inside = s
+            .max_gap_between(T0 + 500 * NS_PER_MS, T0 + 501 * NS_PER_MS)
+            .unwrap();
+        assert_eq!(inside.ms, 250.0);
+        assert_eq!(s.checks_ok(), 10);
+        assert_eq!(s.tag("r").unwrap().ready.as_ref().unwrap().pid, 1);
+    }
+
+    #[test]
+    fn write_rate_drops_to_zero_during_the_stall() {
+        let s = Summary::parse(&synthetic(1000, 1, 5, 400, 250));
+        let r = s.tag("r").unwrap();
+        let rates = r.write_rate(50);
+        assert!(
+            rates[..8].iter().all(|&(_, x)| (x - 5000.0).abs() < 1e-6),
+            "{rates:?}"
+        );
+        // Windows fully inside [400, 650) ms are zero.
+        assert!(rates[9..12].iter().all(|&(_, x)| x == 0.0), "{rates:?}");
+        let normal = r.mean_rate(T0, T0 + 400 * NS_PER_MS).unwrap();
+        assert!((normal - 5000.0).abs() < 1e-6);
+        let below = r.time_below_rate(T0 + 400 * NS_PER_MS, 0.5, normal, 10);
+        assert_eq!(below, 250);
+    }
+
+    #[test]
+    fn partial_last_line_is_ignored_and_bad_lines_are_reported() {
+        let s = Summary::parse("hb r 0 10 0\nbogus x\nhb r 1 20\nhb r 2 3");
+        assert_eq!(s.tag("r").unwrap().heartbeats.len(), 1);
+        assert_eq!(s.errors.len(), 2);
+        assert_eq!(s.errors[0].line, 2);
+        assert!(matches!(s.errors[0].error, LineError::UnknownKind(_)));
+        assert!(matches!(
+            s.errors[1].error,
+            LineError::Missing {
+                field: "writes_total",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn parses_every_line_kind_the_workload_writes() {
+        let lines = [
+            "chunk r 3 addr=0x7f00 first=3072 pages=1024",
+            "check c1 FAIL page=1000 reason=payload word=17 expected=0x1 found=0x2 bad=1 pages=16384 ms=3.5 unix_ns=9",
+            "churn r fork ok pid=77 chunk=0 ms=1.5 unix_ns=5",
+            "churn r fork FAIL pid=77 chunk=0 status=0x100 unix_ns=5",
+            "churn r forkchild FAIL chunk=2 page=9 reason=nonzero word=0 found=0x1",
+            "churn r dontneed first=0 count=64 unix_ns=6",
+            "churn r mremap FAIL error=\"Cannot allocate memory (os error 12)\" unix_ns=7",
+            "child r c2 pid=12 status=0 unix_ns=8",
+            "exit r checks_ok=3 checks_failed=1 churn_failed=0 children_failed=0 writes=99 unix_ns=10",
+            "error r pidfile \"/x\": denied",
+        ];
+        let s = Summary::parse(&(lines.join("\n") + "\n"));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let r = s.tag("r").unwrap();
+        assert_eq!(r.chunks[0].addr, 0x7f00);
+        assert_eq!(
+            (r.churn_count("fork", true), r.churn_count("fork", false)),
+            (1, 1)
+        );
+        assert_eq!(r.churn_count("forkchild", false), 1);
+        assert_eq!(r.churn_count("mremap", false), 1);
+        assert_eq!(r.churn[0].detail, "pid=77 chunk=0 ms=1.5 unix_ns=5");
+        assert_eq!(r.children[0].child, "c2");
+        assert_eq!(r.exit.as_ref().unwrap().checks_failed, 1);
+        assert_eq!(r.errors, ["pidfile \"/x\": denied"]);
+        let fail = s.first_fail().unwrap();
+        assert_eq!(fail.tag, "c1");
+        let f = fail.fail.as_ref().unwrap();
+        assert_eq!((f.page, f.reason.as_str()), (1000, "payload"));
+        assert!(f.detail.starts_with("word=17 "));
+        assert_eq!(
+            parse_line("check r maybe pages=1 ms=1 unix_ns=1"),
+            Err(LineError::BadVerdict("maybe".into()))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(line in "\\PC{0,200}") {
+            let _ = parse_line(&line);
+            let _ = Summary::parse(&line);
+        }
+
+        #[test]
+        fn max_gap_is_the_largest_interval(gaps in proptest::collection::vec(0u64..10_000, 1..200)) {
+            let mut log = String::new();
+            let mut t = T0;
+            for (seq, g) in gaps.iter().enumerate() {
+                log += &format!("hb c1 {seq} {t} {seq}\n");
+                t += g * 1000;
+            }
+            log += &format!("hb c1 {} {t} 0\n", gaps.len());
+            let s = Summary::parse(&log);
+            let g = s.max_gap().unwrap();
+            let want = *gaps.iter().max().unwrap();
+            prop_assert_eq!(g.ms, (want * 1000) as f64 / 1e6);
+            prop_assert_eq!(g.to_ns - g.from_ns, want * 1000);
+        }
+
+        #[test]
+        fn window_rates_add_up_to_total_writes(
+            steps in proptest::collection::vec((1u64..20, 0u64..100), 2..300),
+            window_ms in 1u64..50,
+        ) {
+            let mut log = String::new();
+            let (mut t, mut w) = (T0, 0u64);
+            for (seq, (dt_ms, dw)) in steps.iter().enumerate() {
+                log += &format!("hb r {seq} {t} {w}\n");
+                t += dt_ms * NS_PER_MS;
+                w += dw;
+            }
+            let s = Summary::parse(&log);
+            let r = s.tag("r").unwrap();
+            let rates = r.write_rate(window_ms);
+            let covered = rates.len() as u64 * window_ms * NS_PER_MS;
+            let sum: f64 = rates.iter().map(|(_, x)| x * window_ms as f64 / 1e3).sum();
+            let want = r.writes_at(T0 + covered).unwrap_or(0.0) - r.writes_at(T0).unwrap();
+            prop_assert!((sum - want).abs() < 1e-6 * want.max(1.0), "{} vs {}", sum, want);
+        }
+    }
+}

@@ -147,7 +147,10 @@ pub fn decode_vmas(file: &str, bytes: &[u8]) -> Result<Vec<Vma>> {
             file: file.to_string(),
             problem: format!("VMA #{i} [{:#x}, {:#x}): {problem}", v.start, v.end),
         };
-        if !v.start.is_multiple_of(PAGE_SIZE) || !v.end.is_multiple_of(PAGE_SIZE) || v.end <= v.start {
+        if !v.start.is_multiple_of(PAGE_SIZE)
+            || !v.end.is_multiple_of(PAGE_SIZE)
+            || v.end <= v.start
+        {
             return Err(bad("not a non-empty page-aligned range".into()));
         }
         if let Some(prev) = out.last()

@@ -331,5 +331,4 @@ pub fn write_pagemap(dir: &Path, id: PagemapId, pages_id: u32, entries: &[MapEnt
 }
 
 #[cfg(test)]
-#[path = "images/dir_tests.rs"]
 mod tests;

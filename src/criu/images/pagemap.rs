@@ -373,5 +373,4 @@ pub fn plan_read(
 }
 
 #[cfg(test)]
-#[path = "pagemap_tests.rs"]
 mod tests;

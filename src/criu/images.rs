@@ -5,22 +5,23 @@
 //! [`ImageDir::open`]).
 
 mod pagemap;
+mod reader;
 mod task;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use self::pagemap::{
     MAX_IMAGE_ADDR, MapEntry, Pagemap, PagemapId, PresentIndex, PresentRun, ReadPiece,
     decode_pagemap, encode_pagemap, entry_from_pb, lazy_ranges, plan_read,
 };
+pub use self::reader::PageReader;
 pub use self::task::{
     Task, TaskState, Vma, decode_pstree, decode_task_state, decode_vmas, vma_status,
 };
 use crate::criu::image::{self, ImageError, ImageKind, Result};
-use crate::pages::{PAGE_SIZE, PageRange};
+use crate::pages::PageRange;
 use crate::pb::criu::InventoryEntry;
 
 /// Largest metadata image (anything but pages-*.img) we read into memory. A pagemap of a
@@ -205,119 +206,20 @@ impl ImageDir {
     /// Where each PRESENT entry of `pid`'s pagemap lives in its pages file. Checks that the
     /// pages file exists and is large enough for them.
     pub fn present_index(&self, pid: u32) -> Result<PresentIndex> {
-        let pm = self.pagemap(pid)?;
-        let index = PresentIndex::new(&pm);
-        self.check_pages_len(&index)?;
-        Ok(index)
+        Ok(self.page_reader(PagemapId::Pid(pid))?.index().clone())
     }
 
-    fn check_pages_len(&self, index: &PresentIndex) -> Result<()> {
-        let need = index.total_bytes();
-        let have = self.pages_file_len(index.pages_id)?;
-        if have < need {
-            return Err(ImageError::BadFile {
-                file: self.pages_file(index.pages_id).display().to_string(),
-                problem: format!(
-                    "is {have} bytes but its pagemap's PRESENT entries need {need} (truncated copy?)"
-                ),
-            });
-        }
-        Ok(())
+    /// A reader for one pagemap's data that keeps the pagemap, its index and the pages file
+    /// open, for callers reading many runs (a lazy-pages server).
+    pub fn page_reader(&self, id: PagemapId) -> Result<PageReader> {
+        PageReader::open(self, id, 0)
     }
 
     /// Reads `nr_pages` pages of `pid` from `vaddr` (dump-time address): PRESENT pages from this
     /// set's pages file, PARENT pages from the `parent/` chain. LAZY-only and never-dumped pages
-    /// are errors: their data is not in any image.
+    /// are errors: their data is not in any image. At most [`MAX_READ_PAGES`] per call.
     pub fn read_pages(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<Vec<u8>> {
-        self.read_pages_of(PagemapId::Pid(pid), vaddr, nr_pages)
-    }
-
-    /// [`ImageDir::read_pages`] for any pagemap, a shared-memory segment's included.
-    pub fn read_pages_of(&self, id: PagemapId, vaddr: u64, nr_pages: u64) -> Result<Vec<u8>> {
-        if nr_pages > MAX_READ_PAGES {
-            return Err(ImageError::BadFile {
-                file: self.file(&id.file_name()).display().to_string(),
-                problem: format!(
-                    "read of {nr_pages} pages at {vaddr:#x} exceeds the {MAX_READ_PAGES}-page \
-                     limit per call; read in pieces"
-                ),
-            });
-        }
-        let mut out = vec![0u8; (nr_pages * PAGE_SIZE) as usize];
-        self.read_into(id, PageRange::new(vaddr, nr_pages), &mut out, 0)?;
-        Ok(out)
-    }
-
-    fn read_into(
-        &self,
-        id: PagemapId,
-        want: PageRange,
-        out: &mut [u8],
-        depth: usize,
-    ) -> Result<()> {
-        let file = self.file(&id.file_name()).display().to_string();
-        let pm = self.pagemap_of(id)?;
-        let index = PresentIndex::new(&pm);
-        let plan = plan_read(&file, &pm, &index, want)?;
-        let mut at = 0usize;
-        let mut pages: Option<File> = None;
-        for piece in plan {
-            match piece {
-                ReadPiece::Here { offset, len } => {
-                    let len = len as usize;
-                    let path = self.pages_file(pm.pages_id);
-                    let f = match &mut pages {
-                        Some(f) => f,
-                        None => {
-                            pages.insert(File::open(&path).map_err(|source| ImageError::Io {
-                                path: path.clone(),
-                                source,
-                            })?)
-                        }
-                    };
-                    f.read_exact_at(&mut out[at..at + len], offset).map_err(
-                        |source| match source.kind() {
-                            std::io::ErrorKind::UnexpectedEof => ImageError::BadFile {
-                                file: path.display().to_string(),
-                                problem: format!(
-                                    "ends before offset {} that {file} needs (truncated copy?)",
-                                    offset + len as u64
-                                ),
-                            },
-                            _ => ImageError::Io {
-                                path: path.clone(),
-                                source,
-                            },
-                        },
-                    )?;
-                    at += len;
-                }
-                ReadPiece::Parent(range) => {
-                    let len = range.len_bytes() as usize;
-                    if depth >= MAX_PARENT_DEPTH {
-                        return Err(ImageError::BadFile {
-                            file,
-                            problem: format!(
-                                "more than {MAX_PARENT_DEPTH} parent links: a parent loop?"
-                            ),
-                        });
-                    }
-                    let parent = self.parent()?.ok_or_else(|| ImageError::BadFile {
-                        file: file.clone(),
-                        problem: format!(
-                            "pages [{:#x}, {:#x}) are in the parent image set, but {} has no \
-                             parent link",
-                            range.start,
-                            range.end(),
-                            self.path.display()
-                        ),
-                    })?;
-                    parent.read_into(id, range, &mut out[at..at + len], depth + 1)?;
-                    at += len;
-                }
-            }
-        }
-        Ok(())
+        self.page_reader(PagemapId::Pid(pid))?.read(vaddr, nr_pages)
     }
 }
 

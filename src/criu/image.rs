@@ -240,6 +240,7 @@ pub struct Records<'a> {
 }
 
 impl<'a> Records<'a> {
+    /// Records of `bytes` (the whole file, named `file` in errors) from offset `start`.
     pub fn new(file: &'a str, bytes: &'a [u8], start: usize) -> Self {
         Records {
             file,

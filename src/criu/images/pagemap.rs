@@ -45,9 +45,11 @@ fn ser_flags<S: serde::Serializer>(f: &PeFlags, s: S) -> std::result::Result<S::
 }
 
 impl MapEntry {
+    /// The pages this entry covers.
     pub fn range(&self) -> PageRange {
         PageRange::new(self.vaddr, self.nr_pages)
     }
+    /// First address past the entry.
     pub fn end(&self) -> u64 {
         self.vaddr + self.nr_pages * PAGE_SIZE
     }
@@ -214,6 +216,7 @@ pub struct PresentIndex {
 }
 
 impl PresentIndex {
+    /// Lays out `pm`'s PRESENT entries as CRIU wrote them.
     pub fn new(pm: &Pagemap) -> Self {
         let mut offset = 0;
         let runs = pm

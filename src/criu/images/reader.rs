@@ -85,10 +85,12 @@ impl PageReader {
         })
     }
 
+    /// The decoded pagemap.
     pub fn pagemap(&self) -> &Pagemap {
         &self.pagemap
     }
 
+    /// Offsets of the PRESENT runs in the pages file.
     pub fn index(&self) -> &PresentIndex {
         &self.index
     }

@@ -33,6 +33,7 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Maps `task_core_entry.task_state`.
     pub fn from_raw(v: u32) -> Self {
         match v {
             1 => TaskState::Alive,
@@ -86,6 +87,7 @@ pub struct Vma {
 }
 
 impl Vma {
+    /// Pages the mapping spans.
     pub fn nr_pages(&self) -> u64 {
         (self.end - self.start) / PAGE_SIZE
     }

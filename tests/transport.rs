@@ -1,0 +1,660 @@
+//! QUIC transport over loopback: mutual TLS refusals, frames both ways, and (ignored, run with
+//! `cargo test --release --test transport -- --ignored --nocapture`) throughput and fault latency
+//! under a bulk push.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pageserv::keys::{self, Identity, KeyError};
+use pageserv::pb::pageserv::{Control, Hello, MemoryWhole, control::Msg};
+use pageserv::transport::{
+    self, Congestion, FAULT_PRIORITY, FrameReceiver, FrameSender, PUSH_PRIORITY, RefusalReason,
+    RefusedBy, TransportError, TransportOptions,
+};
+use pageserv::wire::{Frame, refuse_reason};
+use quinn::crypto::rustls::QuicClientConfig;
+
+const LOOPBACK: &str = "127.0.0.1:0";
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("pageserv-transport-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// (src, dst) identities from one CA under `base/name`.
+fn pair(base: &Path, name: &str) -> (Identity, Identity) {
+    let (src, dst) = keys::demo_identities(&base.join(name)).unwrap();
+    (Identity::load(&src).unwrap(), Identity::load(&dst).unwrap())
+}
+
+fn any_port() -> SocketAddr {
+    LOOPBACK.parse().unwrap()
+}
+
+fn control(msg: Msg) -> Frame {
+    Frame::Control(Control { msg: Some(msg) })
+}
+
+fn pages(nr_pages: u32, seed: u8) -> Bytes {
+    (0..nr_pages as usize * 4096)
+        .map(|i| (i as u8) ^ seed)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+fn refusal(e: &TransportError) -> (RefusedBy, RefusalReason) {
+    match e {
+        TransportError::Refused(r) => (r.by, r.reason),
+        other => panic!("expected a TLS refusal, got: {other}"),
+    }
+}
+
+/// A quinn client with an arbitrary TLS config (no admission wait): a foreign or broken peer.
+async fn raw_client(
+    tls: rustls::ClientConfig,
+    remote: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let ep = quinn::Endpoint::client(any_port()).unwrap();
+    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    ep.connect_with(cfg, remote, keys::SERVER_NAME)
+        .unwrap()
+        .await
+}
+
+async fn with_timeout<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test timed out")
+}
+
+#[tokio::test]
+async fn good_identities_exchange_frames_both_ways() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, dst) = pair(&t.0, "ca1");
+        let ep = transport::server(any_port(), &src).unwrap();
+        let addr = ep.local_addr().unwrap();
+
+        let server = tokio::spawn(async move {
+            let (conn, peer) = transport::accept(&ep, &src).await.unwrap();
+            assert_eq!(peer.common_name.as_deref(), Some("dst"));
+            assert_eq!(peer.names, vec!["pageserv", "dst"]);
+            let (send, recv) = conn.accept_bi().await.unwrap();
+            let mut rx = FrameReceiver::new(recv);
+            let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
+            let mut got = Vec::new();
+            while let Some(f) = rx.next().await.unwrap() {
+                got.push(f);
+            }
+            tx.send(&control(Msg::MemoryWhole(MemoryWhole {
+                pages_on_demand: 1,
+                pages_pushed: 2,
+                pages_zero: 3,
+            })))
+            .await
+            .unwrap();
+            tx.send_pages(7, 0x10000, 2, pages(2, 0x5a)).await.unwrap();
+            tx.send(&Frame::Zero {
+                pid: 7,
+                vaddr: 0x20000,
+                nr_pages: 16,
+            })
+            .await
+            .unwrap();
+            tx.send(&Frame::Refused {
+                pid: 8,
+                vaddr: 0,
+                nr_pages: 1,
+                reason: refuse_reason::UNKNOWN_PID,
+            })
+            .await
+            .unwrap();
+            tx.finish();
+            // Keep the connection until the client has read everything.
+            let _ = conn.closed().await;
+            got
+        });
+
+        let conn = transport::connect(any_port(), addr, &dst).await.unwrap();
+        let peer = transport::peer_identity(&conn).unwrap();
+        assert_eq!(peer.common_name.as_deref(), Some("src"));
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut tx = FrameSender::new(send);
+        let sent = vec![
+            control(Msg::Hello(Hello {
+                protocol_version: 1,
+                role: "dst".into(),
+                page_size: 4096,
+                criu_version: "4.1.1".into(),
+                migration_id: "m1".into(),
+            })),
+            Frame::PageRequest {
+                pid: 7,
+                vaddr: 0x10000,
+                nr_pages: 2,
+            },
+            Frame::Pages {
+                pid: 7,
+                vaddr: 0x30000,
+                nr_pages: 3,
+                data: pages(3, 1),
+            },
+        ];
+        for f in &sent {
+            tx.send(f).await.unwrap();
+        }
+        tx.finish();
+        let mut rx = FrameReceiver::new(recv);
+        let mut got = Vec::new();
+        while let Some(f) = rx.next().await.unwrap() {
+            got.push(f);
+        }
+        conn.close(0u32.into(), b"done");
+        assert_eq!(server.await.unwrap(), sent);
+        assert_eq!(got.len(), 4);
+        assert!(matches!(&got[0], Frame::Control(c) if matches!(c.msg, Some(Msg::MemoryWhole(_)))));
+        assert_eq!(
+            got[1],
+            Frame::Pages {
+                pid: 7,
+                vaddr: 0x10000,
+                nr_pages: 2,
+                data: pages(2, 0x5a)
+            }
+        );
+        assert!(matches!(got[2], Frame::Zero { nr_pages: 16, .. }));
+        assert!(matches!(got[3], Frame::Refused { reason: 2, .. }));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn client_with_certificate_from_another_ca_is_refused_and_server_reads_nothing() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, _) = pair(&t.0, "ca1");
+        let (_, other) = pair(&t.0, "ca2");
+        // It trusts our CA, but its own certificate was issued by another one.
+        let misissued = Identity {
+            ca: src.ca.clone(),
+            ..other.clone()
+        };
+        let ep = transport::server(any_port(), &src).unwrap();
+        let addr = ep.local_addr().unwrap();
+
+        // Our own client: connect() itself must fail, saying the server refused our certificate.
+        let (accepted, connected) = tokio::join!(
+            transport::accept(&ep, &src),
+            transport::connect(any_port(), addr, &misissued)
+        );
+        let server_err = accepted.unwrap_err();
+        println!("server said: {server_err}");
+        assert_eq!(
+            refusal(&server_err),
+            (RefusedBy::Us, RefusalReason::NotSignedByCa)
+        );
+        let msg = server_err.to_string();
+        let ca = src.ca_path().display().to_string();
+        assert!(msg.contains("refused client 127.0.0.1"), "{msg}");
+        assert!(
+            msg.contains(&format!("peer certificate not signed by the CA in {ca}")),
+            "{msg}"
+        );
+        let client_err = connected.unwrap_err();
+        println!("client said: {client_err}");
+        assert_eq!(
+            refusal(&client_err),
+            (RefusedBy::Peer, RefusalReason::NotSignedByCa)
+        );
+        assert!(
+            client_err
+                .to_string()
+                .contains(&format!("server {addr} refused")),
+            "{client_err}"
+        );
+
+        // A client that writes as soon as its side of the handshake is done (TLS 1.3 lets it
+        // finish before the server has checked its certificate): the server hands out no
+        // connection, so nothing it sent can be read.
+        let tls = transport::client_tls(&misissued).unwrap();
+        let (accepted, _) = tokio::join!(transport::accept(&ep, &src), async {
+            if let Ok(c) = raw_client(tls, addr).await {
+                if let Ok(mut s) = c.open_uni().await {
+                    let _ = s.write_all(b"should never be read").await;
+                    let _ = s.finish();
+                }
+                let _ = c.closed().await;
+            }
+        });
+        assert_eq!(
+            refusal(&accepted.unwrap_err()),
+            (RefusedBy::Us, RefusalReason::NotSignedByCa)
+        );
+        let next = tokio::time::timeout(Duration::from_millis(300), transport::accept(&ep, &src));
+        assert!(next.await.is_err(), "no further connection may appear");
+
+        // A client wholly from another CA refuses our server first.
+        let (accepted, connected) = tokio::join!(
+            transport::accept(&ep, &src),
+            transport::connect(any_port(), addr, &other)
+        );
+        assert_eq!(
+            refusal(&connected.unwrap_err()),
+            (RefusedBy::Us, RefusalReason::NotSignedByCa)
+        );
+        assert_eq!(refusal(&accepted.unwrap_err()).0, RefusedBy::Peer);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, dst) = pair(&t.0, "ca1");
+        let ep = transport::server(any_port(), &src).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(dst.ca[0].clone()).unwrap();
+            roots
+        })
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![transport::ALPN.to_vec()];
+        let (accepted, client) = tokio::join!(transport::accept(&ep, &src), async {
+            let c = raw_client(tls, addr).await?;
+            c.accept_uni().await.map(|_| ())
+        });
+        let e = accepted.unwrap_err();
+        assert_eq!(refusal(&e), (RefusedBy::Us, RefusalReason::NoCertificate));
+        assert!(e.to_string().contains("presented no certificate"), "{e}");
+        assert!(
+            client.is_err(),
+            "the certificate-less client must not be admitted"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn server_with_certificate_from_another_ca_is_refused_by_client() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (_, dst) = pair(&t.0, "ca1");
+        let (foreign_src, _) = pair(&t.0, "ca2");
+        let ep = transport::server(any_port(), &foreign_src).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let (accepted, connected) = tokio::join!(
+            transport::accept(&ep, &foreign_src),
+            transport::connect(any_port(), addr, &dst)
+        );
+        let e = connected.unwrap_err();
+        assert_eq!(refusal(&e), (RefusedBy::Us, RefusalReason::NotSignedByCa));
+        let ca = dst.ca_path().display().to_string();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("refused server {addr}")), "{msg}");
+        assert!(
+            msg.contains(&format!("peer certificate not signed by the CA in {ca}")),
+            "{msg}"
+        );
+        let se = accepted.unwrap_err();
+        assert_eq!(
+            refusal(&se),
+            (RefusedBy::Peer, RefusalReason::NotSignedByCa)
+        );
+        println!("client said: {e}\nserver said: {se}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn server_certificate_without_the_pageserv_name_is_refused() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, dst) = pair(&t.0, "ca1");
+        // A certificate from the right CA, but only for "other-name".
+        let ca_dir = t.0.join("ca1/ca");
+        let ca_pem = std::fs::read_to_string(ca_dir.join(keys::CA_CERT)).unwrap();
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join(keys::CA_KEY)).unwrap())
+                .unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["other-name".to_string()]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let dir = t.0.join("misnamed");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(keys::CERT), cert.pem()).unwrap();
+        std::fs::write(dir.join(keys::KEY), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join(keys::CA_CERT), &ca_pem).unwrap();
+        // Loading it is refused up front...
+        let e = Identity::load(&dir).unwrap_err();
+        assert!(
+            matches!(e, KeyError::NotTrusted { role: "server", .. }),
+            "{e}"
+        );
+        // ...and a server using it anyway is refused by the client.
+        let misnamed = Identity {
+            dir: dir.clone(),
+            ca: src.ca.clone(),
+            chain: vec![cert.der().clone()],
+            key: rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        };
+        let ep = transport::server(any_port(), &misnamed).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let (_, connected) = tokio::join!(
+            transport::accept(&ep, &misnamed),
+            transport::connect(any_port(), addr, &dst)
+        );
+        let e = connected.unwrap_err();
+        println!("client said: {e}");
+        assert_eq!(refusal(&e), (RefusedBy::Us, RefusalReason::WrongServerName));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn peer_with_another_alpn_is_refused() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, dst) = pair(&t.0, "ca1");
+
+        // A client offering only another protocol.
+        let ep = transport::server(any_port(), &src).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut tls = transport::client_tls(&dst).unwrap();
+        tls.alpn_protocols = vec![b"pageserv/0".to_vec()];
+        let (accepted, client) = tokio::join!(transport::accept(&ep, &src), raw_client(tls, addr));
+        let e = accepted.unwrap_err();
+        assert_eq!(refusal(&e), (RefusedBy::Us, RefusalReason::WrongProtocol));
+        assert!(e.to_string().contains("does not speak pageserv/1"), "{e}");
+        assert!(client.is_err());
+
+        // A server speaking only another protocol: our client is told so.
+        let mut tls = transport::server_tls(&src).unwrap();
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let qtls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let other =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(qtls)), any_port())
+                .unwrap();
+        let addr = other.local_addr().unwrap();
+        let (_, connected) = tokio::join!(
+            async {
+                if let Some(i) = other.accept().await {
+                    let _ = i.await;
+                }
+            },
+            transport::connect(any_port(), addr, &dst)
+        );
+        let e = connected.unwrap_err();
+        assert_eq!(refusal(&e), (RefusedBy::Peer, RefusalReason::WrongProtocol));
+        println!("client said: {e}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn udp_garbage_does_not_crash_the_server() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (src, dst) = pair(&t.0, "ca1");
+        let ep = transport::server(any_port(), &src).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let sock = tokio::net::UdpSocket::bind(any_port()).await.unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..2000usize {
+            let len = [0, 1, 5, 21, 1200, 1350, 1500, 9000][i % 8];
+            let mut d: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            // Every other datagram looks like a QUIC v1 Initial header.
+            if i % 2 == 0 && len > 8 {
+                d[0] = 0xc0 | (d[0] & 0x0f);
+                d[1..5].copy_from_slice(&1u32.to_be_bytes());
+            }
+            let _ = sock.send_to(&d, addr).await;
+        }
+        let (accepted, connected) = tokio::join!(
+            transport::accept(&ep, &src),
+            transport::connect(any_port(), addr, &dst)
+        );
+        let (_c, peer) = accepted.unwrap();
+        assert_eq!(peer.common_name.as_deref(), Some("dst"));
+        connected.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn refused_connection_without_server_times_out_with_advice() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (_, dst) = pair(&t.0, "ca1");
+        // A bound UDP port nobody answers on.
+        let silent = std::net::UdpSocket::bind(any_port()).unwrap();
+        let opts = TransportOptions {
+            idle_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let e = transport::connect_with(any_port(), silent.local_addr().unwrap(), &dst, &opts)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::NoAnswer { .. }), "{e}");
+        assert!(e.to_string().contains("UDP"), "{e}");
+    })
+    .await
+}
+
+// ---- measurements (ignored by default) ----
+
+const PUSH_FRAME_PAGES: u32 = 256; // 1 MiB
+const PUSH_TOTAL: u64 = 1 << 30;
+
+struct Measured {
+    push_mib_s: f64,
+    rtts: Vec<Duration>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(rtts: &mut [Duration]) -> String {
+    rtts.sort();
+    format!(
+        "n={} p50={:?} p99={:?} max={:?}",
+        rtts.len(),
+        percentile(rtts, 0.5),
+        percentile(rtts, 0.99),
+        rtts.last().copied().unwrap_or_default()
+    )
+}
+
+/// src (server) pushes `push_bytes` of 1 MiB Pages frames on a PUSH stream; dst (client) sends
+/// 1-page PageRequests on a FAULT stream until the push ends (or `probes` if there is no push).
+async fn measure(opts: &TransportOptions, push_bytes: u64, probes: usize) -> Measured {
+    let t = TempDir::new();
+    let (src, dst) = pair(&t.0, "ca");
+    let ep = transport::server_with(any_port(), &src, opts).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (conn, _) = transport::accept(&ep, &src).await.unwrap();
+        // Fault service: answer each PageRequest with one page, at FAULT priority.
+        let faults = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let (send, recv) = conn.accept_bi().await.unwrap();
+                let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
+                let mut rx = FrameReceiver::new(recv);
+                let page = pages(1, 7);
+                while let Some(Frame::PageRequest { pid, vaddr, .. }) = rx.next().await.unwrap() {
+                    tx.send_pages(pid, vaddr, 1, page.clone()).await.unwrap();
+                }
+                tx.finish();
+            })
+        };
+        if push_bytes > 0 {
+            let send = conn.open_uni().await.unwrap();
+            let mut tx = FrameSender::with_priority(send, PUSH_PRIORITY);
+            let chunk = pages(PUSH_FRAME_PAGES, 3);
+            let frames = push_bytes / chunk.len() as u64;
+            for i in 0..frames {
+                let vaddr = 0x7f00_0000_0000 + i * chunk.len() as u64;
+                tx.send_pages(1, vaddr, PUSH_FRAME_PAGES, chunk.clone())
+                    .await
+                    .unwrap();
+            }
+            tx.finish();
+            let _ = tx.stream().stopped().await;
+        }
+        faults.await.unwrap();
+        conn.closed().await;
+    });
+
+    let conn = transport::connect_with(any_port(), addr, &dst, opts)
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut req = FrameSender::with_priority(send, FAULT_PRIORITY);
+    let mut rep = FrameReceiver::new(recv);
+    // Warm up: open the fault stream and let the path settle.
+    for _ in 0..20 {
+        let f = Frame::PageRequest {
+            pid: 1,
+            vaddr: 0x1000,
+            nr_pages: 1,
+        };
+        req.send(&f).await.unwrap();
+        rep.next().await.unwrap().unwrap();
+    }
+    let push = async {
+        if push_bytes == 0 {
+            return 0.0;
+        }
+        let mut rx = FrameReceiver::new(conn.accept_uni().await.unwrap());
+        let (mut bytes, mut start) = (0u64, None);
+        while let Some(f) = rx.next().await.unwrap() {
+            start.get_or_insert_with(Instant::now);
+            match f {
+                Frame::Pages { nr_pages, data, .. } => {
+                    assert_eq!(nr_pages, PUSH_FRAME_PAGES);
+                    assert_eq!(data[4095], 0xff ^ 3);
+                    bytes += data.len() as u64;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(bytes, push_bytes);
+        let secs = start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+        bytes as f64 / (1 << 20) as f64 / secs
+    };
+    let push_done = std::sync::atomic::AtomicBool::new(false);
+    let probe = async {
+        let mut rtts = Vec::new();
+        let mut i = 0u64;
+        while if push_bytes > 0 {
+            !push_done.load(Ordering::Relaxed)
+        } else {
+            rtts.len() < probes
+        } {
+            i += 1;
+            let f = Frame::PageRequest {
+                pid: 1,
+                vaddr: 0x1000 * (i % 1000),
+                nr_pages: 1,
+            };
+            let t0 = Instant::now();
+            req.send(&f).await.unwrap();
+            match rep.next().await.unwrap() {
+                Some(Frame::Pages { nr_pages: 1, .. }) => rtts.push(t0.elapsed()),
+                other => panic!("unexpected {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        req.finish();
+        rtts
+    };
+    let (push_mib_s, rtts) = tokio::join!(
+        async {
+            let r = push.await;
+            push_done.store(true, Ordering::Relaxed);
+            r
+        },
+        probe
+    );
+    while rep.next().await.unwrap().is_some() {}
+    conn.close(0u32.into(), b"done");
+    server.await.unwrap();
+    Measured { push_mib_s, rtts }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --release -- --ignored --nocapture"]
+async fn throughput_and_fault_latency_under_push() {
+    let ours = TransportOptions::default();
+    let configs = [
+        ("pageserv default (cubic)", ours.clone()),
+        (
+            "pageserv windows + bbr",
+            TransportOptions {
+                congestion: Congestion::Bbr,
+                ..ours.clone()
+            },
+        ),
+        (
+            "pageserv windows + newreno",
+            TransportOptions {
+                congestion: Congestion::NewReno,
+                ..ours.clone()
+            },
+        ),
+        ("quinn defaults (cubic)", TransportOptions::quinn_defaults()),
+    ];
+    for (name, opts) in &configs {
+        let mut idle = measure(opts, 0, 300).await.rtts;
+        let mut m = measure(opts, PUSH_TOTAL, 0).await;
+        println!(
+            "{name}: push {:.0} MiB/s | fault RTT idle: {} | under push: {}",
+            m.push_mib_s,
+            summary(&mut idle),
+            summary(&mut m.rtts)
+        );
+    }
+}

@@ -7,6 +7,7 @@
 //!   [`source::pump`] (CRIU's page server socket), [`criu::binary`] (running CRIU).
 
 pub mod criu;
+pub mod demo;
 pub mod dst;
 pub mod images_show;
 pub mod keys;

@@ -154,7 +154,8 @@ impl DstReport {
         if self.post_copy_ms <= 0.0 {
             return 0.0;
         }
-        (self.lazy_pages * crate::pages::PAGE_SIZE) as f64 / (1 << 20) as f64
+        (self.lazy_pages * crate::pages::PAGE_SIZE) as f64
+            / (1 << 20) as f64
             / (self.post_copy_ms / 1e3)
     }
 

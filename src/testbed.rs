@@ -92,7 +92,15 @@ impl Testbed {
         ip(&["link", "set", n, "netns", ns])?;
         ip(&["addr", "add", &format!("{}/30", self.src_addr), "dev", h])?;
         ip(&["link", "set", h, "up"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{}/30", self.dst_addr), "dev", n])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/30", self.dst_addr),
+            "dev",
+            n,
+        ])?;
         ip(&["-n", ns, "link", "set", n, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         Ok(())

@@ -52,7 +52,9 @@ impl std::fmt::Display for Version {
 impl Version {
     /// Parses CRIU's `--version` output ("Version: 4.1.1" on its first line; a GitCommitID line may follow).
     pub fn parse_criu_output(out: &str) -> Option<Version> {
-        let line = out.lines().find_map(|l| l.trim().strip_prefix("Version:"))?;
+        let line = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Version:"))?;
         let mut parts = line.trim().split(|c: char| !c.is_ascii_digit());
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);

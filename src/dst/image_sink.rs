@@ -18,11 +18,15 @@ pub const MAX_FILES: usize = 100_000;
 pub enum SinkError {
     #[error("the source sent an image named {0:?}, which is not a plain file name; refusing it")]
     BadName(String),
-    #[error("image {name}: chunk at offset {got}, expected {want}: the source sent chunks out of order")]
+    #[error(
+        "image {name}: chunk at offset {got}, expected {want}: the source sent chunks out of order"
+    )]
     OutOfOrder { name: String, got: u64, want: u64 },
     #[error("image {0} was sent again after it was closed")]
     Reopened(String),
-    #[error("the source sent more than {MAX_IMAGES_BYTES} bytes or {MAX_FILES} files of images; refusing")]
+    #[error(
+        "the source sent more than {MAX_IMAGES_BYTES} bytes or {MAX_FILES} files of images; refusing"
+    )]
     TooBig,
     #[error("writing image {path}: {source}")]
     Io {
@@ -30,7 +34,9 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the source said it sent {said} files / {said_bytes} bytes, but {got} / {got_bytes} arrived")]
+    #[error(
+        "the source said it sent {said} files / {said_bytes} bytes, but {got} / {got_bytes} arrived"
+    )]
     Mismatch {
         said: u32,
         said_bytes: u64,
@@ -68,7 +74,13 @@ impl ImageSink {
     }
 
     /// Accepts one chunk.
-    pub fn chunk(&mut self, name: &str, offset: u64, data: &[u8], last: bool) -> Result<(), SinkError> {
+    pub fn chunk(
+        &mut self,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+        last: bool,
+    ) -> Result<(), SinkError> {
         check_name(name)?;
         if self.closed.contains_key(name) {
             return Err(SinkError::Reopened(name.to_string()));
@@ -103,11 +115,9 @@ impl ImageSink {
         }
         f.file.write_all(data).map_err(io)?;
         f.next += data.len() as u64;
-        if last {
-            if let Some(f) = self.open.remove(name) {
-                f.file.sync_all().map_err(io)?;
-                self.closed.insert(name.to_string(), f.next);
-            }
+        if last && let Some(f) = self.open.remove(name) {
+            f.file.sync_all().map_err(io)?;
+            self.closed.insert(name.to_string(), f.next);
         }
         Ok(())
     }
@@ -174,12 +184,21 @@ mod tests {
         let d = tmp();
         let mut s = ImageSink::new(&d);
         for bad in ["../x", "a/b", ".hidden", "", "x\0y", "lazy-pages.socket/.."] {
-            assert!(matches!(s.chunk(bad, 0, b"", true), Err(SinkError::BadName(_))), "{bad}");
+            assert!(
+                matches!(s.chunk(bad, 0, b"", true), Err(SinkError::BadName(_))),
+                "{bad}"
+            );
         }
         s.chunk("a.img", 0, b"1", false).unwrap();
-        assert!(matches!(s.chunk("a.img", 5, b"1", false), Err(SinkError::OutOfOrder { .. })));
+        assert!(matches!(
+            s.chunk("a.img", 5, b"1", false),
+            Err(SinkError::OutOfOrder { .. })
+        ));
         s.chunk("a.img", 1, b"", true).unwrap();
-        assert!(matches!(s.chunk("a.img", 1, b"", true), Err(SinkError::Reopened(_))));
+        assert!(matches!(
+            s.chunk("a.img", 1, b"", true),
+            Err(SinkError::Reopened(_))
+        ));
         assert!(matches!(s.finish(2, 1), Err(SinkError::Mismatch { .. })));
         std::fs::remove_dir_all(d).unwrap();
     }

@@ -4,4 +4,5 @@ pub mod image_sink;
 pub mod lazy_socket;
 pub mod regions;
 pub mod restore;
+// pub mod service;
 pub mod uffd_loop;

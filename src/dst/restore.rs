@@ -81,7 +81,9 @@ impl Restore {
                 c
             }
         };
-        cmd.current_dir(work).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.current_dir(work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         let child = cmd.spawn().map_err(|source| RestoreError::Spawn {
             what: format!("{cmd:?}"),
             source,

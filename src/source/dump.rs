@@ -44,7 +44,9 @@ pub enum DumpError {
         log: PathBuf,
         tail: String,
     },
-    #[error("the dump wrote {byte:#04x} to its status fd instead of 0x00; treating the dump as failed")]
+    #[error(
+        "the dump wrote {byte:#04x} to its status fd instead of 0x00; treating the dump as failed"
+    )]
     BadStatus { byte: u8 },
     #[error("could not read the dump's status from {path}: {source}")]
     Status {
@@ -101,7 +103,11 @@ impl ReadyDump {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    let tail = self.log.as_deref().map(|l| log_tail(l, 15)).unwrap_or_default();
+                    let tail = self
+                        .log
+                        .as_deref()
+                        .map(|l| log_tail(l, 15))
+                        .unwrap_or_default();
                     return Some((status, tail));
                 }
                 Ok(None) if std::time::Instant::now() < deadline => {
@@ -129,8 +135,8 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
     std::fs::create_dir_all(&opts.images_dir).map_err(setup("the images directory"))?;
     std::fs::create_dir_all(&opts.work_dir).map_err(setup("the work directory"))?;
     let (ours, theirs) = UnixStream::pair().map_err(setup("the page-server socketpair"))?;
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| DumpError::Setup {
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DumpError::Setup {
             what: "the status pipe",
             source: e.into(),
         })?;
@@ -247,7 +253,13 @@ mod tests {
     fn status_handshake() {
         let p = Path::new("x");
         assert!(read_status(&[0u8][..], p).is_ok());
-        assert!(matches!(read_status(&[][..], p), Err(DumpError::StatusEof { .. })));
-        assert!(matches!(read_status(&[7u8][..], p), Err(DumpError::BadStatus { byte: 7 })));
+        assert!(matches!(
+            read_status(&[][..], p),
+            Err(DumpError::StatusEof { .. })
+        ));
+        assert!(matches!(
+            read_status(&[7u8][..], p),
+            Err(DumpError::BadStatus { byte: 7 })
+        ));
     }
 }

@@ -3,3 +3,4 @@
 pub mod dump;
 pub mod pump;
 pub mod push_plan;
+pub mod service;

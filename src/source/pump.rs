@@ -1,1 +1,248 @@
-//! (stub: being written)
+//! The source's only connection to CRIU's page server: fetches fault pages first and background
+//! pages when the push stream has room.
+//!
+//! CRIU's lazy dump serves one GET at a time, strictly in request order; `GetClient` keeps that
+//! invariant and this task only decides *what* to ask next. Faults always go before background
+//! fetches, and at most `max_background` background GETs are queued inside CRIU at once, so a fault
+//! waits behind at most that many batches. Background batches need a free slot in the bounded
+//! push channel before they are requested: when QUIC is slower than CRIU, the source stops
+//! fetching instead of buffering memory.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::criu::page_server::{ClientEvent, GetClient, Layout, PsError};
+use crate::source::push_plan::{PushPlan, RequestRejected};
+
+/// A fault request from dst.
+#[derive(Debug, Clone, Copy)]
+pub struct UrgentRequest {
+    pub pid: u32,
+    pub vaddr: u64,
+    pub nr_pages: u32,
+}
+
+/// Pages fetched from the dump.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub pid: u32,
+    pub vaddr: u64,
+    pub nr_pages: u64,
+    pub data: Bytes,
+}
+
+/// The answer to one fault request.
+#[derive(Debug)]
+pub enum FaultReply {
+    Pages(Served),
+    Refused {
+        request: UrgentRequest,
+        why: RequestRejected,
+    },
+}
+
+/// What the service tells the pump to do at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PumpControl {
+    /// dst has every page: end the session cleanly, so the dump finishes (and kills the source).
+    Finish,
+    /// The migration failed before any restored task ran: make the dump fail, so CRIU resumes the
+    /// source tasks.
+    Abort,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PumpConfig {
+    /// Pages per background GET.
+    pub batch_pages: u64,
+    /// Background GETs queued inside CRIU at once.
+    pub max_background: usize,
+}
+
+impl Default for PumpConfig {
+    fn default() -> Self {
+        Self {
+            // A lazy pagemap entry is one CRIU page-pipe buffer of at most 1024 pages, and a GET
+            // costs CRIU in proportion to its offset inside that buffer: whole entries from their
+            // start are the cheap shape.
+            batch_pages: 1024,
+            max_background: 2,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct PumpStats {
+    pub gets: u64,
+    pub bytes_from_dump: u64,
+    pub fault_pages: u64,
+    pub pushed_pages: u64,
+    pub refused: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("talking to the dump's page server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the dump's page server sent something pageserv cannot accept: {0}")]
+    Protocol(#[from] PsError),
+    #[error(
+        "the dump's page server closed the connection with {0} requests unanswered; the dump has \
+         probably failed (see dump.log)"
+    )]
+    Eof(usize),
+    #[error("the service stopped listening for pages")]
+    ServiceGone,
+}
+
+enum Tag {
+    Fault,
+    Background(mpsc::OwnedPermit<Served>, u64),
+}
+
+/// Runs the pump until `control` says Finish (returns after CRIU acknowledged the close) or
+/// Abort (returns after the dump was told to fail).
+#[allow(clippy::too_many_arguments)]
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    layout: Layout,
+    force_close: bool,
+    mut plan: PushPlan,
+    cfg: PumpConfig,
+    mut faults: mpsc::UnboundedReceiver<UrgentRequest>,
+    replies: mpsc::UnboundedSender<FaultReply>,
+    push: mpsc::Sender<Served>,
+    mut control: watch::Receiver<Option<PumpControl>>,
+) -> Result<PumpStats, PumpError> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut client = GetClient::new(layout);
+    let mut tags: VecDeque<Tag> = VecDeque::new();
+    let mut waiting: VecDeque<UrgentRequest> = VecDeque::new();
+    let mut permits: Vec<mpsc::OwnedPermit<Served>> = Vec::new();
+    let mut stats = PumpStats::default();
+    let mut out = BytesMut::with_capacity(4096);
+    let mut finishing = false;
+    let mut closing = false;
+    let mut faults_open = true;
+
+    loop {
+        // Decide what CRIU serves next: faults first, then background while the push has room.
+        while let Some(req) = waiting.pop_front() {
+            client.request(req.pid, req.vaddr, u64::from(req.nr_pages), &mut out)?;
+            tags.push_back(Tag::Fault);
+            stats.gets += 1;
+        }
+        let background_queued = tags
+            .iter()
+            .filter(|t| matches!(t, Tag::Background(..)))
+            .count();
+        if !finishing
+            && background_queued < cfg.max_background
+            && let Some(permit) = permits.pop()
+        {
+            match plan.next_batch(cfg.batch_pages) {
+                Some(b) => {
+                    client.request(b.pid, b.vaddr, b.nr_pages, &mut out)?;
+                    tags.push_back(Tag::Background(permit, b.nr_pages));
+                    stats.gets += 1;
+                }
+                None => permits.push(permit),
+            }
+        }
+        if finishing && tags.is_empty() && !closing {
+            client.close(force_close, &mut out)?;
+            closing = true;
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+        let want_permit = !finishing
+            && plan.remaining_pages() > 0
+            && permits.is_empty()
+            && background_queued < cfg.max_background;
+
+        tokio::select! {
+            biased;
+            changed = control.changed() => {
+                let what = if changed.is_ok() { *control.borrow() } else { Some(PumpControl::Abort) };
+                match what {
+                    Some(PumpControl::Finish) => finishing = true,
+                    Some(PumpControl::Abort) => {
+                        abort_session(&mut wr, layout).await;
+                        return Ok(stats);
+                    }
+                    None => {}
+                }
+            }
+            req = faults.recv(), if faults_open => match req {
+                Some(req) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {
+                    Ok(pieces) => {
+                        plan.note_fault(req.pid, req.vaddr);
+                        for (vaddr, n) in pieces {
+                            plan.mark_sent(req.pid, vaddr, n);
+                            waiting.push_back(UrgentRequest { pid: req.pid, vaddr, nr_pages: n as u32 });
+                        }
+                    }
+                    Err(why) => {
+                        stats.refused += 1;
+                        tracing::warn!(%why, "refusing a page request from dst");
+                        replies.send(FaultReply::Refused { request: req, why }).map_err(|_| PumpError::ServiceGone)?;
+                    }
+                },
+                None => faults_open = false,
+            },
+            n = rd.read_buf(client.read_buf()) => {
+                if n? == 0 {
+                    client.on_eof()?;
+                    return Err(PumpError::Eof(client.outstanding()));
+                }
+                while let Some(event) = client.poll()? {
+                    match event {
+                        ClientEvent::Closed => return Ok(stats),
+                        ClientEvent::Pages(reply) => {
+                            stats.bytes_from_dump += reply.data.len() as u64;
+                            let served = Served { pid: reply.pid, vaddr: reply.vaddr, nr_pages: reply.nr_pages, data: reply.data };
+                            match tags.pop_front() {
+                                Some(Tag::Fault) => {
+                                    stats.fault_pages += served.nr_pages;
+                                    replies.send(FaultReply::Pages(served)).map_err(|_| PumpError::ServiceGone)?;
+                                }
+                                Some(Tag::Background(permit, asked)) => {
+                                    if served.nr_pages < asked {
+                                        // CRIU clamps at its pipe-buffer end; the rest goes back to the plan.
+                                        let rest = served.vaddr + served.nr_pages * crate::pages::PAGE_SIZE;
+                                        plan.mark_unsent(served.pid, rest, asked - served.nr_pages);
+                                    }
+                                    stats.pushed_pages += served.nr_pages;
+                                    permit.send(served);
+                                }
+                                // GetClient refuses replies nobody asked for, so this cannot happen.
+                                None => return Err(PumpError::Eof(0)),
+                            }
+                        }
+                    }
+                }
+            }
+            permit = push.clone().reserve_owned(), if want_permit => match permit {
+                Ok(p) => permits.push(p),
+                Err(_) => return Err(PumpError::ServiceGone),
+            },
+        }
+    }
+}
+
+/// Makes CRIU's page server fail the session: it ends on an unknown command, and a failed lazy
+/// session makes `criu dump` resume the source tasks. (A clean EOF would count as success and
+/// kill them.)
+async fn abort_session<W: AsyncWrite + Unpin>(wr: &mut W, layout: Layout) {
+    let mut header = vec![0u8; layout.header_len()];
+    header[..4].copy_from_slice(&0xBAD0u32.to_ne_bytes());
+    if let Err(e) = wr.write_all(&header).await {
+        tracing::warn!("could not tell the dump to fail: {e}");
+    }
+    let _ = wr.flush().await;
+}

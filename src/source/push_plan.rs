@@ -43,10 +43,10 @@ impl RangePlan {
         let words = range.nr_pages.div_ceil(64) as usize;
         let mut unsent = vec![u64::MAX; words];
         let tail = range.nr_pages % 64;
-        if tail != 0 {
-            if let Some(last) = unsent.last_mut() {
-                *last = (1u64 << tail) - 1;
-            }
+        if tail != 0
+            && let Some(last) = unsent.last_mut()
+        {
+            *last = (1u64 << tail) - 1;
         }
         Self { range, unsent }
     }
@@ -170,8 +170,45 @@ impl PushPlan {
     }
 
     /// Checks that `[vaddr, vaddr + nr_pages)` of `pid` lies inside one lazy range.
-    pub fn check_request(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<(), RequestRejected> {
+    pub fn check_request(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+    ) -> Result<(), RequestRejected> {
         self.locate(pid, vaddr, nr_pages).map(|_| ())
+    }
+
+    /// Splits a request into pieces that each lie inside one range (one CRIU page-pipe buffer:
+    /// a GET never crosses one). Every page must be lazy, else the whole request is rejected.
+    pub fn split_request(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+    ) -> Result<Vec<(u64, u64)>, RequestRejected> {
+        let reject = RequestRejected::NotLazy {
+            pid,
+            vaddr,
+            nr_pages,
+        };
+        if nr_pages == 0 || nr_pages > (1 << 20) {
+            return Err(reject);
+        }
+        let mut pieces = Vec::new();
+        let (mut at, mut left) = (vaddr, nr_pages);
+        while left > 0 {
+            let pos = self.locate(pid, at, 1).map_err(|e| match e {
+                RequestRejected::UnknownPid(p) => RequestRejected::UnknownPid(p),
+                RequestRejected::NotLazy { .. } => reject,
+            })?;
+            let r = &self.tasks[pos.task].ranges[pos.range].range;
+            let n = left.min(r.nr_pages - pos.page);
+            pieces.push((at, n));
+            at += n * PAGE_SIZE;
+            left -= n;
+        }
+        Ok(pieces)
     }
 
     fn locate(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<Pos, RequestRejected> {
@@ -191,7 +228,11 @@ impl PushPlan {
             .checked_mul(PAGE_SIZE)
             .and_then(|len| vaddr.checked_add(len))
             .ok_or(not_lazy)?;
-        if nr_pages == 0 || vaddr % PAGE_SIZE != 0 || vaddr < r.range.start || end > r.range.end() {
+        if nr_pages == 0
+            || !vaddr.is_multiple_of(PAGE_SIZE)
+            || vaddr < r.range.start
+            || end > r.range.end()
+        {
             return Err(not_lazy);
         }
         Ok(Pos {
@@ -320,7 +361,10 @@ mod tests {
 
     fn plan() -> PushPlan {
         PushPlan::new([
-            (7, vec![PageRange::new(0x10000, 100), PageRange::new(0x200000, 3)]),
+            (
+                7,
+                vec![PageRange::new(0x10000, 100), PageRange::new(0x200000, 3)],
+            ),
             (9, vec![PageRange::new(0x400000, 130)]),
         ])
     }
@@ -353,12 +397,49 @@ mod tests {
     fn rejects_requests_outside_lazy_ranges() {
         let p = plan();
         assert!(p.check_request(7, 0x10000, 100).is_ok());
-        assert_eq!(p.check_request(8, 0x10000, 1), Err(RequestRejected::UnknownPid(8)));
-        assert!(p.check_request(7, 0x10000, 101).is_err(), "crosses the range end");
+        assert_eq!(
+            p.check_request(8, 0x10000, 1),
+            Err(RequestRejected::UnknownPid(8))
+        );
+        assert!(
+            p.check_request(7, 0x10000, 101).is_err(),
+            "crosses the range end"
+        );
         assert!(p.check_request(7, 0x10000 + 1, 1).is_err(), "unaligned");
         assert!(p.check_request(7, 0xf000, 1).is_err(), "before the range");
         assert!(p.check_request(7, 0x10000, 0).is_err(), "empty");
-        assert!(p.check_request(7, u64::MAX - P + 1, u64::MAX).is_err(), "overflow");
+        assert!(
+            p.check_request(7, u64::MAX - P + 1, u64::MAX).is_err(),
+            "overflow"
+        );
+    }
+
+    #[test]
+    fn splits_requests_at_range_ends() {
+        let p = PushPlan::new([(
+            1,
+            vec![PageRange::new(0x1000, 2), PageRange::new(0x3000, 4)],
+        )]);
+        assert_eq!(
+            p.split_request(1, 0x2000, 3).unwrap(),
+            vec![(0x2000, 1), (0x3000, 2)]
+        );
+        assert!(
+            p.split_request(1, 0x6000, 2).is_err(),
+            "runs past the last range"
+        );
+        assert_eq!(
+            p.split_request(2, 0x1000, 1),
+            Err(RequestRejected::UnknownPid(2))
+        );
+        let gap = PushPlan::new([(
+            1,
+            vec![PageRange::new(0x1000, 1), PageRange::new(0x3000, 1)],
+        )]);
+        assert!(
+            gap.split_request(1, 0x1000, 3).is_err(),
+            "a hole in the middle"
+        );
     }
 
     #[test]

@@ -1,0 +1,387 @@
+//! `pageserv demo`: a real migration on one machine, with nothing to configure.
+//!
+//! It starts the self-verifying workload in the root network namespace (as init of its own pid
+//! namespace, so the restore finds its pids free), makes certificates, runs `pageserv dst` in a
+//! network namespace joined by veth, runs `pageserv src --lazy` beside the workload, and then
+//! reads the workload's own log: the largest heartbeat gap is the downtime users feel, and its
+//! memory self-check must stay OK at the destination. The integration tests drive this same
+//! code through `--json`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::testbed::Testbed;
+use crate::workload_log::Summary;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Workload memory per process, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mib: u64,
+    /// Writer threads per process.
+    #[arg(long, default_value_t = 2)]
+    pub threads: u32,
+    /// Pages the workload writes per millisecond.
+    #[arg(long, default_value = "10")]
+    pub write_rate: String,
+    /// Child processes, each with its own memory (a process tree).
+    #[arg(long, default_value_t = 0)]
+    pub children: u32,
+    /// Fork, madvise(MADV_DONTNEED) and mremap while pages are still arriving.
+    #[arg(long)]
+    pub churn: bool,
+    /// Limit the link (tbf on the veth), e.g. 1gbit.
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Start the dump by hand as runc does (--page-server, --status-fd) and let pageserv join it.
+    #[arg(long)]
+    pub external_dump: bool,
+    /// Seconds the workload runs at the destination after the migration, checking itself.
+    #[arg(long, default_value_t = 3)]
+    pub after: u64,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Extra `pageserv src` arguments (repeatable).
+    #[arg(long = "src-arg", allow_hyphen_values = true)]
+    pub src_args: Vec<String>,
+}
+
+/// What the demo saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoResult {
+    pub ok: bool,
+    pub mib: u64,
+    /// Largest heartbeat gap across the migration: the downtime the workload felt.
+    pub max_heartbeat_gap_ms: f64,
+    pub checks_ok_after: u64,
+    pub checks_failed: u64,
+    pub src_exit: i32,
+    pub dst_exit: i32,
+    pub src: serde_json::Value,
+    pub dst: serde_json::Value,
+    pub workload_alive_at_dst: bool,
+    pub workload_alive_at_src: bool,
+    pub problems: Vec<String>,
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found beside {}: build it with `cargo build --release`",
+            name,
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Starts the workload as pid 1 of a new pid namespace; returns (unshare child, host pid).
+fn start_workload(args: &DemoArgs, log: &Path) -> Result<(Child, i32)> {
+    let workload = sibling("workload")?;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-p", "-f", "setsid"])
+        .arg(&workload)
+        .args(["--mib", &args.mib.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--write-rate", &args.write_rate])
+        .args(["--children", &args.children.to_string()])
+        .arg("--log")
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if args.churn {
+        cmd.arg("--churn");
+    }
+    let child = cmd.spawn().context("starting the workload with unshare")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            let ready = std::fs::read_to_string(log).unwrap_or_default();
+            let want = 1 + args.children as usize;
+            if ready.lines().filter(|l| l.starts_with("ready ")).count() >= want {
+                return Ok((child, pid));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the workload did not get ready within 60 s (log {})",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<()> {
+    let stderr = child.stderr.take().context("dst stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        let mut found = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  [dst] {line}");
+            if !found && line.contains(&needle) {
+                found = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .context("pageserv dst did not start listening in time")
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie is not alive: its memory is gone.
+    !stat.is_empty() && !stat.contains(") Z ")
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let result = migrate(&args)?;
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
+    }
+    println!("\n== pageserv demo: {} MiB workload ==", args.mib);
+    println!(
+        "  downtime felt by the workload (largest heartbeat gap): {:.1} ms",
+        result.max_heartbeat_gap_ms
+    );
+    println!(
+        "  memory self-checks at the destination: {} ok, {} failed",
+        result.checks_ok_after, result.checks_failed
+    );
+    println!(
+        "  workload now runs at the destination: {}",
+        result.workload_alive_at_dst
+    );
+    if result.ok {
+        println!("  result: OK");
+        Ok(())
+    } else {
+        bail!(
+            "the migration did not verify: {}",
+            result.problems.join("; ")
+        )
+    }
+}
+
+/// Runs one migration on a fresh testbed.
+pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
+    let bed = Testbed::new(0)?;
+    if let Some(rate) = &args.rate {
+        bed.limit_rate(rate)?;
+    }
+    let pageserv = std::env::current_exe()?;
+    let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
+    let log = bed.dir.join("workload.log");
+    let (mut unshare, pid) = start_workload(args, &log)?;
+    eprintln!("workload pid {pid} ready; letting it run 1 s before the migration");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let dst_addr = format!("{}:{port}", bed.dst_addr);
+    let dst_json = bed.dir.join("dst.json");
+    let src_json = bed.dir.join("src.json");
+    let mut dst = bed
+        .in_dst(&pageserv)
+        .args(["dst", "--listen", &dst_addr, "--certs"])
+        .arg(&dst_certs)
+        .arg("--work")
+        .arg(bed.dir.join("dst"))
+        .arg("--stats-json")
+        .arg(&dst_json)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting pageserv dst")?;
+    wait_for_line(&mut dst, "pageserv dst ready", Duration::from_secs(20))?;
+
+    let mut src_cmd = Command::new(&pageserv);
+    src_cmd
+        .args(["src", "--lazy", "--to", &dst_addr, "--certs"])
+        .arg(&src_certs)
+        .arg("--work")
+        .arg(bed.dir.join("src"))
+        .arg("--stats-json")
+        .arg(&src_json)
+        .args(&args.src_args)
+        .stdin(Stdio::null());
+    let mut external = None;
+    if args.external_dump {
+        external = Some(start_external_dump(&bed.dir, pid, &mut src_cmd)?);
+    } else {
+        src_cmd.args(["--pid", &pid.to_string()]);
+    }
+    let src_status = src_cmd.status().context("running pageserv src")?;
+    let dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
+    if let Some(mut c) = external {
+        let _ = wait_timeout(&mut c, Duration::from_secs(10));
+    }
+    let migrated_ns = unix_ns();
+    eprintln!(
+        "migration ended; watching the workload at the destination for {} s",
+        args.after
+    );
+    std::thread::sleep(Duration::from_secs(args.after));
+
+    let restored_pid: Option<i32> = find_restore_pid(&bed.dir.join("dst"));
+    let workload_alive_at_dst = restored_pid.is_some_and(alive);
+    let workload_alive_at_src = alive(pid);
+    // End only what we started: the restored workload (by the pid the restore recorded) and the
+    // unshare parent.
+    if let Some(p) = restored_pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = unshare.kill();
+    let _ = unshare.wait();
+
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let wl = Summary::parse(&text);
+    let read_json = |p: &Path| -> serde_json::Value {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let mut problems = Vec::new();
+    let src_exit = src_status.code().unwrap_or(-1);
+    let dst_exit = dst_status.and_then(|s| s.code()).unwrap_or(-1);
+    if src_exit != 0 {
+        problems.push(format!("pageserv src exited {src_exit}"));
+    }
+    if dst_exit != 0 {
+        problems.push(format!("pageserv dst exited {dst_exit}"));
+    }
+    if !workload_alive_at_dst {
+        problems.push("the workload is not running at the destination".into());
+    }
+    if workload_alive_at_src {
+        problems.push("the workload still runs at the source (two live copies)".into());
+    }
+    if wl.checks_failed() > 0 {
+        problems.push(format!(
+            "{} memory self-checks failed: {:?}",
+            wl.checks_failed(),
+            wl.first_fail()
+        ));
+    }
+    if !wl.errors.is_empty() {
+        problems.push(format!("unreadable workload log lines: {:?}", wl.errors));
+    }
+    // Every process of the tree must keep passing its checks after the last page arrived.
+    let want = args.after.saturating_sub(1).max(1) as usize;
+    let mut checks_ok_after = u64::MAX;
+    for (tag, t) in &wl.tags {
+        let (ok, failed) = t.checks_between(migrated_ns, u64::MAX);
+        checks_ok_after = checks_ok_after.min(ok as u64);
+        if ok < want || failed > 0 {
+            problems.push(format!(
+                "process {tag}: {ok} checks ok, {failed} failed after the migration"
+            ));
+        }
+    }
+    if wl.tags.is_empty() {
+        checks_ok_after = 0;
+        problems.push("the workload log is empty".into());
+    }
+    Ok(DemoResult {
+        ok: problems.is_empty(),
+        mib: args.mib,
+        max_heartbeat_gap_ms: wl.max_gap().map_or(f64::NAN, |g| g.ms),
+        checks_ok_after,
+        checks_failed: wl.checks_failed() as u64,
+        src_exit,
+        dst_exit,
+        src: read_json(&src_json),
+        dst: read_json(&dst_json),
+        workload_alive_at_dst,
+        workload_alive_at_src,
+        problems,
+    })
+}
+
+/// Starts `criu dump --lazy-pages` as runc would: its own page server on loopback and a status
+/// FIFO, then points `pageserv src` at both.
+fn start_external_dump(dir: &Path, pid: i32, src: &mut Command) -> Result<Child> {
+    let criu = crate::criu::binary::Criu::locate(None)?;
+    let images = dir.join("ext-images");
+    std::fs::create_dir_all(&images)?;
+    let fifo = dir.join("status.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let port = 27000 + (std::process::id() % 1000) as u16;
+    let line = format!(
+        "exec {} dump -t {pid} -D {} -o dump.log -v4 --lazy-pages --address 127.0.0.1 --port {port} --status-fd 3 3>{}",
+        criu.path.display(),
+        images.display(),
+        fifo.display()
+    );
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(line)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the external criu dump")?;
+    src.args([
+        "--page-server",
+        &format!("127.0.0.1:{port}"),
+        "--status-fifo",
+    ])
+    .arg(&fifo)
+    .arg("--images")
+    .arg(&images);
+    Ok(child)
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn find_restore_pid(dst_base: &Path) -> Option<i32> {
+    for entry in std::fs::read_dir(dst_base).ok()?.flatten() {
+        let p = entry.path().join("work").join("restore.pid");
+        if let Some(pid) = std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,478 @@
+//! `pageserv src --lazy`: the source side of one migration.
+//!
+//! Order of events: connect to dst (mutual TLS) → hello → start or join the lazy dump and wait
+//! for its status byte (the tasks are frozen from here on) → ship the images → dst restores →
+//! serve faults and push every remaining page → dst says the memory is whole → end the dump
+//! cleanly (CRIU kills the source tasks only now) → tell dst the source copy is gone.
+//! Any failure before dst reports the restore finished makes the dump fail instead, so CRIU
+//! resumes the source tasks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::criu::binary::Criu;
+use crate::criu::images::ImageDir;
+use crate::keys::Identity;
+use crate::pb::pageserv::{Control, Hello, ImageChunk, ImagesDone, SourceReleased, control::Msg};
+use crate::source::dump::{
+    DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
+};
+use crate::source::pump::{self, FaultReply, PumpConfig, PumpControl, Served, UrgentRequest};
+use crate::source::push_plan::{PushPlan, RequestRejected};
+use crate::stats::SourceReport;
+use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::wire::{self, Frame};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+const IMAGE_CHUNK: usize = 1 << 20;
+
+/// Where the dump comes from.
+#[derive(Debug, Clone)]
+pub enum DumpSource {
+    /// pageserv runs `criu dump --lazy-pages` on this pid.
+    Pid { pid: i32, extra: Vec<String> },
+    /// A dump started elsewhere (runc style).
+    External {
+        page_server: SocketAddr,
+        status_fifo: PathBuf,
+        images_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub to: SocketAddr,
+    pub certs: PathBuf,
+    pub work_dir: PathBuf,
+    pub criu: Criu,
+    pub dump: DumpSource,
+    pub pump: PumpConfig,
+    pub progress: bool,
+}
+
+/// Runs one migration out of this host.
+pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
+    let started = Instant::now();
+    let id = Identity::load(&opts.certs)?;
+    let bind: SocketAddr = if opts.to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let conn = transport::connect(bind, opts.to, &id)
+        .await
+        .with_context(|| format!("connecting to pageserv dst at {}", opts.to))?;
+    let (ctl_send, ctl_recv) = conn.open_bi().await.context("opening the control stream")?;
+    let mut ctl = FrameSender::new(ctl_send);
+    let mut ctl_rx = FrameReceiver::new(ctl_recv);
+
+    let migration_id = format!(
+        "m{}-{}",
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        std::process::id()
+    );
+    send_ctl(
+        &mut ctl,
+        Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: "src".into(),
+            page_size: crate::pages::PAGE_SIZE as u32,
+            criu_version: opts.criu.version.to_string(),
+            migration_id: migration_id.clone(),
+        }),
+    )
+    .await?;
+    match next_ctl(&mut ctl_rx).await? {
+        Msg::Hello(h) if h.role == "dst" && h.protocol_version == PROTOCOL_VERSION => {
+            if h.criu_version != opts.criu.version.to_string() {
+                tracing::warn!(
+                    src = %opts.criu.version, dst = %h.criu_version,
+                    "CRIU versions differ between the hosts; images may not restore"
+                );
+            }
+        }
+        Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
+        other => bail!(
+            "dst answered the hello with {other:?}; is it a pageserv dst of the same version?"
+        ),
+    }
+
+    // From here on the tasks are frozen: every failure path must resume or keep them.
+    let mut dump = open_dump(&opts).await?;
+    let frozen_at = dump.started_at;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "dump ready, tasks frozen"
+    );
+
+    let result = migrate(&opts, &conn, &mut ctl, &mut ctl_rx, &mut dump, frozen_at).await;
+    match result {
+        Ok(mut report) => {
+            report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            conn.close(0u32.into(), b"done");
+            Ok(report)
+        }
+        Err(e) => {
+            conn.close(1u32.into(), b"source failed");
+            Err(e)
+        }
+    }
+}
+
+async fn open_dump(opts: &SourceOptions) -> Result<ReadyDump> {
+    let criu = opts.criu.clone();
+    let d = opts.dump.clone();
+    let work = opts.work_dir.clone();
+    tokio::task::spawn_blocking(move || match d {
+        DumpSource::Pid { pid, extra } => start_lazy_dump(
+            &criu,
+            &DumpOptions {
+                pid,
+                images_dir: work.join("images"),
+                work_dir: work.clone(),
+                extra,
+            },
+        )
+        .map_err(anyhow::Error::from),
+        DumpSource::External {
+            page_server,
+            status_fifo,
+            images_dir,
+        } => {
+            join_external_dump(&images_dir, page_server, &status_fifo).map_err(anyhow::Error::from)
+        }
+    })
+    .await?
+}
+
+async fn migrate(
+    opts: &SourceOptions,
+    conn: &quinn::Connection,
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    dump: &mut ReadyDump,
+    frozen_at: SystemTime,
+) -> Result<SourceReport> {
+    let mut report = SourceReport::default();
+    let images = ImageDir::open(&dump.images_dir)?;
+    // The plan's units are CRIU's lazy pagemap entries: each is one page-pipe buffer inside the
+    // dump, and GETs that start at an entry's first page are the cheap ones.
+    let mut tasks = Vec::new();
+    for t in images.pstree()? {
+        let entries = images.pagemap(t.pid)?.entries;
+        let lazy = entries
+            .iter()
+            .filter(|e| e.flags.is_lazy() && !e.flags.is_present())
+            .map(|e| crate::pages::PageRange::new(e.vaddr, e.nr_pages))
+            .collect();
+        tasks.push((t.pid, lazy));
+    }
+    let plan = PushPlan::new(tasks);
+    report.lazy_pages = plan.total_pages();
+    report.images_bytes = ship_images(ctl, &dump.images_dir, frozen_at).await?;
+
+    // The pump owns the dump's socket from here; the control flow below only steers it.
+    let (fault_tx, fault_rx) = mpsc::unbounded_channel::<UrgentRequest>();
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<FaultReply>();
+    let (push_tx, push_rx) = mpsc::channel::<Served>(16);
+    let (control_tx, control_rx) = watch::channel(None);
+    let layout = opts.criu.layout();
+    let conn_taken = std::mem::replace(
+        &mut dump.conn,
+        PageServerConn::Unix(std::os::unix::net::UnixStream::pair()?.0),
+    );
+    let pump_task = match conn_taken {
+        PageServerConn::Unix(s) => {
+            s.set_nonblocking(true)?;
+            let s = tokio::net::UnixStream::from_std(s)?;
+            tokio::spawn(pump::run(
+                s, layout, true, plan, opts.pump, fault_rx, reply_tx, push_tx, control_rx,
+            ))
+        }
+        PageServerConn::Tcp(s) => {
+            s.set_nonblocking(true)?;
+            let s = tokio::net::TcpStream::from_std(s)?;
+            tokio::spawn(pump::run(
+                s, layout, false, plan, opts.pump, fault_rx, reply_tx, push_tx, control_rx,
+            ))
+        }
+    };
+
+    let push_send = conn.open_uni().await.context("opening the push stream")?;
+    push_send.set_priority(transport::PUSH_PRIORITY)?;
+    let pusher = tokio::spawn(push_pages(
+        FrameSender::new(push_send),
+        push_rx,
+        report.lazy_pages,
+        opts.progress,
+    ));
+    let faults = tokio::spawn(serve_faults(conn.clone(), fault_tx, reply_rx));
+
+    // Wait for the restore to finish and the memory to become whole.
+    let mut restored = false;
+    let outcome: Result<()> = loop {
+        match next_ctl(ctl_rx).await {
+            Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
+            Ok(Msg::RestoreFinished(f)) => {
+                restored = true;
+                let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+                report.downtime_ms = f.finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
+                tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");
+            }
+            Ok(Msg::RestoreFailed(f)) => {
+                break Err(anyhow!(
+                    "the restore failed at dst: {}\n{}",
+                    f.reason,
+                    f.log_tail
+                ));
+            }
+            Ok(Msg::MemoryWhole(w)) => {
+                report.dst_pages_on_demand = w.pages_on_demand;
+                report.dst_pages_pushed = w.pages_pushed;
+                break Ok(());
+            }
+            Ok(Msg::Abort(a)) => break Err(anyhow!("dst aborted the migration: {}", a.reason)),
+            Ok(other) => tracing::warn!("ignoring unexpected control message {other:?}"),
+            Err(e) => break Err(e.context("control stream from dst")),
+        }
+    };
+
+    let decision = if outcome.is_ok() {
+        PumpControl::Finish
+    } else if restored {
+        // The restored tasks have run: the source copy must never be resumed. Keep the dump
+        // frozen (it ends when we exit without closing the session cleanly? no: see issue 6).
+        PumpControl::Finish
+    } else {
+        PumpControl::Abort
+    };
+    let _ = control_tx.send(Some(decision));
+    let pump_stats = pump_task.await.context("the pump task panicked")?;
+    faults.abort();
+    let push_stats = pusher.await.context("the push task panicked")?;
+    outcome?;
+    let pump_stats = pump_stats?;
+    let push_stats = push_stats?;
+    report.pump = pump_stats;
+    report.push_frames = push_stats.frames;
+    report.push_bytes = push_stats.bytes;
+    report.zero_pages = push_stats.zero_pages;
+
+    // The session ended cleanly: CRIU kills the source tasks and exits.
+    let dump_ok = match dump.wait(Duration::from_secs(30)) {
+        Some((status, tail)) if !status.success() => {
+            tracing::warn!("criu dump exited with {status}:\n{tail}");
+            false
+        }
+        _ => true,
+    };
+    send_ctl(
+        ctl,
+        Msg::SourceReleased(SourceReleased {
+            dump_ok,
+            detail: String::new(),
+        }),
+    )
+    .await?;
+    ctl.finish();
+    Ok(report)
+}
+
+/// Sends every image file except the lazy memory (which CRIU never wrote to disk).
+async fn ship_images(ctl: &mut FrameSender, dir: &Path, frozen_at: SystemTime) -> Result<u64> {
+    let mut names: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // CRIU's own logs may sit in the image directory (an external dump's -o); they are not images.
+        if entry.file_type()?.is_file() && !name.ends_with(".log") {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut total = 0u64;
+    for name in &names {
+        let data = tokio::fs::read(dir.join(name))
+            .await
+            .with_context(|| format!("reading image {name}"))?;
+        let data = Bytes::from(data);
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + IMAGE_CHUNK).min(data.len());
+            let last = end == data.len();
+            send_ctl(
+                ctl,
+                Msg::ImageChunk(ImageChunk {
+                    name: name.clone(),
+                    offset: offset as u64,
+                    data: data.slice(offset..end),
+                    last,
+                    mode: 0o600,
+                }),
+            )
+            .await?;
+            offset = end;
+            if last {
+                break;
+            }
+        }
+        total += data.len() as u64;
+    }
+    send_ctl(
+        ctl,
+        Msg::ImagesDone(ImagesDone {
+            files: names.len() as u32,
+            bytes: total,
+            frozen_at_unix_ns: frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64,
+        }),
+    )
+    .await?;
+    Ok(total)
+}
+
+/// Accepts dst's fault stream, forwards its requests to the pump and sends the pump's answers.
+async fn serve_faults(
+    conn: quinn::Connection,
+    to_pump: mpsc::UnboundedSender<UrgentRequest>,
+    mut from_pump: mpsc::UnboundedReceiver<FaultReply>,
+) -> Result<()> {
+    let (send, recv) = conn
+        .accept_bi()
+        .await
+        .context("accepting dst's fault stream")?;
+    send.set_priority(transport::FAULT_PRIORITY)?;
+    let mut tx = FrameSender::new(send);
+    let mut rx = FrameReceiver::new(recv);
+    let reader = async move {
+        while let Some(frame) = rx.next().await? {
+            match frame {
+                Frame::PageRequest {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                } => {
+                    if to_pump
+                        .send(UrgentRequest {
+                            pid,
+                            vaddr,
+                            nr_pages,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                other => {
+                    bail!("dst sent {other:?} on the fault stream; only page requests belong there")
+                }
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let writer = async move {
+        while let Some(reply) = from_pump.recv().await {
+            match reply {
+                FaultReply::Pages(s) => {
+                    send_served(&mut tx, s).await?;
+                }
+                FaultReply::Refused { request, why } => {
+                    tracing::warn!(%why, "refused a fault request");
+                    let reason = match why {
+                        RequestRejected::UnknownPid(_) => wire::refuse_reason::UNKNOWN_PID,
+                        RequestRejected::NotLazy { .. } => wire::refuse_reason::NOT_LAZY,
+                    };
+                    tx.send(&Frame::Refused {
+                        pid: request.pid,
+                        vaddr: request.vaddr,
+                        nr_pages: request.nr_pages,
+                        reason,
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::try_join!(reader, writer)?;
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct PushStats {
+    frames: u64,
+    bytes: u64,
+    zero_pages: u64,
+}
+
+/// Writes background batches to the push stream, zero pages as Zero frames.
+async fn push_pages(
+    mut tx: FrameSender,
+    mut rx: mpsc::Receiver<Served>,
+    total_pages: u64,
+    progress: bool,
+) -> Result<PushStats> {
+    let bar = progress
+        .then(|| crate::stats::progress_bar(total_pages * crate::pages::PAGE_SIZE, "pushing"));
+    let mut stats = PushStats::default();
+    while let Some(s) = rx.recv().await {
+        let bytes = s.data.len() as u64;
+        stats.zero_pages += send_served(&mut tx, s).await?;
+        stats.frames += 1;
+        stats.bytes += bytes;
+        if let Some(b) = &bar {
+            b.inc(bytes);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    tx.finish();
+    Ok(stats)
+}
+
+/// Sends one fetched batch, splitting out zero pages; returns how many were zero.
+async fn send_served(tx: &mut FrameSender, s: Served) -> Result<u64> {
+    let page = crate::pages::PAGE_SIZE as usize;
+    let mut zero = 0;
+    for (first, n, is_zero) in crate::pages::zero_runs(&s.data) {
+        let vaddr = s.vaddr + (first * page) as u64;
+        if is_zero {
+            zero += n as u64;
+            tx.send(&Frame::Zero {
+                pid: s.pid,
+                vaddr,
+                nr_pages: n as u32,
+            })
+            .await?;
+        } else {
+            tx.send_pages(
+                s.pid,
+                vaddr,
+                n as u32,
+                s.data.slice(first * page..(first + n) * page),
+            )
+            .await?;
+        }
+    }
+    Ok(zero)
+}
+
+async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}
+
+/// The next control message; the stream ending is an error (the peer is gone).
+pub async fn next_ctl(rx: &mut FrameReceiver) -> Result<Msg> {
+    match rx.next().await? {
+        Some(Frame::Control(Control { msg: Some(m) })) => Ok(m),
+        Some(other) => bail!("expected a control message, got {other:?}"),
+        None => bail!("the peer closed the control stream"),
+    }
+}

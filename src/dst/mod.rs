@@ -1,5 +1,6 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
+pub mod latency;
 pub mod lazy_socket;
 pub mod regions;
 pub mod restore;

@@ -988,10 +988,209 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
     }
     // Registered but not lazy: answered with a zero page, no request.
     assert!(is_zero_page(base + 300 * P));
+    // The loop counts the zero page just after the ioctl that woke us.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.stats.counters().zero_pages < 17 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let c = h.stats.counters();
     eprintln!("(zero) {c:?}");
     assert_eq!(c.zero_pages, 16 + 1);
     assert_eq!((c.requests, c.pages_copied_pushed), (0, lazy_pages - 16));
     h.handle.shutdown(false).unwrap();
+    h.source.join().unwrap();
+}
+
+// ---- EAGAIN: copies racing with mremap events ----
+
+#[test]
+fn copies_survive_concurrent_remaps() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(32 * MIB);
+    let (base, pages) = (region.addr, region.pages());
+    let img = image(base, pages);
+    let uffd = new_uffd(base, region.len);
+    let h = start(LoopConfig::default(), 31, base, img.clone(), never);
+    let tx = h.handle.sender();
+    tx.send(Inbound::Task {
+        pid: 31,
+        uffd,
+        lazy: region.lazy(),
+        host_pid: None,
+    })
+    .unwrap();
+    tx.send(Inbound::RestoreFinished).unwrap();
+    // One page goes back and forth while every page is pushed; each mremap holds the
+    // process's uffd "changing" until the loop reads the event, so copies meet EAGAIN.
+    let parking = Region::new(P);
+    let (x, y) = (base + 5 * MIB, parking.addr);
+    let mover = std::thread::spawn(move || {
+        for _ in 0..1000 {
+            for (from, to) in [(x, y), (y, x)] {
+                let r = unsafe {
+                    libc::mremap(
+                        from as *mut libc::c_void,
+                        P as usize,
+                        P as usize,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        to as *mut libc::c_void,
+                    )
+                };
+                assert_eq!(r as u64, to);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(2));
+    push_all(&tx, 31, base, &img, pages, 1024);
+    mover.join().unwrap();
+    wait_complete(&h.events, Duration::from_secs(60));
+    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
+    assert!(all == &img[..]);
+    let c = h.stats.counters();
+    eprintln!("(eagain) {c:?}");
+    assert_eq!(c.pages_copied_pushed, pages);
+    h.handle.shutdown(false).unwrap();
+    h.source.join().unwrap();
+}
+
+// ---- ENOENT: a VMA split after the dump (mprotect, no event) inside one pushed run ----
+
+#[test]
+fn runs_across_a_vma_split_are_placed_page_by_page() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(8 * MIB);
+    let (base, pages) = (region.addr, region.pages());
+    let img = image(base, pages);
+    let uffd = new_uffd(base, region.len);
+    let split = base + MIB + 3 * P;
+    assert_eq!(
+        unsafe { libc::mprotect(split as *mut libc::c_void, P as usize, libc::PROT_READ) },
+        0
+    );
+    let h = start(LoopConfig::default(), 33, base, img.clone(), never);
+    let tx = h.handle.sender();
+    tx.send(Inbound::Task {
+        pid: 33,
+        uffd,
+        lazy: region.lazy(),
+        host_pid: None,
+    })
+    .unwrap();
+    tx.send(Inbound::RestoreFinished).unwrap();
+    push_all(&tx, 33, base, &img, pages, 1024);
+    wait_complete(&h.events, Duration::from_secs(30));
+    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
+    assert!(all == &img[..]);
+    let c = h.stats.counters();
+    eprintln!("(enoent) {c:?}");
+    assert_eq!((c.pages_copied_pushed, c.pages_dropped), (pages, 0));
+    h.handle.shutdown(false).unwrap();
+    h.source.join().unwrap();
+}
+
+// ---- a restored process's fork child is killed too ----
+
+/// Like `restored_child`, but forks first: the grandchild reports its pid, then both block on
+/// pages the source never sends.
+fn forking_child(sock: RawFd, pipe: RawFd, addr: u64, len: u64) -> ! {
+    unsafe {
+        let fd = raw_uffd();
+        if fd < 0 || !raw_register(fd, addr, len) {
+            libc::_exit(10);
+        }
+        let mut byte = 0u8;
+        let mut iov = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        if libc::sendmsg(sock, &msg, 0) != 1 {
+            libc::_exit(11);
+        }
+        libc::close(fd);
+        let g = libc::fork();
+        if g == 0 {
+            let _ = std::ptr::read_volatile((addr + 100 * P) as *const u8);
+            libc::_exit(13);
+        }
+        libc::write(pipe, (&g as *const i32).cast(), 4);
+        let _ = std::ptr::read_volatile((addr + 101 * P) as *const u8);
+        libc::_exit(12);
+    }
+}
+
+#[test]
+fn fork_children_of_incomplete_processes_are_killed() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(MIB);
+    let (base, pages) = (region.addr, region.pages());
+    let img = image(base, pages);
+    let (parent_sock, child_sock) = UnixStream::pair().unwrap();
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        forking_child(child_sock.as_raw_fd(), fds[1], base, region.len);
+    }
+    unsafe { libc::close(fds[1]) };
+    let uffd = recv_fd(&parent_sock);
+    let h = start(LoopConfig::default(), 2100, base, img, |_, _| true);
+    let tx = h.handle.sender();
+    tx.send(Inbound::Task {
+        pid: 2100,
+        uffd,
+        lazy: region.lazy(),
+        host_pid: Some(child),
+    })
+    .unwrap();
+    tx.send(Inbound::RestoreFinished).unwrap();
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let mut buf = [0u8; 4];
+    pipe.read_exact(&mut buf).unwrap();
+    let grandchild = i32::from_ne_bytes(buf);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.stats.counters().faults < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "child and grandchild never faulted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        h.stats.counters().tasks,
+        2,
+        "the fork child has its own view"
+    );
+    let report = h.handle.shutdown(true).unwrap();
+    assert_eq!(report.incomplete, vec![2100, 2100]);
+    let mut want = vec![child, grandchild];
+    want.sort();
+    assert_eq!(report.killed, want);
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
+    // The grandchild is not ours to reap: it is dead once /proc shows it gone or a zombie.
+    let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next());
+    assert!(
+        matches!(state, None | Some("Z") | Some("X")),
+        "grandchild state {state:?}"
+    );
     h.source.join().unwrap();
 }

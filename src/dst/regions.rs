@@ -18,6 +18,9 @@ use crate::pages::{PAGE_SIZE, PageRange, page_floor};
 /// Most lazy pages one view tracks (1 TiB); the state costs 2 bits per page.
 pub const MAX_LAZY_PAGES: u64 = 1 << 28;
 
+/// Most pages one fault request asks for (4 MiB, CRIU's `MAX_XFER_LEN`).
+pub const MAX_REQUEST_PAGES: u64 = 1024;
+
 /// Why a lazy-range list cannot become a [`TaskMemory`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionsError {
@@ -49,7 +52,7 @@ pub enum FaultAction {
     Request { img_vaddr: u64, nr_pages: u64 },
 }
 
-/// Where one state a lazy page is in, for inspection and tests.
+/// The state of one lazy page, for inspection and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageState {
     /// Not in any lazy range.
@@ -185,9 +188,10 @@ impl TaskMemory {
         })
     }
 
-    /// Also request up to `pages` pending pages that follow a faulting page in the same range.
+    /// Also request up to `pages` pending pages that follow a faulting page in the same range
+    /// (capped so that one request is at most 4 MiB, CRIU's largest transfer).
     pub fn with_readahead(mut self, pages: u64) -> Self {
-        self.readahead = pages;
+        self.readahead = pages.min(MAX_REQUEST_PAGES - 1);
         self
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use userfaultfd::Uffd;
@@ -47,77 +47,94 @@ impl Engine {
 
     /// Kills incomplete processes if asked, then closes every uffd.
     pub(super) fn shutdown(mut self, kill_incomplete: bool) -> ShutdownReport {
+        // Pages the kernel refused a moment ago were sent before the Shutdown: place them first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(self.retrying.is_empty() && self.deferred.is_empty()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            self.retry_deferred();
+            self.retry_arrivals();
+        }
         let mut report = ShutdownReport::default();
         let views = std::mem::take(&mut self.views);
+        let broken = std::mem::take(&mut self.broken);
         let mut incomplete: Vec<(u32, &Owner)> = views
             .values()
             .filter(|v| !v.mem.is_complete())
             .map(|v| (v.mem.pid(), &v.owner))
             .collect();
-        incomplete.extend(self.broken.iter().map(|(pid, _, owner)| (*pid, owner)));
+        incomplete.extend(broken.iter().map(|(pid, _, owner)| (*pid, owner)));
         report.incomplete = incomplete.iter().map(|(pid, _)| *pid).collect();
         if kill_incomplete && !incomplete.is_empty() {
-            let mut extra = Vec::new();
-            let mut killed = BTreeSet::new();
-            for (pid, owner) in &incomplete {
-                match owner {
-                    Owner::Own(p) => match p.kill() {
-                        Ok(()) => {
-                            killed.insert(p.pid);
-                        }
-                        Err(e) => {
-                            error!(
-                                pid,
-                                host_pid = p.pid,
-                                "cannot kill an incomplete process: {e}"
-                            );
-                            report.not_killed.push(*pid);
-                        }
-                    },
-                    // A fork child's own pid is unknown: kill the whole subtree it lives in.
-                    Owner::DescendantOf(root) => {
-                        for d in kill::descendants(*root) {
-                            if killed.contains(&d) {
-                                continue;
-                            }
-                            if let Ok(p) = Process::open(d)
-                                && p.kill().is_ok()
-                            {
-                                killed.insert(d);
-                                extra.push(p);
-                            }
-                        }
-                    }
-                    Owner::Unknown => {
-                        error!(
-                            pid,
-                            "incomplete process with no known host pid: it may read zero pages"
-                        );
-                        report.not_killed.push(*pid);
-                    }
-                }
-            }
-            let mut procs: Vec<&Process> = incomplete
-                .iter()
-                .filter_map(|(_, o)| match o {
-                    Owner::Own(p) if killed.contains(&p.pid) => Some(p),
-                    _ => None,
-                })
-                .collect();
-            procs.extend(extra.iter());
-            let alive = kill::wait_exited(&procs, self.config.kill_wait);
-            if !alive.is_empty() {
-                error!(
-                    ?alive,
-                    "killed processes still alive; closing their uffds anyway"
-                );
-            }
-            report.killed = killed.into_iter().collect();
+            kill_all(&incomplete, self.config.kill_wait, &mut report);
         } else if !incomplete.is_empty() {
-            warn!(pids = ?report.incomplete, "shutting down with lazy memory missing: those pages will read as zeros");
+            warn!(
+                pids = ?report.incomplete,
+                "shutting down with lazy memory missing: those pages will read as zeros"
+            );
         }
         info!(stats = ?self.stats.counters(), ?report, "fault thread done");
+        // Only now do the uffds close.
         drop(views);
+        drop(broken);
         report
     }
+}
+
+/// SIGKILLs every incomplete process and waits (up to `wait`) for them to die.
+fn kill_all(incomplete: &[(u32, &Owner)], wait: Duration, report: &mut ShutdownReport) {
+    // Find fork children (through their ancestors) before killing anything: a killed parent's
+    // children are reparented at once and would no longer be found.
+    let mut extra: Vec<Process> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (_, owner) in incomplete {
+        if let Owner::Own(p) = owner {
+            seen.insert(p.pid);
+        }
+    }
+    for (_, owner) in incomplete {
+        if let Owner::DescendantOf(root) = owner {
+            for d in kill::descendants(*root) {
+                if seen.insert(d)
+                    && let Ok(p) = Process::open(d)
+                {
+                    extra.push(p);
+                }
+            }
+        }
+    }
+    // (image pid, process); fork children found through /proc have no image pid of their own.
+    let mut targets: Vec<(Option<u32>, &Process)> = Vec::new();
+    for (pid, owner) in incomplete {
+        match owner {
+            Owner::Own(p) => targets.push((Some(*pid), p)),
+            Owner::DescendantOf(_) => {}
+            Owner::Unknown => {
+                error!(
+                    pid,
+                    "incomplete process with no known host pid: it may read zero pages"
+                );
+                report.not_killed.push(*pid);
+            }
+        }
+    }
+    targets.extend(extra.iter().map(|p| (None, p)));
+    let mut killed = Vec::new();
+    for (pid, p) in targets {
+        match p.kill() {
+            Ok(()) => killed.push(p),
+            Err(e) => {
+                error!(host_pid = p.pid, "cannot kill an incomplete process: {e}");
+                report.not_killed.extend(pid);
+            }
+        }
+    }
+    let alive = kill::wait_exited(&killed, wait);
+    if !alive.is_empty() {
+        error!(
+            ?alive,
+            "killed processes still alive; closing their uffds anyway"
+        );
+    }
+    report.killed = killed.iter().map(|p| p.pid).collect();
+    report.killed.sort();
 }

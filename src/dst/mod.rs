@@ -1,8 +1,9 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
 pub mod image_sink;
+pub mod latency;
 pub mod lazy_socket;
 pub mod regions;
 pub mod restore;
-// pub mod service;
+pub mod service;
 pub mod uffd_loop;

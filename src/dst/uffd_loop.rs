@@ -1,1 +1,282 @@
-//! (stub: being written)
+//! The fault thread: owns every userfaultfd of the restored tree and is the only code that
+//! touches them. One blocking std thread, epoll over the uffds and an eventfd; everything else
+//! talks to it through channels.
+//!
+//! Inbound: tasks (a uffd and its lazy ranges) as the restore hands them over, pages from the
+//! source, and control. Outbound: page requests for faults, task exits, completion, errors.
+//!
+//! Two rules shape it (criu-protocols.md §2.6, §2.9): uffds are read promptly, because the
+//! kernel blocks a process on fork/mremap/madvise/munmap until its event is read; and no uffd of
+//! a live process is closed before [`Inbound::Shutdown`], because closing it turns every missing
+//! page into a silent zero page.
+
+mod engine;
+mod ioctl;
+mod kill;
+mod place;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::dst::latency::LatencyHistogram;
+use crate::pages::PageRange;
+
+/// Messages to the fault thread.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A restored process's uffd (from lazy-pages.socket) and its lazy ranges in image addresses,
+    /// split at VMA ends. `host_pid` is the process as this host sees it (the sender's
+    /// SCM_CREDENTIALS), needed only to kill it on an incomplete shutdown.
+    Task {
+        pid: i32,
+        uffd: OwnedFd,
+        lazy: Vec<PageRange>,
+        host_pid: Option<i32>,
+    },
+    /// A zombie: no memory, nothing to serve.
+    Zombie { pid: i32 },
+    /// Page data for image pid `pid`, `nr_pages * PAGE_SIZE` bytes. `urgent` marks a fault's
+    /// answer: it skips ahead of queued background pushes.
+    Pages {
+        pid: u32,
+        img_vaddr: u64,
+        nr_pages: u32,
+        data: bytes::Bytes,
+        urgent: bool,
+    },
+    /// These image pages are zero (they never cross the network as data).
+    Zero {
+        pid: u32,
+        img_vaddr: u64,
+        nr_pages: u32,
+    },
+    /// Every task is restored (the restore sent 0x52535446): completion can now be judged.
+    RestoreFinished,
+    /// Stop after everything sent before this. With `kill_incomplete`, processes whose lazy
+    /// memory is not all in place are SIGKILLed (and reaped or 5 s passed) before their uffds
+    /// close, so none of them ever reads a zero page instead of its data.
+    Shutdown { kill_incomplete: bool },
+}
+
+/// Messages from the fault thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// A thread waits for these image pages of image pid `pid`; answer with `Inbound::Pages`
+    /// (urgent) or `Inbound::Zero`.
+    Fault {
+        pid: u32,
+        img_vaddr: u64,
+        nr_pages: u32,
+    },
+    /// Every process of image pid `pid` (including its fork children) exited: stop sending.
+    TaskGone { pid: i32 },
+    /// The restore finished and every task's lazy memory is in place. Sent once.
+    Complete,
+    /// Something failed that needs a decision (usually Shutdown{kill_incomplete: true}).
+    Error(String),
+}
+
+/// Tuning of the fault thread.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Pending pages after a faulting page (same lazy range) requested along with it.
+    pub readahead_pages: u64,
+    /// How long an incomplete shutdown waits for killed processes to die before closing uffds.
+    pub kill_wait: Duration,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            readahead_pages: 0,
+            kill_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters the fault thread updates; read them from anywhere.
+#[derive(Debug, Default)]
+pub struct UffdStats {
+    /// Page-fault messages read.
+    pub faults: AtomicU64,
+    /// Requests sent for faults, and the pages they asked for (read-ahead included).
+    pub requests: AtomicU64,
+    pub pages_requested: AtomicU64,
+    /// Pages copied that answered a request / that the source pushed.
+    pub pages_copied_urgent: AtomicU64,
+    pub pages_copied_pushed: AtomicU64,
+    /// Pages filled with UFFDIO_ZEROPAGE (faults outside the lazy set, and `Inbound::Zero`).
+    pub zero_pages: AtomicU64,
+    /// Lazy pages dropped (madvise, munmap, unregistered) and never copied.
+    pub pages_dropped: AtomicU64,
+    /// COPY/ZEROPAGE retried after EAGAIN.
+    pub copy_retries: AtomicU64,
+    /// Uffds being served (restored processes and fork children).
+    pub tasks: AtomicU64,
+    /// Fault read → its page copied, per faulting thread, in ns.
+    pub fault_latency: LatencyHistogram,
+    /// Sum of those latencies: thread-time spent blocked on missing pages.
+    pub blocktime_ns: AtomicU64,
+}
+
+/// A plain copy of [`UffdStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UffdCounters {
+    pub faults: u64,
+    pub requests: u64,
+    pub pages_requested: u64,
+    pub pages_copied_urgent: u64,
+    pub pages_copied_pushed: u64,
+    pub zero_pages: u64,
+    pub pages_dropped: u64,
+    pub copy_retries: u64,
+    pub tasks: u64,
+    pub blocktime_ns: u64,
+}
+
+impl UffdStats {
+    pub fn counters(&self) -> UffdCounters {
+        UffdCounters {
+            faults: self.faults.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            pages_requested: self.pages_requested.load(Relaxed),
+            pages_copied_urgent: self.pages_copied_urgent.load(Relaxed),
+            pages_copied_pushed: self.pages_copied_pushed.load(Relaxed),
+            zero_pages: self.zero_pages.load(Relaxed),
+            pages_dropped: self.pages_dropped.load(Relaxed),
+            copy_retries: self.copy_retries.load(Relaxed),
+            tasks: self.tasks.load(Relaxed),
+            blocktime_ns: self.blocktime_ns.load(Relaxed),
+        }
+    }
+}
+
+/// Why the fault thread could not start or ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("cannot create the fault thread's {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(
+        "the fault thread is gone (it panicked or already shut down); restored memory may be incomplete"
+    )]
+    Gone,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Image pids whose lazy memory was incomplete at shutdown (fork children included).
+    pub incomplete: Vec<u32>,
+    /// Host pids SIGKILLed.
+    pub killed: Vec<i32>,
+    /// Incomplete processes that could not be killed (no host pid known, or kill failed): they
+    /// may read zero pages.
+    pub not_killed: Vec<u32>,
+}
+
+/// A cloneable way to talk to the fault thread.
+#[derive(Clone)]
+pub struct LoopSender {
+    urgent: Sender<Inbound>,
+    bulk: Sender<Inbound>,
+    wake: Arc<EventFd>,
+}
+
+impl LoopSender {
+    /// Queues `msg` and wakes the thread. Fault answers, tasks and zero runs go ahead of queued
+    /// background pages; `Shutdown` goes behind everything sent before it.
+    pub fn send(&self, msg: Inbound) -> Result<(), LoopError> {
+        let urgent = match &msg {
+            Inbound::Pages { urgent, .. } => *urgent,
+            Inbound::Shutdown { .. } => false,
+            _ => true,
+        };
+        let tx = if urgent { &self.urgent } else { &self.bulk };
+        tx.send(msg).map_err(|_| LoopError::Gone)?;
+        self.wake.write(1).map_err(|_| LoopError::Gone)?;
+        Ok(())
+    }
+}
+
+/// The running fault thread.
+pub struct LoopHandle {
+    sender: LoopSender,
+    thread: JoinHandle<ShutdownReport>,
+}
+
+impl LoopHandle {
+    pub fn send(&self, msg: Inbound) -> Result<(), LoopError> {
+        self.sender.send(msg)
+    }
+
+    pub fn sender(&self) -> LoopSender {
+        self.sender.clone()
+    }
+
+    /// Sends `Shutdown` and waits for the thread to end.
+    pub fn shutdown(self, kill_incomplete: bool) -> Result<ShutdownReport, LoopError> {
+        // If the thread already ended, joining still reports what it did.
+        let _ = self.sender.send(Inbound::Shutdown { kill_incomplete });
+        self.join()
+    }
+
+    /// Waits for the thread to end (after a Shutdown, or after every sender is dropped, which
+    /// counts as Shutdown{kill_incomplete: true}).
+    pub fn join(self) -> Result<ShutdownReport, LoopError> {
+        let LoopHandle { sender, thread } = self;
+        drop(sender);
+        thread.join().map_err(|_| LoopError::Gone)
+    }
+}
+
+/// Starts the fault thread with the default [`LoopConfig`].
+pub fn spawn(out: Sender<Outbound>, stats: Arc<UffdStats>) -> Result<LoopHandle, LoopError> {
+    spawn_with(LoopConfig::default(), out, stats)
+}
+
+/// Starts the fault thread.
+pub fn spawn_with(
+    config: LoopConfig,
+    out: Sender<Outbound>,
+    stats: Arc<UffdStats>,
+) -> Result<LoopHandle, LoopError> {
+    let setup = |what| {
+        move |e: nix::Error| LoopError::Setup {
+            what,
+            source: e.into(),
+        }
+    };
+    let wake = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(setup("eventfd"))?,
+    );
+    let (urgent_tx, urgent_rx): (Sender<Inbound>, Receiver<Inbound>) =
+        crossbeam_channel::unbounded();
+    let (bulk_tx, bulk_rx) = crossbeam_channel::unbounded();
+    let engine = engine::Engine::new(config, out, stats, urgent_rx, bulk_rx, wake.clone())
+        .map_err(setup("epoll instance"))?;
+    let thread = std::thread::Builder::new()
+        .name("uffd-loop".into())
+        .spawn(move || engine.run())
+        .map_err(|e| LoopError::Setup {
+            what: "thread",
+            source: e,
+        })?;
+    Ok(LoopHandle {
+        sender: LoopSender {
+            urgent: urgent_tx,
+            bulk: bulk_tx,
+            wake,
+        },
+        thread,
+    })
+}

@@ -1,0 +1,191 @@
+//! Pages from the source reaching every view that still needs them, and what that costs.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::Engine;
+use crate::dst::uffd_loop::Inbound;
+use crate::dst::uffd_loop::place::{self, Placement, Source, Tally};
+use crate::pages::PAGE_SIZE;
+
+/// EAGAIN rounds (read events, copy again) before an arrival waits for the next loop round, so
+/// one process in a long fork cannot stall the others' faults.
+const INLINE_RETRIES: u32 = 16;
+/// An arrival still refused after this long is given up (pages stay missing) with an error.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
+/// Pages on their way into the views of one image pid.
+pub(super) struct Arrival {
+    pid: u32,
+    img: u64,
+    nr: u64,
+    data: Option<Bytes>,
+    urgent: bool,
+    /// Views done with it; fork children created meanwhile are not, and get it too.
+    finished: BTreeSet<u64>,
+    since: Instant,
+}
+
+impl Engine {
+    /// Pages (or a zero run, `data` None) from the source.
+    pub(super) fn arrive(
+        &mut self,
+        pid: u32,
+        img: u64,
+        nr_pages: u32,
+        data: Option<Bytes>,
+        urgent: bool,
+    ) {
+        let nr = u64::from(nr_pages);
+        if !img.is_multiple_of(PAGE_SIZE)
+            || data
+                .as_ref()
+                .is_some_and(|d| d.len() as u64 != nr * PAGE_SIZE)
+        {
+            let len = data.as_ref().map(|d| d.len());
+            self.error(format!(
+                "bad page message for pid {pid} at {img:#x}: {nr} pages but {len:?} bytes, or \
+                 unaligned; dropped"
+            ));
+            return;
+        }
+        if !self.views.values().any(|v| v.mem.pid() == pid) {
+            if !self.known_pids.contains(&pid) && !self.restore_finished {
+                let msg = match data {
+                    Some(data) => Inbound::Pages {
+                        pid,
+                        img_vaddr: img,
+                        nr_pages,
+                        data,
+                        urgent,
+                    },
+                    None => Inbound::Zero {
+                        pid,
+                        img_vaddr: img,
+                        nr_pages,
+                    },
+                };
+                self.stash.entry(pid).or_default().push(msg);
+            } else {
+                debug!(pid, img, nr, "pages for a task that is gone: dropped");
+            }
+            return;
+        }
+        let arrival = Arrival {
+            pid,
+            img,
+            nr,
+            data,
+            urgent,
+            finished: BTreeSet::new(),
+            since: Instant::now(),
+        };
+        if let Some(left) = self.place_arrival(arrival) {
+            self.retrying.push(left);
+        }
+    }
+
+    /// Arrivals the kernel refused last round.
+    pub(super) fn retry_arrivals(&mut self) {
+        for a in std::mem::take(&mut self.retrying) {
+            if let Some(left) = self.place_arrival(a) {
+                self.retrying.push(left);
+            }
+        }
+    }
+
+    /// Places `a` into every view of its pid; returns it if some view must be retried later.
+    fn place_arrival(&mut self, mut a: Arrival) -> Option<Arrival> {
+        let mut again = 0;
+        // Re-scan after every step: reading events may add fork children that need these pages.
+        while let Some(id) = self
+            .views
+            .iter()
+            .find(|(id, v)| v.mem.pid() == a.pid && !a.finished.contains(*id))
+            .map(|(id, _)| *id)
+        {
+            let Some(view) = self.views.get_mut(&id) else {
+                break;
+            };
+            let src = match &a.data {
+                Some(d) => Source::Data(d),
+                None => Source::Zero,
+            };
+            let mut tally = Tally::default();
+            let res = place::place(
+                view.uffd.as_raw_fd(),
+                &mut view.mem,
+                a.img,
+                a.nr,
+                src,
+                &mut tally,
+            );
+            self.account(id, &tally, a.data.is_some(), a.urgent);
+            match res {
+                Placement::Finished => {
+                    a.finished.insert(id);
+                }
+                Placement::ReadEvents => {
+                    self.read_events(id);
+                    again += 1;
+                    if again >= INLINE_RETRIES {
+                        if a.since.elapsed() < GIVE_UP {
+                            return Some(a);
+                        }
+                        self.error(format!(
+                            "pid {}: the kernel refused copies at {:#x} (EAGAIN) for {GIVE_UP:?}; \
+                             those pages stay missing",
+                            a.pid, a.img
+                        ));
+                        a.finished.insert(id);
+                    }
+                }
+                Placement::Gone => self.drop_view(id, "exited (copy: ESRCH)"),
+                Placement::Failed(e) => {
+                    self.error(format!(
+                        "copying {} pages at {:#x} into pid {} failed: {e}",
+                        a.nr, a.img, a.pid
+                    ));
+                    a.finished.insert(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Stats for what was placed, and the fault latency of every thread it woke.
+    fn account(&mut self, id: u64, tally: &Tally, data: bool, urgent: bool) {
+        let s = &self.stats;
+        let counter = match (data, urgent) {
+            (false, _) => &s.zero_pages,
+            (true, true) => &s.pages_copied_urgent,
+            (true, false) => &s.pages_copied_pushed,
+        };
+        counter.fetch_add(tally.pages, Relaxed);
+        s.copy_retries.fetch_add(tally.retries, Relaxed);
+        s.pages_dropped.fetch_add(tally.dropped, Relaxed);
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for &(img, n) in &tally.runs {
+            let keys: Vec<(u64, u64)> = self
+                .waiting
+                .range((id, img)..(id, img + n * PAGE_SIZE))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                for t in self.waiting.remove(&k).unwrap_or_default() {
+                    let ns = u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX);
+                    s.fault_latency.record(ns);
+                    s.blocktime_ns.fetch_add(ns, Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,233 @@
-fn main() {}
+//! The `pageserv` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use pageserv::criu::binary::Criu;
+use pageserv::dst::restore::RestoreOptions;
+use pageserv::dst::service::{self as dst_service, DstOptions};
+use pageserv::source::pump::PumpConfig;
+use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "pageserv",
+    version,
+    about = "Post-copy live migration of Linux process trees with CRIU, userfaultfd and QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Source host: dump (or join a dump of) a process tree and migrate it to a pageserv dst.
+    Src(SrcArgs),
+    /// Destination host: receive a migration, restore it and serve its memory.
+    Dst(DstArgs),
+    /// Inspect CRIU image directories.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+    },
+    /// Make certificates: a CA, and a certificate for each host signed by it.
+    Keygen(KeygenArgs),
+    /// Migrate a memory-writing workload between two network namespaces on this machine.
+    Demo(pageserv::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// Summarise a CRIU image directory: tasks and their lazy / present / zero memory.
+    Show {
+        dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Directory with ca.pem, cert.pem and key.pem (see `pageserv keygen`).
+    #[arg(long, default_value = "/etc/pageserv/certs")]
+    certs: PathBuf,
+    /// CRIU binary (default: $PAGESERV_CRIU, /opt/pageserv/criu/bin/criu, then PATH).
+    #[arg(long)]
+    criu: Option<PathBuf>,
+    /// An extra option for CRIU (repeatable), e.g. --criu-opt=--tcp-established.
+    #[arg(long = "criu-opt", allow_hyphen_values = true)]
+    criu_opts: Vec<String>,
+    /// Write the final report as JSON here.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SrcArgs {
+    /// Post-copy migration (the only mode so far; pre-copy rounds come with --pre-copy).
+    #[arg(long, required = true)]
+    lazy: bool,
+    /// The pageserv dst to migrate to.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Dump this process tree (its root pid) with `criu dump --lazy-pages`.
+    #[arg(long, conflicts_with_all = ["page_server", "status_fifo"])]
+    pid: Option<i32>,
+    /// Join a dump started elsewhere (runc style): its page server address...
+    #[arg(long, requires = "status_fifo")]
+    page_server: Option<SocketAddr>,
+    /// ...and the FIFO its --status-fd writes the ready byte into.
+    #[arg(long, requires = "page_server")]
+    status_fifo: Option<PathBuf>,
+    /// The external dump's image directory (with --page-server).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Work directory for images and logs of a dump pageserv starts.
+    #[arg(long, default_value = "/var/lib/pageserv/src")]
+    work: PathBuf,
+    /// Pages per background fetch from the dump.
+    #[arg(long, default_value_t = 256)]
+    batch_pages: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct DstArgs {
+    /// Address to accept migrations on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Each migration gets a fresh directory (images, work dir, logs) below this one.
+    #[arg(long, default_value = "/var/lib/pageserv/dst")]
+    work: PathBuf,
+    /// Restore with this shell command instead of `criu restore`; {images} and {work} are
+    /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
+    #[arg(long)]
+    restore_cmd: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Where to write the host's certificate (cert.pem, key.pem, ca.pem).
+    #[arg(long)]
+    out: PathBuf,
+    /// The CA directory; created with a new CA if it has none.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Name in the host's certificate.
+    #[arg(long, default_value = "pageserv")]
+    name: String,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PAGESERV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pageserv: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value)?;
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Src(a) => {
+            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let dump = match (a.pid, a.page_server, a.status_fifo) {
+                (Some(pid), None, None) => DumpSource::Pid {
+                    pid,
+                    extra: a.common.criu_opts.clone(),
+                },
+                (None, Some(page_server), Some(status_fifo)) => DumpSource::External {
+                    page_server,
+                    status_fifo,
+                    images_dir: a
+                        .images
+                        .clone()
+                        .context("--page-server needs --images DIR, the dump's -D directory")?,
+                },
+                _ => anyhow::bail!(
+                    "give either --pid PID, or --page-server ADDR with --status-fifo PATH"
+                ),
+            };
+            let opts = SourceOptions {
+                to: a.to,
+                certs: a.common.certs.clone(),
+                work_dir: a.work.join(format!("{}", std::process::id())),
+                criu,
+                dump,
+                pump: PumpConfig {
+                    batch_pages: a.batch_pages,
+                    ..PumpConfig::default()
+                },
+                progress: true,
+            };
+            let report = runtime()?.block_on(src_service::run(opts))?;
+            eprint!("{}", report.render());
+            write_json(&a.common.stats_json, &report)
+        }
+        Cmd::Dst(a) => {
+            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let opts = DstOptions {
+                listen: a.listen,
+                certs: a.common.certs.clone(),
+                work_base: a.work.clone(),
+                criu,
+                restore: RestoreOptions {
+                    extra: a.common.criu_opts.clone(),
+                    template: a.restore_cmd.clone(),
+                },
+            };
+            let report = runtime()?.block_on(dst_service::run(opts))?;
+            eprint!("{}", report.render());
+            write_json(&a.common.stats_json, &report)
+        }
+        Cmd::Images {
+            cmd: ImagesCmd::Show { dir, json },
+        } => pageserv::images_show::run(&dir, json),
+        Cmd::Keygen(k) => {
+            if !k.ca.join(pageserv::keys::CA_KEY).exists() {
+                pageserv::keys::generate_ca(&k.ca)?;
+                println!("new CA in {}", k.ca.display());
+            }
+            pageserv::keys::issue(&k.ca, &k.name, &k.out)?;
+            println!(
+                "certificate for {:?} in {} (CA in {}); copy the CA's ca.pem to every host",
+                k.name,
+                k.out.display(),
+                k.ca.display()
+            );
+            Ok(())
+        }
+        Cmd::Demo(d) => pageserv::demo::run(d),
+    }
+}

@@ -1,0 +1,379 @@
+//! `pageserv dst`: the destination side of one migration.
+//!
+//! Order of events: accept the source (mutual TLS) → hello → receive the images → listen on
+//! `lazy-pages.socket` → start the restore → take each restored task's userfaultfd → the restore
+//! finishes (the tasks run from here) → serve faults and take the pushed pages until every lazy
+//! page is in place → tell the source → it ends the dump → close the uffds and exit.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::mpsc;
+
+use crate::criu::binary::{Criu, log_tail};
+use crate::criu::images::ImageDir;
+use crate::dst::image_sink::ImageSink;
+use crate::dst::lazy_socket::LazySocket;
+use crate::dst::restore::{Restore, RestoreOptions};
+use crate::dst::uffd_loop::{self, Inbound, LoopSender, Outbound, UffdStats};
+use crate::stats::LatencySummary;
+use crate::keys::Identity;
+use crate::pages::PageRange;
+use crate::pb::pageserv::{
+    Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
+    control::Msg,
+};
+use crate::source::service::{PROTOCOL_VERSION, next_ctl};
+use crate::stats::DstReport;
+use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::wire::Frame;
+
+#[derive(Debug, Clone)]
+pub struct DstOptions {
+    pub listen: SocketAddr,
+    pub certs: PathBuf,
+    /// Each migration gets a fresh directory below this one.
+    pub work_base: PathBuf,
+    pub criu: Criu,
+    pub restore: RestoreOptions,
+}
+
+/// Accepts one migration and runs it to the end.
+pub async fn run(opts: DstOptions) -> Result<DstReport> {
+    let id = Identity::load(&opts.certs)?;
+    let endpoint = transport::server(opts.listen, &id)
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    tracing::info!(listen = %endpoint.local_addr()?, "pageserv dst ready");
+    let (conn, _peer) = transport::accept(&endpoint, &id).await?;
+    let result = migrate_in(&opts, &conn).await;
+    match &result {
+        Ok(_) => conn.close(0u32.into(), b"done"),
+        Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+    }
+    endpoint.wait_idle().await;
+    result
+}
+
+async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstReport> {
+    let started = Instant::now();
+    let mut report = DstReport::default();
+    let (ctl_send, ctl_recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the control stream")?;
+    let mut ctl = FrameSender::new(ctl_send);
+    let mut ctl_rx = FrameReceiver::new(ctl_recv);
+
+    let hello = match next_ctl(&mut ctl_rx).await? {
+        Msg::Hello(h) => h,
+        other => bail!("the source opened with {other:?} instead of a hello"),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION
+        || hello.page_size != crate::pages::PAGE_SIZE as u32
+    {
+        let reason = format!(
+            "protocol {} / page size {} not supported (this dst speaks protocol {PROTOCOL_VERSION}, 4 KiB pages)",
+            hello.protocol_version, hello.page_size
+        );
+        send_ctl(
+            &mut ctl,
+            Msg::Abort(Abort {
+                reason: reason.clone(),
+            }),
+        )
+        .await
+        .ok();
+        bail!(reason);
+    }
+    send_ctl(
+        &mut ctl,
+        Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: "dst".into(),
+            page_size: crate::pages::PAGE_SIZE as u32,
+            criu_version: opts.criu.version.to_string(),
+            migration_id: hello.migration_id.clone(),
+        }),
+    )
+    .await?;
+
+    let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
+    let images_dir = dir.join("images");
+    let work = dir.join("work");
+    for d in [&images_dir, &work] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let (frozen_at_ns, images_bytes) = receive_images(&mut ctl_rx, &images_dir).await?;
+    report.images_bytes = images_bytes;
+    let images_at = Instant::now();
+
+    let images = ImageDir::open(&images_dir)?;
+    let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
+    let tasks = images.pstree()?;
+    for t in &tasks {
+        let ranges = images.lazy_ranges(t.pid)?;
+        report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
+        lazy.insert(t.pid, ranges);
+    }
+    report.tasks = tasks.len() as u64;
+
+    // The fault stream exists before the restore starts: restored tasks fault from their first
+    // instruction.
+    let (fault_send, fault_recv) = conn.open_bi().await.context("opening the fault stream")?;
+    fault_send.set_priority(transport::FAULT_PRIORITY)?;
+    let mut fault_tx = FrameSender::new(fault_send);
+
+    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
+    let stats = Arc::new(UffdStats::default());
+    let handle = uffd_loop::spawn(out_tx, stats.clone()).context("starting the fault thread")?;
+    let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
+    let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
+    send_ctl(&mut ctl, Msg::RestoreStarted(RestoreStarted { root_pid: 0 })).await?;
+
+    // Hand the restore's uffds to the fault thread as they arrive.
+    let nr_tasks = tasks.len();
+    let to_loop = handle.sender();
+    let mut restore_side = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut rc = socket.accept_restore_within(nr_tasks, Duration::from_secs(120))?;
+        for _ in 0..nr_tasks {
+            let t = rc.next_task()?;
+            match t.uffd {
+                Some(uffd) => {
+                    let ranges = lazy.get(&(t.pid as u32)).cloned().unwrap_or_default();
+                    to_loop.send(Inbound::Task {
+                        pid: t.pid,
+                        uffd,
+                        lazy: ranges,
+                        host_pid: t.sender_pid,
+                    })?;
+                }
+                None => to_loop.send(Inbound::Zombie { pid: t.pid })?,
+            }
+        }
+        rc.wait_restore_finished()?;
+        to_loop.send(Inbound::RestoreFinished)?;
+        Ok(())
+    });
+
+    // Outbound events of the fault thread, bridged into async.
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Outbound>();
+    std::thread::Builder::new()
+        .name("uffd-outbound".into())
+        .spawn(move || {
+            while let Ok(ev) = out_rx.recv() {
+                if ev_tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        })?;
+
+    let fault_reader = tokio::spawn(feed_pages(FrameReceiver::new(fault_recv), handle.sender(), true));
+    let push_conn = conn.clone();
+    let push_sender = handle.sender();
+    let push_reader = tokio::spawn(async move {
+        let recv = push_conn.accept_uni().await.context("waiting for the push stream")?;
+        feed_pages(FrameReceiver::new(recv), push_sender, false).await
+    });
+
+    // One loop for the whole post-copy: the restore may fault before it finishes, so faults are
+    // forwarded from the first task on.
+    let mut restored = false;
+    let mut post_copy_start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let outcome: Result<()> = loop {
+        tokio::select! {
+            ev = ev_rx.recv() => match ev {
+                Some(Outbound::Fault { pid, img_vaddr, nr_pages }) => {
+                    fault_tx.send(&Frame::PageRequest { pid, vaddr: img_vaddr, nr_pages }).await?;
+                }
+                Some(Outbound::Complete) => break Ok(()),
+                Some(Outbound::TaskGone { pid }) => tracing::info!(pid, "restored task exited"),
+                Some(Outbound::Error(e)) => break Err(anyhow!("fault thread: {e}")),
+                None => break Err(anyhow!("the fault thread stopped unexpectedly")),
+            },
+            r = &mut restore_side, if !restored => {
+                if let Err(e) = r.context("restore-side thread panicked").and_then(|r| r) {
+                    break Err(e.context("taking the restored tasks' userfaultfds"));
+                }
+                restored = true;
+                let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+                report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
+                report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
+                post_copy_start = Instant::now();
+                send_ctl(&mut ctl, Msg::RestoreFinished(RestoreFinished { finished_at_unix_ns: finished_ns })).await?;
+                tracing::info!(downtime_ms = report.downtime_ms, "restore finished; tasks running");
+            },
+            _ = tick.tick(), if !restored => {
+                if let Some(status) = restore.try_wait()? {
+                    if let Err(e) = restore.check(status) {
+                        break Err(e.into());
+                    }
+                }
+            },
+            r = next_ctl(&mut ctl_rx) => match r {
+                Ok(Msg::Abort(a)) => break Err(anyhow!("the source aborted: {}", a.reason)),
+                Ok(other) => tracing::warn!("ignoring control message {other:?} during post-copy"),
+                Err(e) => break Err(e.context("control stream from the source")),
+            },
+        }
+    };
+    if let Err(e) = outcome {
+        // Never let the kernel zero-fill what has not arrived: kill incomplete tasks first.
+        let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
+        tracing::warn!(?shut, "stopped the fault thread after a failure");
+        if !restored {
+            let reason = format!("{e:#}");
+            let tail = log_tail(&restore.log, 20);
+            send_ctl(&mut ctl, Msg::RestoreFailed(RestoreFailed { reason, log_tail: tail })).await.ok();
+            restore.kill();
+        }
+        fault_reader.abort();
+        push_reader.abort();
+        return Err(e);
+    }
+    report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
+    let c = stats.counters();
+    report.pages_on_demand = c.pages_copied_urgent;
+    report.pages_pushed = c.pages_copied_pushed;
+    report.pages_zero = c.zero_pages;
+    report.faults = c.faults;
+    report.fault_latency = latency_summary(&stats, c.blocktime_ns);
+    send_ctl(
+        &mut ctl,
+        Msg::MemoryWhole(MemoryWhole {
+            pages_on_demand: report.pages_on_demand,
+            pages_pushed: report.pages_pushed,
+            pages_zero: report.pages_zero,
+        }),
+    )
+    .await?;
+    match next_ctl(&mut ctl_rx).await {
+        Ok(Msg::SourceReleased(r)) if !r.dump_ok => {
+            tracing::warn!("the source's dump did not end cleanly: {}", r.detail)
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("no release message from the source: {e:#}"),
+    }
+    handle
+        .send(Inbound::Shutdown {
+            kill_incomplete: false,
+        })
+        .ok();
+    fault_reader.abort();
+    push_reader.abort();
+    // `criu restore -d` exits once the tree is released; reap it.
+    for _ in 0..100 {
+        if restore.try_wait()?.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report.bytes_received = conn.stats().udp_rx.bytes;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// Feeds page frames from one stream into the fault thread.
+async fn feed_pages(mut rx: FrameReceiver, to_loop: LoopSender, urgent: bool) -> Result<()> {
+    while let Some(frame) = rx.next().await? {
+        let inbound = match frame {
+            Frame::Pages {
+                pid,
+                vaddr,
+                nr_pages,
+                data,
+            } => Inbound::Pages {
+                pid,
+                img_vaddr: vaddr,
+                nr_pages,
+                data,
+                urgent,
+            },
+            Frame::Zero {
+                pid,
+                vaddr,
+                nr_pages,
+            } => Inbound::Zero {
+                pid,
+                img_vaddr: vaddr,
+                nr_pages,
+            },
+            Frame::Refused {
+                pid,
+                vaddr,
+                nr_pages,
+                reason,
+            } => bail!(
+                "the source refused pages 0x{vaddr:x}+{nr_pages} of pid {pid} (reason {reason}): \
+                 the images and the dump disagree"
+            ),
+            other => bail!("unexpected frame on a page stream: {other:?}"),
+        };
+        // The loop's background queue is bounded: block this worker rather than buffer memory.
+        tokio::task::block_in_place(|| to_loop.send(inbound))?;
+    }
+    Ok(())
+}
+
+async fn receive_images(rx: &mut FrameReceiver, dir: &Path) -> Result<(u64, u64)> {
+    let mut sink = ImageSink::new(dir);
+    loop {
+        match next_ctl(rx).await? {
+            Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
+            Msg::ImagesDone(d) => {
+                sink.finish(d.files, d.bytes)?;
+                return Ok((d.frozen_at_unix_ns, d.bytes));
+            }
+            Msg::Abort(a) => bail!("the source aborted while sending images: {}", a.reason),
+            other => bail!("expected images, got {other:?}"),
+        }
+    }
+}
+
+fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
+    let clean: String = migration_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect();
+    let clean = if clean.is_empty() {
+        "migration".to_string()
+    } else {
+        clean
+    };
+    for n in 0..1000 {
+        let d = base.join(if n == 0 {
+            clean.clone()
+        } else {
+            format!("{clean}.{n}")
+        });
+        match std::fs::create_dir_all(base).and_then(|_| std::fs::create_dir(&d)) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+    }
+    bail!("no free migration directory under {}", base.display())
+}
+
+async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}
+
+fn latency_summary(stats: &UffdStats, blocktime_ns: u64) -> LatencySummary {
+    let snap = stats.fault_latency.snapshot();
+    let us = |q: f64| snap.quantile(q).unwrap_or(0) as f64 / 1e3;
+    LatencySummary {
+        count: snap.count,
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        max_us: us(1.0),
+        total_ms: blocktime_ns as f64 / 1e6,
+    }
+}

@@ -190,6 +190,19 @@ async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstRe
                 Some(Outbound::Fault { pid, img_vaddr, nr_pages }) => {
                     fault_tx.send(&Frame::PageRequest { pid, vaddr: img_vaddr, nr_pages }).await?;
                 }
+                // The fault thread judges completion only after the restore finished, but the
+                // restore side may not have been polled yet: join it first.
+                Some(Outbound::Complete) if !restored => {
+                    if let Err(e) = (&mut restore_side).await.context("restore-side thread panicked").and_then(|r| r) {
+                        break Err(e);
+                    }
+                    restored = true;
+                    let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+                    report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
+                    report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
+                    send_ctl(&mut ctl, Msg::RestoreFinished(RestoreFinished { finished_at_unix_ns: finished_ns })).await?;
+                    break Ok(());
+                }
                 Some(Outbound::Complete) => break Ok(()),
                 Some(Outbound::TaskGone { pid }) => tracing::info!(pid, "restored task exited"),
                 Some(Outbound::Error(e)) => break Err(anyhow!("fault thread: {e}")),

@@ -114,7 +114,11 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     match result {
         Ok(mut report) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-            conn.close(0u32.into(), b"done");
+            // dst closes the connection once it has read SourceReleased; closing first would
+            // discard that message.
+            if tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.is_err() {
+                conn.close(0u32.into(), b"done");
+            }
             Ok(report)
         }
         Err(e) => {

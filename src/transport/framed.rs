@@ -99,6 +99,9 @@ impl FrameSender {
     }
 
     async fn write(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
+        // quinn's futures are outside tokio's cooperative budget: while the send window has room
+        // a pushing task would never yield and could starve fault handling on its worker.
+        tokio::task::consume_budget().await;
         let stream = self.stream.id();
         self.stream
             .write_all_chunks(chunks)
@@ -139,6 +142,8 @@ impl FrameReceiver {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol_error(e)),
             }
+            // As in FrameSender::write: with a full receive buffer this loop would never yield.
+            tokio::task::consume_budget().await;
             let stream = self.stream.id();
             let n = self
                 .stream

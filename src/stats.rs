@@ -136,4 +136,3 @@ pub fn progress_bar(total_bytes: u64, what: &'static str) -> indicatif::Progress
     bar.set_message(what);
     bar
 }
-

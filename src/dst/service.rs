@@ -20,15 +20,15 @@ use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::restore::{Restore, RestoreOptions};
 use crate::dst::uffd_loop::{self, Inbound, LoopSender, Outbound, UffdStats};
-use crate::stats::LatencySummary;
 use crate::keys::Identity;
 use crate::pages::PageRange;
 use crate::pb::pageserv::{
     Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
     control::Msg,
 };
-use crate::source::service::{PROTOCOL_VERSION, next_ctl};
+use crate::source::service::{PROTOCOL_VERSION, ROLE_FAULTS, next_ctl};
 use crate::stats::DstReport;
+use crate::stats::LatencySummary;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::Frame;
 
@@ -49,7 +49,7 @@ pub async fn run(opts: DstOptions) -> Result<DstReport> {
         .with_context(|| format!("listening on {}", opts.listen))?;
     tracing::info!(listen = %endpoint.local_addr()?, "pageserv dst ready");
     let (conn, _peer) = transport::accept(&endpoint, &id).await?;
-    let result = migrate_in(&opts, &conn).await;
+    let result = migrate_in(&opts, &endpoint, &id, &conn).await;
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
         Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
@@ -58,7 +58,12 @@ pub async fn run(opts: DstOptions) -> Result<DstReport> {
     result
 }
 
-async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstReport> {
+async fn migrate_in(
+    opts: &DstOptions,
+    endpoint: &quinn::Endpoint,
+    id: &Identity,
+    conn: &quinn::Connection,
+) -> Result<DstReport> {
     let started = Instant::now();
     let mut report = DstReport::default();
     let (ctl_send, ctl_recv) = conn
@@ -101,6 +106,26 @@ async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstRe
     )
     .await?;
 
+    // The source's second connection carries only faults (see source::service); it must exist
+    // before the restore starts, since restored tasks fault from their first instruction.
+    let (fault_conn, _) =
+        tokio::time::timeout(Duration::from_secs(30), transport::accept(endpoint, id))
+            .await
+            .context("the source did not open its fault connection within 30 s")??;
+    let (fault_send, fault_recv) = fault_conn
+        .accept_bi()
+        .await
+        .context("accepting the fault stream")?;
+    let mut fault_tx = FrameSender::new(fault_send);
+    let mut fault_rx = FrameReceiver::new(fault_recv);
+    match next_ctl(&mut fault_rx).await? {
+        Msg::Hello(h) if h.role == ROLE_FAULTS && h.migration_id == hello.migration_id => {}
+        other => bail!(
+            "expected the source's fault connection for {}, got {other:?}",
+            hello.migration_id
+        ),
+    }
+
     let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
     let images_dir = dir.join("images");
     let work = dir.join("work");
@@ -121,18 +146,16 @@ async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstRe
     }
     report.tasks = tasks.len() as u64;
 
-    // The fault stream exists before the restore starts: restored tasks fault from their first
-    // instruction.
-    let (fault_send, fault_recv) = conn.open_bi().await.context("opening the fault stream")?;
-    fault_send.set_priority(transport::FAULT_PRIORITY)?;
-    let mut fault_tx = FrameSender::new(fault_send);
-
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
     let handle = uffd_loop::spawn(out_tx, stats.clone()).context("starting the fault thread")?;
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
     let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
-    send_ctl(&mut ctl, Msg::RestoreStarted(RestoreStarted { root_pid: 0 })).await?;
+    send_ctl(
+        &mut ctl,
+        Msg::RestoreStarted(RestoreStarted { root_pid: 0 }),
+    )
+    .await?;
 
     // Hand the restore's uffds to the fault thread as they arrive.
     let nr_tasks = tasks.len();
@@ -171,11 +194,14 @@ async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstRe
             }
         })?;
 
-    let fault_reader = tokio::spawn(feed_pages(FrameReceiver::new(fault_recv), handle.sender(), true));
+    let fault_reader = tokio::spawn(feed_pages(fault_rx, handle.sender(), true));
     let push_conn = conn.clone();
     let push_sender = handle.sender();
     let push_reader = tokio::spawn(async move {
-        let recv = push_conn.accept_uni().await.context("waiting for the push stream")?;
+        let recv = push_conn
+            .accept_uni()
+            .await
+            .context("waiting for the push stream")?;
         feed_pages(FrameReceiver::new(recv), push_sender, false).await
     });
 
@@ -241,7 +267,15 @@ async fn migrate_in(opts: &DstOptions, conn: &quinn::Connection) -> Result<DstRe
         if !restored {
             let reason = format!("{e:#}");
             let tail = log_tail(&restore.log, 20);
-            send_ctl(&mut ctl, Msg::RestoreFailed(RestoreFailed { reason, log_tail: tail })).await.ok();
+            send_ctl(
+                &mut ctl,
+                Msg::RestoreFailed(RestoreFailed {
+                    reason,
+                    log_tail: tail,
+                }),
+            )
+            .await
+            .ok();
             restore.kill();
         }
         fault_reader.abort();

@@ -29,6 +29,8 @@ use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
 
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The hello role of the second connection, which carries only faults.
+pub const ROLE_FAULTS: &str = "src-faults";
 const IMAGE_CHUNK: usize = 1 << 20;
 
 /// Where the dump comes from.
@@ -102,6 +104,29 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         ),
     }
 
+    // Faults get a connection of their own: on the push connection a fault reply would queue
+    // behind every pushed byte already in flight, which no stream priority can overtake.
+    let fault_conn = transport::connect(bind, opts.to, &id)
+        .await
+        .with_context(|| format!("opening the fault connection to {}", opts.to))?;
+    let (fault_send, fault_recv) = fault_conn
+        .open_bi()
+        .await
+        .context("opening the fault stream")?;
+    let mut fault_tx = FrameSender::new(fault_send);
+    send_ctl(
+        &mut fault_tx,
+        Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: ROLE_FAULTS.into(),
+            page_size: crate::pages::PAGE_SIZE as u32,
+            criu_version: opts.criu.version.to_string(),
+            migration_id: migration_id.clone(),
+        }),
+    )
+    .await?;
+    let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));
+
     // From here on the tasks are frozen: every failure path must resume or keep them.
     let mut dump = open_dump(&opts).await?;
     let frozen_at = dump.started_at;
@@ -110,13 +135,26 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         "dump ready, tasks frozen"
     );
 
-    let result = migrate(&opts, &conn, &mut ctl, &mut ctl_rx, &mut dump, frozen_at).await;
+    let result = migrate(
+        &opts,
+        &conn,
+        fault_stream,
+        &mut ctl,
+        &mut ctl_rx,
+        &mut dump,
+        frozen_at,
+    )
+    .await;
+    fault_conn.close(0u32.into(), b"done");
     match result {
         Ok(mut report) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             // dst closes the connection once it has read SourceReleased; closing first would
             // discard that message.
-            if tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .is_err()
+            {
                 conn.close(0u32.into(), b"done");
             }
             Ok(report)
@@ -157,6 +195,7 @@ async fn open_dump(opts: &SourceOptions) -> Result<ReadyDump> {
 async fn migrate(
     opts: &SourceOptions,
     conn: &quinn::Connection,
+    fault_stream: (FrameSender, FrameReceiver),
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
     dump: &mut ReadyDump,
@@ -215,7 +254,7 @@ async fn migrate(
         report.lazy_pages,
         opts.progress,
     ));
-    let faults = tokio::spawn(serve_faults(conn.clone(), fault_tx, reply_rx));
+    let faults = tokio::spawn(serve_faults(fault_stream, fault_tx, reply_rx));
 
     // Wait for the restore to finish and the memory to become whole.
     let mut restored = false;
@@ -339,19 +378,12 @@ async fn ship_images(ctl: &mut FrameSender, dir: &Path, frozen_at: SystemTime) -
     Ok(total)
 }
 
-/// Accepts dst's fault stream, forwards its requests to the pump and sends the pump's answers.
+/// Reads dst's fault requests, forwards its requests to the pump and sends the pump's answers.
 async fn serve_faults(
-    conn: quinn::Connection,
+    (mut tx, mut rx): (FrameSender, FrameReceiver),
     to_pump: mpsc::UnboundedSender<UrgentRequest>,
     mut from_pump: mpsc::UnboundedReceiver<FaultReply>,
 ) -> Result<()> {
-    let (send, recv) = conn
-        .accept_bi()
-        .await
-        .context("accepting dst's fault stream")?;
-    send.set_priority(transport::FAULT_PRIORITY)?;
-    let mut tx = FrameSender::new(send);
-    let mut rx = FrameReceiver::new(recv);
     let reader = async move {
         while let Some(frame) = rx.next().await? {
             match frame {

@@ -968,6 +968,7 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
         pid: 21,
         img_vaddr: base,
         nr_pages: 16,
+        urgent: false,
     })
     .unwrap();
     let lazy = vec![PageRange::new(base, lazy_pages)];

@@ -348,6 +348,7 @@ async fn feed_pages(mut rx: FrameReceiver, to_loop: LoopSender, urgent: bool) ->
                 pid,
                 img_vaddr: vaddr,
                 nr_pages,
+                urgent,
             },
             Frame::Refused {
                 pid,

@@ -27,6 +27,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::dst::latency::LatencyHistogram;
 use crate::pages::PageRange;
 
+/// Background page messages queued for the fault thread (each at most 4 MiB).
+const BULK_QUEUE: usize = 8;
+
 /// Messages to the fault thread.
 #[derive(Debug)]
 pub enum Inbound {
@@ -50,11 +53,13 @@ pub enum Inbound {
         data: bytes::Bytes,
         urgent: bool,
     },
-    /// These image pages are zero (they never cross the network as data).
+    /// These image pages are zero (they never cross the network as data). `urgent` as for
+    /// `Pages`.
     Zero {
         pid: u32,
         img_vaddr: u64,
         nr_pages: u32,
+        urgent: bool,
     },
     /// Every task is restored (the restore sent 0x52535446): completion can now be judged.
     RestoreFinished,
@@ -261,7 +266,9 @@ pub fn spawn_with(
     );
     let (urgent_tx, urgent_rx): (Sender<Inbound>, Receiver<Inbound>) =
         crossbeam_channel::unbounded();
-    let (bulk_tx, bulk_rx) = crossbeam_channel::unbounded();
+    // Background pages wait here only briefly: a full queue blocks the sender, which stops
+    // reading its QUIC stream, so flow control (not memory) absorbs a fast source.
+    let (bulk_tx, bulk_rx) = crossbeam_channel::bounded(BULK_QUEUE);
     let engine = engine::Engine::new(config, out, stats, urgent_rx, bulk_rx, wake.clone())
         .map_err(setup("epoll instance"))?;
     let thread = std::thread::Builder::new()

@@ -47,6 +47,9 @@ pub enum FaultReply {
 /// What the service tells the pump to do at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PumpControl {
+    /// The restore finished at dst: start the background push. (Before it, the restorer may not
+    /// have registered the lazy ranges yet, and CRIU's own daemon waits the same way.)
+    StartPush,
     /// dst has every page: end the session cleanly, so the dump finishes (and kills the source).
     Finish,
     /// The migration failed before any restored task ran: make the dump fail, so CRIU resumes the
@@ -125,6 +128,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut stats = PumpStats::default();
     let mut out = BytesMut::with_capacity(4096);
     let mut finishing = false;
+    let mut pushing = false;
     let mut closing = false;
     let mut faults_open = true;
 
@@ -139,7 +143,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             .iter()
             .filter(|t| matches!(t, Tag::Background(..)))
             .count();
-        if !finishing
+        if pushing
+            && !finishing
             && background_queued < cfg.max_background
             && let Some(permit) = permits.pop()
         {
@@ -160,7 +165,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             wr.write_all(&out).await?;
             out.clear();
         }
-        let want_permit = !finishing
+        let want_permit = pushing
+            && !finishing
             && plan.remaining_pages() > 0
             && permits.is_empty()
             && background_queued < cfg.max_background;
@@ -170,6 +176,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             changed = control.changed() => {
                 let what = if changed.is_ok() { *control.borrow() } else { Some(PumpControl::Abort) };
                 match what {
+                    Some(PumpControl::StartPush) => pushing = true,
                     Some(PumpControl::Finish) => finishing = true,
                     Some(PumpControl::Abort) => {
                         abort_session(&mut wr, layout).await;

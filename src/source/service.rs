@@ -263,6 +263,7 @@ async fn migrate(
             Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
             Ok(Msg::RestoreFinished(f)) => {
                 restored = true;
+                let _ = control_tx.send(Some(PumpControl::StartPush));
                 let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
                 report.downtime_ms = f.finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
                 tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");

@@ -71,6 +71,11 @@ pub(super) struct Engine {
     known_pids: BTreeSet<u32>,
     /// Pages that arrived before their task did.
     stash: HashMap<u32, Vec<Inbound>>,
+    /// Background pages that arrived before the restore finished. Until then the restorer may
+    /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
+    /// lose the pages. Faults need no such wait: a fault comes from a registered range.
+    early: Vec<Inbound>,
+    early_bytes: u64,
     /// Faulting threads waiting for (view, image page), since when.
     waiting: BTreeMap<(u64, u64), Vec<Instant>>,
     /// Zero-page answers the kernel refused with EAGAIN: (view, runtime address, fault time).
@@ -115,6 +120,8 @@ impl Engine {
             broken: Vec::new(),
             known_pids: BTreeSet::new(),
             stash: HashMap::new(),
+            early: Vec::new(),
+            early_bytes: 0,
             waiting: BTreeMap::new(),
             deferred: Vec::new(),
             retrying: Vec::new(),
@@ -208,9 +215,15 @@ impl Engine {
                 pid,
                 img_vaddr,
                 nr_pages,
-            } => self.arrive(pid, img_vaddr, nr_pages, None, true),
+                urgent,
+            } => self.arrive(pid, img_vaddr, nr_pages, None, urgent),
             Inbound::RestoreFinished => {
                 self.restore_finished = true;
+                // The restorer has registered every lazy range by now: held pushes can land.
+                self.early_bytes = 0;
+                for msg in std::mem::take(&mut self.early) {
+                    self.handle(msg);
+                }
                 for (pid, msgs) in self.stash.drain() {
                     warn!(
                         pid,

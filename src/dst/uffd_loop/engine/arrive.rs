@@ -18,6 +18,9 @@ use crate::pages::PAGE_SIZE;
 const INLINE_RETRIES: u32 = 16;
 /// An arrival still refused after this long is given up (pages stay missing) with an error.
 const GIVE_UP: Duration = Duration::from_secs(60);
+/// Background data held until the restore finishes. pageserv src pushes only after it, so this
+/// bounds what a misbehaving source can make dst hold.
+const MAX_EARLY_BYTES: u64 = 64 << 20;
 
 /// Pages on their way into the views of one image pid.
 pub(super) struct Arrival {
@@ -54,6 +57,33 @@ impl Engine {
             ));
             return;
         }
+        if !urgent && !self.restore_finished {
+            self.early_bytes += data.as_ref().map_or(0, |d| d.len() as u64);
+            if self.early_bytes > MAX_EARLY_BYTES {
+                self.error(format!(
+                    "the source pushed more than {} MiB before the restore finished; pages dropped",
+                    MAX_EARLY_BYTES >> 20
+                ));
+                return;
+            }
+            let msg = match data {
+                Some(data) => Inbound::Pages {
+                    pid,
+                    img_vaddr: img,
+                    nr_pages,
+                    data,
+                    urgent,
+                },
+                None => Inbound::Zero {
+                    pid,
+                    img_vaddr: img,
+                    nr_pages,
+                    urgent,
+                },
+            };
+            self.early.push(msg);
+            return;
+        }
         if !self.views.values().any(|v| v.mem.pid() == pid) {
             if !self.known_pids.contains(&pid) && !self.restore_finished {
                 let msg = match data {
@@ -68,6 +98,7 @@ impl Engine {
                         pid,
                         img_vaddr: img,
                         nr_pages,
+                        urgent,
                     },
                 };
                 self.stash.entry(pid).or_default().push(msg);

@@ -45,7 +45,10 @@ pub struct DstReport {
     pub lazy_pages: u64,
     pub pages_on_demand: u64,
     pub pages_pushed: u64,
+    /// Faults outside the lazy set, answered with a zero page.
     pub pages_zero: u64,
+    /// Lazy pages that were all-zero: sent as a few bytes, placed with UFFDIO_ZEROPAGE.
+    pub pages_zero_lazy: u64,
     pub faults: u64,
     pub fault_latency: LatencySummary,
     pub bytes_received: u64,
@@ -71,7 +74,7 @@ impl DstReport {
              \x20 post-copy                             {:>10.1} ms   ({:.0} MiB/s)\n\
              \x20 total                                 {:>10.1} ms\n\
              \x20 tasks {}, lazy pages {} ({:.1} MiB)\n\
-             \x20 pages on demand {}, pushed {}, zero {}\n\
+             \x20 pages on demand {}, pushed {}, zero (lazy) {}, zero (not lazy) {}\n\
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
              \x20 bytes received {} (images {})\n",
             self.downtime_ms,
@@ -84,6 +87,7 @@ impl DstReport {
             (self.lazy_pages * crate::pages::PAGE_SIZE) as f64 / (1 << 20) as f64,
             self.pages_on_demand,
             self.pages_pushed,
+            self.pages_zero_lazy,
             self.pages_zero,
             self.faults,
             self.fault_latency.p50_us,

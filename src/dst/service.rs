@@ -287,6 +287,7 @@ async fn migrate_in(
     report.pages_on_demand = c.pages_copied_urgent;
     report.pages_pushed = c.pages_copied_pushed;
     report.pages_zero = c.zero_pages;
+    report.pages_zero_lazy = c.lazy_zero_pages;
     report.faults = c.faults;
     report.fault_latency = latency_summary(&stats, c.blocktime_ns);
     send_ctl(

@@ -116,8 +116,10 @@ pub struct UffdStats {
     /// Pages copied that answered a request / that the source pushed.
     pub pages_copied_urgent: AtomicU64,
     pub pages_copied_pushed: AtomicU64,
-    /// Pages filled with UFFDIO_ZEROPAGE (faults outside the lazy set, and `Inbound::Zero`).
+    /// Faults outside the lazy set, answered with UFFDIO_ZEROPAGE.
     pub zero_pages: AtomicU64,
+    /// Lazy pages the source found all-zero (`Inbound::Zero`), placed with UFFDIO_ZEROPAGE.
+    pub lazy_zero_pages: AtomicU64,
     /// Lazy pages dropped (madvise, munmap, unregistered) and never copied.
     pub pages_dropped: AtomicU64,
     /// COPY/ZEROPAGE retried after EAGAIN.
@@ -139,6 +141,7 @@ pub struct UffdCounters {
     pub pages_copied_urgent: u64,
     pub pages_copied_pushed: u64,
     pub zero_pages: u64,
+    pub lazy_zero_pages: u64,
     pub pages_dropped: u64,
     pub copy_retries: u64,
     pub tasks: u64,
@@ -154,6 +157,7 @@ impl UffdStats {
             pages_copied_urgent: self.pages_copied_urgent.load(Relaxed),
             pages_copied_pushed: self.pages_copied_pushed.load(Relaxed),
             zero_pages: self.zero_pages.load(Relaxed),
+            lazy_zero_pages: self.lazy_zero_pages.load(Relaxed),
             pages_dropped: self.pages_dropped.load(Relaxed),
             copy_retries: self.copy_retries.load(Relaxed),
             tasks: self.tasks.load(Relaxed),

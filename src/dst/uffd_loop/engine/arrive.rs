@@ -193,7 +193,7 @@ impl Engine {
     fn account(&mut self, id: u64, tally: &Tally, data: bool, urgent: bool) {
         let s = &self.stats;
         let counter = match (data, urgent) {
-            (false, _) => &s.zero_pages,
+            (false, _) => &s.lazy_zero_pages,
             (true, true) => &s.pages_copied_urgent,
             (true, false) => &s.pages_copied_pushed,
         };

@@ -1,0 +1,140 @@
+//! End-to-end lazy migrations with real CRIU, real userfaultfd and QUIC with mutual TLS.
+//!
+//! Each test runs `pageserv demo --json`, the same code path users run: the self-verifying
+//! workload starts in the root network namespace, `pageserv dst` runs in a network namespace the
+//! demo creates (veth), `pageserv src --lazy` migrates the workload there, and the workload's own
+//! log decides: its memory self-check must stay OK at the destination, it must run only there,
+//! and both pageserv processes must exit 0. Needs root and CRIU (`tools/setup`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn pageserv() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pageserv"))
+}
+
+fn can_run() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: needs root (network namespaces, CRIU)");
+        return false;
+    }
+    if pageserv::criu::binary::Criu::locate(None).is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CRIU missing in CI: tools/setup should have installed it"
+        );
+        eprintln!("SKIP: no CRIU >= 4.0 (run tools/setup)");
+        return false;
+    }
+    true
+}
+
+/// Runs one demo migration with `args`; returns its JSON result.
+fn migrate(name: &str, args: &[&str]) -> Value {
+    let json = std::env::temp_dir().join(format!("pageserv-test-{name}-{}.json", std::process::id()));
+    let out = Command::new(pageserv())
+        .arg("demo")
+        .arg("--json")
+        .arg(&json)
+        .args(args)
+        .output()
+        .expect("run pageserv demo");
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|_| {
+        panic!(
+            "{name}: demo wrote no result ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let _ = std::fs::remove_file(&json);
+    let v: Value = serde_json::from_str(&text).expect("demo JSON");
+    if v["ok"] != Value::Bool(true) {
+        panic!(
+            "{name}: migration did not verify: {}\n--- demo stderr ---\n{}",
+            v["problems"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    v
+}
+
+/// What every successful migration must show beyond `ok`.
+fn check_common(name: &str, v: &Value) {
+    assert_eq!(v["src_exit"], 0, "{name}: src exit");
+    assert_eq!(v["dst_exit"], 0, "{name}: dst exit");
+    assert_eq!(v["workload_alive_at_dst"], true, "{name}");
+    assert_eq!(v["workload_alive_at_src"], false, "{name}: two live copies");
+    assert_eq!(v["checks_failed"], 0, "{name}");
+    assert!(v["checks_ok_after"].as_u64().unwrap_or(0) >= 2, "{name}: {}", v["checks_ok_after"]);
+    let dst = &v["dst"];
+    let lazy = dst["lazy_pages"].as_u64().unwrap_or(0);
+    assert!(lazy > 0, "{name}: no lazy pages: the test would prove nothing");
+    assert!(
+        dst["downtime_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{name}: dst measured no downtime"
+    );
+}
+
+/// On-demand + pushed + zero pages account for every lazy page in the images (nothing lost,
+/// nothing invented), for workloads that do not discard memory while it arrives.
+fn check_accounting(name: &str, v: &Value) {
+    let dst = &v["dst"];
+    let lazy = dst["lazy_pages"].as_u64().unwrap_or(0);
+    let placed = dst["pages_on_demand"].as_u64().unwrap_or(0)
+        + dst["pages_pushed"].as_u64().unwrap_or(0)
+        + dst["pages_zero_lazy"].as_u64().unwrap_or(0);
+    assert_eq!(placed, lazy, "{name}: on-demand + pushed + zero lazy pages vs lazy pages: {dst}");
+}
+
+#[test]
+fn migrates_256_mib_writing_workload() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate("basic", &["--mib", "256", "--threads", "2", "--write-rate", "20"]);
+    check_common("basic", &v);
+    check_accounting("basic", &v);
+    assert!(v["dst"]["lazy_pages"].as_u64().unwrap() >= 60_000, "{}", v["dst"]);
+}
+
+#[test]
+fn migrates_four_threads() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate("threads", &["--mib", "256", "--threads", "4", "--write-rate", "40"]);
+    check_common("threads", &v);
+    check_accounting("threads", &v);
+}
+
+#[test]
+fn migrates_a_process_tree() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate("tree", &["--mib", "96", "--children", "2", "--write-rate", "10"]);
+    check_common("tree", &v);
+    check_accounting("tree", &v);
+    assert_eq!(v["dst"]["tasks"], 3, "parent + 2 children");
+}
+
+#[test]
+fn migrates_while_forking_discarding_and_remapping() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate("churn", &["--mib", "128", "--churn", "--write-rate", "10"]);
+    check_common("churn", &v);
+}
+
+#[test]
+fn joins_an_external_runc_style_dump() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate("external", &["--mib", "128", "--external-dump"]);
+    check_common("external", &v);
+    check_accounting("external", &v);
+}

@@ -1,0 +1,174 @@
+//! One direction of the link: read packets from one TUN device, ask the [`LinkModel`] what
+//! happens to them, hold them in a [`PacketRing`] and write them to the other TUN device at
+//! their release time.
+//!
+//! A single thread does both ends so no packet crosses threads. It reads in batches, sends
+//! whatever is due, and waits in `ppoll` (readable input or the next release, whichever comes
+//! first), spinning only for the last few microseconds before a release since a timer wake-up
+//! can be late by that much.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::poll::{PollFd, PollFlags, ppoll};
+use nix::sys::time::TimeSpec;
+
+use crate::model::{LinkModel, Verdict};
+use crate::ring::PacketRing;
+use crate::rng::Xoshiro256;
+
+/// Packets read before sending what is due, bounding how late a release can be under load.
+const READ_BATCH: usize = 64;
+/// Longest sleep, so a stop request is noticed promptly.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Counters of one direction, readable while it runs.
+#[derive(Debug, Default)]
+pub struct DirStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub dropped_loss: AtomicU64,
+    /// Drop-tail of the emulated queue, plus packets that found linkem's own buffer full.
+    pub dropped_queue: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// Everything one forwarding thread owns.
+pub struct Direction {
+    pub name: String,
+    pub input: File,
+    pub output: File,
+    pub model: LinkModel,
+    pub rng: Xoshiro256,
+    pub ring: PacketRing,
+    /// Largest packet the input can deliver (its MTU).
+    pub max_packet: usize,
+    /// How long before a release to stop sleeping and busy-wait, in ns.
+    pub spin_ns: u64,
+    pub stats: Arc<DirStats>,
+    pub stop: Arc<AtomicBool>,
+    /// Zero of the model's clock, shared by both directions.
+    pub epoch: Instant,
+}
+
+impl Direction {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Forwards until `stop` is set or the input fails.
+    pub fn run(mut self) -> Result<()> {
+        // The default 50 us slack would make every timed wake-up late by that much.
+        if let Err(e) = nix::sys::prctl::set_timerslack(1) {
+            tracing::warn!(
+                "{}: cannot reduce timer slack, releases may be late: {e}",
+                self.name
+            );
+        }
+        let mut scratch = vec![0u8; self.max_packet];
+        while !self.stop.load(Relaxed) {
+            self.send_due(self.now());
+            let got = self.read_batch(&mut scratch)?;
+            if got > 0 {
+                continue;
+            }
+            let now = self.now();
+            let wait = match self.ring.next_release() {
+                None => MAX_WAIT,
+                Some(t) if t <= now => continue,
+                Some(t) if t - now <= self.spin_ns => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Some(t) => Duration::from_nanos(t - now - self.spin_ns).min(MAX_WAIT),
+            };
+            let mut fds = [PollFd::new(self.input.as_fd(), PollFlags::POLLIN)];
+            match ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{}: waiting for packets", self.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_due(&mut self, now: u64) {
+        while let Some(pkt) = self.ring.due(now) {
+            match (&self.output).write(pkt) {
+                Ok(n) => {
+                    self.stats.tx_packets.fetch_add(1, Relaxed);
+                    self.stats.tx_bytes.fetch_add(n as u64, Relaxed);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // The far side refused this packet (device down, malformed): it is lost,
+                    // the link goes on.
+                    if self.stats.write_errors.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!("{}: writing a packet failed: {e}", self.name);
+                    }
+                }
+            }
+            self.ring.pop();
+        }
+    }
+
+    /// Reads up to [`READ_BATCH`] packets; returns how many.
+    fn read_batch(&mut self, scratch: &mut [u8]) -> Result<usize> {
+        let max = self.max_packet;
+        let mut got = 0;
+        while got < READ_BATCH {
+            let (len, in_ring) = {
+                let (buf, in_ring) = match self.ring.reserve(max) {
+                    Some(buf) => (buf, true),
+                    None => (&mut scratch[..], false),
+                };
+                match (&self.input).read(buf) {
+                    Ok(len) => (len, in_ring),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("{}: reading a packet", self.name));
+                    }
+                }
+            };
+            got += 1;
+            let arrival = self.now();
+            self.stats.rx_packets.fetch_add(1, Relaxed);
+            self.stats.rx_bytes.fetch_add(len as u64, Relaxed);
+            match self.model.offer(arrival, len, &mut self.rng) {
+                Verdict::Release(at) if in_ring => self.ring.commit(max, len, at),
+                Verdict::Release(_) | Verdict::DropQueue => {
+                    self.stats.dropped_queue.fetch_add(1, Relaxed);
+                }
+                Verdict::DropLoss => {
+                    self.stats.dropped_loss.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        Ok(got)
+    }
+}
+
+/// Bytes of packet storage one direction needs: the queue, plus whatever is on the wire during
+/// the delay (at the link rate, or an assumed 10 Gbit/s when unlimited), plus slack for
+/// wrap-around; between 4 MiB and 1 GiB.
+pub fn ring_capacity(
+    rate_bps: Option<u64>,
+    delay_ns: u64,
+    jitter_ns: u64,
+    queue: u64,
+    mtu: usize,
+) -> usize {
+    let rate = rate_bps.unwrap_or(10_000_000_000) as u128;
+    let in_flight = rate * (delay_ns + jitter_ns) as u128 / 8 / 1_000_000_000;
+    let want = queue as u128 + in_flight * 5 / 4 + 8 * mtu as u128;
+    want.clamp(4 << 20, 1 << 30) as usize
+}

@@ -26,6 +26,11 @@ use crate::rng::Xoshiro256;
 const READ_BATCH: usize = 64;
 /// Longest sleep, so a stop request is noticed promptly.
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Busy-waiting is limited to this much per [`SPIN_WINDOW_NS`]: precise at low packet rates,
+/// where it is cheap, and sleeping when the link is busy and would otherwise spin all the time
+/// (at 1 Gbit/s, releases are 12 us apart).
+const SPIN_BUDGET_NS: u64 = 10_000_000;
+const SPIN_WINDOW_NS: u64 = 100_000_000;
 
 /// Counters of one direction, readable while it runs.
 #[derive(Debug, Default)]
@@ -35,8 +40,13 @@ pub struct DirStats {
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     pub dropped_loss: AtomicU64,
-    /// Drop-tail of the emulated queue, plus packets that found linkem's own buffer full.
+    /// Drop-tail of the emulated queue.
     pub dropped_queue: AtomicU64,
+    /// Packets that found linkem's own buffer full because it fell behind its release times.
+    pub dropped_behind: AtomicU64,
+    /// Sum and maximum of how late packets were written after their release time, in ns.
+    pub late_ns_sum: AtomicU64,
+    pub late_ns_max: AtomicU64,
     pub write_errors: AtomicU64,
 }
 
@@ -56,6 +66,25 @@ pub struct Direction {
     pub stop: Arc<AtomicBool>,
     /// Zero of the model's clock, shared by both directions.
     pub epoch: Instant,
+    /// SCHED_FIFO priority for this thread (1..=99), or `None` for the normal scheduler.
+    pub rt_priority: Option<i32>,
+}
+
+/// How much busy-waiting the current window has used.
+#[derive(Debug, Default)]
+struct SpinBudget {
+    window_start: u64,
+    used: u64,
+}
+
+impl SpinBudget {
+    fn allows(&mut self, now: u64) -> bool {
+        if now - self.window_start >= SPIN_WINDOW_NS {
+            self.window_start = now;
+            self.used = 0;
+        }
+        self.used < SPIN_BUDGET_NS
+    }
 }
 
 impl Direction {
@@ -65,6 +94,19 @@ impl Direction {
 
     /// Forwards until `stop` is set or the input fails.
     pub fn run(mut self) -> Result<()> {
+        if let Some(prio) = self.rt_priority {
+            // A link that pauses whenever a build preempts it loses capacity for good: the
+            // packets pile up in the TUN queue, then arrive as one burst the queue cannot
+            // take. Real-time priority keeps the forwarding on time; spinning is budgeted,
+            // so it cannot monopolise a core.
+            if let Err(e) = set_fifo_priority(prio) {
+                tracing::warn!(
+                    "{}: cannot get real-time priority {prio} ({e}); forwarding may stall \
+                     under CPU load",
+                    self.name
+                );
+            }
+        }
         // The default 50 us slack would make every timed wake-up late by that much.
         if let Err(e) = nix::sys::prctl::set_timerslack(1) {
             tracing::warn!(
@@ -73,6 +115,7 @@ impl Direction {
             );
         }
         let mut scratch = vec![0u8; self.max_packet];
+        let mut spin = SpinBudget::default();
         while !self.stop.load(Relaxed) {
             self.send_due(self.now());
             let got = self.read_batch(&mut scratch)?;
@@ -83,11 +126,20 @@ impl Direction {
             let wait = match self.ring.next_release() {
                 None => MAX_WAIT,
                 Some(t) if t <= now => continue,
-                Some(t) if t - now <= self.spin_ns => {
-                    std::hint::spin_loop();
+                Some(t) if t - now <= self.spin_ns && spin.allows(now) => {
+                    // Arrivals wait in the TUN queue meanwhile; at most spin_ns.
+                    let mut after = now;
+                    while after < t {
+                        std::hint::spin_loop();
+                        after = self.now();
+                    }
+                    spin.used += after - now;
                     continue;
                 }
-                Some(t) => Duration::from_nanos(t - now - self.spin_ns).min(MAX_WAIT),
+                Some(t) => {
+                    let early = if spin.allows(now) { self.spin_ns } else { 0 };
+                    Duration::from_nanos((t - now).saturating_sub(early)).min(MAX_WAIT)
+                }
             };
             let mut fds = [PollFd::new(self.input.as_fd(), PollFlags::POLLIN)];
             match ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None) {
@@ -101,11 +153,14 @@ impl Direction {
     }
 
     fn send_due(&mut self, now: u64) {
-        while let Some(pkt) = self.ring.due(now) {
+        while let Some((pkt, release)) = self.ring.due(now) {
             match (&self.output).write(pkt) {
                 Ok(n) => {
                     self.stats.tx_packets.fetch_add(1, Relaxed);
                     self.stats.tx_bytes.fetch_add(n as u64, Relaxed);
+                    let late = now - release;
+                    self.stats.late_ns_sum.fetch_add(late, Relaxed);
+                    self.stats.late_ns_max.fetch_max(late, Relaxed);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -145,7 +200,10 @@ impl Direction {
             self.stats.rx_bytes.fetch_add(len as u64, Relaxed);
             match self.model.offer(arrival, len, &mut self.rng) {
                 Verdict::Release(at) if in_ring => self.ring.commit(max, len, at),
-                Verdict::Release(_) | Verdict::DropQueue => {
+                Verdict::Release(_) => {
+                    self.stats.dropped_behind.fetch_add(1, Relaxed);
+                }
+                Verdict::DropQueue => {
                     self.stats.dropped_queue.fetch_add(1, Relaxed);
                 }
                 Verdict::DropLoss => {
@@ -155,6 +213,18 @@ impl Direction {
         }
         Ok(got)
     }
+}
+
+/// Puts the calling thread under SCHED_FIFO with `prio`.
+fn set_fifo_priority(prio: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: pid 0 is the calling thread; param is read during the call only.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Bytes of packet storage one direction needs: the queue, plus whatever is on the wire during

@@ -57,8 +57,8 @@ struct Cli {
     ifname: String,
 
     /// Link rate per direction, or "unlimited".
-    #[arg(long, default_value = "unlimited", value_parser = units::parse_rate)]
-    rate: Option<u64>,
+    #[arg(long, default_value = "unlimited", value_parser = rate_arg)]
+    rate: Rate,
     /// One-way delay.
     #[arg(long, default_value = "0", value_parser = units::parse_duration_ns)]
     delay: u64,
@@ -85,12 +85,24 @@ struct Cli {
     /// cost of CPU.
     #[arg(long, default_value = "50us", value_parser = units::parse_duration_ns)]
     spin: u64,
+    /// SCHED_FIFO priority of the forwarding threads (1-99), so CPU load does not stall the
+    /// link; 0 keeps the normal scheduler.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=99))]
+    rt_priority: i32,
     /// Seed for loss and jitter [default: from the clock]; the two directions derive their own.
     #[arg(long)]
     seed: Option<u64>,
     /// Write this file once both devices are up and forwarding starts.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+/// A rate in bit/s, `None` for unlimited (a newtype, since clap treats `Option` as "optional").
+#[derive(Debug, Clone, Copy)]
+struct Rate(Option<u64>);
+
+fn rate_arg(s: &str) -> Result<Rate, units::UnitError> {
+    units::parse_rate(s).map(Rate)
 }
 
 fn main() {
@@ -131,11 +143,12 @@ fn run(cli: Cli) -> Result<()> {
     if ns_a == ns_b {
         bail!("--ns-a and --ns-b are both {ns_a:?}: the two ends need different namespaces");
     }
+    let rate = cli.rate.0;
     let queue = cli
         .queue
-        .unwrap_or_else(|| LinkConfig::default_queue_bytes(cli.rate, cli.delay));
+        .unwrap_or_else(|| LinkConfig::default_queue_bytes(rate, cli.delay));
     let cfg = LinkConfig {
-        rate_bps: cli.rate,
+        rate_bps: rate,
         delay_ns: cli.delay,
         jitter_ns: cli.jitter,
         loss: cli.loss,
@@ -182,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             stats: Arc::new(DirStats::default()),
             stop: stop.clone(),
             epoch,
+            rt_priority: (cli.rt_priority > 0).then_some(cli.rt_priority),
         })
     };
     let a_to_b = make(&format!("{ns_a}->{ns_b}"), &tun_a, &tun_b, 0)?;
@@ -204,8 +218,7 @@ fn run(cli: Cli) -> Result<()> {
     tracing::info!(
         "linkem forwarding {ns_a} ({addr_a}) <-> {ns_b} ({addr_b}): rate {}, delay {} us, \
          jitter {} us, loss {}, queue {queue} B, mtu {mtu}, seed {seed}",
-        cli.rate
-            .map_or("unlimited".to_string(), |r| format!("{r} bit/s")),
+        rate.map_or("unlimited".to_string(), |r| format!("{r} bit/s")),
         cfg.delay_ns / 1000,
         cfg.jitter_ns / 1000,
         cfg.loss,
@@ -223,16 +236,26 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     for (name, s) in &stats {
+        let tx = s.tx_packets.load(Relaxed);
         println!(
-            "{name}: rx {} pkts {} bytes, tx {} pkts {} bytes, dropped: loss {} queue {}, \
-             write errors {}",
+            "{name}: rx {} pkts {} bytes, tx {tx} pkts {} bytes, dropped: loss {} queue {} \
+             behind {}, write errors {}, late us: mean {:.1} max {:.1}",
             s.rx_packets.load(Relaxed),
             s.rx_bytes.load(Relaxed),
-            s.tx_packets.load(Relaxed),
             s.tx_bytes.load(Relaxed),
             s.dropped_loss.load(Relaxed),
             s.dropped_queue.load(Relaxed),
+            s.dropped_behind.load(Relaxed),
             s.write_errors.load(Relaxed),
+            s.late_ns_sum.load(Relaxed) as f64 / tx.max(1) as f64 / 1e3,
+            s.late_ns_max.load(Relaxed) as f64 / 1e3,
+        );
+    }
+    let wall = epoch.elapsed().as_secs_f64();
+    if let Some((user, sys)) = cpu_seconds() {
+        println!(
+            "cpu: user {user:.2} s, sys {sys:.2} s over {wall:.2} s ({:.0}% of one core)",
+            (user + sys) / wall * 100.0
         );
     }
     match failed {
@@ -241,10 +264,65 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// User and system CPU seconds this process has used.
+fn cpu_seconds() -> Option<(f64, f64)> {
+    // SAFETY: getrusage fills the zeroed struct it is given and keeps no pointer to it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some((secs(usage.ru_utime), secs(usage.ru_stime)))
+}
+
 /// Writes the ready file atomically, so a watcher never sees it half-written.
 fn write_ready(path: &std::path::Path) -> Result<()> {
     let tmp = path.with_extension("tmp-linkem");
     std::fs::write(&tmp, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing ready file {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent_and_parses_units() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "linkem",
+            "--ns-a",
+            "a",
+            "--ns-b",
+            "b",
+            "--addr-a",
+            "10.77.0.1/24",
+            "--addr-b",
+            "10.77.0.2/24",
+            "--rate",
+            "1gbit",
+            "--delay",
+            "1ms",
+            "--jitter",
+            "0.1ms",
+            "--loss",
+            "0.5%",
+            "--queue",
+            "2MiB",
+            "--mtu",
+            "9000",
+        ])
+        .unwrap();
+        assert_eq!(cli.rate.0, Some(1_000_000_000));
+        assert_eq!((cli.delay, cli.jitter), (1_000_000, 100_000));
+        assert_eq!(cli.loss, 0.005);
+        assert_eq!(cli.queue, Some(2 << 20));
+        assert_eq!(cli.mtu, 9000);
+        let defaults = Cli::try_parse_from(["linkem", "--netem-available"]).unwrap();
+        assert_eq!(defaults.rate.0, None);
+        assert!(Cli::try_parse_from(["linkem", "--ns-a", "a"]).is_err());
+        assert!(Cli::try_parse_from(["linkem", "--netem-available", "--mtu", "70000"]).is_err());
+    }
 }

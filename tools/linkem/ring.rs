@@ -108,9 +108,9 @@ impl PacketRing {
         }
     }
 
-    /// The next packet to send if its release time is at or before `now`. Call
+    /// The next packet to send, and its release time, if that is at or before `now`. Call
     /// [`PacketRing::pop`] once it has been sent.
-    pub fn due(&self, now: u64) -> Option<&[u8]> {
+    pub fn due(&self, now: u64) -> Option<(&[u8], u64)> {
         let slot = match &self.order {
             Some(order) => {
                 let Reverse((t, seq)) = *order.peek()?;
@@ -121,7 +121,7 @@ impl PacketRing {
             }
             None => *self.slots.front().filter(|s| s.release <= now)?,
         };
-        Some(&self.buf[slot.off..slot.off + slot.len])
+        Some((&self.buf[slot.off..slot.off + slot.len], slot.release))
     }
 
     /// Forgets the packet [`PacketRing::due`] returned, freeing its space as soon as every older
@@ -198,7 +198,7 @@ mod tests {
                     }
                     None => {
                         clock += 300;
-                        while let Some(pkt) = ring.due(clock) {
+                        while let Some((pkt, at)) = ring.due(clock) {
                             let idx = if reorder {
                                 let min = held.iter().map(|h| h.0).min().unwrap();
                                 held.iter().position(|h| h.0 == min).unwrap()
@@ -207,6 +207,7 @@ mod tests {
                             };
                             let (release, s, len) = held.remove(idx);
                             prop_assert!(release <= clock);
+                            prop_assert_eq!(at, release);
                             prop_assert_eq!(pkt.len(), len);
                             let mut expect = vec![0u8; len];
                             fill(&mut expect, s);

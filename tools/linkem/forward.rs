@@ -62,6 +62,9 @@ pub struct Direction {
     pub max_packet: usize,
     /// How long before a release to stop sleeping and busy-wait, in ns.
     pub spin_ns: u64,
+    /// With more than one packet waiting, how late a release may be so that one wake-up sends
+    /// several packets, in ns.
+    pub coalesce_ns: u64,
     pub stats: Arc<DirStats>,
     pub stop: Arc<AtomicBool>,
     /// Zero of the model's clock, shared by both directions.
@@ -125,20 +128,28 @@ impl Direction {
             let now = self.now();
             let wait = match self.ring.next_release() {
                 None => MAX_WAIT,
-                Some(t) if t <= now => continue,
-                Some(t) if t - now <= self.spin_ns && spin.allows(now) => {
-                    // Arrivals wait in the TUN queue meanwhile; at most spin_ns.
-                    let mut after = now;
-                    while after < t {
-                        std::hint::spin_loop();
-                        after = self.now();
-                    }
-                    spin.used += after - now;
-                    continue;
-                }
                 Some(t) => {
-                    let early = if spin.allows(now) { self.spin_ns } else { 0 };
-                    Duration::from_nanos((t - now).saturating_sub(early)).min(MAX_WAIT)
+                    // Several packets waiting means a busy link: wake once per `coalesce_ns`
+                    // and send all that is due, like a NIC's interrupt moderation, instead of
+                    // paying a wake-up (ours and the receiver's) per packet.
+                    let coalesce = self.coalesce_ns > 0 && self.ring.len() > 1;
+                    let target = if coalesce { t + self.coalesce_ns } else { t };
+                    if target <= now {
+                        continue;
+                    }
+                    let may_spin = !coalesce && spin.allows(now);
+                    if may_spin && target - now <= self.spin_ns {
+                        // Arrivals wait in the TUN queue meanwhile; at most spin_ns.
+                        let mut after = now;
+                        while after < target {
+                            std::hint::spin_loop();
+                            after = self.now();
+                        }
+                        spin.used += after - now;
+                        continue;
+                    }
+                    let early = if may_spin { self.spin_ns } else { 0 };
+                    Duration::from_nanos((target - now).saturating_sub(early)).min(MAX_WAIT)
                 }
             };
             let mut fds = [PollFd::new(self.input.as_fd(), PollFlags::POLLIN)];

@@ -85,6 +85,11 @@ struct Cli {
     /// cost of CPU.
     #[arg(long, default_value = "50us", value_parser = units::parse_duration_ns)]
     spin: u64,
+    /// When more than one packet is waiting, let releases be up to this late so one wake-up
+    /// sends several (like NIC interrupt moderation); saves CPU on busy links. A lone packet is
+    /// always sent on time.
+    #[arg(long, default_value = "50us", value_parser = units::parse_duration_ns)]
+    coalesce: u64,
     /// SCHED_FIFO priority of the forwarding threads (1-99), so CPU load does not stall the
     /// link; 0 keeps the normal scheduler.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=99))]
@@ -192,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             ring: PacketRing::new(capacity, cfg.allow_reorder),
             max_packet: mtu,
             spin_ns: cli.spin,
+            coalesce_ns: cli.coalesce,
             stats: Arc::new(DirStats::default()),
             stop: stop.clone(),
             epoch,
@@ -208,7 +214,15 @@ fn run(cli: Cli) -> Result<()> {
         let name = dir.name.clone();
         std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || dir.run())
+            .spawn(move || {
+                let result = dir.run();
+                if result.is_err() {
+                    // Wake the main thread, which waits for signals only, so linkem exits
+                    // with the error instead of running half a link.
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
+                }
+                result
+            })
             .with_context(|| format!("spawning forwarding thread {name}"))
     });
 

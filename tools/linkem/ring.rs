@@ -71,6 +71,14 @@ impl PacketRing {
         }
     }
 
+    /// Packets waiting to be sent.
+    pub fn len(&self) -> usize {
+        match &self.order {
+            Some(order) => order.len(),
+            None => self.slots.len(),
+        }
+    }
+
     /// Space to receive a packet of up to `max_len` bytes into; `None` if the ring is full.
     /// Follow with [`PacketRing::commit`] to keep it, or drop the packet by doing nothing.
     pub fn reserve(&mut self, max_len: usize) -> Option<&mut [u8]> {
@@ -219,6 +227,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(ring.held_bytes(), held.iter().map(|h| h.2).sum::<usize>());
+                prop_assert_eq!(ring.len(), held.len());
                 prop_assert_eq!(ring.next_release(), if reorder { held.iter().map(|h| h.0).min() } else { held.first().map(|h| h.0) });
             }
         }

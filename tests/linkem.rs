@@ -737,6 +737,84 @@ fn loss_5_percent() {
     check_loss(5.0);
 }
 
+#[test]
+fn jumbo_mtu_carries_large_datagrams_intact() {
+    require_env!();
+    let _serial = serial();
+    let ns = NsPair::new();
+    let mtu = 65000;
+    let link = Linkem::start(
+        &ns,
+        &["--mtu", "65000", "--rate", "1gbit", "--delay", "1ms"],
+    );
+    let receiver = udp_in(&ns.b, ADDR_B, 7009);
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let sender = udp_in(&ns.a, ADDR_A, 0);
+    sender.connect(SocketAddrV4::new(ADDR_B, 7009)).unwrap();
+    let payload = mtu - UDP_OVERHEAD;
+    let make = |seq: u8| -> Vec<u8> {
+        (0..payload)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seq))
+            .collect()
+    };
+    let collect = thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        while let Ok(n) = receiver.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    });
+    for seq in 0..50u8 {
+        sender.send(&make(seq)).unwrap();
+        // 65 KB at 1 Gbit/s is 0.5 ms on the wire; stay well below the rate.
+        thread::sleep(Duration::from_millis(2));
+    }
+    let got = collect.join().unwrap();
+    let [ab, _] = link.stop();
+    assert_eq!(got.len(), 50, "linkem {ab:?}");
+    for (seq, pkt) in got.iter().enumerate() {
+        assert!(
+            *pkt == make(seq as u8),
+            "datagram {seq} arrived changed or out of order"
+        );
+    }
+    // Each datagram crossed the TUN devices as one IP packet, not as 44 fragments.
+    assert!((50..55).contains(&ab.rx), "{ab:?}");
+}
+
+#[test]
+fn netem_probe_agrees_with_tc() {
+    require_env!();
+    let _serial = serial();
+    let out = Command::new(linkem_bin())
+        .arg("--netem-available")
+        .output()
+        .unwrap();
+    let code = out.status.code();
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // Ask tc directly, in a namespace of our own.
+    let ns = NsPair::new();
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.a, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+        ])
+        .args(["delay", "1ms"])
+        .output()
+        .unwrap();
+    eprintln!(
+        "linkem --netem-available: {code:?} {said:?}; tc says {:?}",
+        tc.status
+    );
+    if tc.status.success() {
+        assert_eq!((code, said.as_str()), (Some(0), "netem available"));
+    } else {
+        assert_eq!((code, said.as_str()), (Some(1), "netem not available"));
+    }
+}
+
 /// Measurement, not acceptance: how fast linkem forwards with no rate limit, per MTU, with UDP
 /// and TCP. Run with `cargo test --release --test linkem -- --ignored --nocapture`.
 #[test]

@@ -253,3 +253,21 @@ pub fn ring_capacity(
     let want = queue as u128 + in_flight * 5 / 4 + 8 * mtu as u128;
     want.clamp(4 << 20, 1 << 30) as usize
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ring_capacity;
+
+    #[test]
+    fn ring_holds_queue_plus_bytes_in_flight() {
+        // 1 Gbit/s for 20 ms is 2.5 MB in flight, plus the 2 MiB queue.
+        let cap = ring_capacity(Some(1_000_000_000), 20_000_000, 0, 2 << 20, 1500);
+        assert!(cap >= 2_500_000 + (2 << 20), "{cap}");
+        assert!(cap < 8 << 20, "{cap}");
+        assert_eq!(ring_capacity(Some(1_000_000), 0, 0, 1 << 20, 1500), 4 << 20);
+        assert_eq!(
+            ring_capacity(None, 10_000_000_000, 0, 1 << 20, 65535),
+            1 << 30
+        );
+    }
+}

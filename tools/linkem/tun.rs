@@ -31,12 +31,17 @@ pub struct TunSpec {
 
 /// Creates and configures the TUN device `spec` describes; returns its non-blocking fd.
 pub fn create(spec: &TunSpec) -> Result<File> {
-    let file = open_in_netns(&spec.netns, &spec.ifname)?;
+    // An IPv6 address needs IPv6 on the device; an IPv4-only link is kept free of IPv6 chatter.
+    let ipv6 = spec.addr.contains(':');
+    let file = open_in_netns(&spec.netns, &spec.ifname, ipv6)?;
     let (mtu, qlen) = (spec.mtu.to_string(), spec.txqueuelen.to_string());
-    ip(
-        &spec.netns,
-        &["addr", "add", &spec.addr, "dev", &spec.ifname],
-    )?;
+    let mut addr_args = vec!["addr", "add", &spec.addr, "dev", &spec.ifname];
+    if ipv6 {
+        // Duplicate address detection would keep the address unusable for a second or more,
+        // and there is nobody else on a point-to-point TUN link.
+        addr_args.push("nodad");
+    }
+    ip(&spec.netns, &addr_args)?;
     ip(
         &spec.netns,
         &[
@@ -54,7 +59,8 @@ pub fn create(spec: &TunSpec) -> Result<File> {
     Ok(file)
 }
 
-fn open_in_netns(netns: &str, ifname: &str) -> Result<File> {
+/// Creates the device inside `netns`; `ipv6` keeps IPv6 enabled on it.
+fn open_in_netns(netns: &str, ifname: &str, ipv6: bool) -> Result<File> {
     if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ {
         bail!(
             "interface name {ifname:?} must be 1 to {} bytes long",
@@ -80,6 +86,15 @@ fn open_in_netns(netns: &str, ifname: &str) -> Result<File> {
                 .context("opening /dev/net/tun (is the tun module loaded?)")?;
             set_iff(&tun, &ifname)
                 .with_context(|| format!("creating TUN device {ifname} in netns {ns_path}"))?;
+            if !ipv6 {
+                // Without this the kernel sends MLD reports over the link as soon as it is
+                // up: stray packets in the traffic being measured. /proc/sys/net belongs to
+                // the namespace of the thread that opens it, which is the one we are in.
+                let knob = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+                if let Err(e) = std::fs::write(&knob, "1") {
+                    tracing::debug!("cannot disable IPv6 on {ifname} ({knob}: {e})");
+                }
+            }
             Ok(tun)
         })
         .context("spawning the thread that enters the namespace")?;

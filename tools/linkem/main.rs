@@ -33,7 +33,13 @@ use tun::TunSpec;
 /// Settings apply to each direction independently. Rates take bit, kbit, mbit, gbit (powers of
 /// 1000, like tc); times ns, us, ms, s; sizes b, kb, kib, mb, mib.
 #[derive(Debug, Parser)]
-#[command(name = "linkem", version)]
+#[command(
+    name = "linkem",
+    version,
+    after_help = "On SIGTERM or SIGINT, prints one line of counters per direction \
+                  (rx/tx packets and bytes, drops by loss, by the queue, and `behind` when linkem \
+                  itself could not keep up; how late releases were) and one line of CPU use."
+)]
 struct Cli {
     /// Only report whether the kernel has netem: exit 0 if `tc qdisc add dev lo root netem`
     /// works (in a scratch namespace), 1 if not.
@@ -81,8 +87,8 @@ struct Cli {
     /// Packets each kernel may queue towards linkem (txqueuelen of the TUN devices).
     #[arg(long, default_value_t = 10_000)]
     txqueuelen: u32,
-    /// Busy-wait this long before each release instead of sleeping, for precise timing at the
-    /// cost of CPU.
+    /// Busy-wait this long before a lone packet's release instead of sleeping, for precise
+    /// timing; limited to 10% of a core per direction.
     #[arg(long, default_value = "50us", value_parser = units::parse_duration_ns)]
     spin: u64,
     /// When more than one packet is waiting, let releases be up to this late so one wake-up

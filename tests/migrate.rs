@@ -33,7 +33,8 @@ fn can_run() -> bool {
 
 /// Runs one demo migration with `args`; returns its JSON result.
 fn migrate(name: &str, args: &[&str]) -> Value {
-    let json = std::env::temp_dir().join(format!("pageserv-test-{name}-{}.json", std::process::id()));
+    let json =
+        std::env::temp_dir().join(format!("pageserv-test-{name}-{}.json", std::process::id()));
     let out = Command::new(pageserv())
         .arg("demo")
         .arg("--json")
@@ -67,10 +68,17 @@ fn check_common(name: &str, v: &Value) {
     assert_eq!(v["workload_alive_at_dst"], true, "{name}");
     assert_eq!(v["workload_alive_at_src"], false, "{name}: two live copies");
     assert_eq!(v["checks_failed"], 0, "{name}");
-    assert!(v["checks_ok_after"].as_u64().unwrap_or(0) >= 2, "{name}: {}", v["checks_ok_after"]);
+    assert!(
+        v["checks_ok_after"].as_u64().unwrap_or(0) >= 2,
+        "{name}: {}",
+        v["checks_ok_after"]
+    );
     let dst = &v["dst"];
     let lazy = dst["lazy_pages"].as_u64().unwrap_or(0);
-    assert!(lazy > 0, "{name}: no lazy pages: the test would prove nothing");
+    assert!(
+        lazy > 0,
+        "{name}: no lazy pages: the test would prove nothing"
+    );
     assert!(
         dst["downtime_ms"].as_f64().unwrap_or(0.0) > 0.0,
         "{name}: dst measured no downtime"
@@ -85,7 +93,10 @@ fn check_accounting(name: &str, v: &Value) {
     let placed = dst["pages_on_demand"].as_u64().unwrap_or(0)
         + dst["pages_pushed"].as_u64().unwrap_or(0)
         + dst["pages_zero_lazy"].as_u64().unwrap_or(0);
-    assert_eq!(placed, lazy, "{name}: on-demand + pushed + zero lazy pages vs lazy pages: {dst}");
+    assert_eq!(
+        placed, lazy,
+        "{name}: on-demand + pushed + zero lazy pages vs lazy pages: {dst}"
+    );
 }
 
 #[test]
@@ -93,10 +104,17 @@ fn migrates_256_mib_writing_workload() {
     if !can_run() {
         return;
     }
-    let v = migrate("basic", &["--mib", "256", "--threads", "2", "--write-rate", "20"]);
+    let v = migrate(
+        "basic",
+        &["--mib", "256", "--threads", "2", "--write-rate", "20"],
+    );
     check_common("basic", &v);
     check_accounting("basic", &v);
-    assert!(v["dst"]["lazy_pages"].as_u64().unwrap() >= 60_000, "{}", v["dst"]);
+    assert!(
+        v["dst"]["lazy_pages"].as_u64().unwrap() >= 60_000,
+        "{}",
+        v["dst"]
+    );
 }
 
 #[test]
@@ -104,7 +122,10 @@ fn migrates_four_threads() {
     if !can_run() {
         return;
     }
-    let v = migrate("threads", &["--mib", "256", "--threads", "4", "--write-rate", "40"]);
+    let v = migrate(
+        "threads",
+        &["--mib", "256", "--threads", "4", "--write-rate", "40"],
+    );
     check_common("threads", &v);
     check_accounting("threads", &v);
 }
@@ -114,7 +135,10 @@ fn migrates_a_process_tree() {
     if !can_run() {
         return;
     }
-    let v = migrate("tree", &["--mib", "96", "--children", "2", "--write-rate", "10"]);
+    let v = migrate(
+        "tree",
+        &["--mib", "96", "--children", "2", "--write-rate", "10"],
+    );
     check_common("tree", &v);
     check_accounting("tree", &v);
     assert_eq!(v["dst"]["tasks"], 3, "parent + 2 children");

@@ -247,10 +247,10 @@ async fn migrate_in(
                 tracing::info!(downtime_ms = report.downtime_ms, "restore finished; tasks running");
             },
             _ = tick.tick(), if !restored => {
-                if let Some(status) = restore.try_wait()? {
-                    if let Err(e) = restore.check(status) {
-                        break Err(e.into());
-                    }
+                if let Some(status) = restore.try_wait()?
+                    && let Err(e) = restore.check(status)
+                {
+                    break Err(e.into());
                 }
             },
             r = next_ctl(&mut ctl_rx) => match r {

@@ -50,6 +50,9 @@ pub struct DemoArgs {
     /// Extra `pageserv src` arguments (repeatable).
     #[arg(long = "src-arg", allow_hyphen_values = true)]
     pub src_args: Vec<String>,
+    /// Extra `pageserv dst` arguments (repeatable).
+    #[arg(long = "dst-arg", allow_hyphen_values = true)]
+    pub dst_args: Vec<String>,
 }
 
 /// What the demo saw.
@@ -206,6 +209,7 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
         .arg(bed.dir.join("dst"))
         .arg("--stats-json")
         .arg(&dst_json)
+        .args(&args.dst_args)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -90,9 +90,16 @@ struct SrcArgs {
     /// Work directory for images and logs of a dump pageserv starts.
     #[arg(long, default_value = "/var/lib/pageserv/src")]
     work: PathBuf,
-    /// Pages per background fetch from the dump.
-    #[arg(long, default_value_t = 256)]
+    /// Pages per background fetch from the dump (at most one CRIU pagemap entry is fetched at once).
+    #[arg(long, default_value_t = 1024)]
     batch_pages: u64,
+    /// Serve faults only, push nothing in the background (for measuring fault latency).
+    #[arg(long, hide = true)]
+    no_push: bool,
+    /// Start the background push this many ms after the restore finished (for measuring fault
+    /// latency with and without the push in one migration).
+    #[arg(long, hide = true, default_value_t = 0)]
+    push_after_ms: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -105,6 +112,9 @@ struct DstArgs {
     /// Each migration gets a fresh directory (images, work dir, logs) below this one.
     #[arg(long, default_value = "/var/lib/pageserv/dst")]
     work: PathBuf,
+    /// Pages after a faulting page requested with it (same lazy range).
+    #[arg(long, default_value_t = 0)]
+    readahead: u64,
     /// Restore with this shell command instead of `criu restore`; {images} and {work} are
     /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
     #[arg(long)]
@@ -187,6 +197,8 @@ fn run(cli: Cli) -> Result<()> {
                 dump,
                 pump: PumpConfig {
                     batch_pages: a.batch_pages,
+                    push: !a.no_push,
+                    push_delay: std::time::Duration::from_millis(a.push_after_ms),
                     ..PumpConfig::default()
                 },
                 progress: true,
@@ -201,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                 listen: a.listen,
                 certs: a.common.certs.clone(),
                 work_base: a.work.clone(),
+                readahead_pages: a.readahead,
                 criu,
                 restore: RestoreOptions {
                     extra: a.common.criu_opts.clone(),

@@ -51,6 +51,8 @@ pub struct DstReport {
     pub pages_zero_lazy: u64,
     pub faults: u64,
     pub fault_latency: LatencySummary,
+    /// Faults answered before any background page arrived (an idle link).
+    pub fault_latency_before_push: LatencySummary,
     pub bytes_received: u64,
     pub images_bytes: u64,
 }

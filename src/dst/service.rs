@@ -40,6 +40,8 @@ pub struct DstOptions {
     pub work_base: PathBuf,
     pub criu: Criu,
     pub restore: RestoreOptions,
+    /// Pages after a faulting page requested with it.
+    pub readahead_pages: u64,
 }
 
 /// Accepts one migration and runs it to the end.
@@ -148,7 +150,12 @@ async fn migrate_in(
 
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
-    let handle = uffd_loop::spawn(out_tx, stats.clone()).context("starting the fault thread")?;
+    let config = uffd_loop::LoopConfig {
+        readahead_pages: opts.readahead_pages,
+        ..Default::default()
+    };
+    let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
+        .context("starting the fault thread")?;
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
     let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
     send_ctl(
@@ -289,7 +296,8 @@ async fn migrate_in(
     report.pages_zero = c.zero_pages;
     report.pages_zero_lazy = c.lazy_zero_pages;
     report.faults = c.faults;
-    report.fault_latency = latency_summary(&stats, c.blocktime_ns);
+    report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
+    report.fault_latency_before_push = latency_summary(&stats.fault_latency_before_push, 0);
     send_ctl(
         &mut ctl,
         Msg::MemoryWhole(MemoryWhole {
@@ -415,8 +423,8 @@ async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
         .context("sending on the control stream")
 }
 
-fn latency_summary(stats: &UffdStats, blocktime_ns: u64) -> LatencySummary {
-    let snap = stats.fault_latency.snapshot();
+fn latency_summary(h: &crate::dst::latency::LatencyHistogram, blocktime_ns: u64) -> LatencySummary {
+    let snap = h.snapshot();
     let us = |q: f64| snap.quantile(q).unwrap_or(0) as f64 / 1e3;
     LatencySummary {
         count: snap.count,

@@ -128,6 +128,9 @@ pub struct UffdStats {
     pub tasks: AtomicU64,
     /// Fault read → its page copied, per faulting thread, in ns.
     pub fault_latency: LatencyHistogram,
+    /// The same, for faults answered before the first background page was placed: the fault
+    /// latency of an idle link, measured in the same migration.
+    pub fault_latency_before_push: LatencyHistogram,
     /// Sum of those latencies: thread-time spent blocked on missing pages.
     pub blocktime_ns: AtomicU64,
 }

@@ -63,6 +63,11 @@ pub struct PumpConfig {
     pub batch_pages: u64,
     /// Background GETs queued inside CRIU at once.
     pub max_background: usize,
+    /// Push in the background at all. Off only to measure: then pages arrive on demand only.
+    pub push: bool,
+    /// Start the push this long after the restore finished (0: at once). For measuring fault
+    /// latency on an idle link against a busy one within one migration.
+    pub push_delay: std::time::Duration,
 }
 
 impl Default for PumpConfig {
@@ -73,6 +78,8 @@ impl Default for PumpConfig {
             // start are the cheap shape.
             batch_pages: 1024,
             max_background: 2,
+            push: true,
+            push_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -129,6 +136,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = BytesMut::with_capacity(4096);
     let mut finishing = false;
     let mut pushing = false;
+    let mut push_at: Option<tokio::time::Instant> = None;
     let mut closing = false;
     let mut faults_open = true;
 
@@ -176,7 +184,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             changed = control.changed() => {
                 let what = if changed.is_ok() { *control.borrow() } else { Some(PumpControl::Abort) };
                 match what {
-                    Some(PumpControl::StartPush) => pushing = true,
+                    Some(PumpControl::StartPush) if cfg.push_delay.is_zero() => pushing = cfg.push,
+                    Some(PumpControl::StartPush) => {
+                        push_at = Some(tokio::time::Instant::now() + cfg.push_delay);
+                    }
                     Some(PumpControl::Finish) => finishing = true,
                     Some(PumpControl::Abort) => {
                         abort_session(&mut wr, layout).await;
@@ -184,6 +195,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     None => {}
                 }
+            }
+            _ = tokio::time::sleep_until(push_at.unwrap_or_else(tokio::time::Instant::now)), if push_at.is_some() => {
+                push_at = None;
+                pushing = cfg.push;
             }
             req = faults.recv(), if faults_open => match req {
                 Some(req) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {

@@ -214,6 +214,9 @@ impl Engine {
                 for t in self.waiting.remove(&k).unwrap_or_default() {
                     let ns = u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX);
                     s.fault_latency.record(ns);
+                    if s.pages_copied_pushed.load(Relaxed) == 0 {
+                        s.fault_latency_before_push.record(ns);
+                    }
                     s.blocktime_ns.fetch_add(ns, Relaxed);
                 }
             }

@@ -96,6 +96,9 @@ struct SrcArgs {
     /// Serve faults only, push nothing in the background (for measuring fault latency).
     #[arg(long, hide = true)]
     no_push: bool,
+    /// Congestion controller of the push connection: cubic, bbr or newreno.
+    #[arg(long, hide = true, default_value = "cubic")]
+    congestion: String,
     /// Start the background push this many ms after the restore finished (for measuring fault
     /// latency with and without the push in one migration).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -200,6 +203,15 @@ fn run(cli: Cli) -> Result<()> {
                     push: !a.no_push,
                     push_delay: std::time::Duration::from_millis(a.push_after_ms),
                     ..PumpConfig::default()
+                },
+                push_transport: pageserv::transport::TransportOptions {
+                    congestion: match a.congestion.as_str() {
+                        "cubic" => pageserv::transport::Congestion::Cubic,
+                        "bbr" => pageserv::transport::Congestion::Bbr,
+                        "newreno" => pageserv::transport::Congestion::NewReno,
+                        other => anyhow::bail!("unknown congestion controller {other:?}: cubic, bbr or newreno"),
+                    },
+                    ..Default::default()
                 },
                 progress: true,
             };

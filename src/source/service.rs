@@ -54,6 +54,8 @@ pub struct SourceOptions {
     pub criu: Criu,
     pub dump: DumpSource,
     pub pump: PumpConfig,
+    /// Transport settings of the push connection (the fault connection keeps the defaults).
+    pub push_transport: transport::TransportOptions,
     pub progress: bool,
 }
 
@@ -66,7 +68,7 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     } else {
         "[::]:0".parse()?
     };
-    let conn = transport::connect(bind, opts.to, &id)
+    let conn = transport::connect_with(bind, opts.to, &id, &opts.push_transport)
         .await
         .with_context(|| format!("connecting to pageserv dst at {}", opts.to))?;
     let (ctl_send, ctl_recv) = conn.open_bi().await.context("opening the control stream")?;

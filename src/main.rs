@@ -96,8 +96,9 @@ struct SrcArgs {
     /// Serve faults only, push nothing in the background (for measuring fault latency).
     #[arg(long, hide = true)]
     no_push: bool,
-    /// Congestion controller of the push connection: cubic, bbr or newreno.
-    #[arg(long, hide = true, default_value = "cubic")]
+    /// Congestion controller of the push connection: scavenger (delay-based, keeps the queue it
+    /// adds near 1 ms so fault replies don't wait behind the push), cubic, bbr or newreno.
+    #[arg(long, hide = true, default_value = "scavenger")]
     congestion: String,
     /// Start the background push this many ms after the restore finished (for measuring fault
     /// latency with and without the push in one migration).
@@ -209,7 +210,10 @@ fn run(cli: Cli) -> Result<()> {
                         "cubic" => pageserv::transport::Congestion::Cubic,
                         "bbr" => pageserv::transport::Congestion::Bbr,
                         "newreno" => pageserv::transport::Congestion::NewReno,
-                        other => anyhow::bail!("unknown congestion controller {other:?}: cubic, bbr or newreno"),
+                        "scavenger" => pageserv::transport::Congestion::Scavenger,
+                        other => anyhow::bail!(
+                            "unknown congestion controller {other:?}: scavenger, cubic, bbr or newreno"
+                        ),
                     },
                     ..Default::default()
                 },

@@ -53,6 +53,8 @@ pub struct DstReport {
     pub fault_latency: LatencySummary,
     /// Faults answered before any background page arrived (an idle link).
     pub fault_latency_before_push: LatencySummary,
+    /// Faults answered after the first background page arrived (the push sharing the link).
+    pub fault_latency_during_push: LatencySummary,
     pub bytes_received: u64,
     pub images_bytes: u64,
 }

@@ -9,6 +9,7 @@
 
 mod errors;
 mod framed;
+pub mod scavenger;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -36,13 +37,15 @@ pub const PUSH_PRIORITY: i32 = -100;
 /// What the server writes on its admission stream.
 const ADMITTED: &[u8] = b"pageserv/1 admitted";
 
-/// Congestion controllers quinn offers.
+/// Congestion controllers: quinn's, and pageserv's scavenger for the background push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Congestion {
     Cubic,
     /// quinn's BBR (v1, marked experimental by quinn).
     Bbr,
     NewReno,
+    /// Delay-based, yields to other traffic on the bottleneck ([`scavenger`]): the push's.
+    Scavenger,
 }
 
 /// Transport tuning; `Default` is pageserv's measured choice (see the field docs).
@@ -157,6 +160,20 @@ impl TransportOptions {
             Congestion::NewReno => t.congestion_controller_factory(Arc::new(
                 quinn::congestion::NewRenoConfig::default(),
             )),
+            Congestion::Scavenger => {
+                let mut c = scavenger::ScavengerConfig::default();
+                // EXPERIMENT ONLY
+                if let Ok(v) = std::env::var("PSV_TARGET_US") {
+                    c.target = Duration::from_micros(v.parse().unwrap());
+                }
+                if let Ok(v) = std::env::var("PSV_GAIN") {
+                    c.gain = v.parse().unwrap();
+                }
+                if let Ok(v) = std::env::var("PSV_FILTER_US") {
+                    c.current_filter = Duration::from_micros(v.parse().unwrap());
+                }
+                t.congestion_controller_factory(Arc::new(c))
+            }
         };
         Ok(Arc::new(t))
     }

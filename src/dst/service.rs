@@ -298,6 +298,7 @@ async fn migrate_in(
     report.faults = c.faults;
     report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
     report.fault_latency_before_push = latency_summary(&stats.fault_latency_before_push, 0);
+    report.fault_latency_during_push = latency_summary(&stats.fault_latency_during_push, 0);
     send_ctl(
         &mut ctl,
         Msg::MemoryWhole(MemoryWhole {

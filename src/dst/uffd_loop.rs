@@ -131,6 +131,9 @@ pub struct UffdStats {
     /// The same, for faults answered before the first background page was placed: the fault
     /// latency of an idle link, measured in the same migration.
     pub fault_latency_before_push: LatencyHistogram,
+    /// The same, for faults answered after the first background page was placed: the fault
+    /// latency while the push competes for the link.
+    pub fault_latency_during_push: LatencyHistogram,
     /// Sum of those latencies: thread-time spent blocked on missing pages.
     pub blocktime_ns: AtomicU64,
 }

@@ -216,6 +216,8 @@ impl Engine {
                     s.fault_latency.record(ns);
                     if s.pages_copied_pushed.load(Relaxed) == 0 {
                         s.fault_latency_before_push.record(ns);
+                    } else {
+                        s.fault_latency_during_push.record(ns);
                     }
                     s.blocktime_ns.fetch_add(ns, Relaxed);
                 }

@@ -96,10 +96,15 @@ struct SrcArgs {
     /// Serve faults only, push nothing in the background (for measuring fault latency).
     #[arg(long, hide = true)]
     no_push: bool,
-    /// Congestion controller of the push connection: scavenger (delay-based, keeps the queue it
-    /// adds near 1 ms so fault replies don't wait behind the push), cubic, bbr or newreno.
+    /// Congestion controller of the push connection: scavenger (delay-based: keeps the queue it
+    /// adds at the bottleneck near --scavenger-target-us, so fault replies don't wait behind the
+    /// push), cubic, bbr or newreno.
     #[arg(long, hide = true, default_value = "scavenger")]
     congestion: String,
+    /// Queueing delay the scavenger push may add at the bottleneck, in microseconds (default:
+    /// pageserv's measured choice, see transport::scavenger).
+    #[arg(long, hide = true)]
+    scavenger_target_us: Option<u64>,
     /// Start the background push this many ms after the restore finished (for measuring fault
     /// latency with and without the push in one migration).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -214,6 +219,13 @@ fn run(cli: Cli) -> Result<()> {
                         other => anyhow::bail!(
                             "unknown congestion controller {other:?}: scavenger, cubic, bbr or newreno"
                         ),
+                    },
+                    scavenger: pageserv::transport::scavenger::ScavengerConfig {
+                        target: a.scavenger_target_us.map_or(
+                            pageserv::transport::scavenger::ScavengerConfig::default().target,
+                            std::time::Duration::from_micros,
+                        ),
+                        ..Default::default()
                     },
                     ..Default::default()
                 },

@@ -65,6 +65,8 @@ pub struct TransportOptions {
     /// Interval of keep-alive pings on a quiet connection.
     pub keep_alive: Duration,
     pub congestion: Congestion,
+    /// Tuning of [`Congestion::Scavenger`] (its queueing-delay target above all).
+    pub scavenger: scavenger::ScavengerConfig,
     /// Per-stream receive window: bytes the peer may send on one stream before we read them. It
     /// bounds a push stream's data in flight, so it must cover bandwidth x RTT for full speed:
     /// 2 MiB is 1 GB/s up to 2 ms RTT (a LAN). Raise it for a WAN. Larger than needed only
@@ -99,6 +101,7 @@ impl Default for TransportOptions {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(1),
             congestion: Congestion::Cubic,
+            scavenger: scavenger::ScavengerConfig::default(),
             stream_receive_window: 2 << 20,
             receive_window: 16 << 20,
             send_window: 12 << 20,
@@ -161,18 +164,7 @@ impl TransportOptions {
                 quinn::congestion::NewRenoConfig::default(),
             )),
             Congestion::Scavenger => {
-                let mut c = scavenger::ScavengerConfig::default();
-                // EXPERIMENT ONLY
-                if let Ok(v) = std::env::var("PSV_TARGET_US") {
-                    c.target = Duration::from_micros(v.parse().unwrap());
-                }
-                if let Ok(v) = std::env::var("PSV_GAIN") {
-                    c.gain = v.parse().unwrap();
-                }
-                if let Ok(v) = std::env::var("PSV_FILTER_US") {
-                    c.current_filter = Duration::from_micros(v.parse().unwrap());
-                }
-                t.congestion_controller_factory(Arc::new(c))
+                t.congestion_controller_factory(Arc::new(self.scavenger.clone()))
             }
         };
         Ok(Arc::new(t))

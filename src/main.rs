@@ -209,7 +209,9 @@ fn run(cli: Cli) -> Result<()> {
                         "cubic" => pageserv::transport::Congestion::Cubic,
                         "bbr" => pageserv::transport::Congestion::Bbr,
                         "newreno" => pageserv::transport::Congestion::NewReno,
-                        other => anyhow::bail!("unknown congestion controller {other:?}: cubic, bbr or newreno"),
+                        other => anyhow::bail!(
+                            "unknown congestion controller {other:?}: cubic, bbr or newreno"
+                        ),
                     },
                     ..Default::default()
                 },

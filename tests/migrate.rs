@@ -39,6 +39,8 @@ fn migrate(name: &str, args: &[&str]) -> Value {
         .arg("demo")
         .arg("--json")
         .arg(&json)
+        // Watch the workload 4 s after the last page arrived: >= 3 whole-memory checks.
+        .args(["--after", "4"])
         .args(args)
         .output()
         .expect("run pageserv demo");
@@ -69,7 +71,7 @@ fn check_common(name: &str, v: &Value) {
     assert_eq!(v["workload_alive_at_src"], false, "{name}: two live copies");
     assert_eq!(v["checks_failed"], 0, "{name}");
     assert!(
-        v["checks_ok_after"].as_u64().unwrap_or(0) >= 2,
+        v["checks_ok_after"].as_u64().unwrap_or(0) >= 3,
         "{name}: {}",
         v["checks_ok_after"]
     );

@@ -16,6 +16,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::testbed::Testbed;
+
+mod interrupt;
 use crate::workload_log::Summary;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -156,6 +158,7 @@ fn alive(pid: i32) -> bool {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
+    interrupt::install();
     let result = migrate(&args)?;
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
@@ -187,6 +190,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 /// Runs one migration on a fresh testbed.
 pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     let bed = Testbed::new(0)?;
+    interrupt::testbed(&bed.netns, &bed.host_if);
     if let Some(rate) = &args.rate {
         bed.limit_rate(rate)?;
     }
@@ -194,6 +198,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
     let (mut unshare, pid) = start_workload(args, &log)?;
+    interrupt::started(unshare.id() as i32);
+    interrupt::started(pid);
     eprintln!("workload pid {pid} ready; letting it run 1 s before the migration");
     std::thread::sleep(Duration::from_secs(1));
 
@@ -214,6 +220,7 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting pageserv dst")?;
+    interrupt::started(dst.id() as i32);
     wait_for_line(&mut dst, "pageserv dst ready", Duration::from_secs(20))?;
 
     let mut src_cmd = Command::new(&pageserv);
@@ -232,7 +239,9 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     } else {
         src_cmd.args(["--pid", &pid.to_string()]);
     }
-    let src_status = src_cmd.status().context("running pageserv src")?;
+    let mut src = src_cmd.spawn().context("running pageserv src")?;
+    interrupt::started(src.id() as i32);
+    let src_status = src.wait().context("waiting for pageserv src")?;
     let dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
     if let Some(mut c) = external {
         let _ = wait_timeout(&mut c, Duration::from_secs(10));
@@ -242,9 +251,12 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
         "migration ended; watching the workload at the destination for {} s",
         args.after
     );
+    let restored_pid: Option<i32> = find_restore_pid(&bed.dir.join("dst"));
+    if let Some(p) = restored_pid {
+        interrupt::started(p);
+    }
     std::thread::sleep(Duration::from_secs(args.after));
 
-    let restored_pid: Option<i32> = find_restore_pid(&bed.dir.join("dst"));
     let workload_alive_at_dst = restored_pid.is_some_and(alive);
     let workload_alive_at_src = alive(pid);
     // End only what we started: the restored workload (by the pid the restore recorded) and the

@@ -259,13 +259,19 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 
     let workload_alive_at_dst = restored_pid.is_some_and(alive);
     let workload_alive_at_src = alive(pid);
-    // End only what we started: the restored workload (by the pid the restore recorded) and the
-    // unshare parent.
-    if let Some(p) = restored_pid {
+    // End only what we started: the restored workload (by the pid the restore recorded), the
+    // source workload if the migration left it running, and the unshare parent.
+    let live: Vec<i32> = restored_pid
+        .into_iter()
+        .chain(workload_alive_at_src.then_some(pid))
+        .collect();
+    for p in &live {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
+            nix::unistd::Pid::from_raw(*p),
             nix::sys::signal::Signal::SIGTERM,
         );
+    }
+    if !live.is_empty() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let _ = unshare.kill();

@@ -222,9 +222,15 @@ mod tests {
         assert_eq!(c.version.to_string(), "4.2.0");
         assert!(matches!(c.layout(), Layout::V42));
         let junk = fake_criu("junk", "hello");
-        assert!(matches!(Criu::at(&junk), Err(CriuBinaryError::NoVersion { .. })));
+        assert!(matches!(
+            Criu::at(&junk),
+            Err(CriuBinaryError::NoVersion { .. })
+        ));
         let missing = std::env::temp_dir().join("no-such-dir-pageserv/criu");
-        assert!(matches!(Criu::locate(Some(&missing)), Err(CriuBinaryError::NotFound { .. })));
+        assert!(matches!(
+            Criu::locate(Some(&missing)),
+            Err(CriuBinaryError::NotFound { .. })
+        ));
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! What the bench runs: modes, links, and the matrix of cells (pure, no IO).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A way to migrate the workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// `criu dump` to a local directory, `criu restore` from it: stop-and-copy through disk.
@@ -76,7 +76,7 @@ impl Mode {
 }
 
 /// The link between source and destination.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Link {
     /// The bare veth.
     Unlimited,
@@ -117,7 +117,7 @@ impl Link {
 }
 
 /// One cell of the matrix: a mode on one workload size, link and dirty rate.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cell {
     pub mode: Mode,
     pub mib: u64,
@@ -127,7 +127,7 @@ pub struct Cell {
 }
 
 /// The cells to run, and how often each.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Matrix {
     pub modes: Vec<Mode>,
     pub sizes_mib: Vec<u64>,
@@ -143,7 +143,9 @@ pub const TODO_LINKS: [&str; 2] = [
 ];
 
 impl Matrix {
-    /// The default: sized to finish in about 10 minutes on a 2-core machine.
+    /// The default: sized to finish in about 10 minutes on a 2-core machine. One run per cell:
+    /// criu-lazy alone needs ~190 s for 1024 MiB (CRIU's lazy-pages daemon moves ~5 MiB/s
+    /// here), so three runs of the full default would take ~30 min; ask for them with --runs 3.
     pub fn default_matrix() -> Matrix {
         Matrix {
             modes: vec![
@@ -155,7 +157,7 @@ impl Matrix {
             sizes_mib: vec![256, 1024],
             links: vec![Link::Unlimited, Link::Rate("1gbit".into())],
             write_rates: vec![10],
-            runs: 2,
+            runs: 1,
         }
     }
 
@@ -229,6 +231,7 @@ mod tests {
         m.modes.push(Mode::PageservPrecopy);
         let cells = m.cells();
         assert_eq!(cells.len(), 4 * 2 * 2);
+        assert_eq!(m.runs, 1);
         assert!(cells.iter().all(|c| c.mode.unavailable().is_none()));
         assert_eq!(Matrix::quick().cells().len(), 4);
         assert_eq!(m.unavailable().len(), 3);

@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
+    /// Run nothing: re-render results.md and the plots into --out from this results.json.
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -74,5 +77,18 @@ impl BenchArgs {
 
 /// Runs the bench and writes its results.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    run::run(&args.matrix(), &args.out, args.quick)
+    use anyhow::Context;
+    match &args.from_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let old: report::Results = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a bench results.json", path.display()))?;
+            let results = report::Results::new(old.machine, old.matrix, old.runs, old.duration_s);
+            std::fs::create_dir_all(&args.out)?;
+            report::write(&results, &args.out)?;
+            plots::write_all(&results, &args.out)
+        }
+        None => run::run(&args.matrix(), &args.out, args.quick),
+    }
 }

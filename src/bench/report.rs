@@ -5,14 +5,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::matrix::{Cell, Link, Matrix, Mode, TODO_LINKS};
 use super::modes::RunRecord;
 use super::run::Machine;
 
 /// Median, min and max of one metric over a cell's verified runs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stat {
     pub median: f64,
     pub min: f64,
@@ -44,7 +44,7 @@ impl Stat {
 }
 
 /// One cell over its runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellSummary {
     pub cell: Cell,
     pub runs: usize,
@@ -60,14 +60,14 @@ pub struct CellSummary {
 }
 
 /// A mode the bench lists but cannot run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Unavailable {
     pub mode: Mode,
     pub reason: String,
 }
 
 /// Everything results.json holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub machine: Machine,
     pub matrix: Matrix,

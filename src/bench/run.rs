@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::matrix::Matrix;
 use super::modes::{self, RunRecord};
@@ -13,7 +13,7 @@ use super::report::{self, Results};
 use crate::criu::binary::Criu;
 
 /// The machine the numbers come from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpu: String,

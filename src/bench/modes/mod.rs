@@ -4,7 +4,7 @@
 pub mod criu;
 pub mod pageserv;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::matrix::{Cell, Mode};
 use crate::workload_log::Summary;
@@ -17,7 +17,7 @@ pub const MIN_CHECKS_AFTER: usize = 2;
 pub const RATE_WINDOW_MS: u64 = 10;
 
 /// What one run of one cell measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub cell: Cell,
     pub run: u32,

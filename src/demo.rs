@@ -73,9 +73,14 @@ pub struct DemoResult {
     pub workload_alive_at_dst: bool,
     pub workload_alive_at_src: bool,
     pub problems: Vec<String>,
+    /// When the migration ended (both services exited), Unix ns.
+    pub migrated_unix_ns: u64,
+    /// The workload's whole log, for callers that measure more than the demo prints (the bench).
+    #[serde(skip)]
+    pub workload_log: String,
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the pageserv binary")?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
@@ -89,7 +94,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 /// Starts the workload as pid 1 of a new pid namespace; returns (unshare child, host pid).
-fn start_workload(args: &DemoArgs, log: &Path) -> Result<(Child, i32)> {
+pub(crate) fn start_workload(args: &DemoArgs, log: &Path) -> Result<(Child, i32)> {
     let workload = sibling("workload")?;
     let mut cmd = Command::new("unshare");
     cmd.args(["-p", "-f", "setsid"])
@@ -151,7 +156,7 @@ fn wait_for_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<(
         .context("pageserv dst did not start listening in time")
 }
 
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie is not alive: its memory is gone.
     !stat.is_empty() && !stat.contains(") Z ")
@@ -339,6 +344,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
         workload_alive_at_dst,
         workload_alive_at_src,
         problems,
+        migrated_unix_ns: migrated_ns,
+        workload_log: text,
     })
 }
 
@@ -374,7 +381,7 @@ fn start_external_dump(dir: &Path, pid: i32, src: &mut Command) -> Result<Child>
     Ok(child)
 }
 
-fn unix_ns() -> u64 {
+pub(crate) fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -393,7 +400,10 @@ fn find_restore_pid(dst_base: &Path) -> Option<i32> {
     None
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+pub(crate) fn wait_timeout(
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Option<std::process::ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(s) = child.try_wait()? {

@@ -38,6 +38,8 @@ enum Cmd {
     Keygen(KeygenArgs),
     /// Migrate a memory-writing workload between two network namespaces on this machine.
     Demo(pageserv::demo::DemoArgs),
+    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
+    Bench(pageserv::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -265,5 +267,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(d) => pageserv::demo::run(d),
+        Cmd::Bench(b) => pageserv::bench::run(b),
     }
 }

@@ -305,32 +305,11 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     if workload_alive_at_src {
         problems.push("the workload still runs at the source (two live copies)".into());
     }
-    if wl.checks_failed() > 0 {
-        problems.push(format!(
-            "{} memory self-checks failed: {:?}",
-            wl.checks_failed(),
-            wl.first_fail()
-        ));
-    }
-    if !wl.errors.is_empty() {
-        problems.push(format!("unreadable workload log lines: {:?}", wl.errors));
-    }
     // Every process of the tree must keep passing its checks after the last page arrived.
     let want = args.after.saturating_sub(1).max(1) as usize;
-    let mut checks_ok_after = u64::MAX;
-    for (tag, t) in &wl.tags {
-        let (ok, failed) = t.checks_between(migrated_ns, u64::MAX);
-        checks_ok_after = checks_ok_after.min(ok as u64);
-        if ok < want || failed > 0 {
-            problems.push(format!(
-                "process {tag}: {ok} checks ok, {failed} failed after the migration"
-            ));
-        }
-    }
-    if wl.tags.is_empty() {
-        checks_ok_after = 0;
-        problems.push("the workload log is empty".into());
-    }
+    let verified = wl.verify_after(migrated_ns, want);
+    problems.extend(verified.problems);
+    let checks_ok_after = verified.checks_ok_after;
     Ok(DemoResult {
         ok: problems.is_empty(),
         mib: args.mib,

@@ -86,30 +86,9 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
 pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
     let wl = Summary::parse(&o.log);
     let mut problems = o.problems;
-    if !wl.errors.is_empty() {
-        problems.push(format!("unreadable workload log lines: {:?}", wl.errors));
-    }
-    if wl.checks_failed() > 0 {
-        problems.push(format!(
-            "{} memory self-checks failed: {:?}",
-            wl.checks_failed(),
-            wl.first_fail()
-        ));
-    }
-    let mut checks_ok_after = u64::MAX;
-    for (tag, t) in &wl.tags {
-        let (ok, failed) = t.checks_between(o.migrated_ns, u64::MAX);
-        checks_ok_after = checks_ok_after.min(ok as u64);
-        if ok < MIN_CHECKS_AFTER || failed > 0 {
-            problems.push(format!(
-                "process {tag}: {ok} checks ok, {failed} failed after the migration"
-            ));
-        }
-    }
-    if wl.tags.is_empty() {
-        checks_ok_after = 0;
-        problems.push("the workload log is empty".into());
-    }
+    let verified = wl.verify_after(o.migrated_ns, MIN_CHECKS_AFTER);
+    problems.extend(verified.problems);
+    let checks_ok_after = verified.checks_ok_after;
     let gap = wl.max_gap();
     let degraded_ms = gap.zip(wl.tag("r")).and_then(|(g, r)| {
         let before = g.from_ns.saturating_sub(1_000_000_000);

@@ -6,6 +6,7 @@
 //! - shells: [`transport`] (QUIC), [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`],
 //!   [`source::pump`] (CRIU's page server socket), [`criu::binary`] (running CRIU).
 
+pub mod bench;
 pub mod criu;
 pub mod demo;
 pub mod dst;

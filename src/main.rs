@@ -38,6 +38,8 @@ enum Cmd {
     Keygen(KeygenArgs),
     /// Migrate a memory-writing workload between two network namespaces on this machine.
     Demo(pageserv::demo::DemoArgs),
+    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
+    Bench(pageserv::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -169,6 +171,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Runs a service to its end. Blocking helpers still waiting (e.g. for a restore that will never
+/// connect after a failure) must not keep the process alive, so the runtime gets one second.
+fn run_async<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = runtime()?;
+    let result = rt.block_on(fut);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
 fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(p) = path {
         let text = serde_json::to_string_pretty(value)?;
@@ -231,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 progress: true,
             };
-            let report = runtime()?.block_on(src_service::run(opts))?;
+            let report = run_async(src_service::run(opts))?;
             eprint!("{}", report.render());
             write_json(&a.common.stats_json, &report)
         }
@@ -248,7 +259,7 @@ fn run(cli: Cli) -> Result<()> {
                     template: a.restore_cmd.clone(),
                 },
             };
-            let report = runtime()?.block_on(dst_service::run(opts))?;
+            let report = run_async(dst_service::run(opts))?;
             eprint!("{}", report.render());
             write_json(&a.common.stats_json, &report)
         }
@@ -270,5 +281,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(d) => pageserv::demo::run(d),
+        Cmd::Bench(b) => pageserv::bench::run(b),
     }
 }

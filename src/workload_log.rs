@@ -26,7 +26,7 @@
 
 mod summary;
 
-pub use summary::{Gap, Summary, TagSummary};
+pub use summary::{Gap, Summary, TagSummary, Verification};
 
 /// Lines longer than this are rejected (the workload writes < 300 bytes).
 pub const MAX_LINE: usize = 4096;

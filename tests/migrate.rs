@@ -39,6 +39,8 @@ fn migrate(name: &str, args: &[&str]) -> Value {
         .arg("demo")
         .arg("--json")
         .arg(&json)
+        // Watch the workload 4 s after the last page arrived: >= 3 whole-memory checks.
+        .args(["--after", "4"])
         .args(args)
         .output()
         .expect("run pageserv demo");
@@ -69,7 +71,7 @@ fn check_common(name: &str, v: &Value) {
     assert_eq!(v["workload_alive_at_src"], false, "{name}: two live copies");
     assert_eq!(v["checks_failed"], 0, "{name}");
     assert!(
-        v["checks_ok_after"].as_u64().unwrap_or(0) >= 2,
+        v["checks_ok_after"].as_u64().unwrap_or(0) >= 3,
         "{name}: {}",
         v["checks_ok_after"]
     );
@@ -161,4 +163,44 @@ fn joins_an_external_runc_style_dump() {
     let v = migrate("external", &["--mib", "128", "--external-dump"]);
     check_common("external", &v);
     check_accounting("external", &v);
+}
+
+/// A restore that fails at dst comes back to the source, which makes the dump fail, so CRIU
+/// resumes the source tasks: the workload keeps running (and checking itself) where it was.
+#[test]
+fn failed_restore_resumes_the_source() {
+    if !can_run() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("pageserv-test-fail-{}.json", std::process::id()));
+    let out = Command::new(pageserv())
+        .args(["demo", "--mib", "64", "--after", "3", "--json"])
+        .arg(&json)
+        .arg("--dst-arg=--restore-cmd=exit 3")
+        .output()
+        .expect("run pageserv demo");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("demo JSON")).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the demo must report the failed migration"
+    );
+    assert_ne!(v["src_exit"], 0, "src must fail: {stderr}");
+    assert_ne!(v["dst_exit"], 0, "dst must fail: {stderr}");
+    assert!(
+        stderr.contains("restore failed"),
+        "the reason reaches the user: {stderr}"
+    );
+    assert_eq!(
+        v["workload_alive_at_src"], true,
+        "the source must be resumed: {stderr}"
+    );
+    assert_eq!(v["workload_alive_at_dst"], false);
+    assert_eq!(v["checks_failed"], 0);
+    assert!(
+        v["checks_ok_after"].as_u64().unwrap_or(0) >= 2,
+        "the resumed source keeps checking itself: {v}"
+    );
 }

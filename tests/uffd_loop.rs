@@ -1195,3 +1195,53 @@ fn fork_children_of_incomplete_processes_are_killed() {
     );
     h.source.join().unwrap();
 }
+
+// ---- pushes that arrive before the restorer registered the ranges ----
+
+/// CRIU hands over each task's uffd before its restorer mremaps and registers the lazy ranges.
+/// Background pages that arrive in between must wait for the restore to finish: copied at once
+/// they fail with ENOENT, and a loop that dropped them then would answer the later faults with
+/// zero pages (seen for real as a restored workload dying on a zeroed TLS page).
+#[test]
+fn pushes_before_the_ranges_are_registered_wait_for_the_restore() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(2 * MIB);
+    let base = region.addr;
+    let lazy_pages = 256;
+    let img = image(base, lazy_pages);
+    let fd = raw_uffd();
+    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    // The uffd exists but nothing is registered yet, as right after CRIU's handover.
+    let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let h = start(LoopConfig::default(), 22, base, img.clone(), never);
+    let tx = h.handle.sender();
+    tx.send(Inbound::Task {
+        pid: 22,
+        uffd,
+        lazy: vec![PageRange::new(base, lazy_pages)],
+        host_pid: None,
+    })
+    .unwrap();
+    push_all(&tx, 22, base, &img, lazy_pages, 64);
+    std::thread::sleep(Duration::from_millis(100));
+    // Now the "restorer" registers the range, and the restore finishes.
+    assert!(
+        raw_register(fd, base, region.len),
+        "UFFDIO_REGISTER: {}",
+        std::io::Error::last_os_error()
+    );
+    tx.send(Inbound::RestoreFinished).unwrap();
+    wait_complete(&h.events, Duration::from_secs(30));
+    for pg in 0..lazy_pages {
+        expect_page(base + pg * P, base + pg * P);
+    }
+    let c = h.stats.counters();
+    assert_eq!(
+        (c.pages_copied_pushed, c.pages_dropped),
+        (lazy_pages, 0),
+        "{c:?}"
+    );
+    h.handle.shutdown(false).unwrap();
+    h.source.join().unwrap();
+}

@@ -200,6 +200,39 @@ mod tests {
         assert!(Version::parse_criu_output("criu: command not found").is_none());
     }
 
+    /// A fake `criu` that prints `version_line` for `--version`.
+    fn fake_criu(name: &str, version_line: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fake-criu-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("criu");
+        std::fs::write(&path, format!("#!/bin/sh\necho '{version_line}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn refuses_criu_older_than_4() {
+        let old = fake_criu("old", "Version: 3.17.1");
+        let err = Criu::at(&old).unwrap_err();
+        assert!(matches!(err, CriuBinaryError::TooOld { .. }), "{err}");
+        assert!(err.to_string().contains("needs CRIU >= 4.0"), "{err}");
+        let new = fake_criu("new", "Version: 4.2");
+        let c = Criu::locate(Some(&new)).unwrap();
+        assert_eq!(c.version.to_string(), "4.2.0");
+        assert!(matches!(c.layout(), Layout::V42));
+        let junk = fake_criu("junk", "hello");
+        assert!(matches!(
+            Criu::at(&junk),
+            Err(CriuBinaryError::NoVersion { .. })
+        ));
+        let missing = std::env::temp_dir().join("no-such-dir-pageserv/criu");
+        assert!(matches!(
+            Criu::locate(Some(&missing)),
+            Err(CriuBinaryError::NotFound { .. })
+        ));
+    }
+
     #[test]
     fn orders_versions() {
         let a = Version {

@@ -52,11 +52,12 @@ pub async fn run(opts: DstOptions) -> Result<DstReport> {
     tracing::info!(listen = %endpoint.local_addr()?, "pageserv dst ready");
     let (conn, _peer) = transport::accept(&endpoint, &id).await?;
     let result = migrate_in(&opts, &endpoint, &id, &conn).await;
+    // Closing the endpoint closes the fault connection too; the peer learns why.
     match &result {
-        Ok(_) => conn.close(0u32.into(), b"done"),
-        Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+        Ok(_) => endpoint.close(0u32.into(), b"done"),
+        Err(e) => endpoint.close(1u32.into(), format!("{e:#}").as_bytes()),
     }
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     result
 }
 

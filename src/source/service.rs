@@ -32,6 +32,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The hello role of the second connection, which carries only faults.
 pub const ROLE_FAULTS: &str = "src-faults";
 const IMAGE_CHUNK: usize = 1 << 20;
+/// Fetched batches waiting for the push stream.
+const PUSH_SLOTS: usize = 4;
 
 /// Where the dump comes from.
 #[derive(Debug, Clone)]
@@ -224,7 +226,9 @@ async fn migrate(
     // The pump owns the dump's socket from here; the control flow below only steers it.
     let (fault_tx, fault_rx) = mpsc::unbounded_channel::<UrgentRequest>();
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<FaultReply>();
-    let (push_tx, push_rx) = mpsc::channel::<Served>(16);
+    // Each slot holds one fetched batch (at most 4 MiB): this bounds what the source buffers
+    // when QUIC is slower than CRIU.
+    let (push_tx, push_rx) = mpsc::channel::<Served>(PUSH_SLOTS);
     let (control_tx, control_rx) = watch::channel(None);
     let layout = opts.criu.layout();
     let conn_taken = std::mem::replace(

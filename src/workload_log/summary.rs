@@ -44,7 +44,51 @@ pub struct Summary {
     pub errors: Vec<ParseError>,
 }
 
+/// Whether a migrated workload verified its memory (see [`Summary::verify_after`]).
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    /// The fewest passing checks any process had after the migration.
+    pub checks_ok_after: u64,
+    /// What was wrong; empty when the workload verified.
+    pub problems: Vec<String>,
+}
+
 impl Summary {
+    /// The verification rule for a migrated workload, used by the demo, the tests and the
+    /// bench alike: the log is readable, no check failed anywhere, and every process of the
+    /// tree passed at least `min_ok` whole-memory checks after `migrated_ns`.
+    pub fn verify_after(&self, migrated_ns: u64, min_ok: usize) -> Verification {
+        let mut problems = Vec::new();
+        if !self.errors.is_empty() {
+            problems.push(format!("unreadable workload log lines: {:?}", self.errors));
+        }
+        if self.checks_failed() > 0 {
+            problems.push(format!(
+                "{} memory self-checks failed: {:?}",
+                self.checks_failed(),
+                self.first_fail()
+            ));
+        }
+        let mut checks_ok_after = u64::MAX;
+        for (tag, t) in &self.tags {
+            let (ok, failed) = t.checks_between(migrated_ns, u64::MAX);
+            checks_ok_after = checks_ok_after.min(ok as u64);
+            if ok < min_ok || failed > 0 {
+                problems.push(format!(
+                    "process {tag}: {ok} checks ok, {failed} failed after the migration"
+                ));
+            }
+        }
+        if self.tags.is_empty() {
+            checks_ok_after = 0;
+            problems.push("the workload log is empty".into());
+        }
+        Verification {
+            checks_ok_after,
+            problems,
+        }
+    }
+
     /// Parses the complete lines of a log text.
     pub fn parse(text: &str) -> Self {
         let (events, errors) = super::parse_log(text);

@@ -66,41 +66,13 @@ impl Engine {
                 ));
                 return;
             }
-            let msg = match data {
-                Some(data) => Inbound::Pages {
-                    pid,
-                    img_vaddr: img,
-                    nr_pages,
-                    data,
-                    urgent,
-                },
-                None => Inbound::Zero {
-                    pid,
-                    img_vaddr: img,
-                    nr_pages,
-                    urgent,
-                },
-            };
+            let msg = as_message(pid, img, nr_pages, data, urgent);
             self.early.push(msg);
             return;
         }
         if !self.views.values().any(|v| v.mem.pid() == pid) {
             if !self.known_pids.contains(&pid) && !self.restore_finished {
-                let msg = match data {
-                    Some(data) => Inbound::Pages {
-                        pid,
-                        img_vaddr: img,
-                        nr_pages,
-                        data,
-                        urgent,
-                    },
-                    None => Inbound::Zero {
-                        pid,
-                        img_vaddr: img,
-                        nr_pages,
-                        urgent,
-                    },
-                };
+                let msg = as_message(pid, img, nr_pages, data, urgent);
                 self.stash.entry(pid).or_default().push(msg);
             } else {
                 debug!(pid, img, nr, "pages for a task that is gone: dropped");
@@ -223,5 +195,24 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// The message an arrival came as, for holding it until it can be placed.
+fn as_message(pid: u32, img: u64, nr_pages: u32, data: Option<Bytes>, urgent: bool) -> Inbound {
+    match data {
+        Some(data) => Inbound::Pages {
+            pid,
+            img_vaddr: img,
+            nr_pages,
+            data,
+            urgent,
+        },
+        None => Inbound::Zero {
+            pid,
+            img_vaddr: img,
+            nr_pages,
+            urgent,
+        },
     }
 }

@@ -1,0 +1,94 @@
+//! `pageserv bench`: the downtime benchmark. It migrates the self-verifying workload with every
+//! available mode (CRIU's stop-and-copy and post-copy, pageserv's post-copy) over a matrix of
+//! memory sizes, links and dirty rates, measures each run from the workload's own log, and writes
+//! `results.json`, `results.md` and plots (PNG + SVG) into an output directory.
+//!
+//! - [`matrix`]: modes, links, cells (pure).
+//! - [`modes`]: one run of one cell (`modes::criu`, `modes::pageserv`).
+//! - [`run`]: the loop over the matrix and the machine facts.
+//! - [`report`]: aggregation (median, min, max over verified runs), JSON and Markdown.
+//! - [`plots`]: the charts.
+
+pub mod matrix;
+pub mod modes;
+pub mod plots;
+pub mod report;
+pub mod run;
+
+use std::path::PathBuf;
+
+use matrix::{Link, Matrix, Mode};
+
+/// `pageserv bench` options. Without matrix flags it runs [`Matrix::default_matrix`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Output directory for results.json, results.md and the plots.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// One 64 MiB cell per mode, unlimited link, one run: checks every mode completes and verifies.
+    #[arg(long)]
+    pub quick: bool,
+    /// Workload sizes in MiB (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<u64>,
+    /// Links: `unlimited` or a tc rate such as 1gbit (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = Link::parse)]
+    pub links: Vec<Link>,
+    /// Workload dirty rates in pages per millisecond (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u64>,
+    /// Runs per cell.
+    #[arg(long)]
+    pub runs: Option<u32>,
+    /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
+    #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
+    pub modes: Vec<Mode>,
+    /// Run nothing: re-render results.md and the plots into --out from this results.json.
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The matrix these flags ask for.
+    pub fn matrix(&self) -> Matrix {
+        let mut m = if self.quick {
+            Matrix::quick()
+        } else {
+            Matrix::default_matrix()
+        };
+        if !self.sizes.is_empty() {
+            m.sizes_mib = self.sizes.clone();
+        }
+        if !self.links.is_empty() {
+            m.links = self.links.clone();
+        }
+        if !self.rates.is_empty() {
+            m.write_rates = self.rates.clone();
+        }
+        if let Some(r) = self.runs {
+            m.runs = r.max(1);
+        }
+        if !self.modes.is_empty() {
+            m.modes = self.modes.clone();
+        }
+        m
+    }
+}
+
+/// Runs the bench and writes its results.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match &args.from_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let old: report::Results = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a bench results.json", path.display()))?;
+            let results = report::Results::new(old.machine, old.matrix, old.runs, old.duration_s);
+            std::fs::create_dir_all(&args.out)?;
+            report::write(&results, &args.out)?;
+            plots::write_all(&results, &args.out)
+        }
+        None => run::run(&args.matrix(), &args.out, args.quick),
+    }
+}

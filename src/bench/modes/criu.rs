@@ -1,0 +1,354 @@
+//! CRIU's own migration modes, as a user would run them by hand, on the same testbed and
+//! workload as pageserv: stop-and-copy through disk, stop-and-copy through `criu page-server`,
+//! and CRIU's post-copy (`criu lazy-pages`).
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::{AFTER_S, ModeOutcome};
+use crate::bench::matrix::{Cell, Mode};
+use crate::criu::binary::{Criu, log_tail, pass_fds};
+use crate::demo::{self, DemoArgs};
+use crate::testbed::Testbed;
+
+/// Writer threads of the workload in every mode.
+pub const WORKLOAD_THREADS: u32 = 2;
+/// The longest any CRIU step may take before the run is declared failed.
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The fd number CRIU writes its ready byte to.
+const STATUS_FD: i32 = 3;
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A fresh TCP port per CRIU run, so a socket in TIME_WAIT from the last run never collides.
+fn next_port() -> u16 {
+    let base = 30000 + (std::process::id() % 5000) as u16 * 4;
+    base + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % 4000
+}
+
+/// The processes and files of one run, ended and read whatever happens.
+struct Run<'a> {
+    bed: &'a Testbed,
+    criu: Criu,
+    logs: PathBuf,
+    /// Background CRIU processes (page server, lazy dump, lazy-pages daemon).
+    children: Vec<Child>,
+    pidfile: PathBuf,
+}
+
+/// Runs one CRIU mode on a fresh testbed and workload.
+pub fn run(cell: &Cell) -> Result<ModeOutcome> {
+    let bed = Testbed::new(1)?;
+    if let Some(rate) = cell.link.tc_rate() {
+        bed.limit_rate(rate)?;
+    }
+    let criu = Criu::locate(None)?;
+    let logs = bed.dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log = bed.dir.join("workload.log");
+    let args = DemoArgs {
+        mib: cell.mib,
+        threads: WORKLOAD_THREADS,
+        write_rate: cell.write_rate.to_string(),
+        children: 0,
+        churn: false,
+        rate: None,
+        external_dump: false,
+        after: AFTER_S,
+        json: None,
+        src_args: Vec::new(),
+        dst_args: Vec::new(),
+    };
+    let (mut unshare, pid) = demo::start_workload(&args, &log)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut run = Run {
+        bed: &bed,
+        criu,
+        pidfile: bed.dir.join("restore.pid"),
+        logs,
+        children: Vec::new(),
+    };
+    let wire_before = veth_bytes(&bed);
+    let started = Instant::now();
+    let migrated = match cell.mode {
+        Mode::CriuDisk => run.disk(pid),
+        Mode::CriuPageserver => run.page_server(pid),
+        Mode::CriuLazy => run.lazy(pid),
+        m => Err(anyhow::anyhow!("{} is not a CRIU mode", m.name())),
+    };
+    let total_ms = started.elapsed().as_secs_f64() * 1e3;
+    let migrated_ns = demo::unix_ns();
+    let mut problems = Vec::new();
+    let mut wire_bytes = veth_bytes(&bed).zip(wire_before).map(|(a, b)| a - b);
+    match &migrated {
+        Ok(Some(image_bytes)) => wire_bytes = Some(*image_bytes),
+        Ok(None) => {}
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    let restored = std::fs::read_to_string(&run.pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    if migrated.is_ok() {
+        std::thread::sleep(Duration::from_secs(AFTER_S));
+        if !restored.is_some_and(demo::alive) {
+            problems.push("the workload is not running at the destination".into());
+        }
+        if demo::alive(pid) {
+            problems.push("the workload still runs at the source (two live copies)".into());
+        }
+    }
+    // End only what this run started: the restored tree, the source tree, the CRIU helpers.
+    if let Some(p) = restored {
+        stop(p);
+    }
+    if demo::alive(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = unshare.kill();
+    let _ = unshare.wait();
+    for c in &mut run.children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(ModeOutcome {
+        migrated_ns,
+        total_ms: migrated.is_ok().then_some(total_ms),
+        wire_bytes: migrated.is_ok().then_some(wire_bytes).flatten(),
+        fault_p50_us: None,
+        fault_p99_us: None,
+        problems,
+        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    })
+}
+
+/// SIGTERM (the workload logs its exit), then SIGKILL if it lingers.
+fn stop(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while demo::alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if demo::alive(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Bytes that crossed the veth both ways so far.
+fn veth_bytes(bed: &Testbed) -> Option<u64> {
+    let read = |what: &str| -> Option<u64> {
+        std::fs::read_to_string(format!(
+            "/sys/class/net/{}/statistics/{what}_bytes",
+            bed.host_if
+        ))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    };
+    Some(read("rx")? + read("tx")?)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Copies the files of `from` that `to` lacks.
+fn copy_missing(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_file() && !target.exists() {
+            std::fs::copy(e.path(), &target)
+                .with_context(|| format!("copying {} to {}", e.path().display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits for CRIU's status byte on `r`; EOF or a timeout means CRIU failed.
+fn wait_ready(r: OwnedFd, what: &str, log: &Path) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(r);
+        let mut b = [0u8; 1];
+        let _ = tx.send(f.read(&mut b).map(|n| n == 1 && b[0] == 0));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(true)) => Ok(()),
+        _ => bail!(
+            "{what} did not become ready; its log ends:\n{}",
+            log_tail(log, 15)
+        ),
+    }
+}
+
+impl Run<'_> {
+    fn criu_cmd(&self, in_dst: bool) -> Command {
+        let mut c = if in_dst {
+            self.bed.in_dst(&self.criu.path)
+        } else {
+            self.criu.command()
+        };
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    /// Runs a CRIU step to completion; on failure the error carries its log tail.
+    fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
+        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        match demo::wait_timeout(&mut child, STEP_TIMEOUT)? {
+            Some(s) if s.success() => Ok(()),
+            other => bail!(
+                "{what} failed ({}); its log ends:\n{}",
+                other.map_or("timed out".to_string(), |s| s.to_string()),
+                log_tail(log, 15)
+            ),
+        }
+    }
+
+    /// Starts a CRIU process that reports readiness on --status-fd, and waits for it.
+    fn start_ready(&mut self, what: &str, mut cmd: Command, log: &Path) -> Result<usize> {
+        let (r, w) = nix::unistd::pipe().context("creating a status pipe")?;
+        pass_fds(&mut cmd, &[(&w, STATUS_FD)]);
+        cmd.args(["--status-fd", &STATUS_FD.to_string()]);
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        drop(w);
+        self.children.push(child);
+        wait_ready(r, what, log)?;
+        Ok(self.children.len() - 1)
+    }
+
+    fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
+        match demo::wait_timeout(&mut self.children[i], STEP_TIMEOUT)? {
+            Some(s) if s.success() => Ok(()),
+            other => bail!(
+                "{what} failed ({}); its log ends:\n{}",
+                other.map_or("timed out".to_string(), |s| s.to_string()),
+                log_tail(log, 15)
+            ),
+        }
+    }
+
+    fn restore(&self, images: &Path, lazy: bool) -> Result<()> {
+        let log = self.logs.join("restore.log");
+        let mut cmd = self.criu_cmd(true);
+        cmd.arg("restore")
+            .arg("-D")
+            .arg(images)
+            .arg("-d")
+            .arg("--pidfile")
+            .arg(&self.pidfile)
+            .arg("-o")
+            .arg(&log)
+            .arg("-v4");
+        if lazy {
+            cmd.arg("--lazy-pages");
+        }
+        self.step("criu restore (in the destination netns)", cmd, &log)
+    }
+
+    /// Dump to a local directory, restore from it. Returns the image bytes (the copy).
+    fn disk(&mut self, pid: i32) -> Result<Option<u64>> {
+        let dir = self.bed.dir.join("images");
+        std::fs::create_dir_all(&dir)?;
+        let log = self.logs.join("dump.log");
+        let mut cmd = self.criu_cmd(false);
+        cmd.args(["dump", "-t", &pid.to_string(), "-D"])
+            .arg(&dir)
+            .arg("-o")
+            .arg(&log)
+            .arg("-v4");
+        self.step("criu dump", cmd, &log)?;
+        self.restore(&dir, false)?;
+        Ok(Some(dir_bytes(&dir)))
+    }
+
+    /// `criu page-server` at the destination receives the memory over TCP during the dump.
+    fn page_server(&mut self, pid: i32) -> Result<Option<u64>> {
+        let dst_dir = self.bed.dir.join("dst-images");
+        let src_dir = self.bed.dir.join("src-images");
+        std::fs::create_dir_all(&dst_dir)?;
+        std::fs::create_dir_all(&src_dir)?;
+        let port = next_port().to_string();
+        let addr = self.bed.dst_addr.to_string();
+        let ps_log = self.logs.join("page-server.log");
+        let mut ps = self.criu_cmd(true);
+        ps.arg("page-server")
+            .arg("-D")
+            .arg(&dst_dir)
+            .args(["--port", &port, "--address", &addr, "-o"])
+            .arg(&ps_log)
+            .arg("-v4");
+        let server = self.start_ready("criu page-server (destination)", ps, &ps_log)?;
+        let log = self.logs.join("dump.log");
+        let mut dump = self.criu_cmd(false);
+        dump.args(["dump", "-t", &pid.to_string(), "-D"])
+            .arg(&src_dir)
+            .args(["--page-server", "--address", &addr, "--port", &port, "-o"])
+            .arg(&log)
+            .arg("-v4");
+        self.step("criu dump --page-server", dump, &log)?;
+        self.wait_child(server, "criu page-server", &ps_log)?;
+        copy_missing(&src_dir, &dst_dir)?;
+        self.restore(&dst_dir, false)?;
+        Ok(None)
+    }
+
+    /// CRIU's post-copy: lazy dump at the source, lazy-pages daemon and lazy restore at the
+    /// destination; done when the dump exits (every page transferred).
+    fn lazy(&mut self, pid: i32) -> Result<Option<u64>> {
+        let src_dir = self.bed.dir.join("src-images");
+        let dst_dir = self.bed.dir.join("dst-images");
+        std::fs::create_dir_all(&src_dir)?;
+        let port = next_port().to_string();
+        let addr = self.bed.src_addr.to_string();
+        let log = self.logs.join("dump.log");
+        let mut dump = self.criu_cmd(false);
+        dump.args(["dump", "-t", &pid.to_string(), "-D"])
+            .arg(&src_dir)
+            .args(["--lazy-pages", "--address", &addr, "--port", &port, "-o"])
+            .arg(&log)
+            .arg("-v4");
+        let dumper = self.start_ready("criu dump --lazy-pages", dump, &log)?;
+        copy_missing(&src_dir, &dst_dir)?;
+        let lp_log = self.logs.join("lazy-pages.log");
+        let mut lp = self.criu_cmd(true);
+        lp.args([
+            "lazy-pages",
+            "--page-server",
+            "--address",
+            &addr,
+            "--port",
+            &port,
+        ])
+        .arg("-D")
+        .arg(&dst_dir)
+        .arg("-o")
+        .arg(&lp_log)
+        .arg("-v4");
+        let daemon = self.start_ready("criu lazy-pages (destination)", lp, &lp_log)?;
+        self.restore(&dst_dir, true)?;
+        self.wait_child(dumper, "criu dump --lazy-pages", &log)?;
+        self.wait_child(daemon, "criu lazy-pages", &lp_log)?;
+        Ok(None)
+    }
+}

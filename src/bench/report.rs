@@ -1,0 +1,385 @@
+//! Aggregation and the two result files: results.json (everything) and results.md (tables).
+//! Only verified runs are aggregated; failed runs are counted and listed, never averaged in.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::matrix::{Cell, Link, Matrix, Mode, TODO_LINKS};
+use super::modes::RunRecord;
+use super::run::Machine;
+
+/// Median, min and max of one metric over a cell's verified runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    /// None when there are no finite values.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Stat> {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+}
+
+/// One cell over its runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellSummary {
+    pub cell: Cell,
+    pub runs: usize,
+    pub verified: usize,
+    pub downtime_ms: Option<Stat>,
+    pub total_ms: Option<Stat>,
+    pub wire_bytes: Option<Stat>,
+    pub fault_p50_us: Option<Stat>,
+    pub fault_p99_us: Option<Stat>,
+    pub degraded_ms: Option<Stat>,
+    /// The first problem of a failed run, if any failed.
+    pub first_problem: Option<String>,
+}
+
+/// A mode the bench lists but cannot run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unavailable {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// Everything results.json holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub matrix: Matrix,
+    pub duration_s: f64,
+    pub unavailable: Vec<Unavailable>,
+    /// Links not benchmarked yet, and why.
+    pub todo_links: Vec<String>,
+    pub cells: Vec<CellSummary>,
+    pub runs: Vec<RunRecord>,
+}
+
+impl Results {
+    pub fn new(machine: Machine, matrix: Matrix, runs: Vec<RunRecord>, duration_s: f64) -> Self {
+        let unavailable = matrix
+            .unavailable()
+            .into_iter()
+            .map(|(mode, r)| Unavailable {
+                mode,
+                reason: format!("not available: {r}"),
+            })
+            .collect();
+        Results {
+            cells: summarize(&runs),
+            todo_links: TODO_LINKS
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{l}: TODO, needs the source side in a netns too, which breaks CRIU's dump \
+                         of a root-netns workload"
+                    )
+                })
+                .collect(),
+            machine,
+            matrix,
+            duration_s,
+            unavailable,
+            runs,
+        }
+    }
+
+    pub fn cell(&self, mode: Mode, mib: u64, link: &Link, rate: u64) -> Option<&CellSummary> {
+        self.cells.iter().find(|c| {
+            c.cell.mode == mode
+                && c.cell.mib == mib
+                && &c.cell.link == link
+                && c.cell.write_rate == rate
+        })
+    }
+}
+
+/// Groups runs by cell (in cell order) and aggregates the verified ones.
+pub fn summarize(runs: &[RunRecord]) -> Vec<CellSummary> {
+    let mut cells: Vec<Cell> = runs.iter().map(|r| r.cell.clone()).collect();
+    cells.sort();
+    cells.dedup();
+    cells
+        .into_iter()
+        .map(|cell| {
+            let all: Vec<&RunRecord> = runs.iter().filter(|r| r.cell == cell).collect();
+            let ok: Vec<&RunRecord> = all.iter().copied().filter(|r| r.verified).collect();
+            let stat =
+                |f: &dyn Fn(&RunRecord) -> Option<f64>| Stat::of(ok.iter().filter_map(|r| f(r)));
+            CellSummary {
+                runs: all.len(),
+                verified: ok.len(),
+                downtime_ms: stat(&|r| r.downtime_ms),
+                total_ms: stat(&|r| r.total_ms),
+                wire_bytes: stat(&|r| r.wire_bytes.map(|b| b as f64)),
+                fault_p50_us: stat(&|r| r.fault_p50_us),
+                fault_p99_us: stat(&|r| r.fault_p99_us),
+                degraded_ms: stat(&|r| r.degraded_ms),
+                first_problem: all
+                    .iter()
+                    .find(|r| !r.verified)
+                    .and_then(|r| r.problems.first().cloned()),
+                cell,
+            }
+        })
+        .collect()
+}
+
+/// Writes results.json and results.md.
+pub fn write(results: &Results, out: &Path) -> Result<()> {
+    let json = out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join("results.md");
+    std::fs::write(&md, markdown(results)).with_context(|| format!("writing {}", md.display()))
+}
+
+fn fmt_stat(s: Option<Stat>, scale: f64, digits: usize) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n == 1 => format!("{:.*}", digits, s.median / scale),
+        Some(s) => format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits,
+            s.median / scale,
+            digits,
+            s.min / scale,
+            digits,
+            s.max / scale
+        ),
+    }
+}
+
+fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}", a.median / b.median),
+        _ => "–".into(),
+    }
+}
+
+/// The Markdown report: machine, per-cell table, ratios, unavailable modes, failures.
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# pageserv downtime benchmark\n");
+    let _ = writeln!(
+        s,
+        "Machine: kernel {}, {} cores ({}), {} MiB RAM, CRIU {}. {} runs in {:.0} s.\n",
+        m.kernel,
+        m.cores,
+        m.cpu,
+        m.memory_mib,
+        m.criu_version,
+        r.runs.len(),
+        r.duration_s
+    );
+    let _ = writeln!(
+        s,
+        "Workload: bench/workload, {} writer threads, heartbeat every 1 ms, full self-check every \
+         1 s. Downtime = largest heartbeat gap (from the workload's log). Degraded = time the \
+         write rate stayed below 50% of its pre-migration rate after it ran again ({} ms \
+         windows). A run counts only if the workload verified its memory at the destination \
+         (>= {} checks ok, none failed). Median (min–max) over verified runs. Link = veth, \
+         rate-limited with tbf. criu-disk copies through local disk: its bytes are the image \
+         bytes, and the link does not apply to it.\n",
+        super::modes::criu::WORKLOAD_THREADS,
+        super::modes::RATE_WINDOW_MS,
+        super::modes::MIN_CHECKS_AFTER
+    );
+    let _ = writeln!(
+        s,
+        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for c in &r.cells {
+        let verified = if c.verified == 0 {
+            format!("**FAILED** 0/{}", c.runs)
+        } else if c.verified < c.runs {
+            format!("{}/{} (some FAILED)", c.verified, c.runs)
+        } else {
+            format!("{}/{}", c.verified, c.runs)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.cell.mode.name(),
+            c.cell.mib,
+            c.cell.link.label(),
+            c.cell.write_rate,
+            verified,
+            fmt_stat(c.downtime_ms, 1.0, 1),
+            fmt_stat(c.total_ms, 1.0, 0),
+            fmt_stat(c.wire_bytes, 1048576.0, 1),
+            fmt_stat(c.fault_p50_us, 1.0, 0),
+            fmt_stat(c.fault_p99_us, 1.0, 0),
+            fmt_stat(c.degraded_ms, 1.0, 0),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Ratios (medians; < 1 means pageserv-lazy is better)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| link | MiB | dirty pages/ms | downtime / criu-lazy | downtime / criu-disk | total / criu-lazy | total / criu-disk |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for link in &r.matrix.links {
+        for &mib in &r.matrix.sizes_mib {
+            for &rate in &r.matrix.write_rates {
+                let get = |mode| r.cell(mode, mib, link, rate);
+                let Some(ps) = get(Mode::PageservLazy) else {
+                    continue;
+                };
+                let lazy = get(Mode::CriuLazy);
+                let disk = get(Mode::CriuDisk);
+                let _ = writeln!(
+                    s,
+                    "| {} | {mib} | {rate} | {} | {} | {} | {} |",
+                    link.label(),
+                    ratio(ps.downtime_ms, lazy.and_then(|c| c.downtime_ms)),
+                    ratio(ps.downtime_ms, disk.and_then(|c| c.downtime_ms)),
+                    ratio(ps.total_ms, lazy.and_then(|c| c.total_ms)),
+                    ratio(ps.total_ms, disk.and_then(|c| c.total_ms)),
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "\n## Not benchmarked\n");
+    for u in &r.unavailable {
+        let _ = writeln!(s, "- {}: {}", u.mode.name(), u.reason);
+    }
+    for l in &r.todo_links {
+        let _ = writeln!(s, "- link {l}");
+    }
+    let failed: Vec<&RunRecord> = r.runs.iter().filter(|x| !x.verified).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "\n## Failed runs\n");
+        for f in failed {
+            let problem: String = f.problems.join("; ").chars().take(600).collect();
+            let _ = writeln!(
+                s,
+                "- {} {} MiB, {}, {} pages/ms, run {}: {}",
+                f.cell.mode.name(),
+                f.cell.mib,
+                f.cell.link.label(),
+                f.cell.write_rate,
+                f.run + 1,
+                problem.replace('\n', " / ")
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mode: Mode, verified: bool, downtime: f64) -> RunRecord {
+        RunRecord {
+            cell: Cell {
+                mode,
+                mib: 64,
+                link: Link::Unlimited,
+                write_rate: 10,
+            },
+            run: 0,
+            verified,
+            problems: if verified {
+                vec![]
+            } else {
+                vec!["broken".into()]
+            },
+            downtime_ms: Some(downtime),
+            total_ms: Some(downtime * 2.0),
+            wire_bytes: None,
+            fault_p50_us: None,
+            fault_p99_us: None,
+            degraded_ms: None,
+            checks_ok_after: 2,
+            checks_failed: 0,
+        }
+    }
+
+    #[test]
+    fn stat_takes_median_min_max() {
+        let s = Stat::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(Stat::of([1.0, 4.0]).unwrap().median, 2.5);
+        assert!(Stat::of([f64::NAN]).is_none());
+        assert!(Stat::of([]).is_none());
+    }
+
+    #[test]
+    fn failed_runs_are_never_averaged_in() {
+        let runs = vec![
+            record(Mode::CriuLazy, true, 10.0),
+            record(Mode::CriuLazy, false, 9999.0),
+            record(Mode::CriuLazy, true, 20.0),
+            record(Mode::PageservLazy, false, 1.0),
+        ];
+        let cells = summarize(&runs);
+        assert_eq!(cells.len(), 2);
+        let lazy = &cells[0];
+        assert_eq!(lazy.cell.mode, Mode::CriuLazy);
+        assert_eq!((lazy.runs, lazy.verified), (3, 2));
+        assert_eq!(lazy.downtime_ms.unwrap().max, 20.0);
+        assert_eq!(lazy.first_problem.as_deref(), Some("broken"));
+        let ps = &cells[1];
+        assert!(ps.downtime_ms.is_none());
+    }
+
+    #[test]
+    fn markdown_marks_failed_cells_and_lists_unavailable_modes() {
+        let machine = Machine {
+            kernel: "k".into(),
+            cpu: "c".into(),
+            cores: 2,
+            memory_mib: 1,
+            criu_version: "4.1.1".into(),
+            criu_path: "criu".into(),
+        };
+        let r = Results::new(
+            machine,
+            Matrix::quick(),
+            vec![
+                record(Mode::CriuLazy, true, 10.0),
+                record(Mode::PageservLazy, false, 1.0),
+            ],
+            1.0,
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("| pageserv-lazy | 64 | unlimited | 10 | **FAILED** 0/1 |"),
+            "{md}"
+        );
+        assert!(md.contains("pageserv-precopy: not available"));
+        assert!(md.contains("criu-predump: not available"));
+        assert!(md.contains("linkem"));
+    }
+}

@@ -1,0 +1,128 @@
+//! The loop over the matrix: every cell `runs` times, results written after each run so an
+//! interrupted bench still leaves its numbers.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::matrix::Matrix;
+use super::modes::{self, RunRecord};
+use super::report::{self, Results};
+use crate::criu::binary::Criu;
+
+/// The machine the numbers come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_mib: u64,
+    pub criu_version: String,
+    pub criu_path: String,
+}
+
+impl Machine {
+    pub fn probe(criu: &Criu) -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        let memory_mib = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024);
+        Machine {
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            cpu,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory_mib,
+            criu_version: criu.version.to_string(),
+            criu_path: criu.path.display().to_string(),
+        }
+    }
+}
+
+/// Runs the matrix and writes results.json, results.md and the plots into `out`. With `quick`
+/// it fails unless every run verified.
+pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the bench needs root (network namespaces, CRIU); run it as root");
+    }
+    let criu = Criu::locate(None)?;
+    let pipe_max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    if pipe_max < 8_388_608 {
+        bail!(
+            "/proc/sys/fs/pipe-max-size is {pipe_max}, lazy dumps need >= 8388608: run \
+             tools/setup-criu or `echo 8388608 > /proc/sys/fs/pipe-max-size`"
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let machine = Machine::probe(&criu);
+    let cells = matrix.cells();
+    let total = cells.len() * matrix.runs as usize;
+    let started = Instant::now();
+    let mut records: Vec<RunRecord> = Vec::new();
+    for run in 0..matrix.runs {
+        // Runs outermost: an interrupted bench still has every cell once.
+        for cell in &cells {
+            let t = Instant::now();
+            eprintln!(
+                "[bench {}/{total}] {} {} MiB, link {}, {} pages/ms, run {}",
+                records.len() + 1,
+                cell.mode.name(),
+                cell.mib,
+                cell.link.label(),
+                cell.write_rate,
+                run + 1
+            );
+            let rec = modes::run_once(cell, run);
+            eprintln!(
+                "[bench] {} in {:.1} s: downtime {:?} ms, total {:?} ms{}",
+                if rec.verified { "verified" } else { "FAILED" },
+                t.elapsed().as_secs_f64(),
+                rec.downtime_ms.map(|v| v.round()),
+                rec.total_ms.map(|v| v.round()),
+                if rec.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", rec.problems.join("; "))
+                }
+            );
+            records.push(rec);
+            let results = Results::new(
+                machine.clone(),
+                matrix.clone(),
+                records.clone(),
+                started.elapsed().as_secs_f64(),
+            );
+            report::write(&results, out)?;
+        }
+    }
+    let results = Results::new(
+        machine,
+        matrix.clone(),
+        records,
+        started.elapsed().as_secs_f64(),
+    );
+    report::write(&results, out)?;
+    super::plots::write_all(&results, out)?;
+    let failed = results.runs.iter().filter(|r| !r.verified).count();
+    println!(
+        "bench: {} runs in {:.0} s, {failed} failed; results in {}",
+        results.runs.len(),
+        results.duration_s,
+        out.display()
+    );
+    if quick && failed > 0 {
+        bail!("{failed} quick runs did not verify (see results.md)");
+    }
+    Ok(())
+}

@@ -98,15 +98,10 @@ struct SrcArgs {
     /// Serve faults only, push nothing in the background (for measuring fault latency).
     #[arg(long, hide = true)]
     no_push: bool,
-    /// Congestion controller of the push connection: scavenger (delay-based: keeps the queue it
-    /// adds at the bottleneck near --scavenger-target-us, so fault replies don't wait behind the
-    /// push), cubic, bbr or newreno.
-    #[arg(long, hide = true, default_value = "scavenger")]
+    /// Congestion controller of the push connection (for comparisons): cubic, scavenger
+    /// (delay-based, yields the bottleneck's queue to fault replies), bbr or newreno.
+    #[arg(long, hide = true, default_value = "cubic")]
     congestion: String,
-    /// Queueing delay the scavenger push may add at the bottleneck, in microseconds (default:
-    /// pageserv's measured choice, see transport::scavenger).
-    #[arg(long, hide = true)]
-    scavenger_target_us: Option<u64>,
     /// Start the background push this many ms after the restore finished (for measuring fault
     /// latency with and without the push in one migration).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -230,13 +225,6 @@ fn run(cli: Cli) -> Result<()> {
                         other => anyhow::bail!(
                             "unknown congestion controller {other:?}: scavenger, cubic, bbr or newreno"
                         ),
-                    },
-                    scavenger: pageserv::transport::scavenger::ScavengerConfig {
-                        target: a.scavenger_target_us.map_or(
-                            pageserv::transport::scavenger::ScavengerConfig::default().target,
-                            std::time::Duration::from_micros,
-                        ),
-                        ..Default::default()
                     },
                     ..Default::default()
                 },

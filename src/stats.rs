@@ -70,6 +70,22 @@ impl DstReport {
             / (self.post_copy_ms / 1e3)
     }
 
+    /// Fault latency before and during the push, when the migration had faults in both (a
+    /// delayed push: `pageserv src --push-after-ms`).
+    fn push_split(&self) -> String {
+        let (b, d) = (
+            &self.fault_latency_before_push,
+            &self.fault_latency_during_push,
+        );
+        if b.count == 0 || d.count == 0 {
+            return String::new();
+        }
+        format!(
+            "  before the push {}: p50 {:.0} us, p99 {:.0} us; during it {}: p50 {:.0} us, p99 {:.0} us\n",
+            b.count, b.p50_us, b.p99_us, d.count, d.p50_us, d.p99_us
+        )
+    }
+
     pub fn render(&self) -> String {
         format!(
             "pageserv dst report\n\
@@ -80,6 +96,7 @@ impl DstReport {
              \x20 tasks {}, lazy pages {} ({:.1} MiB)\n\
              \x20 pages on demand {}, pushed {}, zero (lazy) {}, zero (not lazy) {}\n\
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
+             {}\
              \x20 bytes received {} (images {})\n",
             self.downtime_ms,
             self.restore_ms,
@@ -98,6 +115,7 @@ impl DstReport {
             self.fault_latency.p99_us,
             self.fault_latency.max_us,
             self.fault_latency.total_ms,
+            self.push_split(),
             self.bytes_received,
             self.images_bytes,
         )

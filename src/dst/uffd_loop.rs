@@ -10,6 +10,7 @@
 //! a live process is closed before [`Inbound::Shutdown`], because closing it turns every missing
 //! page into a silent zero page.
 
+mod chunk;
 mod engine;
 mod ioctl;
 mod kill;

@@ -45,7 +45,10 @@ fn keeps_the_queue_near_target_on_a_gigabit_lan() {
     let mut c = controller(config);
     let o = Sim::new().run(&mut c, secs(1.0), secs(3.0), |_| gigabit_lan());
     assert!(o.utilization > 0.97, "{o:?}");
-    assert!(o.queue_p50 > target / 2 && o.queue_p50 < target * 3 / 2, "{o:?}");
+    assert!(
+        o.queue_p50 > target / 2 && o.queue_p50 < target * 3 / 2,
+        "{o:?}"
+    );
     assert!(o.queue_p99 < target * 2, "{o:?}");
     assert_eq!(o.losses, 0, "{o:?}");
 }
@@ -64,7 +67,10 @@ fn keeps_a_few_packets_queued_on_a_slow_link() {
     assert!(o.utilization > 0.97, "{o:?}");
     // The controller holds the smallest queue of its filter span at the target: the typical
     // packet sees a little more.
-    assert!(o.queue_p50 > target / 2 && o.queue_p50 < target * 2, "{o:?}");
+    assert!(
+        o.queue_p50 > target / 2 && o.queue_p50 < target * 2,
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -252,8 +258,15 @@ fn secs(s: f64) -> Duration {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Ack { packets: u8, rtt_us: u64, gap_us: u64, app_limited: bool },
-    Loss { persistent: bool },
+    Ack {
+        packets: u8,
+        rtt_us: u64,
+        gap_us: u64,
+        app_limited: bool,
+    },
+    Loss {
+        persistent: bool,
+    },
     Mtu(u16),
 }
 
@@ -329,4 +342,3 @@ proptest! {
         prop_assert!(o.min_window >= 4 * u64::from(MTU));
     }
 }
-

@@ -10,7 +10,6 @@
 //! a live process is closed before [`Inbound::Shutdown`], because closing it turns every missing
 //! page into a silent zero page.
 
-mod chunk;
 mod engine;
 mod ioctl;
 mod kill;

@@ -15,7 +15,6 @@ use nix::sys::eventfd::EventFd;
 use tracing::{debug, error, info, warn};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
-use super::chunk::{BULK_PIECE, split_front};
 use super::ioctl::{self, Fill};
 use super::kill::Process;
 use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
@@ -26,6 +25,8 @@ mod arrive;
 mod shutdown;
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Background bytes placed per round before the uffds are polled again.
+const BULK_BUDGET: u64 = 4 << 20;
 /// Control messages and fault answers handled per round.
 const URGENT_BUDGET: usize = 256;
 
@@ -81,8 +82,6 @@ pub(super) struct Engine {
     deferred: Vec<(u64, u64, Instant)>,
     /// Arrivals the kernel refused with EAGAIN.
     retrying: Vec<arrive::Arrival>,
-    /// The unplaced rest of a background message cut by [`split_front`]; placed before the next.
-    bulk_rest: Option<Inbound>,
     restore_finished: bool,
     complete_sent: bool,
     out_closed: bool,
@@ -126,7 +125,6 @@ impl Engine {
             waiting: BTreeMap::new(),
             deferred: Vec::new(),
             retrying: Vec::new(),
-            bulk_rest: None,
             restore_finished: false,
             complete_sent: false,
             out_closed: false,
@@ -138,14 +136,13 @@ impl Engine {
         loop {
             // Refused copies are retried every millisecond: the event that blocks them is
             // usually readable by then.
-            let timeout =
-                if !self.urgent.is_empty() || !self.bulk.is_empty() || self.bulk_rest.is_some() {
-                    EpollTimeout::ZERO
-                } else if !self.deferred.is_empty() || !self.retrying.is_empty() {
-                    EpollTimeout::from(1u8)
-                } else {
-                    EpollTimeout::NONE
-                };
+            let timeout = if !self.urgent.is_empty() || !self.bulk.is_empty() {
+                EpollTimeout::ZERO
+            } else if !self.deferred.is_empty() || !self.retrying.is_empty() {
+                EpollTimeout::from(1u8)
+            } else {
+                EpollTimeout::NONE
+            };
             let n = match self.epoll.wait(&mut ready, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
@@ -174,31 +171,23 @@ impl Engine {
                     return self.shutdown(kill);
                 }
             }
-            // At most one piece's worth of background pages per round: a fault read meanwhile
-            // waits for at most that piece's copy.
-            let mut budget = BULK_PIECE;
+            let mut budget = BULK_BUDGET;
             while budget > 0 {
-                let msg = match self.bulk_rest.take() {
-                    Some(rest) => rest,
-                    None => match self.bulk.try_recv() {
-                        Ok(msg) => msg,
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            if self.urgent.is_empty() {
-                                error!(
-                                    "every sender to the fault thread is gone without a Shutdown"
-                                );
-                                return self.shutdown(true);
-                            }
-                            break;
+                match self.bulk.try_recv() {
+                    Ok(msg) => {
+                        budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
+                        if let Some(kill) = self.handle(msg) {
+                            return self.shutdown(kill);
                         }
-                    },
-                };
-                let (piece, rest) = split_front(msg, budget);
-                self.bulk_rest = rest;
-                budget = budget.saturating_sub(piece_bytes(&piece));
-                if let Some(kill) = self.handle(piece) {
-                    return self.shutdown(kill);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.urgent.is_empty() {
+                            error!("every sender to the fault thread is gone without a Shutdown");
+                            return self.shutdown(true);
+                        }
+                        break;
+                    }
                 }
             }
             self.check_complete();
@@ -482,13 +471,9 @@ impl Engine {
     }
 }
 
-/// What placing `msg` costs, in bytes of the background budget: zero runs cost as much as data
-/// (the kernel clears each page), anything else one page.
-fn piece_bytes(msg: &Inbound) -> u64 {
+fn msg_bytes(msg: &Inbound) -> u64 {
     match msg {
-        Inbound::Pages { nr_pages, .. } | Inbound::Zero { nr_pages, .. } => {
-            u64::from(*nr_pages) * PAGE_SIZE
-        }
-        _ => PAGE_SIZE,
+        Inbound::Pages { data, .. } => data.len() as u64,
+        _ => 0,
     }
 }

@@ -16,7 +16,8 @@ pub enum Mode {
     PageservLazy,
     /// Not implemented yet (listed as unavailable).
     PageservPrecopy,
-    /// Not implemented yet (listed as unavailable).
+    /// `pageserv src --stop-and-copy` + `pageserv dst`: `criu dump --page-server` through
+    /// pageserv over QUIC, then `criu restore`.
     PageservStopAndCopy,
     /// Unavailable on this kernel (listed as unavailable).
     CriuPredump,
@@ -49,9 +50,6 @@ impl Mode {
     pub fn unavailable(self) -> Option<&'static str> {
         match self {
             Mode::PageservPrecopy => Some("not implemented in pageserv yet (issue 4: pre-copy)"),
-            Mode::PageservStopAndCopy => {
-                Some("not implemented in pageserv yet (issue 4: stop-and-copy)")
-            }
             Mode::CriuPredump => Some(
                 "criu pre-dump aborts on this kernel: no soft-dirty tracking (BUG at criu/mem.c:45)",
             ),

@@ -6,3 +6,6 @@
 //! module holds the IO shells around it.
 
 pub mod writer;
+pub mod dst;
+pub mod dump;
+pub mod source;

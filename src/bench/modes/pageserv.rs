@@ -1,12 +1,14 @@
-//! pageserv modes: post-copy through the demo's own migration (same testbed, same workload).
+//! pageserv modes: post-copy and stop-and-copy through the demo's own migration (same testbed,
+//! same workload).
 
 use anyhow::Result;
 
 use super::{AFTER_S, ModeOutcome};
-use crate::bench::matrix::Cell;
+use crate::bench::matrix::{Cell, Mode};
 use crate::demo::{self, DemoArgs};
 
-/// `pageserv src --lazy` + `pageserv dst` on a fresh testbed, as `pageserv demo` runs them.
+/// `pageserv src --lazy` (or `--stop-and-copy`) + `pageserv dst` on a fresh testbed, as
+/// `pageserv demo` runs them.
 pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     let args = DemoArgs {
         mib: cell.mib,
@@ -16,6 +18,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         churn: false,
         rate: cell.link.tc_rate().map(str::to_string),
         external_dump: false,
+        stop_and_copy: cell.mode == Mode::PageservStopAndCopy,
         after: AFTER_S,
         json: None,
         src_args: Vec::new(),

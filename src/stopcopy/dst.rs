@@ -13,8 +13,7 @@ use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::service::DstOptions;
 use crate::pb::pageserv::{
-    Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted,
-    control::Msg,
+    Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
 use crate::stats::DstReport;
 use crate::stopcopy::writer::DirWriter;
@@ -44,9 +43,14 @@ pub async fn migrate_in(
     let written = match r {
         Ok(w) => w,
         Err(e) => {
-            send_ctl(ctl, Msg::Abort(Abort { reason: format!("{e:#}") }))
-                .await
-                .ok();
+            send_ctl(
+                ctl,
+                Msg::Abort(Abort {
+                    reason: format!("{e:#}"),
+                }),
+            )
+            .await
+            .ok();
             return Err(e);
         }
     };
@@ -110,7 +114,10 @@ pub async fn migrate_in(
         }),
     )
     .await?;
-    tracing::info!(downtime_ms = report.downtime_ms, "restore finished; tasks running");
+    tracing::info!(
+        downtime_ms = report.downtime_ms,
+        "restore finished; tasks running"
+    );
     match next(ctl_rx).await {
         Ok(Msg::SourceReleased(r)) if !r.dump_ok => {
             tracing::warn!("the source's dump did not end cleanly: {}", r.detail)
@@ -134,10 +141,9 @@ async fn receive_session(
     let mut pagemaps = ImageSink::new(images);
     let mut pagemaps_bytes = 0u64;
     loop {
-        let frame = rx
-            .next()
-            .await?
-            .ok_or_else(|| anyhow!("the source closed the stream during the page-server session"))?;
+        let frame = rx.next().await?.ok_or_else(|| {
+            anyhow!("the source closed the stream during the page-server session")
+        })?;
         match frame {
             Frame::Pages {
                 pid: pages_id,

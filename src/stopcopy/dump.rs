@@ -196,10 +196,12 @@ impl StopCopyDump {
                 Err(_) => break,
             }
         }
-        self.child.wait().map_err(|source| StopCopyDumpError::Setup {
-            what: "waiting for criu dump".into(),
-            source,
-        })
+        self.child
+            .wait()
+            .map_err(|source| StopCopyDumpError::Setup {
+                what: "waiting for criu dump".into(),
+                source,
+            })
     }
 
     fn failed(&self, status: ExitStatus) -> StopCopyDumpError {

@@ -5,7 +5,7 @@
 //! The page-server logic itself is the sans-IO [`crate::criu::page_server::ImageSession`]; this
 //! module holds the IO shells around it.
 
-pub mod writer;
 pub mod dst;
 pub mod dump;
 pub mod source;
+pub mod writer;

@@ -242,12 +242,24 @@ async fn migrate_own(
 ) -> (Result<StopCopyReport>, Option<StopCopyDump>) {
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let served =
-        serve_session(ctl, ctl_rx, &mut sock, layout, ParentSet::none(), &mut report).await;
+    let served = serve_session(
+        ctl,
+        ctl_rx,
+        &mut sock,
+        layout,
+        ParentSet::none(),
+        &mut report,
+    )
+    .await;
     drop(sock);
     let summary = match served {
         Ok(s) => s,
-        Err(e) => return (Err(e.context("serving the dump's page-server session")), Some(dump)),
+        Err(e) => {
+            return (
+                Err(e.context("serving the dump's page-server session")),
+                Some(dump),
+            );
+        }
     };
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
     fill(&mut report, &summary);
@@ -281,9 +293,16 @@ async fn migrate_external(
 ) -> Result<StopCopyReport> {
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let summary = serve_session(ctl, ctl_rx, &mut sock, layout, ParentSet::none(), &mut report)
-        .await
-        .context("serving the dump's page-server session")?;
+    let summary = serve_session(
+        ctl,
+        ctl_rx,
+        &mut sock,
+        layout,
+        ParentSet::none(),
+        &mut report,
+    )
+    .await
+    .context("serving the dump's page-server session")?;
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
     fill(&mut report, &summary);
     // CRIU writes stats-dump last, only after a successful dump.
@@ -317,8 +336,7 @@ async fn finish_migration(
     frozen_at: SystemTime,
     mut report: StopCopyReport,
 ) -> Result<StopCopyReport> {
-    report.images_bytes +=
-        crate::source::service::ship_images(ctl, images_dir, frozen_at).await?;
+    report.images_bytes += crate::source::service::ship_images(ctl, images_dir, frozen_at).await?;
     loop {
         match next_ctl(ctl_rx).await.context("control stream from dst")? {
             Msg::RestoreStarted(_) => tracing::info!("dst started the restore"),
@@ -443,7 +461,11 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                         let mut reply = BytesMut::new();
                         encode_close_reply(&mut reply);
                         sock.write_all(&reply).await.context("answering CLOSE")?;
-                        tracing::info!(force, pages = session.summary().pages_present, "page-server session complete");
+                        tracing::info!(
+                            force,
+                            pages = session.summary().pages_present,
+                            "page-server session complete"
+                        );
                         return Ok(session.summary().clone());
                     }
                 }

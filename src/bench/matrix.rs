@@ -151,6 +151,7 @@ impl Matrix {
                 Mode::CriuPageserver,
                 Mode::CriuLazy,
                 Mode::PageservLazy,
+                Mode::PageservStopAndCopy,
             ],
             sizes_mib: vec![256, 1024],
             links: vec![Link::Unlimited, Link::Rate("1gbit".into())],
@@ -228,10 +229,10 @@ mod tests {
         let mut m = Matrix::default_matrix();
         m.modes.push(Mode::PageservPrecopy);
         let cells = m.cells();
-        assert_eq!(cells.len(), 4 * 2 * 2);
+        assert_eq!(cells.len(), 5 * 2 * 2);
         assert_eq!(m.runs, 1);
         assert!(cells.iter().all(|c| c.mode.unavailable().is_none()));
-        assert_eq!(Matrix::quick().cells().len(), 4);
-        assert_eq!(m.unavailable().len(), 3);
+        assert_eq!(Matrix::quick().cells().len(), 5);
+        assert_eq!(m.unavailable().len(), 2);
     }
 }

@@ -25,6 +25,8 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         dst_args: Vec::new(),
     };
     let r = demo::migrate(&args)?;
+    // Only post-copy has faults; a stop-and-copy restore has none to time.
+    let lazy = cell.mode == Mode::PageservLazy;
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };
@@ -32,8 +34,12 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         migrated_ns: r.migrated_unix_ns,
         total_ms: f(&r.src, &["total_ms"]),
         wire_bytes: f(&r.dst, &["bytes_received"]).map(|b| b as u64),
-        fault_p50_us: f(&r.dst, &["fault_latency", "p50_us"]),
-        fault_p99_us: f(&r.dst, &["fault_latency", "p99_us"]),
+        fault_p50_us: lazy
+            .then(|| f(&r.dst, &["fault_latency", "p50_us"]))
+            .flatten(),
+        fault_p99_us: lazy
+            .then(|| f(&r.dst, &["fault_latency", "p99_us"]))
+            .flatten(),
         problems: r.problems,
         log: r.workload_log,
     })

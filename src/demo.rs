@@ -43,6 +43,9 @@ pub struct DemoArgs {
     /// Start the dump by hand as runc does (--page-server, --status-fd) and let pageserv join it.
     #[arg(long)]
     pub external_dump: bool,
+    /// Stop-and-copy (`pageserv src --stop-and-copy`) instead of post-copy.
+    #[arg(long, conflicts_with = "external_dump")]
+    pub stop_and_copy: bool,
     /// Seconds the workload runs at the destination after the migration, checking itself.
     #[arg(long, default_value_t = 3)]
     pub after: u64,
@@ -230,7 +233,13 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 
     let mut src_cmd = Command::new(&pageserv);
     src_cmd
-        .args(["src", "--lazy", "--to", &dst_addr, "--certs"])
+        .arg("src")
+        .arg(if args.stop_and_copy {
+            "--stop-and-copy"
+        } else {
+            "--lazy"
+        })
+        .args(["--to", &dst_addr, "--certs"])
         .arg(&src_certs)
         .arg("--work")
         .arg(bed.dir.join("src"))

@@ -16,6 +16,7 @@ pub mod pages;
 pub mod pb;
 pub mod source;
 pub mod stats;
+pub mod stopcopy;
 pub mod testbed;
 pub mod transport;
 pub mod wire;

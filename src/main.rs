@@ -11,6 +11,7 @@ use pageserv::dst::restore::RestoreOptions;
 use pageserv::dst::service::{self as dst_service, DstOptions};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
+use pageserv::stopcopy::source::{StopCopyOptions, StopCopySource};
 
 #[derive(Parser)]
 #[command(
@@ -71,9 +72,18 @@ struct Common {
 
 #[derive(Args)]
 struct SrcArgs {
-    /// Post-copy migration (the only mode so far; pre-copy rounds come with --pre-copy).
-    #[arg(long, required = true)]
+    /// Post-copy migration (pre-copy rounds come with --pre-copy).
+    #[arg(long, required_unless_present = "stop_and_copy")]
     lazy: bool,
+    /// Stop-and-copy: pageserv is the page server of a plain `criu dump --page-server`, dst
+    /// writes the images and runs `criu restore`. With --pid the source tasks are killed only
+    /// after the restore succeeded (else CRIU resumes them).
+    #[arg(long, conflicts_with = "lazy")]
+    stop_and_copy: bool,
+    /// Stop-and-copy: accept an external `criu dump --page-server --address H --port P` here
+    /// (with --images, its -D) instead of starting the dump.
+    #[arg(long, requires = "stop_and_copy", conflicts_with = "pid")]
+    listen_page_server: Option<SocketAddr>,
     /// The pageserv dst to migrate to.
     #[arg(long)]
     to: SocketAddr,
@@ -185,6 +195,36 @@ fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<(
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Src(a) if a.stop_and_copy => {
+            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let source = match (a.pid, a.listen_page_server) {
+                (Some(pid), None) => StopCopySource::Pid {
+                    pid,
+                    extra: a.common.criu_opts.clone(),
+                },
+                (None, Some(listen)) => StopCopySource::Listen {
+                    listen,
+                    images_dir: a
+                        .images
+                        .clone()
+                        .context("--listen-page-server needs --images DIR, the dump's -D")?,
+                },
+                _ => anyhow::bail!(
+                    "--stop-and-copy needs either --pid PID or --listen-page-server ADDR:PORT"
+                ),
+            };
+            let opts = StopCopyOptions {
+                to: a.to,
+                certs: a.common.certs.clone(),
+                work_dir: a.work.join(format!("{}", std::process::id())),
+                criu,
+                source,
+                transport: Default::default(),
+            };
+            let report = run_async(pageserv::stopcopy::source::run(opts))?;
+            eprint!("{}", report.render());
+            write_json(&a.common.stats_json, &report)
+        }
         Cmd::Src(a) => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
             let dump = match (a.pid, a.page_server, a.status_fifo) {

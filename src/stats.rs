@@ -57,6 +57,8 @@ pub struct DstReport {
     pub fault_latency_during_push: LatencySummary,
     pub bytes_received: u64,
     pub images_bytes: u64,
+    /// Stop-and-copy: pages received in the page-server session.
+    pub stop_and_copy_pages: u64,
 }
 
 impl DstReport {

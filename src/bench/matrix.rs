@@ -16,7 +16,8 @@ pub enum Mode {
     PageservLazy,
     /// Not implemented yet (listed as unavailable).
     PageservPrecopy,
-    /// Not implemented yet (listed as unavailable).
+    /// `pageserv src --stop-and-copy` + `pageserv dst`: `criu dump --page-server` through
+    /// pageserv over QUIC, then `criu restore`.
     PageservStopAndCopy,
     /// Unavailable on this kernel (listed as unavailable).
     CriuPredump,
@@ -49,9 +50,6 @@ impl Mode {
     pub fn unavailable(self) -> Option<&'static str> {
         match self {
             Mode::PageservPrecopy => Some("not implemented in pageserv yet (issue 4: pre-copy)"),
-            Mode::PageservStopAndCopy => {
-                Some("not implemented in pageserv yet (issue 4: stop-and-copy)")
-            }
             Mode::CriuPredump => Some(
                 "criu pre-dump aborts on this kernel: no soft-dirty tracking (BUG at criu/mem.c:45)",
             ),
@@ -153,6 +151,7 @@ impl Matrix {
                 Mode::CriuPageserver,
                 Mode::CriuLazy,
                 Mode::PageservLazy,
+                Mode::PageservStopAndCopy,
             ],
             sizes_mib: vec![256, 1024],
             links: vec![Link::Unlimited, Link::Rate("1gbit".into())],
@@ -230,10 +229,10 @@ mod tests {
         let mut m = Matrix::default_matrix();
         m.modes.push(Mode::PageservPrecopy);
         let cells = m.cells();
-        assert_eq!(cells.len(), 4 * 2 * 2);
+        assert_eq!(cells.len(), 5 * 2 * 2);
         assert_eq!(m.runs, 1);
         assert!(cells.iter().all(|c| c.mode.unavailable().is_none()));
-        assert_eq!(Matrix::quick().cells().len(), 4);
-        assert_eq!(m.unavailable().len(), 3);
+        assert_eq!(Matrix::quick().cells().len(), 5);
+        assert_eq!(m.unavailable().len(), 2);
     }
 }

@@ -40,7 +40,8 @@ pub struct BenchArgs {
     /// Runs per cell.
     #[arg(long)]
     pub runs: Option<u32>,
-    /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
+    /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy,
+    /// pageserv-stop-and-copy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.

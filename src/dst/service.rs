@@ -109,6 +109,11 @@ async fn migrate_in(
     )
     .await?;
 
+    if hello.role == crate::stopcopy::source::ROLE_STOP_AND_COPY {
+        let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
+        return crate::stopcopy::dst::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir).await;
+    }
+
     // The source's second connection carries only faults (see source::service); it must exist
     // before the restore starts, since restored tasks fault from their first instruction.
     let (fault_conn, _) =

@@ -334,7 +334,11 @@ async fn migrate(
 }
 
 /// Sends every image file except the lazy memory (which CRIU never wrote to disk).
-async fn ship_images(ctl: &mut FrameSender, dir: &Path, frozen_at: SystemTime) -> Result<u64> {
+pub(crate) async fn ship_images(
+    ctl: &mut FrameSender,
+    dir: &Path,
+    frozen_at: SystemTime,
+) -> Result<u64> {
     let mut names: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;

@@ -62,6 +62,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         churn: false,
         rate: None,
         external_dump: false,
+        stop_and_copy: false,
         after: AFTER_S,
         json: None,
         src_args: Vec::new(),

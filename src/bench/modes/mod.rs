@@ -56,7 +56,7 @@ pub struct ModeOutcome {
 pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
     let outcome = match cell.mode {
         Mode::CriuDisk | Mode::CriuPageserver | Mode::CriuLazy => criu::run(cell),
-        Mode::PageservLazy => pageserv::run(cell),
+        Mode::PageservLazy | Mode::PageservStopAndCopy => pageserv::run(cell),
         m => Err(anyhow::anyhow!(
             "{}: {}",
             m.name(),

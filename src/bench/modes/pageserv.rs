@@ -1,12 +1,14 @@
-//! pageserv modes: post-copy through the demo's own migration (same testbed, same workload).
+//! pageserv modes: post-copy and stop-and-copy through the demo's own migration (same testbed,
+//! same workload).
 
 use anyhow::Result;
 
 use super::{AFTER_S, ModeOutcome};
-use crate::bench::matrix::Cell;
+use crate::bench::matrix::{Cell, Mode};
 use crate::demo::{self, DemoArgs};
 
-/// `pageserv src --lazy` + `pageserv dst` on a fresh testbed, as `pageserv demo` runs them.
+/// `pageserv src --lazy` (or `--stop-and-copy`) + `pageserv dst` on a fresh testbed, as
+/// `pageserv demo` runs them.
 pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     let args = DemoArgs {
         mib: cell.mib,
@@ -16,12 +18,15 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         churn: false,
         rate: cell.link.tc_rate().map(str::to_string),
         external_dump: false,
+        stop_and_copy: cell.mode == Mode::PageservStopAndCopy,
         after: AFTER_S,
         json: None,
         src_args: Vec::new(),
         dst_args: Vec::new(),
     };
     let r = demo::migrate(&args)?;
+    // Only post-copy has faults; a stop-and-copy restore has none to time.
+    let lazy = cell.mode == Mode::PageservLazy;
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };
@@ -29,8 +34,12 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         migrated_ns: r.migrated_unix_ns,
         total_ms: f(&r.src, &["total_ms"]),
         wire_bytes: f(&r.dst, &["bytes_received"]).map(|b| b as u64),
-        fault_p50_us: f(&r.dst, &["fault_latency", "p50_us"]),
-        fault_p99_us: f(&r.dst, &["fault_latency", "p99_us"]),
+        fault_p50_us: lazy
+            .then(|| f(&r.dst, &["fault_latency", "p50_us"]))
+            .flatten(),
+        fault_p99_us: lazy
+            .then(|| f(&r.dst, &["fault_latency", "p99_us"]))
+            .flatten(),
         problems: r.problems,
         log: r.workload_log,
     })

@@ -1,5 +1,6 @@
 //! CRIU's page-server protocol, sans-IO: header codec, the GET client that `pageserv src` runs
-//! against `criu dump --lazy-pages`, and the receiving side that `criu dump --page-server` talks to.
+//! against `criu dump --lazy-pages`, the receiving side that `criu dump --page-server` talks to,
+//! and ([`ImageSession`]) what that receiving side writes into an image directory.
 //!
 //! The protocol (see docs/criu-protocols.md §1) is a byte stream of raw C structs in host order:
 //! a fixed-size header, then page bytes or a fixed-size reply. There is no version, no magic and
@@ -14,6 +15,7 @@ mod client;
 mod error;
 mod header;
 mod server;
+mod session;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +25,10 @@ pub use header::{DstId, Header, PagemapId, PagemapKind, RawHeader};
 pub use server::{
     ServerDecoder, ServerEvent, encode_close_reply, encode_get_reply, encode_get_reply_header,
     encode_open2_reply, encode_parent_reply,
+};
+pub use session::{
+    FIRST_PAGES_ID, ImageSession, MAX_SESSION_ENTRIES, Output, ParentSet, SessionError,
+    SessionSummary, pages_file_name,
 };
 
 /// Largest `nr_pages` any decoder accepts in one frame (4 GiB of page data). CRIU sends at most

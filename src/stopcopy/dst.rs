@@ -1,0 +1,257 @@
+//! `pageserv dst` for a stop-and-copy source: writes the forwarded page-server session and the
+//! dump's other images into a standard CRIU image directory, then runs a plain `criu restore`
+//! (no lazy pages: every page is in the images).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::criu::binary::log_tail;
+use crate::criu::images::ImageDir;
+use crate::dst::image_sink::ImageSink;
+use crate::dst::service::DstOptions;
+use crate::pb::pageserv::{
+    Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
+};
+use crate::stats::DstReport;
+use crate::stopcopy::writer::DirWriter;
+use crate::transport::{FrameReceiver, FrameSender};
+use crate::wire::Frame;
+
+/// How long `criu restore -d` may take.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the rest of a stop-and-copy migration after the hellos; `dir` is this migration's
+/// fresh directory.
+pub async fn migrate_in(
+    opts: &DstOptions,
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    conn: &quinn::Connection,
+    dir: &Path,
+) -> Result<DstReport> {
+    let started = Instant::now();
+    let mut report = DstReport::default();
+    let images = dir.join("images");
+    let work = dir.join("work");
+    for d in [&images, &work] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let r = receive_session(ctl_rx, &images, &mut report).await;
+    let written = match r {
+        Ok(w) => w,
+        Err(e) => {
+            send_ctl(
+                ctl,
+                Msg::Abort(Abort {
+                    reason: format!("{e:#}"),
+                }),
+            )
+            .await
+            .ok();
+            return Err(e);
+        }
+    };
+    send_ctl(
+        ctl,
+        Msg::PsSessionWritten(PsSessionWritten {
+            page_bytes: written,
+        }),
+    )
+    .await?;
+
+    // The dump's own images, as in a lazy migration.
+    let mut sink = ImageSink::new(&images);
+    let frozen_at_ns = loop {
+        match next(ctl_rx).await? {
+            Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
+            Msg::ImagesDone(d) => {
+                sink.finish(d.files, d.bytes)?;
+                report.images_bytes += d.bytes;
+                break d.frozen_at_unix_ns;
+            }
+            Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
+            other => bail!("expected images, got {other:?}"),
+        }
+    };
+    report.tasks = ImageDir::open(&images)?.pstree()?.len() as u64;
+
+    let images_at = Instant::now();
+    send_ctl(ctl, Msg::RestoreStarted(RestoreStarted { root_pid: 0 })).await?;
+    let restored = {
+        let (criu, extra, template) = (
+            opts.criu.clone(),
+            opts.restore.extra.clone(),
+            opts.restore.template.clone(),
+        );
+        let (images, work) = (images.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            restore(&criu, &images, &work, &extra, template.as_deref())
+        })
+        .await?
+    };
+    if let Err(e) = restored {
+        send_ctl(
+            ctl,
+            Msg::RestoreFailed(RestoreFailed {
+                reason: format!("{e:#}"),
+                log_tail: log_tail(&work.join("restore.log"), 20),
+            }),
+        )
+        .await
+        .ok();
+        return Err(e);
+    }
+    let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
+    report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
+    send_ctl(
+        ctl,
+        Msg::RestoreFinished(RestoreFinished {
+            finished_at_unix_ns: finished_ns,
+        }),
+    )
+    .await?;
+    tracing::info!(
+        downtime_ms = report.downtime_ms,
+        "restore finished; tasks running"
+    );
+    match next(ctl_rx).await {
+        Ok(Msg::SourceReleased(r)) if !r.dump_ok => {
+            tracing::warn!("the source's dump did not end cleanly: {}", r.detail)
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("no release message from the source: {e:#}"),
+    }
+    report.bytes_received = conn.stats().udp_rx.bytes;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// Writes the forwarded session until the source's PsSessionDone; returns the page bytes.
+async fn receive_session(
+    rx: &mut FrameReceiver,
+    images: &Path,
+    report: &mut DstReport,
+) -> Result<u64> {
+    let mut writer = DirWriter::new(images);
+    // Pagemap files come as image chunks; a sink of their own keeps their count apart.
+    let mut pagemaps = ImageSink::new(images);
+    let mut pagemaps_bytes = 0u64;
+    loop {
+        let frame = rx.next().await?.ok_or_else(|| {
+            anyhow!("the source closed the stream during the page-server session")
+        })?;
+        match frame {
+            Frame::Pages {
+                pid: pages_id,
+                vaddr,
+                nr_pages,
+                data,
+            } => {
+                writer.append_pages(pages_id, vaddr, &data)?;
+                report.stop_and_copy_pages += u64::from(nr_pages);
+            }
+            Frame::Control(Control { msg: Some(m) }) => match m {
+                Msg::PsCreatePages(c) => writer.create_pages(c.pages_id)?,
+                Msg::ImageChunk(c) if c.name.starts_with("pagemap-") => {
+                    pagemaps_bytes += c.data.len() as u64;
+                    pagemaps.chunk(&c.name, c.offset, &c.data, c.last)?;
+                }
+                Msg::PsSessionDone(d) => {
+                    pagemaps.finish(d.pagemap_files, d.pagemap_bytes)?;
+                    let w = writer.finish();
+                    if w.page_bytes != d.page_bytes || w.pages_files != u64::from(d.pages_files) {
+                        bail!(
+                            "the session's totals disagree: source sent {} page bytes in {} \
+                             files, {} bytes in {} files arrived",
+                            d.page_bytes,
+                            d.pages_files,
+                            w.page_bytes,
+                            w.pages_files
+                        );
+                    }
+                    report.images_bytes += pagemaps_bytes;
+                    return Ok(w.page_bytes);
+                }
+                Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
+                other => bail!("unexpected {other:?} during the page-server session"),
+            },
+            other => bail!("unexpected frame {other:?} during the page-server session"),
+        }
+    }
+}
+
+/// Runs `criu restore -d` (or the user's template) and waits for it.
+fn restore(
+    criu: &crate::criu::binary::Criu,
+    images: &Path,
+    work: &Path,
+    extra: &[String],
+    template: Option<&str>,
+) -> Result<()> {
+    let log = work.join("restore.log");
+    let mut cmd = match template {
+        Some(t) => {
+            let line = t
+                .replace("{images}", &images.display().to_string())
+                .replace("{work}", &work.display().to_string());
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(line);
+            c
+        }
+        None => {
+            let mut c = criu.command();
+            c.arg("restore")
+                .arg("-D")
+                .arg(images)
+                .arg("-W")
+                .arg(work)
+                .arg("-o")
+                .arg(&log)
+                .arg("-v4")
+                .arg("-d")
+                .arg("--pidfile")
+                .arg(work.join("restore.pid"))
+                .args(extra);
+            c
+        }
+    };
+    cmd.current_dir(work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the restore {cmd:?}"))?;
+    let deadline = Instant::now() + RESTORE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!(
+                "the restore failed ({status}). Last lines of {}:\n{}",
+                log.display(),
+                log_tail(&log, 20)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the restore did not finish within {RESTORE_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+async fn next(rx: &mut FrameReceiver) -> Result<Msg> {
+    crate::source::service::next_ctl(rx).await
+}
+
+async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}

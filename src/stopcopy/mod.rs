@@ -1,0 +1,11 @@
+//! Stop-and-copy over QUIC: `pageserv src --stop-and-copy` is the page server a plain
+//! `criu dump --page-server` sends its memory to; the pages travel to `pageserv dst` as they
+//! arrive, dst writes a standard CRIU image directory and runs a plain `criu restore`.
+//!
+//! The page-server logic itself is the sans-IO [`crate::criu::page_server::ImageSession`]; this
+//! module holds the IO shells around it.
+
+pub mod dst;
+pub mod dump;
+pub mod source;
+pub mod writer;

@@ -1,0 +1,481 @@
+//! `pageserv src --stop-and-copy`: the page server of a `criu dump --page-server`, forwarding
+//! the session to dst as it arrives.
+//!
+//! Order of events: connect to dst (mutual TLS) → hello → start `criu dump --page-server` (or
+//! accept an external dump's connection) → serve the session: replies to the dump at once, every
+//! pages file and pagemap to dst as it is produced → at CLOSE, wait until dst has written the
+//! session, then answer CLOSE → the dump writes its other images and runs its post-dump hook →
+//! ship those images → dst runs `criu restore` → on success tell the hook "ok" (CRIU kills the
+//! source tasks), on any failure "fail" (CRIU resumes them).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::BytesMut;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::criu::binary::Criu;
+use crate::criu::page_server::{
+    ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
+};
+use crate::keys::Identity;
+use crate::pb::pageserv::{
+    Control, Hello, ImageChunk, PsCreatePages, PsSessionDone, SourceReleased, control::Msg,
+};
+use crate::source::service::{PROTOCOL_VERSION, next_ctl};
+use crate::stopcopy::dump::{self, StopCopyDump};
+use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::wire::{self, Frame};
+
+/// The hello role of a stop-and-copy source.
+pub const ROLE_STOP_AND_COPY: &str = "src-stop-and-copy";
+/// Most pages in one Pages frame.
+const FRAME_PAGES: usize = wire::MAX_FRAME_PAGES as usize;
+/// Pagemap files travel in ImageChunks of at most this size.
+const CHUNK: usize = 1 << 20;
+
+/// Where the dump comes from.
+#[derive(Debug, Clone)]
+pub enum StopCopySource {
+    /// pageserv runs `criu dump --page-server --ps-socket` on this pid.
+    Pid { pid: i32, extra: Vec<String> },
+    /// An external `criu dump --page-server --address H --port P` connects to `listen`; its
+    /// `-D` is `images_dir`. pageserv cannot resume or kill those tasks: the dump's own flags
+    /// decide (use `--leave-stopped` to keep them until the restore succeeded).
+    Listen {
+        listen: SocketAddr,
+        images_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct StopCopyOptions {
+    pub to: SocketAddr,
+    pub certs: PathBuf,
+    pub work_dir: PathBuf,
+    pub criu: Criu,
+    pub source: StopCopySource,
+    pub transport: transport::TransportOptions,
+}
+
+/// The source's report of a stop-and-copy migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StopCopyReport {
+    /// Dump start (upper bound of the freeze) to restore finished at dst.
+    pub downtime_ms: f64,
+    /// Dump start to the dump's CLOSE (the memory transfer, tasks frozen).
+    pub session_ms: f64,
+    pub total_ms: f64,
+    pub pages_present: u64,
+    pub pages_parent: u64,
+    pub pages_lazy_only: u64,
+    pub pagemaps: u64,
+    /// Page bytes forwarded to dst.
+    pub page_bytes: u64,
+    /// The other image files (pagemaps included).
+    pub images_bytes: u64,
+    /// UDP bytes sent on the QUIC connection.
+    pub wire_bytes: u64,
+    pub dump_ok: bool,
+}
+
+impl StopCopyReport {
+    pub fn render(&self) -> String {
+        format!(
+            "pageserv src report (stop-and-copy)\n\
+             \x20 downtime (dump start → restore finished)  {:>10.1} ms\n\
+             \x20 memory session (dump start → CLOSE)       {:>10.1} ms\n\
+             \x20 total                                     {:>10.1} ms\n\
+             \x20 pagemaps {}, pages present {} ({:.1} MiB), in parent {}, lazy-only {}\n\
+             \x20 images {} bytes, wire {} bytes\n",
+            self.downtime_ms,
+            self.session_ms,
+            self.total_ms,
+            self.pagemaps,
+            self.pages_present,
+            self.page_bytes as f64 / (1 << 20) as f64,
+            self.pages_parent,
+            self.pages_lazy_only,
+            self.images_bytes,
+            self.wire_bytes,
+        )
+    }
+}
+
+/// Runs one stop-and-copy migration out of this host.
+pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
+    let started = Instant::now();
+    let id = Identity::load(&opts.certs)?;
+    let bind: SocketAddr = if opts.to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let conn = transport::connect_with(bind, opts.to, &id, &opts.transport)
+        .await
+        .with_context(|| format!("connecting to pageserv dst at {}", opts.to))?;
+    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    let mut ctl = FrameSender::new(send);
+    let mut ctl_rx = FrameReceiver::new(recv);
+    let migration_id = format!(
+        "s{}-{}",
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        std::process::id()
+    );
+    send_ctl(
+        &mut ctl,
+        Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: ROLE_STOP_AND_COPY.into(),
+            page_size: crate::pages::PAGE_SIZE as u32,
+            criu_version: opts.criu.version.to_string(),
+            migration_id,
+        }),
+    )
+    .await?;
+    match next_ctl(&mut ctl_rx).await? {
+        Msg::Hello(h) if h.role == "dst" && h.protocol_version == PROTOCOL_VERSION => {}
+        Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
+        other => bail!("dst answered the hello with {other:?}; is it a pageserv dst?"),
+    }
+    std::fs::create_dir_all(&opts.work_dir)
+        .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+
+    let layout = opts.criu.layout();
+    let result = match &opts.source {
+        StopCopySource::Pid { pid, extra } => {
+            let (dump, sock) = dump::start(&opts.criu, *pid, &opts.work_dir, extra)?;
+            sock.set_nonblocking(true)?;
+            let sock = tokio::net::UnixStream::from_std(sock)?;
+            let frozen_at = dump.started_at;
+            let (r, dump) = migrate_own(&mut ctl, &mut ctl_rx, sock, layout, dump, frozen_at).await;
+            // Whatever happened, the hook hears a verdict and the dump is reaped: "ok" only
+            // after dst restored, so CRIU kills the source only then.
+            let restored = r.is_ok();
+            let status = match dump {
+                Some(mut dump) => Some(
+                    tokio::task::spawn_blocking(move || (dump.finish(restored), dump.log_tail()))
+                        .await?,
+                ),
+                None => None,
+            };
+            match (r, status) {
+                (Ok(mut rep), Some((Ok(st), tail))) => {
+                    rep.dump_ok = st.success();
+                    if !st.success() {
+                        tracing::warn!("criu dump exited with {st} after the restore:\n{tail}");
+                    }
+                    Ok(rep)
+                }
+                (Ok(_), Some((Err(e), _))) => Err(e.into()),
+                (Ok(_), None) => Err(anyhow!("lost track of the dump")),
+                (Err(e), Some((st, tail))) => Err(e.context(format!(
+                    "the dump was told to fail, so CRIU resumes the source tasks (criu dump: {}); \
+                     dump log:\n{tail}",
+                    match st {
+                        Ok(s) => s.to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                ))),
+                (Err(e), None) => Err(e),
+            }
+        }
+        StopCopySource::Listen { listen, images_dir } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening for the dump on {listen}"))?;
+            tracing::info!(%listen, "waiting for criu dump --page-server to connect");
+            let (sock, peer) = listener.accept().await.context("accepting the dump")?;
+            drop(listener);
+            let _ = sock.set_nodelay(true);
+            tracing::info!(%peer, "criu dump connected");
+            let frozen_at = SystemTime::now();
+            migrate_external(&mut ctl, &mut ctl_rx, sock, layout, images_dir, frozen_at).await
+        }
+    };
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send_ctl(
+                &mut ctl,
+                Msg::Abort(crate::pb::pageserv::Abort {
+                    reason: format!("{e:#}"),
+                }),
+            )
+            .await;
+            conn.close(1u32.into(), b"source failed");
+            return Err(e);
+        }
+    };
+    send_ctl(
+        &mut ctl,
+        Msg::SourceReleased(SourceReleased {
+            dump_ok: report.dump_ok,
+            detail: String::new(),
+        }),
+    )
+    .await?;
+    ctl.finish();
+    report.wire_bytes = conn.stats().udp_tx.bytes;
+    if tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .is_err()
+    {
+        conn.close(0u32.into(), b"done");
+    }
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// Serves the session of a dump pageserv started, then waits for its images. Hands the dump
+/// back whatever happens, so the caller can always give its hook a verdict.
+async fn migrate_own(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    mut sock: tokio::net::UnixStream,
+    layout: Layout,
+    mut dump: StopCopyDump,
+    frozen_at: SystemTime,
+) -> (Result<StopCopyReport>, Option<StopCopyDump>) {
+    let mut report = StopCopyReport::default();
+    let t0 = Instant::now();
+    let served = serve_session(
+        ctl,
+        ctl_rx,
+        &mut sock,
+        layout,
+        ParentSet::none(),
+        &mut report,
+    )
+    .await;
+    drop(sock);
+    let summary = match served {
+        Ok(s) => s,
+        Err(e) => {
+            return (
+                Err(e.context("serving the dump's page-server session")),
+                Some(dump),
+            );
+        }
+    };
+    report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
+    fill(&mut report, &summary);
+    // The images are complete once the dump runs its post-dump hook.
+    let waited = tokio::task::spawn_blocking(move || {
+        let r = dump.wait_images_ready(Duration::from_secs(300));
+        (r, dump)
+    })
+    .await;
+    let (ready, dump) = match waited {
+        Ok(x) => x,
+        Err(e) => return (Err(anyhow!("the dump watcher failed: {e}")), None),
+    };
+    if let Err(e) = ready {
+        return (Err(e.into()), Some(dump));
+    }
+    let images_dir = dump.images_dir.clone();
+    (
+        finish_migration(ctl, ctl_rx, &images_dir, frozen_at, report).await,
+        Some(dump),
+    )
+}
+
+async fn migrate_external(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    mut sock: tokio::net::TcpStream,
+    layout: Layout,
+    images_dir: &Path,
+    frozen_at: SystemTime,
+) -> Result<StopCopyReport> {
+    let mut report = StopCopyReport::default();
+    let t0 = Instant::now();
+    let summary = serve_session(
+        ctl,
+        ctl_rx,
+        &mut sock,
+        layout,
+        ParentSet::none(),
+        &mut report,
+    )
+    .await
+    .context("serving the dump's page-server session")?;
+    report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
+    fill(&mut report, &summary);
+    // CRIU writes stats-dump last, only after a successful dump.
+    let stats = images_dir.join("stats-dump");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !stats.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the external dump served its pages but {} did not appear within 300 s: did the \
+                 dump fail, or is --images not its -D?",
+                stats.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    finish_migration(ctl, ctl_rx, images_dir, frozen_at, report).await
+}
+
+fn fill(report: &mut StopCopyReport, s: &SessionSummary) {
+    report.pages_present = s.pages_present;
+    report.pages_parent = s.pages_parent;
+    report.pages_lazy_only = s.pages_lazy_only;
+    report.pagemaps = s.pagemaps.len() as u64;
+}
+
+/// Ships the dump's own images, lets dst restore, and reports when it finished.
+async fn finish_migration(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    images_dir: &Path,
+    frozen_at: SystemTime,
+    mut report: StopCopyReport,
+) -> Result<StopCopyReport> {
+    report.images_bytes += crate::source::service::ship_images(ctl, images_dir, frozen_at).await?;
+    loop {
+        match next_ctl(ctl_rx).await.context("control stream from dst")? {
+            Msg::RestoreStarted(_) => tracing::info!("dst started the restore"),
+            Msg::RestoreFinished(f) => {
+                let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+                report.downtime_ms = f.finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
+                tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");
+                return Ok(report);
+            }
+            Msg::RestoreFailed(f) => {
+                bail!("the restore failed at dst: {}\n{}", f.reason, f.log_tail)
+            }
+            Msg::Abort(a) => bail!("dst aborted the migration: {}", a.reason),
+            other => tracing::warn!("ignoring unexpected control message {other:?}"),
+        }
+    }
+}
+
+/// Serves one page-server session on `sock`, forwarding its writes to dst. Answers CLOSE only
+/// after dst confirmed the session is written. Any error drops the socket unanswered, which
+/// makes the dump fail (and CRIU resume the tasks).
+async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    sock: &mut S,
+    layout: Layout,
+    parent: ParentSet,
+    report: &mut StopCopyReport,
+) -> Result<SessionSummary> {
+    let mut dec = ServerDecoder::new(layout);
+    let mut session = ImageSession::new(parent);
+    let mut outs = Vec::new();
+    let mut pages_files = 0u32;
+    let mut pagemap_files = 0u32;
+    let mut pagemap_bytes = 0u64;
+    loop {
+        let n = sock
+            .read_buf(dec.read_buf())
+            .await
+            .context("reading from the dump")?;
+        if n == 0 {
+            dec.on_eof()?;
+            bail!("the dump closed the page-server session without CLOSE");
+        }
+        while let Some(ev) = dec.poll()? {
+            outs.clear();
+            session.handle(ev, &mut outs)?;
+            for o in outs.drain(..) {
+                match o {
+                    Output::Reply(r) => sock.write_all(&r).await.context("answering the dump")?,
+                    Output::CreatePages { pages_id } => {
+                        pages_files += 1;
+                        send_ctl(ctl, Msg::PsCreatePages(PsCreatePages { pages_id })).await?;
+                    }
+                    Output::AppendPages {
+                        pages_id,
+                        vaddr,
+                        data,
+                    } => {
+                        report.page_bytes += data.len() as u64;
+                        let page = crate::pages::PAGE_SIZE as usize;
+                        let mut off = 0;
+                        while off < data.len() {
+                            let end = (off + FRAME_PAGES * page).min(data.len());
+                            ctl.send_pages(
+                                pages_id,
+                                vaddr + off as u64,
+                                ((end - off) / page) as u32,
+                                data.slice(off..end),
+                            )
+                            .await?;
+                            off = end;
+                        }
+                    }
+                    Output::Pagemap { name, bytes } => {
+                        pagemap_files += 1;
+                        pagemap_bytes += bytes.len() as u64;
+                        let bytes = bytes::Bytes::from(bytes);
+                        let mut off = 0;
+                        loop {
+                            let end = (off + CHUNK).min(bytes.len());
+                            let last = end == bytes.len();
+                            send_ctl(
+                                ctl,
+                                Msg::ImageChunk(ImageChunk {
+                                    name: name.clone(),
+                                    offset: off as u64,
+                                    data: bytes.slice(off..end),
+                                    last,
+                                    mode: 0o600,
+                                }),
+                            )
+                            .await?;
+                            off = end;
+                            if last {
+                                break;
+                            }
+                        }
+                    }
+                    Output::Closed { force } => {
+                        send_ctl(
+                            ctl,
+                            Msg::PsSessionDone(PsSessionDone {
+                                page_bytes: report.page_bytes,
+                                pages_files,
+                                pagemap_files,
+                                pagemap_bytes,
+                            }),
+                        )
+                        .await?;
+                        match next_ctl(ctl_rx).await? {
+                            Msg::PsSessionWritten(w) if w.page_bytes == report.page_bytes => {}
+                            Msg::PsSessionWritten(w) => bail!(
+                                "dst wrote {} page bytes, {} were sent",
+                                w.page_bytes,
+                                report.page_bytes
+                            ),
+                            Msg::Abort(a) => bail!("dst could not write the session: {}", a.reason),
+                            other => bail!("expected PsSessionWritten from dst, got {other:?}"),
+                        }
+                        report.images_bytes += pagemap_bytes;
+                        let mut reply = BytesMut::new();
+                        encode_close_reply(&mut reply);
+                        sock.write_all(&reply).await.context("answering CLOSE")?;
+                        tracing::info!(
+                            force,
+                            pages = session.summary().pages_present,
+                            "page-server session complete"
+                        );
+                        return Ok(session.summary().clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}

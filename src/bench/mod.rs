@@ -17,21 +17,29 @@ pub mod run;
 
 use std::path::PathBuf;
 
-use matrix::{Link, Matrix, Mode};
+use matrix::{Link, Matrix, Mode, Profile};
 
-/// `pageserv bench` options. Without matrix flags it runs [`Matrix::default_matrix`].
+/// `pageserv bench` options. Without flags it runs the full default matrix (sizes 256 and 1024
+/// MiB, links unlimited, 1gbit+2ms and 100mbit+40ms+0.5%, dirty rates 0 and 100 pages/ms, 3
+/// runs); matrix flags override parts of the chosen profile.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Output directory for results.json, results.md and the plots.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
-    /// One 64 MiB cell per mode, unlimited link, one run: checks every mode completes and verifies.
+    /// Matrix to start from: default (the full matrix; long, see bench/README.md), short (about
+    /// 10 minutes: 256 MiB, 100 pages/ms, one run per cell) or quick (the CI check).
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    pub profile: Profile,
+    /// Same as --profile quick: one 64 MiB cell per mode on the plain link, one run; fails unless
+    /// every run completed and verified.
     #[arg(long)]
     pub quick: bool,
     /// Workload sizes in MiB (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<u64>,
-    /// Links: `unlimited` or a tc rate such as 1gbit (comma-separated).
+    /// Links (comma-separated): `unlimited`, or rate+rtt+loss such as 1gbit+2ms or
+    /// 100mbit+40ms+0.5% (loss per direction).
     #[arg(long, value_delimiter = ',', value_parser = Link::parse)]
     pub links: Vec<Link>,
     /// Workload dirty rates in pages per millisecond (comma-separated).
@@ -40,7 +48,7 @@ pub struct BenchArgs {
     /// Runs per cell.
     #[arg(long)]
     pub runs: Option<u32>,
-    /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
+    /// Modes (comma-separated), e.g. criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
@@ -54,7 +62,7 @@ impl BenchArgs {
         let mut m = if self.quick {
             Matrix::quick()
         } else {
-            Matrix::default_matrix()
+            Matrix::profile(self.profile)
         };
         if !self.sizes.is_empty() {
             m.sizes_mib = self.sizes.clone();
@@ -89,6 +97,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report::write(&results, &args.out)?;
             plots::write_all(&results, &args.out)
         }
-        None => run::run(&args.matrix(), &args.out, args.quick),
+        None => run::run(
+            &args.matrix(),
+            &args.out,
+            args.quick || args.profile == Profile::Quick,
+        ),
     }
 }

@@ -13,7 +13,7 @@ use super::report::{self, Results};
 use crate::criu::binary::Criu;
 
 /// The machine the numbers come from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpu: String,
@@ -21,10 +21,19 @@ pub struct Machine {
     pub memory_mib: u64,
     pub criu_version: String,
     pub criu_path: String,
+    /// Whether the kernel has tc netem (else linkem emulates the links).
+    #[serde(default)]
+    pub netem_available: bool,
+    /// net.ipv4.tcp_congestion_control: CRIU's TCP modes run with it.
+    #[serde(default)]
+    pub tcp_congestion: String,
+    /// The pageserv commit the bench ran (`git describe`), if it ran from a checkout.
+    #[serde(default)]
+    pub pageserv_commit: String,
 }
 
 impl Machine {
-    pub fn probe(criu: &Criu) -> Machine {
+    pub fn probe(criu: &Criu, linkem: &std::path::Path) -> Machine {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cpu = read("/proc/cpuinfo")
             .lines()
@@ -43,6 +52,18 @@ impl Machine {
             memory_mib,
             criu_version: criu.version.to_string(),
             criu_path: criu.path.display().to_string(),
+            netem_available: crate::testbed::link::netem_available(linkem),
+            tcp_congestion: read("/proc/sys/net/ipv4/tcp_congestion_control")
+                .trim()
+                .to_string(),
+            pageserv_commit: std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty"])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -65,7 +86,8 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let machine = Machine::probe(&criu);
+    let linkem = crate::demo::sibling("linkem")?;
+    let machine = Machine::probe(&criu, &linkem);
     let cells = matrix.cells();
     let total = cells.len() * matrix.runs as usize;
     let started = Instant::now();
@@ -83,7 +105,8 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
                 cell.write_rate,
                 run + 1
             );
-            let rec = modes::run_once(cell, run);
+            let mut rec = modes::run_once(cell, run);
+            rec.wall_s = Some(t.elapsed().as_secs_f64());
             eprintln!(
                 "[bench] {} in {:.1} s: downtime {:?} ms, total {:?} ms{}",
                 if rec.verified { "verified" } else { "FAILED" },

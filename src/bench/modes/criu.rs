@@ -44,12 +44,9 @@ struct Run<'a> {
     pidfile: PathBuf,
 }
 
-/// Runs one CRIU mode on a fresh testbed and workload.
-pub fn run(cell: &Cell) -> Result<ModeOutcome> {
-    let bed = Testbed::new(1)?;
-    if let Some(rate) = cell.link.tc_rate() {
-        bed.limit_rate(rate)?;
-    }
+/// Runs one CRIU mode on `bed` with a fresh workload: the workload and `criu dump` on the
+/// source side, the page server, lazy-pages daemon and restore in the destination namespace.
+pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let criu = Criu::locate(None)?;
     let logs = bed.dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -67,16 +64,15 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         src_args: Vec::new(),
         dst_args: Vec::new(),
     };
-    let (mut unshare, pid) = demo::start_workload(&args, &log)?;
+    let (mut unshare, pid) = demo::start_workload(bed, &args, &log)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut run = Run {
-        bed: &bed,
+        bed,
         criu,
         pidfile: bed.dir.join("restore.pid"),
         logs,
         children: Vec::new(),
     };
-    let wire_before = veth_bytes(&bed);
     let started = Instant::now();
     let migrated = match cell.mode {
         Mode::CriuDisk => run.disk(pid),
@@ -87,7 +83,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     let migrated_ns = demo::unix_ns();
     let mut problems = Vec::new();
-    let mut wire_bytes = veth_bytes(&bed).zip(wire_before).map(|(a, b)| a - b);
+    let mut wire_bytes = None;
     match &migrated {
         Ok(Some(image_bytes)) => wire_bytes = Some(*image_bytes),
         Ok(None) => {}
@@ -121,7 +117,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     Ok(ModeOutcome {
         migrated_ns,
         total_ms: migrated.is_ok().then_some(total_ms),
-        wire_bytes: migrated.is_ok().then_some(wire_bytes).flatten(),
+        wire_bytes,
         fault_p50_us: None,
         fault_p99_us: None,
         problems,
@@ -139,21 +135,6 @@ fn stop(pid: i32) {
     if demo::alive(pid) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-}
-
-/// Bytes that crossed the veth both ways so far.
-fn veth_bytes(bed: &Testbed) -> Option<u64> {
-    let read = |what: &str| -> Option<u64> {
-        std::fs::read_to_string(format!(
-            "/sys/class/net/{}/statistics/{what}_bytes",
-            bed.host_if
-        ))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-    };
-    Some(read("rx")? + read("tx")?)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -204,7 +185,9 @@ impl Run<'_> {
         let mut c = if in_dst {
             self.bed.in_dst(&self.criu.path)
         } else {
-            self.criu.command()
+            let mut c = self.criu.command();
+            self.bed.enter_src(&mut c);
+            c
         };
         c.stdin(Stdio::null())
             .stdout(Stdio::null())

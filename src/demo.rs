@@ -200,12 +200,13 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     if let Some(rate) = &args.rate {
         bed.limit_rate(rate)?;
     }
-    migrate_on(&bed, args)
+    migrate_on(&bed, args, None)
 }
 
 /// Runs one migration on `bed`: the workload and `pageserv src` on its source side, `pageserv
-/// dst` in its destination namespace.
-pub fn migrate_on(bed: &Testbed, args: &DemoArgs) -> Result<DemoResult> {
+/// dst` in its destination namespace. With `timeout`, a `pageserv src` still running after it
+/// is killed and the migration fails.
+pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> Result<DemoResult> {
     let pageserv = std::env::current_exe()?;
     let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
@@ -253,7 +254,10 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs) -> Result<DemoResult> {
     }
     let mut src = src_cmd.spawn().context("running pageserv src")?;
     interrupt::started(src.id() as i32);
-    let src_status = src.wait().context("waiting for pageserv src")?;
+    let src_status = match timeout {
+        None => Some(src.wait().context("waiting for pageserv src")?),
+        Some(t) => wait_timeout(&mut src, t)?,
+    };
     let dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
     if let Some(mut c) = external {
         let _ = wait_timeout(&mut c, Duration::from_secs(10));
@@ -298,7 +302,13 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs) -> Result<DemoResult> {
             .unwrap_or(serde_json::Value::Null)
     };
     let mut problems = Vec::new();
-    let src_exit = src_status.code().unwrap_or(-1);
+    let src_exit = src_status.and_then(|s| s.code()).unwrap_or(-1);
+    if src_status.is_none() {
+        problems.push(format!(
+            "pageserv src did not finish within {} s (killed)",
+            timeout.map_or(0, |t| t.as_secs())
+        ));
+    }
     let dst_exit = dst_status.and_then(|s| s.code()).unwrap_or(-1);
     if src_exit != 0 {
         problems.push(format!("pageserv src exited {src_exit}"));

@@ -132,8 +132,7 @@ impl Testbed {
             Emulator::Linkem => {
                 // One TUN device per side, with the same name in both namespaces.
                 bed.ns_if = bed.host_if.clone();
-                let args =
-                    link::linkem_args(&src, &bed.netns, &a, &b, &bed.host_if, shape);
+                let args = link::linkem_args(&src, &bed.netns, &a, &b, &bed.host_if, shape);
                 bed.linkem = Some(LinkemProcess::start(linkem_bin, &args, &bed.dir)?);
             }
         }

@@ -128,10 +128,14 @@ impl Link {
         let mut parts = vec![match self.rate_bps {
             None => "unlimited".to_string(),
             Some(r) => {
-                let (div, unit) = [(1_000_000_000, "gbit"), (1_000_000, "mbit"), (1_000, "kbit")]
-                    .into_iter()
-                    .find(|(d, _)| r % d == 0)
-                    .unwrap_or((1, "bit"));
+                let (div, unit) = [
+                    (1_000_000_000, "gbit"),
+                    (1_000_000, "mbit"),
+                    (1_000, "kbit"),
+                ]
+                .into_iter()
+                .find(|(d, _)| r % d == 0)
+                .unwrap_or((1, "bit"));
                 format!("{}{unit}", r / div)
             }
         }];
@@ -201,9 +205,13 @@ impl Link {
                 } else if let Some(v) = p.strip_suffix("us") {
                     (v, 1.0)
                 } else {
-                    return Err(bad(&format!("{p:?} is neither a round-trip time nor a loss")));
+                    return Err(bad(&format!(
+                        "{p:?} is neither a round-trip time nor a loss"
+                    )));
                 };
-                let v: f64 = num.parse().map_err(|_| bad("the round-trip time is a number"))?;
+                let v: f64 = num
+                    .parse()
+                    .map_err(|_| bad("the round-trip time is a number"))?;
                 let us = (v * scale).round();
                 if rtt_seen || !(0.0..=MAX_RTT_US as f64).contains(&us) {
                     return Err(bad("one round-trip time up to 10 s"));
@@ -256,6 +264,12 @@ pub struct Matrix {
     pub links: Vec<Link>,
     pub write_rates: Vec<u64>,
     pub runs: u32,
+    /// Seconds one step of a run may take before the run fails.
+    #[serde(default)]
+    pub timeout_s: u64,
+    /// Extra `pageserv src` arguments the pageserv modes ran with.
+    #[serde(default)]
+    pub pageserv_src_args: Vec<String>,
 }
 
 /// Named matrices: `default` is the full matrix, `short` fits in 10 minutes on a
@@ -297,6 +311,8 @@ impl Matrix {
             links: Matrix::default_links(),
             write_rates: vec![0, 100],
             runs: 3,
+            timeout_s: super::modes::DEFAULT_STEP_TIMEOUT_S,
+            pageserv_src_args: Vec::new(),
         }
     }
 
@@ -394,10 +410,23 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["unlimited", "1gbit+2ms", "100mbit+40ms+0.5%"]
         );
-        assert_eq!(Link::parse("100mbit+40ms+0.5%").unwrap().slug(), "100mbit_40ms_0.5pct");
+        assert_eq!(
+            Link::parse("100mbit+40ms+0.5%").unwrap().slug(),
+            "100mbit_40ms_0.5pct"
+        );
         for bad in [
-            "", "gbit", "1gb", "20ms", "1gbit;rm", "99999999mbit", "1gbit+2ms+3ms", "1gbit+60%",
-            "1gbit+-1ms", "1gbit+x", "1gbit+20s", "10bit",
+            "",
+            "gbit",
+            "1gb",
+            "20ms",
+            "1gbit;rm",
+            "99999999mbit",
+            "1gbit+2ms+3ms",
+            "1gbit+60%",
+            "1gbit+-1ms",
+            "1gbit+x",
+            "1gbit+20s",
+            "10bit",
         ] {
             assert!(Link::parse(bad).is_err(), "{bad}");
         }
@@ -406,7 +435,10 @@ mod tests {
     #[test]
     fn link_shape_splits_the_round_trip() {
         let s = Link::new(Some(100_000_000), 40_000, 5_000).shape();
-        assert_eq!((s.rate_bps, s.delay_us, s.loss), (Some(100_000_000), 20_000, 0.005));
+        assert_eq!(
+            (s.rate_bps, s.delay_us, s.loss),
+            (Some(100_000_000), 20_000, 0.005)
+        );
         assert!(Link::UNLIMITED.shape().is_plain());
     }
 

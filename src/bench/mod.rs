@@ -51,6 +51,14 @@ pub struct BenchArgs {
     /// Modes (comma-separated), e.g. criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
+    /// Seconds one step of a run (a dump, a restore, CRIU's lazy transfer) may take before the
+    /// run counts as failed.
+    #[arg(long, default_value_t = modes::DEFAULT_STEP_TIMEOUT_S)]
+    pub timeout: u64,
+    /// Extra `pageserv src` argument for every pageserv mode (repeatable), e.g.
+    /// `--pageserv-src-arg=--congestion --pageserv-src-arg=bbr`; recorded in results.json.
+    #[arg(long = "pageserv-src-arg", allow_hyphen_values = true)]
+    pub pageserv_src_args: Vec<String>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -79,6 +87,8 @@ impl BenchArgs {
         if !self.modes.is_empty() {
             m.modes = self.modes.clone();
         }
+        m.pageserv_src_args = self.pageserv_src_args.clone();
+        m.timeout_s = self.timeout;
         m
     }
 }
@@ -97,10 +107,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report::write(&results, &args.out)?;
             plots::write_all(&results, &args.out)
         }
-        None => run::run(
-            &args.matrix(),
-            &args.out,
-            args.quick || args.profile == Profile::Quick,
-        ),
+        None => {
+            modes::set_step_timeout(args.timeout);
+            modes::set_pageserv_src_args(args.pageserv_src_args.clone());
+            run::run(
+                &args.matrix(),
+                &args.out,
+                args.quick || args.profile == Profile::Quick,
+            )
+        }
     }
 }

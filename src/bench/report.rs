@@ -333,7 +333,9 @@ fn ratio_tables(s: &mut String, r: &Results) {
                     let mut cols: Vec<String> = baselines
                         .map(|b| ratio(ps.downtime_ms, get(b).and_then(|c| c.downtime_ms)))
                         .into();
-                    cols.extend(baselines.map(|b| ratio(ps.total_ms, get(b).and_then(|c| c.total_ms))));
+                    cols.extend(
+                        baselines.map(|b| ratio(ps.total_ms, get(b).and_then(|c| c.total_ms))),
+                    );
                     rows.push(format!(
                         "| {} | {mib} | {rate} | {} |",
                         mode.name(),
@@ -449,6 +451,9 @@ mod tests {
         assert!(md.contains("- unlimited: bare veth"), "{md}");
         // The failed pageserv run gives no ratio; the table row still shows the gap.
         assert!(md.contains("### unlimited"), "{md}");
-        assert!(md.contains("| pageserv-lazy | 64 | 10 | – | – | – |"), "{md}");
+        assert!(
+            md.contains("| pageserv-lazy | 64 | 10 | – | – | – |"),
+            "{md}"
+        );
     }
 }

@@ -145,7 +145,8 @@ impl LinkemProcess {
             cmd: format!("{} {}", bin.display(), args.join(" ")),
             detail,
         };
-        let out = std::fs::File::create(&log).map_err(|e| err(format!("{}: {e}", log.display())))?;
+        let out =
+            std::fs::File::create(&log).map_err(|e| err(format!("{}: {e}", log.display())))?;
         let errout = out.try_clone().map_err(|e| err(e.to_string()))?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
@@ -172,7 +173,10 @@ impl LinkemProcess {
         while !ready.exists() {
             if let Some(Ok(Some(st))) = me.child.as_mut().map(Child::try_wait) {
                 let said = std::fs::read_to_string(&me.log).unwrap_or_default();
-                return Err(err(format!("exited ({st}) before forwarding: {}", said.trim())));
+                return Err(err(format!(
+                    "exited ({st}) before forwarding: {}",
+                    said.trim()
+                )));
             }
             if Instant::now() > deadline {
                 return Err(err("not forwarding after 10 s".into()));

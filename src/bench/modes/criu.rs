@@ -21,8 +21,6 @@ use crate::testbed::Testbed;
 
 /// Writer threads of the workload in every mode.
 pub const WORKLOAD_THREADS: u32 = 2;
-/// The longest any CRIU step may take before the run is declared failed.
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The fd number CRIU writes its ready byte to.
 const STATUS_FD: i32 = 3;
 
@@ -125,6 +123,13 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     })
 }
 
+fn timed_out() -> String {
+    format!(
+        "did not finish within {} s, the bench's --timeout",
+        super::step_timeout().as_secs()
+    )
+}
+
 /// SIGTERM (the workload logs its exit), then SIGKILL if it lingers.
 fn stop(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -198,11 +203,11 @@ impl Run<'_> {
     /// Runs a CRIU step to completion; on failure the error carries its log tail.
     fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        match demo::wait_timeout(&mut child, STEP_TIMEOUT)? {
+        match demo::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
-                other.map_or("timed out".to_string(), |s| s.to_string()),
+                other.map_or_else(timed_out, |s| s.to_string()),
                 log_tail(log, 15)
             ),
         }
@@ -221,11 +226,11 @@ impl Run<'_> {
     }
 
     fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
-        match demo::wait_timeout(&mut self.children[i], STEP_TIMEOUT)? {
+        match demo::wait_timeout(&mut self.children[i], super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
-                other.map_or("timed out".to_string(), |s| s.to_string()),
+                other.map_or_else(timed_out, |s| s.to_string()),
                 log_tail(log, 15)
             ),
         }

@@ -33,6 +33,39 @@ pub fn runner(mode: Mode) -> Option<Runner> {
 /// The testbed tag of bench runs (the demo uses 0).
 const BED_TAG: u8 = 2;
 
+/// Seconds any one step of a run may take (see [`set_step_timeout`]).
+static STEP_TIMEOUT_S: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_STEP_TIMEOUT_S);
+/// CRIU's lazy-pages daemon needs minutes for 1 GiB on the slower links; longer than this and
+/// the run counts as failed (it did not finish), named so in the report.
+pub const DEFAULT_STEP_TIMEOUT_S: u64 = 300;
+
+/// Sets how long any one step (a CRIU dump, restore, the lazy transfer) may take.
+pub fn set_step_timeout(secs: u64) {
+    STEP_TIMEOUT_S.store(secs.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+static PAGESERV_SRC_ARGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Extra arguments for every `pageserv src` the bench starts (e.g. `--congestion bbr`).
+pub fn set_pageserv_src_args(args: Vec<String>) {
+    if let Ok(mut a) = PAGESERV_SRC_ARGS.lock() {
+        *a = args;
+    }
+}
+
+fn pageserv_src_args() -> Vec<String> {
+    PAGESERV_SRC_ARGS
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default()
+}
+
+/// How long any one step may take.
+pub fn step_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(STEP_TIMEOUT_S.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Seconds the workload runs at the destination after the migration ended, checking itself.
 pub const AFTER_S: u64 = 3;
 /// Passed self-checks each process needs after the migration for the run to count.
@@ -140,7 +173,10 @@ fn on_testbed(
     let before = bed.link_bytes();
     let mut o = runner(cell, &bed)?;
     if o.wire_bytes.is_none() {
-        o.wire_bytes = bed.link_bytes().zip(before).map(|(a, b)| a.saturating_sub(b));
+        o.wire_bytes = bed
+            .link_bytes()
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b));
     }
     *link_counters = bed.stop_link();
     Ok(o)

@@ -8,18 +8,22 @@ use crate::bench::matrix::Mode;
 use crate::demo::{self, DemoArgs};
 use crate::testbed::Testbed;
 
-/// Extra `pageserv src` arguments that make each pageserv mode (the demo runs `src --lazy`).
-fn src_args(mode: Mode) -> Vec<String> {
-    match mode {
+/// Extra `pageserv src` arguments that make each pageserv mode (the demo runs `src --lazy`),
+/// then the bench's `--pageserv-src-arg`s.
+fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = match mode {
         Mode::PageservLazy => Vec::new(),
         // Pre-copy and stop-and-copy add their flags here when they land.
         _ => Vec::new(),
-    }
+    };
+    args.extend(extra.iter().cloned());
+    args
 }
 
 /// `pageserv src` + `pageserv dst` on `bed`, as `pageserv demo` runs them: the workload and
 /// `src` on the source side, `dst` in the destination namespace.
 pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
+    let extra = super::pageserv_src_args();
     let args = DemoArgs {
         mib: cell.mib,
         threads: super::criu::WORKLOAD_THREADS,
@@ -30,10 +34,10 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         external_dump: false,
         after: AFTER_S,
         json: None,
-        src_args: src_args(cell.mode),
+        src_args: src_args(cell.mode, &extra),
         dst_args: Vec::new(),
     };
-    let r = demo::migrate_on(bed, &args)?;
+    let r = demo::migrate_on(bed, &args, Some(super::step_timeout()))?;
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };

@@ -51,12 +51,14 @@ pub struct BenchArgs {
     /// Modes (comma-separated), e.g. criu-disk, criu-pageserver, criu-lazy, pageserv-lazy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
-    /// Seconds one step of a run (a dump, a restore, CRIU's lazy transfer) may take before the
-    /// run counts as failed.
-    #[arg(long, default_value_t = modes::DEFAULT_STEP_TIMEOUT_S)]
-    pub timeout: u64,
+    /// Seconds one step of a run (a dump, a restore, a lazy transfer) may take before the run
+    /// counts as failed [default: 300; short profile 150].
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Extra `pageserv src` argument for every pageserv mode (repeatable), e.g.
-    /// `--pageserv-src-arg=--congestion --pageserv-src-arg=bbr`; recorded in results.json.
+    /// `--pageserv-src-arg=--congestion --pageserv-src-arg=cubic`; recorded in results.json.
+    /// Without any, pageserv's QUIC uses the congestion controller the kernel's TCP uses (CRIU's
+    /// connections), so both cross the link under the same controller.
     #[arg(long = "pageserv-src-arg", allow_hyphen_values = true)]
     pub pageserv_src_args: Vec<String>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
@@ -87,10 +89,30 @@ impl BenchArgs {
         if !self.modes.is_empty() {
             m.modes = self.modes.clone();
         }
-        m.pageserv_src_args = self.pageserv_src_args.clone();
-        m.timeout_s = self.timeout;
+        m.pageserv_src_args = if self.pageserv_src_args.is_empty() {
+            let tcp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                .unwrap_or_default();
+            matching_congestion(tcp.trim())
+        } else {
+            self.pageserv_src_args.clone()
+        };
+        if let Some(t) = self.timeout {
+            m.timeout_s = t.max(1);
+        }
         m
     }
+}
+
+/// The `pageserv src` arguments that give its QUIC the kernel TCP's congestion controller
+/// (`net.ipv4.tcp_congestion_control`), if pageserv has that one.
+pub fn matching_congestion(tcp: &str) -> Vec<String> {
+    let quic = match tcp {
+        "bbr" => "bbr",
+        "cubic" => "cubic",
+        "reno" => "newreno",
+        _ => return Vec::new(),
+    };
+    vec!["--congestion".into(), quic.into()]
 }
 
 /// Runs the bench and writes its results.
@@ -108,10 +130,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             plots::write_all(&results, &args.out)
         }
         None => {
-            modes::set_step_timeout(args.timeout);
-            modes::set_pageserv_src_args(args.pageserv_src_args.clone());
+            let matrix = args.matrix();
+            modes::set_pageserv_src_args(matrix.pageserv_src_args.clone());
+            modes::set_step_timeout(matrix.timeout_s);
             run::run(
-                &args.matrix(),
+                &matrix,
                 &args.out,
                 args.quick || args.profile == Profile::Quick,
             )

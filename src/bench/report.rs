@@ -241,6 +241,14 @@ pub fn markdown(r: &Results) -> String {
         super::modes::RATE_WINDOW_MS,
         super::modes::MIN_CHECKS_AFTER
     );
+    if !r.matrix.pageserv_src_args.is_empty() {
+        let _ = writeln!(
+            s,
+            "pageserv src ran with `{}` (unless given, the bench gives pageserv's QUIC the \
+             congestion controller of the kernel's TCP, which CRIU's connections use).\n",
+            r.matrix.pageserv_src_args.join(" ")
+        );
+    }
     if !r.link_emulators.is_empty() {
         let _ = writeln!(s, "Links:\n");
         for (l, e) in &r.link_emulators {

@@ -468,4 +468,17 @@ mod tests {
         assert_eq!(Matrix::profile(Profile::Short).cells().len(), n * 3 - 2);
         assert!(m.unavailable().iter().any(|(m, _)| *m == Mode::CriuPredump));
     }
+
+    #[test]
+    fn quic_gets_the_kernel_tcp_congestion_controller() {
+        assert_eq!(
+            crate::bench::matching_congestion("bbr"),
+            ["--congestion", "bbr"]
+        );
+        assert_eq!(
+            crate::bench::matching_congestion("reno"),
+            ["--congestion", "newreno"]
+        );
+        assert!(crate::bench::matching_congestion("vegas").is_empty());
+    }
 }

@@ -464,4 +464,38 @@ mod tests {
             "{md}"
         );
     }
+
+    #[test]
+    fn ratio_tables_compare_pageserv_with_criu_on_each_link() {
+        let wan = Link::parse("100mbit+40ms+0.5%").unwrap();
+        let mut disk = record(Mode::CriuDisk, true, 400.0);
+        // criu-disk ran on the first link only and stands for every link.
+        disk.cell.link = Link::UNLIMITED;
+        let on_wan = |mode, downtime| {
+            let mut r = record(mode, true, downtime);
+            r.cell.link = wan.clone();
+            r
+        };
+        let mut m = Matrix::quick();
+        m.links = vec![Link::UNLIMITED, wan.clone()];
+        let r = Results::new(
+            Machine::default(),
+            m,
+            vec![
+                disk,
+                on_wan(Mode::CriuLazy, 100.0),
+                on_wan(Mode::CriuPageserver, 1000.0),
+                on_wan(Mode::PageservLazy, 50.0),
+            ],
+            1.0,
+        );
+        let md = markdown(&r);
+        assert!(md.contains("### 100mbit+40ms+0.5%"), "{md}");
+        assert!(
+            md.contains("| pageserv-lazy | 64 | 10 | 0.50 | 0.05 | 0.12 | 0.50 | 0.05 | 0.12 |"),
+            "{md}"
+        );
+        // No pageserv run on the plain link: no table for it.
+        assert!(!md.contains("### unlimited"), "{md}");
+    }
 }

@@ -68,6 +68,30 @@ impl Machine {
     }
 }
 
+/// Deletes testbed namespaces (`psv<pid>-<tag>`, `psv<pid>-<tag>s`) whose creator no longer
+/// exists: an interrupted bench leaves them behind, and their addresses would collide.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("psv")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing namespace {name} left by an earlier run (pid {pid} is gone)");
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .status();
+        }
+    }
+}
+
 /// Runs the matrix and writes results.json, results.md and the plots into `out`. With `quick`
 /// it fails unless every run verified.
 pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
@@ -86,6 +110,7 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    remove_stale_namespaces();
     let linkem = crate::demo::sibling("linkem")?;
     let machine = Machine::probe(&criu, &linkem);
     let cells = matrix.cells();

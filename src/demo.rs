@@ -96,10 +96,11 @@ pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Starts the workload as pid 1 of a new pid namespace; returns (unshare child, host pid).
-pub(crate) fn start_workload(args: &DemoArgs, log: &Path) -> Result<(Child, i32)> {
+/// Starts the workload on the source side of `bed` as pid 1 of a new pid namespace; returns
+/// (unshare child, host pid).
+pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Result<(Child, i32)> {
     let workload = sibling("workload")?;
-    let mut cmd = Command::new("unshare");
+    let mut cmd = bed.in_src("unshare");
     cmd.args(["-p", "-f", "setsid"])
         .arg(&workload)
         .args(["--mib", &args.mib.to_string()])
@@ -202,10 +203,17 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     if let Some(rate) = &args.rate {
         bed.limit_rate(rate)?;
     }
+    migrate_on(&bed, args, None)
+}
+
+/// Runs one migration on `bed`: the workload and `pageserv src` on its source side, `pageserv
+/// dst` in its destination namespace. With `timeout`, a `pageserv src` still running after it
+/// is killed and the migration fails.
+pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> Result<DemoResult> {
     let pageserv = std::env::current_exe()?;
     let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
-    let (mut unshare, pid) = start_workload(args, &log)?;
+    let (mut unshare, pid) = start_workload(bed, args, &log)?;
     interrupt::started(unshare.id() as i32);
     interrupt::started(pid);
     eprintln!("workload pid {pid} ready; letting it run 1 s before the migration");
@@ -231,7 +239,7 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     interrupt::started(dst.id() as i32);
     wait_for_line(&mut dst, "pageserv dst ready", Duration::from_secs(20))?;
 
-    let mut src_cmd = Command::new(&pageserv);
+    let mut src_cmd = bed.in_src(&pageserv);
     src_cmd
         .arg("src")
         .arg(if args.stop_and_copy {
@@ -249,13 +257,16 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
         .stdin(Stdio::null());
     let mut external = None;
     if args.external_dump {
-        external = Some(start_external_dump(&bed.dir, pid, &mut src_cmd)?);
+        external = Some(start_external_dump(bed, pid, &mut src_cmd)?);
     } else {
         src_cmd.args(["--pid", &pid.to_string()]);
     }
     let mut src = src_cmd.spawn().context("running pageserv src")?;
     interrupt::started(src.id() as i32);
-    let src_status = src.wait().context("waiting for pageserv src")?;
+    let src_status = match timeout {
+        None => Some(src.wait().context("waiting for pageserv src")?),
+        Some(t) => wait_timeout(&mut src, t)?,
+    };
     let dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
     if let Some(mut c) = external {
         let _ = wait_timeout(&mut c, Duration::from_secs(10));
@@ -300,7 +311,13 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
             .unwrap_or(serde_json::Value::Null)
     };
     let mut problems = Vec::new();
-    let src_exit = src_status.code().unwrap_or(-1);
+    let src_exit = src_status.and_then(|s| s.code()).unwrap_or(-1);
+    if src_status.is_none() {
+        problems.push(format!(
+            "pageserv src did not finish within {} s (killed)",
+            timeout.map_or(0, |t| t.as_secs())
+        ));
+    }
     let dst_exit = dst_status.and_then(|s| s.code()).unwrap_or(-1);
     if src_exit != 0 {
         problems.push(format!("pageserv src exited {src_exit}"));
@@ -339,7 +356,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 
 /// Starts `criu dump --lazy-pages` as runc would: its own page server on loopback and a status
 /// FIFO, then points `pageserv src` at both.
-fn start_external_dump(dir: &Path, pid: i32, src: &mut Command) -> Result<Child> {
+fn start_external_dump(bed: &Testbed, pid: i32, src: &mut Command) -> Result<Child> {
+    let dir = &bed.dir;
     let criu = crate::criu::binary::Criu::locate(None)?;
     let images = dir.join("ext-images");
     std::fs::create_dir_all(&images)?;
@@ -352,7 +370,8 @@ fn start_external_dump(dir: &Path, pid: i32, src: &mut Command) -> Result<Child>
         images.display(),
         fifo.display()
     );
-    let child = Command::new("/bin/sh")
+    let child = bed
+        .in_src("/bin/sh")
         .arg("-c")
         .arg(line)
         .stdin(Stdio::null())

@@ -1,12 +1,20 @@
-//! A two-host migration on one machine: the source is the root network namespace, the
-//! destination a network namespace this process creates, joined by a veth pair. The demo, the
-//! integration tests and the bench all use it, so what the tests check is what users run.
+//! A two-host migration on one machine. [`Testbed::new`]: the source is the root network
+//! namespace, the destination a network namespace this process creates, joined by a veth pair
+//! (the demo and the integration tests). [`Testbed::pair`]: source and destination each get a
+//! namespace of their own, joined by an emulated link ([`link`]), so everything that crosses
+//! (CRIU's TCP, pageserv's QUIC) crosses the same link (the bench). What the tests check is
+//! what users run.
 //!
 //! Everything it creates carries this process's pid in its name and is removed on drop.
 
+pub mod link;
+
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+use link::{Emulator, LinkShape, LinkemProcess};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
@@ -16,17 +24,28 @@ pub enum TestbedError {
     Command { cmd: String, detail: String },
 }
 
-/// A destination network namespace joined to the root namespace by a veth pair.
+/// A destination network namespace joined to the source (the root namespace, or a namespace of
+/// its own) by a veth pair or an emulated link.
 #[derive(Debug)]
 pub struct Testbed {
+    /// The destination's namespace.
     pub netns: String,
+    /// The source's namespace, `None` for the root namespace.
+    pub src_netns: Option<String>,
+    /// The source side's interface (in `src_netns`).
     pub host_if: String,
+    /// The destination side's interface (in `netns`).
     pub ns_if: String,
+    /// What joins the two sides.
+    pub emulator: Emulator,
     pub src_addr: Ipv4Addr,
     pub dst_addr: Ipv4Addr,
     /// Scratch directory for keys, images and logs.
     pub dir: PathBuf,
     keep_dir: bool,
+    /// Open handle of the source namespace, entered by [`Testbed::enter_src`].
+    src_ns: Option<OwnedFd>,
+    linkem: Option<LinkemProcess>,
 }
 
 /// Runs a command; its stderr goes into the error.
@@ -52,9 +71,75 @@ fn ip(args: &[&str]) -> Result<String, TestbedError> {
 }
 
 impl Testbed {
-    /// Creates the namespace `psv<pid>-<tag>` and a /30 in 10.250.0.0/16 chosen from the pid and
-    /// `tag`, so concurrent testbeds do not collide.
+    /// Creates the namespace `psv<pid>-<tag>` joined to the root namespace by a veth pair, and
+    /// a /30 in 10.250.0.0/16 chosen from the pid and `tag`, so concurrent testbeds do not
+    /// collide.
     pub fn new(tag: u8) -> Result<Testbed, TestbedError> {
+        let bed = Testbed::blank(tag, false)?;
+        bed.setup()?;
+        Ok(bed)
+    }
+
+    /// Creates two namespaces, `psv<pid>-<tag>s` for the source and `psv<pid>-<tag>` for the
+    /// destination, joined by a link of `shape`: a bare veth if the shape is plain, else netem
+    /// where the kernel has it, else `linkem` (the binary at `linkem_bin`). Commands for the
+    /// source side go through [`Testbed::in_src`] or [`Testbed::enter_src`].
+    pub fn pair(
+        tag: u8,
+        shape: &LinkShape,
+        linkem_bin: &std::path::Path,
+    ) -> Result<Testbed, TestbedError> {
+        let mut bed = Testbed::blank(tag, true)?;
+        let Some(src) = bed.src_netns.clone() else {
+            return Err(TestbedError::Command {
+                cmd: "testbed".into(),
+                detail: "a pair testbed without a source namespace".into(),
+            });
+        };
+        ip(&["netns", "add", &src])?;
+        ip(&["netns", "add", &bed.netns])?;
+        let ns_path = format!("/var/run/netns/{src}");
+        let fd = std::fs::File::open(&ns_path).map_err(|e| TestbedError::Command {
+            cmd: format!("open {ns_path}"),
+            detail: e.to_string(),
+        })?;
+        bed.src_ns = Some(fd.into());
+        for ns in [&src, &bed.netns] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let netem = !shape.is_plain() && link::netem_available(linkem_bin);
+        bed.emulator = Emulator::choose(shape, netem);
+        let (a, b) = (
+            format!("{}/30", bed.src_addr),
+            format!("{}/30", bed.dst_addr),
+        );
+        match bed.emulator {
+            Emulator::Veth | Emulator::Netem => {
+                let (h, n) = (&bed.host_if, &bed.ns_if);
+                ip(&["link", "add", h, "type", "veth", "peer", "name", n])?;
+                ip(&["link", "set", h, "netns", &src])?;
+                ip(&["link", "set", n, "netns", &bed.netns])?;
+                for (ns, dev, addr) in [(&src, h, &a), (&bed.netns, n, &b)] {
+                    ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+                    ip(&["-n", ns, "link", "set", dev, "up"])?;
+                    if bed.emulator == Emulator::Netem {
+                        let mut args = vec!["-n".to_string(), ns.to_string()];
+                        args.extend(link::netem_args(dev, shape));
+                        sh(Command::new("tc").args(&args))?;
+                    }
+                }
+            }
+            Emulator::Linkem => {
+                // One TUN device per side, with the same name in both namespaces.
+                bed.ns_if = bed.host_if.clone();
+                let args = link::linkem_args(&src, &bed.netns, &a, &b, &bed.host_if, shape);
+                bed.linkem = Some(LinkemProcess::start(linkem_bin, &args, &bed.dir)?);
+            }
+        }
+        Ok(bed)
+    }
+
+    fn blank(tag: u8, pair: bool) -> Result<Testbed, TestbedError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(TestbedError::NotRoot);
         }
@@ -72,17 +157,19 @@ impl Testbed {
             cmd: format!("mkdir {}", dir.display()),
             detail: e.to_string(),
         })?;
-        let bed = Testbed {
+        Ok(Testbed {
+            src_netns: pair.then(|| format!("{netns}s")),
             netns,
             host_if,
             ns_if,
+            emulator: Emulator::Veth,
             src_addr,
             dst_addr,
             dir,
             keep_dir: std::env::var_os("PAGESERV_KEEP").is_some(),
-        };
-        bed.setup()?;
-        Ok(bed)
+            src_ns: None,
+            linkem: None,
+        })
     }
 
     fn setup(&self) -> Result<(), TestbedError> {
@@ -106,6 +193,45 @@ impl Testbed {
         Ok(())
     }
 
+    /// A command that runs on the source side (its namespace, if it has one).
+    pub fn in_src(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        self.enter_src(&mut c);
+        c
+    }
+
+    /// Makes `cmd` run in the source namespace, if the source has one. Only the network
+    /// namespace changes (unlike `ip netns exec`, which also makes a mount namespace): CRIU
+    /// refuses to dump a task whose mount namespace differs from its own.
+    pub fn enter_src<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        if let Some(fd) = &self.src_ns {
+            let raw = fd.as_raw_fd();
+            // SAFETY: setns is a plain system call, async-signal-safe; `raw` stays open in the
+            // child until exec (the parent keeps it open while the testbed lives).
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || {
+                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
+    }
+
+    /// Bytes that crossed the source side's interface so far, both ways.
+    pub fn link_bytes(&self) -> Option<u64> {
+        link::interface_bytes(self.src_netns.as_deref(), &self.host_if)
+    }
+
+    /// Stops the link emulator, if it is a process, and returns its final counters (linkem: one
+    /// line per direction, one of CPU use). The link is gone afterwards.
+    pub fn stop_link(&mut self) -> Option<String> {
+        self.linkem.as_mut().map(LinkemProcess::stop)
+    }
+
     /// A command that runs inside the destination namespace.
     pub fn in_dst(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
@@ -123,7 +249,10 @@ impl Testbed {
             ]);
             sh(Command::new("tc").args(&args))
         };
-        tbf(&[], &self.host_if)?;
+        match &self.src_netns {
+            Some(ns) => tbf(&["-n", ns], &self.host_if)?,
+            None => tbf(&[], &self.host_if)?,
+        };
         tbf(&["-n", &self.netns], &self.ns_if)?;
         Ok(())
     }
@@ -131,13 +260,25 @@ impl Testbed {
     /// Takes the link down or up (for link-loss tests).
     pub fn set_link(&self, up: bool) -> Result<(), TestbedError> {
         let state = if up { "up" } else { "down" };
-        ip(&["link", "set", &self.host_if, state]).map(|_| ())
+        match &self.src_netns {
+            Some(ns) => ip(&["-n", ns, "link", "set", &self.host_if, state]).map(|_| ()),
+            None => ip(&["link", "set", &self.host_if, state]).map(|_| ()),
+        }
     }
 }
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
+        // linkem first: its devices go with it.
+        self.linkem = None;
+        match &self.src_netns {
+            Some(ns) => {
+                let _ = ip(&["netns", "del", ns]);
+            }
+            None => {
+                let _ = ip(&["link", "del", &self.host_if]);
+            }
+        }
         let _ = ip(&["netns", "del", &self.netns]);
         if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::testbed::link::LinkShape;
+
 /// A way to migrate the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -57,6 +59,17 @@ impl Mode {
         }
     }
 
+    /// pageserv's own modes (compared with CRIU's in the ratio tables).
+    pub fn is_pageserv(self) -> bool {
+        self.name().starts_with("pageserv")
+    }
+
+    /// Whether the link matters: criu-disk copies through the local disk, so it runs on the first
+    /// link of a matrix only and stands for every link in the comparisons.
+    pub fn uses_link(self) -> bool {
+        !matches!(self, Mode::CriuDisk)
+    }
+
     /// Whether the mode reports fault latency (the pageserv destination measures it).
     pub fn has_fault_latency(self) -> bool {
         matches!(self, Mode::PageservLazy)
@@ -73,44 +86,161 @@ impl Mode {
     }
 }
 
-/// The link between source and destination.
+/// The link between the source and destination namespaces: rate, round-trip time and random
+/// loss, the same in each direction. Written as its label: `unlimited`, or parts joined by `+`:
+/// a rate (`100mbit`, `1gbit`, or `unlimited`), a round-trip time (`40ms`, `500us`) and a loss
+/// per direction (`0.5%`), e.g. `100mbit+40ms+0.5%`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Link {
-    /// The bare veth.
-    Unlimited,
-    /// tbf on both ends of the veth at this tc rate (e.g. "1gbit").
-    Rate(String),
+#[serde(try_from = "String", into = "String")]
+pub struct Link {
+    /// Bits per second per direction; `None` is unlimited.
+    pub rate_bps: Option<u64>,
+    /// Round-trip time added by the link (half of it each way).
+    pub rtt_us: u64,
+    /// Loss per direction in parts per million (5000 is 0.5%).
+    pub loss_ppm: u32,
 }
 
+/// A link slower than 1 kbit/s, a round trip over 10 s or loss over 50% is a typo, not a link.
+const MAX_RTT_US: u64 = 10_000_000;
+const MAX_LOSS_PPM: u32 = 500_000;
+
 impl Link {
+    /// The bare veth.
+    pub const UNLIMITED: Link = Link {
+        rate_bps: None,
+        rtt_us: 0,
+        loss_ppm: 0,
+    };
+
+    pub fn new(rate_bps: Option<u64>, rtt_us: u64, loss_ppm: u32) -> Link {
+        Link {
+            rate_bps,
+            rtt_us,
+            loss_ppm,
+        }
+    }
+
+    /// The label it parses from, e.g. `100mbit+40ms+0.5%`.
     pub fn label(&self) -> String {
-        match self {
-            Link::Unlimited => "unlimited".into(),
-            Link::Rate(r) => r.clone(),
+        let mut parts = vec![match self.rate_bps {
+            None => "unlimited".to_string(),
+            Some(r) => {
+                let (div, unit) = [
+                    (1_000_000_000, "gbit"),
+                    (1_000_000, "mbit"),
+                    (1_000, "kbit"),
+                ]
+                .into_iter()
+                .find(|(d, _)| r % d == 0)
+                .unwrap_or((1, "bit"));
+                format!("{}{unit}", r / div)
+            }
+        }];
+        if self.rtt_us > 0 {
+            parts.push(match self.rtt_us % 1000 {
+                0 => format!("{}ms", self.rtt_us / 1000),
+                _ => format!("{}us", self.rtt_us),
+            });
         }
+        if self.loss_ppm > 0 {
+            parts.push(format!("{}%", f64::from(self.loss_ppm) / 1e4));
+        }
+        parts.join("+")
     }
 
-    /// `unlimited`, or a tc rate: digits followed by kbit, mbit, gbit (or bit).
+    /// A name for files: the label without `+` and `%`.
+    pub fn slug(&self) -> String {
+        self.label().replace('+', "_").replace('%', "pct")
+    }
+
+    /// Parses a label (see [`Link`]).
     pub fn parse(s: &str) -> Result<Link, String> {
-        if s == "unlimited" {
-            return Ok(Link::Unlimited);
+        let bad = |why: &str| {
+            format!(
+                "link {s:?}: {why}; give `unlimited` or rate+rtt+loss such as 1gbit+2ms or \
+                 100mbit+40ms+0.5%"
+            )
+        };
+        let mut parts = s.split('+');
+        let rate = parts.next().unwrap_or_default();
+        let rate_bps = if rate == "unlimited" {
+            None
+        } else {
+            let digits = rate.chars().take_while(char::is_ascii_digit).count();
+            let mult: u64 = match &rate[digits..] {
+                "bit" => 1,
+                "kbit" => 1_000,
+                "mbit" => 1_000_000,
+                "gbit" => 1_000_000_000,
+                _ => return Err(bad("the rate needs a unit: bit, kbit, mbit or gbit")),
+            };
+            let n: u64 = rate[..digits]
+                .parse()
+                .ok()
+                .filter(|n| (1..=999_999).contains(n))
+                .ok_or_else(|| bad("the rate must be 1 to 999999 of its unit"))?;
+            let bps = n * mult;
+            if bps < 1_000 {
+                return Err(bad("rates below 1kbit are not links"));
+            }
+            Some(bps)
+        };
+        let mut link = Link::new(rate_bps, 0, 0);
+        let (mut rtt_seen, mut loss_seen) = (false, false);
+        for p in parts {
+            if let Some(pct) = p.strip_suffix('%') {
+                let v: f64 = pct.parse().map_err(|_| bad("loss is a percentage"))?;
+                let ppm = (v * 1e4).round();
+                if loss_seen || !(0.0..=f64::from(MAX_LOSS_PPM)).contains(&ppm) {
+                    return Err(bad("one loss between 0% and 50%"));
+                }
+                link.loss_ppm = ppm as u32;
+                loss_seen = true;
+            } else {
+                let (num, scale) = if let Some(v) = p.strip_suffix("ms") {
+                    (v, 1000.0)
+                } else if let Some(v) = p.strip_suffix("us") {
+                    (v, 1.0)
+                } else {
+                    return Err(bad(&format!(
+                        "{p:?} is neither a round-trip time nor a loss"
+                    )));
+                };
+                let v: f64 = num
+                    .parse()
+                    .map_err(|_| bad("the round-trip time is a number"))?;
+                let us = (v * scale).round();
+                if rtt_seen || !(0.0..=MAX_RTT_US as f64).contains(&us) {
+                    return Err(bad("one round-trip time up to 10 s"));
+                }
+                link.rtt_us = us as u64;
+                rtt_seen = true;
+            }
         }
-        let digits = s.chars().take_while(char::is_ascii_digit).count();
-        let unit = &s[digits..];
-        if digits == 0 || digits > 6 || !["bit", "kbit", "mbit", "gbit"].contains(&unit) {
-            return Err(format!(
-                "link {s:?}: give `unlimited` or a rate like 100mbit or 1gbit (delay and loss \
-                 need linkem, not supported by the bench yet)"
-            ));
-        }
-        Ok(Link::Rate(s.to_string()))
+        Ok(link)
     }
 
-    pub fn tc_rate(&self) -> Option<&str> {
-        match self {
-            Link::Unlimited => None,
-            Link::Rate(r) => Some(r),
+    /// The shape the testbed gives the link: half the round trip each way.
+    pub fn shape(&self) -> LinkShape {
+        LinkShape {
+            rate_bps: self.rate_bps,
+            delay_us: self.rtt_us / 2,
+            loss: f64::from(self.loss_ppm) / 1e6,
         }
+    }
+}
+
+impl TryFrom<String> for Link {
+    type Error = String;
+    fn try_from(s: String) -> Result<Link, String> {
+        Link::parse(&s)
+    }
+}
+
+impl From<Link> for String {
+    fn from(l: Link) -> String {
+        l.label()
     }
 }
 
@@ -132,31 +262,72 @@ pub struct Matrix {
     pub links: Vec<Link>,
     pub write_rates: Vec<u64>,
     pub runs: u32,
+    /// Seconds one step of a run may take before the run fails.
+    #[serde(default)]
+    pub timeout_s: u64,
+    /// Extra `pageserv src` arguments the pageserv modes ran with.
+    #[serde(default)]
+    pub pageserv_src_args: Vec<String>,
 }
 
-/// Links the bench cannot emulate yet (they need linkem and a source namespace).
-pub const TODO_LINKS: [&str; 2] = [
-    "100mbit + 20ms delay (linkem)",
-    "1gbit + 0.5% loss (linkem)",
-];
+/// Named matrices: `default` is the issue's full matrix, `short` fits in 10 minutes on a
+/// 2-core machine, `quick` is the CI check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Sizes 256 and 1024 MiB, three links, dirty rates 0 and 100 pages/ms, 3 runs.
+    Default,
+    /// 256 MiB, three links, 100 pages/ms, 1 run, steps cut at 150 s: about 10 minutes, no
+    /// spread.
+    Short,
+    /// One 64 MiB cell per mode on the plain link, 1 run: does every mode complete and verify?
+    Quick,
+}
 
 impl Matrix {
-    /// The default: sized to finish in about 10 minutes on a 2-core machine. One run per cell:
-    /// criu-lazy alone needs ~190 s for 1024 MiB (CRIU's lazy-pages daemon moves ~5 MiB/s
-    /// here), so three runs of the full default would take ~30 min; ask for them with --runs 3.
+    /// Every mode the bench can run (the others are listed as unavailable).
+    pub fn runnable_modes() -> Vec<Mode> {
+        Mode::ALL
+            .into_iter()
+            .filter(|m| m.unavailable().is_none())
+            .collect()
+    }
+
+    /// The issue's links: a bare veth, a fast LAN, a lossy WAN.
+    pub fn default_links() -> Vec<Link> {
+        vec![
+            Link::UNLIMITED,
+            Link::new(Some(1_000_000_000), 2_000, 0),
+            Link::new(Some(100_000_000), 40_000, 5_000),
+        ]
+    }
+
+    /// The issue's matrix: 2 sizes x 3 links x 2 dirty rates x every mode, 3 runs each. It takes
+    /// far longer than 10 minutes here (see bench/README.md); `short` is the 10-minute cut.
     pub fn default_matrix() -> Matrix {
         Matrix {
-            modes: vec![
-                Mode::CriuDisk,
-                Mode::CriuPageserver,
-                Mode::CriuLazy,
-                Mode::PageservLazy,
-                Mode::PageservStopAndCopy,
-            ],
+            modes: Matrix::runnable_modes(),
             sizes_mib: vec![256, 1024],
-            links: vec![Link::Unlimited, Link::Rate("1gbit".into())],
-            write_rates: vec![10],
-            runs: 1,
+            links: Matrix::default_links(),
+            write_rates: vec![0, 100],
+            runs: 3,
+            timeout_s: super::modes::DEFAULT_STEP_TIMEOUT_S,
+            pageserv_src_args: Vec::new(),
+        }
+    }
+
+    /// The matrix of a profile.
+    pub fn profile(p: Profile) -> Matrix {
+        match p {
+            Profile::Default => Matrix::default_matrix(),
+            Profile::Short => Matrix {
+                sizes_mib: vec![256],
+                write_rates: vec![100],
+                runs: 1,
+                // criu-lazy needs minutes here; past this it is shown as failed, not waited for.
+                timeout_s: 150,
+                ..Matrix::default_matrix()
+            },
+            Profile::Quick => Matrix::quick(),
         }
     }
 
@@ -164,7 +335,7 @@ impl Matrix {
     pub fn quick() -> Matrix {
         Matrix {
             sizes_mib: vec![64],
-            links: vec![Link::Unlimited],
+            links: vec![Link::UNLIMITED],
             write_rates: vec![10],
             runs: 1,
             ..Matrix::default_matrix()
@@ -172,14 +343,14 @@ impl Matrix {
     }
 
     /// The available modes' cells, in run order (size, link, rate, then mode, so a partial run
-    /// still compares modes).
+    /// still compares modes). Modes that do not use the link run on the first link only.
     pub fn cells(&self) -> Vec<Cell> {
         let mut out = Vec::new();
         for &mib in &self.sizes_mib {
-            for link in &self.links {
+            for (i, link) in self.links.iter().enumerate() {
                 for &write_rate in &self.write_rates {
                     for &mode in &self.modes {
-                        if mode.unavailable().is_none() {
+                        if mode.unavailable().is_none() && (i == 0 || mode.uses_link()) {
                             out.push(Cell {
                                 mode,
                                 mib,
@@ -216,23 +387,96 @@ mod tests {
     }
 
     #[test]
-    fn links_parse_rates_and_refuse_the_rest() {
-        assert_eq!(Link::parse("unlimited"), Ok(Link::Unlimited));
-        assert_eq!(Link::parse("1gbit"), Ok(Link::Rate("1gbit".into())));
-        for bad in ["", "gbit", "1gb", "20ms", "1gbit;rm", "99999999mbit"] {
+    fn links_parse_their_labels_and_refuse_the_rest() {
+        assert_eq!(Link::parse("unlimited"), Ok(Link::UNLIMITED));
+        assert_eq!(
+            Link::parse("1gbit"),
+            Ok(Link::new(Some(1_000_000_000), 0, 0))
+        );
+        assert_eq!(
+            Link::parse("100mbit+40ms+0.5%"),
+            Ok(Link::new(Some(100_000_000), 40_000, 5_000))
+        );
+        assert_eq!(
+            Link::parse("unlimited+0.5%+500us"),
+            Ok(Link::new(None, 500, 5_000))
+        );
+        for l in Matrix::default_links() {
+            assert_eq!(Link::parse(&l.label()), Ok(l.clone()), "{}", l.label());
+        }
+        assert_eq!(
+            Matrix::default_links()
+                .iter()
+                .map(Link::label)
+                .collect::<Vec<_>>(),
+            ["unlimited", "1gbit+2ms", "100mbit+40ms+0.5%"]
+        );
+        assert_eq!(
+            Link::parse("100mbit+40ms+0.5%").unwrap().slug(),
+            "100mbit_40ms_0.5pct"
+        );
+        for bad in [
+            "",
+            "gbit",
+            "1gb",
+            "20ms",
+            "1gbit;rm",
+            "99999999mbit",
+            "1gbit+2ms+3ms",
+            "1gbit+60%",
+            "1gbit+-1ms",
+            "1gbit+x",
+            "1gbit+20s",
+            "10bit",
+        ] {
             assert!(Link::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
+    fn link_shape_splits_the_round_trip() {
+        let s = Link::new(Some(100_000_000), 40_000, 5_000).shape();
+        assert_eq!(
+            (s.rate_bps, s.delay_us, s.loss),
+            (Some(100_000_000), 20_000, 0.005)
+        );
+        assert!(Link::UNLIMITED.shape().is_plain());
+    }
+
+    #[test]
+    fn links_serialize_as_labels() {
+        let l = Link::new(Some(1_000_000_000), 2_000, 0);
+        assert_eq!(serde_json::to_string(&l).unwrap(), "\"1gbit+2ms\"");
+        let back: Link = serde_json::from_str("\"1gbit+2ms\"").unwrap();
+        assert_eq!(back, l);
+        assert!(serde_json::from_str::<Link>("\"fast\"").is_err());
+    }
+
+    #[test]
     fn cells_skip_unavailable_modes_and_cover_the_product() {
         let mut m = Matrix::default_matrix();
-        m.modes.push(Mode::PageservPrecopy);
+        let n = m.modes.len();
+        m.modes.push(Mode::CriuPredump);
         let cells = m.cells();
-        assert_eq!(cells.len(), 5 * 2 * 2);
-        assert_eq!(m.runs, 1);
+        // criu-disk runs on the first link only.
+        assert_eq!(cells.len(), (n * 3 - 2) * 2 * 2);
+        assert_eq!(m.runs, 3);
         assert!(cells.iter().all(|c| c.mode.unavailable().is_none()));
-        assert_eq!(Matrix::quick().cells().len(), 5);
-        assert_eq!(m.unavailable().len(), 2);
+        assert_eq!(Matrix::quick().cells().len(), n);
+        assert_eq!(Matrix::profile(Profile::Short).cells().len(), n * 3 - 2);
+        assert!(m.unavailable().iter().any(|(m, _)| *m == Mode::CriuPredump));
+    }
+
+    #[test]
+    fn quic_gets_the_kernel_tcp_congestion_controller() {
+        assert_eq!(
+            crate::bench::matching_congestion("bbr"),
+            ["--congestion", "bbr"]
+        );
+        assert_eq!(
+            crate::bench::matching_congestion("reno"),
+            ["--congestion", "newreno"]
+        );
+        assert!(crate::bench::matching_congestion("vegas").is_empty());
     }
 }

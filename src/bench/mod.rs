@@ -17,21 +17,29 @@ pub mod run;
 
 use std::path::PathBuf;
 
-use matrix::{Link, Matrix, Mode};
+use matrix::{Link, Matrix, Mode, Profile};
 
-/// `pageserv bench` options. Without matrix flags it runs [`Matrix::default_matrix`].
+/// `pageserv bench` options. Without flags it runs the full default matrix (sizes 256 and 1024
+/// MiB, links unlimited, 1gbit+2ms and 100mbit+40ms+0.5%, dirty rates 0 and 100 pages/ms, 3
+/// runs); matrix flags override parts of the chosen profile.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Output directory for results.json, results.md and the plots.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
-    /// One 64 MiB cell per mode, unlimited link, one run: checks every mode completes and verifies.
+    /// Matrix to start from: default (the full matrix; long, see bench/README.md), short (about
+    /// 10 minutes: 256 MiB, 100 pages/ms, one run per cell) or quick (the CI check).
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    pub profile: Profile,
+    /// Same as --profile quick: one 64 MiB cell per mode on the plain link, one run; fails unless
+    /// every run completed and verified.
     #[arg(long)]
     pub quick: bool,
     /// Workload sizes in MiB (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<u64>,
-    /// Links: `unlimited` or a tc rate such as 1gbit (comma-separated).
+    /// Links (comma-separated): `unlimited`, or rate+rtt+loss such as 1gbit+2ms or
+    /// 100mbit+40ms+0.5% (loss per direction).
     #[arg(long, value_delimiter = ',', value_parser = Link::parse)]
     pub links: Vec<Link>,
     /// Workload dirty rates in pages per millisecond (comma-separated).
@@ -40,10 +48,20 @@ pub struct BenchArgs {
     /// Runs per cell.
     #[arg(long)]
     pub runs: Option<u32>,
-    /// Modes (comma-separated): criu-disk, criu-pageserver, criu-lazy, pageserv-lazy,
+    /// Modes (comma-separated), e.g. criu-disk, criu-pageserver, criu-lazy, pageserv-lazy,
     /// pageserv-stop-and-copy.
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     pub modes: Vec<Mode>,
+    /// Seconds one step of a run (a dump, a restore, a lazy transfer) may take before the run
+    /// counts as failed [default: 300; short profile 150].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Extra `pageserv src` argument for every pageserv mode (repeatable), e.g.
+    /// `--pageserv-src-arg=--congestion --pageserv-src-arg=cubic`; recorded in results.json.
+    /// Without any, pageserv's QUIC uses the congestion controller the kernel's TCP uses (CRIU's
+    /// connections), so both cross the link under the same controller.
+    #[arg(long = "pageserv-src-arg", allow_hyphen_values = true)]
+    pub pageserv_src_args: Vec<String>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -55,7 +73,7 @@ impl BenchArgs {
         let mut m = if self.quick {
             Matrix::quick()
         } else {
-            Matrix::default_matrix()
+            Matrix::profile(self.profile)
         };
         if !self.sizes.is_empty() {
             m.sizes_mib = self.sizes.clone();
@@ -72,8 +90,30 @@ impl BenchArgs {
         if !self.modes.is_empty() {
             m.modes = self.modes.clone();
         }
+        m.pageserv_src_args = if self.pageserv_src_args.is_empty() {
+            let tcp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                .unwrap_or_default();
+            matching_congestion(tcp.trim())
+        } else {
+            self.pageserv_src_args.clone()
+        };
+        if let Some(t) = self.timeout {
+            m.timeout_s = t.max(1);
+        }
         m
     }
+}
+
+/// The `pageserv src` arguments that give its QUIC the kernel TCP's congestion controller
+/// (`net.ipv4.tcp_congestion_control`), if pageserv has that one.
+pub fn matching_congestion(tcp: &str) -> Vec<String> {
+    let quic = match tcp {
+        "bbr" => "bbr",
+        "cubic" => "cubic",
+        "reno" => "newreno",
+        _ => return Vec::new(),
+    };
+    vec!["--congestion".into(), quic.into()]
 }
 
 /// Runs the bench and writes its results.
@@ -90,6 +130,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             report::write(&results, &args.out)?;
             plots::write_all(&results, &args.out)
         }
-        None => run::run(&args.matrix(), &args.out, args.quick),
+        None => {
+            let matrix = args.matrix();
+            modes::set_pageserv_src_args(matrix.pageserv_src_args.clone());
+            modes::set_step_timeout(matrix.timeout_s);
+            run::run(
+                &matrix,
+                &args.out,
+                args.quick || args.profile == Profile::Quick,
+            )
+        }
     }
 }

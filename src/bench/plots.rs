@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::matrix::Mode;
+use super::matrix::{Link, Mode};
 use super::report::{CellSummary, Results, Stat};
 
 const FONTS: [&str; 3] = [
@@ -49,16 +49,19 @@ struct Series {
     points: Vec<(f64, Stat)>,
 }
 
-/// Groups cells into series by (mode, link, dirty rate) for one metric.
+/// Groups the cells on `link` (and those of modes that do not use the link) into series by
+/// (mode, dirty rate) for one metric.
 fn series(
     cells: &[CellSummary],
+    link: &Link,
     modes: impl Fn(Mode) -> bool,
     metric: impl Fn(&CellSummary) -> Option<Stat>,
     suffix: &str,
     scale: f64,
 ) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
-    for c in cells.iter().filter(|c| modes(c.cell.mode)) {
+    let on_link = |c: &&CellSummary| &c.cell.link == link || !c.cell.mode.uses_link();
+    for c in cells.iter().filter(|c| modes(c.cell.mode)).filter(on_link) {
         let Some(s) = metric(c) else { continue };
         let s = Stat {
             median: s.median / scale,
@@ -67,9 +70,8 @@ fn series(
             n: s.n,
         };
         let name = format!(
-            "{}{suffix}, {}, {} p/ms",
+            "{}{suffix}, {} pages/ms",
             c.cell.mode.name(),
-            c.cell.link.label(),
             c.cell.write_rate
         );
         match out.iter_mut().find(|x| x.name == name) {
@@ -86,11 +88,20 @@ fn series(
     out
 }
 
+/// The y axis: linear from 0, or logarithmic for metrics that span orders of magnitude
+/// (downtime and total time go from tens of ms to minutes across modes).
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Linear,
+    Log,
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     title: &str,
     ylabel: &str,
     lines: &[Series],
+    scale: Scale,
 ) -> Result<()> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing {title}: {e:?}");
     root.fill(&WHITE).map_err(err)?;
@@ -102,39 +113,95 @@ fn draw<DB: DrawingBackend>(
     let ymax = lines
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1.max))
-        .fold(1e-9, f64::max)
-        * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+        .fold(1e-9, f64::max);
+    let ymin_pos = lines
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1.min))
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    if scale == Scale::Log && ymin_pos.is_finite() {
+        // Zero values (none measured) cannot be drawn on a log axis; they sit at the bottom.
+        let lo = ymin_pos / 2.0;
+        let mut chart = builder(&root, title)
+            .build_cartesian_2d(0f64..xmax, (lo..ymax * 2.0).log_scale())
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("workload memory (MiB)")
+            .y_desc(format!("{ylabel}, log scale"))
+            .draw()
+            .map_err(err)?;
+        plot_lines(&mut chart, lines, |v| v.max(lo)).map_err(err)?;
+        finish(&mut chart).map_err(err)?;
+    } else {
+        let mut chart = builder(&root, title)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax * 1.15)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("workload memory (MiB)")
+            .y_desc(ylabel)
+            .draw()
+            .map_err(err)?;
+        plot_lines(&mut chart, lines, |v| v).map_err(err)?;
+        finish(&mut chart).map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn builder<'a, 'b, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &'b str,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("workload memory (MiB)")
-        .y_desc(ylabel)
-        .draw()
-        .map_err(err)?;
+        .y_label_area_size(80);
+    b
+}
+
+/// Draws each series (median line, min–max bars) with its legend entry.
+fn plot_lines<'a, DB: DrawingBackend + 'a, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    lines: &[Series],
+    clamp: impl Fn(f64) -> f64,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    Y: Ranged<ValueType = f64>,
+{
     for (i, s) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(
-                s.points.iter().map(|(x, st)| (*x, st.median)),
+                s.points.iter().map(|(x, st)| (*x, clamp(st.median))),
                 color.stroke_width(2),
-            ))
-            .map_err(err)?
+            ))?
             .label(s.name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        chart
-            .draw_series(s.points.iter().map(|(x, st)| {
-                ErrorBar::new_vertical(*x, st.min, st.median, st.max, color.filled(), 8)
-            }))
-            .map_err(err)?;
+        chart.draw_series(s.points.iter().map(|(x, st)| {
+            ErrorBar::new_vertical(
+                *x,
+                clamp(st.min),
+                clamp(st.median),
+                clamp(st.max),
+                color.filled(),
+                8,
+            )
+        }))?;
     }
+    Ok(())
+}
+
+fn finish<'a, DB: DrawingBackend + 'a, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
@@ -142,12 +209,16 @@ fn draw<DB: DrawingBackend>(
         .position(SeriesLabelPosition::UpperLeft)
         .label_font(("sans-serif", 13))
         .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
 }
 
-fn both(out: &Path, file: &str, title: &str, ylabel: &str, lines: &[Series]) -> Result<()> {
+fn both(
+    out: &Path,
+    file: &str,
+    title: &str,
+    ylabel: &str,
+    lines: &[Series],
+    scale: Scale,
+) -> Result<()> {
     let png = out.join(format!("{file}.png"));
     let svg = out.join(format!("{file}.svg"));
     draw(
@@ -155,12 +226,14 @@ fn both(out: &Path, file: &str, title: &str, ylabel: &str, lines: &[Series]) -> 
         title,
         ylabel,
         lines,
+        scale,
     )?;
     draw(
         SVGBackend::new(&svg, (1000, 650)).into_drawing_area(),
         title,
         ylabel,
         lines,
+        scale,
     )
 }
 
@@ -173,31 +246,44 @@ pub fn write_all(r: &Results, out: &Path) -> Result<()> {
         );
         return Ok(());
     }
+    for link in &r.matrix.links {
+        link_plots(r, link, out)?;
+    }
+    Ok(())
+}
+
+/// The five charts of one link: `<metric>-<link slug>.{png,svg}`.
+fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
     let cells = &r.cells;
     let all = |_: Mode| true;
+    let (l, slug) = (link.label(), link.slug());
     both(
         out,
-        "downtime",
-        "Downtime (largest heartbeat gap) vs memory",
+        &format!("downtime-{slug}"),
+        &format!("Downtime (largest heartbeat gap) vs memory, link {l}"),
         "downtime (ms)",
-        &series(cells, all, |c| c.downtime_ms, "", 1.0),
+        &series(cells, link, all, |c| c.downtime_ms, "", 1.0),
+        Scale::Log,
     )?;
     both(
         out,
-        "total_time",
-        "Total migration time vs memory",
+        &format!("total_time-{slug}"),
+        &format!("Total migration time vs memory, link {l}"),
         "total time (ms)",
-        &series(cells, all, |c| c.total_ms, "", 1.0),
+        &series(cells, link, all, |c| c.total_ms, "", 1.0),
+        Scale::Log,
     )?;
     both(
         out,
-        "wire_bytes",
-        "Bytes on the wire vs memory (criu-disk: image bytes)",
+        &format!("wire_bytes-{slug}"),
+        &format!("Bytes on the wire vs memory, link {l} (criu-disk: image bytes)"),
         "MiB",
-        &series(cells, all, |c| c.wire_bytes, "", 1048576.0),
+        &series(cells, link, all, |c| c.wire_bytes, "", 1048576.0),
+        Scale::Linear,
     )?;
     let mut faults = series(
         cells,
+        link,
         Mode::has_fault_latency,
         |c| c.fault_p50_us,
         " p50",
@@ -205,6 +291,7 @@ pub fn write_all(r: &Results, out: &Path) -> Result<()> {
     );
     faults.extend(series(
         cells,
+        link,
         Mode::has_fault_latency,
         |c| c.fault_p99_us,
         " p99",
@@ -212,16 +299,18 @@ pub fn write_all(r: &Results, out: &Path) -> Result<()> {
     ));
     both(
         out,
-        "fault_latency",
-        "Fault latency at the destination (pageserv modes)",
+        &format!("fault_latency-{slug}"),
+        &format!("Fault latency at the destination (pageserv modes), link {l}"),
         "latency (us)",
         &faults,
+        Scale::Log,
     )?;
     both(
         out,
-        "degraded",
-        "Time below 50% of the normal write rate after the restore",
+        &format!("degraded-{slug}"),
+        &format!("Time below 50% of the normal write rate after the restore, link {l}"),
         "time (ms)",
-        &series(cells, all, |c| c.degraded_ms, "", 1.0),
+        &series(cells, link, all, |c| c.degraded_ms, "", 1.0),
+        Scale::Linear,
     )
 }

@@ -7,9 +7,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::matrix::{Cell, Link, Matrix, Mode, TODO_LINKS};
+use super::matrix::{Cell, Link, Matrix, Mode};
 use super::modes::RunRecord;
 use super::run::Machine;
+use crate::testbed::link::Emulator;
 
 /// Median, min and max of one metric over a cell's verified runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -55,6 +56,9 @@ pub struct CellSummary {
     pub fault_p50_us: Option<Stat>,
     pub fault_p99_us: Option<Stat>,
     pub degraded_ms: Option<Stat>,
+    /// Wall-clock seconds per run, setup and the watch afterwards included (all runs).
+    #[serde(default)]
+    pub wall_s: Option<Stat>,
     /// The first problem of a failed run, if any failed.
     pub first_problem: Option<String>,
 }
@@ -73,8 +77,9 @@ pub struct Results {
     pub matrix: Matrix,
     pub duration_s: f64,
     pub unavailable: Vec<Unavailable>,
-    /// Links not benchmarked yet, and why.
-    pub todo_links: Vec<String>,
+    /// What emulated each link (from its runs).
+    #[serde(default)]
+    pub link_emulators: Vec<(Link, Emulator)>,
     pub cells: Vec<CellSummary>,
     pub runs: Vec<RunRecord>,
 }
@@ -89,17 +94,17 @@ impl Results {
                 reason: format!("not available: {r}"),
             })
             .collect();
+        let mut link_emulators: Vec<(Link, Emulator)> = Vec::new();
+        for r in &runs {
+            if let Some(e) = r.emulator
+                && !link_emulators.iter().any(|(l, _)| *l == r.cell.link)
+            {
+                link_emulators.push((r.cell.link.clone(), e));
+            }
+        }
         Results {
             cells: summarize(&runs),
-            todo_links: TODO_LINKS
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{l}: TODO, needs the source side in a netns too, which breaks CRIU's dump \
-                         of a root-netns workload"
-                    )
-                })
-                .collect(),
+            link_emulators,
             machine,
             matrix,
             duration_s,
@@ -108,11 +113,12 @@ impl Results {
         }
     }
 
+    /// The cell of `mode` on `link`; for a mode that does not use the link, its cell on any.
     pub fn cell(&self, mode: Mode, mib: u64, link: &Link, rate: u64) -> Option<&CellSummary> {
         self.cells.iter().find(|c| {
             c.cell.mode == mode
                 && c.cell.mib == mib
-                && &c.cell.link == link
+                && (&c.cell.link == link || !mode.uses_link())
                 && c.cell.write_rate == rate
         })
     }
@@ -139,6 +145,7 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<CellSummary> {
                 fault_p50_us: stat(&|r| r.fault_p50_us),
                 fault_p99_us: stat(&|r| r.fault_p99_us),
                 degraded_ms: stat(&|r| r.degraded_ms),
+                wall_s: Stat::of(all.iter().filter_map(|r| r.wall_s)),
                 first_problem: all
                     .iter()
                     .find(|r| !r.verified)
@@ -181,19 +188,38 @@ fn ratio(a: Option<Stat>, b: Option<Stat>) -> String {
     }
 }
 
-/// The Markdown report: machine, per-cell table, ratios, unavailable modes, failures.
+fn emulator_name(e: Emulator) -> &'static str {
+    match e {
+        Emulator::Veth => "bare veth",
+        Emulator::Netem => "veth + netem",
+        Emulator::Linkem => "linkem (TUN, userspace)",
+    }
+}
+
+/// The Markdown report: machine, per-cell table, ratios per link, unavailable modes, failures.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
     let m = &r.machine;
     let _ = writeln!(s, "# pageserv downtime benchmark\n");
     let _ = writeln!(
         s,
-        "Machine: kernel {}, {} cores ({}), {} MiB RAM, CRIU {}. {} runs in {:.0} s.\n",
+        "Machine: kernel {}, {} cores ({}), {} MiB RAM, CRIU {}, TCP congestion control {}, \
+         netem {}. {} runs in {:.0} s.\n",
         m.kernel,
         m.cores,
         m.cpu,
         m.memory_mib,
         m.criu_version,
+        if m.tcp_congestion.is_empty() {
+            "?"
+        } else {
+            &m.tcp_congestion
+        },
+        if m.netem_available {
+            "available"
+        } else {
+            "missing (links emulated by linkem)"
+        },
         r.runs.len(),
         r.duration_s
     );
@@ -202,19 +228,39 @@ pub fn markdown(r: &Results) -> String {
         "Workload: bench/workload, {} writer threads, heartbeat every 1 ms, full self-check every \
          1 s. Downtime = largest heartbeat gap (from the workload's log). Degraded = time the \
          write rate stayed below 50% of its pre-migration rate after it ran again ({} ms \
-         windows). A run counts only if the workload verified its memory at the destination \
-         (>= {} checks ok, none failed). Median (min–max) over verified runs. Link = veth, \
-         rate-limited with tbf. criu-disk copies through local disk: its bytes are the image \
-         bytes, and the link does not apply to it.\n",
+         windows; none at 0 pages/ms). A run counts only if the workload verified its memory at \
+         the destination (>= {} checks ok, none failed); failed runs are listed, never \
+         aggregated. Median (min–max) over verified runs. Source and destination each run in a \
+         network namespace of their own (the workload, `criu dump` and `pageserv src` in the \
+         source's; page server, lazy-pages daemon, `pageserv dst` and the restore in the \
+         destination's), joined by the link; rtt is the round trip the link adds, loss applies \
+         to each direction. MiB on the wire = bytes through the source's interface, both ways, \
+         headers included. criu-disk copies through local disk: its bytes are the image bytes, \
+         the link does not apply and it runs once per size and rate, standing for every link.\n",
         super::modes::criu::WORKLOAD_THREADS,
         super::modes::RATE_WINDOW_MS,
         super::modes::MIN_CHECKS_AFTER
     );
+    if !r.matrix.pageserv_src_args.is_empty() {
+        let _ = writeln!(
+            s,
+            "pageserv src ran with `{}` (unless given, the bench gives pageserv's QUIC the \
+             congestion controller of the kernel's TCP, which CRIU's connections use).\n",
+            r.matrix.pageserv_src_args.join(" ")
+        );
+    }
+    if !r.link_emulators.is_empty() {
+        let _ = writeln!(s, "Links:\n");
+        for (l, e) in &r.link_emulators {
+            let _ = writeln!(s, "- {}: {}", l.label(), emulator_name(*e));
+        }
+        let _ = writeln!(s);
+    }
     let _ = writeln!(
         s,
-        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms |"
+        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms | s per run |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &r.cells {
         let verified = if c.verified == 0 {
             format!("**FAILED** 0/{}", c.runs)
@@ -225,10 +271,14 @@ pub fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.cell.mode.name(),
             c.cell.mib,
-            c.cell.link.label(),
+            if c.cell.mode.uses_link() {
+                c.cell.link.label()
+            } else {
+                "(local disk)".into()
+            },
             c.cell.write_rate,
             verified,
             fmt_stat(c.downtime_ms, 1.0, 1),
@@ -237,44 +287,13 @@ pub fn markdown(r: &Results) -> String {
             fmt_stat(c.fault_p50_us, 1.0, 0),
             fmt_stat(c.fault_p99_us, 1.0, 0),
             fmt_stat(c.degraded_ms, 1.0, 0),
+            fmt_stat(c.wall_s, 1.0, 0),
         );
     }
-    let _ = writeln!(
-        s,
-        "\n## Ratios (medians; < 1 means pageserv-lazy is better)\n"
-    );
-    let _ = writeln!(
-        s,
-        "| link | MiB | dirty pages/ms | downtime / criu-lazy | downtime / criu-disk | total / criu-lazy | total / criu-disk |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
-    for link in &r.matrix.links {
-        for &mib in &r.matrix.sizes_mib {
-            for &rate in &r.matrix.write_rates {
-                let get = |mode| r.cell(mode, mib, link, rate);
-                let Some(ps) = get(Mode::PageservLazy) else {
-                    continue;
-                };
-                let lazy = get(Mode::CriuLazy);
-                let disk = get(Mode::CriuDisk);
-                let _ = writeln!(
-                    s,
-                    "| {} | {mib} | {rate} | {} | {} | {} | {} |",
-                    link.label(),
-                    ratio(ps.downtime_ms, lazy.and_then(|c| c.downtime_ms)),
-                    ratio(ps.downtime_ms, disk.and_then(|c| c.downtime_ms)),
-                    ratio(ps.total_ms, lazy.and_then(|c| c.total_ms)),
-                    ratio(ps.total_ms, disk.and_then(|c| c.total_ms)),
-                );
-            }
-        }
-    }
+    ratio_tables(&mut s, r);
     let _ = writeln!(s, "\n## Not benchmarked\n");
     for u in &r.unavailable {
         let _ = writeln!(s, "- {}: {}", u.mode.name(), u.reason);
-    }
-    for l in &r.todo_links {
-        let _ = writeln!(s, "- link {l}");
     }
     let failed: Vec<&RunRecord> = r.runs.iter().filter(|x| !x.verified).collect();
     if !failed.is_empty() {
@@ -296,6 +315,59 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
+/// Per link: each pageserv mode's downtime and total time as ratios to CRIU's post-copy and
+/// stop-and-copy modes in the same run.
+fn ratio_tables(s: &mut String, r: &Results) {
+    let baselines = [Mode::CriuLazy, Mode::CriuPageserver, Mode::CriuDisk];
+    let _ = writeln!(
+        s,
+        "\n## pageserv vs CRIU, per link\n\nRatios of medians from the same bench run; < 1 means \
+         pageserv is better. criu-pageserver is CRIU's stop-and-copy over the same link, \
+         criu-disk its stop-and-copy through local disk."
+    );
+    let header: Vec<String> = ["downtime", "total"]
+        .iter()
+        .flat_map(|what| baselines.map(|b| format!("{what} / {}", b.name())))
+        .collect();
+    for link in &r.matrix.links {
+        let mut rows = Vec::new();
+        for mode in r.matrix.modes.iter().copied().filter(|m| m.is_pageserv()) {
+            for &mib in &r.matrix.sizes_mib {
+                for &rate in &r.matrix.write_rates {
+                    let Some(ps) = r.cell(mode, mib, link, rate) else {
+                        continue;
+                    };
+                    let get = |b: Mode| r.cell(b, mib, link, rate);
+                    let mut cols: Vec<String> = baselines
+                        .map(|b| ratio(ps.downtime_ms, get(b).and_then(|c| c.downtime_ms)))
+                        .into();
+                    cols.extend(
+                        baselines.map(|b| ratio(ps.total_ms, get(b).and_then(|c| c.total_ms))),
+                    );
+                    rows.push(format!(
+                        "| {} | {mib} | {rate} | {} |",
+                        mode.name(),
+                        cols.join(" | ")
+                    ));
+                }
+            }
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "\n### {}\n", link.label());
+        let _ = writeln!(
+            s,
+            "| mode | MiB | dirty pages/ms | {} |",
+            header.join(" | ")
+        );
+        let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(header.len()));
+        for row in rows {
+            let _ = writeln!(s, "{row}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,7 +377,7 @@ mod tests {
             cell: Cell {
                 mode,
                 mib: 64,
-                link: Link::Unlimited,
+                link: Link::UNLIMITED,
                 write_rate: 10,
             },
             run: 0,
@@ -323,6 +395,9 @@ mod tests {
             degraded_ms: None,
             checks_ok_after: 2,
             checks_failed: 0,
+            emulator: Some(Emulator::Veth),
+            link_counters: None,
+            wall_s: Some(5.0),
         }
     }
 
@@ -363,6 +438,7 @@ mod tests {
             memory_mib: 1,
             criu_version: "4.1.1".into(),
             criu_path: "criu".into(),
+            ..Machine::default()
         };
         let r = Results::new(
             machine,
@@ -380,6 +456,46 @@ mod tests {
         );
         assert!(md.contains("pageserv-precopy: not available"));
         assert!(md.contains("criu-predump: not available"));
-        assert!(md.contains("linkem"));
+        assert!(md.contains("- unlimited: bare veth"), "{md}");
+        // The failed pageserv run gives no ratio; the table row still shows the gap.
+        assert!(md.contains("### unlimited"), "{md}");
+        assert!(
+            md.contains("| pageserv-lazy | 64 | 10 | – | – | – |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn ratio_tables_compare_pageserv_with_criu_on_each_link() {
+        let wan = Link::parse("100mbit+40ms+0.5%").unwrap();
+        let mut disk = record(Mode::CriuDisk, true, 400.0);
+        // criu-disk ran on the first link only and stands for every link.
+        disk.cell.link = Link::UNLIMITED;
+        let on_wan = |mode, downtime| {
+            let mut r = record(mode, true, downtime);
+            r.cell.link = wan.clone();
+            r
+        };
+        let mut m = Matrix::quick();
+        m.links = vec![Link::UNLIMITED, wan.clone()];
+        let r = Results::new(
+            Machine::default(),
+            m,
+            vec![
+                disk,
+                on_wan(Mode::CriuLazy, 100.0),
+                on_wan(Mode::CriuPageserver, 1000.0),
+                on_wan(Mode::PageservLazy, 50.0),
+            ],
+            1.0,
+        );
+        let md = markdown(&r);
+        assert!(md.contains("### 100mbit+40ms+0.5%"), "{md}");
+        assert!(
+            md.contains("| pageserv-lazy | 64 | 10 | 0.50 | 0.05 | 0.12 | 0.50 | 0.05 | 0.12 |"),
+            "{md}"
+        );
+        // No pageserv run on the plain link: no table for it.
+        assert!(!md.contains("### unlimited"), "{md}");
     }
 }

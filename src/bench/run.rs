@@ -13,7 +13,7 @@ use super::report::{self, Results};
 use crate::criu::binary::Criu;
 
 /// The machine the numbers come from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpu: String,
@@ -21,10 +21,19 @@ pub struct Machine {
     pub memory_mib: u64,
     pub criu_version: String,
     pub criu_path: String,
+    /// Whether the kernel has tc netem (else linkem emulates the links).
+    #[serde(default)]
+    pub netem_available: bool,
+    /// net.ipv4.tcp_congestion_control: CRIU's TCP modes run with it.
+    #[serde(default)]
+    pub tcp_congestion: String,
+    /// The pageserv commit the bench ran (`git describe`), if it ran from a checkout.
+    #[serde(default)]
+    pub pageserv_commit: String,
 }
 
 impl Machine {
-    pub fn probe(criu: &Criu) -> Machine {
+    pub fn probe(criu: &Criu, linkem: &std::path::Path) -> Machine {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cpu = read("/proc/cpuinfo")
             .lines()
@@ -43,6 +52,42 @@ impl Machine {
             memory_mib,
             criu_version: criu.version.to_string(),
             criu_path: criu.path.display().to_string(),
+            netem_available: crate::testbed::link::netem_available(linkem),
+            tcp_congestion: read("/proc/sys/net/ipv4/tcp_congestion_control")
+                .trim()
+                .to_string(),
+            pageserv_commit: std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty"])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Deletes testbed namespaces (`psv<pid>-<tag>`, `psv<pid>-<tag>s`) whose creator no longer
+/// exists: an interrupted bench leaves them behind, and their addresses would collide.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("psv")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing namespace {name} left by an earlier run (pid {pid} is gone)");
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .status();
         }
     }
 }
@@ -65,7 +110,9 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let machine = Machine::probe(&criu);
+    remove_stale_namespaces();
+    let linkem = crate::demo::sibling("linkem")?;
+    let machine = Machine::probe(&criu, &linkem);
     let cells = matrix.cells();
     let total = cells.len() * matrix.runs as usize;
     let started = Instant::now();
@@ -83,7 +130,8 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
                 cell.write_rate,
                 run + 1
             );
-            let rec = modes::run_once(cell, run);
+            let mut rec = modes::run_once(cell, run);
+            rec.wall_s = Some(t.elapsed().as_secs_f64());
             eprintln!(
                 "[bench] {} in {:.1} s: downtime {:?} ms, total {:?} ms{}",
                 if rec.verified { "verified" } else { "FAILED" },

@@ -21,8 +21,6 @@ use crate::testbed::Testbed;
 
 /// Writer threads of the workload in every mode.
 pub const WORKLOAD_THREADS: u32 = 2;
-/// The longest any CRIU step may take before the run is declared failed.
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// The fd number CRIU writes its ready byte to.
 const STATUS_FD: i32 = 3;
 
@@ -44,12 +42,9 @@ struct Run<'a> {
     pidfile: PathBuf,
 }
 
-/// Runs one CRIU mode on a fresh testbed and workload.
-pub fn run(cell: &Cell) -> Result<ModeOutcome> {
-    let bed = Testbed::new(1)?;
-    if let Some(rate) = cell.link.tc_rate() {
-        bed.limit_rate(rate)?;
-    }
+/// Runs one CRIU mode on `bed` with a fresh workload: the workload and `criu dump` on the
+/// source side, the page server, lazy-pages daemon and restore in the destination namespace.
+pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let criu = Criu::locate(None)?;
     let logs = bed.dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -68,16 +63,15 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         src_args: Vec::new(),
         dst_args: Vec::new(),
     };
-    let (mut unshare, pid) = demo::start_workload(&args, &log)?;
+    let (mut unshare, pid) = demo::start_workload(bed, &args, &log)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut run = Run {
-        bed: &bed,
+        bed,
         criu,
         pidfile: bed.dir.join("restore.pid"),
         logs,
         children: Vec::new(),
     };
-    let wire_before = veth_bytes(&bed);
     let started = Instant::now();
     let migrated = match cell.mode {
         Mode::CriuDisk => run.disk(pid),
@@ -88,7 +82,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     let migrated_ns = demo::unix_ns();
     let mut problems = Vec::new();
-    let mut wire_bytes = veth_bytes(&bed).zip(wire_before).map(|(a, b)| a - b);
+    let mut wire_bytes = None;
     match &migrated {
         Ok(Some(image_bytes)) => wire_bytes = Some(*image_bytes),
         Ok(None) => {}
@@ -122,12 +116,19 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
     Ok(ModeOutcome {
         migrated_ns,
         total_ms: migrated.is_ok().then_some(total_ms),
-        wire_bytes: migrated.is_ok().then_some(wire_bytes).flatten(),
+        wire_bytes,
         fault_p50_us: None,
         fault_p99_us: None,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
     })
+}
+
+fn timed_out() -> String {
+    format!(
+        "did not finish within {} s, the bench's --timeout",
+        super::step_timeout().as_secs()
+    )
 }
 
 /// SIGTERM (the workload logs its exit), then SIGKILL if it lingers.
@@ -140,21 +141,6 @@ fn stop(pid: i32) {
     if demo::alive(pid) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-}
-
-/// Bytes that crossed the veth both ways so far.
-fn veth_bytes(bed: &Testbed) -> Option<u64> {
-    let read = |what: &str| -> Option<u64> {
-        std::fs::read_to_string(format!(
-            "/sys/class/net/{}/statistics/{what}_bytes",
-            bed.host_if
-        ))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-    };
-    Some(read("rx")? + read("tx")?)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -205,7 +191,9 @@ impl Run<'_> {
         let mut c = if in_dst {
             self.bed.in_dst(&self.criu.path)
         } else {
-            self.criu.command()
+            let mut c = self.criu.command();
+            self.bed.enter_src(&mut c);
+            c
         };
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -216,11 +204,11 @@ impl Run<'_> {
     /// Runs a CRIU step to completion; on failure the error carries its log tail.
     fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        match demo::wait_timeout(&mut child, STEP_TIMEOUT)? {
+        match demo::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
-                other.map_or("timed out".to_string(), |s| s.to_string()),
+                other.map_or_else(timed_out, |s| s.to_string()),
                 log_tail(log, 15)
             ),
         }
@@ -239,11 +227,11 @@ impl Run<'_> {
     }
 
     fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
-        match demo::wait_timeout(&mut self.children[i], STEP_TIMEOUT)? {
+        match demo::wait_timeout(&mut self.children[i], super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
-                other.map_or("timed out".to_string(), |s| s.to_string()),
+                other.map_or_else(timed_out, |s| s.to_string()),
                 log_tail(log, 15)
             ),
         }

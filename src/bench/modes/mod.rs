@@ -1,13 +1,70 @@
 //! Running one cell once: the mode families, and what every run measures the same way (from
-//! the workload's own log, outside the migration tool).
+//! the workload's own log and the link's counters, outside the migration tool).
+//!
+//! Every run gets a fresh [`Testbed::pair`]: the source and destination namespaces joined by
+//! the cell's link. A mode runs the workload and its source-side tools on the testbed's source
+//! side (`Testbed::in_src`/`enter_src`, or `demo::start_workload`) and the restore in the
+//! destination namespace (`Testbed::in_dst`). Adding a mode is a variant in
+//! [`Mode`](super::matrix::Mode) and one line in [`runner`].
 
 pub mod criu;
 pub mod pageserv;
 
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::matrix::{Cell, Mode};
+use crate::testbed::Testbed;
+use crate::testbed::link::Emulator;
 use crate::workload_log::Summary;
+
+/// Runs one mode once on a prepared testbed.
+pub type Runner = fn(&Cell, &Testbed) -> Result<ModeOutcome>;
+
+/// The runner of each mode that can run.
+pub fn runner(mode: Mode) -> Option<Runner> {
+    match mode {
+        Mode::CriuDisk | Mode::CriuPageserver | Mode::CriuLazy => Some(criu::run),
+        Mode::PageservLazy | Mode::PageservStopAndCopy => Some(pageserv::run),
+        Mode::PageservPrecopy | Mode::CriuPredump => None,
+    }
+}
+
+/// The testbed tag of bench runs (the demo uses 0).
+const BED_TAG: u8 = 2;
+
+/// Seconds any one step of a run may take (see [`set_step_timeout`]).
+static STEP_TIMEOUT_S: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_STEP_TIMEOUT_S);
+/// CRIU's lazy-pages daemon needs minutes for 1 GiB on the slower links; longer than this and
+/// the run counts as failed (it did not finish), named so in the report.
+pub const DEFAULT_STEP_TIMEOUT_S: u64 = 300;
+
+/// Sets how long any one step (a CRIU dump, restore, the lazy transfer) may take.
+pub fn set_step_timeout(secs: u64) {
+    STEP_TIMEOUT_S.store(secs.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+static PAGESERV_SRC_ARGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Extra arguments for every `pageserv src` the bench starts (e.g. `--congestion bbr`).
+pub fn set_pageserv_src_args(args: Vec<String>) {
+    if let Ok(mut a) = PAGESERV_SRC_ARGS.lock() {
+        *a = args;
+    }
+}
+
+fn pageserv_src_args() -> Vec<String> {
+    PAGESERV_SRC_ARGS
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default()
+}
+
+/// How long any one step may take.
+pub fn step_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(STEP_TIMEOUT_S.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 /// Seconds the workload runs at the destination after the migration ended, checking itself.
 pub const AFTER_S: u64 = 3;
@@ -29,7 +86,8 @@ pub struct RunRecord {
     pub downtime_ms: Option<f64>,
     /// From the start of the dump to the last page at the destination.
     pub total_ms: Option<f64>,
-    /// Bytes that crossed the link (both ways), or for criu-disk the image bytes copied.
+    /// Bytes that crossed the link (both ways, headers included), or for criu-disk the image
+    /// bytes copied.
     pub wire_bytes: Option<u64>,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
@@ -37,6 +95,16 @@ pub struct RunRecord {
     pub degraded_ms: Option<f64>,
     pub checks_ok_after: u64,
     pub checks_failed: u64,
+    /// What joined the namespaces.
+    #[serde(default)]
+    pub emulator: Option<Emulator>,
+    /// Wall-clock seconds of the whole run: testbed, workload start, migration, watch after.
+    #[serde(default)]
+    pub wall_s: Option<f64>,
+    /// linkem's own counters at the end of the run (drops by loss, queue, and `behind` if it
+    /// could not keep up; its CPU use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_counters: Option<String>,
 }
 
 /// What a mode reports besides the workload log.
@@ -45,6 +113,8 @@ pub struct ModeOutcome {
     /// Unix ns when the last page was at the destination (checks after it count).
     pub migrated_ns: u64,
     pub total_ms: Option<f64>,
+    /// Set by modes whose bytes do not cross the link (criu-disk: image bytes); otherwise the
+    /// link's counters are used.
     pub wire_bytes: Option<u64>,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
@@ -54,16 +124,17 @@ pub struct ModeOutcome {
 
 /// Runs one cell once on a fresh workload and testbed.
 pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
-    let outcome = match cell.mode {
-        Mode::CriuDisk | Mode::CriuPageserver | Mode::CriuLazy => criu::run(cell),
-        Mode::PageservLazy | Mode::PageservStopAndCopy => pageserv::run(cell),
-        m => Err(anyhow::anyhow!(
+    let mut emulator = None;
+    let mut link_counters = None;
+    let outcome = match runner(cell.mode) {
+        Some(r) => on_testbed(cell, r, &mut emulator, &mut link_counters),
+        None => Err(anyhow::anyhow!(
             "{}: {}",
-            m.name(),
-            m.unavailable().unwrap_or("not runnable")
+            cell.mode.name(),
+            cell.mode.unavailable().unwrap_or("not runnable")
         )),
     };
-    match outcome {
+    let mut rec = match outcome {
         Ok(o) => measure(cell, run, o),
         Err(e) => RunRecord {
             cell: cell.clone(),
@@ -78,8 +149,37 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
             degraded_ms: None,
             checks_ok_after: 0,
             checks_failed: 0,
+            emulator: None,
+            wall_s: None,
+            link_counters: None,
         },
+    };
+    rec.emulator = emulator;
+    rec.link_counters = link_counters;
+    rec
+}
+
+/// Makes the cell's testbed, runs the mode on it and counts the bytes that crossed the link.
+fn on_testbed(
+    cell: &Cell,
+    runner: Runner,
+    emulator: &mut Option<Emulator>,
+    link_counters: &mut Option<String>,
+) -> Result<ModeOutcome> {
+    let linkem = crate::demo::sibling("linkem")?;
+    let mut bed = Testbed::pair(BED_TAG, &cell.link.shape(), &linkem)
+        .with_context(|| format!("setting up link {}", cell.link.label()))?;
+    *emulator = Some(bed.emulator);
+    let before = bed.link_bytes();
+    let mut o = runner(cell, &bed)?;
+    if o.wire_bytes.is_none() {
+        o.wire_bytes = bed
+            .link_bytes()
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b));
     }
+    *link_counters = bed.stop_link();
+    Ok(o)
 }
 
 /// Reads the workload log of a finished run: downtime, degradation, verification.
@@ -108,5 +208,8 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         degraded_ms,
         checks_ok_after,
         checks_failed: wl.checks_failed() as u64,
+        emulator: None,
+        wall_s: None,
+        link_counters: None,
     }
 }

@@ -6,34 +6,48 @@ use anyhow::Result;
 use super::{AFTER_S, ModeOutcome};
 use crate::bench::matrix::{Cell, Mode};
 use crate::demo::{self, DemoArgs};
+use crate::testbed::Testbed;
 
-/// `pageserv src --lazy` (or `--stop-and-copy`) + `pageserv dst` on a fresh testbed, as
-/// `pageserv demo` runs them.
-pub fn run(cell: &Cell) -> Result<ModeOutcome> {
+/// Extra `pageserv src` arguments that make each pageserv mode (the demo runs `src --lazy`),
+/// then the bench's `--pageserv-src-arg`s.
+fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = match mode {
+        Mode::PageservLazy => Vec::new(),
+        // Pre-copy and stop-and-copy add their flags here when they land.
+        _ => Vec::new(),
+    };
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// `pageserv src` + `pageserv dst` on `bed`, as `pageserv demo` runs them: the workload and
+/// `src` on the source side, `dst` in the destination namespace.
+pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
+    let extra = super::pageserv_src_args();
     let args = DemoArgs {
         mib: cell.mib,
         threads: super::criu::WORKLOAD_THREADS,
         write_rate: cell.write_rate.to_string(),
         children: 0,
         churn: false,
-        rate: cell.link.tc_rate().map(str::to_string),
+        rate: None,
         external_dump: false,
         stop_and_copy: cell.mode == Mode::PageservStopAndCopy,
         after: AFTER_S,
         json: None,
-        src_args: Vec::new(),
+        src_args: src_args(cell.mode, &extra),
         dst_args: Vec::new(),
     };
-    let r = demo::migrate(&args)?;
+    let r = demo::migrate_on(bed, &args, Some(super::step_timeout()))?;
     // Only post-copy has faults; a stop-and-copy restore has none to time.
-    let lazy = cell.mode == Mode::PageservLazy;
+    let lazy = cell.mode != Mode::PageservStopAndCopy;
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };
     Ok(ModeOutcome {
         migrated_ns: r.migrated_unix_ns,
         total_ms: f(&r.src, &["total_ms"]),
-        wire_bytes: f(&r.dst, &["bytes_received"]).map(|b| b as u64),
+        wire_bytes: None,
         fault_p50_us: lazy
             .then(|| f(&r.dst, &["fault_latency", "p50_us"]))
             .flatten(),

@@ -1,5 +1,6 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
+pub mod arrival_guard;
 pub mod image_sink;
 pub mod latency;
 pub mod lazy_socket;

@@ -6,5 +6,6 @@ pub mod latency;
 pub mod lazy_socket;
 pub mod regions;
 pub mod restore;
+pub mod server;
 pub mod service;
 pub mod uffd_loop;

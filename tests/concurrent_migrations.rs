@@ -73,11 +73,24 @@ impl Drop for Started {
 }
 
 /// Starts a workload as pid 1 of a new pid namespace; returns its host pid once it is ready.
+/// Each workload gets a working directory of its own: CRIU's parasite mounts a private /proc at
+/// `proc.crtools` in the dumped task's cwd when /proc is not of its pid namespace, so concurrent
+/// dumps of tasks sharing a cwd fail with EEXIST ("Can't create a directory (-17)").
 fn start_workload(log: &Path, seed: usize, started: &mut Started) -> i32 {
+    let cwd = log.with_extension("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
     let child = Command::new("unshare")
+        .current_dir(&cwd)
         .args(["-p", "-f", "setsid"])
         .arg(bin("workload"))
-        .args(["--mib", &MIB.to_string(), "--threads", "1", "--write-rate", "2"])
+        .args([
+            "--mib",
+            &MIB.to_string(),
+            "--threads",
+            "1",
+            "--write-rate",
+            "2",
+        ])
         .args(["--seed", &(1000 + seed).to_string()])
         .arg("--log")
         .arg(log)
@@ -99,7 +112,10 @@ fn start_workload(log: &Path, seed: usize, started: &mut Started) -> i32 {
                 return pid;
             }
         }
-        assert!(Instant::now() < deadline, "workload {seed} not ready in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "workload {seed} not ready in 60 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -191,7 +207,10 @@ fn eight_concurrent_migrations_into_one_dst() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let dst_exit = wait_timeout(started.children.last_mut().unwrap(), Duration::from_secs(60));
+    let dst_exit = wait_timeout(
+        started.children.last_mut().unwrap(),
+        Duration::from_secs(60),
+    );
     let migrated_ns = unix_ns();
 
     // The restored trees, from each migration's pidfile.
@@ -222,7 +241,10 @@ fn eight_concurrent_migrations_into_one_dst() {
         for i in 0..MIGRATIONS {
             let t = std::fs::read_to_string(dir.join(format!("src-{i}.log"))).unwrap_or_default();
             let tail: Vec<&str> = t.lines().rev().take(5).collect();
-            s += &format!("\n--- src {i} (last lines, newest first) ---\n{}", tail.join("\n"));
+            s += &format!(
+                "\n--- src {i} (last lines, newest first) ---\n{}",
+                tail.join("\n")
+            );
         }
         s
     };
@@ -243,8 +265,8 @@ fn eight_concurrent_migrations_into_one_dst() {
         assert_eq!(wl.checks_failed(), 0, "workload {i}");
     }
 
-    let outcomes: Value = serde_json::from_str(&std::fs::read_to_string(&dst_json).unwrap())
-        .expect("dst stats JSON");
+    let outcomes: Value =
+        serde_json::from_str(&std::fs::read_to_string(&dst_json).unwrap()).expect("dst stats JSON");
     let outcomes = outcomes.as_array().expect("an array of outcomes");
     assert_eq!(outcomes.len(), MIGRATIONS);
     let mut ids: Vec<&str> = Vec::new();

@@ -43,6 +43,7 @@ fn page_server_corpus() {
 #[test]
 fn criu_images_corpus() {
     assert!(replay("criu_images", targets::criu_images) >= 5);
+    let _ = std::fs::remove_dir_all(targets::scratch_dir());
 }
 
 #[test]
@@ -63,10 +64,9 @@ fn write_seed(target: &str, name: &str, data: &[u8]) {
 fn write_seeds() {
     // page_server, side "server": the recorded `criu dump --page-server` session, whole and
     // frame by frame (both layouts' selector bit: the recording is 24-byte CRIU 4.1 headers).
-    let session = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ps-dump-session.bin"),
-    )
-    .unwrap();
+    let session =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ps-dump-session.bin"))
+            .unwrap();
     let mut whole = vec![0u8];
     whole.extend_from_slice(&session);
     write_seed("page_server", "session-v41", &whole);
@@ -177,7 +177,11 @@ fn write_seeds() {
         let pages = std::fs::read(dir.join("pages-1.img")).unwrap_or_default();
         // Metadata with no page data (the reader must refuse the short pages file cleanly),
         // and with the first pages, and whole when small.
-        for (tag, cut) in [("nopages", 0usize), ("4pages", 4 * 4096), ("whole", usize::MAX)] {
+        for (tag, cut) in [
+            ("nopages", 0usize),
+            ("4pages", 4 * 4096),
+            ("whole", usize::MAX),
+        ] {
             if tag == "whole" && pages.len() > 128 << 10 {
                 continue;
             }

@@ -186,9 +186,16 @@ fn refused(l: &Loop, task: &Task, msg: Inbound, words: &[&str]) {
     for w in words {
         assert!(e.contains(w), "error {e:?} lacks {w:?}");
     }
-    assert_eq!(task.resident(), before, "a refused frame changed the memory");
+    assert_eq!(
+        task.resident(),
+        before,
+        "a refused frame changed the memory"
+    );
     for pg in LAZY..PAGES {
-        assert!(task.page(pg).iter().all(|b| *b == 0xEE), "eager page {pg} overwritten");
+        assert!(
+            task.page(pg).iter().all(|b| *b == 0xEE),
+            "eager page {pg} overwritten"
+        );
     }
 }
 
@@ -201,8 +208,18 @@ fn lying_frames_are_refused_and_never_written() {
     assert!(task.resident()[..LAZY as usize].iter().all(|r| !r));
 
     // Unknown pid, on either stream.
-    refused(&l, &task, pages(PID + 1, base, 1, 0x11, false), &["pid 42", "no task"]);
-    refused(&l, &task, pages(PID + 1, base, 1, 0x11, true), &["pid 42", "no task"]);
+    refused(
+        &l,
+        &task,
+        pages(PID + 1, base, 1, 0x11, false),
+        &["pid 42", "no task"],
+    );
+    refused(
+        &l,
+        &task,
+        pages(PID + 1, base, 1, 0x11, true),
+        &["pid 42", "no task"],
+    );
     // Outside the lazy range: eager memory, and a run straddling the end of the lazy range.
     refused(
         &l,
@@ -249,10 +266,15 @@ fn lying_frames_are_refused_and_never_written() {
         &["already pushed", &format!("{:#x}", base + 2 * P)],
     );
     for pg in 0..4 {
-        assert!(task.page(pg).iter().all(|b| *b == 0x44), "page {pg} rewritten");
+        assert!(
+            task.page(pg).iter().all(|b| *b == 0x44),
+            "page {pg} rewritten"
+        );
     }
     // Page 5, refused as an unasked fault answer above, was not settled: a push fills it.
-    l.handle.send(pages(PID, base + 5 * P, 1, 0x66, false)).unwrap();
+    l.handle
+        .send(pages(PID, base + 5 * P, 1, 0x66, false))
+        .unwrap();
     while !task.resident()[5] {
         assert!(Instant::now() < deadline, "push of page 5 not placed");
         std::thread::sleep(Duration::from_millis(5));
@@ -291,7 +313,12 @@ fn requested_pages_are_accepted_once() {
     assert_eq!((img, nr), (base + 7 * P, 1));
     l.handle.send(pages(PID, img, nr, 0x77, true)).unwrap();
     assert_eq!(reader.join().unwrap(), 0x77);
-    refused(&l, &task, pages(PID, img, nr, 0x78, true), &["not asked for"]);
+    refused(
+        &l,
+        &task,
+        pages(PID, img, nr, 0x78, true),
+        &["not asked for"],
+    );
     assert!(task.page(7).iter().all(|b| *b == 0x77));
     assert_eq!(l.stats.counters().pages_copied_urgent, 1);
     l.handle.shutdown(false).unwrap();

@@ -192,12 +192,10 @@ async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc:
 }
 
 async fn classify(conn: quinn::Connection) -> Result<Arrival> {
-    let (tx, rx, hello) = tokio::time::timeout(
-        Duration::from_secs(30),
-        service::accept_control(&conn),
-    )
-    .await
-    .context("no hello within 30 s")??;
+    let (tx, rx, hello) =
+        tokio::time::timeout(Duration::from_secs(30), service::accept_control(&conn))
+            .await
+            .context("no hello within 30 s")??;
     Ok(if hello.role == ROLE_FAULTS {
         Arrival::Faults {
             conn,

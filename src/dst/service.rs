@@ -111,7 +111,9 @@ impl FaultConns<'_> {
                     .await
                     .context("accepting the fault stream")?;
                 if hello.role != ROLE_FAULTS || hello.migration_id != migration_id {
-                    bail!("expected the source's fault connection for {migration_id}, got {hello:?}");
+                    bail!(
+                        "expected the source's fault connection for {migration_id}, got {hello:?}"
+                    );
                 }
                 Ok((conn, tx, rx))
             }

@@ -422,10 +422,18 @@ fn header_alone_does_not_reserve_its_frame() {
         let mut s = ServerDecoder::new(layout);
         s.feed(&raw(layout, 6 | (4 << 16), MAX_FRAME_PAGES, 0, 0x101));
         assert_eq!(s.poll(), Ok(None));
-        assert!(s.read_buf().capacity() <= 16 << 20, "{}", s.read_buf().capacity());
+        assert!(
+            s.read_buf().capacity() <= 16 << 20,
+            "{}",
+            s.read_buf().capacity()
+        );
         s.feed(&vec![0u8; 1 << 20]);
         assert_eq!(s.poll(), Ok(None));
-        assert!(s.read_buf().capacity() <= 16 << 20, "{}", s.read_buf().capacity());
+        assert!(
+            s.read_buf().capacity() <= 16 << 20,
+            "{}",
+            s.read_buf().capacity()
+        );
     }
 }
 

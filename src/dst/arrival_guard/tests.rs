@@ -7,7 +7,10 @@ const P: u64 = PAGE_SIZE;
 fn guard() -> ArrivalGuard {
     let mut g = ArrivalGuard::new();
     // pid 7: lazy [0x10000, +16 pages) and [0x40000, +4 pages).
-    g.add_task(7, &[PageRange::new(0x10000, 16), PageRange::new(0x40000, 4)]);
+    g.add_task(
+        7,
+        &[PageRange::new(0x10000, 16), PageRange::new(0x40000, 4)],
+    );
     g
 }
 
@@ -25,7 +28,10 @@ fn unknown_pid_and_bad_ranges_are_refused() {
         ));
     }
     let msg = g.admit(8, 0, 1, true).unwrap_err().to_string();
-    assert!(msg.contains("pid 8") && msg.contains("no task of this restore"), "{msg}");
+    assert!(
+        msg.contains("pid 8") && msg.contains("no task of this restore"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -80,7 +86,11 @@ fn fault_answers_must_be_asked_for_once() {
         g.admit(7, 0x14000, 2, true),
         Err(Refusal::NotRequested { page: 0x15000, .. })
     ));
-    assert_eq!(g.outstanding_pages(7), 1, "a refused answer uses up nothing");
+    assert_eq!(
+        g.outstanding_pages(7),
+        1,
+        "a refused answer uses up nothing"
+    );
 }
 
 #[test]

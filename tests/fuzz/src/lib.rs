@@ -165,7 +165,7 @@ pub const IMAGE_FILES: [&str; 5] = [
 ];
 
 /// Scratch image directory, one per process, reused across inputs.
-fn scratch_dir() -> &'static Path {
+pub fn scratch_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let base = Path::new("/dev/shm");

@@ -21,7 +21,7 @@ fn unknown_pid_and_bad_ranges_are_refused() {
         g.admit(8, 0x10000, 1, false),
         Err(Refusal::UnknownPid { pid: 8 })
     );
-    for (vaddr, nr) in [(0x10001, 1), (0x10000, 0), (u64::MAX & !(P - 1), 2)] {
+    for (vaddr, nr) in [(0x10001, 1), (0x10000, 0), (!(P - 1), 2)] {
         assert!(matches!(
             g.admit(7, vaddr, nr, false),
             Err(Refusal::BadRange { .. })

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use bytes::BytesMut;
 use pageserv::criu::images::{self, ImageDir, PagemapId, PresentIndex};
 use pageserv::criu::page_server::{
-    ClientEvent, GetClient, Header, Layout, ServerDecoder, ServerEvent,
+    ClientEvent, GetClient, Header, Layout, PsError, ServerDecoder, ServerEvent,
 };
 use pageserv::pages::PAGE_SIZE;
 use pageserv::wire::{self, Frame, FrameDecoder};
@@ -52,8 +52,8 @@ pub fn page_server(data: &[u8]) {
 
 /// A header that decodes must encode back to a header that decodes to the same value.
 fn header_round_trip(layout: Layout, bytes: &[u8]) {
-    let decoders: [fn(Layout, &[u8]) -> Result<Header, _>; 2] =
-        [Header::decode, Header::decode_get_reply];
+    type Decode = fn(Layout, &[u8]) -> Result<Header, PsError>;
+    let decoders: [Decode; 2] = [Header::decode, Header::decode_get_reply];
     for decode in decoders {
         let Ok(h) = decode(layout, bytes) else {
             continue;
@@ -209,12 +209,12 @@ pub fn criu_images(data: &[u8]) {
     }
     if let Ok(pm) = &pagemap {
         check_pagemap(pm);
-        if let Ok(vmas) = &vmas {
-            if let Ok(lazy) = images::lazy_ranges(name, name, &pm.entries, vmas) {
-                for r in lazy {
-                    assert!(r.nr_pages > 0);
-                    assert!(vmas.iter().any(|v| v.start <= r.start && r.end() <= v.end));
-                }
+        if let Ok(vmas) = &vmas
+            && let Ok(lazy) = images::lazy_ranges(name, name, &pm.entries, vmas)
+        {
+            for r in lazy {
+                assert!(r.nr_pages > 0);
+                assert!(vmas.iter().any(|v| v.start <= r.start && r.end() <= v.end));
             }
         }
     }

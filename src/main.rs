@@ -135,6 +135,16 @@ struct DstArgs {
     /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
     #[arg(long)]
     restore_cmd: Option<String>,
+    /// Take this many migrations (concurrently), then exit once all have ended; the exit status
+    /// is non-zero if any failed. Default: one migration, as without the flag.
+    #[arg(long, conflicts_with = "keep_serving")]
+    max_migrations: Option<u64>,
+    /// Keep taking migrations until killed.
+    #[arg(long)]
+    keep_serving: bool,
+    /// With --max-migrations or --keep-serving: migrations running at once (more are refused).
+    #[arg(long, default_value_t = 16)]
+    max_concurrent: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -189,6 +199,34 @@ fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<(
     if let Some(p) = path {
         let text = serde_json::to_string_pretty(value)?;
         std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Several migrations through one dst; `--stats-json` gets the array of outcomes so far.
+fn dst_many(
+    opts: DstOptions,
+    limits: pageserv::dst::server::ServeLimits,
+    stats_json: &Option<PathBuf>,
+) -> Result<()> {
+    let mut all = Vec::new();
+    let outcomes = run_async(pageserv::dst::server::serve(opts, limits, |o| {
+        match &o.report {
+            Some(r) => eprint!("migration {}:\n{}", o.migration_id, r.render()),
+            None => eprintln!(
+                "migration {} failed: {}",
+                o.migration_id,
+                o.error.as_deref().unwrap_or("?")
+            ),
+        }
+        all.push(o.clone());
+        if let Err(e) = write_json(stats_json, &all) {
+            eprintln!("pageserv: {e:#}");
+        }
+    }))?;
+    let failed = outcomes.iter().filter(|o| !o.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} migrations failed", outcomes.len());
     }
     Ok(())
 }
@@ -287,9 +325,16 @@ fn run(cli: Cli) -> Result<()> {
                     template: a.restore_cmd.clone(),
                 },
             };
-            let report = run_async(dst_service::run(opts))?;
-            eprint!("{}", report.render());
-            write_json(&a.common.stats_json, &report)
+            if a.max_migrations.is_none() && !a.keep_serving {
+                let report = run_async(dst_service::run(opts))?;
+                eprint!("{}", report.render());
+                return write_json(&a.common.stats_json, &report);
+            }
+            let limits = pageserv::dst::server::ServeLimits {
+                max_migrations: a.max_migrations,
+                max_concurrent: a.max_concurrent.max(1),
+            };
+            dst_many(opts, limits, &a.common.stats_json)
         }
         Cmd::Images {
             cmd: ImagesCmd::Show { dir, json },

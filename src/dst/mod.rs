@@ -1,9 +1,11 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
+pub mod arrival_guard;
 pub mod image_sink;
 pub mod latency;
 pub mod lazy_socket;
 pub mod regions;
 pub mod restore;
+pub mod server;
 pub mod service;
 pub mod uffd_loop;

@@ -51,7 +51,15 @@ pub async fn run(opts: DstOptions) -> Result<DstReport> {
         .with_context(|| format!("listening on {}", opts.listen))?;
     tracing::info!(listen = %endpoint.local_addr()?, "pageserv dst ready");
     let (conn, _peer) = transport::accept(&endpoint, &id).await?;
-    let result = migrate_in(&opts, &endpoint, &id, &conn).await;
+    let result = async {
+        let (ctl, ctl_rx, hello) = accept_control(&conn).await?;
+        let faults = FaultConns::Accept {
+            endpoint: &endpoint,
+            id: &id,
+        };
+        migrate_in(&opts, &conn, (ctl, ctl_rx, hello), faults).await
+    }
+    .await;
     // Closing the endpoint closes the fault connection too; the peer learns why.
     match &result {
         Ok(_) => endpoint.close(0u32.into(), b"done"),
@@ -61,25 +69,71 @@ pub async fn run(opts: DstOptions) -> Result<DstReport> {
     result
 }
 
-async fn migrate_in(
-    opts: &DstOptions,
-    endpoint: &quinn::Endpoint,
-    id: &Identity,
+/// Accepts a connection's first stream and reads its hello: a migration's control stream
+/// (role "src") or a fault connection (role [`ROLE_FAULTS`]).
+pub(crate) async fn accept_control(
     conn: &quinn::Connection,
-) -> Result<DstReport> {
-    let started = Instant::now();
-    let mut report = DstReport::default();
+) -> Result<(FrameSender, FrameReceiver, Hello)> {
     let (ctl_send, ctl_recv) = conn
         .accept_bi()
         .await
         .context("waiting for the control stream")?;
-    let mut ctl = FrameSender::new(ctl_send);
+    let ctl = FrameSender::new(ctl_send);
     let mut ctl_rx = FrameReceiver::new(ctl_recv);
-
     let hello = match next_ctl(&mut ctl_rx).await? {
         Msg::Hello(h) => h,
         other => bail!("the source opened with {other:?} instead of a hello"),
     };
+    Ok((ctl, ctl_rx, hello))
+}
+
+/// Where a migration's fault connection comes from.
+pub(crate) enum FaultConns<'a> {
+    /// The next connection on the endpoint (one migration at a time).
+    Accept {
+        endpoint: &'a quinn::Endpoint,
+        id: &'a Identity,
+    },
+    /// Handed over by the accept loop (dst/server.rs), which read its hello and matched the
+    /// migration id.
+    Routed(tokio::sync::oneshot::Receiver<(quinn::Connection, FrameSender, FrameReceiver)>),
+}
+
+impl FaultConns<'_> {
+    async fn next(
+        self,
+        migration_id: &str,
+    ) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
+        match self {
+            FaultConns::Accept { endpoint, id } => {
+                let (conn, _) = transport::accept(endpoint, id).await?;
+                let (tx, rx, hello) = accept_control(&conn)
+                    .await
+                    .context("accepting the fault stream")?;
+                if hello.role != ROLE_FAULTS || hello.migration_id != migration_id {
+                    bail!(
+                        "expected the source's fault connection for {migration_id}, got {hello:?}"
+                    );
+                }
+                Ok((conn, tx, rx))
+            }
+            FaultConns::Routed(rx) => rx.await.map_err(|_| {
+                anyhow!("the accept loop stopped before the fault connection arrived")
+            }),
+        }
+    }
+}
+
+/// Runs one migration whose control stream and hello `ctl` were accepted on `conn`.
+pub(crate) async fn migrate_in(
+    opts: &DstOptions,
+    conn: &quinn::Connection,
+    ctl: (FrameSender, FrameReceiver, Hello),
+    faults: FaultConns<'_>,
+) -> Result<DstReport> {
+    let started = Instant::now();
+    let mut report = DstReport::default();
+    let (mut ctl, mut ctl_rx, hello) = ctl;
     if hello.protocol_version != PROTOCOL_VERSION
         || hello.page_size != crate::pages::PAGE_SIZE as u32
     {
@@ -116,23 +170,10 @@ async fn migrate_in(
 
     // The source's second connection carries only faults (see source::service); it must exist
     // before the restore starts, since restored tasks fault from their first instruction.
-    let (fault_conn, _) =
-        tokio::time::timeout(Duration::from_secs(30), transport::accept(endpoint, id))
+    let (_fault_conn, mut fault_tx, fault_rx) =
+        tokio::time::timeout(Duration::from_secs(30), faults.next(&hello.migration_id))
             .await
             .context("the source did not open its fault connection within 30 s")??;
-    let (fault_send, fault_recv) = fault_conn
-        .accept_bi()
-        .await
-        .context("accepting the fault stream")?;
-    let mut fault_tx = FrameSender::new(fault_send);
-    let mut fault_rx = FrameReceiver::new(fault_recv);
-    match next_ctl(&mut fault_rx).await? {
-        Msg::Hello(h) if h.role == ROLE_FAULTS && h.migration_id == hello.migration_id => {}
-        other => bail!(
-            "expected the source's fault connection for {}, got {other:?}",
-            hello.migration_id
-        ),
-    }
 
     let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
     let images_dir = dir.join("images");

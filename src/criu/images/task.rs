@@ -120,8 +120,10 @@ pub fn decode_pstree(file: &str, bytes: &[u8]) -> Result<Vec<Task>> {
         });
     }
     let mut tasks = Vec::with_capacity(recs.len());
+    // A set, not a scan of `tasks`: a hostile pstree.img may hold millions of records.
+    let mut seen = std::collections::HashSet::with_capacity(recs.len());
     for (offset, e) in recs {
-        if e.pid == 0 || tasks.iter().any(|t: &Task| t.pid == e.pid) {
+        if e.pid == 0 || !seen.insert(e.pid) {
             return Err(ImageError::BadRecord {
                 file: file.to_string(),
                 offset,

@@ -8,6 +8,10 @@ use super::{Command, DstId, Header, Layout, MAX_FRAME_PAGES, PagemapId, PsError}
 use crate::criu::PeFlags;
 use crate::pages::PAGE_SIZE;
 
+/// Most receive-buffer capacity [`ServerDecoder`] reserves ahead of the bytes it holds. CRIU's
+/// data frames are at most 4 MiB (1024 pages), so a real frame still gets its whole buffer at once.
+const MAX_RESERVE_AHEAD: usize = 4 << 20;
+
 /// One client frame, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerEvent {
@@ -139,7 +143,10 @@ impl ServerDecoder {
             0
         };
         if self.buf.len() < hl + len {
-            self.buf.reserve(hl + len - self.buf.len());
+            // Reserve room for the rest of the frame only a bounded step ahead of the bytes that
+            // arrived: a 24-byte header alone may claim 4 GiB (found by fuzzing).
+            let missing = hl + len - self.buf.len();
+            self.buf.reserve(missing.min(MAX_RESERVE_AHEAD));
             return Ok(None);
         }
         self.buf.advance(hl);

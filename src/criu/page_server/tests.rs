@@ -415,6 +415,29 @@ fn absurd_nr_pages_is_refused_before_buffering() {
 }
 
 #[test]
+fn header_alone_does_not_reserve_its_frame() {
+    // Found by fuzzing: a header claiming MAX_FRAME_PAGES made the decoder reserve 4 GiB before
+    // any page byte arrived. Capacity must stay within a bounded step of what was received.
+    for layout in LAYOUTS {
+        let mut s = ServerDecoder::new(layout);
+        s.feed(&raw(layout, 6 | (4 << 16), MAX_FRAME_PAGES, 0, 0x101));
+        assert_eq!(s.poll(), Ok(None));
+        assert!(
+            s.read_buf().capacity() <= 16 << 20,
+            "{}",
+            s.read_buf().capacity()
+        );
+        s.feed(&vec![0u8; 1 << 20]);
+        assert_eq!(s.poll(), Ok(None));
+        assert!(
+            s.read_buf().capacity() <= 16 << 20,
+            "{}",
+            s.read_buf().capacity()
+        );
+    }
+}
+
+#[test]
 fn flags_and_dst_rules() {
     let l = Layout::V41;
     // CLOSE with flags would not end CRIU's loop: refused.

@@ -18,6 +18,7 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 use super::ioctl::{self, Fill};
 use super::kill::Process;
 use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
+use crate::dst::arrival_guard::ArrivalGuard;
 use crate::dst::regions::{FaultAction, TaskMemory};
 use crate::pages::{PAGE_SIZE, PageRange, page_floor};
 
@@ -69,6 +70,8 @@ pub(super) struct Engine {
     broken: Vec<(u32, Uffd, Owner)>,
     /// Image pids that ever had a task.
     known_pids: BTreeSet<u32>,
+    /// Which source data may be placed at all.
+    guard: ArrivalGuard,
     /// Pages that arrived before their task did.
     stash: HashMap<u32, Vec<Inbound>>,
     /// Background pages that arrived before the restore finished. Until then the restorer may
@@ -119,6 +122,7 @@ impl Engine {
             next_id: 1,
             broken: Vec::new(),
             known_pids: BTreeSet::new(),
+            guard: ArrivalGuard::new(),
             stash: HashMap::new(),
             early: Vec::new(),
             early_bytes: 0,
@@ -224,12 +228,10 @@ impl Engine {
                 for msg in std::mem::take(&mut self.early) {
                     self.handle(msg);
                 }
-                for (pid, msgs) in self.stash.drain() {
-                    warn!(
-                        pid,
-                        messages = msgs.len(),
-                        "pages for a pid the restore never sent: dropped"
-                    );
+                // Pages for a pid the restore never sent: the guard refuses them.
+                let stashed: Vec<Inbound> = self.stash.drain().flat_map(|(_, m)| m).collect();
+                for msg in stashed {
+                    self.handle(msg);
                 }
             }
             Inbound::Shutdown { kill_incomplete } => return Some(kill_incomplete),
@@ -277,6 +279,7 @@ impl Engine {
         let pid = mem.pid();
         info!(pid, lazy_pages = mem.pending_pages(), "serving task");
         self.known_pids.insert(pid);
+        self.guard.add_task(pid, lazy);
         self.add_view(uffd, mem, owner);
         for msg in self.stash.remove(&pid).unwrap_or_default() {
             self.handle(msg);
@@ -427,6 +430,7 @@ impl Engine {
                 self.waiting.entry((id, img_vaddr)).or_default().push(at);
                 self.stats.requests.fetch_add(1, Relaxed);
                 self.stats.pages_requested.fetch_add(nr_pages, Relaxed);
+                self.guard.requested(pid, img_vaddr, nr_pages);
                 // nr_pages <= 1 + readahead, far below u32::MAX for any sane config.
                 let nr_pages = u32::try_from(nr_pages).unwrap_or(u32::MAX);
                 self.send(Outbound::Fault {

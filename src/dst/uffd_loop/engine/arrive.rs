@@ -70,13 +70,20 @@ impl Engine {
             self.early.push(msg);
             return;
         }
-        if !self.views.values().any(|v| v.mem.pid() == pid) {
-            if !self.known_pids.contains(&pid) && !self.restore_finished {
-                let msg = as_message(pid, img, nr_pages, data, urgent);
-                self.stash.entry(pid).or_default().push(msg);
-            } else {
-                debug!(pid, img, nr, "pages for a task that is gone: dropped");
-            }
+        let has_view = self.views.values().any(|v| v.mem.pid() == pid);
+        if !has_view && !self.known_pids.contains(&pid) && !self.restore_finished {
+            let msg = as_message(pid, img, nr_pages, data, urgent);
+            self.stash.entry(pid).or_default().push(msg);
+            return;
+        }
+        // The one admission rule for source data (dst/arrival_guard.rs): nothing it refuses
+        // reaches a process.
+        if let Err(refusal) = self.guard.admit(pid, img, nr, urgent) {
+            self.error(refusal.to_string());
+            return;
+        }
+        if !has_view {
+            debug!(pid, img, nr, "pages for a task that is gone: dropped");
             return;
         }
         let arrival = Arrival {

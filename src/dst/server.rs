@@ -1,0 +1,224 @@
+//! `pageserv dst --keep-serving` / `--max-migrations N`: one endpoint, many migrations at once.
+//!
+//! Each source opens two connections (see source::service): its control connection (hello role
+//! "src") and its fault connection (role [`ROLE_FAULTS`], same migration id). This loop accepts
+//! every connection, reads its hello, and either starts the per-migration code
+//! ([`service::migrate_in`], unchanged from the one-migration mode) with its own images, work
+//! directory, restore and fault thread, or hands the fault connection to the migration whose id
+//! it names. Migrations are independent: one failing ends only itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::dst::service::{self, DstOptions, FaultConns};
+use crate::keys::Identity;
+use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
+use crate::source::service::ROLE_FAULTS;
+use crate::stats::DstReport;
+use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::wire::Frame;
+
+/// How many migrations the loop takes.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// Exit once this many migrations have ended (`None`: serve until killed).
+    pub max_migrations: Option<u64>,
+    /// Migrations running at once; a source beyond this is refused with an Abort.
+    pub max_concurrent: usize,
+}
+
+/// How one migration ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationOutcome {
+    pub migration_id: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub report: Option<DstReport>,
+}
+
+type FaultConn = (quinn::Connection, FrameSender, FrameReceiver);
+
+/// A classified incoming connection.
+enum Arrival {
+    Migration {
+        conn: quinn::Connection,
+        ctl: (FrameSender, FrameReceiver, Hello),
+    },
+    Faults {
+        conn: quinn::Connection,
+        tx: FrameSender,
+        rx: FrameReceiver,
+        migration_id: String,
+    },
+}
+
+/// Accepts migrations until `limits` says stop; calls `on_end` as each one ends (e.g. to write
+/// the stats). Fails only if the endpoint cannot be set up; per-migration failures are outcomes.
+pub async fn serve(
+    opts: DstOptions,
+    limits: ServeLimits,
+    mut on_end: impl FnMut(&MigrationOutcome),
+) -> Result<Vec<MigrationOutcome>> {
+    let id = Arc::new(Identity::load(&opts.certs)?);
+    let endpoint = transport::server(opts.listen, &id)
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    tracing::info!(
+        listen = %endpoint.local_addr()?,
+        max_migrations = ?limits.max_migrations,
+        max_concurrent = limits.max_concurrent,
+        "pageserv dst ready"
+    );
+    let opts = Arc::new(opts);
+    let (arrive_tx, mut arrive_rx) = mpsc::channel::<Arrival>(64);
+    // Fault connections by migration id, for migrations that wait for theirs.
+    let mut waiting: HashMap<String, oneshot::Sender<FaultConn>> = HashMap::new();
+    let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
+    // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
+    // nothing here can cancel a half-accepted connection.
+    let acceptor = tokio::spawn(accept_all(endpoint.clone(), id.clone(), arrive_tx));
+    let mut outcomes = Vec::new();
+    let mut started: u64 = 0;
+    let done = |started: u64, outcomes: &Vec<MigrationOutcome>| {
+        limits
+            .max_migrations
+            .is_some_and(|m| started >= m && outcomes.len() as u64 >= m)
+    };
+    loop {
+        if done(started, &outcomes) {
+            break;
+        }
+        tokio::select! {
+            Some(arrival) = arrive_rx.recv() => match arrival {
+                Arrival::Migration { conn, ctl } => {
+                    let mid = ctl.2.migration_id.clone();
+                    let full = limits.max_migrations.is_some_and(|m| started >= m);
+                    let refusal = if full {
+                        Some("this dst takes no more migrations (--max-migrations reached)".to_string())
+                    } else if running.len() >= limits.max_concurrent {
+                        Some(format!("this dst is busy: {} migrations in progress", running.len()))
+                    } else if waiting.contains_key(&mid) || mid.is_empty() {
+                        Some(format!("migration id {mid:?} is empty or already in progress"))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refusal {
+                        tracing::warn!(migration = %mid, "refusing a migration: {reason}");
+                        tokio::spawn(refuse(conn, ctl.0, reason));
+                        continue;
+                    }
+                    started += 1;
+                    let (fault_tx, fault_rx) = oneshot::channel();
+                    waiting.insert(mid.clone(), fault_tx);
+                    let opts = opts.clone();
+                    tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
+                    running.spawn(async move {
+                        let result =
+                            service::migrate_in(&opts, &conn, ctl, FaultConns::Routed(fault_rx)).await;
+                        (mid, conn, result)
+                    });
+                }
+                Arrival::Faults { conn, tx, rx, migration_id } => match waiting.remove(&migration_id) {
+                    Some(slot) => {
+                        if slot.send((conn, tx, rx)).is_err() {
+                            tracing::warn!(migration = %migration_id, "fault connection for an ended migration");
+                        }
+                    }
+                    None => {
+                        tracing::warn!(migration = %migration_id, "fault connection for no migration waiting for one: closed");
+                        conn.close(2u32.into(), b"no such migration");
+                    }
+                },
+            },
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let outcome = match joined {
+                    Ok((mid, conn, result)) => {
+                        waiting.remove(&mid);
+                        match &result {
+                            Ok(_) => conn.close(0u32.into(), b"done"),
+                            Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+                        }
+                        match result {
+                            Ok(r) => MigrationOutcome { migration_id: mid, ok: true, error: None, report: Some(r) },
+                            Err(e) => {
+                                tracing::error!(migration = %mid, "migration failed: {e:#}");
+                                MigrationOutcome { migration_id: mid, ok: false, error: Some(format!("{e:#}")), report: None }
+                            }
+                        }
+                    }
+                    Err(e) => MigrationOutcome {
+                        migration_id: String::new(),
+                        ok: false,
+                        error: Some(format!("a migration task panicked: {e}")),
+                        report: None,
+                    },
+                };
+                tracing::info!(migration = %outcome.migration_id, ok = outcome.ok, running = running.len(), "migration ended");
+                on_end(&outcome);
+                outcomes.push(outcome);
+            },
+        }
+    }
+    acceptor.abort();
+    endpoint.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    Ok(outcomes)
+}
+
+/// Accepts every client and classifies it by its hello, each in a task of its own.
+async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Arrival>) {
+    loop {
+        match transport::accept(&endpoint, &id).await {
+            Ok((conn, peer)) => {
+                let tx = to_loop.clone();
+                tokio::spawn(async move {
+                    match classify(conn).await {
+                        Ok(a) => {
+                            let _ = tx.send(a).await;
+                        }
+                        Err(e) => tracing::warn!(?peer, "dropping a connection: {e:#}"),
+                    }
+                });
+            }
+            Err(transport::TransportError::EndpointClosed) => return,
+            Err(e) => tracing::warn!("refused a client: {e}"),
+        }
+    }
+}
+
+async fn classify(conn: quinn::Connection) -> Result<Arrival> {
+    let (tx, rx, hello) =
+        tokio::time::timeout(Duration::from_secs(30), service::accept_control(&conn))
+            .await
+            .context("no hello within 30 s")??;
+    Ok(if hello.role == ROLE_FAULTS {
+        Arrival::Faults {
+            conn,
+            tx,
+            rx,
+            migration_id: hello.migration_id,
+        }
+    } else {
+        Arrival::Migration {
+            conn,
+            ctl: (tx, rx, hello),
+        }
+    })
+}
+
+/// Tells a source why it is refused, then closes its connection.
+async fn refuse(conn: quinn::Connection, mut ctl: FrameSender, reason: String) {
+    let abort = Frame::Control(Control {
+        msg: Some(Msg::Abort(Abort {
+            reason: reason.clone(),
+        })),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(3), ctl.send(&abort)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.close(3u32.into(), reason.as_bytes());
+}

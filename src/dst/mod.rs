@@ -6,4 +6,5 @@ pub mod lazy_socket;
 pub mod regions;
 pub mod restore;
 pub mod service;
+pub mod uffd_keeper;
 pub mod uffd_loop;

@@ -66,6 +66,10 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         json: None,
         src_args: Vec::new(),
         dst_args: Vec::new(),
+        cut_link: 0.0,
+        kill: None,
+        fault_after_ms: 0,
+        retry: false,
     };
     let (mut unshare, pid) = demo::start_workload(&args, &log)?;
     std::thread::sleep(Duration::from_secs(1));

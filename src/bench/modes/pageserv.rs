@@ -20,6 +20,10 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         json: None,
         src_args: Vec::new(),
         dst_args: Vec::new(),
+        cut_link: 0.0,
+        kill: None,
+        fault_after_ms: 0,
+        retry: false,
     };
     let r = demo::migrate(&args)?;
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {

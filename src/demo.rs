@@ -262,7 +262,12 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
             .spawn()
             .context("starting pageserv dst")?;
         interrupt::started(dst.id() as i32);
-        wait_for_line(&mut dst, "pageserv dst ready", Duration::from_secs(20), restored)?;
+        wait_for_line(
+            &mut dst,
+            "pageserv dst ready",
+            Duration::from_secs(20),
+            restored,
+        )?;
         Ok(dst)
     };
     let (restored_tx, restored_rx) = std::sync::mpsc::channel();

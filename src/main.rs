@@ -62,7 +62,11 @@ struct FrozenArgs {
     /// The source work directory the error named.
     dir: PathBuf,
     /// Make the dump fail so CRIU resumes the source. Only if no restored copy runs anywhere.
-    #[arg(long, conflicts_with = "kill_source", required_unless_present = "kill_source")]
+    #[arg(
+        long,
+        conflicts_with = "kill_source",
+        required_unless_present = "kill_source"
+    )]
     resume_source: bool,
     /// End the dump so CRIU kills the source (the migration is given up).
     #[arg(long)]

@@ -96,10 +96,7 @@ pub fn dst_action(k: DstKnows) -> DstAction {
 
 /// Live copies after both sides applied the rule: (source runs, restored copy runs).
 pub fn live_copies(src: SourceAction, dst: DstAction) -> (bool, bool) {
-    (
-        src == SourceAction::Resume,
-        matches!(dst, DstAction::Keep),
-    )
+    (src == SourceAction::Resume, matches!(dst, DstAction::Keep))
 }
 
 #[cfg(test)]

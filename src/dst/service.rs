@@ -182,7 +182,9 @@ async fn migrate_in(
             match t.uffd {
                 Some(uffd) => {
                     // The keeper needs the host pid to kill the task; without it, no protection.
-                    let host = t.sender_pid.context("the restore sent a uffd without credentials")?;
+                    let host = t
+                        .sender_pid
+                        .context("the restore sent a uffd without credentials")?;
                     held.hold(host, std::os::fd::AsFd::as_fd(&uffd))
                         .context("handing a uffd to the keeper")?;
                     let ranges = lazy.get(&(t.pid as u32)).cloned().unwrap_or_default();

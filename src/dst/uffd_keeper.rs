@@ -99,7 +99,11 @@ pub fn keeper_main() -> std::io::Result<()> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if raw < 0 {
-            tracing::warn!(pid, "cannot pin restored task: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                pid,
+                "cannot pin restored task: {}",
+                std::io::Error::last_os_error()
+            );
             continue;
         }
         // SAFETY: a fresh descriptor from the kernel.

@@ -122,10 +122,9 @@ impl KeeperLink {
         let mut b = [0u8; 1];
         let (n, fd) = fdpass::recv_fd(&ctl, &mut b).map_err(io("receiving the dump socket"))?;
         match (n, fd) {
-            (1, Some(fd)) if b[0] == b'+' => Ok((
-                KeeperLink { ctl, child: None },
-                UnixStream::from(fd),
-            )),
+            (1, Some(fd)) if b[0] == b'+' => {
+                Ok((KeeperLink { ctl, child: None }, UnixStream::from(fd)))
+            }
             _ => Err(KeeperError::Refused {
                 dir: work.to_path_buf(),
                 why: "no socket came back (see its log beside keeper.sock)".into(),

@@ -19,11 +19,11 @@ use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
-use crate::source::keeper::KeeperLink;
 use crate::pb::pageserv::{Control, Hello, ImageChunk, ImagesDone, SourceReleased, control::Msg};
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
+use crate::source::keeper::KeeperLink;
 use crate::source::pump::{self, FaultReply, PumpConfig, PumpControl, Served, UrgentRequest};
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::stats::SourceReport;

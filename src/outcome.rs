@@ -44,9 +44,7 @@ pub enum SourceAction {
 pub fn source_action(k: SourceKnows) -> SourceAction {
     if k.memory_whole {
         SourceAction::End
-    } else if k.restore_finished {
-        SourceAction::KeepFrozen
-    } else if k.earlier_attempt {
+    } else if k.restore_finished || k.earlier_attempt {
         SourceAction::KeepFrozen
     } else if !k.images_shipped || k.dst_reported_restore_failed {
         SourceAction::Resume

@@ -252,6 +252,7 @@ fn open_dump_blocking(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
     conn: &quinn::Connection,

@@ -298,6 +298,9 @@ async fn migrate_in(
             .await
             .ok();
             restore.kill();
+            // src may resume the source only if it reads this report (see outcome): closing now
+            // could drop it in flight, so wait for src to close first (it does once it read it).
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         }
         fault_reader.abort();
         push_reader.abort();

@@ -40,7 +40,9 @@ impl UffdKeeper {
         let mut cmd = Command::new(exe);
         cmd.arg("keep-uffds")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            // Holding dst's stderr would keep a caller's pipe open after dst exits.
+            .stderr(Stdio::null());
         pass_fds(&mut cmd, &[(&theirs, CTL_FD)]);
         // SAFETY: setsid is async-signal-safe.
         unsafe {

@@ -91,6 +91,11 @@ impl KeeperLink {
             .arg(header_len.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        // Its log goes to a file: holding src's stderr would keep a caller's pipe open forever.
+        match std::fs::File::create(work.join("keeper.log")) {
+            Ok(f) => cmd.stderr(f),
+            Err(_) => cmd.stderr(Stdio::null()),
+        };
         pass_fds(&mut cmd, &[(&ps, PS_FD), (&theirs, CTL_FD)]);
         // Its own session: a signal to src's process group must not reach the keeper.
         // SAFETY: setsid is async-signal-safe.
@@ -200,6 +205,11 @@ pub fn keeper_main(work: &Path, criu_pid: i32, header_len: usize) -> Result<(), 
         "pageserv src is gone after the images were shipped: the source stays frozen"
     );
     loop {
+        if !wait_for_client(&listener, &ps) {
+            tracing::warn!(criu_pid, "the dump is gone: nothing left to keep");
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         let (conn, _) = listener.accept().map_err(io("accepting"))?;
         let mut line = String::new();
         let mut b = [0u8; 1];
@@ -233,6 +243,34 @@ pub fn keeper_main(work: &Path, criu_pid: i32, header_len: usize) -> Result<(), 
             other => {
                 let _ = (&conn).write_all(format!("-unknown command {other:?}").as_bytes());
             }
+        }
+    }
+}
+
+/// Waits for a client; false if the dump closed its socket first (CRIU ended). Leftover reply
+/// bytes are read and dropped meanwhile (a retry resynchronises anyway).
+fn wait_for_client(listener: &UnixListener, ps: &UnixStream) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut sink = vec![0u8; 1 << 16];
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(ps.as_fd(), PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let client = fds[0].revents().is_some_and(|r| !r.is_empty());
+        let dump = fds[1].revents().unwrap_or(PollFlags::empty());
+        if dump.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+            return false;
+        }
+        if dump.contains(PollFlags::POLLIN) && matches!((&*ps).read(&mut sink), Ok(0)) {
+            return false;
+        }
+        if client {
+            return true;
         }
     }
 }

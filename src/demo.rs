@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::testbed::Testbed;
 
+pub mod faults;
 mod interrupt;
 use crate::workload_log::Summary;
 
@@ -58,6 +59,18 @@ pub struct DemoArgs {
     /// Extra `pageserv dst` arguments (repeatable).
     #[arg(long = "dst-arg", allow_hyphen_values = true)]
     pub dst_args: Vec<String>,
+    /// Failure test: take the veth down for this many seconds mid post-copy.
+    #[arg(long, default_value_t = 0.0)]
+    pub cut_link: f64,
+    /// Failure test: SIGKILL `src` or `dst` mid post-copy.
+    #[arg(long)]
+    pub kill: Option<String>,
+    /// When to inject the failure: ms after the restore finished.
+    #[arg(long, default_value_t = 1000)]
+    pub fault_after_ms: u64,
+    /// After an injected kill: restart dst and retry with `pageserv src --resume`.
+    #[arg(long)]
+    pub retry: bool,
 }
 
 /// What the demo saw.
@@ -76,6 +89,8 @@ pub struct DemoResult {
     pub workload_alive_at_dst: bool,
     pub workload_alive_at_src: bool,
     pub problems: Vec<String>,
+    /// The injected failure, if any, and the state it left.
+    pub fault: faults::FaultReport,
     /// When the migration ended (both services exited), Unix ns.
     pub migrated_unix_ns: u64,
     /// The workload's whole log, for callers that measure more than the demo prints (the bench).
@@ -142,7 +157,12 @@ pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Resu
     }
 }
 
-fn wait_for_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<()> {
+fn wait_for_line(
+    child: &mut Child,
+    needle: &str,
+    timeout: Duration,
+    restored: Option<std::sync::mpsc::Sender<()>>,
+) -> Result<()> {
     let stderr = child.stderr.take().context("dst stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     let needle = needle.to_string();
@@ -153,6 +173,11 @@ fn wait_for_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<(
             if !found && line.contains(&needle) {
                 found = true;
                 let _ = tx.send(());
+            }
+            if line.contains("restore finished; tasks running")
+                && let Some(r) = &restored
+            {
+                let _ = r.send(());
             }
         }
     });
@@ -223,21 +248,41 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     let dst_addr = format!("{}:{port}", bed.dst_addr);
     let dst_json = bed.dir.join("dst.json");
     let src_json = bed.dir.join("src.json");
-    let mut dst = bed
-        .in_dst(&pageserv)
-        .args(["dst", "--listen", &dst_addr, "--certs"])
-        .arg(&dst_certs)
-        .arg("--work")
-        .arg(bed.dir.join("dst"))
-        .arg("--stats-json")
-        .arg(&dst_json)
-        .args(&args.dst_args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting pageserv dst")?;
-    interrupt::started(dst.id() as i32);
-    wait_for_line(&mut dst, "pageserv dst ready", Duration::from_secs(20))?;
+    let fault = match (args.kill.as_deref(), args.cut_link > 0.0) {
+        (Some("dst"), _) => Some(faults::Fault::KillDst),
+        (Some("src"), _) => Some(faults::Fault::KillSrc),
+        (Some(other), _) => bail!("--kill takes src or dst, not {other:?}"),
+        (None, true) => Some(faults::Fault::CutLink {
+            secs: args.cut_link,
+        }),
+        (None, false) => None,
+    };
+    let mut dst_work = bed.dir.join("dst");
+    let start_dst = |work: &Path, restored: Option<std::sync::mpsc::Sender<()>>| -> Result<Child> {
+        let mut dst = bed
+            .in_dst(&pageserv)
+            .args(["dst", "--listen", &dst_addr, "--certs"])
+            .arg(&dst_certs)
+            .arg("--work")
+            .arg(work)
+            .arg("--stats-json")
+            .arg(&dst_json)
+            .args(&args.dst_args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pageserv dst")?;
+        interrupt::started(dst.id() as i32);
+        wait_for_line(
+            &mut dst,
+            "pageserv dst ready",
+            Duration::from_secs(20),
+            restored,
+        )?;
+        Ok(dst)
+    };
+    let (restored_tx, restored_rx) = std::sync::mpsc::channel();
+    let mut dst = start_dst(&dst_work, Some(restored_tx))?;
 
     let mut src_cmd = bed.in_src(&pageserv);
     src_cmd
@@ -263,11 +308,52 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     }
     let mut src = src_cmd.spawn().context("running pageserv src")?;
     interrupt::started(src.id() as i32);
-    let src_status = match timeout {
-        None => Some(src.wait().context("waiting for pageserv src")?),
-        Some(t) => wait_timeout(&mut src, t)?,
-    };
-    let dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
+    let mut fault_report = faults::FaultReport::default();
+    let (src_id, dst_id) = (src.id() as i32, dst.id() as i32);
+    let (mut src_status, mut dst_status) = std::thread::scope(|s| -> Result<_> {
+        if let Some(f) = fault {
+            let (bed, rx, rep) = (&bed, restored_rx, &mut fault_report);
+            let after = Duration::from_millis(args.fault_after_ms);
+            s.spawn(move || faults::inject(bed, f, after, &rx, dst_id, src_id, rep));
+        }
+        let src_status = match timeout {
+            None => Some(src.wait().context("waiting for pageserv src")?),
+            Some(t) => wait_timeout(&mut src, t)?,
+        };
+        let dst_status = wait_timeout(&mut dst, Duration::from_secs(90))?;
+        Ok((src_status, dst_status))
+    })?;
+    if matches!(fault, Some(faults::Fault::KillDst | faults::Fault::KillSrc)) {
+        // The state the failure left, before anything retries.
+        std::thread::sleep(Duration::from_millis(500));
+        fault_report.source_state = faults::proc_state(pid);
+        fault_report.restored_alive_after_failure = find_restore_pid(&dst_work).is_some_and(alive);
+        eprintln!(
+            "after the failure: source state {:?}, restored copy alive: {}",
+            fault_report.source_state, fault_report.restored_alive_after_failure
+        );
+        if args.retry {
+            let src_work = bed.dir.join("src").join(src_id.to_string());
+            dst_work = bed.dir.join("dst-retry");
+            let mut dst2 = start_dst(&dst_work, None)?;
+            let mut src2 = bed
+                .in_src(&pageserv)
+                .args(["src", "--lazy", "--to", &dst_addr, "--certs"])
+                .arg(&src_certs)
+                .arg("--resume")
+                .arg(&src_work)
+                .arg("--stats-json")
+                .arg(&src_json)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("running pageserv src --resume")?;
+            interrupt::started(src2.id() as i32);
+            src_status = Some(src2.wait()?);
+            dst_status = wait_timeout(&mut dst2, Duration::from_secs(60))?;
+            fault_report.retry_src_exit = src_status.and_then(|s| s.code());
+            fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
+        }
+    }
     if let Some(mut c) = external {
         let _ = wait_timeout(&mut c, Duration::from_secs(10));
     }
@@ -276,7 +362,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         "migration ended; watching the workload at the destination for {} s",
         args.after
     );
-    let restored_pid: Option<i32> = find_restore_pid(&bed.dir.join("dst"));
+    let restored_pid: Option<i32> = find_restore_pid(&dst_work);
     if let Some(p) = restored_pid {
         interrupt::started(p);
     }
@@ -349,6 +435,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         workload_alive_at_dst,
         workload_alive_at_src,
         problems,
+        fault: fault_report,
         migrated_unix_ns: migrated_ns,
         workload_log: text,
     })

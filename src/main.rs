@@ -41,6 +41,37 @@ enum Cmd {
     Demo(pageserv::demo::DemoArgs),
     /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
     Bench(pageserv::bench::BenchArgs),
+    /// Settle a source left frozen by a failed migration (see `pageserv src` errors).
+    Frozen(FrozenArgs),
+    /// Internal: holds the lazy dump's socket for `pageserv src` (see source::keeper).
+    #[command(hide = true)]
+    KeepDump {
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long)]
+        criu_pid: i32,
+        #[arg(long)]
+        header_len: usize,
+    },
+    /// Internal: holds the restored tasks' uffds for `pageserv dst` (see dst::uffd_keeper).
+    #[command(hide = true)]
+    KeepUffds,
+}
+
+#[derive(Args)]
+struct FrozenArgs {
+    /// The source work directory the error named.
+    dir: PathBuf,
+    /// Make the dump fail so CRIU resumes the source. Only if no restored copy runs anywhere.
+    #[arg(
+        long,
+        conflicts_with = "kill_source",
+        required_unless_present = "kill_source"
+    )]
+    resume_source: bool,
+    /// End the dump so CRIU kills the source (the migration is given up).
+    #[arg(long)]
+    kill_source: bool,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +121,10 @@ struct SrcArgs {
     /// Dump this process tree (its root pid) with `criu dump --lazy-pages`.
     #[arg(long, conflicts_with_all = ["page_server", "status_fifo"])]
     pid: Option<i32>,
+    /// Retry a migration whose source a failure left frozen in this work directory (the path
+    /// the error printed): images are shipped again and dst restores from the frozen dump.
+    #[arg(long, conflicts_with_all = ["pid", "page_server", "status_fifo"])]
+    resume: Option<PathBuf>,
     /// Join a dump started elsewhere (runc style): its page server address...
     #[arg(long, requires = "status_fifo")]
     page_server: Option<SocketAddr>,
@@ -266,6 +301,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Src(a) => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
             let dump = match (a.pid, a.page_server, a.status_fifo) {
+                _ if a.resume.is_some() => DumpSource::Resume {
+                    work: a.resume.clone().unwrap_or_default(),
+                },
                 (Some(pid), None, None) => DumpSource::Pid {
                     pid,
                     extra: a.common.criu_opts.clone(),
@@ -354,6 +392,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo(d) => pageserv::demo::run(d),
+        Cmd::Frozen(f) => {
+            pageserv::source::keeper::settle_frozen(&f.dir, f.resume_source)?;
+            println!(
+                "{}",
+                if f.resume_source {
+                    "the dump failed on purpose: CRIU resumes the source tasks"
+                } else {
+                    "the dump ended: CRIU kills the source tasks"
+                }
+            );
+            Ok(())
+        }
+        Cmd::KeepDump {
+            work,
+            criu_pid,
+            header_len,
+        } => Ok(pageserv::source::keeper::keeper_main(
+            &work, criu_pid, header_len,
+        )?),
+        Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
         Cmd::Bench(b) => pageserv::bench::run(b),
     }
 }

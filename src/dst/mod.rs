@@ -8,4 +8,5 @@ pub mod regions;
 pub mod restore;
 pub mod server;
 pub mod service;
+pub mod uffd_keeper;
 pub mod uffd_loop;

@@ -19,6 +19,7 @@ use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::restore::{Restore, RestoreOptions};
+use crate::dst::uffd_keeper::UffdKeeper;
 use crate::dst::uffd_loop::{self, Inbound, LoopSender, Outbound, UffdStats};
 use crate::keys::Identity;
 use crate::pages::PageRange;
@@ -203,6 +204,11 @@ pub(crate) async fn migrate_in(
     };
     let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
         .context("starting the fault thread")?;
+    // A copy of every uffd lives in the keeper, so even this process dying cannot zero-fill.
+    let keeper = Arc::new(
+        UffdKeeper::spawn(&std::env::current_exe().context("locating the pageserv binary")?)
+            .context("starting the uffd keeper")?,
+    );
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
     let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
     send_ctl(
@@ -214,12 +220,19 @@ pub(crate) async fn migrate_in(
     // Hand the restore's uffds to the fault thread as they arrive.
     let nr_tasks = tasks.len();
     let to_loop = handle.sender();
+    let held = keeper.clone();
     let mut restore_side = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut rc = socket.accept_restore_within(nr_tasks, Duration::from_secs(120))?;
         for _ in 0..nr_tasks {
             let t = rc.next_task()?;
             match t.uffd {
                 Some(uffd) => {
+                    // The keeper needs the host pid to kill the task; without it, no protection.
+                    let host = t
+                        .sender_pid
+                        .context("the restore sent a uffd without credentials")?;
+                    held.hold(host, std::os::fd::AsFd::as_fd(&uffd))
+                        .context("handing a uffd to the keeper")?;
                     let ranges = lazy.get(&(t.pid as u32)).cloned().unwrap_or_default();
                     to_loop.send(Inbound::Task {
                         pid: t.pid,
@@ -331,10 +344,18 @@ pub(crate) async fn migrate_in(
             .await
             .ok();
             restore.kill();
+            // src may resume the source only if it reads this report (see outcome): closing now
+            // could drop it in flight, so wait for src to close first (it does once it read it).
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         }
         fault_reader.abort();
         push_reader.abort();
         return Err(e);
+    }
+    // Every lazy page is in place: the restored copy is the live one from now on.
+    match Arc::try_unwrap(keeper) {
+        Ok(k) => k.release(),
+        Err(_) => tracing::warn!("the uffd keeper is still shared; it stays until dst exits"),
     }
     report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
     let c = stats.counters();

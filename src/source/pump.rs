@@ -55,6 +55,8 @@ pub enum PumpControl {
     /// The migration failed before any restored task ran: make the dump fail, so CRIU resumes the
     /// source tasks.
     Abort,
+    /// Leave the dump as it is (tasks frozen; the dump keeper holds its socket): return at once.
+    Detach,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +195,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         abort_session(&mut wr, layout).await;
                         return Ok(stats);
                     }
+                    Some(PumpControl::Detach) => return Ok(stats),
                     None => {}
                 }
             }

@@ -18,10 +18,12 @@ use tokio::sync::{mpsc, watch};
 use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
+use crate::outcome::{self, SourceAction, SourceKnows};
 use crate::pb::pageserv::{Control, Hello, ImageChunk, ImagesDone, SourceReleased, control::Msg};
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
+use crate::source::keeper::KeeperLink;
 use crate::source::pump::{self, FaultReply, PumpConfig, PumpControl, Served, UrgentRequest};
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::stats::SourceReport;
@@ -46,6 +48,9 @@ pub enum DumpSource {
         status_fifo: PathBuf,
         images_dir: PathBuf,
     },
+    /// Retry a migration whose source was left frozen in this work directory (its dump keeper
+    /// hands the dump's socket over).
+    Resume { work: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -132,7 +137,8 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));
 
     // From here on the tasks are frozen: every failure path must resume or keep them.
-    let mut dump = open_dump(&opts).await?;
+    let (mut dump, mut keeper) = open_dump(&opts).await?;
+    let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
     let frozen_at = dump.started_at;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -147,6 +153,8 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         &mut ctl_rx,
         &mut dump,
         frozen_at,
+        &mut keeper,
+        earlier_attempt,
     )
     .await;
     fault_conn.close(0u32.into(), b"done");
@@ -170,32 +178,81 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     }
 }
 
-async fn open_dump(opts: &SourceOptions) -> Result<ReadyDump> {
+async fn open_dump(opts: &SourceOptions) -> Result<(ReadyDump, Option<KeeperLink>)> {
     let criu = opts.criu.clone();
     let d = opts.dump.clone();
     let work = opts.work_dir.clone();
-    tokio::task::spawn_blocking(move || match d {
-        DumpSource::Pid { pid, extra } => start_lazy_dump(
-            &criu,
+    let header_len = opts.criu.layout().header_len();
+    tokio::task::spawn_blocking(move || {
+        let dump = open_dump_blocking(&criu, d, &work)?;
+        if let Some(r) = dump.1 {
+            return Ok((dump.0, Some(r)));
+        }
+        let mut dump = dump.0;
+        // A dump pageserv started gets a keeper at once: from here on, src dying must neither
+        // kill nor resume the source behind the rule's back (see source::keeper).
+        let keeper = match (&dump.conn, dump.child.as_ref()) {
+            (PageServerConn::Unix(s), Some(child)) => {
+                let exe = std::env::current_exe().context("locating the pageserv binary")?;
+                match KeeperLink::spawn(&exe, &work, s, child.id(), header_len) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        // Without a keeper the migration must not start: resume the source.
+                        drop(std::mem::replace(
+                            &mut dump.conn,
+                            PageServerConn::Unix(std::os::unix::net::UnixStream::pair()?.0),
+                        ));
+                        return Err(anyhow::Error::from(e));
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok((dump, keeper))
+    })
+    .await?
+}
+
+fn open_dump_blocking(
+    criu: &Criu,
+    d: DumpSource,
+    work: &Path,
+) -> Result<(ReadyDump, Option<KeeperLink>)> {
+    let work = work.to_path_buf();
+    let fresh = |r: Result<ReadyDump, _>| r.map(|d| (d, None)).map_err(anyhow::Error::from);
+    match d {
+        DumpSource::Pid { pid, extra } => fresh(start_lazy_dump(
+            criu,
             &DumpOptions {
                 pid,
                 images_dir: work.join("images"),
                 work_dir: work.clone(),
                 extra,
             },
-        )
-        .map_err(anyhow::Error::from),
+        )),
         DumpSource::External {
             page_server,
             status_fifo,
             images_dir,
-        } => {
-            join_external_dump(&images_dir, page_server, &status_fifo).map_err(anyhow::Error::from)
+        } => fresh(join_external_dump(&images_dir, page_server, &status_fifo)),
+        DumpSource::Resume { work } => {
+            let (link, sock) = KeeperLink::take(&work)?;
+            tracing::info!(dir = %work.display(), "took over the frozen dump");
+            Ok((
+                ReadyDump {
+                    images_dir: work.join("images"),
+                    conn: PageServerConn::Unix(sock),
+                    child: None,
+                    log: Some(work.join("dump.log")),
+                    started_at: SystemTime::now(),
+                },
+                Some(link),
+            ))
         }
-    })
-    .await?
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
     conn: &quinn::Connection,
@@ -204,7 +261,13 @@ async fn migrate(
     ctl_rx: &mut FrameReceiver,
     dump: &mut ReadyDump,
     frozen_at: SystemTime,
+    keeper: &mut Option<KeeperLink>,
+    earlier_attempt: bool,
 ) -> Result<SourceReport> {
+    let mut knows = SourceKnows {
+        earlier_attempt,
+        ..Default::default()
+    };
     let mut report = SourceReport::default();
     let images = ImageDir::open(&dump.images_dir)?;
     // The plan's units are CRIU's lazy pagemap entries: each is one page-pipe buffer inside the
@@ -221,7 +284,27 @@ async fn migrate(
     }
     let plan = PushPlan::new(tasks);
     report.lazy_pages = plan.total_pages();
-    report.images_bytes = ship_images(ctl, &dump.images_dir, frozen_at).await?;
+    let shipped = ship_images(ctl, &dump.images_dir, frozen_at, || {
+        // Before ImagesDone leaves: from then on dst may restore, and the keeper must know it
+        // even if this process dies the next instant.
+        knows.images_shipped = true;
+        if let Some(k) = keeper.as_mut() {
+            k.images_shipped();
+        }
+    })
+    .await;
+    let shipped = match shipped {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            if outcome::source_action(knows) == SourceAction::Resume {
+                // The pump has not started: make the dump fail here, or our socket closing would
+                // look like a successful end to CRIU, which then kills the source.
+                fail_dump(&dump.conn, opts.criu.layout().header_len());
+            }
+            return Err(settle(e, &mut knows, keeper, dump));
+        }
+    };
+    report.images_bytes = shipped;
 
     // The pump owns the dump's socket from here; the control flow below only steers it.
     let (fault_tx, fault_rx) = mpsc::unbounded_channel::<UrgentRequest>();
@@ -269,12 +352,14 @@ async fn migrate(
             Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
             Ok(Msg::RestoreFinished(f)) => {
                 restored = true;
+                knows.restore_finished = true;
                 let _ = control_tx.send(Some(PumpControl::StartPush));
                 let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
                 report.downtime_ms = f.finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
                 tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");
             }
             Ok(Msg::RestoreFailed(f)) => {
+                knows.dst_reported_restore_failed = true;
                 break Err(anyhow!(
                     "the restore failed at dst: {}\n{}",
                     f.reason,
@@ -282,6 +367,7 @@ async fn migrate(
                 ));
             }
             Ok(Msg::MemoryWhole(w)) => {
+                knows.memory_whole = true;
                 report.dst_pages_on_demand = w.pages_on_demand;
                 report.dst_pages_pushed = w.pages_pushed;
                 break Ok(());
@@ -292,20 +378,20 @@ async fn migrate(
         }
     };
 
-    let decision = if outcome.is_ok() {
-        PumpControl::Finish
-    } else if restored {
-        // The restored tasks have run: the source copy must never be resumed. Keep the dump
-        // frozen (it ends when we exit without closing the session cleanly? no: see issue 6).
-        PumpControl::Finish
-    } else {
-        PumpControl::Abort
+    let _ = restored;
+    let action = outcome::source_action(knows);
+    let decision = match action {
+        SourceAction::End => PumpControl::Finish,
+        SourceAction::Resume => PumpControl::Abort,
+        SourceAction::KeepFrozen => PumpControl::Detach,
     };
     let _ = control_tx.send(Some(decision));
     let pump_stats = pump_task.await.context("the pump task panicked")?;
     faults.abort();
     let push_stats = pusher.await.context("the push task panicked")?;
-    outcome?;
+    if let Err(e) = outcome {
+        return Err(settle(e, &mut knows, keeper, dump));
+    }
     let pump_stats = pump_stats?;
     let push_stats = push_stats?;
     report.pump = pump_stats;
@@ -321,6 +407,9 @@ async fn migrate(
         }
         _ => true,
     };
+    if let Some(k) = keeper.take() {
+        k.release();
+    }
     send_ctl(
         ctl,
         Msg::SourceReleased(SourceReleased {
@@ -333,11 +422,64 @@ async fn migrate(
     Ok(report)
 }
 
-/// Sends every image file except the lazy memory (which CRIU never wrote to disk).
+/// Sends CRIU a command it does not know: the lazy session fails and CRIU resumes the source.
+fn fail_dump(conn: &PageServerConn, header_len: usize) {
+    use std::io::Write;
+    let mut header = vec![0u8; header_len];
+    header[..4].copy_from_slice(&0xBAD0u32.to_ne_bytes());
+    let r = match conn {
+        PageServerConn::Unix(s) => (&*s).write_all(&header),
+        PageServerConn::Tcp(s) => (&*s).write_all(&header),
+    };
+    if let Err(e) = r {
+        tracing::warn!("could not tell the dump to fail: {e}");
+    }
+}
+
+/// Applies the split-brain rule to a failure the pump has not acted on yet (or has: then the
+/// pump already wrote what the rule chose, and this only settles the keeper).
+fn settle(
+    e: anyhow::Error,
+    knows: &mut SourceKnows,
+    keeper: &mut Option<KeeperLink>,
+    dump: &ReadyDump,
+) -> anyhow::Error {
+    match outcome::source_action(*knows) {
+        SourceAction::KeepFrozen => {
+            let work = dump
+                .images_dir
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            if let Some(k) = keeper.take() {
+                k.leave();
+                e.context(format!(
+                    "the source stays FROZEN: a restored copy may have run at dst, so it must not \
+                     be resumed. Retry with a running pageserv dst: `pageserv src --lazy --to ADDR \
+                     --resume {w}`; or settle it: `pageserv frozen {w} --kill-source` (or \
+                     --resume-source, only if no restored copy runs anywhere)",
+                    w = work.display()
+                ))
+            } else {
+                e.context("the source dump has no keeper (external dump): what CRIU does next depends on how it ends")
+            }
+        }
+        SourceAction::Resume | SourceAction::End => {
+            if let Some(k) = keeper.take() {
+                k.release();
+            }
+            e
+        }
+    }
+}
+
+/// Sends every image file except the lazy memory (which CRIU never wrote to disk);
+/// `before_done` runs just before the closing ImagesDone.
 pub(crate) async fn ship_images(
     ctl: &mut FrameSender,
     dir: &Path,
     frozen_at: SystemTime,
+    before_done: impl FnOnce(),
 ) -> Result<u64> {
     let mut names: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -377,6 +519,7 @@ pub(crate) async fn ship_images(
         }
         total += data.len() as u64;
     }
+    before_done();
     send_ctl(
         ctl,
         Msg::ImagesDone(ImagesDone {

@@ -62,6 +62,10 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         json: None,
         src_args: Vec::new(),
         dst_args: Vec::new(),
+        cut_link: 0.0,
+        kill: None,
+        fault_after_ms: 0,
+        retry: false,
     };
     let (mut unshare, pid) = demo::start_workload(bed, &args, &log)?;
     std::thread::sleep(Duration::from_secs(1));

@@ -37,6 +37,10 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         json: None,
         src_args: src_args(cell.mode, &extra),
         dst_args: Vec::new(),
+        cut_link: 0.0,
+        kill: None,
+        fault_after_ms: 0,
+        retry: false,
     };
     let r = demo::migrate_on(bed, &args, Some(super::step_timeout()))?;
     // Only post-copy has faults; a stop-and-copy restore has none to time.

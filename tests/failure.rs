@@ -1,0 +1,143 @@
+//! Failures mid post-copy, end to end with real CRIU, userfaultfd and QUIC over a veth (issue 6).
+//!
+//! Each test runs `pageserv demo --json` with a failure injected after the restore finished,
+//! then checks the end state against the rule in `pageserv::outcome` (README, "When things
+//! fail"): exactly one live copy, or none plus a frozen source that a retry resumes; never a
+//! failed memory check (the workload verifies all its memory every second, at either host).
+//! The restore failing at dst is `tests/migrate.rs::failed_restore_resumes_the_source`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn can_run() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: needs root (network namespaces, CRIU)");
+        return false;
+    }
+    if pageserv::criu::binary::Criu::locate(None).is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CRIU missing in CI");
+        eprintln!("SKIP: no CRIU >= 4.0 (run tools/setup)");
+        return false;
+    }
+    true
+}
+
+fn demo(name: &str, args: &[&str]) -> (Value, String) {
+    let json =
+        std::env::temp_dir().join(format!("pageserv-fail-{name}-{}.json", std::process::id()));
+    let out = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+        .args(["demo", "--json"])
+        .arg(&json)
+        // 128-256 MiB through a 200 Mbit/s link: post-copy lasts 5-11 s, so a failure 1 s after
+        // the restore lands in its middle.
+        .args([
+            "--rate",
+            "200mbit",
+            "--after",
+            "3",
+            "--fault-after-ms",
+            "1000",
+        ])
+        .args(args)
+        .output()
+        .expect("run pageserv demo");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|_| panic!("{name}: demo wrote no result ({}):\n{stderr}", out.status));
+    let _ = std::fs::remove_file(&json);
+    (serde_json::from_str(&text).expect("demo JSON"), stderr)
+}
+
+fn assert_verified(name: &str, v: &Value, stderr: &str) {
+    assert_eq!(v["ok"], true, "{name}: {}\n{stderr}", v["problems"]);
+    assert_eq!(v["checks_failed"], 0, "{name}: a memory check failed");
+    assert_eq!(v["workload_alive_at_dst"], true, "{name}");
+    assert_eq!(v["workload_alive_at_src"], false, "{name}: two live copies");
+    assert!(
+        v["checks_ok_after"].as_u64().unwrap_or(0) >= 2,
+        "{name}: {v}"
+    );
+    assert_eq!(
+        v["fault"]["injected"], true,
+        "{name}: nothing was injected: {stderr}"
+    );
+}
+
+/// The veth goes down for 3 s in the middle of the post-copy, then comes back: QUIC retransmits
+/// (idle timeout 30 s, keep-alive 1 s), faulting tasks wait, nothing is zero-filled, and the
+/// migration completes with every lazy page accounted for.
+#[test]
+fn link_cut_for_3_s_mid_post_copy_completes() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo("cut", &["--mib", "256", "--cut-link", "3"]);
+    assert_verified("cut", &v, &stderr);
+    assert_eq!(v["src_exit"], 0);
+    assert_eq!(v["dst_exit"], 0);
+    let dst = &v["dst"];
+    let placed = dst["pages_on_demand"].as_u64().unwrap()
+        + dst["pages_pushed"].as_u64().unwrap()
+        + dst["pages_zero_lazy"].as_u64().unwrap();
+    assert_eq!(placed, dst["lazy_pages"].as_u64().unwrap(), "{dst}");
+    // The cut really hit the post-copy: some fault waited through the outage.
+    let max_fault_us = dst["fault_latency"]["max_us"].as_f64().unwrap();
+    assert!(
+        max_fault_us >= 2.5e6,
+        "no fault waited through the cut: {dst}"
+    );
+    eprintln!(
+        "link cut: longest fault {:.0} ms (outage 3000 ms), post-copy {:.0} ms",
+        max_fault_us / 1e3,
+        dst["post_copy_ms"].as_f64().unwrap()
+    );
+}
+
+/// pageserv dst is SIGKILLed mid post-copy. The uffd keeper kills the restored copy before any
+/// missing page can read as zero; src keeps the source frozen (a restored task ran) and exits
+/// with the retry command; the retry into a restarted dst completes from the frozen dump.
+#[test]
+fn killed_dst_leaves_a_frozen_source_that_a_retry_migrates() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo("kill-dst", &["--mib", "128", "--kill", "dst", "--retry"]);
+    let f = &v["fault"];
+    assert_eq!(
+        f["source_state"], "t",
+        "source not frozen after the failure: {f}\n{stderr}"
+    );
+    assert_eq!(
+        f["restored_alive_after_failure"], false,
+        "incomplete copy survived: {f}"
+    );
+    assert!(stderr.contains("the source stays FROZEN"), "{stderr}");
+    assert_eq!(f["retry_src_exit"], 0, "{stderr}");
+    assert_eq!(f["retry_dst_exit"], 0, "{stderr}");
+    assert_verified("kill-dst", &v, &stderr);
+}
+
+/// pageserv src is SIGKILLed mid post-copy. Without the dump keeper CRIU would read the closed
+/// socket as a successful end and kill the source (measured). With it the source stays frozen,
+/// dst kills its incomplete copy when the connection times out, and a retry completes.
+#[test]
+fn killed_src_leaves_a_frozen_source_that_a_retry_migrates() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo("kill-src", &["--mib", "128", "--kill", "src", "--retry"]);
+    let f = &v["fault"];
+    assert_eq!(
+        f["source_state"], "t",
+        "source not frozen after the failure: {f}\n{stderr}"
+    );
+    assert_eq!(
+        f["restored_alive_after_failure"], false,
+        "incomplete copy survived: {f}"
+    );
+    assert_eq!(f["retry_src_exit"], 0, "{stderr}");
+    assert_eq!(f["retry_dst_exit"], 0, "{stderr}");
+    assert_verified("kill-src", &v, &stderr);
+}

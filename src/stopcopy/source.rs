@@ -336,7 +336,8 @@ async fn finish_migration(
     frozen_at: SystemTime,
     mut report: StopCopyReport,
 ) -> Result<StopCopyReport> {
-    report.images_bytes += crate::source::service::ship_images(ctl, images_dir, frozen_at, || {}).await?;
+    report.images_bytes +=
+        crate::source::service::ship_images(ctl, images_dir, frozen_at, || {}).await?;
     loop {
         match next_ctl(ctl_rx).await.context("control stream from dst")? {
             Msg::RestoreStarted(_) => tracing::info!("dst started the restore"),

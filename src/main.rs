@@ -266,6 +266,20 @@ fn dst_many(
     Ok(())
 }
 
+/// The congestion controller named by `pageserv src --congestion`.
+fn congestion(name: &str) -> Result<pageserv::transport::Congestion> {
+    use pageserv::transport::Congestion;
+    Ok(match name {
+        "cubic" => Congestion::Cubic,
+        "bbr" => Congestion::Bbr,
+        "newreno" => Congestion::NewReno,
+        "scavenger" => Congestion::Scavenger,
+        other => anyhow::bail!(
+            "unknown congestion controller {other:?}: use scavenger, cubic, bbr or newreno"
+        ),
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Src(a) if a.stop_and_copy => {
@@ -292,7 +306,11 @@ fn run(cli: Cli) -> Result<()> {
                 work_dir: a.work.join(format!("{}", std::process::id())),
                 criu,
                 source,
-                transport: Default::default(),
+                // The pages travel on this one connection: it gets the push's controller.
+                transport: pageserv::transport::TransportOptions {
+                    congestion: congestion(&a.congestion)?,
+                    ..Default::default()
+                },
             };
             let report = run_async(pageserv::stopcopy::source::run(opts))?;
             eprint!("{}", report.render());
@@ -333,15 +351,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..PumpConfig::default()
                 },
                 push_transport: pageserv::transport::TransportOptions {
-                    congestion: match a.congestion.as_str() {
-                        "cubic" => pageserv::transport::Congestion::Cubic,
-                        "bbr" => pageserv::transport::Congestion::Bbr,
-                        "newreno" => pageserv::transport::Congestion::NewReno,
-                        "scavenger" => pageserv::transport::Congestion::Scavenger,
-                        other => anyhow::bail!(
-                            "unknown congestion controller {other:?}: scavenger, cubic, bbr or newreno"
-                        ),
-                    },
+                    congestion: congestion(&a.congestion)?,
                     ..Default::default()
                 },
                 progress: true,

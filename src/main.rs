@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use pageserv::criu::binary::Criu;
 use pageserv::dst::restore::RestoreOptions;
 use pageserv::dst::service::{self as dst_service, DstOptions};
+use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
 
@@ -74,6 +75,10 @@ struct SrcArgs {
     /// Post-copy migration (the only mode so far; pre-copy rounds come with --pre-copy).
     #[arg(long, required = true)]
     lazy: bool,
+    /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
+    /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
+    #[arg(long, value_name = "N|auto", requires = "pid")]
+    pre_copy: Option<PreCopyMode>,
     /// The pageserv dst to migrate to.
     #[arg(long)]
     to: SocketAddr,
@@ -227,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 progress: true,
+                pre_copy: a.pre_copy.map(PreCopyConfig::new),
             };
             let report = run_async(src_service::run(opts))?;
             eprint!("{}", report.render());

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::source::pre_copy::PreCopyReport;
 use crate::source::pump::PumpStats;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -28,7 +29,13 @@ pub struct SourceReport {
     pub zero_pages: u64,
     pub dst_pages_on_demand: u64,
     pub dst_pages_pushed: u64,
+    /// Pre-copied pages dst placed from its page store once confirmed.
+    pub dst_pages_local: u64,
+    /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
+    /// validity frames, QUIC overhead).
+    pub wire_bytes_after_freeze: u64,
     pub pump: PumpStats,
+    pub pre_copy: Option<PreCopyReport>,
 }
 
 /// The destination's final report.
@@ -55,6 +62,11 @@ pub struct DstReport {
     pub fault_latency_before_push: LatencySummary,
     pub bytes_received: u64,
     pub images_bytes: u64,
+    /// Pre-copied pages in the page store at the freeze (data and zero).
+    pub precopy_pages_held: u64,
+    /// Of those, pages the source confirmed after the freeze, placed from the store (no page
+    /// data crossed the network for them after the freeze).
+    pub pages_local: u64,
 }
 
 impl DstReport {
@@ -78,7 +90,8 @@ impl DstReport {
              \x20 tasks {}, lazy pages {} ({:.1} MiB)\n\
              \x20 pages on demand {}, pushed {}, zero (lazy) {}, zero (not lazy) {}\n\
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
-             \x20 bytes received {} (images {})\n",
+             \x20 bytes received {} (images {})\n\
+             \x20 pre-copied pages held {}, placed from the page store {}\n",
             self.downtime_ms,
             self.restore_ms,
             self.post_copy_ms,
@@ -98,12 +111,26 @@ impl DstReport {
             self.fault_latency.total_ms,
             self.bytes_received,
             self.images_bytes,
+            self.precopy_pages_held,
+            self.pages_local,
         )
     }
 }
 
 impl SourceReport {
     pub fn render(&self) -> String {
+        let mut s = self.render_post_copy();
+        if let Some(p) = &self.pre_copy {
+            s += &p.render();
+            s += &format!(
+                "  dst placed {} pages from its page store; wire bytes after the freeze {} (images {})\n",
+                self.dst_pages_local, self.wire_bytes_after_freeze, self.images_bytes
+            );
+        }
+        s
+    }
+
+    fn render_post_copy(&self) -> String {
         format!(
             "pageserv src report\n\
              \x20 downtime (dump start → restore finished)  {:>10.1} ms\n\

@@ -3,6 +3,7 @@
 pub mod image_sink;
 pub mod latency;
 pub mod lazy_socket;
+pub mod page_store;
 pub mod regions;
 pub mod restore;
 pub mod service;

@@ -34,6 +34,8 @@ pub struct SourceReport {
     /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
     /// validity frames, QUIC overhead).
     pub wire_bytes_after_freeze: u64,
+    /// The source's peak resident memory (VmHWM).
+    pub peak_rss_bytes: u64,
     pub pump: PumpStats,
     pub pre_copy: Option<PreCopyReport>,
 }
@@ -123,8 +125,12 @@ impl SourceReport {
         if let Some(p) = &self.pre_copy {
             s += &p.render();
             s += &format!(
-                "  dst placed {} pages from its page store; wire bytes after the freeze {} (images {})\n",
-                self.dst_pages_local, self.wire_bytes_after_freeze, self.images_bytes
+                "  dst placed {} pages from its page store; wire bytes after the freeze {} (images {}); \
+                 src peak RSS {:.1} MiB\n",
+                self.dst_pages_local,
+                self.wire_bytes_after_freeze,
+                self.images_bytes,
+                self.peak_rss_bytes as f64 / (1 << 20) as f64
             );
         }
         s

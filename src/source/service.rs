@@ -177,6 +177,7 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         Ok(mut report) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             report.wire_bytes_after_freeze = wire_after_freeze;
+            report.peak_rss_bytes = peak_rss_bytes();
             // dst closes the connection once it has read SourceReleased; closing first would
             // discard that message.
             if tokio::time::timeout(Duration::from_secs(10), conn.closed())
@@ -192,6 +193,17 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
             Err(e)
         }
     }
+}
+
+/// This process's peak resident memory (VmHWM), 0 if unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 async fn open_dump(opts: &SourceOptions) -> Result<ReadyDump> {

@@ -57,6 +57,7 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
     let outcome = match cell.mode {
         Mode::CriuDisk | Mode::CriuPageserver | Mode::CriuLazy => criu::run(cell),
         Mode::PageservLazy => pageserv::run(cell),
+        Mode::PageservPrecopy => pageserv::run_pre_copy(cell),
         m => Err(anyhow::anyhow!(
             "{}: {}",
             m.name(),

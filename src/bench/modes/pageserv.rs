@@ -1,4 +1,5 @@
-//! pageserv modes: post-copy through the demo's own migration (same testbed, same workload).
+//! pageserv modes: post-copy, and pre-copy rounds + post-copy, through the demo's own migration
+//! (same testbed, same workload).
 
 use anyhow::Result;
 
@@ -8,6 +9,16 @@ use crate::demo::{self, DemoArgs};
 
 /// `pageserv src --lazy` + `pageserv dst` on a fresh testbed, as `pageserv demo` runs them.
 pub fn run(cell: &Cell) -> Result<ModeOutcome> {
+    run_with(cell, Vec::new())
+}
+
+/// The same with `--pre-copy auto`: rounds while the workload runs, then post-copy of what
+/// changed after the last round.
+pub fn run_pre_copy(cell: &Cell) -> Result<ModeOutcome> {
+    run_with(cell, vec!["--pre-copy=auto".into()])
+}
+
+fn run_with(cell: &Cell, src_args: Vec<String>) -> Result<ModeOutcome> {
     let args = DemoArgs {
         mib: cell.mib,
         threads: super::criu::WORKLOAD_THREADS,
@@ -18,7 +29,7 @@ pub fn run(cell: &Cell) -> Result<ModeOutcome> {
         external_dump: false,
         after: AFTER_S,
         json: None,
-        src_args: Vec::new(),
+        src_args,
         dst_args: Vec::new(),
     };
     let r = demo::migrate(&args)?;

@@ -82,6 +82,7 @@ fn arb_control() -> impl Strategy<Value = Frame> {
             pages_on_demand: a,
             pages_pushed: b,
             pages_zero: 0,
+            pages_local: a / 2,
         }))),
         ".{0,20}".prop_map(|reason| control(Msg::Abort(Abort { reason }))),
         Just(Frame::Control(Control { msg: None })),

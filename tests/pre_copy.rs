@@ -79,15 +79,23 @@ fn check(name: &str, v: &Value) -> (u64, u64) {
     let sweep = &pre["sweep"];
     let valid = u(&sweep["pages_valid"]);
     let changed = u(&sweep["pages_data"]) + u(&sweep["pages_zero"]);
-    // Every lazy page was judged once: valid, or sent again.
-    assert_eq!(
-        valid + changed,
-        u(&dst["lazy_pages"]),
-        "{name}: {sweep} {dst}"
+    // Every lazy page was judged: valid, or sent again. A page that a fault asks for while its
+    // pushed batch is on the way is judged twice; those duplicates bound the slack below.
+    let lazy = u(&dst["lazy_pages"]);
+    assert!(valid + changed >= lazy, "{name}: {sweep} {dst}");
+    let twice = valid + changed - lazy;
+    assert!(
+        twice * 20 < lazy,
+        "{name}: too many pages judged twice: {sweep} {dst}"
     );
-    // dst placed from its store exactly the pages src confirmed.
-    assert_eq!(u(&dst["pages_local"]), valid, "{name}");
-    assert_eq!(u(&src["dst_pages_local"]), valid, "{name}");
+    // dst placed from its store the pages src confirmed (a confirmation of a duplicate may
+    // arrive after dst reported its memory whole, and is not counted then).
+    for local in [u(&dst["pages_local"]), u(&src["dst_pages_local"])] {
+        assert!(
+            local <= valid && local + twice >= valid,
+            "{name}: placed locally {local}, confirmed {valid}, judged twice {twice}"
+        );
+    }
     // Nothing lost, nothing invented.
     let placed = u(&dst["pages_on_demand"]) + u(&dst["pages_pushed"]) + u(&dst["pages_zero_lazy"]);
     assert_eq!(placed, u(&dst["lazy_pages"]), "{name}: {dst}");

@@ -232,6 +232,7 @@ async fn open_dump(opts: &SourceOptions) -> Result<ReadyDump> {
     .await?
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
     conn: &quinn::Connection,

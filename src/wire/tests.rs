@@ -156,7 +156,7 @@ fn valid_bitmap(nr_pages: u32, seed: u64) -> Bytes {
             x as u8
         })
         .collect();
-    if nr_pages % 8 != 0
+    if !nr_pages.is_multiple_of(8)
         && let Some(last) = bytes.last_mut()
     {
         *last &= (1u8 << (nr_pages % 8)) - 1;

@@ -69,7 +69,7 @@ fn quick_bench_verifies_every_available_mode() {
         .iter()
         .map(|u| u["mode"].as_str().unwrap())
         .collect();
-    for mode in ["pageserv-precopy", "pageserv-stop-and-copy", "criu-predump"] {
+    for mode in ["pageserv-stop-and-copy", "criu-predump"] {
         assert!(
             unavailable.contains(&mode),
             "{mode} not listed as unavailable"

@@ -378,7 +378,6 @@ mod tests {
             md.contains("| pageserv-lazy | 64 | unlimited | 10 | **FAILED** 0/1 |"),
             "{md}"
         );
-        assert!(md.contains("pageserv-precopy: not available"));
         assert!(md.contains("criu-predump: not available"));
         assert!(md.contains("linkem"));
     }

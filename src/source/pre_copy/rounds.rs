@@ -19,7 +19,7 @@ use crate::transport::FrameSender;
 use crate::wire::{Frame, HEADER_LEN, MAX_FRAME_PAGES};
 
 /// Read batches in flight between the reader thread and the sender (each `batch_pages` pages).
-const BATCHES_IN_FLIGHT: usize = 4;
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// How to pre-copy.
 #[derive(Debug, Clone, Copy)]

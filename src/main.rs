@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use pageserv::criu::binary::Criu;
 use pageserv::dst::restore::RestoreOptions;
 use pageserv::dst::service::{self as dst_service, DstOptions};
+use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
 use pageserv::stopcopy::source::{StopCopyOptions, StopCopySource};
@@ -115,6 +116,10 @@ struct SrcArgs {
     /// (with --images, its -D) instead of starting the dump.
     #[arg(long, requires = "stop_and_copy", conflicts_with = "pid")]
     listen_page_server: Option<SocketAddr>,
+    /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
+    /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
+    #[arg(long, value_name = "N|auto", requires = "pid")]
+    pre_copy: Option<PreCopyMode>,
     /// The pageserv dst to migrate to.
     #[arg(long)]
     to: SocketAddr,
@@ -355,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 progress: true,
+                pre_copy: a.pre_copy.map(PreCopyConfig::new),
             };
             let report = run_async(src_service::run(opts))?;
             eprint!("{}", report.render());

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::source::pre_copy::PreCopyReport;
 use crate::source::pump::PumpStats;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -28,7 +29,15 @@ pub struct SourceReport {
     pub zero_pages: u64,
     pub dst_pages_on_demand: u64,
     pub dst_pages_pushed: u64,
+    /// Pre-copied pages dst placed from its page store once confirmed.
+    pub dst_pages_local: u64,
+    /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
+    /// validity frames, QUIC overhead).
+    pub wire_bytes_after_freeze: u64,
+    /// The source's peak resident memory (VmHWM).
+    pub peak_rss_bytes: u64,
     pub pump: PumpStats,
+    pub pre_copy: Option<PreCopyReport>,
 }
 
 /// The destination's final report.
@@ -59,6 +68,11 @@ pub struct DstReport {
     pub images_bytes: u64,
     /// Stop-and-copy: pages received in the page-server session.
     pub stop_and_copy_pages: u64,
+    /// Pre-copied pages in the page store at the freeze (data and zero).
+    pub precopy_pages_held: u64,
+    /// Of those, pages the source confirmed after the freeze, placed from the store (no page
+    /// data crossed the network for them after the freeze).
+    pub pages_local: u64,
 }
 
 impl DstReport {
@@ -99,7 +113,8 @@ impl DstReport {
              \x20 pages on demand {}, pushed {}, zero (lazy) {}, zero (not lazy) {}\n\
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
              {}\
-             \x20 bytes received {} (images {})\n",
+             \x20 bytes received {} (images {})\n\
+             \x20 pre-copied pages held {}, placed from the page store {}\n",
             self.downtime_ms,
             self.restore_ms,
             self.post_copy_ms,
@@ -120,12 +135,30 @@ impl DstReport {
             self.push_split(),
             self.bytes_received,
             self.images_bytes,
+            self.precopy_pages_held,
+            self.pages_local,
         )
     }
 }
 
 impl SourceReport {
     pub fn render(&self) -> String {
+        let mut s = self.render_post_copy();
+        if let Some(p) = &self.pre_copy {
+            s += &p.render();
+            s += &format!(
+                "  dst placed {} pages from its page store; wire bytes after the freeze {} (images {}); \
+                 src peak RSS {:.1} MiB\n",
+                self.dst_pages_local,
+                self.wire_bytes_after_freeze,
+                self.images_bytes,
+                self.peak_rss_bytes as f64 / (1 << 20) as f64
+            );
+        }
+        s
+    }
+
+    fn render_post_copy(&self) -> String {
         format!(
             "pageserv src report\n\
              \x20 downtime (dump start → restore finished)  {:>10.1} ms\n\

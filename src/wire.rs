@@ -73,6 +73,30 @@ pub enum Frame {
         nr_pages: u32,
         reason: u16,
     },
+    /// src -> dst before the freeze: a copy of these pages as read from the running task, for
+    /// dst's page store. Never placed before a [`Frame::Valid`] confirms it.
+    PreCopyPages {
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u32,
+        data: Bytes,
+    },
+    /// src -> dst before the freeze: these pages read as all zero.
+    PreCopyZero { pid: u32, vaddr: u64, nr_pages: u32 },
+    /// src -> dst after the freeze: every page whose bit is set in `bitmap` (bit `i`, LSB first
+    /// in byte `i / 8`, is page `vaddr + i * 4096`) equals the frozen page: dst may place its
+    /// pre-copied copy. `bitmap` is exactly `ceil(nr_pages / 8)` bytes, no bit past `nr_pages`.
+    Valid {
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u32,
+        bitmap: Bytes,
+    },
+}
+
+/// Length of a [`Frame::Valid`] bitmap for `nr_pages` pages.
+pub fn valid_bitmap_len(nr_pages: u32) -> u32 {
+    nr_pages.div_ceil(8)
 }
 
 /// Why bytes could not be decoded into frames, or a frame could not be encoded.
@@ -124,6 +148,10 @@ enum Kind {
     Pages = 3,
     Zero = 4,
     Refused = 5,
+    // Pre-copy kinds start at 16, apart from the post-copy ones.
+    PreCopyPages = 16,
+    PreCopyZero = 17,
+    Valid = 18,
 }
 
 impl Kind {
@@ -134,6 +162,9 @@ impl Kind {
             3 => Kind::Pages,
             4 => Kind::Zero,
             5 => Kind::Refused,
+            16 => Kind::PreCopyPages,
+            17 => Kind::PreCopyZero,
+            18 => Kind::Valid,
             _ => return None,
         })
     }
@@ -145,6 +176,9 @@ impl Kind {
             Kind::Pages => "Pages",
             Kind::Zero => "Zero",
             Kind::Refused => "Refused",
+            Kind::PreCopyPages => "PreCopyPages",
+            Kind::PreCopyZero => "PreCopyZero",
+            Kind::Valid => "Valid",
         }
     }
 }
@@ -208,14 +242,16 @@ impl Header {
             ));
         }
         let expected = match self.kind {
-            Kind::Pages => len,
+            Kind::Pages | Kind::PreCopyPages => len,
             Kind::Refused => REFUSED_PAYLOAD_LEN.into(),
+            Kind::Valid => valid_bitmap_len(self.nr_pages).into(),
             _ => 0,
         };
         if payload != expected {
             let why = match self.kind {
-                Kind::Pages => "must be nr_pages * 4096",
+                Kind::Pages | Kind::PreCopyPages => "must be nr_pages * 4096",
                 Kind::Refused => "must be 2 (the reason code)",
+                Kind::Valid => "must be ceil(nr_pages / 8) (the bitmap)",
                 _ => "must be 0: this frame kind has no payload",
             };
             return Err(("payload_len", payload, why));
@@ -281,16 +317,36 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             nr_pages,
             data,
         } => {
-            let expected = u64::from(*nr_pages) * PAGE_SIZE;
-            if data.len() as u64 != expected {
-                let why = "must be nr_pages * 4096";
-                return Err(unencodable(
-                    Kind::Pages,
-                    ("data.len()", data.len() as u64, why),
-                ));
-            }
+            check_data_len(Kind::Pages, *nr_pages, data)?;
             encode_pages_header(*pid, *vaddr, *nr_pages, out)?;
             out.extend_from_slice(data);
+        }
+        Frame::PreCopyPages {
+            pid,
+            vaddr,
+            nr_pages,
+            data,
+        } => {
+            check_data_len(Kind::PreCopyPages, *nr_pages, data)?;
+            encode_precopy_header(*pid, *vaddr, *nr_pages, out)?;
+            out.extend_from_slice(data);
+        }
+        Frame::PreCopyZero {
+            pid,
+            vaddr,
+            nr_pages,
+        } => put_checked(paged(Kind::PreCopyZero, *pid, *vaddr, *nr_pages, 0), out)?,
+        Frame::Valid {
+            pid,
+            vaddr,
+            nr_pages,
+            bitmap,
+        } => {
+            let h = paged(Kind::Valid, *pid, *vaddr, *nr_pages, bitmap.len() as u32);
+            h.check().map_err(|e| unencodable(Kind::Valid, e))?;
+            check_bitmap_tail(*nr_pages, bitmap).map_err(|e| unencodable(Kind::Valid, e))?;
+            h.put(out);
+            out.extend_from_slice(bitmap);
         }
         Frame::Zero {
             pid,
@@ -309,6 +365,42 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+fn check_data_len(kind: Kind, nr_pages: u32, data: &Bytes) -> Result<(), WireError> {
+    if data.len() as u64 != u64::from(nr_pages) * PAGE_SIZE {
+        let why = "must be nr_pages * 4096";
+        return Err(unencodable(kind, ("data.len()", data.len() as u64, why)));
+    }
+    Ok(())
+}
+
+/// A Valid bitmap may not name pages past `nr_pages`: a peer that does is confused about ranges.
+fn check_bitmap_tail(nr_pages: u32, bitmap: &[u8]) -> Result<(), FieldError> {
+    let tail = nr_pages % 8;
+    if tail != 0
+        && let Some(last) = bitmap.last()
+        && last >> tail != 0
+    {
+        return Err(("bitmap", u64::from(*last), "has bits set past nr_pages"));
+    }
+    Ok(())
+}
+
+/// Appends only the header of a PreCopyPages frame; the caller sends the page data right after
+/// it, as for [`encode_pages_header`].
+pub fn encode_precopy_header(
+    pid: u32,
+    vaddr: u64,
+    nr_pages: u32,
+    out: &mut BytesMut,
+) -> Result<(), WireError> {
+    let payload_len = u64::from(nr_pages) * PAGE_SIZE;
+    let payload_len = u32::try_from(payload_len).unwrap_or(u32::MAX);
+    put_checked(
+        paged(Kind::PreCopyPages, pid, vaddr, nr_pages, payload_len),
+        out,
+    )
 }
 
 /// Appends only the header of a Pages frame; the caller sends exactly `nr_pages * 4096` bytes of

@@ -76,7 +76,7 @@ fn quick_bench_verifies_every_available_mode() {
         .iter()
         .map(|u| u["mode"].as_str().unwrap())
         .collect();
-    for mode in ["pageserv-precopy", "criu-predump"] {
+    for mode in ["criu-predump"] {
         assert!(
             unavailable.contains(&mode),
             "{mode} not listed as unavailable"

@@ -128,6 +128,7 @@ fn write_seeds() {
             pages_on_demand: 3,
             pages_pushed: 5,
             pages_zero: 7,
+            pages_local: 11,
         })),
         Frame::PageRequest {
             pid: 1,
@@ -150,6 +151,23 @@ fn write_seeds() {
             vaddr: 0x1000,
             nr_pages: 1,
             reason: refuse_reason::NOT_LAZY,
+        },
+        Frame::PreCopyPages {
+            pid: 1,
+            vaddr: 0x7f00_0000_4000,
+            nr_pages: 1,
+            data: Bytes::from(vec![0xa5u8; 4096]),
+        },
+        Frame::PreCopyZero {
+            pid: 1,
+            vaddr: 0x7f00_0000_5000,
+            nr_pages: 8,
+        },
+        Frame::Valid {
+            pid: 1,
+            vaddr: 0x7f00_0000_0000,
+            nr_pages: 12,
+            bitmap: Bytes::from(vec![0xffu8, 0x0a]),
         },
     ];
     let mut stream = vec![0u8];

@@ -110,6 +110,7 @@ async fn good_identities_exchange_frames_both_ways() {
                 pages_on_demand: 1,
                 pages_pushed: 2,
                 pages_zero: 3,
+                ..Default::default()
             })))
             .await
             .unwrap();

@@ -51,7 +51,6 @@ impl Mode {
     /// Why this mode cannot run, or None if it can.
     pub fn unavailable(self) -> Option<&'static str> {
         match self {
-            Mode::PageservPrecopy => Some("not implemented in pageserv yet (issue 4: pre-copy)"),
             Mode::CriuPredump => Some(
                 "criu pre-dump aborts on this kernel: no soft-dirty tracking (BUG at criu/mem.c:45)",
             ),
@@ -72,7 +71,7 @@ impl Mode {
 
     /// Whether the mode reports fault latency (the pageserv destination measures it).
     pub fn has_fault_latency(self) -> bool {
-        matches!(self, Mode::PageservLazy)
+        matches!(self, Mode::PageservLazy | Mode::PageservPrecopy)
     }
 
     pub fn parse(s: &str) -> Result<Mode, String> {

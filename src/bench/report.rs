@@ -454,7 +454,6 @@ mod tests {
             md.contains("| pageserv-lazy | 64 | unlimited | 10 | **FAILED** 0/1 |"),
             "{md}"
         );
-        assert!(md.contains("pageserv-precopy: not available"));
         assert!(md.contains("criu-predump: not available"));
         assert!(md.contains("- unlimited: bare veth"), "{md}");
         // The failed pageserv run gives no ratio; the table row still shows the gap.

@@ -4,6 +4,7 @@ pub mod arrival_guard;
 pub mod image_sink;
 pub mod latency;
 pub mod lazy_socket;
+pub mod page_store;
 pub mod regions;
 pub mod restore;
 pub mod server;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,6 +19,7 @@ use crate::criu::binary::{Criu, log_tail};
 use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
+use crate::dst::page_store::PageStore;
 use crate::dst::restore::{Restore, RestoreOptions};
 use crate::dst::uffd_keeper::UffdKeeper;
 use crate::dst::uffd_loop::{self, Inbound, LoopSender, Outbound, UffdStats};
@@ -182,8 +184,19 @@ pub(crate) async fn migrate_in(
     for d in [&images_dir, &work] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let (frozen_at_ns, images_bytes) = receive_images(&mut ctl_rx, &images_dir).await?;
+    let mut store = None;
+    let (frozen_at_ns, images_bytes) = receive_images(&mut ctl_rx, &images_dir, &mut store).await?;
     report.images_bytes = images_bytes;
+    if let Some(s) = &store {
+        report.precopy_pages_held = s.pages_data() + s.pages_zero();
+        tracing::info!(
+            data = s.pages_data(),
+            zero = s.pages_zero(),
+            "pre-copied pages held in the page store"
+        );
+    }
+    let store = store.map(Arc::new);
+    let pages_local = Arc::new(AtomicU64::new(0));
     let images_at = Instant::now();
 
     let images = ImageDir::open(&images_dir)?;
@@ -261,7 +274,11 @@ pub(crate) async fn migrate_in(
             }
         })?;
 
-    let fault_reader = tokio::spawn(feed_pages(fault_rx, handle.sender(), true));
+    let held = Held {
+        store: store.clone(),
+        placed: pages_local.clone(),
+    };
+    let fault_reader = tokio::spawn(feed_pages(fault_rx, handle.sender(), true, held.clone()));
     let push_conn = conn.clone();
     let push_sender = handle.sender();
     let push_reader = tokio::spawn(async move {
@@ -269,7 +286,7 @@ pub(crate) async fn migrate_in(
             .accept_uni()
             .await
             .context("waiting for the push stream")?;
-        feed_pages(FrameReceiver::new(recv), push_sender, false).await
+        feed_pages(FrameReceiver::new(recv), push_sender, false, held).await
     });
 
     // One loop for the whole post-copy: the restore may fault before it finishes, so faults are
@@ -364,6 +381,7 @@ pub(crate) async fn migrate_in(
     report.pages_zero = c.zero_pages;
     report.pages_zero_lazy = c.lazy_zero_pages;
     report.faults = c.faults;
+    report.pages_local = pages_local.load(Relaxed);
     report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
     report.fault_latency_before_push = latency_summary(&stats.fault_latency_before_push, 0);
     report.fault_latency_during_push = latency_summary(&stats.fault_latency_during_push, 0);
@@ -373,6 +391,7 @@ pub(crate) async fn migrate_in(
             pages_on_demand: report.pages_on_demand,
             pages_pushed: report.pages_pushed,
             pages_zero: report.pages_zero,
+            pages_local: report.pages_local,
         }),
     )
     .await?;
@@ -390,6 +409,7 @@ pub(crate) async fn migrate_in(
         .ok();
     fault_reader.abort();
     push_reader.abort();
+    drop(store);
     // `criu restore -d` exits once the tree is released; reap it.
     for _ in 0..100 {
         if restore.try_wait()?.is_some() {
@@ -402,10 +422,59 @@ pub(crate) async fn migrate_in(
     Ok(report)
 }
 
+/// The pre-copied pages dst holds, and how many of them were confirmed and placed.
+#[derive(Clone)]
+struct Held {
+    store: Option<Arc<PageStore>>,
+    placed: Arc<AtomicU64>,
+}
+
 /// Feeds page frames from one stream into the fault thread.
-async fn feed_pages(mut rx: FrameReceiver, to_loop: LoopSender, urgent: bool) -> Result<()> {
+async fn feed_pages(
+    mut rx: FrameReceiver,
+    to_loop: LoopSender,
+    urgent: bool,
+    held: Held,
+) -> Result<()> {
     while let Some(frame) = rx.next().await? {
         let inbound = match frame {
+            // The source confirmed these pre-copied pages equal the frozen ones: only now may
+            // they be placed.
+            Frame::Valid {
+                pid,
+                vaddr,
+                nr_pages,
+                bitmap,
+            } => {
+                let Some(store) = &held.store else {
+                    bail!("the source confirmed pre-copied pages, but it pre-copied none");
+                };
+                let runs = tokio::task::block_in_place(|| {
+                    store.take_valid(pid, vaddr, nr_pages.into(), &bitmap)
+                })?;
+                for r in runs {
+                    held.placed.fetch_add(r.nr_pages, Relaxed);
+                    // Runs are within one frame: at most MAX_FRAME_PAGES pages.
+                    let nr_pages = r.nr_pages as u32;
+                    let msg = match r.data {
+                        Some(data) => Inbound::Pages {
+                            pid,
+                            img_vaddr: r.vaddr,
+                            nr_pages,
+                            data,
+                            urgent,
+                        },
+                        None => Inbound::Zero {
+                            pid,
+                            img_vaddr: r.vaddr,
+                            nr_pages,
+                            urgent,
+                        },
+                    };
+                    tokio::task::block_in_place(|| to_loop.send(msg))?;
+                }
+                continue;
+            }
             Frame::Pages {
                 pid,
                 vaddr,
@@ -445,10 +514,35 @@ async fn feed_pages(mut rx: FrameReceiver, to_loop: LoopSender, urgent: bool) ->
     Ok(())
 }
 
-async fn receive_images(rx: &mut FrameReceiver, dir: &Path) -> Result<(u64, u64)> {
+/// Receives the images; pre-copied pages may come first on the same stream, into `store`.
+async fn receive_images(
+    rx: &mut FrameReceiver,
+    dir: &Path,
+    store: &mut Option<PageStore>,
+) -> Result<(u64, u64)> {
     let mut sink = ImageSink::new(dir);
     loop {
-        match next_ctl(rx).await? {
+        let msg = match rx.next().await? {
+            Some(Frame::Control(Control { msg: Some(m) })) => m,
+            Some(Frame::PreCopyPages {
+                pid, vaddr, data, ..
+            }) => {
+                let s = open_store(store)?;
+                tokio::task::block_in_place(|| s.put(pid, vaddr, &data))?;
+                continue;
+            }
+            Some(Frame::PreCopyZero {
+                pid,
+                vaddr,
+                nr_pages,
+            }) => {
+                open_store(store)?.put_zero(pid, vaddr, nr_pages.into())?;
+                continue;
+            }
+            Some(other) => bail!("expected images or pre-copied pages, got {other:?}"),
+            None => bail!("the source closed the control stream before the images were done"),
+        };
+        match msg {
             Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
             Msg::ImagesDone(d) => {
                 sink.finish(d.files, d.bytes)?;
@@ -458,6 +552,15 @@ async fn receive_images(rx: &mut FrameReceiver, dir: &Path) -> Result<(u64, u64)
             other => bail!("expected images, got {other:?}"),
         }
     }
+}
+
+fn open_store(store: &mut Option<PageStore>) -> Result<&mut PageStore> {
+    if store.is_none() {
+        *store = Some(PageStore::new()?);
+    }
+    store
+        .as_mut()
+        .ok_or_else(|| anyhow!("the page store could not be opened"))
 }
 
 fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {

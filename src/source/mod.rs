@@ -2,6 +2,7 @@
 
 pub mod dump;
 pub mod keeper;
+pub mod pre_copy;
 pub mod pump;
 pub mod push_plan;
 pub mod service;

@@ -204,6 +204,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 pushing = cfg.push;
             }
             req = faults.recv(), if faults_open => match req {
+                // dst reported its memory whole: a request still on its way (the fault
+                // connection is not ordered with the control stream) needs no answer, and the
+                // session may already be closing.
+                Some(req) if finishing => {
+                    tracing::debug!(pid = req.pid, vaddr = req.vaddr, "fault request after memory whole: ignored");
+                }
                 Some(req) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {
                     Ok(pieces) => {
                         plan.note_fault(req.pid, req.vaddr);

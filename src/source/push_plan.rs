@@ -121,7 +121,10 @@ pub enum RequestRejected {
 pub struct PushPlan {
     tasks: Vec<TaskPlan>,
     hints: VecDeque<Hint>,
-    cursor: Pos,
+    /// The sequential sweep visits ranges in this order: (task, range) indices.
+    order: Vec<(usize, usize)>,
+    /// Position of the sweep: index into `order`, page inside that range.
+    cursor: (usize, u64),
     remaining: u64,
     total: u64,
 }
@@ -146,17 +149,29 @@ impl PushPlan {
             .flat_map(|t| &t.ranges)
             .map(|r| r.range.nr_pages)
             .sum();
+        let order = tasks
+            .iter()
+            .enumerate()
+            .flat_map(|(t, task)| (0..task.ranges.len()).map(move |r| (t, r)))
+            .collect();
         Self {
             tasks,
             hints: VecDeque::new(),
-            cursor: Pos {
-                task: 0,
-                range: 0,
-                page: 0,
-            },
+            order,
+            cursor: (0, 0),
             remaining: total,
             total,
         }
+    }
+
+    /// Sweeps ranges with a higher `priority` first (ties keep address order); pages near
+    /// faults still go before the sweep. Pre-copy ranks ranges by how often their pages changed.
+    pub fn prioritize(&mut self, priority: impl Fn(u32, PageRange) -> u64) {
+        let tasks = &self.tasks;
+        self.order.sort_by_cached_key(|&(t, r)| {
+            std::cmp::Reverse(priority(tasks[t].pid, tasks[t].ranges[r].range))
+        });
+        self.cursor = (0, 0);
     }
 
     /// Lazy pages in the plan.
@@ -291,31 +306,20 @@ impl PushPlan {
                 }
             }
         }
-        // Sequential sweep: task by task, range by range. Pages returned by `mark_unsent` may lie
-        // behind the cursor, so the sweep wraps around once before it gives up.
+        // Sequential sweep over `order`. Pages returned by `mark_unsent` may lie behind the
+        // cursor, so the sweep wraps around once before it gives up.
         let mut wrapped = false;
         loop {
-            let Pos { task, range, page } = self.cursor;
-            let Some(t) = self.tasks.get(task) else {
+            let (at, page) = self.cursor;
+            let Some(&(task, range)) = self.order.get(at) else {
                 if wrapped {
                     return None;
                 }
                 wrapped = true;
-                self.cursor = Pos {
-                    task: 0,
-                    range: 0,
-                    page: 0,
-                };
+                self.cursor = (0, 0);
                 continue;
             };
-            let Some(r) = t.ranges.get(range) else {
-                self.cursor = Pos {
-                    task: task + 1,
-                    range: 0,
-                    page: 0,
-                };
-                continue;
-            };
+            let r = &self.tasks[task].ranges[range];
             match r.next_unsent(page, r.range.nr_pages) {
                 Some(found) => {
                     let pos = Pos {
@@ -324,16 +328,10 @@ impl PushPlan {
                         page: found,
                     };
                     let batch = self.take(pos, max_pages);
-                    self.cursor.page = found + batch.nr_pages;
+                    self.cursor.1 = found + batch.nr_pages;
                     return Some(batch);
                 }
-                None => {
-                    self.cursor = Pos {
-                        task,
-                        range: range + 1,
-                        page: 0,
-                    };
-                }
+                None => self.cursor = (at + 1, 0),
             }
         }
     }
@@ -450,6 +448,27 @@ mod tests {
         assert_eq!(b.vaddr, 0x10000 + 10 * P);
         p.mark_unsent(b.pid, b.vaddr + 2 * P, 3);
         assert_eq!(p.remaining_pages(), p.total_pages() - 12);
+    }
+
+    #[test]
+    fn prioritized_ranges_go_first() {
+        let mut p = plan();
+        p.prioritize(|pid, r| {
+            if pid == 9 {
+                5
+            } else if r.start == 0x200000 {
+                3
+            } else {
+                0
+            }
+        });
+        let b = p.next_batch(200).unwrap();
+        assert_eq!((b.pid, b.vaddr, b.nr_pages), (9, 0x400000, 130));
+        let b = p.next_batch(200).unwrap();
+        assert_eq!((b.pid, b.vaddr, b.nr_pages), (7, 0x200000, 3));
+        let b = p.next_batch(200).unwrap();
+        assert_eq!((b.pid, b.vaddr, b.nr_pages), (7, 0x10000, 100));
+        assert_eq!(p.next_batch(200), None);
     }
 
     proptest! {

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -24,6 +25,8 @@ use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
 use crate::source::keeper::KeeperLink;
+use crate::source::pre_copy::held::HeldMemory;
+use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
 use crate::source::pump::{self, FaultReply, PumpConfig, PumpControl, Served, UrgentRequest};
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::stats::SourceReport;
@@ -64,6 +67,8 @@ pub struct SourceOptions {
     /// Transport settings of the push connection (the fault connection keeps the defaults).
     pub push_transport: transport::TransportOptions,
     pub progress: bool,
+    /// Pre-copy rounds before the freeze (needs [`DumpSource::Pid`]).
+    pub pre_copy: Option<PreCopyConfig>,
 }
 
 /// Runs one migration out of this host.
@@ -136,6 +141,25 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     .await?;
     let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));
 
+    // Pre-copy rounds go on the control stream, ahead of the images: dst holds every pre-copied
+    // page before it restores.
+    let pre = match (&opts.pre_copy, &opts.dump) {
+        (Some(cfg), DumpSource::Pid { pid, .. }) => Some(
+            pre_copy::rounds::run(*pid, *cfg, &mut ctl)
+                .await
+                .context("pre-copy rounds (the tasks were never frozen)")?,
+        ),
+        (Some(_), DumpSource::External { .. }) => {
+            bail!("--pre-copy needs --pid: pageserv reads the tree's memory before it dumps it")
+        }
+        (Some(_), DumpSource::Resume { .. }) => bail!(
+            "--pre-copy cannot be combined with --resume: the source is already frozen, so the \
+             retry is a plain post-copy; drop --pre-copy"
+        ),
+        (None, _) => None,
+    };
+    let wire_at_freeze = conn.stats().udp_tx.bytes + fault_conn.stats().udp_tx.bytes;
+
     // From here on the tasks are frozen: every failure path must resume or keep them.
     let (mut dump, mut keeper) = open_dump(&opts).await?;
     let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
@@ -155,12 +179,17 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         frozen_at,
         &mut keeper,
         earlier_attempt,
+        pre,
     )
     .await;
+    let wire_after_freeze = (conn.stats().udp_tx.bytes + fault_conn.stats().udp_tx.bytes)
+        .saturating_sub(wire_at_freeze);
     fault_conn.close(0u32.into(), b"done");
     match result {
         Ok(mut report) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.wire_bytes_after_freeze = wire_after_freeze;
+            report.peak_rss_bytes = peak_rss_bytes();
             // dst closes the connection once it has read SourceReleased; closing first would
             // discard that message.
             if tokio::time::timeout(Duration::from_secs(10), conn.closed())
@@ -176,6 +205,17 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
             Err(e)
         }
     }
+}
+
+/// This process's peak resident memory (VmHWM), 0 if unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 async fn open_dump(opts: &SourceOptions) -> Result<(ReadyDump, Option<KeeperLink>)> {
@@ -263,12 +303,17 @@ async fn migrate(
     frozen_at: SystemTime,
     keeper: &mut Option<KeeperLink>,
     earlier_attempt: bool,
+    pre: Option<(HeldMemory, PreCopyReport)>,
 ) -> Result<SourceReport> {
     let mut knows = SourceKnows {
         earlier_attempt,
         ..Default::default()
     };
     let mut report = SourceReport::default();
+    let (validator, mut pre_report) = match pre {
+        Some((held, r)) => (Some(Arc::new(Validator::new(held))), Some(r)),
+        None => (None, None),
+    };
     let images = ImageDir::open(&dump.images_dir)?;
     // The plan's units are CRIU's lazy pagemap entries: each is one page-pipe buffer inside the
     // dump, and GETs that start at an entry's first page are the cheap ones.
@@ -282,7 +327,11 @@ async fn migrate(
             .collect();
         tasks.push((t.pid, lazy));
     }
-    let plan = PushPlan::new(tasks);
+    let mut plan = PushPlan::new(tasks);
+    if let Some(v) = &validator {
+        // Memory that kept changing during the rounds most likely changed after them too.
+        plan.prioritize(|pid, range| v.held().heat(pid, range));
+    }
     report.lazy_pages = plan.total_pages();
     let shipped = ship_images(ctl, &dump.images_dir, frozen_at, || {
         // Before ImagesDone leaves: from then on dst may restore, and the keeper must know it
@@ -342,8 +391,14 @@ async fn migrate(
         push_rx,
         report.lazy_pages,
         opts.progress,
+        validator.clone(),
     ));
-    let faults = tokio::spawn(serve_faults(fault_stream, fault_tx, reply_rx));
+    let faults = tokio::spawn(serve_faults(
+        fault_stream,
+        fault_tx,
+        reply_rx,
+        validator.clone(),
+    ));
 
     // Wait for the restore to finish and the memory to become whole.
     let mut restored = false;
@@ -370,6 +425,7 @@ async fn migrate(
                 knows.memory_whole = true;
                 report.dst_pages_on_demand = w.pages_on_demand;
                 report.dst_pages_pushed = w.pages_pushed;
+                report.dst_pages_local = w.pages_local;
                 break Ok(());
             }
             Ok(Msg::Abort(a)) => break Err(anyhow!("dst aborted the migration: {}", a.reason)),
@@ -398,6 +454,10 @@ async fn migrate(
     report.push_frames = push_stats.frames;
     report.push_bytes = push_stats.bytes;
     report.zero_pages = push_stats.zero_pages;
+    if let (Some(r), Some(v)) = (&mut pre_report, &validator) {
+        r.sweep = v.stats();
+    }
+    report.pre_copy = pre_report;
 
     // The session ended cleanly: CRIU kills the source tasks and exits.
     let dump_ok = match dump.wait(Duration::from_secs(30)) {
@@ -537,6 +597,7 @@ async fn serve_faults(
     (mut tx, mut rx): (FrameSender, FrameReceiver),
     to_pump: mpsc::UnboundedSender<UrgentRequest>,
     mut from_pump: mpsc::UnboundedReceiver<FaultReply>,
+    validator: Option<Arc<Validator>>,
 ) -> Result<()> {
     let reader = async move {
         while let Some(frame) = rx.next().await? {
@@ -568,7 +629,7 @@ async fn serve_faults(
         while let Some(reply) = from_pump.recv().await {
             match reply {
                 FaultReply::Pages(s) => {
-                    send_served(&mut tx, s).await?;
+                    send_served(&mut tx, s, validator.as_deref()).await?;
                 }
                 FaultReply::Refused { request, why } => {
                     tracing::warn!(%why, "refused a fault request");
@@ -605,13 +666,14 @@ async fn push_pages(
     mut rx: mpsc::Receiver<Served>,
     total_pages: u64,
     progress: bool,
+    validator: Option<Arc<Validator>>,
 ) -> Result<PushStats> {
     let bar = progress
         .then(|| crate::stats::progress_bar(total_pages * crate::pages::PAGE_SIZE, "pushing"));
     let mut stats = PushStats::default();
     while let Some(s) = rx.recv().await {
         let bytes = s.data.len() as u64;
-        stats.zero_pages += send_served(&mut tx, s).await?;
+        stats.zero_pages += send_served(&mut tx, s, validator.as_deref()).await?;
         stats.frames += 1;
         stats.bytes += bytes;
         if let Some(b) = &bar {
@@ -625,8 +687,16 @@ async fn push_pages(
     Ok(stats)
 }
 
-/// Sends one fetched batch, splitting out zero pages; returns how many were zero.
-async fn send_served(tx: &mut FrameSender, s: Served) -> Result<u64> {
+/// Sends one fetched batch, splitting out zero pages; returns how many were zero. After a
+/// pre-copy, the validator decides what dst's copies make unnecessary.
+async fn send_served(
+    tx: &mut FrameSender,
+    s: Served,
+    validator: Option<&Validator>,
+) -> Result<u64> {
+    if let Some(v) = validator {
+        return v.send(tx, s).await;
+    }
     let page = crate::pages::PAGE_SIZE as usize;
     let mut zero = 0;
     for (first, n, is_zero) in crate::pages::zero_runs(&s.data) {

@@ -79,6 +79,27 @@ impl FrameSender {
         self.write(&mut [header, data]).await
     }
 
+    /// Sends a PreCopyPages frame without copying `data` (as [`FrameSender::send_pages`]).
+    pub async fn send_precopy_pages(
+        &mut self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u32,
+        data: Bytes,
+    ) -> Result<(), TransportError> {
+        if data.len() as u64 != u64::from(nr_pages) * PAGE_SIZE {
+            return Err(self.wire_error(WireError::Unencodable {
+                kind: "PreCopyPages",
+                field: "data.len()",
+                value: data.len() as u64,
+                why: "must be nr_pages * 4096",
+            }));
+        }
+        self.encode(|out| wire::encode_precopy_header(pid, vaddr, nr_pages, out))?;
+        let header = self.buf.split().freeze();
+        self.write(&mut [header, data]).await
+    }
+
     /// Ends the stream after everything sent so far.
     pub fn finish(&mut self) {
         // Fails only if the stream was already finished or reset: nothing more to do then.

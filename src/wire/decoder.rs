@@ -3,7 +3,7 @@
 use bytes::{Buf, BytesMut};
 use prost::Message;
 
-use super::{Frame, HEADER_LEN, Header, Kind, WireError};
+use super::{Frame, HEADER_LEN, Header, Kind, WireError, check_bitmap_tail};
 use crate::pb::pageserv::Control;
 
 /// Incremental decoder: push stream bytes in with [`feed`](Self::feed) or
@@ -139,6 +139,34 @@ impl FrameDecoder {
                 nr_pages,
                 reason: (&payload[..]).get_u16_le(),
             },
+            Kind::PreCopyPages => Frame::PreCopyPages {
+                pid,
+                vaddr,
+                nr_pages,
+                data: payload,
+            },
+            Kind::PreCopyZero => Frame::PreCopyZero {
+                pid,
+                vaddr,
+                nr_pages,
+            },
+            Kind::Valid => {
+                check_bitmap_tail(nr_pages, &payload).map_err(|(field, value, why)| {
+                    WireError::BadField {
+                        offset: at,
+                        kind: h.kind.name(),
+                        field,
+                        value,
+                        why,
+                    }
+                })?;
+                Frame::Valid {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    bitmap: payload,
+                }
+            }
         }))
     }
 

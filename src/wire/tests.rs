@@ -82,6 +82,7 @@ fn arb_control() -> impl Strategy<Value = Frame> {
             pages_on_demand: a,
             pages_pushed: b,
             pages_zero: 0,
+            pages_local: a / 2,
         }))),
         ".{0,20}".prop_map(|reason| control(Msg::Abort(Abort { reason }))),
         Just(Frame::Control(Control { msg: None })),
@@ -120,7 +121,47 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 reason,
             }
         }),
+        (arb_range(3), any::<u8>()).prop_map(|((pid, vaddr, nr_pages), seed)| {
+            Frame::PreCopyPages {
+                pid,
+                vaddr,
+                nr_pages,
+                data: page_data(nr_pages, seed),
+            }
+        }),
+        arb_range(MAX_FRAME_PAGES).prop_map(|(pid, vaddr, nr_pages)| Frame::PreCopyZero {
+            pid,
+            vaddr,
+            nr_pages
+        }),
+        (arb_range(MAX_FRAME_PAGES), any::<u64>()).prop_map(|((pid, vaddr, nr_pages), seed)| {
+            Frame::Valid {
+                pid,
+                vaddr,
+                nr_pages,
+                bitmap: valid_bitmap(nr_pages, seed),
+            }
+        }),
     ]
+}
+
+/// A pseudo-random Valid bitmap for `nr_pages` with no bit past the last page.
+fn valid_bitmap(nr_pages: u32, seed: u64) -> Bytes {
+    let mut x = seed | 1;
+    let mut bytes: Vec<u8> = (0..valid_bitmap_len(nr_pages))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    if !nr_pages.is_multiple_of(8)
+        && let Some(last) = bytes.last_mut()
+    {
+        *last &= (1u8 << (nr_pages % 8)) - 1;
+    }
+    bytes.into()
 }
 
 proptest! {
@@ -356,4 +397,61 @@ fn pages_header_plus_data_equals_pages_frame() {
     };
     encode(&f, &mut b).unwrap();
     assert_eq!(a, b);
+}
+
+#[test]
+fn valid_bitmaps_are_checked_both_ways() {
+    // 10 pages: 2 bytes, bits 10..16 must be clear.
+    let mut out = BytesMut::new();
+    let bad = Frame::Valid {
+        pid: 1,
+        vaddr: 0x1000,
+        nr_pages: 10,
+        bitmap: Bytes::from_static(&[0xff, 0x07]),
+    };
+    assert!(matches!(
+        encode(&bad, &mut out),
+        Err(WireError::Unencodable {
+            field: "bitmap",
+            ..
+        })
+    ));
+    let short = Frame::Valid {
+        pid: 1,
+        vaddr: 0x1000,
+        nr_pages: 10,
+        bitmap: Bytes::from_static(&[0xff]),
+    };
+    assert!(encode(&short, &mut out).is_err());
+    assert!(out.is_empty());
+    let mut bytes = header(18, 0, 1, 0x1000, 10, 2);
+    bytes.extend_from_slice(&[0xff, 0x07]);
+    match error_after_one_frame(&bytes) {
+        WireError::BadField { field, .. } => assert_eq!(field, "bitmap"),
+        other => panic!("expected a bitmap error, got {other:?}"),
+    }
+    let mut bytes = header(18, 0, 1, 0x1000, 10, 1);
+    bytes.push(0xff);
+    match error_after_one_frame(&bytes) {
+        WireError::BadField { field, .. } => assert_eq!(field, "payload_len"),
+        other => panic!("expected a payload_len error, got {other:?}"),
+    }
+}
+
+#[test]
+fn precopy_header_plus_data_equals_precopy_frame() {
+    let data = page_data(2, 5);
+    let mut a = BytesMut::new();
+    encode_precopy_header(3, 0x2000, 2, &mut a).unwrap();
+    a.extend_from_slice(&data);
+    let mut b = BytesMut::new();
+    let f = Frame::PreCopyPages {
+        pid: 3,
+        vaddr: 0x2000,
+        nr_pages: 2,
+        data,
+    };
+    encode(&f, &mut b).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(&a[..2], &16u16.to_le_bytes());
 }

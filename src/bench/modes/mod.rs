@@ -25,8 +25,10 @@ pub type Runner = fn(&Cell, &Testbed) -> Result<ModeOutcome>;
 pub fn runner(mode: Mode) -> Option<Runner> {
     match mode {
         Mode::CriuDisk | Mode::CriuPageserver | Mode::CriuLazy => Some(criu::run),
-        Mode::PageservLazy | Mode::PageservStopAndCopy => Some(pageserv::run),
-        Mode::PageservPrecopy | Mode::CriuPredump => None,
+        Mode::PageservLazy | Mode::PageservPrecopy | Mode::PageservStopAndCopy => {
+            Some(pageserv::run)
+        }
+        Mode::CriuPredump => None,
     }
 }
 

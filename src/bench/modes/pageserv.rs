@@ -1,5 +1,5 @@
-//! pageserv modes: post-copy and stop-and-copy through the demo's own migration (same testbed,
-//! same workload).
+//! pageserv modes: post-copy, pre-copy rounds + post-copy, and stop-and-copy, through the demo's
+//! own migration (same testbed, same workload).
 
 use anyhow::Result;
 
@@ -13,7 +13,7 @@ use crate::testbed::Testbed;
 fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
     let mut args: Vec<String> = match mode {
         Mode::PageservLazy => Vec::new(),
-        // Pre-copy and stop-and-copy add their flags here when they land.
+        Mode::PageservPrecopy => vec!["--pre-copy=auto".into()],
         _ => Vec::new(),
     };
     args.extend(extra.iter().cloned());

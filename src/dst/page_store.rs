@@ -1,0 +1,363 @@
+//! dst's page store: the pre-copied pages, kept until the source confirms them after the freeze.
+//!
+//! Page data lives in one memfd arena, one 4 KiB slot per page, written in large runs; a page
+//! that changes between rounds overwrites its slot. The index maps (pid, 2 MiB block) to 512 slot
+//! numbers (2 KiB per 2 MiB of memory, no allocation per page); all-zero pages take no slot.
+//! Nothing here is ever placed into a process unless a Valid frame names it: see
+//! [`PageStore::take_valid`].
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+
+use crate::pages::PAGE_SIZE;
+
+const BLOCK_PAGES: u64 = 512;
+const BLOCK_BYTES: u64 = BLOCK_PAGES * PAGE_SIZE;
+const EMPTY: u32 = u32::MAX;
+const ZERO: u32 = u32::MAX - 1;
+/// Most data slots the store holds (1 TiB): a bound on what a source can make dst keep.
+pub const MAX_SLOTS: u32 = 1 << 28;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the pre-copy page store (memfd): {0}")]
+    Create(std::io::Error),
+    #[error(
+        "writing {pages} pre-copied pages at {vaddr:#x} of pid {pid} into the page store: {source}"
+    )]
+    Write {
+        pid: u32,
+        vaddr: u64,
+        pages: u64,
+        source: std::io::Error,
+    },
+    #[error("reading stored page slots {slot}.. for pid {pid}: {source}")]
+    Read {
+        pid: u32,
+        slot: u32,
+        source: std::io::Error,
+    },
+    #[error("the source pre-copied more than {MAX_SLOTS} pages (1 TiB): refusing to store more")]
+    Full,
+    #[error(
+        "the source confirmed page {vaddr:#x} of pid {pid} as valid, but dst holds no copy of it: \
+         the two sides disagree about the pre-copy; aborting rather than guess"
+    )]
+    NotHeld { pid: u32, vaddr: u64 },
+    #[error("pre-copied pages at {vaddr:#x} (+{pages} pages) of pid {pid}: {why}")]
+    BadRange {
+        pid: u32,
+        vaddr: u64,
+        pages: u64,
+        why: &'static str,
+    },
+}
+
+/// A run of confirmed pages read back from the store: data, or all zero (`data` None).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub vaddr: u64,
+    pub nr_pages: u64,
+    pub data: Option<Bytes>,
+}
+
+/// (pid, block number) -> slot of each page of the block.
+type Index = BTreeMap<(u32, u64), Box<[u32; BLOCK_PAGES as usize]>>;
+
+/// See the module docs.
+pub struct PageStore {
+    arena: File,
+    index: Index,
+    next_slot: u32,
+    pages_zero: u64,
+    /// Slots overwritten by a zero page (the arena does not reuse them).
+    slots_dropped: u64,
+}
+
+impl PageStore {
+    pub fn new() -> Result<Self, StoreError> {
+        let fd = memfd_create("pageserv-precopy", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| StoreError::Create(e.into()))?;
+        Ok(Self {
+            arena: File::from(fd),
+            index: BTreeMap::new(),
+            next_slot: 0,
+            pages_zero: 0,
+            slots_dropped: 0,
+        })
+    }
+
+    /// Pages held as data.
+    pub fn pages_data(&self) -> u64 {
+        u64::from(self.next_slot) - self.slots_dropped
+    }
+
+    /// Pages held as zero.
+    pub fn pages_zero(&self) -> u64 {
+        self.pages_zero
+    }
+
+    fn check(pid: u32, vaddr: u64, pages: u64) -> Result<(), StoreError> {
+        let bad = |why| StoreError::BadRange {
+            pid,
+            vaddr,
+            pages,
+            why,
+        };
+        if !vaddr.is_multiple_of(PAGE_SIZE) {
+            return Err(bad("not page aligned"));
+        }
+        pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|l| vaddr.checked_add(l))
+            .ok_or(bad("runs past the address space"))?;
+        Ok(())
+    }
+
+    fn slot_mut(index: &mut Index, pid: u32, vaddr: u64) -> &mut u32 {
+        let block = index
+            .entry((pid, vaddr / BLOCK_BYTES))
+            .or_insert_with(|| Box::new([EMPTY; BLOCK_PAGES as usize]));
+        &mut block[((vaddr % BLOCK_BYTES) / PAGE_SIZE) as usize]
+    }
+
+    fn slot(&self, pid: u32, vaddr: u64) -> u32 {
+        self.index
+            .get(&(pid, vaddr / BLOCK_BYTES))
+            .map_or(EMPTY, |b| b[((vaddr % BLOCK_BYTES) / PAGE_SIZE) as usize])
+    }
+
+    /// Stores pre-copied pages `data` (whole pages) of `pid` at `vaddr`, replacing older copies.
+    pub fn put(&mut self, pid: u32, vaddr: u64, data: &[u8]) -> Result<(), StoreError> {
+        let pages = (data.len() as u64) / PAGE_SIZE;
+        Self::check(pid, vaddr, pages)?;
+        // Runs of pages whose slots are consecutive go to the arena in one write.
+        let mut run: Option<(u32, usize, usize)> = None; // (first slot, data from, data to)
+        for i in 0..pages {
+            let at = vaddr + i * PAGE_SIZE;
+            let next = self.next_slot;
+            let slot = Self::slot_mut(&mut self.index, pid, at);
+            let s = if *slot == EMPTY || *slot == ZERO {
+                if next >= MAX_SLOTS {
+                    return Err(StoreError::Full);
+                }
+                if *slot == ZERO {
+                    self.pages_zero -= 1;
+                }
+                *slot = next;
+                self.next_slot += 1;
+                next
+            } else {
+                *slot
+            };
+            let from = (i * PAGE_SIZE) as usize;
+            let to = from + PAGE_SIZE as usize;
+            run = match run {
+                Some((first, f, t))
+                    if first as u64 + ((t - f) as u64 / PAGE_SIZE) == u64::from(s) =>
+                {
+                    Some((first, f, to))
+                }
+                Some((first, f, t)) => {
+                    self.write(pid, vaddr, first, &data[f..t])?;
+                    Some((s, from, to))
+                }
+                None => Some((s, from, to)),
+            };
+        }
+        if let Some((first, f, t)) = run {
+            self.write(pid, vaddr, first, &data[f..t])?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, pid: u32, vaddr: u64, slot: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        self.arena
+            .write_all_at(bytes, u64::from(slot) * PAGE_SIZE)
+            .map_err(|source| StoreError::Write {
+                pid,
+                vaddr,
+                pages: bytes.len() as u64 / PAGE_SIZE,
+                source,
+            })
+    }
+
+    /// Records `nr_pages` all-zero pre-copied pages of `pid` at `vaddr`.
+    pub fn put_zero(&mut self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<(), StoreError> {
+        Self::check(pid, vaddr, nr_pages)?;
+        for i in 0..nr_pages {
+            let slot = Self::slot_mut(&mut self.index, pid, vaddr + i * PAGE_SIZE);
+            match *slot {
+                ZERO => continue,
+                EMPTY => {}
+                _ => self.slots_dropped += 1,
+            }
+            *slot = ZERO;
+            self.pages_zero += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads back the pages of `[vaddr, +nr_pages)` whose bit is set in `bitmap` (a Valid frame:
+    /// bit `i` LSB first is page `i`), as runs of data or zero pages. Every named page must be
+    /// held: a confirmation of a page dst never got is an error, never a guess.
+    pub fn take_valid(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+        bitmap: &[u8],
+    ) -> Result<Vec<Stored>, StoreError> {
+        Self::check(pid, vaddr, nr_pages)?;
+        let bit = |i: u64| {
+            bitmap
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < nr_pages {
+            if !bit(i) {
+                i += 1;
+                continue;
+            }
+            let at = vaddr + i * PAGE_SIZE;
+            let first = self.slot(pid, at);
+            if first == EMPTY {
+                return Err(StoreError::NotHeld { pid, vaddr: at });
+            }
+            let zero = first == ZERO;
+            // The run: consecutive set bits of the same kind.
+            let mut n = 1;
+            while i + n < nr_pages && bit(i + n) {
+                let s = self.slot(pid, at + n * PAGE_SIZE);
+                if s == EMPTY || (s == ZERO) != zero {
+                    break;
+                }
+                n += 1;
+            }
+            let data = if zero {
+                None
+            } else {
+                Some(self.read_run(pid, at, n)?)
+            };
+            out.push(Stored {
+                vaddr: at,
+                nr_pages: n,
+                data,
+            });
+            i += n;
+        }
+        Ok(out)
+    }
+
+    /// The data of `n` held data pages from `vaddr`, reading consecutive slots at once.
+    fn read_run(&self, pid: u32, vaddr: u64, n: u64) -> Result<Bytes, StoreError> {
+        let page = PAGE_SIZE as usize;
+        let mut buf = BytesMut::zeroed(n as usize * page);
+        let mut i = 0;
+        while i < n {
+            let first = self.slot(pid, vaddr + i * PAGE_SIZE);
+            let mut k = 1;
+            while i + k < n && self.slot(pid, vaddr + (i + k) * PAGE_SIZE) == first + k as u32 {
+                k += 1;
+            }
+            let dst = &mut buf[i as usize * page..(i + k) as usize * page];
+            self.arena
+                .read_exact_at(dst, u64::from(first) * PAGE_SIZE)
+                .map_err(|source| StoreError::Read {
+                    pid,
+                    slot: first,
+                    source,
+                })?;
+            i += k;
+        }
+        Ok(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; PAGE_SIZE as usize]
+    }
+
+    const P: u64 = PAGE_SIZE;
+
+    #[test]
+    fn keeps_the_last_copy_and_reads_confirmed_runs() {
+        let mut s = PageStore::new().unwrap();
+        let base = BLOCK_BYTES - 2 * P; // across a block boundary
+        s.put(1, base, &[page(1), page(2), page(3), page(4)].concat())
+            .unwrap();
+        s.put(1, base + P, &page(9)).unwrap();
+        s.put_zero(1, base + 2 * P, 1).unwrap();
+        assert_eq!((s.pages_data(), s.pages_zero()), (3, 1));
+        // Pages 0, 1, 2 valid; page 3 not confirmed.
+        let got = s.take_valid(1, base, 4, &[0b0111]).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].vaddr, base);
+        assert_eq!(got[0].nr_pages, 2);
+        let d = got[0].data.as_ref().unwrap();
+        assert_eq!(d[0], 1);
+        assert_eq!(d[P as usize], 9, "the newer copy");
+        assert_eq!(
+            got[1],
+            Stored {
+                vaddr: base + 2 * P,
+                nr_pages: 1,
+                data: None
+            }
+        );
+        assert!(matches!(
+            s.take_valid(2, base, 1, &[1]),
+            Err(StoreError::NotHeld { pid: 2, .. })
+        ));
+        assert!(s.take_valid(1, 0x1001, 1, &[1]).is_err(), "unaligned");
+        assert!(s.take_valid(1, base, 4, &[0]).unwrap().is_empty());
+    }
+
+    proptest! {
+        /// Whatever was put last is what a confirmation reads back, page by page.
+        #[test]
+        fn reads_back_the_last_put(ops in prop::collection::vec((0u64..40, 1u64..6, any::<u8>(), any::<bool>()), 1..60)) {
+            let mut s = PageStore::new().unwrap();
+            let mut model: HashMap<u64, u8> = HashMap::new(); // page index -> byte (0 = zero page)
+            for (first, n, v, zero) in ops {
+                let vaddr = 0x7000_0000 + first * P;
+                if zero || v == 0 {
+                    s.put_zero(3, vaddr, n).unwrap();
+                    for i in 0..n { model.insert(first + i, 0); }
+                } else {
+                    let data: Vec<u8> = (0..n).flat_map(|i| page(v.wrapping_add(i as u8) | 1)).collect();
+                    s.put(3, vaddr, &data).unwrap();
+                    for i in 0..n { model.insert(first + i, v.wrapping_add(i as u8) | 1); }
+                }
+            }
+            let all = vec![0xffu8; 6];
+            let got = s.take_valid(3, 0x7000_0000, 46, &all);
+            let held_all = (0..46).all(|i| model.contains_key(&i));
+            prop_assert_eq!(got.is_ok(), held_all);
+            for i in 0..46u64 {
+                if !model.contains_key(&i) { continue; }
+                let mut bm = vec![0u8; 6];
+                bm[(i / 8) as usize] = 1 << (i % 8);
+                let got = s.take_valid(3, 0x7000_0000, 46, &bm).unwrap();
+                prop_assert_eq!(got.len(), 1);
+                let want = model[&i];
+                match &got[0].data {
+                    None => prop_assert_eq!(want, 0),
+                    Some(d) => { prop_assert_eq!(d.len(), P as usize); prop_assert!(d.iter().all(|b| *b == want)); }
+                }
+            }
+        }
+    }
+}

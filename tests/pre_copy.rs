@@ -1,0 +1,165 @@
+//! End-to-end pre-copy migrations with real CRIU, real userfaultfd and QUIC: `pageserv src --lazy
+//! --pre-copy` while the workload keeps writing. The workload checks every page of its memory
+//! against its own version table at the destination, so a stale pre-copied page placed instead of
+//! the frozen one fails the test. Needs root and CRIU (`tools/setup`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn can_run() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: needs root (network namespaces, CRIU)");
+        return false;
+    }
+    if pageserv::criu::binary::Criu::locate(None).is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CRIU missing in CI: tools/setup should have installed it"
+        );
+        eprintln!("SKIP: no CRIU >= 4.0 (run tools/setup)");
+        return false;
+    }
+    true
+}
+
+fn migrate(name: &str, args: &[&str]) -> Value {
+    let json =
+        std::env::temp_dir().join(format!("pageserv-test-{name}-{}.json", std::process::id()));
+    let out = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+        .arg("demo")
+        .arg("--json")
+        .arg(&json)
+        .args(["--after", "4"])
+        .args(args)
+        .output()
+        .expect("run pageserv demo");
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|_| {
+        panic!(
+            "{name}: demo wrote no result ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let _ = std::fs::remove_file(&json);
+    let v: Value = serde_json::from_str(&text).expect("demo JSON");
+    if v["ok"] != Value::Bool(true) {
+        panic!(
+            "{name}: migration did not verify: {}\n--- demo stderr ---\n{}",
+            v["problems"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    v
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// What every verified pre-copy migration must show.
+fn check(name: &str, v: &Value) -> (u64, u64) {
+    assert_eq!(v["src_exit"], 0, "{name}");
+    assert_eq!(v["dst_exit"], 0, "{name}");
+    assert_eq!(v["workload_alive_at_dst"], true, "{name}");
+    assert_eq!(v["workload_alive_at_src"], false, "{name}");
+    assert_eq!(v["checks_failed"], 0, "{name}");
+    assert!(
+        u(&v["checks_ok_after"]) >= 3,
+        "{name}: {}",
+        v["checks_ok_after"]
+    );
+    let (src, dst) = (&v["src"], &v["dst"]);
+    let pre = &src["pre_copy"];
+    assert!(
+        !pre["rounds"].as_array().unwrap().is_empty(),
+        "{name}: {pre}"
+    );
+    let sweep = &pre["sweep"];
+    let valid = u(&sweep["pages_valid"]);
+    let changed = u(&sweep["pages_data"]) + u(&sweep["pages_zero"]);
+    // Every lazy page was judged: valid, or sent again. A page that a fault asks for while its
+    // pushed batch is on the way is judged twice; those duplicates bound the slack below.
+    let lazy = u(&dst["lazy_pages"]);
+    assert!(valid + changed >= lazy, "{name}: {sweep} {dst}");
+    let twice = valid + changed - lazy;
+    assert!(
+        twice * 20 < lazy,
+        "{name}: too many pages judged twice: {sweep} {dst}"
+    );
+    // dst placed from its store the pages src confirmed (a confirmation of a duplicate may
+    // arrive after dst reported its memory whole, and is not counted then).
+    for local in [u(&dst["pages_local"]), u(&src["dst_pages_local"])] {
+        assert!(
+            local <= valid && local + twice >= valid,
+            "{name}: placed locally {local}, confirmed {valid}, judged twice {twice}"
+        );
+    }
+    // Nothing lost, nothing invented.
+    let placed = u(&dst["pages_on_demand"]) + u(&dst["pages_pushed"]) + u(&dst["pages_zero_lazy"]);
+    assert_eq!(placed, u(&dst["lazy_pages"]), "{name}: {dst}");
+    (valid, changed)
+}
+
+/// One round only, while the workload rewrites ~40 pages per ms: thousands of pre-copied pages
+/// are stale at the freeze. They must cross again, and the workload's self-checks at the
+/// destination prove none was served from its stale copy.
+#[test]
+fn stale_pre_copied_pages_are_never_served() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate(
+        "pre-copy-1",
+        &[
+            "--mib",
+            "128",
+            "--write-rate",
+            "40",
+            "--src-arg=--pre-copy=1",
+        ],
+    );
+    let (valid, changed) = check("pre-copy-1", &v);
+    assert!(
+        changed >= 1000,
+        "the workload should have changed many pages after the only round: {}",
+        v["src"]["pre_copy"]
+    );
+    assert!(valid > 0, "{}", v["src"]["pre_copy"]);
+}
+
+/// `auto` with a process tree: rounds stop by the rule, most memory is placed from the store,
+/// and only what changed after the last round crosses again.
+#[test]
+fn auto_pre_copy_of_a_tree_sends_only_what_changed() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate(
+        "pre-copy-auto",
+        &[
+            "--mib",
+            "96",
+            "--children",
+            "2",
+            "--write-rate",
+            "10",
+            "--src-arg=--pre-copy=auto",
+        ],
+    );
+    let (valid, changed) = check("pre-copy-auto", &v);
+    assert_eq!(v["dst"]["tasks"], 3);
+    let pre = &v["src"]["pre_copy"];
+    assert!(pre["stop_reason"].is_string(), "{pre}");
+    assert!(valid > 10 * changed, "most pages must be valid: {pre}");
+    // After the freeze, memory bytes are the changed pages plus a few bytes per 1024 valid ones.
+    let sweep = &pre["sweep"];
+    let data = u(&sweep["pages_data"]) * 4096;
+    let bytes = u(&sweep["bytes_data"]) + u(&sweep["bytes_valid"]) + u(&sweep["bytes_zero"]);
+    assert!(bytes >= data, "{sweep}");
+    assert!(
+        bytes <= data + data / 20 + 64 * 1024,
+        "bytes after the freeze {bytes} vs changed data {data}: {sweep}"
+    );
+}

@@ -9,21 +9,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn can_run() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: needs root (network namespaces, CRIU)");
-        return false;
-    }
-    if pageserv::criu::binary::Criu::locate(None).is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CRIU missing in CI: tools/setup should have installed it"
-        );
-        eprintln!("SKIP: no CRIU >= 4.0 (run tools/setup)");
-        return false;
-    }
-    true
-}
+#[path = "common/root.rs"]
+mod root;
+use root::can_run;
 
 #[test]
 fn quick_bench_verifies_every_available_mode() {

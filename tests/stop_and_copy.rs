@@ -17,18 +17,9 @@ fn pageserv() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pageserv"))
 }
 
-fn can_run() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: needs root (network namespaces, CRIU)");
-        return false;
-    }
-    if pageserv::criu::binary::Criu::locate(None).is_err() {
-        assert!(std::env::var_os("CI").is_none(), "CRIU missing in CI");
-        eprintln!("SKIP: no CRIU >= 4.0 (run tools/setup)");
-        return false;
-    }
-    true
-}
+#[path = "common/root.rs"]
+mod root;
+use root::can_run;
 
 /// Runs one demo with `args`; returns its JSON and stderr.
 fn demo(name: &str, args: &[&str]) -> (Value, String, bool) {

@@ -71,21 +71,34 @@ pub struct SourceOptions {
     pub pre_copy: Option<PreCopyConfig>,
 }
 
+/// The wildcard local address of `to`'s family, port chosen by the kernel.
+fn any_addr(to: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if to.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
+}
+
+/// Connects to `pageserv dst` at `to` (mutual TLS) and opens the control stream.
+pub(crate) async fn connect_control(
+    id: &Identity,
+    to: SocketAddr,
+    options: &transport::TransportOptions,
+) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
+    let conn = transport::connect_with(any_addr(to), to, id, options)
+        .await
+        .with_context(|| format!("connecting to pageserv dst at {to}"))?;
+    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    Ok((conn, FrameSender::new(send), FrameReceiver::new(recv)))
+}
+
 /// Runs one migration out of this host.
 pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
-    let bind: SocketAddr = if opts.to.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let conn = transport::connect_with(bind, opts.to, &id, &opts.push_transport)
-        .await
-        .with_context(|| format!("connecting to pageserv dst at {}", opts.to))?;
-    let (ctl_send, ctl_recv) = conn.open_bi().await.context("opening the control stream")?;
-    let mut ctl = FrameSender::new(ctl_send);
-    let mut ctl_rx = FrameReceiver::new(ctl_recv);
+    let (conn, mut ctl, mut ctl_rx) = connect_control(&id, opts.to, &opts.push_transport).await?;
 
     let migration_id = format!(
         "m{}-{}",
@@ -120,7 +133,7 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
 
     // Faults get a connection of their own: on the push connection a fault reply would queue
     // behind every pushed byte already in flight, which no stream priority can overtake.
-    let fault_conn = transport::connect(bind, opts.to, &id)
+    let fault_conn = transport::connect(any_addr(opts.to), opts.to, &id)
         .await
         .with_context(|| format!("opening the fault connection to {}", opts.to))?;
     let (fault_send, fault_recv) = fault_conn

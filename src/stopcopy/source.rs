@@ -109,17 +109,8 @@ impl StopCopyReport {
 pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
-    let bind: SocketAddr = if opts.to.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let conn = transport::connect_with(bind, opts.to, &id, &opts.transport)
-        .await
-        .with_context(|| format!("connecting to pageserv dst at {}", opts.to))?;
-    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
-    let mut ctl = FrameSender::new(send);
-    let mut ctl_rx = FrameReceiver::new(recv);
+    let (conn, mut ctl, mut ctl_rx) =
+        crate::source::service::connect_control(&id, opts.to, &opts.transport).await?;
     let migration_id = format!(
         "s{}-{}",
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),

@@ -318,7 +318,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             data,
         } => {
             check_data_len(Kind::Pages, *nr_pages, data)?;
-            encode_pages_header(*pid, *vaddr, *nr_pages, out)?;
+            encode_data_header(PageData::Pages, *pid, *vaddr, *nr_pages, out)?;
             out.extend_from_slice(data);
         }
         Frame::PreCopyPages {
@@ -328,7 +328,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             data,
         } => {
             check_data_len(Kind::PreCopyPages, *nr_pages, data)?;
-            encode_precopy_header(*pid, *vaddr, *nr_pages, out)?;
+            encode_data_header(PageData::PreCopyPages, *pid, *vaddr, *nr_pages, out)?;
             out.extend_from_slice(data);
         }
         Frame::PreCopyZero {
@@ -387,33 +387,30 @@ fn check_bitmap_tail(nr_pages: u32, bitmap: &[u8]) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Appends only the header of a PreCopyPages frame; the caller sends the page data right after
-/// it, as for [`encode_pages_header`].
-pub fn encode_precopy_header(
-    pid: u32,
-    vaddr: u64,
-    nr_pages: u32,
-    out: &mut BytesMut,
-) -> Result<(), WireError> {
-    let payload_len = u64::from(nr_pages) * PAGE_SIZE;
-    let payload_len = u32::try_from(payload_len).unwrap_or(u32::MAX);
-    put_checked(
-        paged(Kind::PreCopyPages, pid, vaddr, nr_pages, payload_len),
-        out,
-    )
+/// The two frames that carry page data: after the freeze ([`Frame::Pages`]) or before it
+/// ([`Frame::PreCopyPages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageData {
+    Pages,
+    PreCopyPages,
 }
 
-/// Appends only the header of a Pages frame; the caller sends exactly `nr_pages * 4096` bytes of
+/// Appends only the header of a `data` frame; the caller sends exactly `nr_pages * 4096` bytes of
 /// page data right after it (so page bytes need not be copied into a [`Frame`]).
-pub fn encode_pages_header(
+pub fn encode_data_header(
+    data: PageData,
     pid: u32,
     vaddr: u64,
     nr_pages: u32,
     out: &mut BytesMut,
 ) -> Result<(), WireError> {
+    let kind = match data {
+        PageData::Pages => Kind::Pages,
+        PageData::PreCopyPages => Kind::PreCopyPages,
+    };
     let payload_len = u64::from(nr_pages) * PAGE_SIZE;
     let payload_len = u32::try_from(payload_len).unwrap_or(u32::MAX);
-    put_checked(paged(Kind::Pages, pid, vaddr, nr_pages, payload_len), out)
+    put_checked(paged(kind, pid, vaddr, nr_pages, payload_len), out)
 }
 
 mod decoder;

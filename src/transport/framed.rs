@@ -5,7 +5,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 
 use super::TransportError;
 use crate::pages::PAGE_SIZE;
-use crate::wire::{self, Frame, FrameDecoder, WireError};
+use crate::wire::{self, Frame, FrameDecoder, PageData, WireError};
 
 /// Stream error code sent (STOP_SENDING) when a peer's frames do not decode.
 pub const STOP_PROTOCOL_ERROR: u32 = 1;
@@ -66,17 +66,8 @@ impl FrameSender {
         nr_pages: u32,
         data: Bytes,
     ) -> Result<(), TransportError> {
-        if data.len() as u64 != u64::from(nr_pages) * PAGE_SIZE {
-            return Err(self.wire_error(WireError::Unencodable {
-                kind: "Pages",
-                field: "data.len()",
-                value: data.len() as u64,
-                why: "must be nr_pages * 4096",
-            }));
-        }
-        self.encode(|out| wire::encode_pages_header(pid, vaddr, nr_pages, out))?;
-        let header = self.buf.split().freeze();
-        self.write(&mut [header, data]).await
+        self.send_data(PageData::Pages, pid, vaddr, nr_pages, data)
+            .await
     }
 
     /// Sends a PreCopyPages frame without copying `data` (as [`FrameSender::send_pages`]).
@@ -87,15 +78,30 @@ impl FrameSender {
         nr_pages: u32,
         data: Bytes,
     ) -> Result<(), TransportError> {
+        self.send_data(PageData::PreCopyPages, pid, vaddr, nr_pages, data)
+            .await
+    }
+
+    async fn send_data(
+        &mut self,
+        kind: PageData,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u32,
+        data: Bytes,
+    ) -> Result<(), TransportError> {
         if data.len() as u64 != u64::from(nr_pages) * PAGE_SIZE {
             return Err(self.wire_error(WireError::Unencodable {
-                kind: "PreCopyPages",
+                kind: match kind {
+                    PageData::Pages => "Pages",
+                    PageData::PreCopyPages => "PreCopyPages",
+                },
                 field: "data.len()",
                 value: data.len() as u64,
                 why: "must be nr_pages * 4096",
             }));
         }
-        self.encode(|out| wire::encode_precopy_header(pid, vaddr, nr_pages, out))?;
+        self.encode(|out| wire::encode_data_header(kind, pid, vaddr, nr_pages, out))?;
         let header = self.buf.split().freeze();
         self.write(&mut [header, data]).await
     }

@@ -379,24 +379,35 @@ fn encode_refuses_frames_the_peer_would_reject() {
         );
         assert!(out.is_empty(), "nothing written for {f:?}");
     }
-    assert!(encode_pages_header(1, 0, 0, &mut out).is_err());
+    assert!(encode_data_header(PageData::Pages, 1, 0, 0, &mut out).is_err());
 }
 
 #[test]
-fn pages_header_plus_data_equals_pages_frame() {
-    let data = page_data(2, 9);
-    let mut a = BytesMut::new();
-    encode_pages_header(3, 0x2000, 2, &mut a).unwrap();
-    a.extend_from_slice(&data);
-    let mut b = BytesMut::new();
-    let f = Frame::Pages {
-        pid: 3,
-        vaddr: 0x2000,
-        nr_pages: 2,
-        data,
-    };
-    encode(&f, &mut b).unwrap();
-    assert_eq!(a, b);
+fn data_header_plus_data_equals_the_frame() {
+    for (kind, code) in [(PageData::Pages, 3u16), (PageData::PreCopyPages, 16)] {
+        let data = page_data(2, 9);
+        let mut a = BytesMut::new();
+        encode_data_header(kind, 3, 0x2000, 2, &mut a).unwrap();
+        a.extend_from_slice(&data);
+        let f = match kind {
+            PageData::Pages => Frame::Pages {
+                pid: 3,
+                vaddr: 0x2000,
+                nr_pages: 2,
+                data,
+            },
+            PageData::PreCopyPages => Frame::PreCopyPages {
+                pid: 3,
+                vaddr: 0x2000,
+                nr_pages: 2,
+                data,
+            },
+        };
+        let mut b = BytesMut::new();
+        encode(&f, &mut b).unwrap();
+        assert_eq!(a, b, "{kind:?}");
+        assert_eq!(&a[..2], &code.to_le_bytes());
+    }
 }
 
 #[test]
@@ -436,22 +447,4 @@ fn valid_bitmaps_are_checked_both_ways() {
         WireError::BadField { field, .. } => assert_eq!(field, "payload_len"),
         other => panic!("expected a payload_len error, got {other:?}"),
     }
-}
-
-#[test]
-fn precopy_header_plus_data_equals_precopy_frame() {
-    let data = page_data(2, 5);
-    let mut a = BytesMut::new();
-    encode_precopy_header(3, 0x2000, 2, &mut a).unwrap();
-    a.extend_from_slice(&data);
-    let mut b = BytesMut::new();
-    let f = Frame::PreCopyPages {
-        pid: 3,
-        vaddr: 0x2000,
-        nr_pages: 2,
-        data,
-    };
-    encode(&f, &mut b).unwrap();
-    assert_eq!(a, b);
-    assert_eq!(&a[..2], &16u16.to_le_bytes());
 }

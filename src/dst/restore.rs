@@ -44,6 +44,50 @@ pub struct RestoreOptions {
     pub template: Option<String>,
 }
 
+/// The restore of `images` in `work`: `opts.template` through the shell, or `criu restore -d`
+/// (with `--lazy-pages` when `lazy`) logging to `work/restore.log`, pidfile `work/restore.pid`.
+pub(crate) fn restore_command(
+    criu: &Criu,
+    images: &Path,
+    work: &Path,
+    opts: &RestoreOptions,
+    lazy: bool,
+) -> Command {
+    let mut cmd = match &opts.template {
+        Some(t) => {
+            let line = t
+                .replace("{images}", &images.display().to_string())
+                .replace("{work}", &work.display().to_string());
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(line);
+            c
+        }
+        None => {
+            let mut c = criu.command();
+            c.arg("restore")
+                .arg("-D")
+                .arg(images)
+                .arg("-W")
+                .arg(work)
+                .arg("-o")
+                .arg(work.join("restore.log"))
+                .arg("-v4");
+            if lazy {
+                c.arg("--lazy-pages");
+            }
+            c.arg("-d")
+                .arg("--pidfile")
+                .arg(work.join("restore.pid"))
+                .args(&opts.extra);
+            c
+        }
+    };
+    cmd.current_dir(work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
 impl Restore {
     /// Starts the restore of `images` with `work` as its work directory.
     pub fn start(
@@ -54,36 +98,7 @@ impl Restore {
     ) -> Result<Restore, RestoreError> {
         let log = work.join("restore.log");
         let pidfile = work.join("restore.pid");
-        let mut cmd = match &opts.template {
-            Some(t) => {
-                let line = t
-                    .replace("{images}", &images.display().to_string())
-                    .replace("{work}", &work.display().to_string());
-                let mut c = Command::new("/bin/sh");
-                c.arg("-c").arg(line);
-                c
-            }
-            None => {
-                let mut c = criu.command();
-                c.arg("restore")
-                    .arg("-D")
-                    .arg(images)
-                    .arg("-W")
-                    .arg(work)
-                    .arg("-o")
-                    .arg(&log)
-                    .arg("-v4")
-                    .arg("--lazy-pages")
-                    .arg("-d")
-                    .arg("--pidfile")
-                    .arg(&pidfile)
-                    .args(&opts.extra);
-                c
-            }
-        };
-        cmd.current_dir(work)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        let mut cmd = restore_command(criu, images, work, opts, true);
         let child = cmd.spawn().map_err(|source| RestoreError::Spawn {
             what: format!("{cmd:?}"),
             source,

@@ -546,6 +546,31 @@ fn settle(
     }
 }
 
+/// Sends one image file to dst in chunks of at most [`IMAGE_CHUNK`] (an empty file is one empty
+/// last chunk).
+pub(crate) async fn send_image(ctl: &mut FrameSender, name: &str, data: Bytes) -> Result<()> {
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + IMAGE_CHUNK).min(data.len());
+        let last = end == data.len();
+        send_ctl(
+            ctl,
+            Msg::ImageChunk(ImageChunk {
+                name: name.to_string(),
+                offset: offset as u64,
+                data: data.slice(offset..end),
+                last,
+                mode: 0o600,
+            }),
+        )
+        .await?;
+        offset = end;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 /// Sends every image file except the lazy memory (which CRIU never wrote to disk);
 /// `before_done` runs just before the closing ImagesDone.
 pub(crate) async fn ship_images(
@@ -569,28 +594,8 @@ pub(crate) async fn ship_images(
         let data = tokio::fs::read(dir.join(name))
             .await
             .with_context(|| format!("reading image {name}"))?;
-        let data = Bytes::from(data);
-        let mut offset = 0usize;
-        loop {
-            let end = (offset + IMAGE_CHUNK).min(data.len());
-            let last = end == data.len();
-            send_ctl(
-                ctl,
-                Msg::ImageChunk(ImageChunk {
-                    name: name.clone(),
-                    offset: offset as u64,
-                    data: data.slice(offset..end),
-                    last,
-                    mode: 0o600,
-                }),
-            )
-            .await?;
-            offset = end;
-            if last {
-                break;
-            }
-        }
         total += data.len() as u64;
+        send_image(ctl, name, Bytes::from(data)).await?;
     }
     before_done();
     send_ctl(

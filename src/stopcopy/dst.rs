@@ -3,7 +3,7 @@
 //! (no lazy pages: every page is in the images).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
+use crate::dst::restore::restore_command;
 use crate::dst::service::DstOptions;
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
@@ -81,16 +82,9 @@ pub async fn migrate_in(
     let images_at = Instant::now();
     send_ctl(ctl, Msg::RestoreStarted(RestoreStarted { root_pid: 0 })).await?;
     let restored = {
-        let (criu, extra, template) = (
-            opts.criu.clone(),
-            opts.restore.extra.clone(),
-            opts.restore.template.clone(),
-        );
-        let (images, work) = (images.clone(), work.clone());
-        tokio::task::spawn_blocking(move || {
-            restore(&criu, &images, &work, &extra, template.as_deref())
-        })
-        .await?
+        let cmd = restore_command(&opts.criu, &images, &work, &opts.restore, false);
+        let log = work.join("restore.log");
+        tokio::task::spawn_blocking(move || restore(cmd, &log)).await?
     };
     if let Err(e) = restored {
         send_ctl(
@@ -184,44 +178,8 @@ async fn receive_session(
     }
 }
 
-/// Runs `criu restore -d` (or the user's template) and waits for it.
-fn restore(
-    criu: &crate::criu::binary::Criu,
-    images: &Path,
-    work: &Path,
-    extra: &[String],
-    template: Option<&str>,
-) -> Result<()> {
-    let log = work.join("restore.log");
-    let mut cmd = match template {
-        Some(t) => {
-            let line = t
-                .replace("{images}", &images.display().to_string())
-                .replace("{work}", &work.display().to_string());
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(line);
-            c
-        }
-        None => {
-            let mut c = criu.command();
-            c.arg("restore")
-                .arg("-D")
-                .arg(images)
-                .arg("-W")
-                .arg(work)
-                .arg("-o")
-                .arg(&log)
-                .arg("-v4")
-                .arg("-d")
-                .arg("--pidfile")
-                .arg(work.join("restore.pid"))
-                .args(extra);
-            c
-        }
-    };
-    cmd.current_dir(work)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+/// Runs the restore command (`criu restore -d` or the user's template) and waits for it.
+fn restore(mut cmd: Command, log: &Path) -> Result<()> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting the restore {cmd:?}"))?;
@@ -234,7 +192,7 @@ fn restore(
             bail!(
                 "the restore failed ({status}). Last lines of {}:\n{}",
                 log.display(),
-                log_tail(&log, 20)
+                log_tail(log, 20)
             );
         }
         if Instant::now() > deadline {

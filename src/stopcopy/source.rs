@@ -23,7 +23,7 @@ use crate::criu::page_server::{
 };
 use crate::keys::Identity;
 use crate::pb::pageserv::{
-    Control, Hello, ImageChunk, PsCreatePages, PsSessionDone, SourceReleased, control::Msg,
+    Control, Hello, PsCreatePages, PsSessionDone, SourceReleased, control::Msg,
 };
 use crate::source::service::{PROTOCOL_VERSION, next_ctl};
 use crate::stopcopy::dump::{self, StopCopyDump};
@@ -34,8 +34,6 @@ use crate::wire::{self, Frame};
 pub const ROLE_STOP_AND_COPY: &str = "src-stop-and-copy";
 /// Most pages in one Pages frame.
 const FRAME_PAGES: usize = wire::MAX_FRAME_PAGES as usize;
-/// Pagemap files travel in ImageChunks of at most this size.
-const CHUNK: usize = 1 << 20;
 
 /// Where the dump comes from.
 #[derive(Debug, Clone)]
@@ -406,27 +404,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     Output::Pagemap { name, bytes } => {
                         pagemap_files += 1;
                         pagemap_bytes += bytes.len() as u64;
-                        let bytes = bytes::Bytes::from(bytes);
-                        let mut off = 0;
-                        loop {
-                            let end = (off + CHUNK).min(bytes.len());
-                            let last = end == bytes.len();
-                            send_ctl(
-                                ctl,
-                                Msg::ImageChunk(ImageChunk {
-                                    name: name.clone(),
-                                    offset: off as u64,
-                                    data: bytes.slice(off..end),
-                                    last,
-                                    mode: 0o600,
-                                }),
-                            )
-                            .await?;
-                            off = end;
-                            if last {
-                                break;
-                            }
-                        }
+                        crate::source::service::send_image(ctl, &name, bytes.into()).await?;
                     }
                     Output::Closed { force } => {
                         send_ctl(

@@ -12,15 +12,14 @@
 //! uffd attached; pid 0 means "the memory is whole: let go".
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::time::Duration;
 
 use crate::criu::binary::pass_fds;
+use crate::dst::uffd_loop::kill::{Process, wait_exited};
 use crate::fdpass;
 
 const CTL_FD: i32 = 3;
@@ -73,8 +72,7 @@ impl UffdKeeper {
 }
 
 struct Held {
-    pid: i32,
-    pidfd: OwnedFd,
+    task: Process,
     _uffd: OwnedFd,
 }
 
@@ -98,23 +96,14 @@ pub fn keeper_main() -> std::io::Result<()> {
             return Ok(());
         }
         let Some(uffd) = fd else { continue };
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            tracing::warn!(
-                pid,
-                "cannot pin restored task: {}",
-                std::io::Error::last_os_error()
-            );
-            continue;
-        }
-        // SAFETY: a fresh descriptor from the kernel.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-        held.push(Held {
-            pid,
-            pidfd,
-            _uffd: uffd,
-        });
+        let task = match Process::open(pid) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(pid, "cannot pin restored task: {e}");
+                continue;
+            }
+        };
+        held.push(Held { task, _uffd: uffd });
     }
     if held.is_empty() {
         return Ok(());
@@ -124,39 +113,14 @@ pub fn keeper_main() -> std::io::Result<()> {
         "pageserv dst ended before the memory was whole: killing the restored tasks"
     );
     for h in &held {
-        // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                h.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        if let Err(e) = h.task.kill() {
+            tracing::error!(pid = h.task.pid, "cannot kill restored task: {e}");
+        }
     }
     // A pidfd turns readable when its process has exited; only then may the uffds close.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut alive: Vec<&Held> = held.iter().collect();
-    while !alive.is_empty() && Instant::now() < deadline {
-        let mut fds: Vec<PollFd> = alive
-            .iter()
-            .map(|h| PollFd::new(h.pidfd.as_fd(), PollFlags::POLLIN))
-            .collect();
-        let _ = poll(&mut fds, PollTimeout::from(100u16));
-        let done: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        alive = alive
-            .into_iter()
-            .zip(done)
-            .filter(|(_, d)| !d)
-            .map(|(h, _)| h)
-            .collect();
-    }
-    for h in &alive {
-        tracing::error!(pid = h.pid, "restored task did not die within 10 s");
+    let tasks: Vec<&Process> = held.iter().map(|h| &h.task).collect();
+    for pid in wait_exited(&tasks, Duration::from_secs(10)) {
+        tracing::error!(pid, "restored task did not die within 10 s");
     }
     Ok(())
 }

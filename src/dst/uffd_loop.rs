@@ -12,7 +12,7 @@
 
 mod engine;
 mod ioctl;
-mod kill;
+pub(crate) mod kill;
 mod place;
 
 use std::os::fd::OwnedFd;

@@ -10,7 +10,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// A process we may have to kill, pinned by a pidfd so a reused pid is never hit.
 #[derive(Debug)]
-pub(super) struct Process {
+pub(crate) struct Process {
     pub pid: i32,
     pidfd: OwnedFd,
 }
@@ -52,7 +52,7 @@ impl Process {
 
 /// Waits until every process has exited (its pidfd is readable), or `timeout` passes.
 /// Returns the pids still alive.
-pub(super) fn wait_exited(procs: &[&Process], timeout: Duration) -> Vec<i32> {
+pub(crate) fn wait_exited(procs: &[&Process], timeout: Duration) -> Vec<i32> {
     let deadline = Instant::now() + timeout;
     let mut alive: Vec<&Process> = procs.to_vec();
     while !alive.is_empty() {

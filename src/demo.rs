@@ -320,10 +320,17 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             None => Some(src.wait().context("waiting for pageserv src")?),
             Some(t) => wait_timeout(&mut src, t)?,
         };
-        let dst_status = wait_timeout(&mut dst, Duration::from_secs(90))?;
+        // With src killed, dst keeps the restored tasks waiting for it to come back: the retry
+        // below continues that migration.
+        let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
+            None
+        } else {
+            wait_timeout(&mut dst, Duration::from_secs(90))?
+        };
         Ok((src_status, dst_status))
     })?;
-    if matches!(fault, Some(faults::Fault::KillDst | faults::Fault::KillSrc)) {
+    let src_failed = !src_status.is_some_and(|s| s.success());
+    if fault.is_some() && src_failed {
         // The state the failure left, before anything retries.
         std::thread::sleep(Duration::from_millis(500));
         fault_report.source_state = faults::proc_state(pid);
@@ -334,14 +341,17 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         );
         if args.retry {
             let src_work = bed.dir.join("src").join(src_id.to_string());
-            dst_work = bed.dir.join("dst-retry");
-            let mut dst2 = start_dst(&dst_work, None)?;
+            if dst_status.is_some() || dst.try_wait()?.is_some() {
+                dst_work = bed.dir.join("dst-retry");
+                dst = start_dst(&dst_work, None)?;
+            }
             let mut src2 = bed
                 .in_src(&pageserv)
                 .args(["src", "--lazy", "--to", &dst_addr, "--certs"])
                 .arg(&src_certs)
                 .arg("--resume")
                 .arg(&src_work)
+                .args(&args.src_args)
                 .arg("--stats-json")
                 .arg(&src_json)
                 .stdin(Stdio::null())
@@ -349,7 +359,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .context("running pageserv src --resume")?;
             interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
-            dst_status = wait_timeout(&mut dst2, Duration::from_secs(60))?;
+            dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
             fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
         }

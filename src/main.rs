@@ -102,6 +102,34 @@ struct Common {
     stats_json: Option<PathBuf>,
 }
 
+/// How the two services treat a dead link.
+#[derive(Args)]
+struct LinkArgs {
+    /// Seconds without a packet after which the link counts as dead (QUIC's idle timeout; the
+    /// shorter of the two sides' applies). A shorter outage is only a pause.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    idle_timeout: f64,
+    /// After the link died mid post-copy: seconds src keeps reconnecting and dst keeps the
+    /// restored tasks waiting for it, with the source frozen, before each gives up (0: at once).
+    /// See README, "When things fail".
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    recover_timeout: f64,
+}
+
+impl LinkArgs {
+    fn idle(&self) -> Result<std::time::Duration> {
+        secs("--idle-timeout", self.idle_timeout)
+    }
+    fn recover(&self) -> Result<std::time::Duration> {
+        secs("--recover-timeout", self.recover_timeout)
+    }
+}
+
+fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{flag} takes a number of seconds >= 0, not {v}"))
+}
+
 #[derive(Args)]
 struct SrcArgs {
     /// Post-copy migration (pre-copy rounds come with --pre-copy).
@@ -157,6 +185,8 @@ struct SrcArgs {
     #[arg(long, hide = true, default_value_t = 0)]
     push_after_ms: u64,
     #[command(flatten)]
+    link: LinkArgs,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -185,6 +215,8 @@ struct DstArgs {
     /// With --max-migrations or --keep-serving: migrations running at once (more are refused).
     #[arg(long, default_value_t = 16)]
     max_concurrent: usize,
+    #[command(flatten)]
+    link: LinkArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -357,10 +389,12 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 push_transport: pageserv::transport::TransportOptions {
                     congestion: congestion(&a.congestion)?,
+                    idle_timeout: a.link.idle()?,
                     ..Default::default()
                 },
                 progress: true,
                 pre_copy: a.pre_copy.map(PreCopyConfig::new),
+                recover_timeout: a.link.recover()?,
             };
             let report = run_async(src_service::run(opts))?;
             eprint!("{}", report.render());
@@ -378,6 +412,11 @@ fn run(cli: Cli) -> Result<()> {
                     extra: a.common.criu_opts.clone(),
                     template: a.restore_cmd.clone(),
                 },
+                transport: pageserv::transport::TransportOptions {
+                    idle_timeout: a.link.idle()?,
+                    ..Default::default()
+                },
+                recover_timeout: a.link.recover()?,
             };
             if a.max_migrations.is_none() && !a.keep_serving {
                 let report = run_async(dst_service::run(opts))?;

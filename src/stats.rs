@@ -36,6 +36,8 @@ pub struct SourceReport {
     pub wire_bytes_after_freeze: u64,
     /// The source's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
+    /// Times the link to dst died mid post-copy and came back (see source::recovery).
+    pub reconnects: u64,
     pub pump: PumpStats,
     pub pre_copy: Option<PreCopyReport>,
 }
@@ -65,6 +67,8 @@ pub struct DstReport {
     /// Faults answered after the first background page arrived (the push sharing the link).
     pub fault_latency_during_push: LatencySummary,
     pub bytes_received: u64,
+    /// Times the source came back after the link died mid post-copy.
+    pub reconnects: u64,
     pub images_bytes: u64,
     /// Stop-and-copy: pages received in the page-server session.
     pub stop_and_copy_pages: u64,

@@ -94,7 +94,20 @@ fn killed_dst_leaves_a_frozen_source_that_a_retry_migrates() {
     if !can_run() {
         return;
     }
-    let (v, stderr) = demo("kill-dst", &["--mib", "128", "--kill", "dst", "--retry"]);
+    // src cannot tell a dead dst from a dead link: it reconnects until the recover timeout (or
+    // until a restarted dst says it has no such migration). 5 s keeps the test short.
+    let (v, stderr) = demo(
+        "kill-dst",
+        &[
+            "--mib",
+            "128",
+            "--kill",
+            "dst",
+            "--retry",
+            "--src-arg=--recover-timeout",
+            "--src-arg=5",
+        ],
+    );
     let f = &v["fault"];
     assert_eq!(
         f["source_state"], "t",
@@ -112,9 +125,10 @@ fn killed_dst_leaves_a_frozen_source_that_a_retry_migrates() {
 
 /// pageserv src is SIGKILLed mid post-copy. Without the dump keeper CRIU would read the closed
 /// socket as a successful end and kill the source (measured). With it the source stays frozen,
-/// dst kills its incomplete copy when the connection times out, and a retry completes.
+/// dst keeps the restored tasks waiting for their pages, and `pageserv src --resume` continues
+/// the same migration at the same dst (no second restore).
 #[test]
-fn killed_src_leaves_a_frozen_source_that_a_retry_migrates() {
+fn killed_src_is_resumed_into_the_same_dst() {
     if !can_run() {
         return;
     }
@@ -125,10 +139,100 @@ fn killed_src_leaves_a_frozen_source_that_a_retry_migrates() {
         "source not frozen after the failure: {f}\n{stderr}"
     );
     assert_eq!(
-        f["restored_alive_after_failure"], false,
-        "incomplete copy survived: {f}"
+        f["restored_alive_after_failure"], true,
+        "dst gave up on the restored copy at once: {f}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("dst still runs this migration: continuing it"),
+        "the retry did not rejoin the migration:\n{stderr}"
     );
     assert_eq!(f["retry_src_exit"], 0, "{stderr}");
     assert_eq!(f["retry_dst_exit"], 0, "{stderr}");
+    assert_eq!(v["dst"]["reconnects"], 1, "{}", v["dst"]);
     assert_verified("kill-src", &v, &stderr);
+    assert_all_placed("kill-src", &v["dst"]);
+}
+
+/// Every lazy page was placed exactly once: on demand, pushed, or as a zero page.
+fn assert_all_placed(name: &str, dst: &Value) {
+    let placed = dst["pages_on_demand"].as_u64().unwrap()
+        + dst["pages_pushed"].as_u64().unwrap()
+        + dst["pages_zero_lazy"].as_u64().unwrap();
+    assert_eq!(placed, dst["lazy_pages"].as_u64().unwrap(), "{name}: {dst}");
+}
+
+/// The link is down for 8 s, past a 2 s idle timeout: both QUIC connections die. src keeps the
+/// source frozen and reconnects; dst keeps the restored tasks waiting, tells the new link what
+/// it still lacks and asks again for every open fault. Nothing sent on the dead link is assumed.
+#[test]
+fn link_down_past_the_idle_timeout_reconnects_and_completes() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo(
+        "reconnect",
+        &[
+            "--mib",
+            "192",
+            "--cut-link",
+            "8",
+            "--src-arg=--idle-timeout",
+            "--src-arg=2",
+        ],
+    );
+    assert_verified("reconnect", &v, &stderr);
+    assert_eq!(v["src_exit"], 0);
+    assert_eq!(v["dst_exit"], 0);
+    assert!(
+        v["src"]["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "{stderr}"
+    );
+    assert!(
+        v["dst"]["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "{stderr}"
+    );
+    assert_all_placed("reconnect", &v["dst"]);
+}
+
+/// The link stays down past the recover timeout (4 s after a 2 s idle timeout): dst kills the
+/// restored copy before any missing page could read as zero, src leaves the source frozen and
+/// says how to retry; once the link is back, the retry into a restarted dst completes.
+#[test]
+fn link_down_past_the_recover_timeout_leaves_a_frozen_source() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo(
+        "recover-timeout",
+        &[
+            "--mib",
+            "128",
+            "--cut-link",
+            "10",
+            "--src-arg=--idle-timeout",
+            "--src-arg=2",
+            "--src-arg=--recover-timeout",
+            "--src-arg=4",
+            "--dst-arg=--recover-timeout",
+            "--dst-arg=4",
+            "--retry",
+        ],
+    );
+    let f = &v["fault"];
+    assert_eq!(
+        f["source_state"], "t",
+        "source not frozen after the failure: {f}\n{stderr}"
+    );
+    assert_eq!(
+        f["restored_alive_after_failure"], false,
+        "incomplete copy survived: {f}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("did not come back within the recover timeout"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the source stays FROZEN"), "{stderr}");
+    assert_eq!(f["retry_src_exit"], 0, "{stderr}");
+    assert_eq!(f["retry_dst_exit"], 0, "{stderr}");
+    assert_verified("recover-timeout", &v, &stderr);
 }

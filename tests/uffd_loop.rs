@@ -543,8 +543,13 @@ fn fork_child_gets_its_pages() {
     let (first, n) = (100u64, 64u64);
     let mut fds = [0; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // The fork blocks until the loop has read the FORK event.
-    let child = unsafe { libc::fork() };
+    // The fork blocks until the loop has read the FORK event. That loop runs in this process,
+    // so fork with the bare syscall: glibc's fork() holds every malloc arena lock across the
+    // syscall (its atfork handlers), and the loop allocating while it handles the event would
+    // then deadlock (measured: 4 hangs in 40 runs). A restored task is another process than
+    // dst, so this only concerns the test.
+    let child = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) }
+        as libc::pid_t;
     if child == 0 {
         // Child: async-signal-safe only. Reads pages nobody has copied yet.
         let sum = checksum(base + first * P, n);

@@ -29,7 +29,8 @@ pub struct FaultReport {
     pub source_state: String,
     /// After the failure: was the restored copy at dst still alive?
     pub restored_alive_after_failure: bool,
-    /// The retry (`pageserv src --resume` into a restarted dst) exit codes.
+    /// The retry's exit codes: `pageserv src --resume`, into the same dst if it still runs the
+    /// migration (src was killed), else into a restarted one.
     pub retry_src_exit: Option<i32>,
     pub retry_dst_exit: Option<i32>,
 }

@@ -148,6 +148,16 @@ impl ArrivalGuard {
     }
 
     /// Whether `pid` is a task of the restore.
+    /// The link to the source was replaced: nothing sent on the old one counts any more. The
+    /// new link pushes what dst reported missing (each page once again) and answers only the
+    /// requests registered after this.
+    pub fn reset_link(&mut self) {
+        for t in self.tasks.values_mut() {
+            t.pushed = Intervals::default();
+            t.requested.clear();
+        }
+    }
+
     pub fn knows(&self, pid: u32) -> bool {
         self.tasks.contains_key(&pid)
     }

@@ -5,6 +5,7 @@ pub mod image_sink;
 pub mod latency;
 pub mod lazy_socket;
 pub mod page_store;
+pub(crate) mod post_copy;
 pub mod regions;
 pub mod restore;
 pub mod server;

@@ -426,6 +426,21 @@ impl TaskMemory {
         None
     }
 
+    /// Image ranges requested for a fault and not yet in place, in address order.
+    pub fn in_flight_ranges(&self) -> Vec<PageRange> {
+        let mut out = Vec::new();
+        for p in &self.pieces {
+            let end = p.base + p.nr_pages;
+            let mut b = p.base;
+            while let Some(s) = self.in_flight.first_set(b, end) {
+                let e = self.in_flight.first_clear(s, end).unwrap_or(end);
+                out.push(PageRange::new(p.img + (s - p.base) * PAGE_SIZE, e - s));
+                b = e;
+            }
+        }
+        out
+    }
+
     /// Every missing (pending or in-flight) image range, in address order.
     pub fn missing_ranges(&self) -> Vec<PageRange> {
         let mut out = Vec::new();

@@ -5,7 +5,9 @@
 //! every connection, reads its hello, and either starts the per-migration code
 //! ([`service::migrate_in`], unchanged from the one-migration mode) with its own images, work
 //! directory, restore and fault thread, or hands the fault connection to the migration whose id
-//! it names. Migrations are independent: one failing ends only itself.
+//! it names. Migrations are independent: one failing ends only itself. A source whose link died
+//! mid post-copy comes back with a resume connection (role [`ROLE_RESUME`]) naming its migration
+//! id; it is routed the same way (see dst::post_copy).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,12 +15,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::dst::service::{self, DstOptions, FaultConns};
+use crate::dst::post_copy::Routed;
+use crate::dst::service::{self, DstOptions};
 use crate::keys::Identity;
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
+use crate::source::recovery::ROLE_RESUME;
 use crate::source::service::ROLE_FAULTS;
 use crate::stats::DstReport;
 use crate::transport::{self, FrameReceiver, FrameSender};
@@ -42,20 +46,14 @@ pub struct MigrationOutcome {
     pub report: Option<DstReport>,
 }
 
-type FaultConn = (quinn::Connection, FrameSender, FrameReceiver);
-
 /// A classified incoming connection.
 enum Arrival {
     Migration {
         conn: quinn::Connection,
         ctl: (FrameSender, FrameReceiver, Hello),
     },
-    Faults {
-        conn: quinn::Connection,
-        tx: FrameSender,
-        rx: FrameReceiver,
-        migration_id: String,
-    },
+    /// A fault connection or a resume, for the migration named `migration_id`.
+    Routed { migration_id: String, what: Routed },
 }
 
 /// Accepts migrations until `limits` says stop; calls `on_end` as each one ends (e.g. to write
@@ -66,7 +64,7 @@ pub async fn serve(
     mut on_end: impl FnMut(&MigrationOutcome),
 ) -> Result<Vec<MigrationOutcome>> {
     let id = Arc::new(Identity::load(&opts.certs)?);
-    let endpoint = transport::server(opts.listen, &id)
+    let endpoint = transport::server_with(opts.listen, &id, &opts.transport)
         .with_context(|| format!("listening on {}", opts.listen))?;
     tracing::info!(
         listen = %endpoint.local_addr()?,
@@ -76,8 +74,8 @@ pub async fn serve(
     );
     let opts = Arc::new(opts);
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Arrival>(64);
-    // Fault connections by migration id, for migrations that wait for theirs.
-    let mut waiting: HashMap<String, oneshot::Sender<FaultConn>> = HashMap::new();
+    // Each running migration's inbox for its fault and resume connections.
+    let mut routes: HashMap<String, mpsc::UnboundedSender<Routed>> = HashMap::new();
     let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
     // nothing here can cancel a half-accepted connection.
@@ -102,7 +100,7 @@ pub async fn serve(
                         Some("this dst takes no more migrations (--max-migrations reached)".to_string())
                     } else if running.len() >= limits.max_concurrent {
                         Some(format!("this dst is busy: {} migrations in progress", running.len()))
-                    } else if waiting.contains_key(&mid) || mid.is_empty() {
+                    } else if routes.contains_key(&mid) || mid.is_empty() {
                         Some(format!("migration id {mid:?} is empty or already in progress"))
                     } else {
                         None
@@ -113,32 +111,40 @@ pub async fn serve(
                         continue;
                     }
                     started += 1;
-                    let (fault_tx, fault_rx) = oneshot::channel();
-                    waiting.insert(mid.clone(), fault_tx);
+                    let (route_tx, route_rx) = mpsc::unbounded_channel();
+                    routes.insert(mid.clone(), route_tx);
                     let opts = opts.clone();
                     tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
                         let result =
-                            service::migrate_in(&opts, &conn, ctl, FaultConns::Routed(fault_rx)).await;
+                            service::migrate_in(&opts, &conn, ctl, route_rx).await;
                         (mid, conn, result)
                     });
                 }
-                Arrival::Faults { conn, tx, rx, migration_id } => match waiting.remove(&migration_id) {
-                    Some(slot) => {
-                        if slot.send((conn, tx, rx)).is_err() {
-                            tracing::warn!(migration = %migration_id, "fault connection for an ended migration");
+                Arrival::Routed { migration_id, what } => match routes.get(&migration_id) {
+                    Some(inbox) => {
+                        if let Err(e) = inbox.send(what) {
+                            tracing::warn!(migration = %migration_id, "connection for an ended migration: closed");
+                            refuse_routed(e.0, "this migration has ended".into());
                         }
                     }
                     None => {
-                        tracing::warn!(migration = %migration_id, "fault connection for no migration waiting for one: closed");
-                        conn.close(2u32.into(), b"no such migration");
+                        tracing::warn!(migration = %migration_id, "connection for no running migration: refused");
+                        refuse_routed(
+                            what,
+                            format!(
+                                "no migration {migration_id} runs here (it ended, or this dst was \
+                                 restarted): the source stays frozen; retry it with `pageserv src \
+                                 --resume DIR`"
+                            ),
+                        );
                     }
                 },
             },
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 let outcome = match joined {
                     Ok((mid, conn, result)) => {
-                        waiting.remove(&mid);
+                        routes.remove(&mid);
                         match &result {
                             Ok(_) => conn.close(0u32.into(), b"done"),
                             Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
@@ -197,11 +203,19 @@ async fn classify(conn: quinn::Connection) -> Result<Arrival> {
             .await
             .context("no hello within 30 s")??;
     Ok(if hello.role == ROLE_FAULTS {
-        Arrival::Faults {
-            conn,
-            tx,
-            rx,
-            migration_id: hello.migration_id,
+        Arrival::Routed {
+            migration_id: hello.migration_id.clone(),
+            what: Routed::Faults((conn, tx, rx)),
+        }
+    } else if hello.role == ROLE_RESUME {
+        Arrival::Routed {
+            migration_id: hello.migration_id.clone(),
+            what: Routed::Resume {
+                conn,
+                ctl: tx,
+                ctl_rx: rx,
+                hello,
+            },
         }
     } else {
         Arrival::Migration {
@@ -209,6 +223,16 @@ async fn classify(conn: quinn::Connection) -> Result<Arrival> {
             ctl: (tx, rx, hello),
         }
     })
+}
+
+/// Refuses a fault or resume connection: a resume learns why (src then stops retrying).
+fn refuse_routed(what: Routed, reason: String) {
+    match what {
+        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), b"no such migration"),
+        Routed::Resume { conn, ctl, .. } => {
+            tokio::spawn(refuse(conn, ctl, reason));
+        }
+    }
 }
 
 /// Tells a source why it is refused, then closes its connection.

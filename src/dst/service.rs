@@ -4,13 +4,14 @@
 //! `lazy-pages.socket` → start the restore → take each restored task's userfaultfd → the restore
 //! finishes (the tasks run from here) → serve faults and take the pushed pages until every lazy
 //! page is in place → tell the source → it ends the dump → close the uffds and exit.
+//! From the restore on, dst::post_copy drives the link (and its recovery).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
@@ -20,16 +21,16 @@ use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::page_store::PageStore;
+use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring, unix_ns};
 use crate::dst::restore::{Restore, RestoreOptions};
 use crate::dst::uffd_keeper::UffdKeeper;
-use crate::dst::uffd_loop::{self, Inbound, LoopSender, Outbound, UffdStats};
-use crate::keys::Identity;
+use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
 use crate::pages::PageRange;
 use crate::pb::pageserv::{
     Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
     control::Msg,
 };
-use crate::source::service::{PROTOCOL_VERSION, ROLE_FAULTS, next_ctl};
+use crate::source::service::{PROTOCOL_VERSION, next_ctl};
 use crate::stats::DstReport;
 use crate::stats::LatencySummary;
 use crate::transport::{self, FrameReceiver, FrameSender};
@@ -45,31 +46,30 @@ pub struct DstOptions {
     pub restore: RestoreOptions,
     /// Pages after a faulting page requested with it.
     pub readahead_pages: u64,
+    /// The endpoint's transport (its idle timeout above all: how soon a dead link is noticed).
+    pub transport: transport::TransportOptions,
+    /// How long a migration whose link died keeps its restored tasks waiting for the source to
+    /// reconnect (0: fail at once). See dst::post_copy.
+    pub recover_timeout: Duration,
 }
 
-/// Accepts one migration and runs it to the end.
+/// Accepts one migration and runs it to the end (the accept loop of dst/server.rs with a limit
+/// of one, so a source that reconnects mid post-copy finds its migration).
 pub async fn run(opts: DstOptions) -> Result<DstReport> {
-    let id = Identity::load(&opts.certs)?;
-    let endpoint = transport::server(opts.listen, &id)
-        .with_context(|| format!("listening on {}", opts.listen))?;
-    tracing::info!(listen = %endpoint.local_addr()?, "pageserv dst ready");
-    let (conn, _peer) = transport::accept(&endpoint, &id).await?;
-    let result = async {
-        let (ctl, ctl_rx, hello) = accept_control(&conn).await?;
-        let faults = FaultConns::Accept {
-            endpoint: &endpoint,
-            id: &id,
-        };
-        migrate_in(&opts, &conn, (ctl, ctl_rx, hello), faults).await
+    let limits = crate::dst::server::ServeLimits {
+        max_migrations: Some(1),
+        max_concurrent: 1,
+    };
+    let mut outcomes = crate::dst::server::serve(opts, limits, |_| {}).await?;
+    match outcomes.pop() {
+        Some(crate::dst::server::MigrationOutcome {
+            report: Some(r), ..
+        }) => Ok(r),
+        Some(o) => Err(anyhow!(
+            o.error.unwrap_or_else(|| "the migration failed".into())
+        )),
+        None => bail!("no migration arrived"),
     }
-    .await;
-    // Closing the endpoint closes the fault connection too; the peer learns why.
-    match &result {
-        Ok(_) => endpoint.close(0u32.into(), b"done"),
-        Err(e) => endpoint.close(1u32.into(), format!("{e:#}").as_bytes()),
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    result
 }
 
 /// Accepts a connection's first stream and reads its hello: a migration's control stream
@@ -90,49 +90,12 @@ pub(crate) async fn accept_control(
     Ok((ctl, ctl_rx, hello))
 }
 
-/// Where a migration's fault connection comes from.
-pub(crate) enum FaultConns<'a> {
-    /// The next connection on the endpoint (one migration at a time).
-    Accept {
-        endpoint: &'a quinn::Endpoint,
-        id: &'a Identity,
-    },
-    /// Handed over by the accept loop (dst/server.rs), which read its hello and matched the
-    /// migration id.
-    Routed(tokio::sync::oneshot::Receiver<(quinn::Connection, FrameSender, FrameReceiver)>),
-}
-
-impl FaultConns<'_> {
-    async fn next(
-        self,
-        migration_id: &str,
-    ) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
-        match self {
-            FaultConns::Accept { endpoint, id } => {
-                let (conn, _) = transport::accept(endpoint, id).await?;
-                let (tx, rx, hello) = accept_control(&conn)
-                    .await
-                    .context("accepting the fault stream")?;
-                if hello.role != ROLE_FAULTS || hello.migration_id != migration_id {
-                    bail!(
-                        "expected the source's fault connection for {migration_id}, got {hello:?}"
-                    );
-                }
-                Ok((conn, tx, rx))
-            }
-            FaultConns::Routed(rx) => rx.await.map_err(|_| {
-                anyhow!("the accept loop stopped before the fault connection arrived")
-            }),
-        }
-    }
-}
-
 /// Runs one migration whose control stream and hello `ctl` were accepted on `conn`.
 pub(crate) async fn migrate_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
-    faults: FaultConns<'_>,
+    mut routes: mpsc::UnboundedReceiver<Routed>,
 ) -> Result<DstReport> {
     let started = Instant::now();
     let mut report = DstReport::default();
@@ -173,10 +136,14 @@ pub(crate) async fn migrate_in(
 
     // The source's second connection carries only faults (see source::service); it must exist
     // before the restore starts, since restored tasks fault from their first instruction.
-    let (_fault_conn, mut fault_tx, fault_rx) =
-        tokio::time::timeout(Duration::from_secs(30), faults.next(&hello.migration_id))
-            .await
-            .context("the source did not open its fault connection within 30 s")??;
+    let fault = match tokio::time::timeout(Duration::from_secs(30), routes.recv()).await {
+        Ok(Some(Routed::Faults(f))) => f,
+        Ok(Some(Routed::Resume { .. })) => {
+            bail!("the source tried to resume a migration that has not started")
+        }
+        Ok(None) => bail!("the accept loop stopped before the fault connection arrived"),
+        Err(_) => bail!("the source did not open its fault connection within 30 s"),
+    };
 
     let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
     let images_dir = dir.join("images");
@@ -208,6 +175,7 @@ pub(crate) async fn migrate_in(
         lazy.insert(t.pid, ranges);
     }
     report.tasks = tasks.len() as u64;
+    let lazy_all = lazy.clone();
 
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
@@ -222,6 +190,8 @@ pub(crate) async fn migrate_in(
         UffdKeeper::spawn(&std::env::current_exe().context("locating the pageserv binary")?)
             .context("starting the uffd keeper")?,
     );
+    let held = keeper.clone();
+    let mut keeper = Some(keeper);
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
     let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
     send_ctl(
@@ -233,7 +203,6 @@ pub(crate) async fn migrate_in(
     // Hand the restore's uffds to the fault thread as they arrive.
     let nr_tasks = tasks.len();
     let to_loop = handle.sender();
-    let held = keeper.clone();
     let mut restore_side = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut rc = socket.accept_restore_within(nr_tasks, Duration::from_secs(120))?;
         for _ in 0..nr_tasks {
@@ -274,141 +243,135 @@ pub(crate) async fn migrate_in(
             }
         })?;
 
-    let held = Held {
-        store: store.clone(),
-        placed: pages_local.clone(),
+    let wiring = Wiring {
+        to_loop: handle.sender(),
+        held: Held {
+            store: store.clone(),
+            placed: pages_local.clone(),
+        },
+        recover_timeout: opts.recover_timeout,
+        lazy: lazy_all,
     };
-    let fault_reader = tokio::spawn(feed_pages(fault_rx, handle.sender(), true, held.clone()));
-    let push_conn = conn.clone();
-    let push_sender = handle.sender();
-    let push_reader = tokio::spawn(async move {
-        let recv = push_conn
-            .accept_uni()
-            .await
-            .context("waiting for the push stream")?;
-        feed_pages(FrameReceiver::new(recv), push_sender, false, held).await
-    });
+    let mut post = PostCopy::new(wiring, conn.clone(), ctl, ctl_rx, fault);
 
     // One loop for the whole post-copy: the restore may fault before it finishes, so faults are
     // forwarded from the first task on.
     let mut restored = false;
     let mut post_copy_start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let outcome: Result<()> = loop {
-        tokio::select! {
-            ev = ev_rx.recv() => match ev {
-                Some(Outbound::Fault { pid, img_vaddr, nr_pages }) => {
-                    fault_tx.send(&Frame::PageRequest { pid, vaddr: img_vaddr, nr_pages }).await?;
-                }
-                // The fault thread judges completion only after the restore finished, but the
-                // restore side may not have been polled yet: join it first.
-                Some(Outbound::Complete) if !restored => {
-                    if let Err(e) = (&mut restore_side).await.context("restore-side thread panicked").and_then(|r| r) {
-                        break Err(e);
-                    }
-                    restored = true;
-                    let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
-                    report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
-                    report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
-                    send_ctl(&mut ctl, Msg::RestoreFinished(RestoreFinished { finished_at_unix_ns: finished_ns })).await?;
-                    break Ok(());
-                }
-                Some(Outbound::Complete) => break Ok(()),
-                Some(Outbound::TaskGone { pid }) => tracing::info!(pid, "restored task exited"),
-                Some(Outbound::Error(e)) => break Err(anyhow!("fault thread: {e}")),
-                None => break Err(anyhow!("the fault thread stopped unexpectedly")),
-            },
+    let outcome: Result<End> = loop {
+        let step = tokio::select! {
+            s = post.next(&mut ev_rx, &mut routes, &mut tick) => s,
             r = &mut restore_side, if !restored => {
                 if let Err(e) = r.context("restore-side thread panicked").and_then(|r| r) {
                     break Err(e.context("taking the restored tasks' userfaultfds"));
                 }
                 restored = true;
-                let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
-                report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
-                report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
                 post_copy_start = Instant::now();
-                send_ctl(&mut ctl, Msg::RestoreFinished(RestoreFinished { finished_at_unix_ns: finished_ns })).await?;
-                tracing::info!(downtime_ms = report.downtime_ms, "restore finished; tasks running");
-            },
-            _ = tick.tick(), if !restored => {
-                if let Some(status) = restore.try_wait()?
+                restore_finished(&mut post, &mut report, frozen_at_ns, images_at).await?;
+                continue;
+            }
+        };
+        match step {
+            Err(e) => break Err(e),
+            Ok(Step::Done(end)) => break Ok(end),
+            Ok(Step::Idle) => {
+                if !restored
+                    && let Some(status) = restore.try_wait()?
                     && let Err(e) = restore.check(status)
                 {
                     break Err(e.into());
                 }
-            },
-            r = next_ctl(&mut ctl_rx) => match r {
-                Ok(Msg::Abort(a)) => break Err(anyhow!("the source aborted: {}", a.reason)),
-                Ok(other) => tracing::warn!("ignoring control message {other:?} during post-copy"),
-                Err(e) => break Err(e.context("control stream from the source")),
-            },
+            }
+            // The fault thread judges completion only after the restore finished, but the
+            // restore side may not have been polled yet: join it first.
+            Ok(Step::Event(Outbound::Complete)) => {
+                if !restored {
+                    if let Err(e) = (&mut restore_side)
+                        .await
+                        .context("restore-side thread panicked")
+                        .and_then(|r| r)
+                    {
+                        break Err(e);
+                    }
+                    restored = true;
+                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at).await?;
+                }
+                // Every lazy page is in place: the restored copy is the live one from now on.
+                if let Some(k) = keeper.take() {
+                    match Arc::try_unwrap(k) {
+                        Ok(k) => k.release(),
+                        Err(_) => tracing::warn!(
+                            "the uffd keeper is still shared; it stays until dst exits"
+                        ),
+                    }
+                }
+                report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
+                let c = stats.counters();
+                report.pages_on_demand = c.pages_copied_urgent;
+                report.pages_pushed = c.pages_copied_pushed;
+                report.pages_zero = c.zero_pages;
+                report.pages_zero_lazy = c.lazy_zero_pages;
+                report.faults = c.faults;
+                report.pages_local = pages_local.load(Relaxed);
+                report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
+                report.fault_latency_before_push =
+                    latency_summary(&stats.fault_latency_before_push, 0);
+                report.fault_latency_during_push =
+                    latency_summary(&stats.fault_latency_during_push, 0);
+                post.memory_whole(MemoryWhole {
+                    pages_on_demand: report.pages_on_demand,
+                    pages_pushed: report.pages_pushed,
+                    pages_zero: report.pages_zero,
+                    pages_local: report.pages_local,
+                })
+                .await;
+            }
+            Ok(Step::Event(Outbound::TaskGone { pid })) => {
+                tracing::info!(pid, "restored task exited")
+            }
+            Ok(Step::Event(Outbound::Error(e))) => break Err(anyhow!("fault thread: {e}")),
+            Ok(Step::Event(other)) => tracing::debug!("fault thread: {other:?}"),
         }
     };
-    if let Err(e) = outcome {
-        // Never let the kernel zero-fill what has not arrived: kill incomplete tasks first.
-        let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
-        tracing::warn!(?shut, "stopped the fault thread after a failure");
-        if !restored {
-            let reason = format!("{e:#}");
-            let tail = log_tail(&restore.log, 20);
-            send_ctl(
-                &mut ctl,
-                Msg::RestoreFailed(RestoreFailed {
+    report.reconnects = post.reconnects;
+    report.bytes_received = post.bytes_received();
+    let end = match outcome {
+        Ok(end) => end,
+        Err(e) => {
+            // Never let the kernel zero-fill what has not arrived: kill incomplete tasks first.
+            let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
+            tracing::warn!(?shut, "stopped the fault thread after a failure");
+            if !restored {
+                let reason = format!("{e:#}");
+                let tail = log_tail(&restore.log, 20);
+                let link_up = post.link_up();
+                post.tell(Msg::RestoreFailed(RestoreFailed {
                     reason,
                     log_tail: tail,
-                }),
-            )
-            .await
-            .ok();
-            restore.kill();
-            // src may resume the source only if it reads this report (see outcome): closing now
-            // could drop it in flight, so wait for src to close first (it does once it read it).
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                }))
+                .await;
+                restore.kill();
+                // src may resume the source only if it reads this report (see outcome): closing
+                // now could drop it in flight, so wait for src to close first (it does once it
+                // read it).
+                if link_up {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                }
+            }
+            post.close(1, format!("{e:#}").as_bytes());
+            return Err(e);
         }
-        fault_reader.abort();
-        push_reader.abort();
-        return Err(e);
+    };
+    if matches!(end, End::WholeNoRelease) {
+        tracing::warn!("the source did not confirm it ended its dump; check it is gone there");
     }
-    // Every lazy page is in place: the restored copy is the live one from now on.
-    match Arc::try_unwrap(keeper) {
-        Ok(k) => k.release(),
-        Err(_) => tracing::warn!("the uffd keeper is still shared; it stays until dst exits"),
-    }
-    report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
-    let c = stats.counters();
-    report.pages_on_demand = c.pages_copied_urgent;
-    report.pages_pushed = c.pages_copied_pushed;
-    report.pages_zero = c.zero_pages;
-    report.pages_zero_lazy = c.lazy_zero_pages;
-    report.faults = c.faults;
-    report.pages_local = pages_local.load(Relaxed);
-    report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
-    report.fault_latency_before_push = latency_summary(&stats.fault_latency_before_push, 0);
-    report.fault_latency_during_push = latency_summary(&stats.fault_latency_during_push, 0);
-    send_ctl(
-        &mut ctl,
-        Msg::MemoryWhole(MemoryWhole {
-            pages_on_demand: report.pages_on_demand,
-            pages_pushed: report.pages_pushed,
-            pages_zero: report.pages_zero,
-            pages_local: report.pages_local,
-        }),
-    )
-    .await?;
-    match next_ctl(&mut ctl_rx).await {
-        Ok(Msg::SourceReleased(r)) if !r.dump_ok => {
-            tracing::warn!("the source's dump did not end cleanly: {}", r.detail)
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("no release message from the source: {e:#}"),
-    }
+    post.close(0, b"done");
     handle
         .send(Inbound::Shutdown {
             kill_incomplete: false,
         })
         .ok();
-    fault_reader.abort();
-    push_reader.abort();
     drop(store);
     // `criu restore -d` exits once the tree is released; reap it.
     for _ in 0..100 {
@@ -417,100 +380,30 @@ pub(crate) async fn migrate_in(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    report.bytes_received = conn.stats().udp_rx.bytes;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }
 
-/// The pre-copied pages dst holds, and how many of them were confirmed and placed.
-#[derive(Clone)]
-struct Held {
-    store: Option<Arc<PageStore>>,
-    placed: Arc<AtomicU64>,
-}
-
-/// Feeds page frames from one stream into the fault thread.
-async fn feed_pages(
-    mut rx: FrameReceiver,
-    to_loop: LoopSender,
-    urgent: bool,
-    held: Held,
+/// The restore finished: the tasks run. Tells the source (or a resumed source learns it from
+/// ResumeReady).
+async fn restore_finished(
+    post: &mut PostCopy,
+    report: &mut DstReport,
+    frozen_at_ns: u64,
+    images_at: Instant,
 ) -> Result<()> {
-    while let Some(frame) = rx.next().await? {
-        let inbound = match frame {
-            // The source confirmed these pre-copied pages equal the frozen ones: only now may
-            // they be placed.
-            Frame::Valid {
-                pid,
-                vaddr,
-                nr_pages,
-                bitmap,
-            } => {
-                let Some(store) = &held.store else {
-                    bail!("the source confirmed pre-copied pages, but it pre-copied none");
-                };
-                let runs = tokio::task::block_in_place(|| {
-                    store.take_valid(pid, vaddr, nr_pages.into(), &bitmap)
-                })?;
-                for r in runs {
-                    held.placed.fetch_add(r.nr_pages, Relaxed);
-                    // Runs are within one frame: at most MAX_FRAME_PAGES pages.
-                    let nr_pages = r.nr_pages as u32;
-                    let msg = match r.data {
-                        Some(data) => Inbound::Pages {
-                            pid,
-                            img_vaddr: r.vaddr,
-                            nr_pages,
-                            data,
-                            urgent,
-                        },
-                        None => Inbound::Zero {
-                            pid,
-                            img_vaddr: r.vaddr,
-                            nr_pages,
-                            urgent,
-                        },
-                    };
-                    tokio::task::block_in_place(|| to_loop.send(msg))?;
-                }
-                continue;
-            }
-            Frame::Pages {
-                pid,
-                vaddr,
-                nr_pages,
-                data,
-            } => Inbound::Pages {
-                pid,
-                img_vaddr: vaddr,
-                nr_pages,
-                data,
-                urgent,
-            },
-            Frame::Zero {
-                pid,
-                vaddr,
-                nr_pages,
-            } => Inbound::Zero {
-                pid,
-                img_vaddr: vaddr,
-                nr_pages,
-                urgent,
-            },
-            Frame::Refused {
-                pid,
-                vaddr,
-                nr_pages,
-                reason,
-            } => bail!(
-                "the source refused pages 0x{vaddr:x}+{nr_pages} of pid {pid} (reason {reason}): \
-                 the images and the dump disagree"
-            ),
-            other => bail!("unexpected frame on a page stream: {other:?}"),
-        };
-        // The loop's background queue is bounded: block this worker rather than buffer memory.
-        tokio::task::block_in_place(|| to_loop.send(inbound))?;
-    }
+    let finished_ns = unix_ns()?;
+    post.finished_at_ns = Some(finished_ns);
+    report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
+    report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
+    post.tell(Msg::RestoreFinished(RestoreFinished {
+        finished_at_unix_ns: finished_ns,
+    }))
+    .await;
+    tracing::info!(
+        downtime_ms = report.downtime_ms,
+        "restore finished; tasks running"
+    );
     Ok(())
 }
 

@@ -63,6 +63,10 @@ pub enum Inbound {
     },
     /// Every task is restored (the restore sent 0x52535446): completion can now be judged.
     RestoreFinished,
+    /// The link to the source was re-established: everything the old link delivered has been
+    /// queued before this. Answered with [`Outbound::Resumed`]; fault requests sent before it
+    /// are void (the answer lists every request still open).
+    Resume { serial: u64 },
     /// Stop after everything sent before this. With `kill_incomplete`, processes whose lazy
     /// memory is not all in place are SIGKILLed (and reaped or 5 s passed) before their uffds
     /// close, so none of them ever reads a zero page instead of its data.
@@ -85,6 +89,14 @@ pub enum Outbound {
     Complete,
     /// Something failed that needs a decision (usually Shutdown{kill_incomplete: true}).
     Error(String),
+    /// The answer to [`Inbound::Resume`]: per image pid of a task handed over so far, its lazy
+    /// ranges not yet in place (merged over the pid's processes; empty if they all exited), and
+    /// the fault requests still open, to send again on the new link.
+    Resumed {
+        serial: u64,
+        missing: std::collections::BTreeMap<u32, Vec<PageRange>>,
+        requests: Vec<(u32, PageRange)>,
+    },
 }
 
 /// Tuning of the fault thread.
@@ -212,7 +224,8 @@ impl LoopSender {
     pub fn send(&self, msg: Inbound) -> Result<(), LoopError> {
         let urgent = match &msg {
             Inbound::Pages { urgent, .. } => *urgent,
-            Inbound::Shutdown { .. } => false,
+            // Behind every page the old link queued.
+            Inbound::Shutdown { .. } | Inbound::Resume { .. } => false,
             _ => true,
         };
         let tx = if urgent { &self.urgent } else { &self.bulk };

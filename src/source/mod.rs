@@ -5,4 +5,5 @@ pub mod keeper;
 pub mod pre_copy;
 pub mod pump;
 pub mod push_plan;
+pub mod recovery;
 pub mod service;

@@ -34,6 +34,25 @@ pub struct Served {
     pub data: Bytes,
 }
 
+/// What the service hands the pump besides control: dst's fault requests, and after a reconnect
+/// the new plan.
+#[derive(Debug)]
+pub enum PumpInput {
+    Fault(UrgentRequest),
+    /// The link was re-established (generation `generation`): push exactly `missing` from now on
+    /// and drop every answer fetched for an earlier generation (dst re-asks what it still lacks).
+    /// The reply says how many pages are left, or why dst's list is refused.
+    Replan {
+        generation: u64,
+        missing: Vec<(u32, Vec<crate::pages::PageRange>)>,
+        reply: tokio::sync::oneshot::Sender<Result<u64, RequestRejected>>,
+    },
+}
+
+/// Pump output tagged with the link generation it was fetched for: a writer of a later
+/// generation drops it (see [`PumpInput::Replan`]).
+pub type Tagged<T> = (u64, T);
+
 /// The answer to one fault request.
 #[derive(Debug)]
 pub enum FaultReply {
@@ -110,9 +129,10 @@ pub enum PumpError {
     ServiceGone,
 }
 
+/// What a GET queued inside CRIU was for, and for which link generation.
 enum Tag {
-    Fault,
-    Background(mpsc::OwnedPermit<Served>, u64),
+    Fault(u64),
+    Background(mpsc::OwnedPermit<Tagged<Served>>, u64, u64),
 }
 
 /// Runs the pump until `control` says Finish (returns after CRIU acknowledged the close) or
@@ -124,16 +144,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     force_close: bool,
     mut plan: PushPlan,
     cfg: PumpConfig,
-    mut faults: mpsc::UnboundedReceiver<UrgentRequest>,
-    replies: mpsc::UnboundedSender<FaultReply>,
-    push: mpsc::Sender<Served>,
+    mut faults: mpsc::UnboundedReceiver<PumpInput>,
+    replies: mpsc::UnboundedSender<Tagged<FaultReply>>,
+    push: mpsc::Sender<Tagged<Served>>,
     mut control: watch::Receiver<Option<PumpControl>>,
 ) -> Result<PumpStats, PumpError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut client = GetClient::new(layout);
     let mut tags: VecDeque<Tag> = VecDeque::new();
     let mut waiting: VecDeque<UrgentRequest> = VecDeque::new();
-    let mut permits: Vec<mpsc::OwnedPermit<Served>> = Vec::new();
+    let mut permits: Vec<mpsc::OwnedPermit<Tagged<Served>>> = Vec::new();
+    let mut generation = 0u64;
     let mut stats = PumpStats::default();
     let mut out = BytesMut::with_capacity(4096);
     let mut finishing = false;
@@ -146,7 +167,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // Decide what CRIU serves next: faults first, then background while the push has room.
         while let Some(req) = waiting.pop_front() {
             client.request(req.pid, req.vaddr, u64::from(req.nr_pages), &mut out)?;
-            tags.push_back(Tag::Fault);
+            tags.push_back(Tag::Fault(generation));
             stats.gets += 1;
         }
         let background_queued = tags
@@ -161,7 +182,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             match plan.next_batch(cfg.batch_pages) {
                 Some(b) => {
                     client.request(b.pid, b.vaddr, b.nr_pages, &mut out)?;
-                    tags.push_back(Tag::Background(permit, b.nr_pages));
+                    tags.push_back(Tag::Background(permit, b.nr_pages, generation));
                     stats.gets += 1;
                 }
                 None => permits.push(permit),
@@ -203,14 +224,23 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 push_at = None;
                 pushing = cfg.push;
             }
-            req = faults.recv(), if faults_open => match req {
+            input = faults.recv(), if faults_open => match input {
+                Some(PumpInput::Replan { generation: g, missing, reply }) => {
+                    let r = plan.replan(missing);
+                    if r.is_ok() {
+                        generation = g;
+                        // Requests of the dead link not yet sent to CRIU: dst asks again.
+                        waiting.clear();
+                    }
+                    let _ = reply.send(r);
+                }
                 // dst reported its memory whole: a request still on its way (the fault
                 // connection is not ordered with the control stream) needs no answer, and the
                 // session may already be closing.
-                Some(req) if finishing => {
+                Some(PumpInput::Fault(req)) if finishing => {
                     tracing::debug!(pid = req.pid, vaddr = req.vaddr, "fault request after memory whole: ignored");
                 }
-                Some(req) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {
+                Some(PumpInput::Fault(req)) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {
                     Ok(pieces) => {
                         plan.note_fault(req.pid, req.vaddr);
                         for (vaddr, n) in pieces {
@@ -221,7 +251,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(why) => {
                         stats.refused += 1;
                         tracing::warn!(%why, "refusing a page request from dst");
-                        replies.send(FaultReply::Refused { request: req, why }).map_err(|_| PumpError::ServiceGone)?;
+                        replies.send((generation, FaultReply::Refused { request: req, why })).map_err(|_| PumpError::ServiceGone)?;
                     }
                 },
                 None => faults_open = false,
@@ -238,18 +268,21 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                             stats.bytes_from_dump += reply.data.len() as u64;
                             let served = Served { pid: reply.pid, vaddr: reply.vaddr, nr_pages: reply.nr_pages, data: reply.data };
                             match tags.pop_front() {
-                                Some(Tag::Fault) => {
+                                // Fetched for a dead link: dst's missing list already has these
+                                // pages, and the plan was rebuilt from it.
+                                Some(Tag::Fault(g) | Tag::Background(_, _, g)) if g != generation => {}
+                                Some(Tag::Fault(_)) => {
                                     stats.fault_pages += served.nr_pages;
-                                    replies.send(FaultReply::Pages(served)).map_err(|_| PumpError::ServiceGone)?;
+                                    replies.send((generation, FaultReply::Pages(served))).map_err(|_| PumpError::ServiceGone)?;
                                 }
-                                Some(Tag::Background(permit, asked)) => {
+                                Some(Tag::Background(permit, asked, _)) => {
                                     if served.nr_pages < asked {
                                         // CRIU clamps at its pipe-buffer end; the rest goes back to the plan.
                                         let rest = served.vaddr + served.nr_pages * crate::pages::PAGE_SIZE;
                                         plan.mark_unsent(served.pid, rest, asked - served.nr_pages);
                                     }
                                     stats.pushed_pages += served.nr_pages;
-                                    permit.send(served);
+                                    permit.send((generation, served));
                                 }
                                 // GetClient refuses replies nobody asked for, so this cannot happen.
                                 None => return Err(PumpError::Eof(0)),

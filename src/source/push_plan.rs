@@ -284,6 +284,36 @@ impl PushPlan {
         }
     }
 
+    /// After a reconnect: the unsent set becomes exactly `missing` (what dst reports it still
+    /// lacks), whatever the plan believed was sent before; the push starts over from the first
+    /// range. Returns the pages now unsent. A missing range that is no lazy range of the dump is
+    /// refused: dst and the dump disagree, and nothing unchecked may reach CRIU.
+    pub fn replan(
+        &mut self,
+        missing: impl IntoIterator<Item = (u32, Vec<PageRange>)>,
+    ) -> Result<u64, RequestRejected> {
+        let mut pieces = Vec::new();
+        for (pid, ranges) in missing {
+            for r in ranges {
+                for (vaddr, n) in self.split_request(pid, r.start, r.nr_pages)? {
+                    pieces.push((pid, vaddr, n));
+                }
+            }
+        }
+        for task in &mut self.tasks {
+            for r in &mut task.ranges {
+                r.unsent.fill(0);
+            }
+        }
+        self.remaining = 0;
+        for (pid, vaddr, n) in pieces {
+            self.mark_unsent(pid, vaddr, n);
+        }
+        self.hints.clear();
+        self.cursor = (0, 0);
+        Ok(self.remaining)
+    }
+
     /// The next batch to push, at most `max_pages` long and inside one lazy range, already
     /// marked as sent. `None` once every page is sent.
     pub fn next_batch(&mut self, max_pages: u64) -> Option<Batch> {
@@ -378,6 +408,40 @@ mod tests {
             }
         }
         assert_eq!(seen.len() as u64, p.total_pages());
+        assert_eq!(p.remaining_pages(), 0);
+    }
+
+    #[test]
+    fn replan_pushes_exactly_the_missing_pages() {
+        let mut p = plan();
+        while p.next_batch(64).is_some() {}
+        let missing = vec![
+            (7, vec![PageRange::new(0x10000 + 10 * P, 5)]),
+            (
+                9,
+                vec![
+                    PageRange::new(0x400000, 2),
+                    PageRange::new(0x400000 + 129 * P, 1),
+                ],
+            ),
+        ];
+        assert_eq!(p.replan(missing), Ok(8));
+        let mut seen = BTreeSet::new();
+        while let Some(b) = p.next_batch(64) {
+            for i in 0..b.nr_pages {
+                assert!(seen.insert((b.pid, b.vaddr + i * P)), "page pushed twice");
+            }
+        }
+        let want: BTreeSet<(u32, u64)> = (10..15)
+            .map(|i| (7, 0x10000 + i * P))
+            .chain([(9, 0x400000), (9, 0x400000 + P), (9, 0x400000 + 129 * P)])
+            .collect();
+        assert_eq!(seen, want);
+        // A range dst calls missing that the dump never had lazy is refused, plan untouched.
+        assert!(
+            p.replan(vec![(7, vec![PageRange::new(0x90000, 1)])])
+                .is_err()
+        );
         assert_eq!(p.remaining_pages(), 0);
     }
 

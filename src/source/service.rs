@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,15 +21,20 @@ use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
-use crate::pb::pageserv::{Control, Hello, ImageChunk, ImagesDone, SourceReleased, control::Msg};
+use crate::pb::pageserv::{
+    Control, Hello, ImageChunk, ImagesDone, ResumeReady, SourceReleased, control::Msg,
+};
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
 use crate::source::keeper::KeeperLink;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
-use crate::source::pump::{self, FaultReply, PumpConfig, PumpControl, Served, UrgentRequest};
+use crate::source::pump::{
+    self, FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged, UrgentRequest,
+};
 use crate::source::push_plan::{PushPlan, RequestRejected};
+use crate::source::recovery::{self, Link, MissingList, Reconnect};
 use crate::stats::SourceReport;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
@@ -69,10 +75,41 @@ pub struct SourceOptions {
     pub progress: bool,
     /// Pre-copy rounds before the freeze (needs [`DumpSource::Pid`]).
     pub pre_copy: Option<PreCopyConfig>,
+    /// How long to keep reconnecting after the link died mid post-copy (0: never; the source
+    /// then stays frozen at once). See [`recovery`].
+    pub recover_timeout: Duration,
+}
+
+impl SourceOptions {
+    /// The fault connection's transport: defaults, but the push connection's idle timeout, so a
+    /// dead link is noticed on both at the same time.
+    fn fault_transport(&self) -> transport::TransportOptions {
+        transport::TransportOptions {
+            idle_timeout: self.push_transport.idle_timeout,
+            keep_alive: self.push_transport.keep_alive,
+            ..Default::default()
+        }
+    }
+}
+
+/// A migration id nobody can guess: with it, a reconnecting source continues the migration at
+/// dst, so it must name this migration and no other.
+fn new_migration_id() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the migration id")?;
+    Ok(format!(
+        "m{}-{}-{:016x}",
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        std::process::id(),
+        u64::from_ne_bytes(bytes)
+    ))
 }
 
 /// The wildcard local address of `to`'s family, port chosen by the kernel.
-fn any_addr(to: SocketAddr) -> SocketAddr {
+pub(crate) fn any_addr(to: SocketAddr) -> SocketAddr {
     let ip: std::net::IpAddr = if to.is_ipv4() {
         std::net::Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -94,17 +131,81 @@ pub(crate) async fn connect_control(
     Ok((conn, FrameSender::new(send), FrameReceiver::new(recv)))
 }
 
+/// The file in a dump's work directory that names its migration, so `pageserv src --resume`
+/// can first try to continue that migration at dst.
+pub const MIGRATION_ID_FILE: &str = "migration-id";
+
+/// How a migration's first link came about.
+struct Start {
+    link: Link,
+    fault_stream: (FrameSender, FrameReceiver),
+    migration_id: String,
+    pre: Option<(HeldMemory, PreCopyReport)>,
+    /// Continuing a migration dst still runs (`--resume` after src died): what dst lacks.
+    rejoin: Option<(MissingList, ResumeReady)>,
+    wire_at_freeze: u64,
+}
+
 /// Runs one migration out of this host.
 pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
-    let (conn, mut ctl, mut ctl_rx) = connect_control(&id, opts.to, &opts.push_transport).await?;
+    if let DumpSource::Resume { work } = &opts.dump
+        && let Ok(old) = std::fs::read_to_string(work.join(MIGRATION_ID_FILE))
+        && let Some(start) = rejoin(&opts, &id, old.trim()).await
+    {
+        return drive(&opts, &id, start, started).await;
+    }
+    let start = start_fresh(&opts, &id).await?;
+    drive(&opts, &id, start, started).await
+}
 
-    let migration_id = format!(
-        "m{}-{}",
-        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
-        std::process::id()
-    );
+/// `--resume`: if dst still runs the migration this dump belonged to (only src died), continue
+/// it there; `None` if dst does not (it ended or restarted), and the retry starts over.
+async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Option<Start> {
+    let r = Reconnect {
+        id,
+        to: opts.to,
+        migration_id,
+        criu_version: opts.criu.version.to_string(),
+        push_transport: &opts.push_transport,
+        fault_transport: &opts.fault_transport(),
+    };
+    let deadline = tokio::time::Instant::now()
+        + opts
+            .push_transport
+            .idle_timeout
+            .min(Duration::from_secs(15));
+    match recovery::reconnect(&r, deadline).await {
+        Ok(resumed) => {
+            tracing::info!(
+                migration = migration_id,
+                "dst still runs this migration: continuing it"
+            );
+            let wire_at_freeze = resumed.link.tx_bytes();
+            Some(Start {
+                link: resumed.link,
+                fault_stream: resumed.fault_stream,
+                migration_id: migration_id.to_string(),
+                pre: None,
+                rejoin: Some((resumed.missing, resumed.ready)),
+                wire_at_freeze,
+            })
+        }
+        Err(e) => {
+            tracing::info!(
+                "not continuing migration {migration_id} at dst ({e:#}): starting it over from the frozen dump"
+            );
+            None
+        }
+    }
+}
+
+/// A new migration: hello, the fault connection, pre-copy rounds.
+async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
+    let (conn, mut ctl, mut ctl_rx) = connect_control(id, opts.to, &opts.push_transport).await?;
+
+    let migration_id = new_migration_id()?;
     send_ctl(
         &mut ctl,
         Msg::Hello(Hello {
@@ -133,9 +234,10 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
 
     // Faults get a connection of their own: on the push connection a fault reply would queue
     // behind every pushed byte already in flight, which no stream priority can overtake.
-    let fault_conn = transport::connect(any_addr(opts.to), opts.to, &id)
-        .await
-        .with_context(|| format!("opening the fault connection to {}", opts.to))?;
+    let fault_conn =
+        transport::connect_with(any_addr(opts.to), opts.to, id, &opts.fault_transport())
+            .await
+            .with_context(|| format!("opening the fault connection to {}", opts.to))?;
     let (fault_send, fault_recv) = fault_conn
         .open_bi()
         .await
@@ -171,32 +273,89 @@ pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
         ),
         (None, _) => None,
     };
-    let wire_at_freeze = conn.stats().udp_tx.bytes + fault_conn.stats().udp_tx.bytes;
+    let link = Link {
+        conn,
+        fault_conn,
+        ctl,
+        ctl_rx,
+    };
+    let wire_at_freeze = link.tx_bytes();
+    Ok(Start {
+        link,
+        fault_stream,
+        migration_id,
+        pre,
+        rejoin: None,
+        wire_at_freeze,
+    })
+}
 
+/// The dump's work directory (where its keeper listens), if pageserv has one.
+fn dump_work_dir(opts: &SourceOptions) -> Option<PathBuf> {
+    match &opts.dump {
+        DumpSource::Pid { .. } => Some(opts.work_dir.clone()),
+        DumpSource::Resume { work } => Some(work.clone()),
+        DumpSource::External { .. } => None,
+    }
+}
+
+/// From the freeze to the end: opens (or takes over) the dump and runs the migration.
+async fn drive(
+    opts: &SourceOptions,
+    id: &Identity,
+    start: Start,
+    started: Instant,
+) -> Result<SourceReport> {
     // From here on the tasks are frozen: every failure path must resume or keep them.
-    let (mut dump, mut keeper) = open_dump(&opts).await?;
+    let (mut dump, mut keeper) = open_dump(opts).await?;
     let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
     let frozen_at = dump.started_at;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "dump ready, tasks frozen"
     );
+    if let Some(dir) = dump_work_dir(opts)
+        && let Err(e) = std::fs::write(dir.join(MIGRATION_ID_FILE), &start.migration_id)
+    {
+        tracing::warn!(dir = %dir.display(), "cannot record the migration id (a --resume will start over): {e}");
+    }
 
-    let result = migrate(
-        &opts,
-        &conn,
+    let Start {
+        mut link,
         fault_stream,
-        &mut ctl,
-        &mut ctl_rx,
+        migration_id,
+        pre,
+        rejoin,
+        wire_at_freeze,
+    } = start;
+    let reconnect = Reconnect {
+        id,
+        to: opts.to,
+        migration_id: &migration_id,
+        criu_version: opts.criu.version.to_string(),
+        push_transport: &opts.push_transport,
+        fault_transport: &opts.fault_transport(),
+    };
+    // Bytes sent on links that died before the current one.
+    let mut wire_dead_links = 0u64;
+    let result = migrate(
+        opts,
+        &mut link,
+        &reconnect,
+        &mut wire_dead_links,
+        fault_stream,
         &mut dump,
         frozen_at,
         &mut keeper,
         earlier_attempt,
         pre,
+        rejoin,
     )
     .await;
-    let wire_after_freeze = (conn.stats().udp_tx.bytes + fault_conn.stats().udp_tx.bytes)
-        .saturating_sub(wire_at_freeze);
+    let wire_after_freeze = (wire_dead_links + link.tx_bytes()).saturating_sub(wire_at_freeze);
+    let Link {
+        conn, fault_conn, ..
+    } = link;
     fault_conn.close(0u32.into(), b"done");
     match result {
         Ok(mut report) => {
@@ -308,15 +467,16 @@ fn open_dump_blocking(
 #[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
-    conn: &quinn::Connection,
+    link: &mut Link,
+    reconnect: &Reconnect<'_>,
+    wire_dead_links: &mut u64,
     fault_stream: (FrameSender, FrameReceiver),
-    ctl: &mut FrameSender,
-    ctl_rx: &mut FrameReceiver,
     dump: &mut ReadyDump,
     frozen_at: SystemTime,
     keeper: &mut Option<KeeperLink>,
     earlier_attempt: bool,
     pre: Option<(HeldMemory, PreCopyReport)>,
+    rejoin: Option<(MissingList, ResumeReady)>,
 ) -> Result<SourceReport> {
     let mut knows = SourceKnows {
         earlier_attempt,
@@ -346,15 +506,21 @@ async fn migrate(
         plan.prioritize(|pid, range| v.held().heat(pid, range));
     }
     report.lazy_pages = plan.total_pages();
-    let shipped = ship_images(ctl, &dump.images_dir, frozen_at, || {
-        // Before ImagesDone leaves: from then on dst may restore, and the keeper must know it
-        // even if this process dies the next instant.
+    let shipped = if rejoin.is_some() {
+        // dst restored from the images the dead src shipped.
         knows.images_shipped = true;
-        if let Some(k) = keeper.as_mut() {
-            k.images_shipped();
-        }
-    })
-    .await;
+        Ok(0)
+    } else {
+        ship_images(&mut link.ctl, &dump.images_dir, frozen_at, || {
+            // Before ImagesDone leaves: from then on dst may restore, and the keeper must know
+            // it even if this process dies the next instant.
+            knows.images_shipped = true;
+            if let Some(k) = keeper.as_mut() {
+                k.images_shipped();
+            }
+        })
+        .await
+    };
     let shipped = match shipped {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -368,12 +534,13 @@ async fn migrate(
     };
     report.images_bytes = shipped;
 
-    // The pump owns the dump's socket from here; the control flow below only steers it.
-    let (fault_tx, fault_rx) = mpsc::unbounded_channel::<UrgentRequest>();
-    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<FaultReply>();
+    // The pump owns the dump's socket from here; the control flow below only steers it. It
+    // outlives any one link to dst: a reconnect only replaces the tasks that write to QUIC.
+    let (pump_tx, pump_rx) = mpsc::unbounded_channel::<PumpInput>();
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Tagged<FaultReply>>();
     // Each slot holds one fetched batch (at most 4 MiB): this bounds what the source buffers
     // when QUIC is slower than CRIU.
-    let (push_tx, push_rx) = mpsc::channel::<Served>(PUSH_SLOTS);
+    let (push_tx, push_rx) = mpsc::channel::<Tagged<Served>>(PUSH_SLOTS);
     let (control_tx, control_rx) = watch::channel(None);
     let layout = opts.criu.layout();
     let conn_taken = std::mem::replace(
@@ -385,46 +552,65 @@ async fn migrate(
             s.set_nonblocking(true)?;
             let s = tokio::net::UnixStream::from_std(s)?;
             tokio::spawn(pump::run(
-                s, layout, true, plan, opts.pump, fault_rx, reply_tx, push_tx, control_rx,
+                s, layout, true, plan, opts.pump, pump_rx, reply_tx, push_tx, control_rx,
             ))
         }
         PageServerConn::Tcp(s) => {
             s.set_nonblocking(true)?;
             let s = tokio::net::TcpStream::from_std(s)?;
             tokio::spawn(pump::run(
-                s, layout, false, plan, opts.pump, fault_rx, reply_tx, push_tx, control_rx,
+                s, layout, false, plan, opts.pump, pump_rx, reply_tx, push_tx, control_rx,
             ))
         }
     };
 
-    let push_send = conn.open_uni().await.context("opening the push stream")?;
-    push_send.set_priority(transport::PUSH_PRIORITY)?;
-    let pusher = tokio::spawn(push_pages(
-        FrameSender::new(push_send),
-        push_rx,
-        report.lazy_pages,
-        opts.progress,
-        validator.clone(),
-    ));
-    let faults = tokio::spawn(serve_faults(
-        fault_stream,
-        fault_tx,
-        reply_rx,
-        validator.clone(),
-    ));
+    let writers = Writers {
+        push_rx: Arc::new(tokio::sync::Mutex::new(push_rx)),
+        reply_rx: Arc::new(tokio::sync::Mutex::new(reply_rx)),
+        to_pump: pump_tx.clone(),
+        validator: validator.clone(),
+        counters: Arc::new(PushCounters::default()),
+        bar: opts.progress.then(|| {
+            crate::stats::progress_bar(report.lazy_pages * crate::pages::PAGE_SIZE, "pushing")
+        }),
+    };
+    let mut generation = 0u64;
+    if let Some((missing, ready)) = rejoin {
+        generation = 1;
+        let left = match replan(&pump_tx, generation, missing).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = control_tx.send(Some(PumpControl::Detach));
+                let _ = pump_task.await;
+                return Err(settle(e, &mut knows, keeper, dump));
+            }
+        };
+        tracing::info!(missing_pages = left, "pushing what dst still lacks");
+        if ready.restore_finished {
+            restore_finished(
+                &mut knows,
+                &mut report,
+                &control_tx,
+                frozen_at,
+                ready.finished_at_unix_ns,
+            )?;
+        }
+    }
+    let mut tasks = writers.start(link, fault_stream, generation).await?;
 
-    // Wait for the restore to finish and the memory to become whole.
-    let mut restored = false;
+    // Wait for the restore to finish and the memory to become whole, across reconnects.
     let outcome: Result<()> = loop {
-        match next_ctl(ctl_rx).await {
+        let msg = next_ctl(&mut link.ctl_rx).await;
+        match msg {
             Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
             Ok(Msg::RestoreFinished(f)) => {
-                restored = true;
-                knows.restore_finished = true;
-                let _ = control_tx.send(Some(PumpControl::StartPush));
-                let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
-                report.downtime_ms = f.finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
-                tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");
+                restore_finished(
+                    &mut knows,
+                    &mut report,
+                    &control_tx,
+                    frozen_at,
+                    f.finished_at_unix_ns,
+                )?;
             }
             Ok(Msg::RestoreFailed(f)) => {
                 knows.dst_reported_restore_failed = true;
@@ -443,11 +629,53 @@ async fn migrate(
             }
             Ok(Msg::Abort(a)) => break Err(anyhow!("dst aborted the migration: {}", a.reason)),
             Ok(other) => tracing::warn!("ignoring unexpected control message {other:?}"),
-            Err(e) => break Err(e.context("control stream from dst")),
+            Err(e) => {
+                let recoverable = knows.images_shipped
+                    && !opts.recover_timeout.is_zero()
+                    && recovery::link_lost(&link.conn);
+                if !recoverable {
+                    break Err(e.context("control stream from dst"));
+                }
+                tracing::warn!(
+                    recover_timeout_s = opts.recover_timeout.as_secs_f64(),
+                    "the link to dst died mid post-copy ({e:#}); the source stays frozen while \
+                     pageserv reconnects"
+                );
+                tasks.stop().await;
+                *wire_dead_links += link.tx_bytes();
+                let deadline = tokio::time::Instant::now() + opts.recover_timeout;
+                let resumed = match recovery::reconnect(reconnect, deadline).await {
+                    Ok(r) => r,
+                    Err(re) => break Err(re.context(format!("the link to dst died ({e:#})"))),
+                };
+                generation += 1;
+                report.reconnects += 1;
+                let left = match replan(&pump_tx, generation, resumed.missing).await {
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                tracing::info!(
+                    generation,
+                    missing_pages = left,
+                    "pushing what dst still lacks"
+                );
+                *link = resumed.link;
+                if resumed.ready.restore_finished && !knows.restore_finished {
+                    restore_finished(
+                        &mut knows,
+                        &mut report,
+                        &control_tx,
+                        frozen_at,
+                        resumed.ready.finished_at_unix_ns,
+                    )?;
+                }
+                tasks = writers
+                    .start(link, resumed.fault_stream, generation)
+                    .await?;
+            }
         }
     };
 
-    let _ = restored;
     let action = outcome::source_action(knows);
     let decision = match action {
         SourceAction::End => PumpControl::Finish,
@@ -456,17 +684,19 @@ async fn migrate(
     };
     let _ = control_tx.send(Some(decision));
     let pump_stats = pump_task.await.context("the pump task panicked")?;
-    faults.abort();
-    let push_stats = pusher.await.context("the push task panicked")?;
+    let push_result = tasks.finish().await;
+    if let Some(b) = &writers.bar {
+        b.finish_and_clear();
+    }
     if let Err(e) = outcome {
         return Err(settle(e, &mut knows, keeper, dump));
     }
     let pump_stats = pump_stats?;
-    let push_stats = push_stats?;
+    push_result?;
     report.pump = pump_stats;
-    report.push_frames = push_stats.frames;
-    report.push_bytes = push_stats.bytes;
-    report.zero_pages = push_stats.zero_pages;
+    report.push_frames = writers.counters.frames.load(Relaxed);
+    report.push_bytes = writers.counters.bytes.load(Relaxed);
+    report.zero_pages = writers.counters.zero_pages.load(Relaxed);
     if let (Some(r), Some(v)) = (&mut pre_report, &validator) {
         r.sweep = v.stats();
     }
@@ -484,15 +714,142 @@ async fn migrate(
         k.release();
     }
     send_ctl(
-        ctl,
+        &mut link.ctl,
         Msg::SourceReleased(SourceReleased {
             dump_ok,
             detail: String::new(),
         }),
     )
     .await?;
-    ctl.finish();
+    link.ctl.finish();
     Ok(report)
+}
+
+/// Hands the pump dst's missing list for link `generation`; returns the pages to push.
+async fn replan(
+    pump_tx: &mpsc::UnboundedSender<PumpInput>,
+    generation: u64,
+    missing: MissingList,
+) -> Result<u64> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    pump_tx
+        .send(PumpInput::Replan {
+            generation,
+            missing,
+            reply,
+        })
+        .map_err(|_| anyhow!("the pump stopped during the reconnect"))?;
+    match answer.await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(why)) => Err(anyhow!(
+            "dst's list of missing pages does not match the dump ({why}): is it the same migration?"
+        )),
+        Err(_) => Err(anyhow!("the pump stopped during the reconnect")),
+    }
+}
+
+/// dst reported the restore finished (restored tasks run): start the push.
+fn restore_finished(
+    knows: &mut SourceKnows,
+    report: &mut SourceReport,
+    control_tx: &watch::Sender<Option<PumpControl>>,
+    frozen_at: SystemTime,
+    finished_at_unix_ns: u64,
+) -> Result<()> {
+    knows.restore_finished = true;
+    let _ = control_tx.send(Some(PumpControl::StartPush));
+    let frozen = frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    report.downtime_ms = finished_at_unix_ns.saturating_sub(frozen) as f64 / 1e6;
+    tracing::info!(downtime_ms = report.downtime_ms, "restore finished at dst");
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct PushCounters {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    zero_pages: AtomicU64,
+}
+
+/// What the per-link writer tasks share across reconnects: the pump's output queues (a writer
+/// holds a queue's lock while it lives), its input, and the counters.
+struct Writers {
+    push_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Tagged<Served>>>>,
+    reply_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
+    to_pump: mpsc::UnboundedSender<PumpInput>,
+    validator: Option<Arc<Validator>>,
+    counters: Arc<PushCounters>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// The writer tasks of one link.
+struct LinkTasks {
+    /// `None` once stopped.
+    pusher: Option<tokio::task::JoinHandle<Result<()>>>,
+    faults: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Writers {
+    /// Opens the push stream on `link` and starts its pusher and fault server for `generation`.
+    async fn start(
+        &self,
+        link: &Link,
+        fault_stream: (FrameSender, FrameReceiver),
+        generation: u64,
+    ) -> Result<LinkTasks> {
+        let push_send = link
+            .conn
+            .open_uni()
+            .await
+            .context("opening the push stream")?;
+        push_send.set_priority(transport::PUSH_PRIORITY)?;
+        let pusher = tokio::spawn(push_pages(
+            FrameSender::new(push_send),
+            self.push_rx.clone(),
+            generation,
+            self.bar.clone(),
+            self.validator.clone(),
+            self.counters.clone(),
+        ));
+        let faults = tokio::spawn(serve_faults(
+            fault_stream,
+            self.to_pump.clone(),
+            self.reply_rx.clone(),
+            generation,
+            self.validator.clone(),
+        ));
+        Ok(LinkTasks {
+            pusher: Some(pusher),
+            faults: Some(faults),
+        })
+    }
+}
+
+impl LinkTasks {
+    /// The link died: stop writing to it. What was taken from the queues and not delivered is
+    /// in dst's missing list when the link comes back.
+    async fn stop(&mut self) {
+        for task in [self.pusher.take(), self.faults.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// The pump has ended: the pusher drains what is queued and finishes its stream (a stopped
+    /// link has nothing to finish).
+    async fn finish(mut self) -> Result<()> {
+        if let Some(f) = self.faults.take() {
+            f.abort();
+            let _ = f.await;
+        }
+        match self.pusher.take() {
+            Some(p) => p.await.context("the push task panicked")?,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sends CRIU a command it does not know: the lazy session fails and CRIU resumes the source.
@@ -610,11 +967,14 @@ pub(crate) async fn ship_images(
     Ok(total)
 }
 
-/// Reads dst's fault requests, forwards its requests to the pump and sends the pump's answers.
+/// Reads dst's fault requests on one link, forwards them to the pump and sends the pump's
+/// answers of this link's `generation` (answers fetched for a dead link are dropped: dst asks
+/// again).
 async fn serve_faults(
     (mut tx, mut rx): (FrameSender, FrameReceiver),
-    to_pump: mpsc::UnboundedSender<UrgentRequest>,
-    mut from_pump: mpsc::UnboundedReceiver<FaultReply>,
+    to_pump: mpsc::UnboundedSender<PumpInput>,
+    from_pump: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
+    generation: u64,
     validator: Option<Arc<Validator>>,
 ) -> Result<()> {
     let reader = async move {
@@ -625,14 +985,12 @@ async fn serve_faults(
                     vaddr,
                     nr_pages,
                 } => {
-                    if to_pump
-                        .send(UrgentRequest {
-                            pid,
-                            vaddr,
-                            nr_pages,
-                        })
-                        .is_err()
-                    {
+                    let req = UrgentRequest {
+                        pid,
+                        vaddr,
+                        nr_pages,
+                    };
+                    if to_pump.send(PumpInput::Fault(req)).is_err() {
                         break;
                     }
                 }
@@ -644,7 +1002,11 @@ async fn serve_faults(
         Ok::<(), anyhow::Error>(())
     };
     let writer = async move {
-        while let Some(reply) = from_pump.recv().await {
+        let mut from_pump = from_pump.lock().await;
+        while let Some((g, reply)) = from_pump.recv().await {
+            if g != generation {
+                continue;
+            }
             match reply {
                 FaultReply::Pages(s) => {
                     send_served(&mut tx, s, validator.as_deref()).await?;
@@ -671,38 +1033,32 @@ async fn serve_faults(
     Ok(())
 }
 
-#[derive(Debug, Default)]
-struct PushStats {
-    frames: u64,
-    bytes: u64,
-    zero_pages: u64,
-}
-
-/// Writes background batches to the push stream, zero pages as Zero frames.
+/// Writes this link's background batches to its push stream, zero pages as Zero frames; ends
+/// (finishing the stream) when the pump is done.
 async fn push_pages(
     mut tx: FrameSender,
-    mut rx: mpsc::Receiver<Served>,
-    total_pages: u64,
-    progress: bool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Tagged<Served>>>>,
+    generation: u64,
+    bar: Option<indicatif::ProgressBar>,
     validator: Option<Arc<Validator>>,
-) -> Result<PushStats> {
-    let bar = progress
-        .then(|| crate::stats::progress_bar(total_pages * crate::pages::PAGE_SIZE, "pushing"));
-    let mut stats = PushStats::default();
-    while let Some(s) = rx.recv().await {
+    counters: Arc<PushCounters>,
+) -> Result<()> {
+    let mut rx = rx.lock().await;
+    while let Some((g, s)) = rx.recv().await {
+        if g != generation {
+            continue;
+        }
         let bytes = s.data.len() as u64;
-        stats.zero_pages += send_served(&mut tx, s, validator.as_deref()).await?;
-        stats.frames += 1;
-        stats.bytes += bytes;
+        let zero = send_served(&mut tx, s, validator.as_deref()).await?;
+        counters.zero_pages.fetch_add(zero, Relaxed);
+        counters.frames.fetch_add(1, Relaxed);
+        counters.bytes.fetch_add(bytes, Relaxed);
         if let Some(b) = &bar {
             b.inc(bytes);
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     tx.finish();
-    Ok(stats)
+    Ok(())
 }
 
 /// Sends one fetched batch, splitting out zero pages; returns how many were zero. After a
@@ -740,7 +1096,7 @@ async fn send_served(
     Ok(zero)
 }
 
-async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+pub(crate) async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
     ctl.send(&Frame::Control(Control { msg: Some(msg) }))
         .await
         .context("sending on the control stream")

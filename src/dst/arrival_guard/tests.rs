@@ -194,3 +194,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_new_link_voids_what_the_old_one_owed() {
+    let mut g = guard();
+    g.requested(7, 0x10000, 2);
+    assert_eq!(g.admit(7, 0x12000, 4, false), Ok(()));
+    g.reset_link();
+    // The old link's answer is void; the new link may push what the old one pushed.
+    assert!(matches!(
+        g.admit(7, 0x10000, 2, true),
+        Err(Refusal::NotRequested { .. })
+    ));
+    assert_eq!(g.admit(7, 0x12000, 4, false), Ok(()));
+    // A request registered again after the reset is answered once, on the new link.
+    g.requested(7, 0x10000, 2);
+    assert_eq!(g.admit(7, 0x10000, 2, true), Ok(()));
+    assert!(g.admit(7, 0x10000, 2, true).is_err());
+}

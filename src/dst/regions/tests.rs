@@ -400,3 +400,29 @@ fn complete_only_when_nothing_missing() {
     assert!(mem.on_pages(0x10000, 4).next_op().is_none());
     assert_eq!(mem.on_fault(0x10000), FaultAction::Zero);
 }
+
+#[test]
+fn in_flight_ranges_are_the_open_fault_requests() {
+    let mut mem =
+        TaskMemory::new(3, &[PageRange::new(0x10000, 4), PageRange::new(0x20000, 8)]).unwrap();
+    for rt in [0x11000, 0x12000, 0x25000] {
+        assert!(matches!(mem.on_fault(rt), FaultAction::Request { .. }));
+    }
+    assert_eq!(
+        mem.in_flight_ranges(),
+        vec![PageRange::new(0x11000, 2), PageRange::new(0x25000, 1)]
+    );
+    // An answer settles its pages; what is still missing includes the rest in flight.
+    let mut plan = mem.on_pages(0x11000, 2);
+    let op = plan.next_op().unwrap();
+    plan.placed(&op, op.nr_pages);
+    assert_eq!(mem.in_flight_ranges(), vec![PageRange::new(0x25000, 1)]);
+    assert_eq!(
+        mem.missing_ranges(),
+        vec![
+            PageRange::new(0x10000, 1),
+            PageRange::new(0x13000, 1),
+            PageRange::new(0x20000, 8)
+        ]
+    );
+}

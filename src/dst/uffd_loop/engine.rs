@@ -26,8 +26,11 @@ mod arrive;
 mod shutdown;
 
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Background bytes placed per round before the uffds are polled again.
-const BULK_BUDGET: u64 = 4 << 20;
+/// Background bytes placed per round before the uffds and the urgent queue are looked at again.
+/// One UFFDIO_COPY of a whole 4 MiB push batch takes ~1.1 ms here, and a fault read or answered
+/// behind it waits that long; background batches are therefore placed in pieces of this size
+/// (~70 us each), with a new round (epoll, fault answers) between pieces.
+const BULK_BUDGET: u64 = 256 << 10;
 /// Control messages and fault answers handled per round.
 const URGENT_BUDGET: usize = 256;
 
@@ -85,6 +88,8 @@ pub(super) struct Engine {
     deferred: Vec<(u64, u64, Instant)>,
     /// Arrivals the kernel refused with EAGAIN.
     retrying: Vec<arrive::Arrival>,
+    /// Pieces of a background arrival not placed yet, one per round (see [`BULK_BUDGET`]).
+    pieces: std::collections::VecDeque<arrive::Arrival>,
     restore_finished: bool,
     complete_sent: bool,
     out_closed: bool,
@@ -129,6 +134,7 @@ impl Engine {
             waiting: BTreeMap::new(),
             deferred: Vec::new(),
             retrying: Vec::new(),
+            pieces: std::collections::VecDeque::new(),
             restore_finished: false,
             complete_sent: false,
             out_closed: false,
@@ -140,13 +146,14 @@ impl Engine {
         loop {
             // Refused copies are retried every millisecond: the event that blocks them is
             // usually readable by then.
-            let timeout = if !self.urgent.is_empty() || !self.bulk.is_empty() {
-                EpollTimeout::ZERO
-            } else if !self.deferred.is_empty() || !self.retrying.is_empty() {
-                EpollTimeout::from(1u8)
-            } else {
-                EpollTimeout::NONE
-            };
+            let timeout =
+                if !self.urgent.is_empty() || !self.bulk.is_empty() || !self.pieces.is_empty() {
+                    EpollTimeout::ZERO
+                } else if !self.deferred.is_empty() || !self.retrying.is_empty() {
+                    EpollTimeout::from(1u8)
+                } else {
+                    EpollTimeout::NONE
+                };
             let n = match self.epoll.wait(&mut ready, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
@@ -177,6 +184,13 @@ impl Engine {
             }
             let mut budget = BULK_BUDGET;
             while budget > 0 {
+                // A message's pieces go before the next message: Shutdown and Resume stay behind
+                // every page queued before them.
+                if let Some(piece) = self.pieces.pop_front() {
+                    budget = budget.saturating_sub(piece.bytes().max(PAGE_SIZE));
+                    self.place_piece(piece);
+                    continue;
+                }
                 match self.bulk.try_recv() {
                     Ok(msg) => {
                         budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
@@ -234,9 +248,50 @@ impl Engine {
                     self.handle(msg);
                 }
             }
+            Inbound::Resume { serial } => self.resume(serial),
             Inbound::Shutdown { kill_incomplete } => return Some(kill_incomplete),
         }
         None
+    }
+
+    /// A new link to the source: void what the old one owed, report what is still missing and
+    /// register the open fault requests again (the service re-sends them).
+    fn resume(&mut self, serial: u64) {
+        // Fault answers of the old link still queued go first: after the reset they would
+        // answer requests that only the new link may answer.
+        while let Ok(msg) = self.urgent.try_recv() {
+            if self.handle(msg).is_some() {
+                warn!("a shutdown on the urgent queue during a resume is ignored");
+            }
+        }
+        self.guard.reset_link();
+        let mut missing: BTreeMap<u32, Vec<PageRange>> =
+            self.known_pids.iter().map(|&p| (p, Vec::new())).collect();
+        let mut requests = Vec::new();
+        for view in self.views.values() {
+            let pid = view.mem.pid();
+            missing
+                .entry(pid)
+                .or_default()
+                .extend(view.mem.missing_ranges());
+            requests.extend(view.mem.in_flight_ranges().into_iter().map(|r| (pid, r)));
+        }
+        for ranges in missing.values_mut() {
+            *ranges = merge_ranges(std::mem::take(ranges));
+        }
+        for &(pid, r) in &requests {
+            self.guard.requested(pid, r.start, r.nr_pages);
+        }
+        info!(
+            missing_pages = missing.values().flatten().map(|r| r.nr_pages).sum::<u64>(),
+            open_requests = requests.len(),
+            "link to the source replaced"
+        );
+        self.send(Outbound::Resumed {
+            serial,
+            missing,
+            requests,
+        });
     }
 
     fn add_task(&mut self, pid: i32, uffd: OwnedFd, lazy: &[PageRange], host_pid: Option<i32>) {
@@ -473,6 +528,22 @@ impl Engine {
         error!("{msg}");
         self.send(Outbound::Error(msg));
     }
+}
+
+/// Sorted, overlapping or touching ranges joined.
+fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
+    ranges.sort();
+    let mut out: Vec<PageRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end() => {
+                let end = last.end().max(r.end());
+                last.nr_pages = (end - last.start) / PAGE_SIZE;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 fn msg_bytes(msg: &Inbound) -> u64 {

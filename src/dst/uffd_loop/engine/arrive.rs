@@ -21,6 +21,8 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 /// Background data held until the restore finishes. pageserv src pushes only after it, so this
 /// bounds what a misbehaving source can make dst hold.
 const MAX_EARLY_BYTES: u64 = 64 << 20;
+/// Pages of one background piece (see the engine's BULK_BUDGET).
+const PIECE_PAGES: u64 = 64;
 
 /// Pages on their way into the views of one image pid.
 pub(super) struct Arrival {
@@ -32,6 +34,25 @@ pub(super) struct Arrival {
     /// Views done with it; fork children created meanwhile are not, and get it too.
     finished: BTreeSet<u64>,
     since: Instant,
+}
+
+impl Arrival {
+    fn new(pid: u32, img: u64, nr: u64, data: Option<Bytes>, urgent: bool) -> Self {
+        Arrival {
+            pid,
+            img,
+            nr,
+            data,
+            urgent,
+            finished: BTreeSet::new(),
+            since: Instant::now(),
+        }
+    }
+
+    /// Data bytes it carries (0 for a zero run).
+    pub(super) fn bytes(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64)
+    }
 }
 
 impl Engine {
@@ -86,16 +107,32 @@ impl Engine {
             debug!(pid, img, nr, "pages for a task that is gone: dropped");
             return;
         }
-        let arrival = Arrival {
-            pid,
-            img,
-            nr,
-            data,
-            urgent,
-            finished: BTreeSet::new(),
-            since: Instant::now(),
-        };
-        if let Some(left) = self.place_arrival(arrival) {
+        if !urgent && nr > PIECE_PAGES {
+            // Placed a piece per loop round, so faults are not kept waiting (see BULK_BUDGET).
+            // Each piece is an arrival of its own: a fork between two pieces gets the later ones.
+            let mut at = 0;
+            while at < nr {
+                let n = PIECE_PAGES.min(nr - at);
+                let piece_data = data
+                    .as_ref()
+                    .map(|d| d.slice((at * PAGE_SIZE) as usize..((at + n) * PAGE_SIZE) as usize));
+                self.pieces.push_back(Arrival::new(
+                    pid,
+                    img + at * PAGE_SIZE,
+                    n,
+                    piece_data,
+                    false,
+                ));
+                at += n;
+            }
+            return;
+        }
+        self.place_piece(Arrival::new(pid, img, nr, data, urgent));
+    }
+
+    /// Places an admitted arrival (or one piece of it), keeping what the kernel refused.
+    pub(super) fn place_piece(&mut self, a: Arrival) {
+        if let Some(left) = self.place_arrival(a) {
             self.retrying.push(left);
         }
     }

@@ -1,0 +1,673 @@
+//! dst from the restore's start to the end of the migration: forward faults to the source, feed
+//! its pages to the fault thread, tell it when the memory is whole, and survive the link dying.
+//!
+//! The link (control, fault and push streams of one pair of QUIC connections) may die at any
+//! time after the images arrived. Then the restored tasks simply wait on their faults (never a
+//! zero page), and this loop waits up to the recover timeout for the source to come back with a
+//! resume connection (source::recovery). On resume: the fault thread voids what the old link owed
+//! and reports what is still missing ([`Inbound::Resume`]); the source gets that list and pushes
+//! it again; dst re-sends every fault request still open. Past the timeout the migration fails:
+//! incomplete tasks are killed, and the source (frozen) can be retried.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::dst::page_store::PageStore;
+use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
+use crate::pages::PageRange;
+use crate::pb::pageserv::{Control, Hello, Missing, ResumeReady, control::Msg};
+use crate::source::recovery::link_lost;
+use crate::source::service::next_ctl;
+use crate::transport::{FrameReceiver, FrameSender};
+use crate::wire::Frame;
+
+/// How long a resumed source has to open its fault connection after ResumeReady.
+const FAULT_CONN_WAIT: Duration = Duration::from_secs(10);
+/// Ranges per Missing message (16 bytes each on the wire).
+const MISSING_CHUNK: usize = 16 * 1024;
+
+pub(crate) type FaultConn = (quinn::Connection, FrameSender, FrameReceiver);
+
+/// Connections the accept loop (dst/server.rs) routes to a running migration by its id.
+pub(crate) enum Routed {
+    Faults(FaultConn),
+    /// A source continuing this migration on a new link; its resume hello has been read.
+    Resume {
+        conn: quinn::Connection,
+        ctl: FrameSender,
+        ctl_rx: FrameReceiver,
+        hello: Hello,
+    },
+}
+
+/// The pre-copied pages dst holds, and how many of them were confirmed and placed.
+#[derive(Clone)]
+pub(crate) struct Held {
+    pub store: Option<Arc<PageStore>>,
+    pub placed: Arc<AtomicU64>,
+}
+
+/// What a link's reader tasks report, tagged with the link's generation.
+enum LinkEvent {
+    Ctl(Msg),
+    Failed(anyhow::Error),
+}
+
+/// One live link to the source.
+pub(crate) struct Link {
+    generation: u64,
+    conn: quinn::Connection,
+    fault_conn: quinn::Connection,
+    ctl: FrameSender,
+    fault_tx: FrameSender,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Link {
+    fn lost(&self) -> bool {
+        link_lost(&self.conn) || link_lost(&self.fault_conn)
+    }
+
+    fn stop(self) -> quinn::Connection {
+        for r in &self.readers {
+            r.abort();
+        }
+        self.conn
+    }
+
+    pub(crate) fn bytes_received(&self) -> u64 {
+        self.conn.stats().udp_rx.bytes + self.fault_conn.stats().udp_rx.bytes
+    }
+}
+
+/// Where the link stands.
+enum LinkState {
+    Up(Link),
+    /// Lost; waiting for a resume connection.
+    Down,
+    /// A resume connection arrived and the fault thread was asked what is missing.
+    Resuming {
+        conn: quinn::Connection,
+        ctl: FrameSender,
+        ctl_rx: FrameReceiver,
+        serial: u64,
+        /// Once the fault thread answered: the fault requests to send again.
+        requests: Option<Vec<(u32, PageRange)>>,
+        fault_deadline: Option<tokio::time::Instant>,
+    },
+}
+
+/// The migration's side of the fault thread and the link.
+pub(crate) struct Wiring {
+    pub to_loop: LoopSender,
+    pub held: Held,
+    pub recover_timeout: Duration,
+    /// Per image pid, every lazy range (for tasks not handed over yet at a resume).
+    pub lazy: BTreeMap<u32, Vec<PageRange>>,
+}
+
+/// The post-copy driver: owns the link state; the service drives the restore around it.
+pub(crate) struct PostCopy {
+    wiring: Wiring,
+    state: LinkState,
+    generation: u64,
+    serial: u64,
+    events_tx: mpsc::UnboundedSender<(u64, LinkEvent)>,
+    events_rx: mpsc::UnboundedReceiver<(u64, LinkEvent)>,
+    /// Until when the source may come back (while the link is down).
+    deadline: Option<tokio::time::Instant>,
+    /// Faults raised after the resume answer and before the new fault connection.
+    queued_faults: Vec<(u32, PageRange)>,
+    /// Restore finished (unix ns), for a resumed source that missed it.
+    pub finished_at_ns: Option<u64>,
+    /// Every lazy page is in place; and whether the source has been told on the current link.
+    whole: Option<crate::pb::pageserv::MemoryWhole>,
+    whole_told: bool,
+    pub reconnects: u64,
+    bytes_dead_links: u64,
+}
+
+/// How the post-copy ended.
+pub(crate) enum End {
+    /// The source released its dump.
+    Released,
+    /// The link died after dst told the source the memory is whole: the restored copy is whole
+    /// and live; the source did not confirm its release.
+    WholeNoRelease,
+}
+
+/// What the loop wants from the service.
+pub(crate) enum Step {
+    /// A fault-thread event the service handles (Complete, TaskGone, Error).
+    Event(Outbound),
+    /// The post-copy is over.
+    Done(End),
+    /// A poll of the restore is due (the service's tick).
+    Idle,
+}
+
+impl PostCopy {
+    pub(crate) fn new(
+        wiring: Wiring,
+        conn: quinn::Connection,
+        ctl: FrameSender,
+        ctl_rx: FrameReceiver,
+        fault: FaultConn,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let mut pc = PostCopy {
+            wiring,
+            state: LinkState::Down,
+            generation: 0,
+            serial: 0,
+            events_tx,
+            events_rx,
+            deadline: None,
+            queued_faults: Vec::new(),
+            finished_at_ns: None,
+            whole: None,
+            whole_told: false,
+            reconnects: 0,
+            bytes_dead_links: 0,
+        };
+        pc.state = LinkState::Up(pc.start_link(conn, ctl, ctl_rx, fault));
+        pc
+    }
+
+    /// UDP bytes received on every link so far.
+    pub(crate) fn bytes_received(&self) -> u64 {
+        self.bytes_dead_links
+            + match &self.state {
+                LinkState::Up(l) => l.bytes_received(),
+                _ => 0,
+            }
+    }
+
+    fn start_link(
+        &mut self,
+        conn: quinn::Connection,
+        ctl: FrameSender,
+        mut ctl_rx: FrameReceiver,
+        (fault_conn, fault_tx, fault_rx): FaultConn,
+    ) -> Link {
+        let g = self.generation;
+        let ev = self.events_tx.clone();
+        let ctl_reader = tokio::spawn(async move {
+            loop {
+                match next_ctl(&mut ctl_rx).await {
+                    Ok(m) => {
+                        if ev.send((g, LinkEvent::Ctl(m))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ev.send((
+                            g,
+                            LinkEvent::Failed(e.context("control stream from the source")),
+                        ));
+                        return;
+                    }
+                }
+            }
+        });
+        let ev = self.events_tx.clone();
+        let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
+        let fault_reader = tokio::spawn(async move {
+            if let Err(e) = feed_pages(fault_rx, to_loop, true, held).await {
+                let _ = ev.send((
+                    g,
+                    LinkEvent::Failed(e.context("fault stream from the source")),
+                ));
+            }
+        });
+        let ev = self.events_tx.clone();
+        let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
+        let push_conn = conn.clone();
+        let push_reader = tokio::spawn(async move {
+            let r = async {
+                let recv = push_conn
+                    .accept_uni()
+                    .await
+                    .context("waiting for the push stream")?;
+                feed_pages(FrameReceiver::new(recv), to_loop, false, held).await
+            }
+            .await;
+            if let Err(e) = r {
+                let _ = ev.send((
+                    g,
+                    LinkEvent::Failed(e.context("push stream from the source")),
+                ));
+            }
+        });
+        Link {
+            generation: g,
+            conn,
+            fault_conn,
+            ctl,
+            fault_tx,
+            readers: vec![ctl_reader, fault_reader, push_reader],
+        }
+    }
+
+    /// Sends a control message on the live link, if there is one. A failure is not an error
+    /// here: the link's readers notice a dead link and report it.
+    pub(crate) async fn tell(&mut self, msg: Msg) {
+        if let LinkState::Up(l) = &mut self.state
+            && let Err(e) = send_ctl(&mut l.ctl, msg).await
+        {
+            tracing::warn!("sending to the source: {e:#}");
+        }
+    }
+
+    pub(crate) fn link_up(&self) -> bool {
+        matches!(self.state, LinkState::Up(_))
+    }
+
+    /// The memory is whole: tell the source now, or when it comes back.
+    pub(crate) async fn memory_whole(&mut self, m: crate::pb::pageserv::MemoryWhole) {
+        self.whole = Some(m);
+        if self.link_up() {
+            self.tell(Msg::MemoryWhole(m)).await;
+            self.whole_told = true;
+        }
+    }
+
+    /// Waits for the next thing the service must act on, handling link events, faults and
+    /// resumes itself. `ev_rx` is the fault thread's outbound queue; `routes` the accept loop's.
+    pub(crate) async fn next(
+        &mut self,
+        ev_rx: &mut mpsc::UnboundedReceiver<Outbound>,
+        routes: &mut mpsc::UnboundedReceiver<Routed>,
+        tick: &mut tokio::time::Interval,
+    ) -> Result<Step> {
+        loop {
+            let fault_deadline = match &self.state {
+                LinkState::Resuming { fault_deadline, .. } => *fault_deadline,
+                _ => None,
+            };
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(Outbound::Fault { pid, img_vaddr, nr_pages }) => {
+                        self.fault(pid, PageRange::new(img_vaddr, nr_pages.into())).await;
+                    }
+                    Some(Outbound::Resumed { serial, missing, requests }) => {
+                        self.resumed(serial, missing, requests).await;
+                    }
+                    Some(other) => return Ok(Step::Event(other)),
+                    None => bail!("the fault thread stopped unexpectedly"),
+                },
+                Some(r) = routes.recv() => self.routed(r).await?,
+                Some((g, ev)) = self.events_rx.recv() => {
+                    if let Some(end) = self.link_event(g, ev)? {
+                        return Ok(Step::Done(end));
+                    }
+                }
+                _ = tokio::time::sleep_until(self.deadline.unwrap_or_else(tokio::time::Instant::now)), if self.deadline.is_some() => {
+                    let secs = self.wiring.recover_timeout.as_secs_f64();
+                    if self.whole.is_some() {
+                        bail!(
+                            "every page is in place and the restored tree runs here, but the source \
+                             did not come back within the recover timeout ({secs:.0} s) to hear it: \
+                             its copy stays frozen; end it there with `pageserv frozen DIR --kill-source`"
+                        );
+                    }
+                    bail!(
+                        "the link to the source died and it did not come back within the recover \
+                         timeout ({secs:.0} s)"
+                    );
+                }
+                _ = tokio::time::sleep_until(fault_deadline.unwrap_or_else(tokio::time::Instant::now)), if fault_deadline.is_some() => {
+                    tracing::warn!("the resumed source did not open its fault connection; waiting for another resume");
+                    if let LinkState::Resuming { conn, .. } = std::mem::replace(&mut self.state, LinkState::Down) {
+                        conn.close(4u32.into(), b"no fault connection");
+                    }
+                }
+                _ = tick.tick() => return Ok(Step::Idle),
+            }
+        }
+    }
+
+    async fn fault(&mut self, pid: u32, r: PageRange) {
+        match &mut self.state {
+            LinkState::Up(l) => {
+                let req = Frame::PageRequest {
+                    pid,
+                    vaddr: r.start,
+                    nr_pages: r.nr_pages as u32,
+                };
+                // A dead link's readers report it; the request is re-sent after a resume.
+                if let Err(e) = l.fault_tx.send(&req).await {
+                    tracing::debug!("fault request not sent: {e}");
+                }
+            }
+            LinkState::Resuming {
+                requests: Some(_), ..
+            } => self.queued_faults.push((pid, r)),
+            // Void: the fault thread's resume answer lists every open request.
+            _ => {}
+        }
+    }
+
+    async fn routed(&mut self, r: Routed) -> Result<()> {
+        match r {
+            Routed::Resume {
+                conn,
+                mut ctl,
+                ctl_rx,
+                hello,
+            } => {
+                tracing::info!(peer = %conn.remote_address(), "the source is back: resuming the migration");
+                match std::mem::replace(&mut self.state, LinkState::Down) {
+                    LinkState::Up(l) => {
+                        self.bytes_dead_links += l.bytes_received();
+                        l.stop().close(5u32.into(), b"replaced by a resumed link");
+                    }
+                    LinkState::Resuming { conn, .. } => conn.close(5u32.into(), b"replaced"),
+                    LinkState::Down => {}
+                }
+                self.whole_told = false;
+                self.queued_faults.clear();
+                let reply = Msg::Hello(Hello {
+                    protocol_version: crate::source::service::PROTOCOL_VERSION,
+                    role: "dst".into(),
+                    page_size: crate::pages::PAGE_SIZE as u32,
+                    criu_version: hello.criu_version.clone(),
+                    migration_id: hello.migration_id.clone(),
+                });
+                if let Err(e) = send_ctl(&mut ctl, reply).await {
+                    tracing::warn!("answering the resume: {e:#}");
+                    return Ok(());
+                }
+                self.serial += 1;
+                let (to_loop, serial) = (self.wiring.to_loop.clone(), self.serial);
+                tokio::task::block_in_place(|| to_loop.send(Inbound::Resume { serial }))
+                    .context("asking the fault thread what is missing")?;
+                self.state = LinkState::Resuming {
+                    conn,
+                    ctl,
+                    ctl_rx,
+                    serial,
+                    requests: None,
+                    fault_deadline: None,
+                };
+            }
+            Routed::Faults(fc) => {
+                let ready = matches!(
+                    self.state,
+                    LinkState::Resuming {
+                        requests: Some(_),
+                        ..
+                    }
+                );
+                if !ready {
+                    tracing::warn!("a fault connection nobody waits for: closed");
+                    fc.0.close(2u32.into(), b"unexpected fault connection");
+                    return Ok(());
+                }
+                let LinkState::Resuming {
+                    conn,
+                    ctl,
+                    ctl_rx,
+                    requests,
+                    ..
+                } = std::mem::replace(&mut self.state, LinkState::Down)
+                else {
+                    return Ok(());
+                };
+                self.generation += 1;
+                self.reconnects += 1;
+                let mut link = self.start_link(conn, ctl, ctl_rx, fc);
+                let again = requests.unwrap_or_default();
+                let n = again.len() + self.queued_faults.len();
+                for (pid, r) in again.into_iter().chain(self.queued_faults.drain(..)) {
+                    let req = Frame::PageRequest {
+                        pid,
+                        vaddr: r.start,
+                        nr_pages: r.nr_pages as u32,
+                    };
+                    if let Err(e) = link.fault_tx.send(&req).await {
+                        tracing::debug!("fault request not sent: {e}");
+                    }
+                }
+                tracing::info!(
+                    generation = self.generation,
+                    requests_again = n,
+                    "link to the source re-established"
+                );
+                self.state = LinkState::Up(link);
+                self.deadline = None;
+                if let Some(m) = self.whole {
+                    self.tell(Msg::MemoryWhole(m)).await;
+                    self.whole_told = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn resumed(
+        &mut self,
+        serial: u64,
+        mut missing: BTreeMap<u32, Vec<PageRange>>,
+        again: Vec<(u32, PageRange)>,
+    ) {
+        let LinkState::Resuming {
+            ctl,
+            serial: want,
+            requests,
+            fault_deadline,
+            ..
+        } = &mut self.state
+        else {
+            return;
+        };
+        if serial != *want {
+            return;
+        }
+        // Tasks the restore has not handed over yet miss everything.
+        for (pid, ranges) in &self.wiring.lazy {
+            missing.entry(*pid).or_insert_with(|| ranges.clone());
+        }
+        let mut total = 0u64;
+        let mut result = Ok(());
+        'send: for (pid, ranges) in &missing {
+            for chunk in ranges.chunks(MISSING_CHUNK) {
+                total += chunk.iter().map(|r| r.nr_pages).sum::<u64>();
+                let m = Missing {
+                    pid: *pid,
+                    vaddr: chunk.iter().map(|r| r.start).collect(),
+                    nr_pages: chunk.iter().map(|r| r.nr_pages).collect(),
+                };
+                result = send_ctl(ctl, Msg::Missing(m)).await;
+                if result.is_err() {
+                    break 'send;
+                }
+            }
+        }
+        if result.is_ok() {
+            let ready = ResumeReady {
+                restore_finished: self.finished_at_ns.is_some(),
+                finished_at_unix_ns: self.finished_at_ns.unwrap_or(0),
+                missing_pages: total,
+            };
+            result = send_ctl(ctl, Msg::ResumeReady(ready)).await;
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    missing_pages = total,
+                    "told the resumed source what is missing"
+                );
+                *requests = Some(again);
+                *fault_deadline = Some(tokio::time::Instant::now() + FAULT_CONN_WAIT);
+            }
+            Err(e) => {
+                tracing::warn!("the resume handshake failed: {e:#}");
+                self.state = LinkState::Down;
+            }
+        }
+    }
+
+    /// A reader of link `g` reported something; `Some` ends the post-copy.
+    fn link_event(&mut self, g: u64, ev: LinkEvent) -> Result<Option<End>> {
+        let LinkState::Up(l) = &self.state else {
+            return Ok(None);
+        };
+        if l.generation != g {
+            return Ok(None);
+        }
+        match ev {
+            LinkEvent::Ctl(Msg::SourceReleased(r)) => {
+                if !r.dump_ok {
+                    tracing::warn!("the source's dump did not end cleanly: {}", r.detail);
+                }
+                Ok(Some(End::Released))
+            }
+            LinkEvent::Ctl(Msg::Abort(a)) => Err(anyhow!("the source aborted: {}", a.reason)),
+            LinkEvent::Ctl(other) => {
+                tracing::warn!("ignoring control message {other:?} during post-copy");
+                Ok(None)
+            }
+            LinkEvent::Failed(e) => {
+                let recover = !self.wiring.recover_timeout.is_zero() && l.lost();
+                if !recover {
+                    if self.whole_told {
+                        tracing::warn!("no release message from the source: {e:#}");
+                        return Ok(Some(End::WholeNoRelease));
+                    }
+                    return Err(e);
+                }
+                tracing::warn!(
+                    recover_timeout_s = self.wiring.recover_timeout.as_secs_f64(),
+                    "the link to the source died ({e:#}); restored tasks wait for their pages while \
+                     dst waits for the source to reconnect"
+                );
+                if let LinkState::Up(l) = std::mem::replace(&mut self.state, LinkState::Down) {
+                    self.bytes_dead_links += l.bytes_received();
+                    l.stop();
+                }
+                self.whole_told = false;
+                self.deadline = Some(tokio::time::Instant::now() + self.wiring.recover_timeout);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Closes the live link, if any, with `code` and `reason`; returns it to wait on.
+    pub(crate) fn close(self, code: u32, reason: &[u8]) -> Option<quinn::Connection> {
+        match self.state {
+            LinkState::Up(l) => {
+                let conn = l.stop();
+                conn.close(code.into(), reason);
+                Some(conn)
+            }
+            LinkState::Resuming { conn, .. } => {
+                conn.close(code.into(), reason);
+                Some(conn)
+            }
+            LinkState::Down => None,
+        }
+    }
+}
+
+/// Feeds page frames from one stream into the fault thread.
+async fn feed_pages(
+    mut rx: FrameReceiver,
+    to_loop: LoopSender,
+    urgent: bool,
+    held: Held,
+) -> Result<()> {
+    while let Some(frame) = rx.next().await? {
+        let inbound = match frame {
+            // The source confirmed these pre-copied pages equal the frozen ones: only now may
+            // they be placed.
+            Frame::Valid {
+                pid,
+                vaddr,
+                nr_pages,
+                bitmap,
+            } => {
+                let Some(store) = &held.store else {
+                    bail!("the source confirmed pre-copied pages, but it pre-copied none");
+                };
+                let runs = tokio::task::block_in_place(|| {
+                    store.take_valid(pid, vaddr, nr_pages.into(), &bitmap)
+                })?;
+                for r in runs {
+                    held.placed.fetch_add(r.nr_pages, Relaxed);
+                    // Runs are within one frame: at most MAX_FRAME_PAGES pages.
+                    let nr_pages = r.nr_pages as u32;
+                    let msg = match r.data {
+                        Some(data) => Inbound::Pages {
+                            pid,
+                            img_vaddr: r.vaddr,
+                            nr_pages,
+                            data,
+                            urgent,
+                        },
+                        None => Inbound::Zero {
+                            pid,
+                            img_vaddr: r.vaddr,
+                            nr_pages,
+                            urgent,
+                        },
+                    };
+                    tokio::task::block_in_place(|| to_loop.send(msg))?;
+                }
+                continue;
+            }
+            Frame::Pages {
+                pid,
+                vaddr,
+                nr_pages,
+                data,
+            } => Inbound::Pages {
+                pid,
+                img_vaddr: vaddr,
+                nr_pages,
+                data,
+                urgent,
+            },
+            Frame::Zero {
+                pid,
+                vaddr,
+                nr_pages,
+            } => Inbound::Zero {
+                pid,
+                img_vaddr: vaddr,
+                nr_pages,
+                urgent,
+            },
+            Frame::Refused {
+                pid,
+                vaddr,
+                nr_pages,
+                reason,
+            } => bail!(
+                "the source refused pages 0x{vaddr:x}+{nr_pages} of pid {pid} (reason {reason}): \
+                 the images and the dump disagree"
+            ),
+            other => bail!("unexpected frame on a page stream: {other:?}"),
+        };
+        // The loop's background queue is bounded: block this worker rather than buffer memory.
+        tokio::task::block_in_place(|| to_loop.send(inbound))?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}
+
+/// Now as unix ns.
+pub(crate) fn unix_ns() -> Result<u64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64)
+}

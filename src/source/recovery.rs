@@ -1,0 +1,214 @@
+//! Post-copy recovery at the source: when the link to dst dies mid post-copy (past QUIC's idle
+//! timeout), reconnect with backoff and continue the same migration, like QEMU's postcopy
+//! recover. The dump stays frozen and its pump keeps CRIU's session the whole time; only the
+//! QUIC side is rebuilt.
+//!
+//! The resume handshake (proto/pageserv.proto, `Missing`/`ResumeReady`): a new control
+//! connection with the hello role [`ROLE_RESUME`] and the migration's id; dst answers with its
+//! hello, every lazy range it still lacks and `ResumeReady`; then a new fault connection. Nothing
+//! sent on the dead link is assumed to have arrived: the push plan becomes dst's missing list,
+//! and dst asks again for every fault it is still waiting on.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::time::Instant;
+
+use crate::keys::Identity;
+use crate::pages::PageRange;
+use crate::pb::pageserv::{Hello, ResumeReady, control::Msg};
+use crate::source::service::{PROTOCOL_VERSION, ROLE_FAULTS, connect_control, next_ctl, send_ctl};
+use crate::transport::{self, FrameReceiver, FrameSender, TransportOptions};
+
+/// The hello role of a control connection that continues a migration after the link died.
+pub const ROLE_RESUME: &str = "src-resume";
+/// First wait between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
+
+/// Per image pid, the lazy ranges dst still lacks.
+pub type MissingList = Vec<(u32, Vec<PageRange>)>;
+
+/// One link to dst: the control connection (which also carries the push stream) and the fault
+/// connection.
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub fault_conn: quinn::Connection,
+    pub ctl: FrameSender,
+    pub ctl_rx: FrameReceiver,
+}
+
+impl Link {
+    /// UDP bytes this link sent so far.
+    pub fn tx_bytes(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes + self.fault_conn.stats().udp_tx.bytes
+    }
+}
+
+/// What dst reported when the link came back.
+pub struct Resumed {
+    pub link: Link,
+    /// The fault connection's stream, for a new fault server.
+    pub fault_stream: (FrameSender, FrameReceiver),
+    pub missing: MissingList,
+    pub ready: ResumeReady,
+}
+
+/// True if `conn` died of the link (no packets within the idle timeout, or a stateless reset
+/// after a peer's restart of its endpoint), as opposed to a peer that closed it on purpose.
+pub fn link_lost(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+    )
+}
+
+/// Everything a reconnect needs to say who it is.
+pub struct Reconnect<'a> {
+    pub id: &'a Identity,
+    pub to: SocketAddr,
+    pub migration_id: &'a str,
+    pub criu_version: String,
+    pub push_transport: &'a TransportOptions,
+    pub fault_transport: &'a TransportOptions,
+}
+
+/// Reconnects until `deadline`, with backoff. An answer from dst that it cannot resume this
+/// migration (it ended it, or never knew it) is final: no more attempts.
+pub async fn reconnect(r: &Reconnect<'_>, deadline: Instant) -> Result<Resumed> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("dst did not come back within the recover timeout ({attempt} attempts)");
+        }
+        // One handshake may take up to QUIC's idle timeout against an unreachable host.
+        match tokio::time::timeout(left, resume_once(r)).await {
+            Ok(Ok(resumed)) => {
+                tracing::info!(
+                    attempt,
+                    "link to dst re-established; resuming the post-copy"
+                );
+                return Ok(resumed);
+            }
+            Ok(Err(Attempt::Final(e))) => return Err(e),
+            Ok(Err(Attempt::Retry(e))) => {
+                tracing::warn!(attempt, "reconnecting to dst at {}: {e:#}", r.to)
+            }
+            Err(_) => {
+                bail!("dst did not come back within the recover timeout ({attempt} attempts)")
+            }
+        }
+        let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum Attempt {
+    /// The link is still down (or broke again): try again.
+    Retry(anyhow::Error),
+    /// dst answered and will not resume: stop.
+    Final(anyhow::Error),
+}
+
+fn hello(r: &Reconnect<'_>, role: &str) -> Msg {
+    Msg::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: role.into(),
+        page_size: crate::pages::PAGE_SIZE as u32,
+        criu_version: r.criu_version.clone(),
+        migration_id: r.migration_id.to_string(),
+    })
+}
+
+async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
+    let retry = Attempt::Retry;
+    let (conn, mut ctl, mut ctl_rx) = connect_control(r.id, r.to, r.push_transport)
+        .await
+        .map_err(retry)?;
+    send_ctl(&mut ctl, hello(r, ROLE_RESUME))
+        .await
+        .map_err(retry)?;
+    match next_ctl(&mut ctl_rx).await.map_err(retry)? {
+        Msg::Hello(h) if h.role == "dst" => {}
+        Msg::Abort(a) => {
+            return Err(Attempt::Final(anyhow::anyhow!(
+                "dst will not resume migration {}: {}",
+                r.migration_id,
+                a.reason
+            )));
+        }
+        other => {
+            return Err(Attempt::Final(anyhow::anyhow!(
+                "dst answered the resume hello with {other:?}"
+            )));
+        }
+    }
+    let mut missing = Vec::new();
+    let ready = loop {
+        match next_ctl(&mut ctl_rx).await.map_err(retry)? {
+            Msg::Missing(m) => {
+                if m.vaddr.len() != m.nr_pages.len() {
+                    return Err(Attempt::Final(anyhow::anyhow!(
+                        "dst sent a malformed missing list for pid {} ({} addresses, {} lengths)",
+                        m.pid,
+                        m.vaddr.len(),
+                        m.nr_pages.len()
+                    )));
+                }
+                let ranges = m
+                    .vaddr
+                    .iter()
+                    .zip(&m.nr_pages)
+                    .map(|(&v, &n)| PageRange::new(v, n))
+                    .collect();
+                missing.push((m.pid, ranges));
+            }
+            Msg::ResumeReady(ready) => break ready,
+            Msg::Abort(a) => {
+                return Err(Attempt::Final(anyhow::anyhow!(
+                    "dst aborted the resume: {}",
+                    a.reason
+                )));
+            }
+            other => {
+                return Err(Attempt::Final(anyhow::anyhow!(
+                    "dst sent {other:?} during the resume handshake"
+                )));
+            }
+        }
+    };
+    let fault_conn = transport::connect_with(
+        crate::source::service::any_addr(r.to),
+        r.to,
+        r.id,
+        r.fault_transport,
+    )
+    .await
+    .context("opening the fault connection")
+    .map_err(retry)?;
+    let (send, recv) = fault_conn
+        .open_bi()
+        .await
+        .context("opening the fault stream")
+        .map_err(retry)?;
+    let mut fault_tx = FrameSender::new(send);
+    send_ctl(&mut fault_tx, hello(r, ROLE_FAULTS))
+        .await
+        .map_err(retry)?;
+    Ok(Resumed {
+        link: Link {
+            conn,
+            fault_conn,
+            ctl,
+            ctl_rx,
+        },
+        fault_stream: (fault_tx, FrameReceiver::new(recv)),
+        missing,
+        ready,
+    })
+}

@@ -9,6 +9,7 @@
 //! it again; dst re-sends every fault request still open. Past the timeout the migration fails:
 //! incomplete tasks are killed, and the source (frozen) can be retried.
 
+use crate::source::service::send_ctl;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -21,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::dst::page_store::PageStore;
 use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
 use crate::pages::PageRange;
-use crate::pb::pageserv::{Control, Hello, Missing, ResumeReady, control::Msg};
+use crate::pb::pageserv::{Hello, Missing, ResumeReady, control::Msg};
 use crate::source::recovery::link_lost;
 use crate::source::service::next_ctl;
 use crate::transport::{FrameReceiver, FrameSender};
@@ -335,17 +336,7 @@ impl PostCopy {
 
     async fn fault(&mut self, pid: u32, r: PageRange) {
         match &mut self.state {
-            LinkState::Up(l) => {
-                let req = Frame::PageRequest {
-                    pid,
-                    vaddr: r.start,
-                    nr_pages: r.nr_pages as u32,
-                };
-                // A dead link's readers report it; the request is re-sent after a resume.
-                if let Err(e) = l.fault_tx.send(&req).await {
-                    tracing::debug!("fault request not sent: {e}");
-                }
-            }
+            LinkState::Up(l) => request(&mut l.fault_tx, pid, r).await,
             LinkState::Resuming {
                 requests: Some(_), ..
             } => self.queued_faults.push((pid, r)),
@@ -426,14 +417,7 @@ impl PostCopy {
                 let again = requests.unwrap_or_default();
                 let n = again.len() + self.queued_faults.len();
                 for (pid, r) in again.into_iter().chain(self.queued_faults.drain(..)) {
-                    let req = Frame::PageRequest {
-                        pid,
-                        vaddr: r.start,
-                        nr_pages: r.nr_pages as u32,
-                    };
-                    if let Err(e) = link.fault_tx.send(&req).await {
-                        tracing::debug!("fault request not sent: {e}");
-                    }
+                    request(&mut link.fault_tx, pid, r).await;
                 }
                 tracing::info!(
                     generation = self.generation,
@@ -576,6 +560,19 @@ impl PostCopy {
     }
 }
 
+/// Asks the source for pages. A dead link's readers report the failure, and every open request
+/// is sent again after a resume, so a failed send is not an error here.
+async fn request(tx: &mut FrameSender, pid: u32, r: PageRange) {
+    let req = Frame::PageRequest {
+        pid,
+        vaddr: r.start,
+        nr_pages: r.nr_pages as u32,
+    };
+    if let Err(e) = tx.send(&req).await {
+        tracing::debug!("fault request not sent: {e}");
+    }
+}
+
 /// Feeds page frames from one stream into the fault thread.
 async fn feed_pages(
     mut rx: FrameReceiver,
@@ -659,12 +656,6 @@ async fn feed_pages(
         tokio::task::block_in_place(|| to_loop.send(inbound))?;
     }
     Ok(())
-}
-
-pub(crate) async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
-    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
-        .await
-        .context("sending on the control stream")
 }
 
 /// Now as unix ns.

@@ -6,6 +6,7 @@
 //! page is in place → tell the source → it ends the dump → close the uffds and exit.
 //! From the restore on, dst::post_copy drives the link (and its recovery).
 
+use crate::source::service::send_ctl;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -480,12 +481,6 @@ fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
         }
     }
     bail!("no free migration directory under {}", base.display())
-}
-
-async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
-    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
-        .await
-        .context("sending on the control stream")
 }
 
 fn latency_summary(h: &crate::dst::latency::LatencyHistogram, blocktime_ns: u64) -> LatencySummary {

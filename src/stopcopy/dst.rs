@@ -2,6 +2,7 @@
 //! dump's other images into a standard CRIU image directory, then runs a plain `criu restore`
 //! (no lazy pages: every page is in the images).
 
+use crate::source::service::send_ctl;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -206,10 +207,4 @@ fn restore(mut cmd: Command, log: &Path) -> Result<()> {
 
 async fn next(rx: &mut FrameReceiver) -> Result<Msg> {
     crate::source::service::next_ctl(rx).await
-}
-
-async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
-    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
-        .await
-        .context("sending on the control stream")
 }

@@ -8,6 +8,7 @@
 //! ship those images → dst runs `criu restore` → on success tell the hook "ok" (CRIU kills the
 //! source tasks), on any failure "fail" (CRIU resumes them).
 
+use crate::source::service::send_ctl;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,13 +23,11 @@ use crate::criu::page_server::{
     ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
 };
 use crate::keys::Identity;
-use crate::pb::pageserv::{
-    Control, Hello, PsCreatePages, PsSessionDone, SourceReleased, control::Msg,
-};
+use crate::pb::pageserv::{Hello, PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
 use crate::source::service::{PROTOCOL_VERSION, next_ctl};
 use crate::stopcopy::dump::{self, StopCopyDump};
 use crate::transport::{self, FrameReceiver, FrameSender};
-use crate::wire::{self, Frame};
+use crate::wire;
 
 /// The hello role of a stop-and-copy source.
 pub const ROLE_STOP_AND_COPY: &str = "src-stop-and-copy";
@@ -442,10 +441,4 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-}
-
-async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
-    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
-        .await
-        .context("sending on the control stream")
 }

@@ -425,7 +425,11 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         problems.push("the workload is not running at the destination".into());
     }
     if workload_alive_at_src {
-        problems.push("the workload still runs at the source (two live copies)".into());
+        problems.push(if workload_alive_at_dst {
+            "the workload runs at the source and the destination (two live copies)".into()
+        } else {
+            "the workload still runs at the source (it was not migrated)".into()
+        });
     }
     // Every process of the tree must keep passing its checks after the last page arrived.
     let want = args.after.saturating_sub(1).max(1) as usize;

@@ -16,7 +16,8 @@ pub enum Mode {
     CriuLazy,
     /// `pageserv src --lazy` + `pageserv dst`: post-copy over QUIC.
     PageservLazy,
-    /// Not implemented yet (listed as unavailable).
+    /// `pageserv src --lazy --pre-copy auto` + `pageserv dst`: pre-copy rounds while the
+    /// workload runs, then post-copy of the rest.
     PageservPrecopy,
     /// `pageserv src --stop-and-copy` + `pageserv dst`: `criu dump --page-server` through
     /// pageserv over QUIC, then `criu restore`.

@@ -19,16 +19,41 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-const COLORS: [RGBColor; 8] = [
+/// One colour per mode (indexed like `Mode::ALL`), so a mode looks the same in every chart;
+/// the dirty rate (or p50/p99) is told apart by the line's dash, not by another colour.
+const COLORS: [RGBColor; 7] = [
+    RGBColor(127, 127, 127),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
 ];
+
+/// Width of the legend panel right of the chart: with up to 12 series a legend inside the
+/// plotting area would cover the data.
+const LEGEND_W: u32 = 270;
+
+/// How a series' line is styled.
+#[derive(Clone, Copy)]
+enum Line {
+    /// Dashed for the higher dirty rate.
+    ByRate,
+    /// Solid (fault latency p50); the higher rate in a darker shade.
+    P50,
+    /// Dashed (fault latency p99); the higher rate in a darker shade.
+    P99,
+}
+
+fn darker(c: RGBColor) -> RGBColor {
+    RGBColor(c.0 / 2, c.1 / 2, c.2 / 2)
+}
+
+fn mode_color(mode: Mode) -> RGBColor {
+    let i = Mode::ALL.iter().position(|m| *m == mode).unwrap_or(0);
+    COLORS[i % COLORS.len()]
+}
 
 /// Registers a font once; false if none was found.
 fn font_ready() -> bool {
@@ -46,11 +71,14 @@ fn font_ready() -> bool {
 /// One line of a chart: (memory MiB, median, min, max) points.
 struct Series {
     name: String,
+    color: RGBColor,
+    dashed: bool,
     points: Vec<(f64, Stat)>,
 }
 
 /// Groups the cells on `link` (and those of modes that do not use the link) into series by
-/// (mode, dirty rate) for one metric.
+/// (mode, dirty rate) for one metric. A rate above the lowest is drawn dashed, or, when the
+/// dash already marks the percentile, in a darker shade.
 fn series(
     cells: &[CellSummary],
     link: &Link,
@@ -58,9 +86,11 @@ fn series(
     metric: impl Fn(&CellSummary) -> Option<Stat>,
     suffix: &str,
     scale: f64,
+    line: Line,
 ) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
     let on_link = |c: &&CellSummary| &c.cell.link == link || !c.cell.mode.uses_link();
+    let lowest_rate = cells.iter().map(|c| c.cell.write_rate).min().unwrap_or(0);
     for c in cells.iter().filter(|c| modes(c.cell.mode)).filter(on_link) {
         let Some(s) = metric(c) else { continue };
         let s = Stat {
@@ -78,6 +108,15 @@ fn series(
             Some(x) => x.points.push((c.cell.mib as f64, s)),
             None => out.push(Series {
                 name,
+                color: match (line, c.cell.write_rate > lowest_rate) {
+                    (Line::P50 | Line::P99, true) => darker(mode_color(c.cell.mode)),
+                    _ => mode_color(c.cell.mode),
+                },
+                dashed: match line {
+                    Line::ByRate => c.cell.write_rate > lowest_rate,
+                    Line::P50 => false,
+                    Line::P99 => true,
+                },
                 points: vec![(c.cell.mib as f64, s)],
             }),
         }
@@ -105,6 +144,9 @@ fn draw<DB: DrawingBackend>(
 ) -> Result<()> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing {title}: {e:?}");
     root.fill(&WHITE).map_err(err)?;
+    let (plot_w, _) = root.dim_in_pixel();
+    let (root, legend_area) = root.split_horizontally(plot_w.saturating_sub(LEGEND_W));
+    legend(&legend_area, lines).map_err(err)?;
     let xmax = lines
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -132,7 +174,6 @@ fn draw<DB: DrawingBackend>(
             .draw()
             .map_err(err)?;
         plot_lines(&mut chart, lines, |v| v.max(lo)).map_err(err)?;
-        finish(&mut chart).map_err(err)?;
     } else {
         let mut chart = builder(&root, title)
             .build_cartesian_2d(0f64..xmax, 0f64..ymax * 1.15)
@@ -144,7 +185,6 @@ fn draw<DB: DrawingBackend>(
             .draw()
             .map_err(err)?;
         plot_lines(&mut chart, lines, |v| v).map_err(err)?;
-        finish(&mut chart).map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -162,7 +202,7 @@ fn builder<'a, 'b, DB: DrawingBackend>(
     b
 }
 
-/// Draws each series (median line, min–max bars) with its legend entry.
+/// Draws each series: median line, min–max bars.
 fn plot_lines<'a, DB: DrawingBackend + 'a, Y>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
     lines: &[Series],
@@ -171,17 +211,19 @@ fn plot_lines<'a, DB: DrawingBackend + 'a, Y>(
 where
     Y: Ranged<ValueType = f64>,
 {
-    for (i, s) in lines.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(
-                s.points.iter().map(|(x, st)| (*x, clamp(st.median))),
-                color.stroke_width(2),
-            ))?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+    for s in lines {
+        let color = s.color;
+        let points = s.points.iter().map(|(x, st)| (*x, clamp(st.median)));
+        if s.dashed {
+            chart.draw_series(DashedLineSeries::new(points, 8, 5, color.stroke_width(2)))?;
+        } else {
+            chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?;
+        }
+        chart.draw_series(
+            s.points
+                .iter()
+                .map(|(x, st)| Circle::new((*x, clamp(st.median)), 3, color.filled())),
+        )?;
         chart.draw_series(s.points.iter().map(|(x, st)| {
             ErrorBar::new_vertical(
                 *x,
@@ -196,19 +238,25 @@ where
     Ok(())
 }
 
-fn finish<'a, DB: DrawingBackend + 'a, Y>(
-    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
-) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
-where
-    Y: Ranged<ValueType = f64>,
-{
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 13))
-        .draw()
+/// The legend, one row per series, in its own panel.
+fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    lines: &[Series],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let font = ("sans-serif", 13).into_font();
+    for (i, s) in lines.iter().enumerate() {
+        let y = 60 + 22 * i as i32;
+        let style = s.color.stroke_width(2);
+        if s.dashed {
+            for x in [5, 17, 29] {
+                area.draw(&PathElement::new(vec![(x, y), (x + 8, y)], style))?;
+            }
+        } else {
+            area.draw(&PathElement::new(vec![(5, y), (37, y)], style))?;
+        }
+        area.draw(&Text::new(s.name.clone(), (45, y - 7), font.clone()))?;
+    }
+    Ok(())
 }
 
 fn both(
@@ -262,7 +310,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         &format!("downtime-{slug}"),
         &format!("Downtime (largest heartbeat gap) vs memory, link {l}"),
         "downtime (ms)",
-        &series(cells, link, all, |c| c.downtime_ms, "", 1.0),
+        &series(cells, link, all, |c| c.downtime_ms, "", 1.0, Line::ByRate),
         Scale::Log,
     )?;
     both(
@@ -270,7 +318,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         &format!("total_time-{slug}"),
         &format!("Total migration time vs memory, link {l}"),
         "total time (ms)",
-        &series(cells, link, all, |c| c.total_ms, "", 1.0),
+        &series(cells, link, all, |c| c.total_ms, "", 1.0, Line::ByRate),
         Scale::Log,
     )?;
     both(
@@ -278,7 +326,15 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         &format!("wire_bytes-{slug}"),
         &format!("Bytes on the wire vs memory, link {l} (criu-disk: image bytes)"),
         "MiB",
-        &series(cells, link, all, |c| c.wire_bytes, "", 1048576.0),
+        &series(
+            cells,
+            link,
+            all,
+            |c| c.wire_bytes,
+            "",
+            1048576.0,
+            Line::ByRate,
+        ),
         Scale::Linear,
     )?;
     let mut faults = series(
@@ -288,6 +344,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         |c| c.fault_p50_us,
         " p50",
         1.0,
+        Line::P50,
     );
     faults.extend(series(
         cells,
@@ -296,6 +353,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         |c| c.fault_p99_us,
         " p99",
         1.0,
+        Line::P99,
     ));
     both(
         out,
@@ -310,7 +368,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
         &format!("degraded-{slug}"),
         &format!("Time below 50% of the normal write rate after the restore, link {l}"),
         "time (ms)",
-        &series(cells, link, all, |c| c.degraded_ms, "", 1.0),
+        &series(cells, link, all, |c| c.degraded_ms, "", 1.0, Line::ByRate),
         Scale::Linear,
     )
 }

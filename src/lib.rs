@@ -13,6 +13,7 @@ pub mod dst;
 pub mod fdpass;
 pub mod images_show;
 pub mod keys;
+pub mod latency;
 pub mod outcome;
 pub mod pages;
 pub mod pb;

@@ -1,5 +1,5 @@
 //! What a migration reports: the final report of each side (printed and `--stats-json`) and the
-//! terminal progress bar. Latencies are recorded by [`crate::dst::latency::LatencyHistogram`].
+//! terminal progress bar. Latencies are recorded by [`crate::latency::LatencyHistogram`].
 
 use serde::Serialize;
 
@@ -38,6 +38,10 @@ pub struct SourceReport {
     pub peak_rss_bytes: u64,
     /// Times the link to dst died mid post-copy and came back (see source::recovery).
     pub reconnects: u64,
+    /// Fault request received to its answer handed to QUIC, before the push started and while
+    /// it ran: the source's share of dst's fault latency (CRIU's answer included).
+    pub fault_service_before_push: LatencySummary,
+    pub fault_service_during_push: LatencySummary,
     pub pump: PumpStats,
     pub pre_copy: Option<PreCopyReport>,
 }
@@ -169,7 +173,8 @@ impl SourceReport {
              \x20 total                                     {:>10.1} ms\n\
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
-             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n",
+             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n\
+             {}",
             self.downtime_ms,
             self.total_ms,
             self.lazy_pages,
@@ -181,7 +186,25 @@ impl SourceReport {
             self.pump.gets,
             self.pump.bytes_from_dump,
             self.push_bytes,
+            self.fault_service(),
         )
+    }
+
+    /// The source's share of the fault latency, before and during the push.
+    fn fault_service(&self) -> String {
+        let mut s = String::new();
+        for (when, l) in [
+            ("before the push", &self.fault_service_before_push),
+            ("during the push", &self.fault_service_during_push),
+        ] {
+            if l.count > 0 {
+                s += &format!(
+                    "  fault request to answer sent, {when} ({}): p50 {:.0} us, p99 {:.0} us, max {:.0} us\n",
+                    l.count, l.p50_us, l.p99_us, l.max_us
+                );
+            }
+        }
+        s
     }
 }
 

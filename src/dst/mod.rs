@@ -2,7 +2,6 @@
 
 pub mod arrival_guard;
 pub mod image_sink;
-pub mod latency;
 pub mod lazy_socket;
 pub mod page_store;
 pub(crate) mod post_copy;

@@ -33,7 +33,6 @@ use crate::pb::pageserv::{
 };
 use crate::source::service::{PROTOCOL_VERSION, next_ctl};
 use crate::stats::DstReport;
-use crate::stats::LatencySummary;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::Frame;
 
@@ -315,11 +314,9 @@ pub(crate) async fn migrate_in(
                 report.pages_zero_lazy = c.lazy_zero_pages;
                 report.faults = c.faults;
                 report.pages_local = pages_local.load(Relaxed);
-                report.fault_latency = latency_summary(&stats.fault_latency, c.blocktime_ns);
-                report.fault_latency_before_push =
-                    latency_summary(&stats.fault_latency_before_push, 0);
-                report.fault_latency_during_push =
-                    latency_summary(&stats.fault_latency_during_push, 0);
+                report.fault_latency = stats.fault_latency.summary(c.blocktime_ns);
+                report.fault_latency_before_push = stats.fault_latency_before_push.summary(0);
+                report.fault_latency_during_push = stats.fault_latency_during_push.summary(0);
                 post.memory_whole(MemoryWhole {
                     pages_on_demand: report.pages_on_demand,
                     pages_pushed: report.pages_pushed,
@@ -481,16 +478,4 @@ fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
         }
     }
     bail!("no free migration directory under {}", base.display())
-}
-
-fn latency_summary(h: &crate::dst::latency::LatencyHistogram, blocktime_ns: u64) -> LatencySummary {
-    let snap = h.snapshot();
-    let us = |q: f64| snap.quantile(q).unwrap_or(0) as f64 / 1e3;
-    LatencySummary {
-        count: snap.count,
-        p50_us: us(0.5),
-        p99_us: us(0.99),
-        max_us: us(1.0),
-        total_ms: blocktime_ns as f64 / 1e6,
-    }
 }

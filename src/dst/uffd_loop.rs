@@ -24,7 +24,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::dst::latency::LatencyHistogram;
+use crate::latency::LatencyHistogram;
 use crate::pages::PageRange;
 
 /// Background page messages queued for the fault thread (each at most 4 MiB).

@@ -23,6 +23,8 @@ pub struct UrgentRequest {
     pub pid: u32,
     pub vaddr: u64,
     pub nr_pages: u32,
+    /// When the request reached the source: its answer's time here is measured from it.
+    pub at: std::time::Instant,
 }
 
 /// Pages fetched from the dump.
@@ -56,7 +58,8 @@ pub type Tagged<T> = (u64, T);
 /// The answer to one fault request.
 #[derive(Debug)]
 pub enum FaultReply {
-    Pages(Served),
+    /// The pages, and when the request reached the source.
+    Pages(Served, std::time::Instant),
     Refused {
         request: UrgentRequest,
         why: RequestRejected,
@@ -131,7 +134,8 @@ pub enum PumpError {
 
 /// What a GET queued inside CRIU was for, and for which link generation.
 enum Tag {
-    Fault(u64),
+    /// Generation, and when the fault request reached the source.
+    Fault(u64, std::time::Instant),
     Background(mpsc::OwnedPermit<Tagged<Served>>, u64, u64),
 }
 
@@ -167,7 +171,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // Decide what CRIU serves next: faults first, then background while the push has room.
         while let Some(req) = waiting.pop_front() {
             client.request(req.pid, req.vaddr, u64::from(req.nr_pages), &mut out)?;
-            tags.push_back(Tag::Fault(generation));
+            tags.push_back(Tag::Fault(generation, req.at));
             stats.gets += 1;
         }
         let background_queued = tags
@@ -245,7 +249,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         plan.note_fault(req.pid, req.vaddr);
                         for (vaddr, n) in pieces {
                             plan.mark_sent(req.pid, vaddr, n);
-                            waiting.push_back(UrgentRequest { pid: req.pid, vaddr, nr_pages: n as u32 });
+                            waiting.push_back(UrgentRequest { pid: req.pid, vaddr, nr_pages: n as u32, at: req.at });
                         }
                     }
                     Err(why) => {
@@ -270,10 +274,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                             match tags.pop_front() {
                                 // Fetched for a dead link: dst's missing list already has these
                                 // pages, and the plan was rebuilt from it.
-                                Some(Tag::Fault(g) | Tag::Background(_, _, g)) if g != generation => {}
-                                Some(Tag::Fault(_)) => {
+                                Some(Tag::Fault(g, _) | Tag::Background(_, _, g)) if g != generation => {}
+                                Some(Tag::Fault(_, at)) => {
                                     stats.fault_pages += served.nr_pages;
-                                    replies.send((generation, FaultReply::Pages(served))).map_err(|_| PumpError::ServiceGone)?;
+                                    replies.send((generation, FaultReply::Pages(served, at))).map_err(|_| PumpError::ServiceGone)?;
                                 }
                                 Some(Tag::Background(permit, asked, _)) => {
                                     if served.nr_pages < asked {

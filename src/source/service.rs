@@ -569,7 +569,7 @@ async fn migrate(
         reply_rx: Arc::new(tokio::sync::Mutex::new(reply_rx)),
         to_pump: pump_tx.clone(),
         validator: validator.clone(),
-        counters: Arc::new(PushCounters::default()),
+        counters: Arc::new(Counters::default()),
         bar: opts.progress.then(|| {
             crate::stats::progress_bar(report.lazy_pages * crate::pages::PAGE_SIZE, "pushing")
         }),
@@ -697,6 +697,8 @@ async fn migrate(
     report.push_frames = writers.counters.frames.load(Relaxed);
     report.push_bytes = writers.counters.bytes.load(Relaxed);
     report.zero_pages = writers.counters.zero_pages.load(Relaxed);
+    report.fault_service_before_push = writers.counters.fault_service_before_push.summary(0);
+    report.fault_service_during_push = writers.counters.fault_service_during_push.summary(0);
     if let (Some(r), Some(v)) = (&mut pre_report, &validator) {
         r.sweep = v.stats();
     }
@@ -764,11 +766,17 @@ fn restore_finished(
     Ok(())
 }
 
+/// What the link tasks count, across reconnects.
 #[derive(Debug, Default)]
-struct PushCounters {
+struct Counters {
+    /// Push frames, bytes and zero pages sent.
     frames: AtomicU64,
     bytes: AtomicU64,
     zero_pages: AtomicU64,
+    /// Fault request received to its answer handed to QUIC, before and after the first push
+    /// frame: the source's share of dst's fault latency (CRIU's answer included).
+    fault_service_before_push: crate::latency::LatencyHistogram,
+    fault_service_during_push: crate::latency::LatencyHistogram,
 }
 
 /// What the per-link writer tasks share across reconnects: the pump's output queues (a writer
@@ -778,7 +786,7 @@ struct Writers {
     reply_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
     to_pump: mpsc::UnboundedSender<PumpInput>,
     validator: Option<Arc<Validator>>,
-    counters: Arc<PushCounters>,
+    counters: Arc<Counters>,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -817,6 +825,7 @@ impl Writers {
             self.reply_rx.clone(),
             generation,
             self.validator.clone(),
+            self.counters.clone(),
         ));
         Ok(LinkTasks {
             pusher: Some(pusher),
@@ -976,6 +985,7 @@ async fn serve_faults(
     from_pump: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
     generation: u64,
     validator: Option<Arc<Validator>>,
+    counters: Arc<Counters>,
 ) -> Result<()> {
     let reader = async move {
         while let Some(frame) = rx.next().await? {
@@ -989,6 +999,7 @@ async fn serve_faults(
                         pid,
                         vaddr,
                         nr_pages,
+                        at: std::time::Instant::now(),
                     };
                     if to_pump.send(PumpInput::Fault(req)).is_err() {
                         break;
@@ -1008,8 +1019,14 @@ async fn serve_faults(
                 continue;
             }
             match reply {
-                FaultReply::Pages(s) => {
+                FaultReply::Pages(s, at) => {
                     send_served(&mut tx, s, validator.as_deref()).await?;
+                    let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    if counters.frames.load(Relaxed) == 0 {
+                        counters.fault_service_before_push.record(ns);
+                    } else {
+                        counters.fault_service_during_push.record(ns);
+                    }
                 }
                 FaultReply::Refused { request, why } => {
                     tracing::warn!(%why, "refused a fault request");
@@ -1041,7 +1058,7 @@ async fn push_pages(
     generation: u64,
     bar: Option<indicatif::ProgressBar>,
     validator: Option<Arc<Validator>>,
-    counters: Arc<PushCounters>,
+    counters: Arc<Counters>,
 ) -> Result<()> {
     let mut rx = rx.lock().await;
     while let Some((g, s)) = rx.recv().await {

@@ -1,4 +1,5 @@
-//! A lock-free log-linear latency histogram: the fault thread records, anyone reads.
+//! A lock-free log-linear latency histogram: one side records (dst's fault thread, src's fault
+//! server), anyone reads.
 //!
 //! Values are nanoseconds. Buckets are powers of two split into 16 linear steps, so any
 //! quantile is exact to within 1/16 (6.25%) of its value, over the whole u64 range, in 8 KiB.
@@ -71,6 +72,20 @@ impl LatencyHistogram {
     }
 
     /// A consistent-enough copy for reporting (samples recorded meanwhile may be half-counted).
+    /// Count, p50, p99 and max in µs; `total_ns` is reported as the total (the blocktime, for
+    /// faults).
+    pub fn summary(&self, total_ns: u64) -> crate::stats::LatencySummary {
+        let snap = self.snapshot();
+        let us = |q: f64| snap.quantile(q).unwrap_or(0) as f64 / 1e3;
+        crate::stats::LatencySummary {
+            count: snap.count,
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            max_us: us(1.0),
+            total_ms: total_ns as f64 / 1e6,
+        }
+    }
+
     pub fn snapshot(&self) -> LatencySnapshot {
         LatencySnapshot {
             buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),

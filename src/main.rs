@@ -97,6 +97,12 @@ struct Common {
     /// An extra option for CRIU (repeatable), e.g. --criu-opt=--tcp-established.
     #[arg(long = "criu-opt", allow_hyphen_values = true)]
     criu_opts: Vec<String>,
+    /// Run pageserv's threads and the `criu dump` it starts under SCHED_FIFO, so each hop of a
+    /// page fault preempts ordinary tasks instead of queueing behind them (needs CAP_SYS_NICE;
+    /// processes pageserv starts, the restored tasks among them, keep the normal policy). See
+    /// README, "Sharing the bottleneck".
+    #[arg(long)]
+    realtime: bool,
     /// Write the final report as JSON here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -176,9 +182,10 @@ struct SrcArgs {
     /// Serve faults only, push nothing in the background (for measuring fault latency).
     #[arg(long, hide = true)]
     no_push: bool,
-    /// Congestion controller of the push connection (for comparisons): cubic, scavenger
-    /// (delay-based, yields the bottleneck's queue to fault replies), bbr or newreno.
-    #[arg(long, hide = true, default_value = "cubic")]
+    /// Congestion controller of the push connection: cubic, scavenger (delay-based: keeps the
+    /// bottleneck's queue short, so fault replies do not wait behind pushed pages; see README,
+    /// "Sharing the bottleneck"), bbr or newreno.
+    #[arg(long, default_value = "cubic")]
     congestion: String,
     /// Start the background push this many ms after the restore finished (for measuring fault
     /// latency with and without the push in one migration).
@@ -254,6 +261,7 @@ fn main() -> std::process::ExitCode {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(pageserv::sched::raise_this_thread)
         .build()
         .context("starting the async runtime")
 }
@@ -318,6 +326,11 @@ fn congestion(name: &str) -> Result<pageserv::transport::Congestion> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Src(SrcArgs { common, .. }) | Cmd::Dst(DstArgs { common, .. }) = &cli.cmd
+        && common.realtime
+    {
+        pageserv::sched::enable_realtime()?;
+    }
     match cli.cmd {
         Cmd::Src(a) if a.stop_and_copy => {
             let criu = Criu::locate(a.common.criu.as_deref())?;

@@ -134,6 +134,32 @@ fn migrates_a_process_tree() {
     assert_eq!(v["dst"]["tasks"], 3, "parent + 2 children");
 }
 
+/// The fault-latency options: pageserv's threads and the dump under SCHED_FIFO, the push under
+/// the scavenger controller. The restored tree must still verify and account for every page.
+#[test]
+fn migrates_with_realtime_scheduling_and_scavenger_push() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate(
+        "realtime",
+        &[
+            "--mib",
+            "96",
+            "--children",
+            "1",
+            "--write-rate",
+            "10",
+            "--src-arg=--realtime",
+            "--src-arg=--congestion=scavenger",
+            "--dst-arg=--realtime",
+        ],
+    );
+    check_common("realtime", &v);
+    check_accounting("realtime", &v);
+    assert_eq!(v["dst"]["tasks"], 2, "parent + 1 child");
+}
+
 #[test]
 fn migrates_while_forking_discarding_and_remapping() {
     if !can_run() {

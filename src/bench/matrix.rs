@@ -268,6 +268,9 @@ pub struct Matrix {
     /// Extra `pageserv src` arguments the pageserv modes ran with.
     #[serde(default)]
     pub pageserv_src_args: Vec<String>,
+    /// Extra `pageserv dst` arguments the pageserv modes ran with.
+    #[serde(default)]
+    pub pageserv_dst_args: Vec<String>,
 }
 
 /// Named matrices: `default` is the full matrix, `short` fits in 10 minutes on a
@@ -312,6 +315,7 @@ impl Matrix {
             runs: 3,
             timeout_s: super::modes::DEFAULT_STEP_TIMEOUT_S,
             pageserv_src_args: Vec::new(),
+            pageserv_dst_args: Vec::new(),
         }
     }
 

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// connections), so both cross the link under the same controller.
     #[arg(long = "pageserv-src-arg", allow_hyphen_values = true)]
     pub pageserv_src_args: Vec<String>,
+    /// Extra `pageserv dst` argument for every pageserv mode (repeatable), e.g.
+    /// `--pageserv-dst-arg=--realtime`; recorded in results.json.
+    #[arg(long = "pageserv-dst-arg", allow_hyphen_values = true)]
+    pub pageserv_dst_args: Vec<String>,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -97,6 +101,7 @@ impl BenchArgs {
         } else {
             self.pageserv_src_args.clone()
         };
+        m.pageserv_dst_args = self.pageserv_dst_args.clone();
         if let Some(t) = self.timeout {
             m.timeout_s = t.max(1);
         }
@@ -132,7 +137,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         None => {
             let matrix = args.matrix();
-            modes::set_pageserv_src_args(matrix.pageserv_src_args.clone());
+            modes::set_pageserv_args(modes::PageservArgs {
+                src: matrix.pageserv_src_args.clone(),
+                dst: matrix.pageserv_dst_args.clone(),
+            });
             modes::set_step_timeout(matrix.timeout_s);
             run::run(
                 &matrix,

@@ -249,6 +249,13 @@ pub fn markdown(r: &Results) -> String {
             r.matrix.pageserv_src_args.join(" ")
         );
     }
+    if !r.matrix.pageserv_dst_args.is_empty() {
+        let _ = writeln!(
+            s,
+            "pageserv dst ran with `{}`.\n",
+            r.matrix.pageserv_dst_args.join(" ")
+        );
+    }
     if !r.link_emulators.is_empty() {
         let _ = writeln!(s, "Links:\n");
         for (l, e) in &r.link_emulators {

@@ -236,6 +236,7 @@ pub(crate) async fn migrate_in(
     std::thread::Builder::new()
         .name("uffd-outbound".into())
         .spawn(move || {
+            crate::sched::raise_this_thread();
             while let Ok(ev) = out_rx.recv() {
                 if ev_tx.send(ev).is_err() {
                     break;

@@ -296,7 +296,10 @@ pub fn spawn_with(
         .map_err(setup("epoll instance"))?;
     let thread = std::thread::Builder::new()
         .name("uffd-loop".into())
-        .spawn(move || engine.run())
+        .spawn(move || {
+            crate::sched::raise_this_thread();
+            engine.run()
+        })
         .map_err(|e| LoopError::Setup {
             what: "thread",
             source: e,

@@ -166,6 +166,8 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
         pid: opts.pid,
         source,
     })?;
+    // Its page server answers every fault request.
+    crate::sched::raise_child(child.id());
     // Our copies must go now, or EOF on the status pipe would never come if the dump dies.
     drop(theirs);
     drop(status_w);

@@ -47,20 +47,27 @@ pub fn set_step_timeout(secs: u64) {
     STEP_TIMEOUT_S.store(secs.max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
-static PAGESERV_SRC_ARGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Extra arguments for every `pageserv src` and `pageserv dst` the bench starts (e.g.
+/// `--congestion bbr`, `--realtime`).
+#[derive(Debug, Clone, Default)]
+pub struct PageservArgs {
+    pub src: Vec<String>,
+    pub dst: Vec<String>,
+}
 
-/// Extra arguments for every `pageserv src` the bench starts (e.g. `--congestion bbr`).
-pub fn set_pageserv_src_args(args: Vec<String>) {
-    if let Ok(mut a) = PAGESERV_SRC_ARGS.lock() {
+static PAGESERV_ARGS: std::sync::Mutex<PageservArgs> = std::sync::Mutex::new(PageservArgs {
+    src: Vec::new(),
+    dst: Vec::new(),
+});
+
+pub fn set_pageserv_args(args: PageservArgs) {
+    if let Ok(mut a) = PAGESERV_ARGS.lock() {
         *a = args;
     }
 }
 
-fn pageserv_src_args() -> Vec<String> {
-    PAGESERV_SRC_ARGS
-        .lock()
-        .map(|a| a.clone())
-        .unwrap_or_default()
+fn pageserv_args() -> PageservArgs {
+    PAGESERV_ARGS.lock().map(|a| a.clone()).unwrap_or_default()
 }
 
 /// How long any one step may take.

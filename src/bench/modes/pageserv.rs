@@ -23,7 +23,7 @@ fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
 /// `pageserv src` + `pageserv dst` on `bed`, as `pageserv demo` runs them: the workload and
 /// `src` on the source side, `dst` in the destination namespace.
 pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
-    let extra = super::pageserv_src_args();
+    let extra = super::pageserv_args();
     let args = DemoArgs {
         mib: cell.mib,
         threads: super::criu::WORKLOAD_THREADS,
@@ -35,8 +35,8 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         stop_and_copy: cell.mode == Mode::PageservStopAndCopy,
         after: AFTER_S,
         json: None,
-        src_args: src_args(cell.mode, &extra),
-        dst_args: Vec::new(),
+        src_args: src_args(cell.mode, &extra.src),
+        dst_args: extra.dst,
         cut_link: 0.0,
         kill: None,
         fault_after_ms: 0,

@@ -1,0 +1,133 @@
+//! CPU scheduling of pageserv's own threads: `--realtime` runs them under SCHED_FIFO.
+//!
+//! A task that faults on a lazy page is blocked until pageserv has fetched and placed it; for
+//! that task pageserv stands in for the kernel's own page-fault path, which never waits for the
+//! CPU. Under the normal policy every hop of a fault (uffd thread, QUIC task, CRIU's page
+//! server, the reply) may wait behind ordinary tasks on a busy core: with both hosts on one
+//! 2-core VM that run-queue wait, not the link, was most of the fault p99's growth under a full
+//! push (README, "Sharing the bottleneck"). A nice value does not help (measured: -20 changed
+//! nothing); a real-time policy does, because it preempts ordinary tasks at wakeup.
+//!
+//! The policy is set with SCHED_RESET_ON_FORK, so every process pageserv starts (`criu restore`
+//! and the tasks it restores, keepers, a runc restore) begins at the normal policy. The kernel
+//! resets new threads too, so each of pageserv's threads raises itself at start
+//! ([`raise_this_thread`]): the tokio runtime's threads, the uffd thread and its bridge. A thread
+//! that does not (the pre-copy reader, which competes with the still running workload) stays
+//! normal. pageserv's threads block whenever they wait, and the kernel keeps 5% of each second
+//! for ordinary tasks (sched_rt_runtime_us), so a fault in pageserv cannot lock a host up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// SCHED_FIFO priority: the lowest band, below the kernel's own real-time threads.
+pub const PRIORITY: i32 = 10;
+
+static REALTIME: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not give {what} the real-time policy (SCHED_FIFO {PRIORITY}): {source}; it needs \
+     CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {PRIORITY} (run without --realtime to stay \
+     at the normal policy)"
+)]
+pub struct SchedError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Whether this process asked for the real-time policy and got it.
+pub fn realtime() -> bool {
+    REALTIME.load(Ordering::Relaxed)
+}
+
+/// Puts the calling thread under SCHED_FIFO and records that every later thread should follow.
+/// On failure nothing changes and the process stays at the normal policy.
+pub fn enable_realtime() -> Result<(), SchedError> {
+    set_fifo(0, "this process")?;
+    REALTIME.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Called first in every thread pageserv starts: raises it if the process is real-time. A thread
+/// that cannot be raised (the limit changed underneath) runs normally: logged, not fatal.
+pub fn raise_this_thread() {
+    raise_if_realtime(0, || "a new thread".into());
+}
+
+/// Raises a process pageserv started whose speed is on the fault path (`criu dump`'s page
+/// server) if this process is real-time. Its own children start at the normal policy.
+pub fn raise_child(pid: u32) {
+    raise_if_realtime(pid as libc::pid_t, || format!("process {pid}"));
+}
+
+fn raise_if_realtime(pid: libc::pid_t, what: impl FnOnce() -> String) {
+    if !realtime() {
+        return;
+    }
+    if let Err(e) = set_fifo(pid, &what()) {
+        tracing::warn!("{e}");
+    }
+}
+
+fn set_fifo(pid: libc::pid_t, what: &str) -> Result<(), SchedError> {
+    let param = libc::sched_param {
+        sched_priority: PRIORITY,
+    };
+    // SAFETY: sched_setscheduler reads `param` and touches no memory of ours otherwise.
+    let rc = unsafe {
+        libc::sched_setscheduler(pid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(SchedError {
+            what: what.to_string(),
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+/// The calling thread's policy, without the reset-on-fork flag.
+pub fn this_thread_policy() -> i32 {
+    // SAFETY: no arguments but the calling thread's id.
+    unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs CAP_SYS_NICE (CI runs as root); skipped where the policy is not allowed.
+    #[test]
+    fn threads_follow_and_children_start_normal() {
+        if enable_realtime().is_err() {
+            eprintln!("skipped: SCHED_FIFO not permitted here");
+            return;
+        }
+        assert_eq!(this_thread_policy(), libc::SCHED_FIFO);
+        // The kernel resets a new thread; raise_this_thread brings it back.
+        let plain = std::thread::spawn(this_thread_policy).join().ok();
+        assert_eq!(plain, Some(libc::SCHED_OTHER));
+        let raised = std::thread::spawn(|| {
+            raise_this_thread();
+            this_thread_policy()
+        })
+        .join()
+        .ok();
+        assert_eq!(raised, Some(libc::SCHED_FIFO));
+        // A child process starts at the normal policy.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "chrt -p $$"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        assert!(
+            matches!(&child, Ok(t) if t.contains("SCHED_OTHER")),
+            "child: {child:?}"
+        );
+        // Back to normal, so other tests in this process are not affected.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in set_fifo.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        REALTIME.store(false, Ordering::Relaxed);
+    }
+}

@@ -13,7 +13,9 @@
 //! resets new threads too, so each of pageserv's threads raises itself at start
 //! ([`raise_this_thread`]): the tokio runtime's threads, the uffd thread and its bridge. A thread
 //! that does not (the pre-copy reader, which competes with the still running workload) stays
-//! normal. pageserv's threads block whenever they wait, and the kernel keeps 5% of each second
+//! normal. `criu dump` is raised only once it is ready to serve pages (its status byte): the
+//! dump itself (freeze, parasite, images) runs as it would without `--realtime`. pageserv's
+//! threads block whenever they wait, and the kernel keeps 5% of each second
 //! for ordinary tasks (sched_rt_runtime_us), so a fault in pageserv cannot lock a host up.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -166,20 +166,23 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
         pid: opts.pid,
         source,
     })?;
-    // Its page server answers every fault request.
-    crate::sched::raise_child(child.id());
     // Our copies must go now, or EOF on the status pipe would never come if the dump dies.
     drop(theirs);
     drop(status_w);
     let status_path = PathBuf::from("(status pipe)");
     match read_status(std::fs::File::from(status_r), &status_path) {
-        Ok(()) => Ok(ReadyDump {
-            images_dir: opts.images_dir.clone(),
-            conn: PageServerConn::Unix(ours),
-            child: Some(child),
-            log: Some(log.clone()),
-            started_at,
-        }),
+        Ok(()) => {
+            // From now on its page server answers every fault request. The dump itself (freeze,
+            // parasite, images) stays at the normal policy, as without --realtime.
+            crate::sched::raise_child(child.id());
+            Ok(ReadyDump {
+                images_dir: opts.images_dir.clone(),
+                conn: PageServerConn::Unix(ours),
+                child: Some(child),
+                log: Some(log.clone()),
+                started_at,
+            })
+        }
         Err(DumpError::StatusEof { .. }) => {
             let status = child
                 .wait()

@@ -44,6 +44,10 @@ pub struct SourceReport {
     pub fault_service_during_push: LatencySummary,
     pub pump: PumpStats,
     pub pre_copy: Option<PreCopyReport>,
+    /// Dumps made fail and repeated because CRIU wrote a lazy dump eagerly
+    /// (`source::eager_dump`), and whether the dump used still was eager.
+    pub redumps: u32,
+    pub eager_dump: bool,
 }
 
 /// The destination's final report.
@@ -152,6 +156,17 @@ impl DstReport {
 impl SourceReport {
     pub fn render(&self) -> String {
         let mut s = self.render_post_copy();
+        if self.redumps > 0 || self.eager_dump {
+            s += &format!(
+                "  dumps repeated because CRIU wrote the lazy memory eagerly: {}{}\n",
+                self.redumps,
+                if self.eager_dump {
+                    " (the dump used was still eager)"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(p) = &self.pre_copy {
             s += &p.render();
             s += &format!(

@@ -33,6 +33,8 @@ use pageserv::pages::PAGE_SIZE;
 use prost::Message;
 
 const HOLDER_ENV: &str = "PAGESERV_PS_HOLDER";
+/// Set: the holder parks its thread on a page-aligned stack pointer (see `eager_dump_is_seen`).
+const ALIGNED_SP_ENV: &str = "PAGESERV_PS_HOLDER_ALIGNED_SP";
 /// The holder's region: 32 MiB of private anonymous memory.
 const REGION_PAGES: u64 = 8192;
 /// The first 28 MiB are written completely (long runs, for clamping and throughput); in the last
@@ -95,8 +97,35 @@ fn holder_entry() {
     let tmp = format!("{ready}.tmp");
     fs::write(&tmp, format!("{:#x}\n", addr as u64)).unwrap();
     fs::rename(&tmp, &ready).unwrap();
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os(ALIGNED_SP_ENV).is_some() {
+        park_on_page_aligned_stack();
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Blocks this thread in pause(2) with its stack pointer exactly on a page boundary, as the
+/// freeze of a dump may find a thread by chance.
+#[cfg(target_arch = "x86_64")]
+fn park_on_page_aligned_stack() -> ! {
+    #[repr(C, align(4096))]
+    struct Stack([u8; 1 << 16]);
+    static mut STACK: Stack = Stack([0; 1 << 16]);
+    let top = std::ptr::addr_of_mut!(STACK) as usize + (1 << 16);
+    // SAFETY: the thread never returns or touches its old stack; the new one is ours alone and
+    // the loop only makes the pause syscall (34), which needs no stack.
+    unsafe {
+        std::arch::asm!(
+            "mov rsp, {top}",
+            "2:",
+            "mov eax, 34",
+            "syscall",
+            "jmp 2b",
+            top = in(reg) top,
+            options(noreturn)
+        )
     }
 }
 
@@ -161,6 +190,10 @@ struct Holder {
 
 impl Holder {
     fn spawn(dir: &Path) -> Holder {
+        Holder::spawn_with(dir, false)
+    }
+
+    fn spawn_with(dir: &Path, aligned_sp: bool) -> Holder {
         let ready = dir.join("holder.ready");
         let exe = std::env::current_exe().unwrap();
         // No --mount-proc: a private mount namespace makes CRIU dump the mount table, which fails
@@ -177,6 +210,7 @@ impl Holder {
                 "--nocapture",
             ])
             .env(HOLDER_ENV, &ready)
+            .envs(aligned_sp.then_some((ALIGNED_SP_ENV, "1")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -635,8 +669,12 @@ struct LazySession {
 
 impl LazySession {
     fn start(criu: &Path, tag: &str, unix: bool) -> LazySession {
+        LazySession::start_with(criu, tag, unix, false)
+    }
+
+    fn start_with(criu: &Path, tag: &str, unix: bool, aligned_sp: bool) -> LazySession {
         let dir = scratch_dir(tag);
-        let holder = Holder::spawn(&dir);
+        let holder = Holder::spawn_with(&dir, aligned_sp);
         let (status_r, status_w) = status_pipe();
         let mut extra = vec![
             "--lazy-pages".to_string(),
@@ -900,6 +938,36 @@ fn lazy_get_ps_socket() {
     let mut s = LazySession::start(&criu, "lazy-unix", true);
     check_gets(&mut s);
     measure(&mut s, "AF_UNIX --ps-socket");
+    s.close_and_finish(true);
+}
+
+/// CRIU 4.1.1 writes a lazy dump eagerly when a thread's stack pointer is page-aligned at the
+/// freeze (`source::eager_dump`): the check pageserv runs on its own dumps must see that, and
+/// must not see it in an ordinary lazy dump. If the first assertion fails, CRIU's stack-page
+/// test has changed: see whether the re-dump in `source::service` is still needed.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn eager_dump_is_seen() {
+    use pageserv::criu::images::ImageDir;
+    use pageserv::source::eager_dump::eager_tasks;
+    let Some(criu) = setup("eager_dump_is_seen") else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = LazySession::start_with(&criu, "eager", true, true);
+    assert!(
+        s.lazy_region_runs().is_empty(),
+        "CRIU kept pages lazy although a stack pointer was page-aligned: {:?}",
+        s.runs
+    );
+    let eager = eager_tasks(&ImageDir::open(&s.dir).unwrap()).unwrap();
+    assert_eq!(eager, vec![s.holder.vpid], "eager tasks");
+    s.close_and_finish(true);
+
+    let s = LazySession::start(&criu, "not-eager", true);
+    assert!(!s.lazy_region_runs().is_empty());
+    let eager = eager_tasks(&ImageDir::open(&s.dir).unwrap()).unwrap();
+    assert!(eager.is_empty(), "a lazy dump called eager: {eager:?}");
     s.close_and_finish(true);
 }
 

@@ -93,6 +93,10 @@ pub struct ReadyDump {
     pub log: Option<PathBuf>,
     /// When the dump started: an upper bound for the moment the tasks froze.
     pub started_at: SystemTime,
+    /// Dumps pageserv made fail and repeated because they came out eager
+    /// ([`crate::source::eager_dump`]), and whether this one still is.
+    pub redumps: u32,
+    pub eager: bool,
 }
 
 impl ReadyDump {
@@ -181,6 +185,8 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
                 child: Some(child),
                 log: Some(log.clone()),
                 started_at,
+                redumps: 0,
+                eager: false,
             })
         }
         Err(DumpError::StatusEof { .. }) => {
@@ -224,6 +230,8 @@ pub fn join_external_dump(
         child: None,
         log: None,
         started_at,
+        redumps: 0,
+        eager: false,
     })
 }
 

@@ -1,6 +1,7 @@
 //! `pageserv src`: runs or joins the lazy dump, ships images, serves faults and pushes pages.
 
 pub mod dump;
+pub mod eager_dump;
 pub mod keeper;
 pub mod pre_copy;
 pub mod pump;

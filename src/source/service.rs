@@ -27,6 +27,7 @@ use crate::pb::pageserv::{
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
+use crate::source::eager_dump;
 use crate::source::keeper::KeeperLink;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
@@ -360,6 +361,8 @@ async fn drive(
     match result {
         Ok(mut report) => {
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.redumps = dump.redumps;
+            report.eager_dump = dump.eager;
             report.wire_bytes_after_freeze = wire_after_freeze;
             report.peak_rss_bytes = peak_rss_bytes();
             // dst closes the connection once it has read SourceReleased; closing first would
@@ -433,15 +436,15 @@ fn open_dump_blocking(
     let work = work.to_path_buf();
     let fresh = |r: Result<ReadyDump, _>| r.map(|d| (d, None)).map_err(anyhow::Error::from);
     match d {
-        DumpSource::Pid { pid, extra } => fresh(start_lazy_dump(
-            criu,
-            &DumpOptions {
+        DumpSource::Pid { pid, extra } => {
+            let opts = DumpOptions {
                 pid,
                 images_dir: work.join("images"),
                 work_dir: work.clone(),
                 extra,
-            },
-        )),
+            };
+            lazy_dump_not_eager(criu, &opts).map(|d| (d, None))
+        }
         DumpSource::External {
             page_server,
             status_fifo,
@@ -457,10 +460,70 @@ fn open_dump_blocking(
                     child: None,
                     log: Some(work.join("dump.log")),
                     started_at: SystemTime::now(),
+                    redumps: 0,
+                    eager: false,
                 },
                 Some(link),
             ))
         }
+    }
+}
+
+/// Starts the lazy dump; while it comes out eager (CRIU's stack-page test, see
+/// [`eager_dump`]), makes it fail, which resumes the tree, and dumps again.
+fn lazy_dump_not_eager(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump> {
+    let mut redumps = 0;
+    loop {
+        let mut dump = start_lazy_dump(criu, opts)?;
+        let eager = match ImageDir::open(&dump.images_dir).and_then(|d| eager_dump::eager_tasks(&d))
+        {
+            Ok(eager) => eager,
+            Err(e) => {
+                tracing::warn!("could not check whether the dump came out lazy: {e}");
+                Vec::new()
+            }
+        };
+        dump.redumps = redumps;
+        dump.eager = !eager.is_empty();
+        if eager.is_empty() {
+            return Ok(dump);
+        }
+        if redumps == eager_dump::RETRIES {
+            tracing::warn!(
+                tasks = ?eager,
+                "criu dump wrote these tasks' memory into the images although the dump is lazy \
+                 (CRIU's stack-page test, see source::eager_dump), {} dumps in a row: going on; \
+                 all their memory crosses before the restore (a longer downtime)",
+                redumps + 1
+            );
+            return Ok(dump);
+        }
+        tracing::warn!(
+            tasks = ?eager,
+            "criu dump came out eager (a thread's stack pointer was page-aligned at the freeze, \
+             CRIU's stack-page test then keeps every page out of the lazy set): resuming the tree \
+             and dumping again"
+        );
+        fail_dump(&dump.conn, criu.layout().header_len());
+        match dump.wait(Duration::from_secs(60)) {
+            Some((status, _)) if !status.success() => {}
+            Some((status, tail)) => bail!(
+                "criu dump of {} ended with {status} after being told to fail; the tree may be \
+                 gone. Its log ends:\n{tail}",
+                opts.pid
+            ),
+            None => bail!(
+                "criu dump of {} did not end within 60 s after being told to fail; its tasks \
+                 may still be frozen (see {})",
+                opts.pid,
+                opts.work_dir.join("dump.log").display()
+            ),
+        }
+        std::fs::remove_dir_all(&opts.images_dir)
+            .with_context(|| format!("clearing {} for the next dump", opts.images_dir.display()))?;
+        redumps += 1;
+        // A moment for the tree to run on: the stack pointer is a property of the freeze.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

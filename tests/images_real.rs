@@ -12,6 +12,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use pageserv::criu::PeFlags;
+use pageserv::criu::page_server::{Layout, RawHeader};
 use pageserv::criu::images::{ImageDir, MapEntry, Pagemap, PagemapId};
 use pageserv::images_show::{self, Summary};
 use pageserv::pages::PageRange;
@@ -160,12 +161,18 @@ fn plain_dump_holds_touched_pages() {
 }
 
 /// Sends one 24-byte v4.1.1 page-server header.
-fn send_iov(s: &mut TcpStream, cmd: u32, nr_pages: u32, vaddr: u64, dst_id: u64) {
-    let mut h = Vec::with_capacity(24);
-    h.extend_from_slice(&cmd.to_ne_bytes());
-    h.extend_from_slice(&nr_pages.to_ne_bytes());
-    h.extend_from_slice(&vaddr.to_ne_bytes());
-    h.extend_from_slice(&dst_id.to_ne_bytes());
+/// Sends one page-server header in the layout of the CRIU under test (4.1's 24 bytes or
+/// 4.2's 32), built by pageserv's own codec.
+fn send_iov(s: &mut TcpStream, layout: Layout, cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) {
+    let mut h = bytes::BytesMut::new();
+    RawHeader {
+        word: cmd,
+        nr_pages,
+        vaddr,
+        dst_id,
+    }
+    .encode(layout, &mut h)
+    .unwrap();
     s.write_all(&h).unwrap();
 }
 
@@ -238,17 +245,16 @@ fn lazy_dump_marks_touched_pages_lazy() {
         .find(|e| e.range().contains(h.addr + 8192 * PAGE))
         .expect("entry of the 1 MiB run");
     let got_range = PageRange::new(run.vaddr, run.nr_pages);
+    let layout = pageserv::criu::binary::Criu::at(&criu.bin).unwrap().layout();
     let mut sock = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    send_iov(&mut sock, 7, run.nr_pages as u32, run.vaddr, 1);
-    let mut reply = [0u8; 24];
+    send_iov(&mut sock, layout, 7, run.nr_pages, run.vaddr, 1);
+    let mut reply = vec![0u8; layout.header_len()];
     sock.read_exact(&mut reply).unwrap();
-    let nr = u32::from_ne_bytes(reply[4..8].try_into().unwrap()) as u64;
-    assert_eq!(
-        u32::from_ne_bytes(reply[0..4].try_into().unwrap()),
-        0x0004_0006
-    );
+    let reply = RawHeader::decode(layout, &reply).unwrap();
+    let nr = reply.nr_pages;
+    assert_eq!(reply.word, 0x0004_0006);
     assert_eq!(nr, got_range.nr_pages);
     let mut data = vec![0u8; (nr * PAGE) as usize];
     sock.read_exact(&mut data).unwrap();
@@ -259,7 +265,7 @@ fn lazy_dump_marks_touched_pages_lazy() {
         first + nr
     );
     // ... and ends on PS_IOV_CLOSE, replying 0, then kills the tree.
-    send_iov(&mut sock, 0x1023, 0, 0, 0);
+    send_iov(&mut sock, layout, 0x1023, 0, 0, 0);
     let mut status = [0u8; 4];
     sock.read_exact(&mut status).unwrap();
     assert_eq!(i32::from_ne_bytes(status), 0);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where setup-criu installs CRIU 4.1.1.
+/// Where setup-criu installs CRIU (4.2.x from Debian forky by default).
 pub const CRIU_PREFIX_BIN: &str = "/opt/pageserv/criu/bin/criu";
 /// Lazy dumps need a 4 MiB pipe (docs/criu-protocols.md §6); we ask for 8 MiB like the hosts.
 pub const PIPE_MAX_SIZE: u64 = 8 << 20;

@@ -17,6 +17,7 @@ pub mod latency;
 pub mod outcome;
 pub mod pages;
 pub mod pb;
+pub mod runc;
 pub mod sched;
 pub mod source;
 pub mod stats;

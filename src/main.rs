@@ -152,7 +152,7 @@ struct SrcArgs {
     listen_page_server: Option<SocketAddr>,
     /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
     /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
-    #[arg(long, value_name = "N|auto", requires = "pid")]
+    #[arg(long, value_name = "N|auto")]
     pre_copy: Option<PreCopyMode>,
     /// The pageserv dst to migrate to.
     #[arg(long)]
@@ -173,6 +173,14 @@ struct SrcArgs {
     /// The external dump's image directory (with --page-server).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Migrate this runc container: pageserv runs `runc checkpoint --lazy-pages` itself (page
+    /// server on a loopback port, status through a pipe) and joins the dump; with --pre-copy
+    /// the rounds read the container's process tree first. Restore it at dst with
+    /// `pageserv dst --runc-bundle`.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["pid", "page_server", "status_fifo", "resume", "stop_and_copy"])]
+    runc: Option<String>,
+    #[command(flatten)]
+    runc_opts: RuncArgs,
     /// Work directory for images and logs of a dump pageserv starts.
     #[arg(long, default_value = "/var/lib/pageserv/src")]
     work: PathBuf,
@@ -212,6 +220,15 @@ struct DstArgs {
     /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
     #[arg(long)]
     restore_cmd: Option<String>,
+    /// Restore a container migrated with `pageserv src --runc` with `runc restore --lazy-pages`
+    /// from this OCI bundle (config.json and rootfs must exist here, as at the source).
+    #[arg(long, value_name = "DIR", conflicts_with = "restore_cmd")]
+    runc_bundle: Option<PathBuf>,
+    /// The restored container's name (with --runc-bundle; default: the bundle directory's name).
+    #[arg(long, requires = "runc_bundle")]
+    name: Option<String>,
+    #[command(flatten)]
+    runc_opts: RuncArgs,
     /// Take this many migrations (concurrently), then exit once all have ended; the exit status
     /// is non-zero if any failed. Default: one migration, as without the flag.
     #[arg(long, conflicts_with = "keep_serving")]
@@ -226,6 +243,26 @@ struct DstArgs {
     link: LinkArgs,
     #[command(flatten)]
     common: Common,
+}
+
+/// Which runc (with `src --runc` or `dst --runc-bundle`).
+#[derive(Args)]
+struct RuncArgs {
+    /// runc's state directory (`runc --root`; runc's default when not given).
+    #[arg(long, value_name = "DIR")]
+    runc_root: Option<PathBuf>,
+    /// The runc binary (default: `runc` on PATH).
+    #[arg(long, value_name = "PATH")]
+    runc_bin: Option<PathBuf>,
+}
+
+impl RuncArgs {
+    fn runc(&self) -> Result<pageserv::runc::Runc> {
+        Ok(pageserv::runc::Runc::locate(
+            self.runc_bin.as_deref(),
+            self.runc_root.clone(),
+        )?)
+    }
 }
 
 #[derive(Args)]
@@ -368,10 +405,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Src(a) => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
+            if a.pre_copy.is_some() && a.pid.is_none() && a.runc.is_none() {
+                anyhow::bail!(
+                    "--pre-copy needs --pid or --runc: pageserv reads the tree's memory before it dumps it"
+                );
+            }
             let dump = match (a.pid, a.page_server, a.status_fifo) {
                 _ if a.resume.is_some() => DumpSource::Resume {
                     work: a.resume.clone().unwrap_or_default(),
                 },
+                _ if a.runc.is_some() => DumpSource::Runc(pageserv::source::runc_dump::RuncDump {
+                    runc: a.runc_opts.runc()?,
+                    name: a.runc.clone().unwrap_or_default(),
+                }),
                 (Some(pid), None, None) => DumpSource::Pid {
                     pid,
                     extra: a.common.criu_opts.clone(),
@@ -385,7 +431,7 @@ fn run(cli: Cli) -> Result<()> {
                         .context("--page-server needs --images DIR, the dump's -D directory")?,
                 },
                 _ => anyhow::bail!(
-                    "give either --pid PID, or --page-server ADDR with --status-fifo PATH"
+                    "give either --pid PID, --runc NAME, or --page-server ADDR with --status-fifo PATH"
                 ),
             };
             let opts = SourceOptions {
@@ -415,6 +461,32 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dst(a) => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
+            let (template, runc_container) = match &a.runc_bundle {
+                Some(bundle) => {
+                    let runc = a.runc_opts.runc()?;
+                    let bundle = std::fs::canonicalize(bundle).with_context(|| {
+                        format!(
+                            "the runc bundle {} (it must exist at dst, as at the source)",
+                            bundle.display()
+                        )
+                    })?;
+                    anyhow::ensure!(
+                        bundle.join("config.json").is_file(),
+                        "{} has no config.json: --runc-bundle takes the container's OCI bundle, as at the source",
+                        bundle.display()
+                    );
+                    let name = match &a.name {
+                        Some(n) => n.clone(),
+                        None => bundle
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .context("the bundle path has no last component: pass --name")?,
+                    };
+                    let t = runc.restore_template(&criu.path, &bundle, &name, true);
+                    (Some(t), Some((runc, name)))
+                }
+                None => (a.restore_cmd.clone(), None),
+            };
             let opts = DstOptions {
                 listen: a.listen,
                 certs: a.common.certs.clone(),
@@ -423,7 +495,8 @@ fn run(cli: Cli) -> Result<()> {
                 criu,
                 restore: RestoreOptions {
                     extra: a.common.criu_opts.clone(),
-                    template: a.restore_cmd.clone(),
+                    template,
+                    runc_container,
                 },
                 transport: pageserv::transport::TransportOptions {
                     idle_timeout: a.link.idle()?,

@@ -33,6 +33,7 @@ pub struct Restore {
     child: Child,
     pub log: PathBuf,
     pub pidfile: PathBuf,
+    runc_container: Option<(crate::runc::Runc, String)>,
 }
 
 /// How to run the restore.
@@ -42,6 +43,9 @@ pub struct RestoreOptions {
     pub extra: Vec<String>,
     /// A shell template replacing the default command.
     pub template: Option<String>,
+    /// The restore is `runc restore` of this container: a failed restore deletes what runc
+    /// left of it, so the next attempt finds no half-made container or cgroup.
+    pub runc_container: Option<(crate::runc::Runc, String)>,
 }
 
 /// The restore of `images` in `work`: `opts.template` through the shell, or `criu restore -d`
@@ -107,6 +111,7 @@ impl Restore {
             child,
             log,
             pidfile,
+            runc_container: opts.runc_container.clone(),
         })
     }
 
@@ -137,9 +142,22 @@ impl Restore {
             .ok()
     }
 
-    /// Kills the restore command itself (not the restored tasks).
+    /// Kills the restore command itself (not the restored tasks); for a runc restore, deletes
+    /// what runc left of the container.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((runc, name)) = &self.runc_container
+            && runc.exists(name)
+        {
+            match runc.delete_force(name) {
+                Ok(()) => {
+                    tracing::info!(container = %name, "deleted the container the failed runc restore left")
+                }
+                Err(e) => {
+                    tracing::warn!(container = %name, "could not delete the container the failed runc restore left: {e}")
+                }
+            }
+        }
     }
 }

@@ -59,6 +59,17 @@ pub enum DumpError {
          (see its log)"
     )]
     StatusEof { path: PathBuf },
+    #[error(
+        "runc checkpoint of container {name} ended before it was ready ({status}: {cause}); the \
+         container keeps running at the source. Last lines of CRIU's log {log}:\n{tail}"
+    )]
+    RuncNotReady {
+        name: String,
+        status: String,
+        cause: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("could not connect to the dump's page server at {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -217,7 +228,19 @@ pub fn join_external_dump(
         path: status_fifo.to_path_buf(),
         source,
     })?;
-    read_status(fifo, status_fifo)?;
+    join_after_status(images_dir, page_server, fifo, status_fifo, started_at)
+}
+
+/// Joins an external dump whose status descriptor (named `status_name` in errors) is `status`:
+/// waits for the ready byte, then connects to its page server.
+pub fn join_after_status(
+    images_dir: &Path,
+    page_server: SocketAddr,
+    status: impl Read,
+    status_name: &Path,
+    started_at: SystemTime,
+) -> Result<ReadyDump, DumpError> {
+    read_status(status, status_name)?;
     let tcp = TcpStream::connect(page_server).map_err(|source| DumpError::Connect {
         addr: page_server,
         source,

@@ -36,6 +36,7 @@ use crate::source::pump::{
 };
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::source::recovery::{self, Link, MissingList, Reconnect};
+use crate::source::runc_dump::{RuncDump, start_runc_checkpoint};
 use crate::stats::SourceReport;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
@@ -61,6 +62,8 @@ pub enum DumpSource {
     /// Retry a migration whose source was left frozen in this work directory (its dump keeper
     /// hands the dump's socket over).
     Resume { work: PathBuf },
+    /// pageserv runs `runc checkpoint --lazy-pages` on this container and joins its dump.
+    Runc(RuncDump),
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +268,19 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
                 .await
                 .context("pre-copy rounds (the tasks were never frozen)")?,
         ),
+        (Some(cfg), DumpSource::Runc(r)) => {
+            // The container's process tree, from its init as runc reports it.
+            let pid = r
+                .runc
+                .running(&r.name)
+                .with_context(|| format!("finding container {}'s processes", r.name))?
+                .pid;
+            Some(
+                pre_copy::rounds::run(pid, *cfg, &mut ctl)
+                    .await
+                    .context("pre-copy rounds (the container was never frozen)")?,
+            )
+        }
         (Some(_), DumpSource::External { .. }) => {
             bail!("--pre-copy needs --pid: pageserv reads the tree's memory before it dumps it")
         }
@@ -296,7 +312,7 @@ fn dump_work_dir(opts: &SourceOptions) -> Option<PathBuf> {
     match &opts.dump {
         DumpSource::Pid { .. } => Some(opts.work_dir.clone()),
         DumpSource::Resume { work } => Some(work.clone()),
-        DumpSource::External { .. } => None,
+        DumpSource::External { .. } | DumpSource::Runc(_) => None,
     }
 }
 
@@ -450,6 +466,7 @@ fn open_dump_blocking(
             status_fifo,
             images_dir,
         } => fresh(join_external_dump(&images_dir, page_server, &status_fifo)),
+        DumpSource::Runc(r) => fresh(start_runc_checkpoint(criu, &r, &work)),
         DumpSource::Resume { work } => {
             let (link, sock) = KeeperLink::take(&work)?;
             tracing::info!(dir = %work.display(), "took over the frozen dump");

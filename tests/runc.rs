@@ -1,0 +1,267 @@
+//! Containers with Debian's runc: `pageserv src --lazy --runc NAME` into `pageserv dst
+//! --runc-bundle DIR`, real runc, real CRIU, real userfaultfd, QUIC with mutual TLS on loopback.
+//!
+//! Each test builds an OCI bundle around the self-verifying workload (tests/common/container.rs)
+//! and two runc state directories standing for the two hosts. Needs root, CRIU and runc
+//! (`tools/setup` installs both); outside CI a missing runc skips.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "common/container.rs"]
+mod container;
+#[path = "common/root.rs"]
+mod root;
+
+use container::{Host, Lab, read_log, runc_bin, wait_for};
+
+fn pageserv() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pageserv"))
+}
+
+fn workload() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_workload"))
+}
+
+fn can_run() -> bool {
+    if !root::can_run() {
+        return false;
+    }
+    if runc_bin().is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "runc missing in CI: tools/setup should have installed it"
+        );
+        eprintln!("SKIP: no runc (apt-get install runc)");
+        return false;
+    }
+    true
+}
+
+fn free_udp_port() -> SocketAddr {
+    let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a UDP port");
+    s.local_addr().expect("local addr")
+}
+
+fn wait_child(name: &str, c: &mut Child, timeout: Duration) -> ExitStatus {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(st) = c.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > end {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{name} did not end within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Setup {
+    lab: Lab,
+    src: Host,
+    dst: Host,
+    name: String,
+    src_bundle: PathBuf,
+    dst_bundle: PathBuf,
+    certs: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.src.remove(&self.name);
+        self.dst.remove(&self.name);
+    }
+}
+
+/// A running container `name` of `mib` MiB at the "source host", a bundle for it at the
+/// "destination host" (same rootfs, its own cgroup), and certificates for both.
+fn setup(test: &str, mib: u32) -> Setup {
+    let lab = Lab::new(test);
+    let name = format!("ps-{test}-{}", std::process::id());
+    let rootfs = lab.rootfs(&workload());
+    let args = [
+        "--mib",
+        &mib.to_string(),
+        "--threads",
+        "2",
+        "--write-rate",
+        "20",
+        "--log",
+        "/log/wl.log",
+    ];
+    let src_bundle = lab.bundle("bundle-src", &rootfs, &args, &format!("/{name}-src"));
+    let dst_bundle = lab.bundle("bundle-dst", &rootfs, &args, &format!("/{name}-dst"));
+    let src = Host {
+        root: lab.dir.join("runc-src"),
+    };
+    let dst = Host {
+        root: lab.dir.join("runc-dst"),
+    };
+    let certs = lab.dir.join("certs");
+    let st = Command::new(pageserv())
+        .args(["keygen", "--ca"])
+        .arg(certs.join("ca"))
+        .arg("--out")
+        .arg(certs.join("host"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("pageserv keygen");
+    assert!(st.success());
+    src.run(&src_bundle, &name);
+    // Running, and its memory made and checked once.
+    assert!(
+        wait_for(Duration::from_secs(30), || read_log(&lab.log()).checks_ok
+            >= 1),
+        "{test}: the container's workload did not start"
+    );
+    Setup {
+        lab,
+        src,
+        dst,
+        name,
+        src_bundle,
+        dst_bundle,
+        certs,
+    }
+}
+
+struct Run {
+    src: ExitStatus,
+    dst: ExitStatus,
+    src_err: String,
+    dst_err: String,
+}
+
+fn migrate(s: &Setup, dst_bundle: &Path) -> Run {
+    let listen = free_udp_port();
+    let work = s.lab.dir.join("work");
+    let mut dst = Command::new(pageserv())
+        .arg("dst")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--certs")
+        .arg(s.certs.join("host"))
+        .arg("--work")
+        .arg(work.join("dst"))
+        .arg("--runc-bundle")
+        .arg(dst_bundle)
+        .arg("--name")
+        .arg(&s.name)
+        .arg("--runc-root")
+        .arg(&s.dst.root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pageserv dst");
+    std::thread::sleep(Duration::from_millis(300));
+    let src = Command::new(pageserv())
+        .args(["src", "--lazy", "--to"])
+        .arg(listen.to_string())
+        .arg("--certs")
+        .arg(s.certs.join("host"))
+        .arg("--work")
+        .arg(work.join("src"))
+        .arg("--runc")
+        .arg(&s.name)
+        .arg("--runc-root")
+        .arg(&s.src.root)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pageserv src");
+    let dst_status = wait_child("pageserv dst", &mut dst, Duration::from_secs(60));
+    let dst_err = {
+        use std::io::Read;
+        let mut e = String::new();
+        let _ = dst.stderr.take().expect("stderr").read_to_string(&mut e);
+        e
+    };
+    Run {
+        src: src.status,
+        dst: dst_status,
+        src_err: String::from_utf8_lossy(&src.stderr).into_owned(),
+        dst_err,
+    }
+}
+
+#[test]
+fn migrates_a_runc_container_lazily() {
+    if !can_run() {
+        return;
+    }
+    let s = setup("runc-lazy", 256);
+    let before = read_log(&s.lab.log());
+    let r = migrate(&s, &s.dst_bundle);
+    assert!(
+        r.src.success() && r.dst.success(),
+        "migration failed: src {} dst {}\n--- src ---\n{}\n--- dst ---\n{}",
+        r.src,
+        r.dst,
+        r.src_err,
+        r.dst_err
+    );
+    // The source container is gone (runc destroyed it after the dump succeeded) ...
+    assert_eq!(
+        s.src.status(&s.name),
+        None,
+        "the source container still exists"
+    );
+    // ... the destination's runs, and its memory checks go on passing there.
+    assert_eq!(s.dst.status(&s.name).as_deref(), Some("running"));
+    let at_switch = read_log(&s.lab.log()).checks_ok;
+    assert!(
+        wait_for(Duration::from_secs(20), || read_log(&s.lab.log()).checks_ok
+            >= at_switch + 3),
+        "no further memory checks at the destination"
+    );
+    let after = read_log(&s.lab.log());
+    assert_eq!(after.checks_failed, 0, "memory checks failed");
+    // One heartbeat sequence, no rollback or restart: strictly increasing across the switch.
+    assert!(after.heartbeats.len() > before.heartbeats.len());
+    assert!(
+        after.heartbeats.windows(2).all(|w| w[1] > w[0]),
+        "the heartbeat sequence went back: the workload restarted or was rolled back"
+    );
+    assert!(r.src_err.contains("downtime"), "src report:\n{}", r.src_err);
+}
+
+#[test]
+fn failed_runc_restore_leaves_the_source_container_running() {
+    if !can_run() {
+        return;
+    }
+    let s = setup("runc-fail", 64);
+    // A destination bundle whose rootfs does not exist: runc restore fails before the
+    // container runs there.
+    let broken = s.lab.dir.join("bundle-broken");
+    std::fs::create_dir_all(&broken).expect("dir");
+    let cfg = std::fs::read_to_string(s.dst_bundle.join("config.json")).expect("config");
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).expect("json");
+    v["root"]["path"] = serde_json::json!(s.lab.dir.join("no-such-rootfs"));
+    std::fs::write(broken.join("config.json"), v.to_string()).expect("write");
+    let r = migrate(&s, &broken);
+    assert!(!r.src.success(), "src succeeded:\n{}", r.src_err);
+    assert!(!r.dst.success(), "dst succeeded:\n{}", r.dst_err);
+    // The source container runs on, untouched, and goes on checking its memory.
+    assert!(
+        wait_for(Duration::from_secs(20), || s.src.status(&s.name).as_deref()
+            == Some("running")),
+        "source container is {:?}\n--- src ---\n{}",
+        s.src.status(&s.name),
+        r.src_err
+    );
+    let n = read_log(&s.lab.log()).checks_ok;
+    assert!(
+        wait_for(Duration::from_secs(10), || read_log(&s.lab.log()).checks_ok
+            > n),
+        "the source container's workload does not run"
+    );
+    assert_eq!(read_log(&s.lab.log()).checks_failed, 0);
+    // Nothing half-made at the destination.
+    assert_eq!(s.dst.status(&s.name), None, "dst runc kept a container");
+    let _ = &s.src_bundle;
+}

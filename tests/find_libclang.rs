@@ -71,7 +71,11 @@ fn libclang_path_is_honoured() {
         .output()
         .expect("run tools/find-libclang");
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).trim().ends_with("/opt/llvm/lib/libclang.so.1"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .ends_with("/opt/llvm/lib/libclang.so.1")
+    );
 }
 
 /// A temporary directory removed on drop (no extra dev-dependency for three tests).
@@ -87,7 +91,10 @@ mod tempdir {
             p.push(format!(
                 "find-libclang-{}-{}-{}",
                 std::process::id(),
-                std::thread::current().name().unwrap_or("t").replace(':', "_"),
+                std::thread::current()
+                    .name()
+                    .unwrap_or("t")
+                    .replace(':', "_"),
                 N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
             let _ = std::fs::remove_dir_all(&p);

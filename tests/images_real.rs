@@ -12,8 +12,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use pageserv::criu::PeFlags;
-use pageserv::criu::page_server::{Layout, RawHeader};
 use pageserv::criu::images::{ImageDir, MapEntry, Pagemap, PagemapId};
+use pageserv::criu::page_server::{Layout, RawHeader};
 use pageserv::images_show::{self, Summary};
 use pageserv::pages::PageRange;
 
@@ -245,7 +245,9 @@ fn lazy_dump_marks_touched_pages_lazy() {
         .find(|e| e.range().contains(h.addr + 8192 * PAGE))
         .expect("entry of the 1 MiB run");
     let got_range = PageRange::new(run.vaddr, run.nr_pages);
-    let layout = pageserv::criu::binary::Criu::at(&criu.bin).unwrap().layout();
+    let layout = pageserv::criu::binary::Criu::at(&criu.bin)
+        .unwrap()
+        .layout();
     let mut sock = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();

@@ -11,6 +11,7 @@ pub mod criu;
 pub mod demo;
 pub mod dst;
 pub mod fdpass;
+pub mod freezer;
 pub mod images_show;
 pub mod keys;
 pub mod latency;

@@ -24,10 +24,19 @@ pub enum Mode {
     PageservStopAndCopy,
     /// Unavailable on this kernel (listed as unavailable).
     CriuPredump,
+    /// The workload in a runc container: runc's own post-copy (`runc checkpoint --lazy-pages`,
+    /// `criu lazy-pages`, `runc restore --lazy-pages`).
+    RuncLazy,
+    /// A runc container: `runc checkpoint --page-server` to `criu page-server`, `runc restore`.
+    RuncPageserver,
+    /// A runc container: `pageserv src --lazy --runc` + `pageserv dst --runc-bundle`.
+    PageservRuncLazy,
+    /// A runc container: as `pageserv-runc-lazy` with `--pre-copy auto`.
+    PageservRuncPrecopy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 11] = [
         Mode::CriuDisk,
         Mode::CriuPageserver,
         Mode::CriuLazy,
@@ -35,7 +44,24 @@ impl Mode {
         Mode::PageservPrecopy,
         Mode::PageservStopAndCopy,
         Mode::CriuPredump,
+        Mode::RuncLazy,
+        Mode::RuncPageserver,
+        Mode::PageservRuncLazy,
+        Mode::PageservRuncPrecopy,
     ];
+
+    /// The container modes (their own table in the report).
+    pub const CONTAINERS: [Mode; 4] = [
+        Mode::RuncLazy,
+        Mode::RuncPageserver,
+        Mode::PageservRuncLazy,
+        Mode::PageservRuncPrecopy,
+    ];
+
+    /// Whether the workload runs in a runc container.
+    pub fn is_container(self) -> bool {
+        Mode::CONTAINERS.contains(&self)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +72,10 @@ impl Mode {
             Mode::PageservPrecopy => "pageserv-precopy",
             Mode::PageservStopAndCopy => "pageserv-stop-and-copy",
             Mode::CriuPredump => "criu-predump",
+            Mode::RuncLazy => "runc-lazy",
+            Mode::RuncPageserver => "runc-pageserver",
+            Mode::PageservRuncLazy => "pageserv-runc-lazy",
+            Mode::PageservRuncPrecopy => "pageserv-runc-precopy",
         }
     }
 
@@ -72,7 +102,13 @@ impl Mode {
 
     /// Whether the mode reports fault latency (the pageserv destination measures it).
     pub fn has_fault_latency(self) -> bool {
-        matches!(self, Mode::PageservLazy | Mode::PageservPrecopy)
+        matches!(
+            self,
+            Mode::PageservLazy
+                | Mode::PageservPrecopy
+                | Mode::PageservRuncLazy
+                | Mode::PageservRuncPrecopy
+        )
     }
 
     pub fn parse(s: &str) -> Result<Mode, String> {
@@ -287,11 +323,12 @@ pub enum Profile {
 }
 
 impl Matrix {
-    /// Every mode the bench can run (the others are listed as unavailable).
+    /// Every mode the bench runs by default (the others are listed as unavailable). The
+    /// container modes are asked for by name (`--modes runc-lazy,...`): they need runc.
     pub fn runnable_modes() -> Vec<Mode> {
         Mode::ALL
             .into_iter()
-            .filter(|m| m.unavailable().is_none())
+            .filter(|m| m.unavailable().is_none() && !m.is_container())
             .collect()
     }
 

@@ -21,7 +21,7 @@ const FONTS: [&str; 3] = [
 
 /// One colour per mode (indexed like `Mode::ALL`), so a mode looks the same in every chart;
 /// the dirty rate (or p50/p99) is told apart by the line's dash, not by another colour.
-const COLORS: [RGBColor; 7] = [
+const COLORS: [RGBColor; 11] = [
     RGBColor(127, 127, 127),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -29,6 +29,10 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(227, 119, 194),
+    RGBColor(0, 0, 0),
 ];
 
 /// Width of the legend panel right of the chart: with up to 12 series a legend inside the

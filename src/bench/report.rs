@@ -323,22 +323,50 @@ pub fn markdown(r: &Results) -> String {
 }
 
 /// Per link: each pageserv mode's downtime and total time as ratios to CRIU's post-copy and
-/// stop-and-copy modes in the same run.
+/// stop-and-copy modes in the same run; pageserv's container modes against runc's own.
 fn ratio_tables(s: &mut String, r: &Results) {
-    let baselines = [Mode::CriuLazy, Mode::CriuPageserver, Mode::CriuDisk];
-    let _ = writeln!(
+    ratio_table(
         s,
+        r,
         "\n## pageserv vs CRIU, per link\n\nRatios of medians from the same bench run; < 1 means \
          pageserv is better. criu-pageserver is CRIU's stop-and-copy over the same link, \
-         criu-disk its stop-and-copy through local disk."
+         criu-disk its stop-and-copy through local disk.",
+        &[Mode::CriuLazy, Mode::CriuPageserver, Mode::CriuDisk],
+        |m| m.is_pageserv() && !m.is_container(),
     );
+    if r.matrix.modes.iter().any(|m| m.is_container()) {
+        ratio_table(
+            s,
+            r,
+            "\n## Containers: pageserv vs runc, per link\n\nThe workload in a runc container; \
+             ratios of medians from the same bench run, < 1 means pageserv is better. runc-lazy \
+             is runc's own post-copy (`runc checkpoint --lazy-pages`, `criu lazy-pages`, `runc \
+             restore --lazy-pages`), runc-pageserver its stop-and-copy through `criu page-server`.",
+            &[Mode::RuncLazy, Mode::RuncPageserver],
+            |m| m.is_pageserv() && m.is_container(),
+        );
+    }
+}
+
+fn ratio_table(
+    s: &mut String,
+    r: &Results,
+    title: &str,
+    baselines: &[Mode],
+    compared: impl Fn(Mode) -> bool,
+) {
+    let _ = writeln!(s, "{title}");
     let header: Vec<String> = ["downtime", "total"]
         .iter()
-        .flat_map(|what| baselines.map(|b| format!("{what} / {}", b.name())))
+        .flat_map(|what| {
+            baselines
+                .iter()
+                .map(move |b| format!("{what} / {}", b.name()))
+        })
         .collect();
     for link in &r.matrix.links {
         let mut rows = Vec::new();
-        for mode in r.matrix.modes.iter().copied().filter(|m| m.is_pageserv()) {
+        for mode in r.matrix.modes.iter().copied().filter(|m| compared(*m)) {
             for &mib in &r.matrix.sizes_mib {
                 for &rate in &r.matrix.write_rates {
                     let Some(ps) = r.cell(mode, mib, link, rate) else {
@@ -346,10 +374,13 @@ fn ratio_tables(s: &mut String, r: &Results) {
                     };
                     let get = |b: Mode| r.cell(b, mib, link, rate);
                     let mut cols: Vec<String> = baselines
-                        .map(|b| ratio(ps.downtime_ms, get(b).and_then(|c| c.downtime_ms)))
-                        .into();
+                        .iter()
+                        .map(|&b| ratio(ps.downtime_ms, get(b).and_then(|c| c.downtime_ms)))
+                        .collect();
                     cols.extend(
-                        baselines.map(|b| ratio(ps.total_ms, get(b).and_then(|c| c.total_ms))),
+                        baselines
+                            .iter()
+                            .map(|&b| ratio(ps.total_ms, get(b).and_then(|c| c.total_ms))),
                     );
                     rows.push(format!(
                         "| {} | {mib} | {rate} | {} |",

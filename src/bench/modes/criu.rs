@@ -1,6 +1,7 @@
 //! CRIU's own migration modes, as a user would run them by hand, on the same testbed and
 //! workload as pageserv: stop-and-copy through disk, stop-and-copy through `criu page-server`,
-//! and CRIU's post-copy (`criu lazy-pages`).
+//! and CRIU's post-copy (`criu lazy-pages`). At CRIU's default verbosity, as users run it (its
+//! `-v4` logging costs time on the dump and restore paths); the logs keep its errors.
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -251,8 +252,7 @@ impl Run<'_> {
             .arg("--pidfile")
             .arg(&self.pidfile)
             .arg("-o")
-            .arg(&log)
-            .arg("-v4");
+            .arg(&log);
         if lazy {
             cmd.arg("--lazy-pages");
         }
@@ -268,8 +268,7 @@ impl Run<'_> {
         cmd.args(["dump", "-t", &pid.to_string(), "-D"])
             .arg(&dir)
             .arg("-o")
-            .arg(&log)
-            .arg("-v4");
+            .arg(&log);
         self.step("criu dump", cmd, &log)?;
         self.restore(&dir, false)?;
         Ok(Some(dir_bytes(&dir)))
@@ -289,16 +288,14 @@ impl Run<'_> {
             .arg("-D")
             .arg(&dst_dir)
             .args(["--port", &port, "--address", &addr, "-o"])
-            .arg(&ps_log)
-            .arg("-v4");
+            .arg(&ps_log);
         let server = self.start_ready("criu page-server (destination)", ps, &ps_log)?;
         let log = self.logs.join("dump.log");
         let mut dump = self.criu_cmd(false);
         dump.args(["dump", "-t", &pid.to_string(), "-D"])
             .arg(&src_dir)
             .args(["--page-server", "--address", &addr, "--port", &port, "-o"])
-            .arg(&log)
-            .arg("-v4");
+            .arg(&log);
         self.step("criu dump --page-server", dump, &log)?;
         self.wait_child(server, "criu page-server", &ps_log)?;
         copy_missing(&src_dir, &dst_dir)?;
@@ -319,8 +316,7 @@ impl Run<'_> {
         dump.args(["dump", "-t", &pid.to_string(), "-D"])
             .arg(&src_dir)
             .args(["--lazy-pages", "--address", &addr, "--port", &port, "-o"])
-            .arg(&log)
-            .arg("-v4");
+            .arg(&log);
         let dumper = self.start_ready("criu dump --lazy-pages", dump, &log)?;
         copy_missing(&src_dir, &dst_dir)?;
         let lp_log = self.logs.join("lazy-pages.log");
@@ -336,8 +332,7 @@ impl Run<'_> {
         .arg("-D")
         .arg(&dst_dir)
         .arg("-o")
-        .arg(&lp_log)
-        .arg("-v4");
+        .arg(&lp_log);
         let daemon = self.start_ready("criu lazy-pages (destination)", lp, &lp_log)?;
         self.restore(&dst_dir, true)?;
         self.wait_child(dumper, "criu dump --lazy-pages", &log)?;

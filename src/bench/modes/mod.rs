@@ -9,6 +9,7 @@
 
 pub mod criu;
 pub mod pageserv;
+pub mod runc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,10 @@ pub fn runner(mode: Mode) -> Option<Runner> {
             Some(pageserv::run)
         }
         Mode::CriuPredump => None,
+        Mode::RuncLazy
+        | Mode::RuncPageserver
+        | Mode::PageservRuncLazy
+        | Mode::PageservRuncPrecopy => Some(runc::run),
     }
 }
 

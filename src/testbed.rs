@@ -7,6 +7,7 @@
 //!
 //! Everything it creates carries this process's pid in its name and is removed on drop.
 
+pub mod container;
 pub mod link;
 
 use std::net::Ipv4Addr;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Debian's runc (tools/setup installs it).
 pub fn runc_bin() -> Option<PathBuf> {
@@ -43,59 +43,25 @@ impl Lab {
     }
 
     /// Makes the root filesystem (shared by the source and destination bundles, as two hosts
-    /// would each have their copy) and a bundle `name` whose config runs the workload.
+    /// would each have their copy).
     pub fn rootfs(&self, workload: &Path) -> PathBuf {
-        let root = self.dir.join("rootfs");
-        for d in ["bin", "proc", "dev", "sys", "tmp", "log"] {
-            std::fs::create_dir_all(root.join(d)).expect("rootfs dirs");
-        }
-        std::fs::copy(workload, root.join("bin/workload")).expect("copy the workload");
-        let ldd = Command::new("ldd").arg(workload).output().expect("run ldd");
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
-            let path = line
-                .split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(PathBuf::from);
-            if let Some(p) = path {
-                let to = root.join(p.strip_prefix("/").expect("absolute"));
-                std::fs::create_dir_all(to.parent().expect("parent")).expect("lib dir");
-                std::fs::copy(&p, &to).expect("copy a library");
-            }
-        }
-        root
+        pageserv::testbed::container::make_rootfs(&self.dir.join("rootfs"), workload)
+            .expect("make the container's rootfs")
     }
 
-    /// Writes bundle `bundle` (config.json from `runc spec`, then changed): the workload with
-    /// `args`, no terminal, the log directory bind-mounted at /log, its own cgroup path.
+    /// Writes bundle `bundle`: the workload with `args`, the log directory at /log, its own
+    /// cgroup path.
     pub fn bundle(&self, bundle: &str, rootfs: &Path, args: &[&str], cgroup: &str) -> PathBuf {
-        let b = self.dir.join(bundle);
-        std::fs::create_dir_all(&b).expect("bundle dir");
-        let st = Command::new(runc_bin().expect("runc"))
-            .arg("spec")
-            .current_dir(&b)
-            .status()
-            .expect("runc spec");
-        assert!(st.success(), "runc spec failed");
-        let path = b.join("config.json");
-        let mut c: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).expect("read config.json"))
-                .expect("config.json");
-        let mut argv = vec!["/bin/workload".to_string()];
-        argv.extend(args.iter().map(|s| s.to_string()));
-        c["process"]["terminal"] = json!(false);
-        c["process"]["args"] = json!(argv);
-        c["root"]["path"] = json!(rootfs);
-        c["root"]["readonly"] = json!(false);
-        c["linux"]["cgroupsPath"] = json!(cgroup);
-        c["mounts"]
-            .as_array_mut()
-            .expect("mounts")
-            .push(json!({"destination": "/log", "type": "bind",
-                         "source": self.log_dir, "options": ["rbind", "rw"]}));
-        std::fs::write(&path, serde_json::to_string_pretty(&c).expect("json"))
-            .expect("write config.json");
-        b
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        pageserv::testbed::container::write_bundle(
+            &runc_bin().expect("runc"),
+            &self.dir.join(bundle),
+            rootfs,
+            &args,
+            cgroup,
+            &self.log_dir,
+        )
+        .expect("write the bundle")
     }
 }
 

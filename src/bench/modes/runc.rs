@@ -22,14 +22,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{AFTER_S, ModeOutcome};
 use crate::bench::matrix::{Cell, Mode};
 use crate::criu::binary::{Criu, log_tail, pass_fds};
 use crate::demo;
 use crate::runc::{Runc, STATUS_FD};
-use crate::testbed::Testbed;
+use crate::testbed::{Testbed, container};
 
 /// One container run's names and places.
 struct Ctr<'a> {
@@ -49,7 +49,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let criu = Criu::locate(None)?;
     let runc = Runc::locate(None, None)?.bin;
     let log = bed.dir.join("workload.log");
-    let rootfs = make_rootfs(&bed.dir.join("rootfs"))?;
+    let rootfs = container::make_rootfs(&bed.dir.join("rootfs"), &demo::sibling("workload")?)?;
     let name = format!("psb{}", std::process::id());
     let args = [
         "--mib".to_string(),
@@ -61,14 +61,30 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         "--log".into(),
         "/log/workload.log".into(),
     ];
+    let src_bundle = container::write_bundle(
+        &runc,
+        &bed.dir.join("bundle-src"),
+        &rootfs,
+        &args,
+        &format!("/{name}-src"),
+        &bed.dir,
+    )?;
+    let dst_bundle = container::write_bundle(
+        &runc,
+        &bed.dir.join("bundle-dst"),
+        &rootfs,
+        &args,
+        &format!("/{name}-dst"),
+        &bed.dir,
+    )?;
     let mut c = Ctr {
         bed,
         criu,
         runc,
         src_root: bed.dir.join("runc-src"),
         dst_root: bed.dir.join("runc-dst"),
-        src_bundle: bundle(bed, "bundle-src", &rootfs, &args, &format!("/{name}-src"))?,
-        dst_bundle: bundle(bed, "bundle-dst", &rootfs, &args, &format!("/{name}-dst"))?,
+        src_bundle,
+        dst_bundle,
         name,
         children: Vec::new(),
     };
@@ -425,61 +441,4 @@ fn enter_net(cmd: &mut Command, netns: &str) {
             Ok(())
         });
     }
-}
-
-/// The workload and the libraries it needs under `root`.
-fn make_rootfs(root: &Path) -> Result<PathBuf> {
-    let workload = demo::sibling("workload")?;
-    for d in ["bin", "proc", "dev", "sys", "tmp", "log"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy(&workload, root.join("bin/workload")).context("copying the workload")?;
-    let ldd = Command::new("ldd").arg(&workload).output().context("ldd")?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
-            let to = root.join(p.trim_start_matches('/'));
-            std::fs::create_dir_all(to.parent().context("library path")?)?;
-            std::fs::copy(p, &to).with_context(|| format!("copying {p}"))?;
-        }
-    }
-    Ok(root.to_path_buf())
-}
-
-/// An OCI bundle `name` under the run's directory: `runc spec`, then the workload with `args`,
-/// no terminal, the run's directory bind-mounted at /log, cgroup path `cgroup`.
-fn bundle(
-    bed: &Testbed,
-    name: &str,
-    rootfs: &Path,
-    args: &[String],
-    cgroup: &str,
-) -> Result<PathBuf> {
-    let b = bed.dir.join(name);
-    std::fs::create_dir_all(&b)?;
-    let runc = Runc::locate(None, None)?.bin;
-    let st = Command::new(runc)
-        .arg("spec")
-        .current_dir(&b)
-        .status()
-        .context("runc spec")?;
-    if !st.success() {
-        bail!("runc spec failed in {}", b.display());
-    }
-    let path = b.join("config.json");
-    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    let mut argv = vec!["/bin/workload".to_string()];
-    argv.extend(args.iter().cloned());
-    c["process"]["terminal"] = json!(false);
-    c["process"]["args"] = json!(argv);
-    c["root"]["path"] = json!(rootfs);
-    c["root"]["readonly"] = json!(false);
-    c["linux"]["cgroupsPath"] = json!(cgroup);
-    if let Some(m) = c["mounts"].as_array_mut() {
-        m.push(
-            json!({"destination": "/log", "type": "bind", "source": bed.dir,
-                      "options": ["rbind", "rw"]}),
-        );
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&c)?)?;
-    Ok(b)
 }

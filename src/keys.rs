@@ -2,8 +2,16 @@
 //! issued from it, and loading a host's identity from its certificate directory.
 //!
 //! A certificate directory holds `ca.pem` (the CA both hosts trust), `cert.pem` (this host's
-//! certificate, valid for TLS server and client auth, SAN "pageserv" plus the host's name) and
-//! `key.pem` (mode 0600). A CA directory holds `ca.pem` and `ca.key`.
+//! certificate, SAN "pageserv" plus the host's name) and `key.pem` (mode 0600). A CA directory
+//! holds `ca.pem` and `ca.key`.
+//!
+//! Roles are bound to certificates by their extended key usage, which TLS itself enforces: a
+//! **destination** certificate is a TLS server certificate only (serverAuth), a **source**
+//! certificate a TLS client certificate only (clientAuth). pageserv dst is always the QUIC
+//! server and pageserv src always the client, so a source certificate cannot pose as a
+//! destination to a source (the source's verifier demands serverAuth) and a destination
+//! certificate cannot open a migration into another destination (the destination's verifier
+//! demands clientAuth). A host that plays both issues `--role both` (or keeps two directories).
 
 use std::fs;
 use std::io::{self, Write};
@@ -39,6 +47,62 @@ const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 86400);
 const LEAF_VALIDITY: Duration = Duration::from_secs(5 * 365 * 86400);
 /// Backdating tolerates clocks between hosts that disagree by this much.
 const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// What a certificate lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Migrate out of this host (`pageserv src`): a TLS client certificate.
+    Source,
+    /// Accept migrations into this host (`pageserv dst`): a TLS server certificate.
+    Destination,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+
+    fn key_usage(self) -> ExtendedKeyUsagePurpose {
+        match self {
+            Role::Source => ExtendedKeyUsagePurpose::ClientAuth,
+            Role::Destination => ExtendedKeyUsagePurpose::ServerAuth,
+        }
+    }
+
+    /// `source`, `destination` or `both`.
+    pub fn parse_set(s: &str) -> Result<Vec<Role>, String> {
+        match s {
+            "source" | "src" => Ok(vec![Role::Source]),
+            "destination" | "dst" => Ok(vec![Role::Destination]),
+            "both" => Ok(vec![Role::Source, Role::Destination]),
+            other => Err(format!(
+                "unknown role {other:?}: source, destination or both"
+            )),
+        }
+    }
+}
+
+/// The roles a certificate (DER) allows, from its extended key usage. A certificate without
+/// the extension allows neither: pageserv issues none such.
+pub fn roles_of(cert: &CertificateDer<'_>) -> Vec<Role> {
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(eku)) = c.extended_key_usage() else {
+        return Vec::new();
+    };
+    let mut roles = Vec::new();
+    if eku.value.client_auth {
+        roles.push(Role::Source);
+    }
+    if eku.value.server_auth {
+        roles.push(Role::Destination);
+    }
+    roles
+}
 
 /// What went wrong creating or loading certificates.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +145,18 @@ pub enum KeyError {
         dir: PathBuf,
         role: &'static str,
         source: rustls::Error,
+    },
+    #[error(
+        "certificate directory {}: {CERT} is not a {want} certificate (it allows: {has}); this \
+         service needs one: issue it with `pageserv keygen --ca <CA dir> --name <host> --role \
+         {want} --out {}`",
+        dir.display(),
+        dir.display()
+    )]
+    WrongRole {
+        dir: PathBuf,
+        want: &'static str,
+        has: String,
     },
 }
 
@@ -145,6 +221,29 @@ impl Identity {
         self.dir.join(CERT)
     }
 
+    /// The roles this host's certificate allows.
+    pub fn roles(&self) -> Vec<Role> {
+        self.chain.first().map(roles_of).unwrap_or_default()
+    }
+
+    /// Fails unless this host's certificate allows `role`.
+    pub fn require(&self, role: Role) -> Result<(), KeyError> {
+        let roles = self.roles();
+        if roles.contains(&role) {
+            return Ok(());
+        }
+        let has: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+        Err(KeyError::WrongRole {
+            dir: self.dir.clone(),
+            want: role.name(),
+            has: if has.is_empty() {
+                "no pageserv role".into()
+            } else {
+                has.join(", ")
+            },
+        })
+    }
+
     /// The trusted roots as rustls wants them.
     pub(crate) fn roots(&self) -> Result<Arc<RootCertStore>, KeyError> {
         let mut roots = RootCertStore::empty();
@@ -181,6 +280,15 @@ impl Identity {
             source,
         };
         let (leaf, intermediates) = (&self.chain[0], &self.chain[1..]);
+        let roles = self.roles();
+        if roles.is_empty() {
+            return Err(KeyError::BadFile {
+                path: self.cert_path(),
+                what: "the certificate allows neither role (no serverAuth or clientAuth key \
+                       usage); re-issue it with `pageserv keygen --role ...`"
+                    .into(),
+            });
+        }
         let now = UnixTime::now();
         let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
             roots.clone(),
@@ -190,15 +298,20 @@ impl Identity {
         .map_err(|e| not_trusted("server", rustls::Error::General(e.to_string())))?;
         let name = ServerName::try_from(SERVER_NAME)
             .map_err(|e| not_trusted("server", rustls::Error::General(e.to_string())))?;
-        server
-            .verify_server_cert(leaf, intermediates, &name, &[], now)
-            .map_err(|e| not_trusted("server", e))?;
-        let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| not_trusted("client", rustls::Error::General(e.to_string())))?;
-        client
-            .verify_client_cert(leaf, intermediates, now)
-            .map_err(|e| not_trusted("client", e))?;
+        if roles.contains(&Role::Destination) {
+            server
+                .verify_server_cert(leaf, intermediates, &name, &[], now)
+                .map_err(|e| not_trusted("server", e))?;
+        }
+        if roles.contains(&Role::Source) {
+            let client =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| not_trusted("client", rustls::Error::General(e.to_string())))?;
+            client
+                .verify_client_cert(leaf, intermediates, now)
+                .map_err(|e| not_trusted("client", e))?;
+        }
         Ok(())
     }
 }
@@ -257,9 +370,9 @@ pub fn generate_ca(dir: &Path) -> Result<(), KeyError> {
 }
 
 /// Issues a certificate for host `name` from the CA in `ca_dir` into `out_dir`: `cert.pem`,
-/// `key.pem` (0600) and a copy of `ca.pem`. The certificate serves as both TLS server and client
-/// with SANs "pageserv" and `name` (a DNS name or an IP address). Replaces an older one.
-pub fn issue(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), KeyError> {
+/// `key.pem` (0600) and a copy of `ca.pem`. It allows `roles` (see the module doc), with SANs
+/// "pageserv" and `name` (a DNS name or an IP address). Replaces an older one.
+pub fn issue(ca_dir: &Path, name: &str, roles: &[Role], out_dir: &Path) -> Result<(), KeyError> {
     let hint = format!("pageserv keygen ca {}", ca_dir.display());
     let ca_pem_path = need(ca_dir, CA_CERT, &hint)?;
     let ca_key_path = need(ca_dir, CA_KEY, &hint)?;
@@ -284,6 +397,11 @@ pub fn issue(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), KeyError> 
     if name.is_empty() {
         return Err(bad_name("it is empty".into()));
     }
+    if roles.is_empty() {
+        return Err(bad_name(
+            "no role given (source, destination or both)".into(),
+        ));
+    }
     let mut params = CertificateParams::new(sans).map_err(|e| bad_name(e.to_string()))?;
     params
         .distinguished_name
@@ -291,10 +409,7 @@ pub fn issue(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), KeyError> 
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::NoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = roles.iter().map(|r| r.key_usage()).collect();
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, LEAF_VALIDITY);
     let key = KeyPair::generate().map_err(|source| KeyError::Generate {
@@ -312,7 +427,8 @@ pub fn issue(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), KeyError> 
     write_file(&out_dir.join(KEY), key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&out_dir.join(CERT), cert.pem().as_bytes(), 0o644)?;
     write_file(&out_dir.join(CA_CERT), ca_pem.as_bytes(), 0o644)?;
-    tracing::info!(name, dir = %out_dir.display(), "issued pageserv certificate");
+    let roles: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    tracing::info!(name, ?roles, dir = %out_dir.display(), "issued pageserv certificate");
     Ok(())
 }
 
@@ -325,9 +441,13 @@ pub fn demo_identities(base: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
         generate_ca(&ca)?;
     }
     let (src, dst) = (base.join("src"), base.join("dst"));
-    for (dir, name) in [(&src, "src"), (&dst, "dst")] {
-        if fresh_ca || !dir.join(CERT).exists() || !dir.join(KEY).exists() {
-            issue(&ca, name, dir)?;
+    for (dir, name, role) in [
+        (&src, "src", Role::Source),
+        (&dst, "dst", Role::Destination),
+    ] {
+        let fits = || Identity::load(dir).is_ok_and(|id| id.roles() == [role]);
+        if fresh_ca || !fits() {
+            issue(&ca, name, &[role], dir)?;
         }
     }
     Ok((src, dst))

@@ -276,6 +276,11 @@ struct KeygenArgs {
     /// Name in the host's certificate.
     #[arg(long, default_value = "pageserv")]
     name: String,
+    /// What the certificate lets the host do: `source` (migrate out: pageserv src),
+    /// `destination` (accept migrations: pageserv dst) or `both`. A leaked source key cannot
+    /// pose as a destination, nor a destination key open migrations into another host.
+    #[arg(long, value_parser = pageserv::keys::Role::parse_set)]
+    role: std::vec::Vec<pageserv::keys::Role>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -523,9 +528,11 @@ fn run(cli: Cli) -> Result<()> {
                 pageserv::keys::generate_ca(&k.ca)?;
                 println!("new CA in {}", k.ca.display());
             }
-            pageserv::keys::issue(&k.ca, &k.name, &k.out)?;
+            pageserv::keys::issue(&k.ca, &k.name, &k.role, &k.out)?;
+            let roles: Vec<&str> = k.role.iter().map(|r| r.name()).collect();
             println!(
-                "certificate for {:?} in {} (CA in {}); copy the CA's ca.pem to every host",
+                "{} certificate for {:?} in {} (CA in {}); copy the CA's ca.pem to every host",
+                roles.join(" and "),
                 k.name,
                 k.out.display(),
                 k.ca.display()

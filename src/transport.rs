@@ -236,9 +236,11 @@ fn tls_error(id: &Identity, why: impl std::fmt::Display) -> TransportError {
     }
 }
 
-/// The server's TLS: TLS 1.3 only, a client certificate chaining to the CA is required, ALPN
-/// "pageserv/1". Public so tests and tools can vary it.
+/// The server's TLS: TLS 1.3 only, our certificate a destination one, a client certificate
+/// chaining to the CA with the source role (clientAuth) required, ALPN "pageserv/1". Public so tests and tools can vary it.
 pub fn server_tls(id: &Identity) -> Result<rustls::ServerConfig, TransportError> {
+    // Only a destination certificate serves (see `keys`: roles are key usages).
+    id.require(crate::keys::Role::Destination)?;
     let provider = crypto_provider();
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots()?, provider.clone())
@@ -254,9 +256,11 @@ pub fn server_tls(id: &Identity) -> Result<rustls::ServerConfig, TransportError>
     Ok(tls)
 }
 
-/// The client's TLS: TLS 1.3 only, the server must chain to the CA with the name "pageserv",
-/// our certificate is presented, ALPN "pageserv/1".
+/// The client's TLS: TLS 1.3 only, the server must chain to the CA with the name "pageserv" and
+/// the destination role (serverAuth), our source certificate is presented, ALPN "pageserv/1".
 pub fn client_tls(id: &Identity) -> Result<rustls::ClientConfig, TransportError> {
+    // Only a source certificate opens migrations (see `keys`).
+    id.require(crate::keys::Role::Source)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_error(id, e))?

@@ -107,6 +107,7 @@ fn setup(test: &str, mib: u32) -> Setup {
         .arg(certs.join("ca"))
         .arg("--out")
         .arg(certs.join("host"))
+        .args(["--role", "both"])
         .stdout(Stdio::null())
         .status()
         .expect("pageserv keygen");

@@ -41,10 +41,12 @@ impl Drop for TempDir {
     }
 }
 
-/// (src, dst) identities from one CA under `base/name`.
+/// (server, client) identities from one CA under `base/name`: a destination certificate
+/// ("dst") for the side that listens and a source certificate ("src") for the side that
+/// connects, as pageserv's roles are.
 fn pair(base: &Path, name: &str) -> (Identity, Identity) {
     let (src, dst) = keys::demo_identities(&base.join(name)).unwrap();
-    (Identity::load(&src).unwrap(), Identity::load(&dst).unwrap())
+    (Identity::load(&dst).unwrap(), Identity::load(&src).unwrap())
 }
 
 fn any_port() -> SocketAddr {
@@ -97,8 +99,8 @@ async fn good_identities_exchange_frames_both_ways() {
 
         let server = tokio::spawn(async move {
             let (conn, peer) = transport::accept(&ep, &src).await.unwrap();
-            assert_eq!(peer.common_name.as_deref(), Some("dst"));
-            assert_eq!(peer.names, vec!["pageserv", "dst"]);
+            assert_eq!(peer.common_name.as_deref(), Some("src"));
+            assert_eq!(peer.names, vec!["pageserv", "src"]);
             let (send, recv) = conn.accept_bi().await.unwrap();
             let mut rx = FrameReceiver::new(recv);
             let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
@@ -138,7 +140,7 @@ async fn good_identities_exchange_frames_both_ways() {
 
         let conn = transport::connect(any_port(), addr, &dst).await.unwrap();
         let peer = transport::peer_identity(&conn).unwrap();
-        assert_eq!(peer.common_name.as_deref(), Some("src"));
+        assert_eq!(peer.common_name.as_deref(), Some("dst"));
         let (send, recv) = conn.open_bi().await.unwrap();
         let mut tx = FrameSender::new(send);
         let sent = vec![
@@ -454,7 +456,7 @@ async fn udp_garbage_does_not_crash_the_server() {
             transport::connect(any_port(), addr, &dst)
         );
         let (_c, peer) = accepted.unwrap();
-        assert_eq!(peer.common_name.as_deref(), Some("dst"));
+        assert_eq!(peer.common_name.as_deref(), Some("src"));
         connected.unwrap();
     })
     .await
@@ -482,3 +484,101 @@ async fn refused_connection_without_server_times_out_with_advice() {
 
 #[path = "transport/measure.rs"]
 mod measure;
+
+/// The roles of issue "trust between hosts": a certificate from the right CA but for the other
+/// role is refused by TLS itself, whatever the peer's software does.
+#[tokio::test]
+async fn a_certificate_acting_as_the_other_role_is_refused() {
+    with_timeout(async {
+        let t = TempDir::new();
+        let (dst, src) = pair(&t.0, "ca1");
+        // pageserv's own code will not even build the wrong side's TLS with it.
+        assert!(matches!(
+            transport::client_tls(&dst),
+            Err(TransportError::Keys(KeyError::WrongRole {
+                want: "source",
+                ..
+            }))
+        ));
+        assert!(matches!(
+            transport::server_tls(&src),
+            Err(TransportError::Keys(KeyError::WrongRole {
+                want: "destination",
+                ..
+            }))
+        ));
+
+        // A leaked source key posing as a destination (a server built by hand with it): the
+        // source refuses it, so it never receives images or memory.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new({
+                let mut r = rustls::RootCertStore::empty();
+                r.add(src.ca[0].clone()).unwrap();
+                r
+            }),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(src.chain.clone(), src.key.clone_key())
+            .unwrap();
+        tls.alpn_protocols = vec![b"pageserv/1".to_vec()];
+        let qtls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let impostor =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(qtls)), any_port())
+                .unwrap();
+        let addr = impostor.local_addr().unwrap();
+        let (_, connected) = tokio::join!(
+            async {
+                if let Some(i) = impostor.accept().await {
+                    let _ = i.await;
+                }
+            },
+            transport::connect(any_port(), addr, &src)
+        );
+        let e = connected.unwrap_err();
+        println!("source said: {e}");
+        assert_eq!(
+            refusal(&e),
+            (RefusedBy::Us, RefusalReason::WrongRole),
+            "{e}"
+        );
+
+        // A leaked destination key opening a migration into a destination (a client built by
+        // hand with it): the destination refuses it before any hello.
+        let ep = transport::server(any_port(), &dst).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates({
+            let mut r = rustls::RootCertStore::empty();
+            r.add(dst.ca[0].clone()).unwrap();
+            r
+        })
+        .with_client_auth_cert(dst.chain.clone(), dst.key.clone_key())
+        .unwrap();
+        tls.alpn_protocols = vec![b"pageserv/1".to_vec()];
+        let (accepted, client) = tokio::join!(transport::accept(&ep, &dst), raw_client(tls, addr));
+        let e = accepted.unwrap_err();
+        println!("destination said: {e}");
+        assert_eq!(
+            refusal(&e),
+            (RefusedBy::Us, RefusalReason::WrongRole),
+            "{e}"
+        );
+        if let Ok(c) = client {
+            // The handshake may complete on the client's side before the refusal arrives; it
+            // must never be admitted.
+            assert!(c.accept_uni().await.is_err());
+        }
+    })
+    .await
+}

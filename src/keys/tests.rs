@@ -1,4 +1,6 @@
 use super::*;
+
+const BOTH: [Role; 2] = [Role::Source, Role::Destination];
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -52,7 +54,7 @@ fn issued_identity_loads_and_has_the_right_names_and_modes() {
     generate_ca(&ca).unwrap();
     assert_eq!(mode(&ca.join(CA_KEY)), 0o600);
     let host = t.0.join("hostA");
-    issue(&ca, "host-a.example", &host).unwrap();
+    issue(&ca, "host-a.example", &BOTH, &host).unwrap();
     assert_eq!(mode(&host.join(KEY)), 0o600);
     assert_eq!(mode(&host.join(CERT)), 0o644);
     assert_eq!(
@@ -65,13 +67,13 @@ fn issued_identity_loads_and_has_the_right_names_and_modes() {
     assert_eq!(id.ca.len(), 1);
     assert_eq!(id.cert_path(), host.join(CERT));
 
-    issue(&ca, "10.1.2.3", &t.0.join("ip")).unwrap();
+    issue(&ca, "10.1.2.3", &BOTH, &t.0.join("ip")).unwrap();
     assert_eq!(
         sans(&t.0.join("ip").join(CERT)),
         vec!["pageserv", "ip:[10, 1, 2, 3]"]
     );
     assert!(matches!(
-        issue(&ca, "", &t.0.join("x")),
+        issue(&ca, "", &BOTH, &t.0.join("x")),
         Err(KeyError::BadName { .. })
     ));
 }
@@ -91,7 +93,7 @@ fn missing_files_name_the_directory_file_and_command() {
     let e = Identity::load(&src).unwrap_err().to_string();
     assert!(e.contains("missing key.pem"), "{e}");
 
-    let e = issue(&t.0.join("nope"), "a", &t.0.join("a"))
+    let e = issue(&t.0.join("nope"), "a", &BOTH, &t.0.join("a"))
         .unwrap_err()
         .to_string();
     assert!(

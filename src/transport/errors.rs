@@ -82,6 +82,9 @@ pub enum RefusalReason {
     WrongServerName,
     /// No common ALPN protocol: the peer does not speak pageserv/1.
     WrongProtocol,
+    /// The certificate is for the other role (a source certificate serving, or a destination
+    /// certificate connecting): its extended key usage does not allow this side.
+    WrongRole,
     /// The certificate is unusable for another reason (bad signature, wrong key usage, ...).
     BadCertificate,
     /// Another TLS alert.
@@ -154,6 +157,21 @@ impl fmt::Display for Refusal {
                  \"pageserv\" ({detail}); issue it with `pageserv keygen issue`",
                 self.we_are
             ),
+            (RefusedBy::Us, RefusalReason::WrongRole) => {
+                let role = if self.we_are == "client" {
+                    "destination"
+                } else {
+                    "source"
+                };
+                write!(
+                    f,
+                    "this host ({}) refused {peer} {addr}: its certificate is not a {role} \
+                     certificate, which a {role} must present ({detail}); a certificate for the \
+                     other role cannot stand in for it: issue one with `pageserv keygen --role \
+                     {role}`",
+                    self.we_are
+                )
+            }
             (RefusedBy::Us, RefusalReason::WrongProtocol) => write!(
                 f,
                 "this host ({}) refused {peer} {addr}: it does not speak pageserv/1 (no common \
@@ -220,6 +238,9 @@ fn reason_of(alert: u8, detail: &str) -> RefusalReason {
         120 => RefusalReason::WrongProtocol,
         42 if detail.contains("not valid for name") || detail.contains("NotValidForName") => {
             RefusalReason::WrongServerName
+        }
+        43 if detail.contains("extended key usage") || detail.contains("ExtendedKeyUsage") => {
+            RefusalReason::WrongRole
         }
         42 | 43 | 44 | 46 | 49 | 51 => RefusalReason::BadCertificate,
         _ => RefusalReason::Other,

@@ -335,7 +335,21 @@ pub async fn accept(
     ep: &Endpoint,
     id: &Identity,
 ) -> Result<(Connection, PeerIdentity), TransportError> {
-    let incoming = ep.accept().await.ok_or(TransportError::EndpointClosed)?;
+    admit(next_incoming(ep).await?, id).await
+}
+
+/// The next connection attempt, before any handshake: a server that must not let one slow
+/// client hold up the others hands each to [`admit`] on a task of its own.
+pub async fn next_incoming(ep: &Endpoint) -> Result<quinn::Incoming, TransportError> {
+    ep.accept().await.ok_or(TransportError::EndpointClosed)
+}
+
+/// Completes one connection attempt: the TLS handshake (mutual TLS, ALPN) and the admission.
+/// It takes as long as the client does: callers bound it with a deadline.
+pub async fn admit(
+    incoming: quinn::Incoming,
+    id: &Identity,
+) -> Result<(Connection, PeerIdentity), TransportError> {
     let peer = incoming.remote_address();
     let idle = Duration::ZERO;
     let conn = incoming

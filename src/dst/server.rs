@@ -176,24 +176,65 @@ pub async fn serve(
     Ok(outcomes)
 }
 
-/// Accepts every client and classifies it by its hello, each in a task of its own.
+/// Connection attempts in their handshake, admission or hello at once; past half of it a new
+/// client must first prove its address with a stateless QUIC Retry, past all of it it is
+/// refused. Either way no state is held for it.
+pub const MAX_HANDSHAKES: usize = 64;
+/// One deadline over a client's TLS handshake, admission and hello: a client that starts a
+/// handshake and stalls (or trickles) is dropped after it, and never holds up another.
+pub const ADMIT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Accepts every client and classifies it by its hello, each in a task of its own, under one
+/// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]).
 async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Arrival>) {
+    let in_progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
-        match transport::accept(&endpoint, &id).await {
-            Ok((conn, peer)) => {
-                let tx = to_loop.clone();
-                tokio::spawn(async move {
-                    match classify(conn).await {
-                        Ok(a) => {
-                            let _ = tx.send(a).await;
-                        }
-                        Err(e) => tracing::warn!(?peer, "dropping a connection: {e:#}"),
-                    }
-                });
-            }
+        let incoming = match transport::next_incoming(&endpoint).await {
+            Ok(i) => i,
             Err(transport::TransportError::EndpointClosed) => return,
-            Err(e) => tracing::warn!("refused a client: {e}"),
+            Err(e) => {
+                tracing::warn!("accepting a client: {e}");
+                continue;
+            }
+        };
+        let busy = in_progress.load(std::sync::atomic::Ordering::Relaxed);
+        let peer = incoming.remote_address();
+        if busy >= MAX_HANDSHAKES / 2 && !incoming.remote_address_validated() {
+            if busy >= MAX_HANDSHAKES || !incoming.may_retry() {
+                tracing::warn!(%peer, busy, "refusing a client: {MAX_HANDSHAKES} handshakes at once");
+                incoming.refuse();
+            } else if let Err(e) = incoming.retry() {
+                tracing::warn!(%peer, "could not send a QUIC Retry: {e}");
+            }
+            continue;
         }
+        if busy >= MAX_HANDSHAKES {
+            tracing::warn!(%peer, busy, "refusing a client: {MAX_HANDSHAKES} handshakes at once");
+            incoming.refuse();
+            continue;
+        }
+        in_progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, id, in_progress) = (to_loop.clone(), id.clone(), in_progress.clone());
+        tokio::spawn(async move {
+            let admitted = tokio::time::timeout(ADMIT_DEADLINE, async {
+                let (conn, who) = transport::admit(incoming, &id).await?;
+                let arrival = classify(conn).await?;
+                Ok::<_, anyhow::Error>((arrival, who))
+            })
+            .await;
+            in_progress.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            match admitted {
+                Ok(Ok((a, _))) => {
+                    let _ = tx.send(a).await;
+                }
+                Ok(Err(e)) => tracing::warn!(%peer, "dropping a client: {e:#}"),
+                Err(_) => tracing::warn!(
+                    %peer,
+                    "dropping a client that did not finish its handshake, admission and hello \
+                     within {ADMIT_DEADLINE:?}"
+                ),
+            }
+        });
     }
 }
 

@@ -7,4 +7,5 @@ pub mod pre_copy;
 pub mod pump;
 pub mod push_plan;
 pub mod recovery;
+pub mod report;
 pub mod service;

@@ -60,6 +60,22 @@ pub fn page_floor(addr: u64) -> u64 {
     addr & !(PAGE_SIZE - 1)
 }
 
+/// Sorted, overlapping or touching ranges joined.
+pub fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
+    ranges.sort();
+    let mut out: Vec<PageRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end() => {
+                let end = last.end().max(r.end());
+                last.nr_pages = (end - last.start) / PAGE_SIZE;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// Splits page data into runs of all-zero and non-zero pages: `(first_page, nr_pages, is_zero)`.
 /// Zero pages never cross the network as 4 KiB; this is how every sender finds them.
 pub fn zero_runs(data: &[u8]) -> Vec<(usize, usize, bool)> {

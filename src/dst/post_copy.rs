@@ -597,15 +597,7 @@ async fn feed_pages(
                 for r in runs {
                     held.placed.fetch_add(r.nr_pages, Relaxed);
                     let at = PidRange::new(pid, r.vaddr, r.nr_pages);
-                    let msg = match r.data {
-                        Some(data) => Inbound::Pages {
-                            at,
-                            data,
-                            urgent,
-                            link,
-                        },
-                        None => Inbound::Zero { at, urgent, link },
-                    };
+                    let msg = Inbound::arrived(at, r.data, urgent, link);
                     tokio::task::block_in_place(|| to_loop.send(msg))?;
                 }
                 continue;
@@ -615,21 +607,22 @@ async fn feed_pages(
                 vaddr,
                 nr_pages,
                 data,
-            } => Inbound::Pages {
-                at: PidRange::new(pid, vaddr, nr_pages.into()),
-                data,
+            } => Inbound::arrived(
+                PidRange::new(pid, vaddr, nr_pages.into()),
+                Some(data),
                 urgent,
                 link,
-            },
+            ),
             Frame::Zero {
                 pid,
                 vaddr,
                 nr_pages,
-            } => Inbound::Zero {
-                at: PidRange::new(pid, vaddr, nr_pages.into()),
+            } => Inbound::arrived(
+                PidRange::new(pid, vaddr, nr_pages.into()),
+                None,
                 urgent,
                 link,
-            },
+            ),
             Frame::Refused {
                 pid,
                 vaddr,

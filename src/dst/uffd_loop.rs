@@ -14,6 +14,7 @@
 mod driver;
 mod engine;
 mod ioctl;
+mod kernel;
 pub(crate) mod kill;
 mod place;
 
@@ -73,6 +74,21 @@ pub enum Inbound {
     /// memory is not all in place are SIGKILLed (and reaped or 5 s passed) before their uffds
     /// close, so none of them ever reads a zero page instead of its data.
     Shutdown { kill_incomplete: bool },
+}
+
+impl Inbound {
+    /// Pages (`data`) or a zero run (`None`) from the source, as `Pages` or `Zero`.
+    pub fn arrived(at: PidRange, data: Option<bytes::Bytes>, urgent: bool, link: u64) -> Self {
+        match data {
+            Some(data) => Inbound::Pages {
+                at,
+                data,
+                urgent,
+                link,
+            },
+            None => Inbound::Zero { at, urgent, link },
+        }
+    }
 }
 
 /// Messages from the fault thread.

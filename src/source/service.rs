@@ -20,11 +20,9 @@ use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
-use crate::pb::pageserv::{Hello, ResumeReady, SourceReleased, control::Msg};
+use crate::pb::pageserv::{ResumeReady, SourceReleased, control::Msg};
 use crate::protocol::images::ship_images;
-use crate::protocol::{
-    PROTOCOL_VERSION, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl,
-};
+use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
@@ -183,13 +181,11 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
     let migration_id = new_migration_id()?;
     send_ctl(
         &mut ctl,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Src.as_str().into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
-            migration_id: migration_id.clone(),
-        }),
+        Msg::Hello(protocol::hello(
+            Role::Src,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        )),
     )
     .await?;
     match next_ctl(&mut ctl_rx).await? {
@@ -220,13 +216,11 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
     let mut fault_tx = FrameSender::new(fault_send);
     send_ctl(
         &mut fault_tx,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::SrcFaults.as_str().into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
-            migration_id: migration_id.clone(),
-        }),
+        Msg::Hello(protocol::hello(
+            Role::SrcFaults,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        )),
     )
     .await?;
     let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));

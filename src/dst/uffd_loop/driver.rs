@@ -16,8 +16,9 @@ use nix::sys::eventfd::EventFd;
 use tracing::{error, info, warn};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
-use super::engine::{Arrived, Engine, Input, Kernel, Owner, UffdEvent, ViewId};
+use super::engine::{Arrived, Engine, Input};
 use super::ioctl::{self, Fill};
+use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
 use super::kill::{self, KillTarget, Process};
 use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
 use crate::pages::PAGE_SIZE;

@@ -3,7 +3,8 @@
 //! It takes the thread's inputs (tasks handed over, pages and zero runs from the source, the
 //! restore finishing, a new link) and the uffd events of its views, and answers with
 //! [`Outbound`] messages and with the uffd operations it asks of a [`Kernel`]: COPY, ZEROPAGE,
-//! UNREGISTER, reading a view's events, closing it. Time comes from [`Kernel::now`]. The
+//! UNREGISTER, reading a view's events, closing it (the port, `kernel.rs`). Time comes from
+//! [`Kernel::now`]. The
 //! driver (`driver.rs`) is the real kernel, epoll and the channels; the tests drive the same
 //! core against a simulated kernel (`engine/tests.rs`).
 //!
@@ -26,17 +27,16 @@ use nix::errno::Errno;
 use tracing::{debug, error, info, warn};
 
 use super::ioctl::Fill;
+use super::kernel::ViewFills;
+pub(super) use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
 use super::place::{self, Placement, Source, Tally};
 use super::{LoopConfig, Outbound, UffdStats};
 use crate::dst::arrival_guard::ArrivalGuard;
 use crate::dst::regions::{FaultAction, PageState, TaskMemory};
-use crate::pages::{PAGE_SIZE, PageRange, PidRange, page_floor};
+use crate::pages::{PAGE_SIZE, PageRange, PidRange, merge_ranges, page_floor};
 
 #[cfg(test)]
 mod tests;
-
-/// One uffd the engine serves: a restored process, or a fork child of one.
-pub(super) type ViewId = u64;
 
 /// EAGAIN rounds (read events, copy again) before an arrival waits for the next loop round, so
 /// one process in a long fork cannot stall the others' faults.
@@ -48,69 +48,6 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 const MAX_EARLY_BYTES: u64 = 64 << 20;
 /// Pages of one background piece (see the driver's BULK_BUDGET).
 const PIECE_PAGES: u64 = 64;
-
-/// A uffd event, as the kernel reported it for one view.
-#[derive(Debug)]
-pub(super) enum UffdEvent<U> {
-    Fault {
-        addr: u64,
-    },
-    /// The process forked; the child's memory is served through `uffd`.
-    Fork {
-        uffd: U,
-    },
-    Remap {
-        from: u64,
-        to: u64,
-        len: u64,
-    },
-    /// madvise(DONTNEED) and friends.
-    Remove {
-        start: u64,
-        end: u64,
-    },
-    Unmap {
-        start: u64,
-        end: u64,
-    },
-}
-
-/// Who owns a view's memory, for killing it at an incomplete shutdown.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Owner {
-    /// A restored process; its host pid if the restore named it.
-    Host(Option<i32>),
-    /// A fork child of the process behind this view.
-    ChildOf(ViewId),
-}
-
-/// What the core asks of the kernel, one view at a time.
-pub(super) trait Kernel {
-    /// A userfaultfd as handed over (the real driver's `userfaultfd::Uffd`).
-    type Uffd;
-    /// The current time: every timestamp of the core comes from here.
-    fn now(&self) -> Instant;
-    /// Takes `uffd` over as view `id`; `poll`: read its events (a broken view is only kept open).
-    fn attach(
-        &mut self,
-        id: ViewId,
-        uffd: Self::Uffd,
-        owner: Owner,
-        poll: bool,
-    ) -> Result<(), String>;
-    /// Stops reading view `id`'s events (it is kept open).
-    fn unwatch(&mut self, id: ViewId);
-    /// Closes view `id`: its process is gone, so no missing page can read as zero any more.
-    fn close(&mut self, id: ViewId);
-    /// Every event queued on view `id` now (empty: none).
-    fn read_events(&mut self, id: ViewId) -> Result<Vec<UffdEvent<Self::Uffd>>, String>;
-    /// UFFDIO_COPY of `data` to runtime address `addr`.
-    fn copy(&mut self, id: ViewId, addr: u64, data: &[u8]) -> Result<Fill, Errno>;
-    /// UFFDIO_ZEROPAGE of `pages` pages at runtime address `addr`.
-    fn zeropage(&mut self, id: ViewId, addr: u64, pages: u64) -> Result<Fill, Errno>;
-    /// UFFDIO_UNREGISTER of `[start, +len)`.
-    fn unregister(&mut self, id: ViewId, start: u64, len: u64) -> Result<(), Errno>;
-}
 
 /// Pages (`data`) or a zero run (`None`) from the source, and how they came: as a fault's
 /// answer (`urgent`) or pushed, on link generation `link` (0 the first link, then the serial of
@@ -691,7 +628,7 @@ impl Engine {
             };
             let mut tally = Tally::default();
             let res = place::place(
-                &mut ViewFills { k: &mut *k, id },
+                &mut ViewFills::new(&mut *k, id),
                 mem,
                 p.at.start(),
                 p.at.nr_pages(),
@@ -779,36 +716,4 @@ impl Engine {
             .filter_map(|(v, img)| self.views.get(v).map(|m| (m.pid(), *img)))
             .collect()
     }
-}
-
-/// One view's fill operations, as [`place::place`] wants them.
-struct ViewFills<'a, K> {
-    k: &'a mut K,
-    id: ViewId,
-}
-
-impl<K: Kernel> place::Fills for ViewFills<'_, K> {
-    fn copy(&mut self, addr: u64, data: &[u8]) -> Result<Fill, Errno> {
-        self.k.copy(self.id, addr, data)
-    }
-
-    fn zeropage(&mut self, addr: u64, pages: u64) -> Result<Fill, Errno> {
-        self.k.zeropage(self.id, addr, pages)
-    }
-}
-
-/// Sorted, overlapping or touching ranges joined.
-fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
-    ranges.sort();
-    let mut out: Vec<PageRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end() => {
-                let end = last.end().max(r.end());
-                last.nr_pages = (end - last.start) / PAGE_SIZE;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
 }

@@ -4,9 +4,8 @@
 //! restore finishing, a new link) and the uffd events of its views, and answers with
 //! [`Outbound`] messages and with the uffd operations it asks of a [`Kernel`]: COPY, ZEROPAGE,
 //! UNREGISTER, reading a view's events, closing it (the port, `kernel.rs`). Time comes from
-//! [`Kernel::now`]. The
-//! driver (`driver.rs`) is the real kernel, epoll and the channels; the tests drive the same
-//! core against a simulated kernel (`engine/tests.rs`).
+//! [`Kernel::now`]. The driver (`driver.rs`) is the real kernel, epoll and the channels; the
+//! tests drive the same engine against a simulated kernel and source (`engine/tests.rs`).
 //!
 //! The rules it keeps:
 //! - a fault on a lazy page not yet in place is asked of the source before its thread is

@@ -318,14 +318,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         }
         let src_status = match timeout {
             None => Some(src.wait().context("waiting for pageserv src")?),
-            Some(t) => wait_timeout(&mut src, t)?,
+            Some(t) => crate::child::wait_timeout(&mut src, t)?,
         };
         // With src killed, dst keeps the restored tasks waiting for it to come back: the retry
         // below continues that migration.
         let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
             None
         } else {
-            wait_timeout(&mut dst, Duration::from_secs(90))?
+            crate::child::wait_timeout(&mut dst, Duration::from_secs(90))?
         };
         Ok((src_status, dst_status))
     })?;
@@ -359,13 +359,13 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .context("running pageserv src --resume")?;
             interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
-            dst_status = wait_timeout(&mut dst, Duration::from_secs(60))?;
+            dst_status = crate::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
             fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
         }
     }
     if let Some(mut c) = external {
-        let _ = wait_timeout(&mut c, Duration::from_secs(10));
+        let _ = crate::child::wait_timeout(&mut c, Duration::from_secs(10));
     }
     let migrated_ns = unix_ns();
     eprintln!(
@@ -506,22 +506,4 @@ fn find_restore_pid(dst_base: &Path) -> Option<i32> {
         }
     }
     None
-}
-
-pub(crate) fn wait_timeout(
-    child: &mut Child,
-    timeout: Duration,
-) -> Result<Option<std::process::ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(Some(s));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

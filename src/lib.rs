@@ -2,11 +2,13 @@
 //!
 //! The crate splits a sans-IO core from thin IO shells:
 //! - core (pure, property-tested): [`criu::image`], [`criu::images`], [`criu::page_server`],
-//!   [`wire`], [`dst::regions`], [`source::push_plan`], [`stats`].
-//! - shells: [`transport`] (QUIC), [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`],
-//!   [`source::pump`] (CRIU's page server socket), [`criu::binary`] (running CRIU).
+//!   [`wire`], [`dst::regions`], `dst::uffd_loop`'s engine, [`source::push_plan`], [`stats`].
+//! - shells: [`transport`] (QUIC), [`protocol`] (what both services say on it),
+//!   [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`], [`source::pump`] (CRIU's page
+//!   server socket), [`criu::binary`] (running CRIU), [`child`].
 
 pub mod bench;
+pub mod child;
 pub mod criu;
 pub mod demo;
 pub mod dst;
@@ -18,6 +20,7 @@ pub mod latency;
 pub mod outcome;
 pub mod pages;
 pub mod pb;
+pub mod protocol;
 pub mod runc;
 pub mod sched;
 pub mod source;

@@ -4,11 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use pageserv::criu::binary::Criu;
+use pageserv::dst::endpoint;
+use pageserv::dst::options::DstOptions;
 use pageserv::dst::restore::RestoreOptions;
-use pageserv::dst::service::{self as dst_service, DstOptions};
 use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
@@ -108,35 +111,79 @@ struct Common {
     stats_json: Option<PathBuf>,
 }
 
-/// How the two services treat a dead link.
+/// How the two services treat a dead link (post-copy only: a stop-and-copy source refuses
+/// these).
 #[derive(Args)]
 struct LinkArgs {
-    /// Seconds without a packet after which the link counts as dead (QUIC's idle timeout; the
+    /// Time without a packet after which the link counts as dead (QUIC's idle timeout; the
     /// shorter of the two sides' applies). A shorter outage is only a pause.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    idle_timeout: f64,
-    /// After the link died mid post-copy: seconds src keeps reconnecting and dst keeps the
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// After the link died mid post-copy: how long src keeps reconnecting and dst keeps the
     /// restored tasks waiting for it, with the source frozen, before each gives up (0: at once).
     /// See README, "When things fail".
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
-    recover_timeout: f64,
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = duration)]
+    recover_timeout: Duration,
 }
 
-impl LinkArgs {
-    fn idle(&self) -> Result<std::time::Duration> {
-        secs("--idle-timeout", self.idle_timeout)
+/// Every duration on the command line: a number with a unit, `ms`, `s` or `m` (a bare number
+/// is seconds), e.g. `250ms`, `2.5s`, `5m`.
+fn duration(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is no duration >= 0: give a number with ms, s or m, e.g. 250ms or 30s"
+            )
+        })
+}
+
+/// The congestion controller of the connection that carries the bulk of the pages.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CongestionArg {
+    Cubic,
+    /// Delay-based: keeps the bottleneck's queue short, so fault replies do not wait behind
+    /// pushed pages (see README, "Sharing the bottleneck").
+    Scavenger,
+    Bbr,
+    Newreno,
+}
+
+impl From<CongestionArg> for pageserv::transport::Congestion {
+    fn from(c: CongestionArg) -> Self {
+        use pageserv::transport::Congestion;
+        match c {
+            CongestionArg::Cubic => Congestion::Cubic,
+            CongestionArg::Scavenger => Congestion::Scavenger,
+            CongestionArg::Bbr => Congestion::Bbr,
+            CongestionArg::Newreno => Congestion::NewReno,
+        }
     }
-    fn recover(&self) -> Result<std::time::Duration> {
-        secs("--recover-timeout", self.recover_timeout)
-    }
 }
 
-fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
-    std::time::Duration::try_from_secs_f64(v)
-        .map_err(|_| anyhow::anyhow!("{flag} takes a number of seconds >= 0, not {v}"))
-}
-
+/// `src` serves two modes; the flags only post-copy uses are refused with --stop-and-copy.
 #[derive(Args)]
+#[command(group(
+    ArgGroup::new("post_copy_only")
+        .args([
+            "pre_copy", "resume", "page_server", "status_fifo", "batch_pages", "no_push",
+            "push_after", "idle_timeout", "recover_timeout",
+        ])
+        .multiple(true)
+        .conflicts_with("stop_and_copy")
+))]
 struct SrcArgs {
     /// Post-copy migration (pre-copy rounds come with --pre-copy).
     #[arg(long, required_unless_present = "stop_and_copy")]
@@ -170,8 +217,8 @@ struct SrcArgs {
     /// ...and the FIFO its --status-fd writes the ready byte into.
     #[arg(long, requires = "page_server")]
     status_fifo: Option<PathBuf>,
-    /// The external dump's image directory (with --page-server).
-    #[arg(long)]
+    /// The external dump's image directory (with --page-server or --listen-page-server).
+    #[arg(long, conflicts_with_all = ["pid", "resume"])]
     images: Option<PathBuf>,
     /// Migrate this runc container: pageserv runs `runc checkpoint --lazy-pages` itself (page
     /// server on a loopback port, status through a pipe) and joins the dump; with --pre-copy
@@ -187,25 +234,34 @@ struct SrcArgs {
     /// Pages per background fetch from the dump (at most one CRIU pagemap entry is fetched at once).
     #[arg(long, default_value_t = 1024)]
     batch_pages: u64,
-    /// Serve faults only, push nothing in the background (for measuring fault latency).
-    #[arg(long, hide = true)]
-    no_push: bool,
-    /// Congestion controller of the push connection: cubic, scavenger (delay-based: keeps the
-    /// bottleneck's queue short, so fault replies do not wait behind pushed pages; see README,
-    /// "Sharing the bottleneck"), bbr or newreno.
-    #[arg(long, default_value = "cubic")]
-    congestion: String,
-    /// Start the background push this many ms after the restore finished (for measuring fault
-    /// latency with and without the push in one migration).
-    #[arg(long, hide = true, default_value_t = 0)]
-    push_after_ms: u64,
+    /// Congestion controller of the connection that carries the pages (post-copy: the push
+    /// connection; stop-and-copy: the only one).
+    #[arg(long, value_enum, default_value = "cubic")]
+    congestion: CongestionArg,
+    #[command(flatten)]
+    measure: MeasureArgs,
     #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
     common: Common,
 }
 
+/// Knobs for measuring, not for operating: hidden from `--help` and the README's user flags
+/// (the bench and the latency measurements set them).
 #[derive(Args)]
+struct MeasureArgs {
+    /// Serve faults only, push nothing in the background (fault latency of an idle link).
+    #[arg(long, hide = true)]
+    no_push: bool,
+    /// Start the background push this long after the restore finished (fault latency with and
+    /// without the push in one migration).
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "0s",
+          value_parser = duration)]
+    push_after: Duration,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("serving").args(["max_migrations", "keep_serving"])))]
 struct DstArgs {
     /// Address to accept migrations on.
     #[arg(long)]
@@ -237,7 +293,7 @@ struct DstArgs {
     #[arg(long)]
     keep_serving: bool,
     /// With --max-migrations or --keep-serving: migrations running at once (more are refused).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, requires = "serving")]
     max_concurrent: usize,
     #[command(flatten)]
     link: LinkArgs,
@@ -328,11 +384,11 @@ fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<(
 /// Several migrations through one dst; `--stats-json` gets the array of outcomes so far.
 fn dst_many(
     opts: DstOptions,
-    limits: pageserv::dst::server::ServeLimits,
+    limits: endpoint::ServeLimits,
     stats_json: &Option<PathBuf>,
 ) -> Result<()> {
     let mut all = Vec::new();
-    let outcomes = run_async(pageserv::dst::server::serve(opts, limits, |o| {
+    let outcomes = run_async(endpoint::serve(opts, limits, |o| {
         match &o.report {
             Some(r) => eprint!("migration {}:\n{}", o.migration_id, r.render()),
             None => eprintln!(
@@ -351,20 +407,6 @@ fn dst_many(
         anyhow::bail!("{failed} of {} migrations failed", outcomes.len());
     }
     Ok(())
-}
-
-/// The congestion controller named by `pageserv src --congestion`.
-fn congestion(name: &str) -> Result<pageserv::transport::Congestion> {
-    use pageserv::transport::Congestion;
-    Ok(match name {
-        "cubic" => Congestion::Cubic,
-        "bbr" => Congestion::Bbr,
-        "newreno" => Congestion::NewReno,
-        "scavenger" => Congestion::Scavenger,
-        other => anyhow::bail!(
-            "unknown congestion controller {other:?}: use scavenger, cubic, bbr or newreno"
-        ),
-    })
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -400,7 +442,7 @@ fn run(cli: Cli) -> Result<()> {
                 source,
                 // The pages travel on this one connection: it gets the push's controller.
                 transport: pageserv::transport::TransportOptions {
-                    congestion: congestion(&a.congestion)?,
+                    congestion: a.congestion.into(),
                     ..Default::default()
                 },
             };
@@ -447,18 +489,18 @@ fn run(cli: Cli) -> Result<()> {
                 dump,
                 pump: PumpConfig {
                     batch_pages: a.batch_pages,
-                    push: !a.no_push,
-                    push_delay: std::time::Duration::from_millis(a.push_after_ms),
+                    push: !a.measure.no_push,
+                    push_delay: a.measure.push_after,
                     ..PumpConfig::default()
                 },
                 push_transport: pageserv::transport::TransportOptions {
-                    congestion: congestion(&a.congestion)?,
-                    idle_timeout: a.link.idle()?,
+                    congestion: a.congestion.into(),
+                    idle_timeout: a.link.idle_timeout,
                     ..Default::default()
                 },
                 progress: true,
                 pre_copy: a.pre_copy.map(PreCopyConfig::new),
-                recover_timeout: a.link.recover()?,
+                recover_timeout: a.link.recover_timeout,
             };
             let report = run_async(src_service::run(opts))?;
             eprint!("{}", report.render());
@@ -504,17 +546,17 @@ fn run(cli: Cli) -> Result<()> {
                     runc_container,
                 },
                 transport: pageserv::transport::TransportOptions {
-                    idle_timeout: a.link.idle()?,
+                    idle_timeout: a.link.idle_timeout,
                     ..Default::default()
                 },
-                recover_timeout: a.link.recover()?,
+                recover_timeout: a.link.recover_timeout,
             };
             if a.max_migrations.is_none() && !a.keep_serving {
-                let report = run_async(dst_service::run(opts))?;
+                let report = run_async(endpoint::run(opts))?;
                 eprint!("{}", report.render());
                 return write_json(&a.common.stats_json, &report);
             }
-            let limits = pageserv::dst::server::ServeLimits {
+            let limits = endpoint::ServeLimits {
                 max_migrations: a.max_migrations,
                 max_concurrent: a.max_concurrent.max(1),
             };
@@ -552,6 +594,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::KeepDump { .. } | Cmd::KeepUffds if !pageserv::child::started_as_helper() => {
+            anyhow::bail!(
+                "keep-dump and keep-uffds are helper processes that `pageserv src` and `pageserv \
+                 dst` start themselves; they are not run by hand"
+            )
+        }
         Cmd::KeepDump {
             work,
             criu_pid,
@@ -561,5 +609,98 @@ fn run(cli: Cli) -> Result<()> {
         )?),
         Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
         Cmd::Bench(b) => pageserv::bench::run(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pageserv").chain(args.iter().copied()))
+    }
+
+    const SRC: [&str; 4] = ["src", "--to", "127.0.0.1:7070", "--pid"];
+
+    #[test]
+    fn durations_take_one_form_with_units() {
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("2.5s"), Ok(Duration::from_millis(2500)));
+        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration("30"), Ok(Duration::from_secs(30)));
+        assert!(duration("-1s").is_err());
+        assert!(duration("soon").is_err());
+    }
+
+    #[test]
+    fn stop_and_copy_refuses_post_copy_flags() {
+        for extra in [
+            &["--pre-copy", "2"][..],
+            &["--batch-pages", "64"],
+            &["--idle-timeout", "5s"],
+            &["--recover-timeout", "5s"],
+            &["--no-push"],
+            &["--push-after", "1s"],
+        ] {
+            let mut args = SRC.to_vec();
+            args.extend(["1", "--stop-and-copy"]);
+            args.extend(extra);
+            let e = parse(&args)
+                .err()
+                .unwrap_or_else(|| panic!("{extra:?} accepted"));
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{extra:?}: {e}"
+            );
+            // The same flag is fine for a post-copy source.
+            let mut lazy = SRC.to_vec();
+            lazy.extend(["1", "--lazy"]);
+            lazy.extend(extra);
+            assert!(parse(&lazy).is_ok(), "--lazy {extra:?} refused");
+        }
+        let mut plain = SRC.to_vec();
+        plain.extend(["1", "--stop-and-copy", "--congestion", "scavenger"]);
+        assert!(parse(&plain).is_ok());
+    }
+
+    #[test]
+    fn choices_are_enums() {
+        let mut args = SRC.to_vec();
+        args.extend(["1", "--lazy", "--congestion", "fast"]);
+        assert_eq!(
+            parse(&args).err().map(|e| e.kind()),
+            Some(clap::error::ErrorKind::InvalidValue)
+        );
+    }
+
+    #[test]
+    fn dst_max_concurrent_needs_many_migrations() {
+        let dst = ["dst", "--listen", "127.0.0.1:7070"];
+        let mut args = dst.to_vec();
+        args.extend(["--max-concurrent", "4"]);
+        assert!(parse(&args).is_err());
+        args.extend(["--keep-serving"]);
+        assert!(parse(&args).is_ok());
+    }
+
+    #[test]
+    fn helper_subcommands_are_hidden() {
+        let help = Cli::command().render_help().to_string();
+        assert!(
+            !help.contains("keep-dump") && !help.contains("keep-uffds"),
+            "{help}"
+        );
+        let src = Cli::command()
+            .find_subcommand_mut("src")
+            .map(|c| c.render_help().to_string())
+            .unwrap_or_default();
+        assert!(src.contains("--congestion"));
+        assert!(
+            !src.contains("--no-push") && !src.contains("--push-after"),
+            "{src}"
+        );
     }
 }

@@ -26,9 +26,54 @@ impl PageRange {
     }
 }
 
+/// Pages of one image pid: what a fault asks the source for, and what the source's pages and
+/// zero runs cover, from dst's fault engine to its link (the wire's frames carry the same three
+/// numbers, with a `u32` page count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PidRange {
+    pub pid: u32,
+    pub range: PageRange,
+}
+
+impl PidRange {
+    pub fn new(pid: u32, start: u64, nr_pages: u64) -> Self {
+        Self {
+            pid,
+            range: PageRange::new(start, nr_pages),
+        }
+    }
+    /// The first image address.
+    pub fn start(&self) -> u64 {
+        self.range.start
+    }
+    pub fn nr_pages(&self) -> u64 {
+        self.range.nr_pages
+    }
+    /// The page count as the wire carries it; `None` past `u32::MAX` pages.
+    pub fn wire_pages(&self) -> Option<u32> {
+        u32::try_from(self.range.nr_pages).ok()
+    }
+}
+
 /// Rounds an address down to its page.
 pub fn page_floor(addr: u64) -> u64 {
     addr & !(PAGE_SIZE - 1)
+}
+
+/// Sorted, overlapping or touching ranges joined.
+pub fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
+    ranges.sort();
+    let mut out: Vec<PageRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end() => {
+                let end = last.end().max(r.end());
+                last.nr_pages = (end - last.start) / PAGE_SIZE;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Splits page data into runs of all-zero and non-zero pages: `(first_page, nr_pages, is_zero)`.

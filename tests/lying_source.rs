@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use pageserv::dst::uffd_loop::{self, Inbound, LoopConfig, LoopHandle, Outbound, UffdStats};
-use pageserv::pages::{PAGE_SIZE, PageRange};
+use pageserv::pages::{PAGE_SIZE, PageRange, PidRange};
 
 const P: u64 = PAGE_SIZE;
 /// The task's image pid.
@@ -155,13 +155,12 @@ fn fill(byte: u8, pages: u64) -> Bytes {
     Bytes::from(vec![byte; (pages * P) as usize])
 }
 
-fn pages(pid: u32, img_vaddr: u64, nr_pages: u32, byte: u8, urgent: bool) -> Inbound {
+fn pages(pid: u32, img_vaddr: u64, nr_pages: u64, byte: u8, urgent: bool) -> Inbound {
     Inbound::Pages {
-        pid,
-        img_vaddr,
-        nr_pages,
-        data: fill(byte, u64::from(nr_pages)),
+        at: PidRange::new(pid, img_vaddr, nr_pages),
+        data: fill(byte, nr_pages),
         urgent,
+        link: 0,
     }
 }
 
@@ -237,10 +236,9 @@ fn lying_frames_are_refused_and_never_written() {
         &l,
         &task,
         Inbound::Zero {
-            pid: PID,
-            img_vaddr: base + (LAZY + 3) * P,
-            nr_pages: 1,
+            at: PidRange::new(PID, base + (LAZY + 3) * P, 1),
             urgent: false,
+            link: 0,
         },
         &["not in a lazy range"],
     );
@@ -298,13 +296,9 @@ fn requested_pages_are_accepted_once() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let (img, nr) = loop {
         match l.out.recv_deadline(deadline) {
-            Ok(Outbound::Fault {
-                pid,
-                img_vaddr,
-                nr_pages,
-            }) => {
-                assert_eq!(pid, PID);
-                break (img_vaddr, nr_pages);
+            Ok(Outbound::Fault(at)) => {
+                assert_eq!(at.pid, PID);
+                break (at.start(), at.nr_pages());
             }
             Ok(other) => eprintln!("event: {other:?}"),
             Err(_) => panic!("no fault request"),

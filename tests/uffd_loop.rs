@@ -15,7 +15,7 @@ use pageserv::dst::lazy_socket::{LazySocket, LazySocketError, RESTORE_FINISHED};
 use pageserv::dst::uffd_loop::{
     self, Inbound, LoopConfig, LoopHandle, LoopSender, Outbound, UffdStats,
 };
-use pageserv::pages::{PAGE_SIZE, PageRange};
+use pageserv::pages::{PAGE_SIZE, PageRange, PidRange};
 
 const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
@@ -235,11 +235,8 @@ fn fake_source(
     let mut answered = 0;
     for msg in out {
         match msg {
-            Outbound::Fault {
-                pid: p,
-                img_vaddr,
-                nr_pages,
-            } => {
+            Outbound::Fault(at) => {
+                let (p, img_vaddr, nr_pages) = (at.pid, at.start(), at.nr_pages());
                 assert_eq!(p, pid, "faults use the image pid");
                 if refuse(base, img_vaddr) {
                     continue;
@@ -247,11 +244,10 @@ fn fake_source(
                 let off = (img_vaddr - base) as usize;
                 let data = img.slice(off..off + nr_pages as usize * P as usize);
                 let _ = tx.send(Inbound::Pages {
-                    pid,
-                    img_vaddr,
-                    nr_pages,
+                    at,
                     data,
                     urgent: true,
+                    link: 0,
                 });
                 answered += 1;
             }
@@ -274,11 +270,10 @@ fn push_all(tx: &LoopSender, pid: u32, base: u64, img: &Bytes, pages: u64, chunk
         let n = chunk.min(pages - pg);
         let data = img.slice((pg * P) as usize..((pg + n) * P) as usize);
         tx.send(Inbound::Pages {
-            pid,
-            img_vaddr: base + pg * P,
-            nr_pages: n as u32,
+            at: PidRange::new(pid, base + pg * P, n),
             data,
             urgent: false,
+            link: 0,
         })
         .unwrap();
         pg += n;
@@ -970,10 +965,9 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
         100,
     );
     tx.send(Inbound::Zero {
-        pid: 21,
-        img_vaddr: base,
-        nr_pages: 16,
+        at: PidRange::new(21, base, 16),
         urgent: false,
+        link: 0,
     })
     .unwrap();
     let lazy = vec![PageRange::new(base, lazy_pages)];

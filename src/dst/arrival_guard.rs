@@ -12,7 +12,7 @@
 //!   may still arrive both pushed and as a fault answer, since a fault can race a push).
 //!
 //! The guard only decides; the uffd engine asks it before placing pages (see
-//! `uffd_loop/engine/arrive.rs`) and tells it about every request it sends.
+//! `uffd_loop/engine.rs`) and tells it about every request it sends.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -1,13 +1,15 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
 pub mod arrival_guard;
+pub mod endpoint;
 pub mod image_sink;
 pub mod lazy_socket;
+pub mod migration;
+pub mod options;
 pub mod page_store;
 pub(crate) mod post_copy;
 pub mod regions;
 pub mod restore;
-pub mod server;
-pub mod service;
+pub mod stop_and_copy;
 pub mod uffd_keeper;
 pub mod uffd_loop;

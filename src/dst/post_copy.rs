@@ -9,7 +9,6 @@
 //! it again; dst re-sends every fault request still open. Past the timeout the migration fails:
 //! incomplete tasks are killed, and the source (frozen) can be retried.
 
-use crate::source::service::send_ctl;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -21,10 +20,9 @@ use tokio::task::JoinHandle;
 
 use crate::dst::page_store::PageStore;
 use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
-use crate::pages::PageRange;
+use crate::pages::{PageRange, PidRange};
 use crate::pb::pageserv::{Hello, Missing, ResumeReady, control::Msg};
-use crate::source::recovery::link_lost;
-use crate::source::service::next_ctl;
+use crate::protocol::{self, Role, link_lost, next_ctl, send_ctl};
 use crate::transport::{FrameReceiver, FrameSender};
 use crate::wire::Frame;
 
@@ -35,7 +33,7 @@ const MISSING_CHUNK: usize = 16 * 1024;
 
 pub(crate) type FaultConn = (quinn::Connection, FrameSender, FrameReceiver);
 
-/// Connections the accept loop (dst/server.rs) routes to a running migration by its id.
+/// Connections the accept loop (dst/endpoint.rs) routes to a running migration by its id.
 pub(crate) enum Routed {
     Faults(FaultConn),
     /// A source continuing this migration on a new link; its resume hello has been read.
@@ -61,7 +59,7 @@ enum LinkEvent {
 }
 
 /// One live link to the source.
-pub(crate) struct Link {
+pub(crate) struct SourceLink {
     generation: u64,
     conn: quinn::Connection,
     fault_conn: quinn::Connection,
@@ -70,7 +68,7 @@ pub(crate) struct Link {
     readers: Vec<JoinHandle<()>>,
 }
 
-impl Link {
+impl SourceLink {
     fn lost(&self) -> bool {
         link_lost(&self.conn) || link_lost(&self.fault_conn)
     }
@@ -89,7 +87,7 @@ impl Link {
 
 /// Where the link stands.
 enum LinkState {
-    Up(Link),
+    Up(SourceLink),
     /// Lost; waiting for a resume connection.
     Down,
     /// A resume connection arrived and the fault thread was asked what is missing.
@@ -99,7 +97,7 @@ enum LinkState {
         ctl_rx: FrameReceiver,
         serial: u64,
         /// Once the fault thread answered: the fault requests to send again.
-        requests: Option<Vec<(u32, PageRange)>>,
+        requests: Option<Vec<PidRange>>,
         fault_deadline: Option<tokio::time::Instant>,
     },
 }
@@ -124,7 +122,7 @@ pub(crate) struct PostCopy {
     /// Until when the source may come back (while the link is down).
     deadline: Option<tokio::time::Instant>,
     /// Faults raised after the resume answer and before the new fault connection.
-    queued_faults: Vec<(u32, PageRange)>,
+    queued_faults: Vec<PidRange>,
     /// Restore finished (unix ns), for a resumed source that missed it.
     pub finished_at_ns: Option<u64>,
     /// Every lazy page is in place; and whether the source has been told on the current link.
@@ -196,8 +194,11 @@ impl PostCopy {
         ctl: FrameSender,
         mut ctl_rx: FrameReceiver,
         (fault_conn, fault_tx, fault_rx): FaultConn,
-    ) -> Link {
+    ) -> SourceLink {
         let g = self.generation;
+        // The fault thread's link generation: the serial of the resume this link answers (0 for
+        // the first link); it drops pages of any other.
+        let link = self.serial;
         let ev = self.events_tx.clone();
         let ctl_reader = tokio::spawn(async move {
             loop {
@@ -220,7 +221,7 @@ impl PostCopy {
         let ev = self.events_tx.clone();
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
         let fault_reader = tokio::spawn(async move {
-            if let Err(e) = feed_pages(fault_rx, to_loop, true, held).await {
+            if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held).await {
                 let _ = ev.send((
                     g,
                     LinkEvent::Failed(e.context("fault stream from the source")),
@@ -236,7 +237,7 @@ impl PostCopy {
                     .accept_uni()
                     .await
                     .context("waiting for the push stream")?;
-                feed_pages(FrameReceiver::new(recv), to_loop, false, held).await
+                feed_pages(FrameReceiver::new(recv), to_loop, (false, link), held).await
             }
             .await;
             if let Err(e) = r {
@@ -246,7 +247,7 @@ impl PostCopy {
                 ));
             }
         });
-        Link {
+        SourceLink {
             generation: g,
             conn,
             fault_conn,
@@ -294,9 +295,7 @@ impl PostCopy {
             };
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
-                    Some(Outbound::Fault { pid, img_vaddr, nr_pages }) => {
-                        self.fault(pid, PageRange::new(img_vaddr, nr_pages.into())).await;
-                    }
+                    Some(Outbound::Fault(r)) => self.fault(r).await,
                     Some(Outbound::Resumed { serial, missing, requests }) => {
                         self.resumed(serial, missing, requests).await;
                     }
@@ -334,12 +333,12 @@ impl PostCopy {
         }
     }
 
-    async fn fault(&mut self, pid: u32, r: PageRange) {
+    async fn fault(&mut self, r: PidRange) {
         match &mut self.state {
-            LinkState::Up(l) => request(&mut l.fault_tx, pid, r).await,
+            LinkState::Up(l) => request(&mut l.fault_tx, r).await,
             LinkState::Resuming {
                 requests: Some(_), ..
-            } => self.queued_faults.push((pid, r)),
+            } => self.queued_faults.push(r),
             // Void: the fault thread's resume answer lists every open request.
             _ => {}
         }
@@ -364,13 +363,11 @@ impl PostCopy {
                 }
                 self.whole_told = false;
                 self.queued_faults.clear();
-                let reply = Msg::Hello(Hello {
-                    protocol_version: crate::source::service::PROTOCOL_VERSION,
-                    role: "dst".into(),
-                    page_size: crate::pages::PAGE_SIZE as u32,
-                    criu_version: hello.criu_version.clone(),
-                    migration_id: hello.migration_id.clone(),
-                });
+                let reply = Msg::Hello(protocol::hello(
+                    Role::Dst,
+                    hello.criu_version.clone(),
+                    hello.migration_id.clone(),
+                ));
                 if let Err(e) = send_ctl(&mut ctl, reply).await {
                     tracing::warn!("answering the resume: {e:#}");
                     return Ok(());
@@ -416,8 +413,8 @@ impl PostCopy {
                 let mut link = self.start_link(conn, ctl, ctl_rx, fc);
                 let again = requests.unwrap_or_default();
                 let n = again.len() + self.queued_faults.len();
-                for (pid, r) in again.into_iter().chain(self.queued_faults.drain(..)) {
-                    request(&mut link.fault_tx, pid, r).await;
+                for r in again.into_iter().chain(self.queued_faults.drain(..)) {
+                    request(&mut link.fault_tx, r).await;
                 }
                 tracing::info!(
                     generation = self.generation,
@@ -439,7 +436,7 @@ impl PostCopy {
         &mut self,
         serial: u64,
         mut missing: BTreeMap<u32, Vec<PageRange>>,
-        again: Vec<(u32, PageRange)>,
+        again: Vec<PidRange>,
     ) {
         let LinkState::Resuming {
             ctl,
@@ -562,22 +559,23 @@ impl PostCopy {
 
 /// Asks the source for pages. A dead link's readers report the failure, and every open request
 /// is sent again after a resume, so a failed send is not an error here.
-async fn request(tx: &mut FrameSender, pid: u32, r: PageRange) {
+async fn request(tx: &mut FrameSender, r: PidRange) {
+    // A request covers one faulting page and its read-ahead: far below u32::MAX pages.
     let req = Frame::PageRequest {
-        pid,
-        vaddr: r.start,
-        nr_pages: r.nr_pages as u32,
+        pid: r.pid,
+        vaddr: r.start(),
+        nr_pages: r.wire_pages().unwrap_or(u32::MAX),
     };
     if let Err(e) = tx.send(&req).await {
         tracing::debug!("fault request not sent: {e}");
     }
 }
 
-/// Feeds page frames from one stream into the fault thread.
+/// Feeds page frames from one stream of link generation `link` into the fault thread.
 async fn feed_pages(
     mut rx: FrameReceiver,
     to_loop: LoopSender,
-    urgent: bool,
+    (urgent, link): (bool, u64),
     held: Held,
 ) -> Result<()> {
     while let Some(frame) = rx.next().await? {
@@ -598,23 +596,8 @@ async fn feed_pages(
                 })?;
                 for r in runs {
                     held.placed.fetch_add(r.nr_pages, Relaxed);
-                    // Runs are within one frame: at most MAX_FRAME_PAGES pages.
-                    let nr_pages = r.nr_pages as u32;
-                    let msg = match r.data {
-                        Some(data) => Inbound::Pages {
-                            pid,
-                            img_vaddr: r.vaddr,
-                            nr_pages,
-                            data,
-                            urgent,
-                        },
-                        None => Inbound::Zero {
-                            pid,
-                            img_vaddr: r.vaddr,
-                            nr_pages,
-                            urgent,
-                        },
-                    };
+                    let at = PidRange::new(pid, r.vaddr, r.nr_pages);
+                    let msg = Inbound::arrived(at, r.data, urgent, link);
                     tokio::task::block_in_place(|| to_loop.send(msg))?;
                 }
                 continue;
@@ -624,23 +607,22 @@ async fn feed_pages(
                 vaddr,
                 nr_pages,
                 data,
-            } => Inbound::Pages {
-                pid,
-                img_vaddr: vaddr,
-                nr_pages,
-                data,
+            } => Inbound::arrived(
+                PidRange::new(pid, vaddr, nr_pages.into()),
+                Some(data),
                 urgent,
-            },
+                link,
+            ),
             Frame::Zero {
                 pid,
                 vaddr,
                 nr_pages,
-            } => Inbound::Zero {
-                pid,
-                img_vaddr: vaddr,
-                nr_pages,
+            } => Inbound::arrived(
+                PidRange::new(pid, vaddr, nr_pages.into()),
+                None,
                 urgent,
-            },
+                link,
+            ),
             Frame::Refused {
                 pid,
                 vaddr,

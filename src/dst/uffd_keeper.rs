@@ -38,6 +38,7 @@ impl UffdKeeper {
         let theirs = OwnedFd::from(theirs);
         let mut cmd = Command::new(exe);
         cmd.arg("keep-uffds")
+            .env(crate::child::INTERNAL_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // Holding dst's stderr would keep a caller's pipe open after dst exits.
@@ -67,7 +68,7 @@ impl UffdKeeper {
         if let Err(e) = (&self.ctl).write_all(&0i32.to_ne_bytes()) {
             tracing::warn!("cannot release the uffd keeper: {e}");
         }
-        let _ = crate::demo::wait_timeout(&mut self.child, Duration::from_secs(10));
+        let _ = crate::child::wait_timeout(&mut self.child, Duration::from_secs(10));
     }
 }
 

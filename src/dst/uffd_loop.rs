@@ -1,6 +1,7 @@
 //! The fault thread: owns every userfaultfd of the restored tree and is the only code that
 //! touches them. One blocking std thread, epoll over the uffds and an eventfd; everything else
-//! talks to it through channels.
+//! talks to it through channels. Its decisions are a sans-IO core (`engine.rs`, property-tested
+//! against a simulated kernel); `driver.rs` does the IO around it.
 //!
 //! Inbound: tasks (a uffd and its lazy ranges) as the restore hands them over, pages from the
 //! source, and control. Outbound: page requests for faults, task exits, completion, errors.
@@ -10,8 +11,10 @@
 //! a live process is closed before [`Inbound::Shutdown`], because closing it turns every missing
 //! page into a silent zero page.
 
+mod driver;
 mod engine;
 mod ioctl;
+mod kernel;
 pub(crate) mod kill;
 mod place;
 
@@ -25,7 +28,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::latency::LatencyHistogram;
-use crate::pages::PageRange;
+use crate::pages::{PageRange, PidRange};
 
 /// Background page messages queued for the fault thread (each at most 4 MiB).
 const BULK_QUEUE: usize = 8;
@@ -44,28 +47,28 @@ pub enum Inbound {
     },
     /// A zombie: no memory, nothing to serve.
     Zombie { pid: i32 },
-    /// Page data for image pid `pid`, `nr_pages * PAGE_SIZE` bytes. `urgent` marks a fault's
-    /// answer: it skips ahead of queued background pushes.
+    /// Page data for the image pages `at`, `at.nr_pages() * PAGE_SIZE` bytes. `urgent` marks a
+    /// fault's answer: it skips ahead of queued background pushes. `link`: the link generation
+    /// that delivered it (0, then the serial of each [`Inbound::Resume`]); pages of a replaced
+    /// link are dropped.
     Pages {
-        pid: u32,
-        img_vaddr: u64,
-        nr_pages: u32,
+        at: PidRange,
         data: bytes::Bytes,
         urgent: bool,
+        link: u64,
     },
-    /// These image pages are zero (they never cross the network as data). `urgent` as for
-    /// `Pages`.
+    /// These image pages are zero (they never cross the network as data). `urgent` and `link`
+    /// as for `Pages`.
     Zero {
-        pid: u32,
-        img_vaddr: u64,
-        nr_pages: u32,
+        at: PidRange,
         urgent: bool,
+        link: u64,
     },
     /// Every task is restored (the restore sent 0x52535446): completion can now be judged.
     RestoreFinished,
-    /// The link to the source was re-established: everything the old link delivered has been
-    /// queued before this. Answered with [`Outbound::Resumed`]; fault requests sent before it
-    /// are void (the answer lists every request still open).
+    /// The link to the source was re-established as generation `serial`: from here on only
+    /// pages of that link are placed. Answered with [`Outbound::Resumed`]; fault requests sent
+    /// before it are void (the answer lists every request still open).
     Resume { serial: u64 },
     /// Stop after everything sent before this. With `kill_incomplete`, processes whose lazy
     /// memory is not all in place are SIGKILLed (and reaped or 5 s passed) before their uffds
@@ -73,16 +76,27 @@ pub enum Inbound {
     Shutdown { kill_incomplete: bool },
 }
 
+impl Inbound {
+    /// Pages (`data`) or a zero run (`None`) from the source, as `Pages` or `Zero`.
+    pub fn arrived(at: PidRange, data: Option<bytes::Bytes>, urgent: bool, link: u64) -> Self {
+        match data {
+            Some(data) => Inbound::Pages {
+                at,
+                data,
+                urgent,
+                link,
+            },
+            None => Inbound::Zero { at, urgent, link },
+        }
+    }
+}
+
 /// Messages from the fault thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    /// A thread waits for these image pages of image pid `pid`; answer with `Inbound::Pages`
-    /// (urgent) or `Inbound::Zero`.
-    Fault {
-        pid: u32,
-        img_vaddr: u64,
-        nr_pages: u32,
-    },
+    /// A thread waits for these image pages; answer with `Inbound::Pages` (urgent) or
+    /// `Inbound::Zero`.
+    Fault(PidRange),
     /// Every process of image pid `pid` (including its fork children) exited: stop sending.
     TaskGone { pid: i32 },
     /// The restore finished and every task's lazy memory is in place. Sent once.
@@ -95,7 +109,7 @@ pub enum Outbound {
     Resumed {
         serial: u64,
         missing: std::collections::BTreeMap<u32, Vec<PageRange>>,
-        requests: Vec<(u32, PageRange)>,
+        requests: Vec<PidRange>,
     },
 }
 
@@ -292,7 +306,7 @@ pub fn spawn_with(
     // Background pages wait here only briefly: a full queue blocks the sender, which stops
     // reading its QUIC stream, so flow control (not memory) absorbs a fast source.
     let (bulk_tx, bulk_rx) = crossbeam_channel::bounded(BULK_QUEUE);
-    let engine = engine::Engine::new(config, out, stats, urgent_rx, bulk_rx, wake.clone())
+    let engine = driver::Driver::new(config, out, stats, urgent_rx, bulk_rx, wake.clone())
         .map_err(setup("epoll instance"))?;
     let thread = std::thread::Builder::new()
         .name("uffd-loop".into())

@@ -83,6 +83,7 @@ impl KeeperLink {
         let theirs = OwnedFd::from(theirs);
         let mut cmd = Command::new(exe);
         cmd.arg("keep-dump")
+            .env(crate::child::INTERNAL_ENV, "1")
             .arg("--work")
             .arg(work)
             .arg("--criu-pid")
@@ -148,7 +149,7 @@ impl KeeperLink {
     pub fn release(mut self) {
         let _ = (&self.ctl).write_all(b"R");
         if let Some(mut c) = self.child.take() {
-            let _ = crate::demo::wait_timeout(&mut c, Duration::from_secs(5));
+            let _ = crate::child::wait_timeout(&mut c, Duration::from_secs(5));
         }
     }
 

@@ -7,5 +7,6 @@ pub mod pre_copy;
 pub mod pump;
 pub mod push_plan;
 pub mod recovery;
+pub mod report;
 pub mod runc_dump;
 pub mod service;

@@ -4,7 +4,7 @@
 //! QUIC side is rebuilt.
 //!
 //! The resume handshake (proto/pageserv.proto, `Missing`/`ResumeReady`): a new control
-//! connection with the hello role [`ROLE_RESUME`] and the migration's id; dst answers with its
+//! connection with the hello role [`Role::SrcResume`] and the migration's id; dst answers with its
 //! hello, every lazy range it still lacks and `ResumeReady`; then a new fault connection. Nothing
 //! sent on the dead link is assumed to have arrived: the push plan becomes dst's missing list,
 //! and dst asks again for every fault it is still waiting on.
@@ -17,12 +17,10 @@ use tokio::time::Instant;
 
 use crate::keys::Identity;
 use crate::pages::PageRange;
-use crate::pb::pageserv::{Hello, ResumeReady, control::Msg};
-use crate::source::service::{PROTOCOL_VERSION, ROLE_FAULTS, connect_control, next_ctl, send_ctl};
+use crate::pb::pageserv::{ResumeReady, control::Msg};
+use crate::protocol::{self, Role, connect_control, next_ctl, send_ctl};
 use crate::transport::{self, FrameReceiver, FrameSender, TransportOptions};
 
-/// The hello role of a control connection that continues a migration after the link died.
-pub const ROLE_RESUME: &str = "src-resume";
 /// First wait between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
@@ -55,14 +53,7 @@ pub struct Resumed {
     pub ready: ResumeReady,
 }
 
-/// True if `conn` died of the link (no packets within the idle timeout, or a stateless reset
-/// after a peer's restart of its endpoint), as opposed to a peer that closed it on purpose.
-pub fn link_lost(conn: &quinn::Connection) -> bool {
-    matches!(
-        conn.close_reason(),
-        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
-    )
-}
+pub use crate::protocol::link_lost;
 
 /// Everything a reconnect needs to say who it is.
 pub struct Reconnect<'a> {
@@ -115,14 +106,12 @@ enum Attempt {
     Final(anyhow::Error),
 }
 
-fn hello(r: &Reconnect<'_>, role: &str) -> Msg {
-    Msg::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        role: role.into(),
-        page_size: crate::pages::PAGE_SIZE as u32,
-        criu_version: r.criu_version.clone(),
-        migration_id: r.migration_id.to_string(),
-    })
+fn hello(r: &Reconnect<'_>, role: Role) -> Msg {
+    Msg::Hello(protocol::hello(
+        role,
+        r.criu_version.clone(),
+        r.migration_id.to_string(),
+    ))
 }
 
 async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
@@ -130,11 +119,11 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
     let (conn, mut ctl, mut ctl_rx) = connect_control(r.id, r.to, r.push_transport)
         .await
         .map_err(retry)?;
-    send_ctl(&mut ctl, hello(r, ROLE_RESUME))
+    send_ctl(&mut ctl, hello(r, Role::SrcResume))
         .await
         .map_err(retry)?;
     match next_ctl(&mut ctl_rx).await.map_err(retry)? {
-        Msg::Hello(h) if h.role == "dst" => {}
+        Msg::Hello(h) if Role::of(&h) == Some(Role::Dst) => {}
         Msg::Abort(a) => {
             return Err(Attempt::Final(anyhow::anyhow!(
                 "dst will not resume migration {}: {}",
@@ -182,22 +171,18 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
             }
         }
     };
-    let fault_conn = transport::connect_with(
-        crate::source::service::any_addr(r.to),
-        r.to,
-        r.id,
-        r.fault_transport,
-    )
-    .await
-    .context("opening the fault connection")
-    .map_err(retry)?;
+    let fault_conn =
+        transport::connect_with(protocol::any_addr(r.to), r.to, r.id, r.fault_transport)
+            .await
+            .context("opening the fault connection")
+            .map_err(retry)?;
     let (send, recv) = fault_conn
         .open_bi()
         .await
         .context("opening the fault stream")
         .map_err(retry)?;
     let mut fault_tx = FrameSender::new(send);
-    send_ctl(&mut fault_tx, hello(r, ROLE_FAULTS))
+    send_ctl(&mut fault_tx, hello(r, Role::SrcFaults))
         .await
         .map_err(retry)?;
     Ok(Resumed {

@@ -14,16 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
-use crate::pb::pageserv::{
-    Control, Hello, ImageChunk, ImagesDone, ResumeReady, SourceReleased, control::Msg,
-};
+use crate::pb::pageserv::{ResumeReady, SourceReleased, control::Msg};
+use crate::protocol::images::ship_images;
+use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
 use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
@@ -37,14 +36,10 @@ use crate::source::pump::{
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::source::recovery::{self, Link, MissingList, Reconnect};
 use crate::source::runc_dump::{RuncDump, start_runc_checkpoint};
-use crate::stats::SourceReport;
+use crate::source::report::SourceReport;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
 
-pub const PROTOCOL_VERSION: u32 = 1;
-/// The hello role of the second connection, which carries only faults.
-pub const ROLE_FAULTS: &str = "src-faults";
-const IMAGE_CHUNK: usize = 1 << 20;
 /// Fetched batches waiting for the push stream.
 const PUSH_SLOTS: usize = 4;
 
@@ -110,29 +105,6 @@ fn new_migration_id() -> Result<String> {
         std::process::id(),
         u64::from_ne_bytes(bytes)
     ))
-}
-
-/// The wildcard local address of `to`'s family, port chosen by the kernel.
-pub(crate) fn any_addr(to: SocketAddr) -> SocketAddr {
-    let ip: std::net::IpAddr = if to.is_ipv4() {
-        std::net::Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        std::net::Ipv6Addr::UNSPECIFIED.into()
-    };
-    SocketAddr::new(ip, 0)
-}
-
-/// Connects to `pageserv dst` at `to` (mutual TLS) and opens the control stream.
-pub(crate) async fn connect_control(
-    id: &Identity,
-    to: SocketAddr,
-    options: &transport::TransportOptions,
-) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
-    let conn = transport::connect_with(any_addr(to), to, id, options)
-        .await
-        .with_context(|| format!("connecting to pageserv dst at {to}"))?;
-    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
-    Ok((conn, FrameSender::new(send), FrameReceiver::new(recv)))
 }
 
 /// The file in a dump's work directory that names its migration, so `pageserv src --resume`
@@ -212,17 +184,15 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
     let migration_id = new_migration_id()?;
     send_ctl(
         &mut ctl,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: "src".into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
-            migration_id: migration_id.clone(),
-        }),
+        Msg::Hello(protocol::hello(
+            Role::Src,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        )),
     )
     .await?;
     match next_ctl(&mut ctl_rx).await? {
-        Msg::Hello(h) if h.role == "dst" && h.protocol_version == PROTOCOL_VERSION => {
+        Msg::Hello(h) if is_dst_answer(&h) => {
             if h.criu_version != opts.criu.version.to_string() {
                 tracing::warn!(
                     src = %opts.criu.version, dst = %h.criu_version,
@@ -249,13 +219,11 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
     let mut fault_tx = FrameSender::new(fault_send);
     send_ctl(
         &mut fault_tx,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: ROLE_FAULTS.into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
-            migration_id: migration_id.clone(),
-        }),
+        Msg::Hello(protocol::hello(
+            Role::SrcFaults,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        )),
     )
     .await?;
     let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));
@@ -992,70 +960,6 @@ fn settle(
     }
 }
 
-/// Sends one image file to dst in chunks of at most [`IMAGE_CHUNK`] (an empty file is one empty
-/// last chunk).
-pub(crate) async fn send_image(ctl: &mut FrameSender, name: &str, data: Bytes) -> Result<()> {
-    let mut offset = 0usize;
-    loop {
-        let end = (offset + IMAGE_CHUNK).min(data.len());
-        let last = end == data.len();
-        send_ctl(
-            ctl,
-            Msg::ImageChunk(ImageChunk {
-                name: name.to_string(),
-                offset: offset as u64,
-                data: data.slice(offset..end),
-                last,
-                mode: 0o600,
-            }),
-        )
-        .await?;
-        offset = end;
-        if last {
-            return Ok(());
-        }
-    }
-}
-
-/// Sends every image file except the lazy memory (which CRIU never wrote to disk);
-/// `before_done` runs just before the closing ImagesDone.
-pub(crate) async fn ship_images(
-    ctl: &mut FrameSender,
-    dir: &Path,
-    frozen_at: SystemTime,
-    before_done: impl FnOnce(),
-) -> Result<u64> {
-    let mut names: Vec<String> = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // CRIU's own logs may sit in the image directory (an external dump's -o); they are not images.
-        if entry.file_type()?.is_file() && !name.ends_with(".log") {
-            names.push(name);
-        }
-    }
-    names.sort();
-    let mut total = 0u64;
-    for name in &names {
-        let data = tokio::fs::read(dir.join(name))
-            .await
-            .with_context(|| format!("reading image {name}"))?;
-        total += data.len() as u64;
-        send_image(ctl, name, Bytes::from(data)).await?;
-    }
-    before_done();
-    send_ctl(
-        ctl,
-        Msg::ImagesDone(ImagesDone {
-            files: names.len() as u32,
-            bytes: total,
-            frozen_at_unix_ns: frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64,
-        }),
-    )
-    .await?;
-    Ok(total)
-}
-
 /// Reads dst's fault requests on one link, forwards them to the pump and sends the pump's
 /// answers of this link's `generation` (answers fetched for a dead link are dropped: dst asks
 /// again).
@@ -1191,19 +1095,4 @@ async fn send_served(
         }
     }
     Ok(zero)
-}
-
-pub(crate) async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
-    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
-        .await
-        .context("sending on the control stream")
-}
-
-/// The next control message; the stream ending is an error (the peer is gone).
-pub async fn next_ctl(rx: &mut FrameReceiver) -> Result<Msg> {
-    match rx.next().await? {
-        Some(Frame::Control(Control { msg: Some(m) })) => Ok(m),
-        Some(other) => bail!("expected a control message, got {other:?}"),
-        None => bail!("the peer closed the control stream"),
-    }
 }

@@ -3,9 +3,8 @@
 //! arrive, dst writes a standard CRIU image directory and runs a plain `criu restore`.
 //!
 //! The page-server logic itself is the sans-IO [`crate::criu::page_server::ImageSession`]; this
-//! module holds the IO shells around it.
+//! module holds the source's IO shells around it; dst's side is [`crate::dst::stop_and_copy`],
+//! which writes the images with [`crate::criu::page_server::writer`].
 
-pub mod dst;
 pub mod dump;
 pub mod source;
-pub mod writer;

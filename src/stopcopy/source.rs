@@ -8,7 +8,6 @@
 //! ship those images → dst runs `criu restore` → on success tell the hook "ok" (CRIU kills the
 //! source tasks), on any failure "fail" (CRIU resumes them).
 
-use crate::source::service::send_ctl;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,14 +22,13 @@ use crate::criu::page_server::{
     ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
 };
 use crate::keys::Identity;
-use crate::pb::pageserv::{Hello, PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
-use crate::source::service::{PROTOCOL_VERSION, next_ctl};
+use crate::pb::pageserv::{PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
+use crate::protocol::images::{send_image, ship_images};
+use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
 use crate::stopcopy::dump::{self, StopCopyDump};
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire;
 
-/// The hello role of a stop-and-copy source.
-pub const ROLE_STOP_AND_COPY: &str = "src-stop-and-copy";
 /// Most pages in one Pages frame.
 const FRAME_PAGES: usize = wire::MAX_FRAME_PAGES as usize;
 
@@ -107,7 +105,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
     let (conn, mut ctl, mut ctl_rx) =
-        crate::source::service::connect_control(&id, opts.to, &opts.transport).await?;
+        protocol::connect_control(&id, opts.to, &opts.transport).await?;
     let migration_id = format!(
         "s{}-{}",
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
@@ -115,17 +113,15 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     );
     send_ctl(
         &mut ctl,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: ROLE_STOP_AND_COPY.into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
+        Msg::Hello(protocol::hello(
+            Role::SrcStopAndCopy,
+            opts.criu.version.to_string(),
             migration_id,
-        }),
+        )),
     )
     .await?;
     match next_ctl(&mut ctl_rx).await? {
-        Msg::Hello(h) if h.role == "dst" && h.protocol_version == PROTOCOL_VERSION => {}
+        Msg::Hello(h) if is_dst_answer(&h) => {}
         Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
         other => bail!("dst answered the hello with {other:?}; is it a pageserv dst?"),
     }
@@ -324,8 +320,7 @@ async fn finish_migration(
     frozen_at: SystemTime,
     mut report: StopCopyReport,
 ) -> Result<StopCopyReport> {
-    report.images_bytes +=
-        crate::source::service::ship_images(ctl, images_dir, frozen_at, || {}).await?;
+    report.images_bytes += ship_images(ctl, images_dir, frozen_at, || {}).await?;
     loop {
         match next_ctl(ctl_rx).await.context("control stream from dst")? {
             Msg::RestoreStarted(_) => tracing::info!("dst started the restore"),
@@ -403,7 +398,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     Output::Pagemap { name, bytes } => {
                         pagemap_files += 1;
                         pagemap_bytes += bytes.len() as u64;
-                        crate::source::service::send_image(ctl, &name, bytes.into()).await?;
+                        send_image(ctl, &name, bytes.into()).await?;
                     }
                     Output::Closed { force } => {
                         send_ctl(

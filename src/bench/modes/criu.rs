@@ -209,7 +209,7 @@ impl Run<'_> {
     /// Runs a CRIU step to completion; on failure the error carries its log tail.
     fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        match demo::wait_timeout(&mut child, super::step_timeout())? {
+        match crate::child::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
@@ -232,7 +232,7 @@ impl Run<'_> {
     }
 
     fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
-        match demo::wait_timeout(&mut self.children[i], super::step_timeout())? {
+        match crate::child::wait_timeout(&mut self.children[i], super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",

@@ -198,7 +198,7 @@ impl Ctr<'_> {
     }
 
     fn wait(&mut self, mut child: Child, what: &str, log: &Path) -> Result<()> {
-        match demo::wait_timeout(&mut child, super::step_timeout())? {
+        match crate::child::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => {
                 self.children.push(child);

@@ -7,7 +7,8 @@
 //! no error reply; CRIU reports every failure by closing the stream. The header is 24 bytes up to
 //! CRIU 4.1.x and 32 bytes from 4.2 ([`Layout`]); nothing on the wire tells them apart.
 //!
-//! Nothing here does IO: callers feed bytes read from the socket and write out the bytes the
+//! Nothing here does IO but [`writer`], the shell that applies an [`ImageSession`]'s output to
+//! an image directory: callers feed bytes read from the socket and write out the bytes the
 //! encoders append to a `BytesMut`. Page data is handed out as `Bytes` split off the receive
 //! buffer, so it is not copied again.
 
@@ -18,6 +19,7 @@ mod server;
 mod session;
 #[cfg(test)]
 mod tests;
+pub mod writer;
 
 pub use client::{ClientEvent, GetClient, GetReply};
 pub use error::PsError;

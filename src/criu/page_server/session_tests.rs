@@ -9,11 +9,11 @@ use proptest::prelude::*;
 use super::*;
 use crate::criu::PeFlags;
 use crate::criu::images::{ImageDir, MapEntry, PagemapId};
+use crate::criu::page_server::writer::DirWriter;
 use crate::criu::page_server::{
     Command, DstId, Header, Layout, PagemapId as WireId, PagemapKind, ServerDecoder,
 };
 use crate::pages::PAGE_SIZE;
-use crate::stopcopy::writer::DirWriter;
 
 const P: PeFlags = PeFlags::PRESENT;
 const LP: PeFlags = PeFlags(6);

@@ -1,317 +1,307 @@
-//! The fault thread's state and its one loop: read uffd events, then control and fault
-//! answers, then a bounded amount of background pages, and again.
+//! The fault engine's core, sans-IO: every decision of the fault thread, and no file descriptor.
+//!
+//! It takes the thread's inputs (tasks handed over, pages and zero runs from the source, the
+//! restore finishing, a new link) and the uffd events of its views, and answers with
+//! [`Outbound`] messages and with the uffd operations it asks of a [`Kernel`]: COPY, ZEROPAGE,
+//! UNREGISTER, reading a view's events, closing it (the port, `kernel.rs`). Time comes from
+//! [`Kernel::now`]. The driver (`driver.rs`) is the real kernel, epoll and the channels; the
+//! tests drive the same engine against a simulated kernel and source (`engine/tests.rs`).
+//!
+//! The rules it keeps:
+//! - a fault on a lazy page not yet in place is asked of the source before its thread is
+//!   counted as waiting, and an open request is asked again on every new link;
+//! - the source's data reaches a process only if the [`ArrivalGuard`] admits it, only when the
+//!   restore may have registered its ranges (background pages wait for `RestoreFinished`), and
+//!   only from the current link: pages a dead link delivered are dropped (its requests are
+//!   void, and the new link sends what is missing);
+//! - each lazy page is placed once: [`TaskMemory`] plans every copy and hears every result.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use bytes::Bytes;
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::EventFd;
 use tracing::{debug, error, info, warn};
-use userfaultfd::{Event, EventBuffer, Uffd};
 
-use super::ioctl::{self, Fill};
-use super::kill::Process;
-use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
+use super::ioctl::Fill;
+use super::kernel::ViewFills;
+pub(super) use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
+use super::place::{self, Placement, Source, Tally};
+use super::{LoopConfig, Outbound, UffdStats};
 use crate::dst::arrival_guard::ArrivalGuard;
-use crate::dst::regions::{FaultAction, TaskMemory};
-use crate::pages::{PAGE_SIZE, PageRange, page_floor};
+use crate::dst::regions::{FaultAction, PageState, TaskMemory};
+use crate::pages::{PAGE_SIZE, PageRange, PidRange, merge_ranges, page_floor};
 
-mod arrive;
-mod shutdown;
+#[cfg(test)]
+mod tests;
 
-const WAKE_TOKEN: u64 = u64::MAX;
-/// Background bytes placed per round before the uffds and the urgent queue are looked at again.
-/// One UFFDIO_COPY of a whole 4 MiB push batch takes ~1.1 ms here, and a fault read or answered
-/// behind it waits that long; background batches are therefore placed in pieces of this size
-/// (~70 us each), with a new round (epoll, fault answers) between pieces.
-const BULK_BUDGET: u64 = 256 << 10;
-/// Control messages and fault answers handled per round.
-const URGENT_BUDGET: usize = 256;
+/// EAGAIN rounds (read events, copy again) before an arrival waits for the next loop round, so
+/// one process in a long fork cannot stall the others' faults.
+const INLINE_RETRIES: u32 = 16;
+/// An arrival still refused after this long is given up (pages stay missing) with an error.
+const GIVE_UP: Duration = Duration::from_secs(60);
+/// Background data held until the restore finishes. pageserv src pushes only after it, so this
+/// bounds what a misbehaving source can make dst hold.
+const MAX_EARLY_BYTES: u64 = 64 << 20;
+/// Pages of one background piece (see the driver's BULK_BUDGET).
+const PIECE_PAGES: u64 = 64;
 
-/// Who to kill if this view's memory is incomplete at shutdown.
-enum Owner {
-    Own(Process),
-    /// A fork child: its pid is unknown, so kill every descendant of this host pid.
-    DescendantOf(i32),
-    Unknown,
+/// Pages (`data`) or a zero run (`None`) from the source, and how they came: as a fault's
+/// answer (`urgent`) or pushed, on link generation `link` (0 the first link, then the serial of
+/// each [`Input::Resume`]).
+#[derive(Debug, Clone)]
+pub(super) struct Arrived {
+    pub at: PidRange,
+    pub data: Option<Bytes>,
+    pub urgent: bool,
+    pub link: u64,
 }
 
-impl Owner {
-    fn for_child(&self) -> Owner {
-        match self {
-            Owner::Own(p) => Owner::DescendantOf(p.pid),
-            Owner::DescendantOf(a) => Owner::DescendantOf(*a),
-            Owner::Unknown => Owner::Unknown,
-        }
+impl Arrived {
+    /// Data bytes it carries (0 for a zero run).
+    pub(super) fn bytes(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64)
     }
 }
 
-struct View {
-    uffd: Uffd,
-    mem: TaskMemory,
-    owner: Owner,
+/// The core's inputs besides uffd events.
+#[derive(Debug)]
+pub(super) enum Input<U> {
+    /// A restored process's uffd and its lazy ranges (image addresses).
+    Task {
+        pid: i32,
+        uffd: U,
+        lazy: Vec<PageRange>,
+        host_pid: Option<i32>,
+    },
+    Zombie {
+        pid: i32,
+    },
+    Arrived(Arrived),
+    /// Every task is restored: background pages may land, completion can be judged.
+    RestoreFinished,
+    /// A new link to the source, generation `serial`: the old link's requests and pages are void.
+    Resume {
+        serial: u64,
+    },
 }
 
+/// Where the migration stands, as far as the fault engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The restore runs: its ranges may not be registered yet, so background pages wait.
+    Restoring,
+    /// Every task is restored; pages land as they come.
+    Serving,
+    /// Every lazy page is in place and [`Outbound::Complete`] went out.
+    Complete,
+}
+
+/// An admitted arrival (or one piece of it) on its way into every view of its pid.
+struct Placing {
+    at: PidRange,
+    data: Option<Bytes>,
+    urgent: bool,
+    /// Views done with it; fork children created meanwhile are not, and get it too.
+    finished: BTreeSet<ViewId>,
+    since: Instant,
+}
+
+impl Placing {
+    fn bytes(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64)
+    }
+}
+
+/// Source data that may not be placed yet.
+#[derive(Default)]
+struct Held {
+    /// Background pages that arrived before the restore finished. Until then the restorer may
+    /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
+    /// lose the pages. Faults need no such wait: a fault comes from a registered range.
+    early: Vec<Arrived>,
+    early_bytes: u64,
+    /// Pages that arrived before their task did.
+    stash: HashMap<u32, Vec<Arrived>>,
+}
+
+/// Work the core still owes the kernel.
+#[derive(Default)]
+struct Backlog {
+    /// Zero-page answers the kernel refused with EAGAIN: (view, runtime address, fault time).
+    zero_again: Vec<(ViewId, u64, Instant)>,
+    /// Arrivals the kernel refused with EAGAIN.
+    refused: Vec<Placing>,
+    /// Pieces of background arrivals not placed yet, one per driver round.
+    pieces: VecDeque<Placing>,
+}
+
+/// The fault engine's state; see the module docs.
 pub(super) struct Engine {
     config: LoopConfig,
-    out: Sender<Outbound>,
     stats: Arc<UffdStats>,
-    urgent: Receiver<Inbound>,
-    bulk: Receiver<Inbound>,
-    wake: Arc<EventFd>,
-    epoll: Epoll,
-    evbuf: EventBuffer,
-    views: BTreeMap<u64, View>,
-    next_id: u64,
-    /// Uffds we cannot serve (unusable lazy ranges): kept open, killed at shutdown.
-    broken: Vec<(u32, Uffd, Owner)>,
+    phase: Phase,
+    /// The current link generation.
+    link: u64,
+    views: BTreeMap<ViewId, TaskMemory>,
+    next_id: ViewId,
+    /// Uffds that cannot be served (unusable lazy ranges): kept open, killed at shutdown.
+    broken: Vec<(u32, ViewId)>,
     /// Image pids that ever had a task.
     known_pids: BTreeSet<u32>,
     /// Which source data may be placed at all.
     guard: ArrivalGuard,
-    /// Pages that arrived before their task did.
-    stash: HashMap<u32, Vec<Inbound>>,
-    /// Background pages that arrived before the restore finished. Until then the restorer may
-    /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
-    /// lose the pages. Faults need no such wait: a fault comes from a registered range.
-    early: Vec<Inbound>,
-    early_bytes: u64,
+    held: Held,
     /// Faulting threads waiting for (view, image page), since when.
-    waiting: BTreeMap<(u64, u64), Vec<Instant>>,
-    /// Zero-page answers the kernel refused with EAGAIN: (view, runtime address, fault time).
-    deferred: Vec<(u64, u64, Instant)>,
-    /// Arrivals the kernel refused with EAGAIN.
-    retrying: Vec<arrive::Arrival>,
-    /// Pieces of a background arrival not placed yet, one per round (see [`BULK_BUDGET`]).
-    pieces: std::collections::VecDeque<arrive::Arrival>,
-    restore_finished: bool,
-    complete_sent: bool,
-    out_closed: bool,
-}
-
-fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
-    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
+    waiting: BTreeMap<(ViewId, u64), Vec<Instant>>,
+    backlog: Backlog,
+    out: Vec<Outbound>,
 }
 
 impl Engine {
-    pub(super) fn new(
-        config: LoopConfig,
-        out: Sender<Outbound>,
-        stats: Arc<UffdStats>,
-        urgent: Receiver<Inbound>,
-        bulk: Receiver<Inbound>,
-        wake: Arc<EventFd>,
-    ) -> nix::Result<Self> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(
-            wake.as_fd(),
-            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
-        )?;
-        Ok(Self {
+    pub(super) fn new(config: LoopConfig, stats: Arc<UffdStats>) -> Self {
+        Engine {
             config,
-            out,
             stats,
-            urgent,
-            bulk,
-            wake,
-            epoll,
-            evbuf: EventBuffer::new(64),
+            phase: Phase::Restoring,
+            link: 0,
             views: BTreeMap::new(),
             next_id: 1,
             broken: Vec::new(),
             known_pids: BTreeSet::new(),
             guard: ArrivalGuard::new(),
-            stash: HashMap::new(),
-            early: Vec::new(),
-            early_bytes: 0,
+            held: Held::default(),
             waiting: BTreeMap::new(),
-            deferred: Vec::new(),
-            retrying: Vec::new(),
-            pieces: std::collections::VecDeque::new(),
-            restore_finished: false,
-            complete_sent: false,
-            out_closed: false,
-        })
-    }
-
-    pub(super) fn run(mut self) -> ShutdownReport {
-        let mut ready = vec![EpollEvent::empty(); 64];
-        loop {
-            // Refused copies are retried every millisecond: the event that blocks them is
-            // usually readable by then.
-            let timeout =
-                if !self.urgent.is_empty() || !self.bulk.is_empty() || !self.pieces.is_empty() {
-                    EpollTimeout::ZERO
-                } else if !self.deferred.is_empty() || !self.retrying.is_empty() {
-                    EpollTimeout::from(1u8)
-                } else {
-                    EpollTimeout::NONE
-                };
-            let n = match self.epoll.wait(&mut ready, timeout) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => 0,
-                Err(e) => {
-                    self.error(format!(
-                        "the fault thread cannot wait on its uffds: epoll_wait: {e}"
-                    ));
-                    return self.wait_for_shutdown();
-                }
-            };
-            for ev in &ready[..n] {
-                match ev.data() {
-                    WAKE_TOKEN => {
-                        let _ = self.wake.read();
-                    }
-                    id => self.read_events(id),
-                }
-            }
-            self.retry_deferred();
-            self.retry_arrivals();
-            for _ in 0..URGENT_BUDGET {
-                let Ok(msg) = self.urgent.try_recv() else {
-                    break;
-                };
-                if let Some(kill) = self.handle(msg) {
-                    return self.shutdown(kill);
-                }
-            }
-            let mut budget = BULK_BUDGET;
-            while budget > 0 {
-                // A message's pieces go before the next message: Shutdown and Resume stay behind
-                // every page queued before them.
-                if let Some(piece) = self.pieces.pop_front() {
-                    budget = budget.saturating_sub(piece.bytes().max(PAGE_SIZE));
-                    self.place_piece(piece);
-                    continue;
-                }
-                match self.bulk.try_recv() {
-                    Ok(msg) => {
-                        budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
-                        if let Some(kill) = self.handle(msg) {
-                            return self.shutdown(kill);
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        if self.urgent.is_empty() {
-                            error!("every sender to the fault thread is gone without a Shutdown");
-                            return self.shutdown(true);
-                        }
-                        break;
-                    }
-                }
-            }
-            self.check_complete();
+            backlog: Backlog::default(),
+            out: Vec::new(),
         }
     }
 
-    /// Handles one message; `Some(kill_incomplete)` means shut down now.
-    fn handle(&mut self, msg: Inbound) -> Option<bool> {
-        match msg {
-            Inbound::Task {
+    /// The messages for the service produced so far, oldest first.
+    pub(super) fn take_output(&mut self) -> Vec<Outbound> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Refused work waits for a retry ([`Engine::retry`] in about a millisecond).
+    pub(super) fn wants_retry(&self) -> bool {
+        !self.backlog.zero_again.is_empty() || !self.backlog.refused.is_empty()
+    }
+
+    /// Background pieces wait to be placed ([`Engine::place_next_piece`]).
+    pub(super) fn has_pieces(&self) -> bool {
+        !self.backlog.pieces.is_empty()
+    }
+
+    /// One input.
+    pub(super) fn handle<K: Kernel>(&mut self, k: &mut K, input: Input<K::Uffd>) {
+        match input {
+            Input::Task {
                 pid,
                 uffd,
                 lazy,
                 host_pid,
-            } => self.add_task(pid, uffd, &lazy, host_pid),
-            Inbound::Zombie { pid } => debug!(pid, "zombie: no memory to serve"),
-            Inbound::Pages {
-                pid,
-                img_vaddr,
-                nr_pages,
-                data,
-                urgent,
-            } => self.arrive(pid, img_vaddr, nr_pages, Some(data), urgent),
-            Inbound::Zero {
-                pid,
-                img_vaddr,
-                nr_pages,
-                urgent,
-            } => self.arrive(pid, img_vaddr, nr_pages, None, urgent),
-            Inbound::RestoreFinished => {
-                self.restore_finished = true;
+            } => self.add_task(k, pid, uffd, &lazy, host_pid),
+            Input::Zombie { pid } => debug!(pid, "zombie: no memory to serve"),
+            Input::Arrived(a) => self.arrive(k, a),
+            Input::RestoreFinished => {
+                if self.phase == Phase::Restoring {
+                    self.phase = Phase::Serving;
+                }
                 // The restorer has registered every lazy range by now: held pushes can land.
-                self.early_bytes = 0;
-                for msg in std::mem::take(&mut self.early) {
-                    self.handle(msg);
+                let held = std::mem::take(&mut self.held);
+                for a in held.early {
+                    self.arrive(k, a);
                 }
                 // Pages for a pid the restore never sent: the guard refuses them.
-                let stashed: Vec<Inbound> = self.stash.drain().flat_map(|(_, m)| m).collect();
-                for msg in stashed {
-                    self.handle(msg);
+                for a in held.stash.into_values().flatten() {
+                    self.arrive(k, a);
                 }
             }
-            Inbound::Resume { serial } => self.resume(serial),
-            Inbound::Shutdown { kill_incomplete } => return Some(kill_incomplete),
+            Input::Resume { serial } => self.resume(serial),
         }
-        None
+    }
+
+    /// A uffd handed over while the engine cannot serve (after a fatal error): kept open until
+    /// shutdown, then treated as incomplete.
+    pub(super) fn keep_broken<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        pid: i32,
+        uffd: K::Uffd,
+        host_pid: Option<i32>,
+    ) {
+        let id = self.new_id();
+        // Kept open only; a failure to poll it does not matter.
+        let _ = k.attach(id, uffd, Owner::Host(host_pid), false);
+        self.broken.push((pid.max(0) as u32, id));
+    }
+
+    /// Image pids (with their views) whose lazy memory is not all in place, broken uffds
+    /// included: what an incomplete shutdown kills.
+    pub(super) fn incomplete(&self) -> Vec<(u32, ViewId)> {
+        let mut v: Vec<(u32, ViewId)> = self
+            .views
+            .iter()
+            .filter(|(_, m)| !m.is_complete())
+            .map(|(id, m)| (m.pid(), *id))
+            .collect();
+        v.extend(self.broken.iter().copied());
+        v
+    }
+
+    fn new_id(&mut self) -> ViewId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
     }
 
     /// A new link to the source: void what the old one owed, report what is still missing and
     /// register the open fault requests again (the service re-sends them).
     fn resume(&mut self, serial: u64) {
-        // Fault answers of the old link still queued go first: after the reset they would
-        // answer requests that only the new link may answer.
-        while let Ok(msg) = self.urgent.try_recv() {
-            if self.handle(msg).is_some() {
-                warn!("a shutdown on the urgent queue during a resume is ignored");
-            }
-        }
+        self.link = serial;
         self.guard.reset_link();
         let mut missing: BTreeMap<u32, Vec<PageRange>> =
             self.known_pids.iter().map(|&p| (p, Vec::new())).collect();
         let mut requests = Vec::new();
-        for view in self.views.values() {
-            let pid = view.mem.pid();
-            missing
-                .entry(pid)
-                .or_default()
-                .extend(view.mem.missing_ranges());
-            requests.extend(view.mem.in_flight_ranges().into_iter().map(|r| (pid, r)));
+        for mem in self.views.values() {
+            let pid = mem.pid();
+            missing.entry(pid).or_default().extend(mem.missing_ranges());
+            requests.extend(
+                mem.in_flight_ranges()
+                    .into_iter()
+                    .map(|range| PidRange { pid, range }),
+            );
         }
         for ranges in missing.values_mut() {
             *ranges = merge_ranges(std::mem::take(ranges));
         }
-        for &(pid, r) in &requests {
-            self.guard.requested(pid, r.start, r.nr_pages);
+        for r in &requests {
+            self.guard.requested(r.pid, r.start(), r.nr_pages());
         }
         info!(
             missing_pages = missing.values().flatten().map(|r| r.nr_pages).sum::<u64>(),
             open_requests = requests.len(),
+            link = serial,
             "link to the source replaced"
         );
-        self.send(Outbound::Resumed {
+        self.out.push(Outbound::Resumed {
             serial,
             missing,
             requests,
         });
     }
 
-    fn add_task(&mut self, pid: i32, uffd: OwnedFd, lazy: &[PageRange], host_pid: Option<i32>) {
-        // SAFETY: we own `uffd`; Uffd takes over closing it.
-        let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
-        if let Err(e) = set_nonblocking(&uffd) {
-            warn!(pid, "cannot make the uffd non-blocking: {e}");
-        }
-        let owner = match host_pid.map(Process::open) {
-            Some(Ok(p)) => Owner::Own(p),
-            Some(Err(e)) => {
-                warn!(
-                    pid,
-                    ?host_pid,
-                    "cannot pin the process with a pidfd, it cannot be killed: {e}"
-                );
-                Owner::Unknown
-            }
-            None => Owner::Unknown,
-        };
+    fn add_task<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        pid: i32,
+        uffd: K::Uffd,
+        lazy: &[PageRange],
+        host_pid: Option<i32>,
+    ) {
+        let owner = Owner::Host(host_pid);
         let mem = match u32::try_from(pid)
             .ok()
             .filter(|p| *p > 0)
@@ -320,14 +310,18 @@ impl Engine {
             Some(Ok(mem)) => mem.with_readahead(self.config.readahead_pages),
             Some(Err(e)) => {
                 self.error(format!("task {pid}: {e}; its lazy memory cannot be served"));
-                self.broken.push((pid as u32, uffd, owner));
+                let id = self.new_id();
+                let _ = k.attach(id, uffd, owner, false);
+                self.broken.push((pid as u32, id));
                 return;
             }
             None => {
                 self.error(format!(
                     "task pid {pid} is not a valid pid; its uffd is kept but not served"
                 ));
-                self.broken.push((0, uffd, owner));
+                let id = self.new_id();
+                let _ = k.attach(id, uffd, owner, false);
+                self.broken.push((0, id));
                 return;
             }
         };
@@ -335,55 +329,49 @@ impl Engine {
         info!(pid, lazy_pages = mem.pending_pages(), "serving task");
         self.known_pids.insert(pid);
         self.guard.add_task(pid, lazy);
-        self.add_view(uffd, mem, owner);
-        for msg in self.stash.remove(&pid).unwrap_or_default() {
-            self.handle(msg);
+        self.add_view(k, uffd, mem, owner);
+        for a in self.held.stash.remove(&pid).unwrap_or_default() {
+            self.arrive(k, a);
         }
     }
 
-    fn add_view(&mut self, uffd: Uffd, mem: TaskMemory, owner: Owner) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        if let Err(e) = self
-            .epoll
-            .add(uffd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
-        {
-            self.error(format!("cannot poll the uffd of pid {}: {e}", mem.pid()));
-        }
+    fn add_view<K: Kernel>(&mut self, k: &mut K, uffd: K::Uffd, mem: TaskMemory, owner: Owner) {
+        let id = self.new_id();
+        let pid = mem.pid();
         self.stats.tasks.fetch_add(1, Relaxed);
-        self.views.insert(id, View { uffd, mem, owner });
-        id
+        self.views.insert(id, mem);
+        if let Err(e) = k.attach(id, uffd, owner, true) {
+            self.error(format!("cannot poll the uffd of pid {pid}: {e}"));
+        }
     }
 
     /// The process behind view `id` is gone: its memory no longer exists, so closing is safe.
-    fn drop_view(&mut self, id: u64, why: &str) {
-        let Some(view) = self.views.remove(&id) else {
+    fn drop_view<K: Kernel>(&mut self, k: &mut K, id: ViewId, why: &str) {
+        let Some(mem) = self.views.remove(&id) else {
             return;
         };
-        let _ = self.epoll.delete(view.uffd.as_fd());
+        k.close(id);
         self.waiting.retain(|(v, _), _| *v != id);
         self.stats.tasks.fetch_sub(1, Relaxed);
-        let pid = view.mem.pid();
+        let pid = mem.pid();
         debug!(
             pid,
-            missing = view.mem.pending_pages() + view.mem.in_flight_pages(),
+            missing = mem.pending_pages() + mem.in_flight_pages(),
             "{why}"
         );
-        if !self.views.values().any(|v| v.mem.pid() == pid) {
+        if !self.views.values().any(|v| v.pid() == pid) {
             info!(pid, "task gone: {why}");
-            self.send(Outbound::TaskGone { pid: pid as i32 });
+            self.out.push(Outbound::TaskGone { pid: pid as i32 });
         }
     }
 
-    /// Reads every queued event of view `id`.
-    fn read_events(&mut self, id: u64) {
-        let mut buf = std::mem::replace(&mut self.evbuf, EventBuffer::new(0));
-        while let Some(view) = self.views.get(&id) {
-            let events: Vec<_> = match view.uffd.read_events(&mut buf) {
-                Ok(evs) => evs.collect(),
+    /// Reads every queued event of view `id` (the driver calls this when the uffd is readable).
+    pub(super) fn read_events<K: Kernel>(&mut self, k: &mut K, id: ViewId) {
+        while let Some(pid) = self.views.get(&id).map(|m| m.pid()) {
+            let events = match k.read_events(id) {
+                Ok(evs) => evs,
                 Err(e) => {
-                    let pid = view.mem.pid();
-                    let _ = self.epoll.delete(view.uffd.as_fd());
+                    k.unwatch(id);
                     self.error(format!(
                         "cannot read the uffd of pid {pid}: {e}; it is no longer served"
                     ));
@@ -393,88 +381,81 @@ impl Engine {
             if events.is_empty() {
                 break;
             }
-            let now = Instant::now();
+            let now = k.now();
             for ev in events {
-                match ev {
-                    Ok(ev) => self.on_event(id, ev, now),
-                    Err(e) => warn!("unreadable uffd event: {e}"),
-                }
+                self.on_event(k, id, ev, now);
             }
         }
-        self.evbuf = buf;
     }
 
-    fn on_event(&mut self, id: u64, ev: Event, now: Instant) {
-        let Some(view) = self.views.get_mut(&id) else {
+    fn on_event<K: Kernel>(&mut self, k: &mut K, id: ViewId, ev: UffdEvent<K::Uffd>, now: Instant) {
+        let Some(mem) = self.views.get_mut(&id) else {
             return;
         };
-        let dropped_before = view.mem.counters().pages_dropped;
+        let dropped_before = mem.counters().pages_dropped;
         match ev {
-            Event::Pagefault { addr, .. } => {
+            UffdEvent::Fault { addr } => {
                 self.stats.faults.fetch_add(1, Relaxed);
-                self.fault(id, addr as u64, now);
+                self.fault(k, id, addr, now);
             }
-            Event::Fork { uffd } => {
-                if let Err(e) = set_nonblocking(&uffd) {
-                    warn!("cannot make a fork child's uffd non-blocking: {e}");
-                }
-                let (mem, owner) = (view.mem.fork_child(), view.owner.for_child());
-                debug!(pid = mem.pid(), missing = mem.pending_pages(), "fork child");
-                self.add_view(uffd, mem, owner);
+            UffdEvent::Fork { uffd } => {
+                let child = mem.fork_child();
+                debug!(
+                    pid = child.pid(),
+                    missing = child.pending_pages(),
+                    "fork child"
+                );
+                self.add_view(k, uffd, child, Owner::ChildOf(id));
             }
-            Event::Remap { from, to, len } => view.mem.on_remap(from as u64, to as u64, len as u64),
-            Event::Remove { start, end } => {
-                let (start, end) = (start as u64, end as u64);
-                let res =
-                    ioctl::unregister(view.uffd.as_raw_fd(), start, end.saturating_sub(start));
-                view.mem.on_remove(start, end);
+            UffdEvent::Remap { from, to, len } => mem.on_remap(from, to, len),
+            UffdEvent::Remove { start, end } => {
+                let res = k.unregister(id, start, end.saturating_sub(start));
+                mem.on_remove(start, end);
                 self.settle_dropped(id, dropped_before);
                 match res {
                     Ok(()) => {}
-                    Err(Errno::ENOMEM) => self.drop_view(id, "exited (unregister: ENOMEM)"),
+                    Err(Errno::ENOMEM) => self.drop_view(k, id, "exited (unregister: ENOMEM)"),
                     Err(e) => warn!(start, end, "UFFDIO_UNREGISTER after madvise failed: {e}"),
                 }
                 return;
             }
-            Event::Unmap { start, end } => view.mem.on_unmap(start as u64, end as u64),
+            UffdEvent::Unmap { start, end } => mem.on_unmap(start, end),
         }
         self.settle_dropped(id, dropped_before);
     }
 
     /// Accounts pages dropped by an event and forgets waiters on them.
-    fn settle_dropped(&mut self, id: u64, before: u64) {
-        let Some(view) = self.views.get(&id) else {
+    fn settle_dropped(&mut self, id: ViewId, before: u64) {
+        let Some(mem) = self.views.get(&id) else {
             return;
         };
-        let dropped = view.mem.counters().pages_dropped - before;
+        let dropped = mem.counters().pages_dropped - before;
         if dropped > 0 {
             self.stats.pages_dropped.fetch_add(dropped, Relaxed);
-            let mem = &view.mem;
-            self.waiting.retain(|(v, img), _| {
-                *v != id || mem.state_of(*img) == crate::dst::regions::PageState::InFlight
-            });
+            self.waiting
+                .retain(|(v, img), _| *v != id || mem.state_of(*img) == PageState::InFlight);
         }
     }
 
-    fn fault(&mut self, id: u64, addr: u64, at: Instant) {
-        let Some(view) = self.views.get_mut(&id) else {
+    fn fault<K: Kernel>(&mut self, k: &mut K, id: ViewId, addr: u64, at: Instant) {
+        let Some(mem) = self.views.get_mut(&id) else {
             return;
         };
-        let pid = view.mem.pid();
-        match view.mem.on_fault(addr) {
-            FaultAction::Zero => {
-                match ioctl::zeropage(view.uffd.as_raw_fd(), page_floor(addr), 1) {
-                    Ok(Fill::Done) => {
-                        self.stats.zero_pages.fetch_add(1, Relaxed);
-                    }
-                    Ok(Fill::Exists | Fill::NotRegistered) => {}
-                    Ok(Fill::Again | Fill::Partial { .. }) => self.deferred.push((id, addr, at)),
-                    Ok(Fill::Gone) => self.drop_view(id, "exited (zeropage: ESRCH)"),
-                    Err(e) => self.error(format!(
-                        "UFFDIO_ZEROPAGE at {addr:#x} of pid {pid} failed: {e}"
-                    )),
+        let pid = mem.pid();
+        match mem.on_fault(addr) {
+            FaultAction::Zero => match k.zeropage(id, page_floor(addr), 1) {
+                Ok(Fill::Done) => {
+                    self.stats.zero_pages.fetch_add(1, Relaxed);
                 }
-            }
+                Ok(Fill::Exists | Fill::NotRegistered) => {}
+                Ok(Fill::Again | Fill::Partial { .. }) => {
+                    self.backlog.zero_again.push((id, addr, at))
+                }
+                Ok(Fill::Gone) => self.drop_view(k, id, "exited (zeropage: ESRCH)"),
+                Err(e) => self.error(format!(
+                    "UFFDIO_ZEROPAGE at {addr:#x} of pid {pid} failed: {e}"
+                )),
+            },
             FaultAction::AlreadyRequested { img_vaddr } => {
                 self.waiting.entry((id, img_vaddr)).or_default().push(at);
             }
@@ -482,73 +463,256 @@ impl Engine {
                 img_vaddr,
                 nr_pages,
             } => {
-                self.waiting.entry((id, img_vaddr)).or_default().push(at);
+                // Asked first, then waited on: a waiting thread always has its request out.
+                let request = PidRange::new(pid, img_vaddr, nr_pages);
                 self.stats.requests.fetch_add(1, Relaxed);
                 self.stats.pages_requested.fetch_add(nr_pages, Relaxed);
                 self.guard.requested(pid, img_vaddr, nr_pages);
-                // nr_pages <= 1 + readahead, far below u32::MAX for any sane config.
-                let nr_pages = u32::try_from(nr_pages).unwrap_or(u32::MAX);
-                self.send(Outbound::Fault {
-                    pid,
-                    img_vaddr,
-                    nr_pages,
-                });
+                self.out.push(Outbound::Fault(request));
+                self.waiting.entry((id, img_vaddr)).or_default().push(at);
             }
         }
     }
 
-    /// Zero-page answers refused with EAGAIN: read the events first, then decide again (an
-    /// mremap may have moved lazy memory to that address).
-    fn retry_deferred(&mut self) {
-        for (id, addr, at) in std::mem::take(&mut self.deferred) {
-            self.read_events(id);
-            self.fault(id, addr, at);
+    /// Work the kernel refused with EAGAIN: zero-page answers (read the events first, then
+    /// decide again: an mremap may have moved lazy memory to that address) and arrivals.
+    pub(super) fn retry<K: Kernel>(&mut self, k: &mut K) {
+        for (id, addr, at) in std::mem::take(&mut self.backlog.zero_again) {
+            self.read_events(k, id);
+            self.fault(k, id, addr, at);
+        }
+        for a in std::mem::take(&mut self.backlog.refused) {
+            if let Some(left) = self.place(k, a) {
+                self.backlog.refused.push(left);
+            }
         }
     }
 
-    fn check_complete(&mut self) {
-        if self.complete_sent || !self.restore_finished || !self.broken.is_empty() {
+    /// Places the next background piece, if any; returns its data bytes.
+    pub(super) fn place_next_piece<K: Kernel>(&mut self, k: &mut K) -> Option<u64> {
+        let piece = self.backlog.pieces.pop_front()?;
+        let bytes = piece.bytes();
+        self.place_or_keep(k, piece);
+        Some(bytes)
+    }
+
+    /// Sends [`Outbound::Complete`] once the restore finished and every view's lazy memory is in
+    /// place.
+    pub(super) fn check_complete(&mut self) {
+        if self.phase != Phase::Serving || !self.broken.is_empty() {
             return;
         }
-        if self.views.values().all(|v| v.mem.is_complete()) {
-            self.complete_sent = true;
+        if self.views.values().all(|m| m.is_complete()) {
+            self.phase = Phase::Complete;
             info!(stats = ?self.stats.counters(), "every task's lazy memory is in place");
-            self.send(Outbound::Complete);
+            self.out.push(Outbound::Complete);
         }
     }
 
-    fn send(&mut self, msg: Outbound) {
-        if self.out.send(msg).is_err() && !self.out_closed {
-            self.out_closed = true;
-            warn!("nobody listens to the fault thread any more: faults cannot be requested");
-        }
-    }
-
-    fn error(&mut self, msg: String) {
+    /// Reports a failure that needs the service's decision.
+    pub(super) fn error(&mut self, msg: String) {
         error!("{msg}");
-        self.send(Outbound::Error(msg));
+        self.out.push(Outbound::Error(msg));
     }
-}
 
-/// Sorted, overlapping or touching ranges joined.
-fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
-    ranges.sort();
-    let mut out: Vec<PageRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end() => {
-                let end = last.end().max(r.end());
-                last.nr_pages = (end - last.start) / PAGE_SIZE;
+    /// Pages (or a zero run) from the source.
+    fn arrive<K: Kernel>(&mut self, k: &mut K, a: Arrived) {
+        let (pid, img, nr) = (a.at.pid, a.at.start(), a.at.nr_pages());
+        if !img.is_multiple_of(PAGE_SIZE)
+            || a.data
+                .as_ref()
+                .is_some_and(|d| Some(d.len() as u64) != nr.checked_mul(PAGE_SIZE))
+        {
+            let len = a.data.as_ref().map(|d| d.len());
+            self.error(format!(
+                "bad page message for pid {pid} at {img:#x}: {nr} pages but {len:?} bytes, or \
+                 unaligned; dropped"
+            ));
+            return;
+        }
+        if a.link != self.link {
+            // A dead link's data: its requests are void and the new link sends what is missing.
+            debug!(
+                pid,
+                img,
+                nr,
+                link = a.link,
+                current = self.link,
+                "pages of a replaced link: dropped"
+            );
+            return;
+        }
+        if !a.urgent && self.phase == Phase::Restoring {
+            self.held.early_bytes += a.bytes();
+            if self.held.early_bytes > MAX_EARLY_BYTES {
+                self.error(format!(
+                    "the source pushed more than {} MiB before the restore finished; pages dropped",
+                    MAX_EARLY_BYTES >> 20
+                ));
+                return;
             }
-            _ => out.push(r),
+            self.held.early.push(a);
+            return;
+        }
+        let has_view = self.views.values().any(|m| m.pid() == pid);
+        if !has_view && !self.known_pids.contains(&pid) && self.phase == Phase::Restoring {
+            self.held.stash.entry(pid).or_default().push(a);
+            return;
+        }
+        // The one admission rule for source data (dst/arrival_guard.rs): nothing it refuses
+        // reaches a process.
+        if let Err(refusal) = self.guard.admit(pid, img, nr, a.urgent) {
+            self.error(refusal.to_string());
+            return;
+        }
+        if !has_view {
+            debug!(pid, img, nr, "pages for a task that is gone: dropped");
+            return;
+        }
+        let since = k.now();
+        if !a.urgent && nr > PIECE_PAGES {
+            // Placed a piece per driver round, so faults are not kept waiting (see BULK_BUDGET).
+            // Each piece is an arrival of its own: a fork between two pieces gets the later ones.
+            let mut at = 0;
+            while at < nr {
+                let n = PIECE_PAGES.min(nr - at);
+                let data = a
+                    .data
+                    .as_ref()
+                    .map(|d| d.slice((at * PAGE_SIZE) as usize..((at + n) * PAGE_SIZE) as usize));
+                self.backlog.pieces.push_back(Placing {
+                    at: PidRange::new(pid, img + at * PAGE_SIZE, n),
+                    data,
+                    urgent: false,
+                    finished: BTreeSet::new(),
+                    since,
+                });
+                at += n;
+            }
+            return;
+        }
+        let placing = Placing {
+            at: a.at,
+            data: a.data,
+            urgent: a.urgent,
+            finished: BTreeSet::new(),
+            since,
+        };
+        self.place_or_keep(k, placing);
+    }
+
+    /// Places an admitted arrival (or one piece of it), keeping what the kernel refused.
+    fn place_or_keep<K: Kernel>(&mut self, k: &mut K, p: Placing) {
+        if let Some(left) = self.place(k, p) {
+            self.backlog.refused.push(left);
         }
     }
-    out
-}
 
-fn msg_bytes(msg: &Inbound) -> u64 {
-    match msg {
-        Inbound::Pages { data, .. } => data.len() as u64,
-        _ => 0,
+    /// Places `p` into every view of its pid; returns it if some view must be retried later.
+    fn place<K: Kernel>(&mut self, k: &mut K, mut p: Placing) -> Option<Placing> {
+        let mut again = 0;
+        // Re-scan after every step: reading events may add fork children that need these pages.
+        while let Some(id) = self
+            .views
+            .iter()
+            .find(|(id, m)| m.pid() == p.at.pid && !p.finished.contains(*id))
+            .map(|(id, _)| *id)
+        {
+            let Some(mem) = self.views.get_mut(&id) else {
+                break;
+            };
+            let src = match &p.data {
+                Some(d) => Source::Data(d),
+                None => Source::Zero,
+            };
+            let mut tally = Tally::default();
+            let res = place::place(
+                &mut ViewFills::new(&mut *k, id),
+                mem,
+                p.at.start(),
+                p.at.nr_pages(),
+                src,
+                &mut tally,
+            );
+            self.account(k, id, &tally, p.data.is_some(), p.urgent);
+            match res {
+                Placement::Finished => {
+                    p.finished.insert(id);
+                }
+                Placement::ReadEvents => {
+                    self.read_events(k, id);
+                    again += 1;
+                    if again >= INLINE_RETRIES {
+                        if k.now().saturating_duration_since(p.since) < GIVE_UP {
+                            return Some(p);
+                        }
+                        self.error(format!(
+                            "pid {}: the kernel refused copies at {:#x} (EAGAIN) for {GIVE_UP:?}; \
+                             those pages stay missing",
+                            p.at.pid,
+                            p.at.start()
+                        ));
+                        p.finished.insert(id);
+                    }
+                }
+                Placement::Gone => self.drop_view(k, id, "exited (copy: ESRCH)"),
+                Placement::Failed(e) => {
+                    self.error(format!(
+                        "copying {} pages at {:#x} into pid {} failed: {e}",
+                        p.at.nr_pages(),
+                        p.at.start(),
+                        p.at.pid
+                    ));
+                    p.finished.insert(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Stats for what was placed, and the fault latency of every thread it woke.
+    fn account<K: Kernel>(&mut self, k: &K, id: ViewId, tally: &Tally, data: bool, urgent: bool) {
+        let s = &self.stats;
+        let counter = match (data, urgent) {
+            (false, _) => &s.lazy_zero_pages,
+            (true, true) => &s.pages_copied_urgent,
+            (true, false) => &s.pages_copied_pushed,
+        };
+        counter.fetch_add(tally.pages, Relaxed);
+        s.copy_retries.fetch_add(tally.retries, Relaxed);
+        s.pages_dropped.fetch_add(tally.dropped, Relaxed);
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = k.now();
+        for &(img, n) in &tally.runs {
+            let keys: Vec<(ViewId, u64)> = self
+                .waiting
+                .range((id, img)..(id, img + n * PAGE_SIZE))
+                .map(|(k, _)| *k)
+                .collect();
+            for key in keys {
+                for t in self.waiting.remove(&key).unwrap_or_default() {
+                    let ns = u64::try_from(now.saturating_duration_since(t).as_nanos())
+                        .unwrap_or(u64::MAX);
+                    s.fault_latency.record(ns);
+                    if s.pages_copied_pushed.load(Relaxed) == 0 {
+                        s.fault_latency_before_push.record(ns);
+                    } else {
+                        s.fault_latency_during_push.record(ns);
+                    }
+                    s.blocktime_ns.fetch_add(ns, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// (pid, image page) of every thread waiting for a page (for tests).
+    #[cfg(test)]
+    fn waiting_pages(&self) -> Vec<(u32, u64)> {
+        self.waiting
+            .keys()
+            .filter_map(|(v, img)| self.views.get(v).map(|m| (m.pid(), *img)))
+            .collect()
     }
 }

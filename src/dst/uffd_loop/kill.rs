@@ -7,6 +7,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use tracing::error;
+
+use super::ShutdownReport;
 
 /// A process we may have to kill, pinned by a pidfd so a reused pid is never hit.
 #[derive(Debug)]
@@ -48,6 +51,88 @@ impl Process {
         }
         Ok(())
     }
+}
+
+/// Who to kill if a view's memory is incomplete at shutdown.
+pub(super) enum KillTarget {
+    Own(Process),
+    /// A fork child: its pid is unknown, so kill every descendant of this host pid.
+    DescendantOf(i32),
+    Unknown,
+}
+
+impl KillTarget {
+    /// The target of a fork child of this one.
+    pub(super) fn for_child(&self) -> KillTarget {
+        match self {
+            KillTarget::Own(p) => KillTarget::DescendantOf(p.pid),
+            KillTarget::DescendantOf(a) => KillTarget::DescendantOf(*a),
+            KillTarget::Unknown => KillTarget::Unknown,
+        }
+    }
+}
+
+/// SIGKILLs every incomplete process and waits (up to `wait`) for them to die.
+pub(super) fn kill_all(
+    incomplete: &[(u32, &KillTarget)],
+    wait: Duration,
+    report: &mut ShutdownReport,
+) {
+    // Find fork children (through their ancestors) before killing anything: a killed parent's
+    // children are reparented at once and would no longer be found.
+    let mut extra: Vec<Process> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (_, owner) in incomplete {
+        if let KillTarget::Own(p) = owner {
+            seen.insert(p.pid);
+        }
+    }
+    for (_, owner) in incomplete {
+        if let KillTarget::DescendantOf(root) = owner {
+            for d in descendants(*root) {
+                if seen.insert(d)
+                    && let Ok(p) = Process::open(d)
+                {
+                    extra.push(p);
+                }
+            }
+        }
+    }
+    // (image pid, process); fork children found through /proc have no image pid of their own.
+    let mut targets: Vec<(Option<u32>, &Process)> = Vec::new();
+    for (pid, owner) in incomplete {
+        match owner {
+            KillTarget::Own(p) => targets.push((Some(*pid), p)),
+            KillTarget::DescendantOf(_) => {}
+            KillTarget::Unknown => {
+                error!(
+                    pid,
+                    "incomplete process with no known host pid: it may read zero pages"
+                );
+                report.not_killed.push(*pid);
+            }
+        }
+    }
+    targets.extend(extra.iter().map(|p| (None, p)));
+    let mut killed = Vec::new();
+    for (pid, p) in targets {
+        match p.kill() {
+            Ok(()) => killed.push(p),
+            Err(e) => {
+                error!(host_pid = p.pid, "cannot kill an incomplete process: {e}");
+                report.not_killed.extend(pid);
+            }
+        }
+    }
+    let alive = wait_exited(&killed, wait);
+    if !alive.is_empty() {
+        error!(
+            ?alive,
+            "killed processes still alive; closing their uffds anyway"
+        );
+    }
+    report.killed = killed.iter().map(|p| p.pid).collect();
+    report.killed.sort();
 }
 
 /// Waits until every process has exited (its pidfd is readable), or `timeout` passes.

@@ -1,11 +1,10 @@
 //! Putting arrived pages into one view: the copy plan from [`TaskMemory`] driven through the
-//! COPY/ZEROPAGE ioctls, with every kernel outcome mapped to what the plan must be told.
-
-use std::os::fd::RawFd;
+//! COPY/ZEROPAGE ioctls ([`Fills`]: the real uffd, or a simulated one), with
+//! every kernel outcome mapped to what the plan must be told.
 
 use nix::errno::Errno;
 
-use super::ioctl::{self, Fill};
+use super::ioctl::Fill;
 use crate::dst::regions::{CopyOp, CopyPlan, TaskMemory};
 use crate::pages::PAGE_SIZE;
 
@@ -42,7 +41,14 @@ pub(super) struct Tally {
     pub dropped: u64,
 }
 
-fn fill(uffd: RawFd, op: &CopyOp, src: Source<'_>) -> Result<Fill, Errno> {
+/// The kernel operations that fill one view: UFFDIO_COPY and UFFDIO_ZEROPAGE at runtime
+/// addresses (the real uffd, or a simulated one).
+pub(super) trait Fills {
+    fn copy(&mut self, addr: u64, data: &[u8]) -> Result<Fill, Errno>;
+    fn zeropage(&mut self, addr: u64, pages: u64) -> Result<Fill, Errno>;
+}
+
+fn fill(uffd: &mut impl Fills, op: &CopyOp, src: Source<'_>) -> Result<Fill, Errno> {
     match src {
         Source::Data(data) => {
             let from = op.offset_in_data as usize;
@@ -52,15 +58,15 @@ fn fill(uffd: RawFd, op: &CopyOp, src: Source<'_>) -> Result<Fill, Errno> {
             let Some(bytes) = data.get(from..to) else {
                 return Err(Errno::EINVAL);
             };
-            ioctl::copy(uffd, op.runtime_addr, bytes)
+            uffd.copy(op.runtime_addr, bytes)
         }
-        Source::Zero => ioctl::zeropage(uffd, op.runtime_addr, op.nr_pages),
+        Source::Zero => uffd.zeropage(op.runtime_addr, op.nr_pages),
     }
 }
 
 /// Places image pages `[img_vaddr, +nr_pages)` into `mem` through `uffd`.
 pub(super) fn place(
-    uffd: RawFd,
+    uffd: &mut impl Fills,
     mem: &mut TaskMemory,
     img_vaddr: u64,
     nr_pages: u64,
@@ -102,7 +108,7 @@ pub(super) fn place(
 /// ENOENT on a run: the run crosses a VMA boundary made after the dump (mprotect splits VMAs
 /// without an event), or part of it is no longer registered. Page by page finds out which.
 fn page_by_page(
-    uffd: RawFd,
+    uffd: &mut impl Fills,
     plan: &mut CopyPlan<'_>,
     op: &CopyOp,
     src: Source<'_>,

@@ -1,29 +1,31 @@
-//! `pageserv dst --keep-serving` / `--max-migrations N`: one endpoint, many migrations at once.
+//! `pageserv dst`'s endpoint: the accept loop, the hellos and the routing. One migration by
+//! default ([`run`]); `--keep-serving` / `--max-migrations N`: many at once ([`serve`]).
 //!
-//! Each source opens two connections (see source::service): its control connection (hello role
-//! "src") and its fault connection (role [`ROLE_FAULTS`], same migration id). This loop accepts
-//! every connection, reads its hello, and either starts the per-migration code
-//! ([`service::migrate_in`], unchanged from the one-migration mode) with its own images, work
-//! directory, restore and fault thread, or hands the fault connection to the migration whose id
-//! it names. Migrations are independent: one failing ends only itself. A source whose link died
-//! mid post-copy comes back with a resume connection (role [`ROLE_RESUME`]) naming its migration
-//! id; it is routed the same way (see dst::post_copy).
+//! Each lazy source opens two connections (see source::service): its control connection (hello
+//! role [`Role::Src`]) and its fault connection (role [`Role::SrcFaults`], same migration id).
+//! This loop accepts every connection, reads its hello, and either answers it and starts the
+//! per-migration code ([`migration::migrate_in`], or [`crate::dst::stop_and_copy::migrate_in`]
+//! for role [`Role::SrcStopAndCopy`]) with its own images, work directory, restore and fault
+//! thread, or hands the fault connection to the migration whose id it names. Migrations are
+//! independent: one failing ends only itself. A source whose link died mid post-copy comes back
+//! with a resume connection (role [`Role::SrcResume`]) naming its migration id; it is routed the
+//! same way (see dst::post_copy).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::dst::migration;
+use crate::dst::options::{DstOptions, fresh_dir};
 use crate::dst::post_copy::Routed;
-use crate::dst::service::{self, DstOptions};
 use crate::keys::Identity;
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
-use crate::source::recovery::ROLE_RESUME;
-use crate::source::service::ROLE_FAULTS;
+use crate::protocol::{self, PROTOCOL_VERSION, Role, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::Frame;
@@ -47,13 +49,32 @@ pub struct MigrationOutcome {
 }
 
 /// A classified incoming connection.
-enum Arrival {
+enum Incoming {
     Migration {
         conn: quinn::Connection,
         ctl: (FrameSender, FrameReceiver, Hello),
     },
     /// A fault connection or a resume, for the migration named `migration_id`.
     Routed { migration_id: String, what: Routed },
+}
+
+/// Accepts one migration and runs it to the end ([`serve`] with a limit
+/// of one, so a source that reconnects mid post-copy finds its migration).
+pub async fn run(opts: DstOptions) -> Result<DstReport> {
+    let limits = ServeLimits {
+        max_migrations: Some(1),
+        max_concurrent: 1,
+    };
+    let mut outcomes = serve(opts, limits, |_| {}).await?;
+    match outcomes.pop() {
+        Some(MigrationOutcome {
+            report: Some(r), ..
+        }) => Ok(r),
+        Some(o) => Err(anyhow!(
+            o.error.unwrap_or_else(|| "the migration failed".into())
+        )),
+        None => bail!("no migration arrived"),
+    }
 }
 
 /// Accepts migrations until `limits` says stop; calls `on_end` as each one ends (e.g. to write
@@ -73,7 +94,7 @@ pub async fn serve(
         "pageserv dst ready"
     );
     let opts = Arc::new(opts);
-    let (arrive_tx, mut arrive_rx) = mpsc::channel::<Arrival>(64);
+    let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
     let mut routes: HashMap<String, mpsc::UnboundedSender<Routed>> = HashMap::new();
     let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
@@ -93,7 +114,7 @@ pub async fn serve(
         }
         tokio::select! {
             Some(arrival) = arrive_rx.recv() => match arrival {
-                Arrival::Migration { conn, ctl } => {
+                Incoming::Migration { conn, ctl } => {
                     let mid = ctl.2.migration_id.clone();
                     let full = limits.max_migrations.is_some_and(|m| started >= m);
                     let refusal = if full {
@@ -117,11 +138,11 @@ pub async fn serve(
                     tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
                         let result =
-                            service::migrate_in(&opts, &conn, ctl, route_rx).await;
+                            migrate_in(&opts, &conn, ctl, route_rx).await;
                         (mid, conn, result)
                     });
                 }
-                Arrival::Routed { migration_id, what } => match routes.get(&migration_id) {
+                Incoming::Routed { migration_id, what } => match routes.get(&migration_id) {
                     Some(inbox) => {
                         if let Err(e) = inbox.send(what) {
                             tracing::warn!(migration = %migration_id, "connection for an ended migration: closed");
@@ -186,7 +207,7 @@ pub const ADMIT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Accepts every client and classifies it by its hello, each in a task of its own, under one
 /// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]).
-async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Arrival>) {
+async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Incoming>) {
     let in_progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let incoming = match transport::next_incoming(&endpoint).await {
@@ -238,18 +259,19 @@ async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc:
     }
 }
 
-async fn classify(conn: quinn::Connection) -> Result<Arrival> {
+async fn classify(conn: quinn::Connection) -> Result<Incoming> {
     let (tx, rx, hello) =
-        tokio::time::timeout(Duration::from_secs(30), service::accept_control(&conn))
+        tokio::time::timeout(Duration::from_secs(30), protocol::accept_control(&conn))
             .await
             .context("no hello within 30 s")??;
-    Ok(if hello.role == ROLE_FAULTS {
-        Arrival::Routed {
+    let role = Role::of(&hello);
+    Ok(if role == Some(Role::SrcFaults) {
+        Incoming::Routed {
             migration_id: hello.migration_id.clone(),
             what: Routed::Faults((conn, tx, rx)),
         }
-    } else if hello.role == ROLE_RESUME {
-        Arrival::Routed {
+    } else if role == Some(Role::SrcResume) {
+        Incoming::Routed {
             migration_id: hello.migration_id.clone(),
             what: Routed::Resume {
                 conn,
@@ -259,7 +281,7 @@ async fn classify(conn: quinn::Connection) -> Result<Arrival> {
             },
         }
     } else {
-        Arrival::Migration {
+        Incoming::Migration {
             conn,
             ctl: (tx, rx, hello),
         }
@@ -286,4 +308,49 @@ async fn refuse(conn: quinn::Connection, mut ctl: FrameSender, reason: String) {
     let _ = tokio::time::timeout(Duration::from_secs(3), ctl.send(&abort)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     conn.close(3u32.into(), reason.as_bytes());
+}
+
+/// Answers a migration's hello (or refuses its protocol version / page size) and runs it: a
+/// stop-and-copy one ([`crate::dst::stop_and_copy`]) or a post-copy one ([`migration`]).
+async fn migrate_in(
+    opts: &DstOptions,
+    conn: &quinn::Connection,
+    ctl: (FrameSender, FrameReceiver, Hello),
+    routes: mpsc::UnboundedReceiver<Routed>,
+) -> Result<DstReport> {
+    let started = std::time::Instant::now();
+    let (mut ctl, mut ctl_rx, hello) = ctl;
+    if hello.protocol_version != PROTOCOL_VERSION
+        || hello.page_size != crate::pages::PAGE_SIZE as u32
+    {
+        let reason = format!(
+            "protocol {} / page size {} not supported (this dst speaks protocol {PROTOCOL_VERSION}, 4 KiB pages)",
+            hello.protocol_version, hello.page_size
+        );
+        send_ctl(
+            &mut ctl,
+            Msg::Abort(Abort {
+                reason: reason.clone(),
+            }),
+        )
+        .await
+        .ok();
+        bail!(reason);
+    }
+    send_ctl(
+        &mut ctl,
+        Msg::Hello(protocol::hello(
+            Role::Dst,
+            opts.criu.version.to_string(),
+            hello.migration_id.clone(),
+        )),
+    )
+    .await?;
+
+    if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
+        let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
+        return crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir)
+            .await;
+    }
+    migration::migrate_in(opts, conn, (ctl, ctl_rx, hello), routes, started).await
 }

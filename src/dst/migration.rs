@@ -1,15 +1,14 @@
-//! `pageserv dst`: the destination side of one migration.
+//! `pageserv dst`: the destination side of one post-copy migration, once
+//! [`crate::dst::endpoint`] has accepted it and answered its hello.
 //!
-//! Order of events: accept the source (mutual TLS) → hello → receive the images → listen on
+//! Order of events: the source's fault connection → receive the images → listen on
 //! `lazy-pages.socket` → start the restore → take each restored task's userfaultfd → the restore
 //! finishes (the tasks run from here) → serve faults and take the pushed pages until every lazy
 //! page is in place → tell the source → it ends the dump → close the uffds and exit.
 //! From the restore on, dst::post_copy drives the link (and its recovery).
 
-use crate::source::service::send_ctl;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -17,122 +16,36 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
-use crate::criu::binary::{Criu, log_tail};
+use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
+use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
 use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring, unix_ns};
-use crate::dst::restore::{Restore, RestoreOptions};
+use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
 use crate::pages::PageRange;
 use crate::pb::pageserv::{
-    Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
-    control::Msg,
+    Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
-use crate::source::service::{PROTOCOL_VERSION, next_ctl};
+use crate::protocol::send_ctl;
 use crate::stats::DstReport;
-use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::transport::{FrameReceiver, FrameSender};
 use crate::wire::Frame;
 
-#[derive(Debug, Clone)]
-pub struct DstOptions {
-    pub listen: SocketAddr,
-    pub certs: PathBuf,
-    /// Each migration gets a fresh directory below this one.
-    pub work_base: PathBuf,
-    pub criu: Criu,
-    pub restore: RestoreOptions,
-    /// Pages after a faulting page requested with it.
-    pub readahead_pages: u64,
-    /// The endpoint's transport (its idle timeout above all: how soon a dead link is noticed).
-    pub transport: transport::TransportOptions,
-    /// How long a migration whose link died keeps its restored tasks waiting for the source to
-    /// reconnect (0: fail at once). See dst::post_copy.
-    pub recover_timeout: Duration,
-}
-
-/// Accepts one migration and runs it to the end (the accept loop of dst/server.rs with a limit
-/// of one, so a source that reconnects mid post-copy finds its migration).
-pub async fn run(opts: DstOptions) -> Result<DstReport> {
-    let limits = crate::dst::server::ServeLimits {
-        max_migrations: Some(1),
-        max_concurrent: 1,
-    };
-    let mut outcomes = crate::dst::server::serve(opts, limits, |_| {}).await?;
-    match outcomes.pop() {
-        Some(crate::dst::server::MigrationOutcome {
-            report: Some(r), ..
-        }) => Ok(r),
-        Some(o) => Err(anyhow!(
-            o.error.unwrap_or_else(|| "the migration failed".into())
-        )),
-        None => bail!("no migration arrived"),
-    }
-}
-
-/// Accepts a connection's first stream and reads its hello: a migration's control stream
-/// (role "src") or a fault connection (role [`ROLE_FAULTS`]).
-pub(crate) async fn accept_control(
-    conn: &quinn::Connection,
-) -> Result<(FrameSender, FrameReceiver, Hello)> {
-    let (ctl_send, ctl_recv) = conn
-        .accept_bi()
-        .await
-        .context("waiting for the control stream")?;
-    let ctl = FrameSender::new(ctl_send);
-    let mut ctl_rx = FrameReceiver::new(ctl_recv);
-    let hello = match next_ctl(&mut ctl_rx).await? {
-        Msg::Hello(h) => h,
-        other => bail!("the source opened with {other:?} instead of a hello"),
-    };
-    Ok((ctl, ctl_rx, hello))
-}
-
-/// Runs one migration whose control stream and hello `ctl` were accepted on `conn`.
+/// Runs one post-copy migration whose control stream and hello `ctl` were accepted on `conn`
+/// (the hellos are exchanged: see [`crate::dst::endpoint`]), which took it at `started`.
 pub(crate) async fn migrate_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
     mut routes: mpsc::UnboundedReceiver<Routed>,
+    started: Instant,
 ) -> Result<DstReport> {
-    let started = Instant::now();
     let mut report = DstReport::default();
     let (mut ctl, mut ctl_rx, hello) = ctl;
-    if hello.protocol_version != PROTOCOL_VERSION
-        || hello.page_size != crate::pages::PAGE_SIZE as u32
-    {
-        let reason = format!(
-            "protocol {} / page size {} not supported (this dst speaks protocol {PROTOCOL_VERSION}, 4 KiB pages)",
-            hello.protocol_version, hello.page_size
-        );
-        send_ctl(
-            &mut ctl,
-            Msg::Abort(Abort {
-                reason: reason.clone(),
-            }),
-        )
-        .await
-        .ok();
-        bail!(reason);
-    }
-    send_ctl(
-        &mut ctl,
-        Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: "dst".into(),
-            page_size: crate::pages::PAGE_SIZE as u32,
-            criu_version: opts.criu.version.to_string(),
-            migration_id: hello.migration_id.clone(),
-        }),
-    )
-    .await?;
-
-    if hello.role == crate::stopcopy::source::ROLE_STOP_AND_COPY {
-        let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
-        return crate::stopcopy::dst::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir).await;
-    }
 
     // The source's second connection carries only faults (see source::service); it must exist
     // before the restore starts, since restored tasks fault from their first instruction.
@@ -145,7 +58,7 @@ pub(crate) async fn migrate_in(
         Err(_) => bail!("the source did not open its fault connection within 30 s"),
     };
 
-    let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
+    let dir = crate::dst::options::fresh_dir(&opts.work_base, &hello.migration_id)?;
     let images_dir = dir.join("images");
     let work = dir.join("work");
     for d in [&images_dir, &work] {
@@ -453,30 +366,4 @@ fn open_store(store: &mut Option<PageStore>) -> Result<&mut PageStore> {
     store
         .as_mut()
         .ok_or_else(|| anyhow!("the page store could not be opened"))
-}
-
-fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
-    let clean: String = migration_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(64)
-        .collect();
-    let clean = if clean.is_empty() {
-        "migration".to_string()
-    } else {
-        clean
-    };
-    for n in 0..1000 {
-        let d = base.join(if n == 0 {
-            clean.clone()
-        } else {
-            format!("{clean}.{n}")
-        });
-        match std::fs::create_dir_all(base).and_then(|_| std::fs::create_dir(&d)) {
-            Ok(()) => return Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
-        }
-    }
-    bail!("no free migration directory under {}", base.display())
 }

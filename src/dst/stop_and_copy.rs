@@ -2,7 +2,6 @@
 //! dump's other images into a standard CRIU image directory, then runs a plain `criu restore`
 //! (no lazy pages: every page is in the images).
 
-use crate::source::service::send_ctl;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,14 +10,15 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
+use crate::criu::page_server::writer::DirWriter;
 use crate::dst::image_sink::ImageSink;
+use crate::dst::options::DstOptions;
 use crate::dst::restore::restore_command;
-use crate::dst::service::DstOptions;
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
+use crate::protocol::{next_ctl, send_ctl};
 use crate::stats::DstReport;
-use crate::stopcopy::writer::DirWriter;
 use crate::transport::{FrameReceiver, FrameSender};
 use crate::wire::Frame;
 
@@ -206,5 +206,5 @@ fn restore(mut cmd: Command, log: &Path) -> Result<()> {
 }
 
 async fn next(rx: &mut FrameReceiver) -> Result<Msg> {
-    crate::source::service::next_ctl(rx).await
+    next_ctl(rx).await
 }

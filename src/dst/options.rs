@@ -1,0 +1,58 @@
+//! What `pageserv dst` is told on its command line, shared by the accept loop
+//! ([`crate::dst::endpoint`]), the post-copy migration ([`crate::dst::migration`]) and the
+//! stop-and-copy one ([`crate::dst::stop_and_copy`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use std::time::Duration;
+
+use crate::criu::binary::Criu;
+use crate::dst::restore::RestoreOptions;
+use crate::transport;
+
+#[derive(Debug, Clone)]
+pub struct DstOptions {
+    pub listen: SocketAddr,
+    pub certs: PathBuf,
+    /// Each migration gets a fresh directory below this one.
+    pub work_base: PathBuf,
+    pub criu: Criu,
+    pub restore: RestoreOptions,
+    /// Pages after a faulting page requested with it.
+    pub readahead_pages: u64,
+    /// The endpoint's transport (its idle timeout above all: how soon a dead link is noticed).
+    pub transport: transport::TransportOptions,
+    /// How long a migration whose link died keeps its restored tasks waiting for the source to
+    /// reconnect (0: fail at once). See dst::post_copy.
+    pub recover_timeout: Duration,
+}
+
+/// A new directory for migration `migration_id` below `base` (its id cleaned to a file name;
+/// `.1`, `.2`, … if taken).
+pub(crate) fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
+    let clean: String = migration_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect();
+    let clean = if clean.is_empty() {
+        "migration".to_string()
+    } else {
+        clean
+    };
+    for n in 0..1000 {
+        let d = base.join(if n == 0 {
+            clean.clone()
+        } else {
+            format!("{clean}.{n}")
+        });
+        match std::fs::create_dir_all(base).and_then(|_| std::fs::create_dir(&d)) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+    }
+    bail!("no free migration directory under {}", base.display())
+}

@@ -1,0 +1,414 @@
+//! The fault thread's IO: epoll over the uffds and a wake-up eventfd, the inbound channels, and
+//! the real [`Kernel`] the [`Engine`] drives. One round: read the uffds that are ready, retry
+//! what the kernel refused, take control messages and fault answers, then a bounded amount of
+//! background pages, and again. Every decision is the core's.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
+use tracing::{error, info, warn};
+use userfaultfd::{Event, EventBuffer, Uffd};
+
+use super::engine::{Arrived, Engine, Input};
+use super::ioctl::{self, Fill};
+use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
+use super::kill::{self, KillTarget, Process};
+use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
+use crate::pages::PAGE_SIZE;
+
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Background bytes placed per round before the uffds and the urgent queue are looked at again.
+/// One UFFDIO_COPY of a whole 4 MiB push batch takes ~1.1 ms here, and a fault read or answered
+/// behind it waits that long; background batches are therefore placed in pieces of this size
+/// (~70 us each), with a new round (epoll, fault answers) between pieces.
+const BULK_BUDGET: u64 = 256 << 10;
+/// Control messages and fault answers handled per round.
+const URGENT_BUDGET: usize = 256;
+
+/// One uffd and whom to kill if its memory is incomplete at shutdown.
+struct Held {
+    uffd: Uffd,
+    target: KillTarget,
+}
+
+/// The real kernel: the uffds by view, and the epoll instance that watches them.
+struct UffdKernel {
+    epoll: Epoll,
+    evbuf: EventBuffer,
+    uffds: BTreeMap<ViewId, Held>,
+}
+
+fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
+}
+
+impl UffdKernel {
+    fn fd(&self, id: ViewId) -> Result<i32, Errno> {
+        // A view the core knows always has its uffd here; EBADF only if that broke.
+        self.uffds
+            .get(&id)
+            .map(|h| h.uffd.as_raw_fd())
+            .ok_or(Errno::EBADF)
+    }
+}
+
+impl Kernel for UffdKernel {
+    type Uffd = Uffd;
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn attach(&mut self, id: ViewId, uffd: Uffd, owner: Owner, poll: bool) -> Result<(), String> {
+        if let Err(e) = set_nonblocking(&uffd) {
+            warn!(view = id, "cannot make the uffd non-blocking: {e}");
+        }
+        let target = match owner {
+            Owner::Host(Some(pid)) => match Process::open(pid) {
+                Ok(p) => KillTarget::Own(p),
+                Err(e) => {
+                    warn!(
+                        host_pid = pid,
+                        "cannot pin the process with a pidfd, it cannot be killed: {e}"
+                    );
+                    KillTarget::Unknown
+                }
+            },
+            Owner::Host(None) => KillTarget::Unknown,
+            Owner::ChildOf(parent) => self
+                .uffds
+                .get(&parent)
+                .map_or(KillTarget::Unknown, |h| h.target.for_child()),
+        };
+        let res = if poll {
+            self.epoll
+                .add(uffd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        self.uffds.insert(id, Held { uffd, target });
+        res
+    }
+
+    fn unwatch(&mut self, id: ViewId) {
+        if let Some(h) = self.uffds.get(&id) {
+            let _ = self.epoll.delete(h.uffd.as_fd());
+        }
+    }
+
+    fn close(&mut self, id: ViewId) {
+        if let Some(h) = self.uffds.remove(&id) {
+            let _ = self.epoll.delete(h.uffd.as_fd());
+        }
+    }
+
+    fn read_events(&mut self, id: ViewId) -> Result<Vec<UffdEvent<Uffd>>, String> {
+        let Some(h) = self.uffds.get(&id) else {
+            return Ok(Vec::new());
+        };
+        let events = h
+            .uffd
+            .read_events(&mut self.evbuf)
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for ev in events {
+            match ev {
+                Ok(Event::Pagefault { addr, .. }) => {
+                    out.push(UffdEvent::Fault { addr: addr as u64 })
+                }
+                Ok(Event::Fork { uffd }) => out.push(UffdEvent::Fork { uffd }),
+                Ok(Event::Remap { from, to, len }) => out.push(UffdEvent::Remap {
+                    from: from as u64,
+                    to: to as u64,
+                    len: len as u64,
+                }),
+                Ok(Event::Remove { start, end }) => out.push(UffdEvent::Remove {
+                    start: start as u64,
+                    end: end as u64,
+                }),
+                Ok(Event::Unmap { start, end }) => out.push(UffdEvent::Unmap {
+                    start: start as u64,
+                    end: end as u64,
+                }),
+                Err(e) => warn!("unreadable uffd event: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn copy(&mut self, id: ViewId, addr: u64, data: &[u8]) -> Result<Fill, Errno> {
+        ioctl::copy(self.fd(id)?, addr, data)
+    }
+
+    fn zeropage(&mut self, id: ViewId, addr: u64, pages: u64) -> Result<Fill, Errno> {
+        ioctl::zeropage(self.fd(id)?, addr, pages)
+    }
+
+    fn unregister(&mut self, id: ViewId, start: u64, len: u64) -> Result<(), Errno> {
+        ioctl::unregister(self.fd(id)?, start, len)
+    }
+}
+
+/// The fault thread: the core, the real kernel and the channels.
+pub(super) struct Driver {
+    engine: Engine,
+    kernel: UffdKernel,
+    config: LoopConfig,
+    stats: Arc<UffdStats>,
+    out: Sender<Outbound>,
+    out_closed: bool,
+    urgent: Receiver<Inbound>,
+    bulk: Receiver<Inbound>,
+    wake: Arc<EventFd>,
+}
+
+/// What one inbound message asks of the driver.
+enum Next {
+    Go,
+    Shutdown { kill_incomplete: bool },
+}
+
+impl Driver {
+    pub(super) fn new(
+        config: LoopConfig,
+        out: Sender<Outbound>,
+        stats: Arc<UffdStats>,
+        urgent: Receiver<Inbound>,
+        bulk: Receiver<Inbound>,
+        wake: Arc<EventFd>,
+    ) -> nix::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        )?;
+        Ok(Self {
+            engine: Engine::new(config.clone(), stats.clone()),
+            kernel: UffdKernel {
+                epoll,
+                evbuf: EventBuffer::new(64),
+                uffds: BTreeMap::new(),
+            },
+            config,
+            stats,
+            out,
+            out_closed: false,
+            urgent,
+            bulk,
+            wake,
+        })
+    }
+
+    pub(super) fn run(mut self) -> ShutdownReport {
+        let mut ready = vec![EpollEvent::empty(); 64];
+        loop {
+            // Refused copies are retried every millisecond: the event that blocks them is
+            // usually readable by then.
+            let timeout =
+                if !self.urgent.is_empty() || !self.bulk.is_empty() || self.engine.has_pieces() {
+                    EpollTimeout::ZERO
+                } else if self.engine.wants_retry() {
+                    EpollTimeout::from(1u8)
+                } else {
+                    EpollTimeout::NONE
+                };
+            let n = match self.kernel.epoll.wait(&mut ready, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    self.engine.error(format!(
+                        "the fault thread cannot wait on its uffds: epoll_wait: {e}"
+                    ));
+                    return self.wait_for_shutdown();
+                }
+            };
+            for ev in &ready[..n] {
+                match ev.data() {
+                    WAKE_TOKEN => {
+                        let _ = self.wake.read();
+                    }
+                    id => {
+                        self.engine.read_events(&mut self.kernel, id);
+                        self.flush();
+                    }
+                }
+            }
+            self.engine.retry(&mut self.kernel);
+            self.flush();
+            for _ in 0..URGENT_BUDGET {
+                let Ok(msg) = self.urgent.try_recv() else {
+                    break;
+                };
+                if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
+                    return self.shutdown(kill_incomplete);
+                }
+            }
+            let mut budget = BULK_BUDGET;
+            while budget > 0 {
+                // A message's pieces go before the next message: Shutdown and Resume stay behind
+                // every page queued before them.
+                if let Some(bytes) = self.engine.place_next_piece(&mut self.kernel) {
+                    self.flush();
+                    budget = budget.saturating_sub(bytes.max(PAGE_SIZE));
+                    continue;
+                }
+                match self.bulk.try_recv() {
+                    Ok(msg) => {
+                        budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
+                        if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
+                            return self.shutdown(kill_incomplete);
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.urgent.is_empty() {
+                            error!("every sender to the fault thread is gone without a Shutdown");
+                            return self.shutdown(true);
+                        }
+                        break;
+                    }
+                }
+            }
+            self.engine.check_complete();
+            self.flush();
+        }
+    }
+
+    /// Hands one message to the core.
+    fn handle(&mut self, msg: Inbound) -> Next {
+        let input = match msg {
+            Inbound::Task {
+                pid,
+                uffd,
+                lazy,
+                host_pid,
+            } => Input::Task {
+                pid,
+                // SAFETY: we own `uffd`; Uffd takes over closing it.
+                uffd: unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) },
+                lazy,
+                host_pid,
+            },
+            Inbound::Zombie { pid } => Input::Zombie { pid },
+            Inbound::Pages {
+                at,
+                data,
+                urgent,
+                link,
+            } => Input::Arrived(Arrived {
+                at,
+                data: Some(data),
+                urgent,
+                link,
+            }),
+            Inbound::Zero { at, urgent, link } => Input::Arrived(Arrived {
+                at,
+                data: None,
+                urgent,
+                link,
+            }),
+            Inbound::RestoreFinished => Input::RestoreFinished,
+            Inbound::Resume { serial } => {
+                // Fault answers of the old link still queued go first: after the reset they
+                // would answer requests that only the new link may answer.
+                while let Ok(msg) = self.urgent.try_recv() {
+                    if let Next::Shutdown { .. } = self.handle(msg) {
+                        warn!("a shutdown on the urgent queue during a resume is ignored");
+                    }
+                }
+                Input::Resume { serial }
+            }
+            Inbound::Shutdown { kill_incomplete } => return Next::Shutdown { kill_incomplete },
+        };
+        self.engine.handle(&mut self.kernel, input);
+        self.flush();
+        Next::Go
+    }
+
+    /// Sends what the core produced to the service.
+    fn flush(&mut self) {
+        for msg in self.engine.take_output() {
+            if self.out.send(msg).is_err() && !self.out_closed {
+                self.out_closed = true;
+                warn!("nobody listens to the fault thread any more: faults cannot be requested");
+            }
+        }
+    }
+
+    /// After a fatal error: keep every uffd open until told what to do.
+    fn wait_for_shutdown(mut self) -> ShutdownReport {
+        self.flush();
+        loop {
+            let msg = match self.urgent.try_recv() {
+                Ok(m) => m,
+                Err(_) => match self.bulk.recv_timeout(Duration::from_millis(50)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return self.shutdown(true),
+                },
+            };
+            match msg {
+                Inbound::Shutdown { kill_incomplete } => return self.shutdown(kill_incomplete),
+                Inbound::Task {
+                    pid,
+                    uffd,
+                    host_pid,
+                    ..
+                } => {
+                    // SAFETY: we own `uffd`.
+                    let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
+                    self.engine
+                        .keep_broken(&mut self.kernel, pid, uffd, host_pid);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Kills incomplete processes if asked, then closes every uffd.
+    fn shutdown(mut self, kill_incomplete: bool) -> ShutdownReport {
+        // Pages the kernel refused a moment ago were sent before the Shutdown: place them first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.engine.wants_retry() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            self.engine.retry(&mut self.kernel);
+        }
+        self.flush();
+        let mut report = ShutdownReport::default();
+        let incomplete: Vec<(u32, &KillTarget)> = self
+            .engine
+            .incomplete()
+            .into_iter()
+            .filter_map(|(pid, id)| self.kernel.uffds.get(&id).map(|h| (pid, &h.target)))
+            .collect();
+        report.incomplete = incomplete.iter().map(|(pid, _)| *pid).collect();
+        if kill_incomplete && !incomplete.is_empty() {
+            kill::kill_all(&incomplete, self.config.kill_wait, &mut report);
+        } else if !incomplete.is_empty() {
+            warn!(
+                pids = ?report.incomplete,
+                "shutting down with lazy memory missing: those pages will read as zeros"
+            );
+        }
+        info!(stats = ?self.stats.counters(), ?report, "fault thread done");
+        // Only now do the uffds close.
+        drop(self.kernel);
+        report
+    }
+}
+
+fn msg_bytes(msg: &Inbound) -> u64 {
+    match msg {
+        Inbound::Pages { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}

@@ -1,0 +1,174 @@
+//! The vocabulary both services speak, in one place: the protocol version, the hello roles, the
+//! control stream's framing and the connect/accept steps every connection starts with. Frames
+//! themselves are [`crate::wire`]; QUIC is [`crate::transport`]. Neither side's service is
+//! imported here: `source`, `dst` and `stopcopy` all build on this module.
+
+pub mod images;
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+
+use crate::keys::Identity;
+use crate::pb::pageserv::{Control, Hello, control::Msg};
+use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::wire::Frame;
+
+/// The version every hello carries; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Who opened a connection, as its hello says (`Hello.role` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `pageserv dst` answering any hello.
+    Dst,
+    /// A lazy (post-copy) source's control connection.
+    Src,
+    /// A lazy source's second connection, which carries only faults.
+    SrcFaults,
+    /// A lazy source reconnecting mid post-copy (see `source::recovery`).
+    SrcResume,
+    /// A stop-and-copy source's only connection.
+    SrcStopAndCopy,
+}
+
+impl Role {
+    /// The role's name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Dst => "dst",
+            Role::Src => "src",
+            Role::SrcFaults => "src-faults",
+            Role::SrcResume => "src-resume",
+            Role::SrcStopAndCopy => "src-stop-and-copy",
+        }
+    }
+
+    /// The role named `s` on the wire, if it is one.
+    pub fn parse(s: &str) -> Option<Role> {
+        [
+            Role::Dst,
+            Role::Src,
+            Role::SrcFaults,
+            Role::SrcResume,
+            Role::SrcStopAndCopy,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    /// The role `hello` claims (`None`: a name this version does not know).
+    pub fn of(hello: &Hello) -> Option<Role> {
+        Role::parse(&hello.role)
+    }
+}
+
+/// A hello of this protocol version and page size.
+pub fn hello(role: Role, criu_version: String, migration_id: String) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: role.as_str().into(),
+        page_size: crate::pages::PAGE_SIZE as u32,
+        criu_version,
+        migration_id,
+    }
+}
+
+/// True if `h` is dst's answer in this protocol version.
+pub fn is_dst_answer(h: &Hello) -> bool {
+    Role::of(h) == Some(Role::Dst) && h.protocol_version == PROTOCOL_VERSION
+}
+
+/// The wildcard local address of `to`'s family, port chosen by the kernel.
+pub fn any_addr(to: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if to.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
+}
+
+/// Connects to `pageserv dst` at `to` (mutual TLS) and opens the control stream.
+pub async fn connect_control(
+    id: &Identity,
+    to: SocketAddr,
+    options: &transport::TransportOptions,
+) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
+    let conn = transport::connect_with(any_addr(to), to, id, options)
+        .await
+        .with_context(|| format!("connecting to pageserv dst at {to}"))?;
+    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    Ok((conn, FrameSender::new(send), FrameReceiver::new(recv)))
+}
+
+/// Accepts a connection's first stream and reads its hello (any role: the caller routes).
+pub async fn accept_control(
+    conn: &quinn::Connection,
+) -> Result<(FrameSender, FrameReceiver, Hello)> {
+    let (ctl_send, ctl_recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the control stream")?;
+    let ctl = FrameSender::new(ctl_send);
+    let mut ctl_rx = FrameReceiver::new(ctl_recv);
+    let hello = match next_ctl(&mut ctl_rx).await? {
+        Msg::Hello(h) => h,
+        other => bail!("the source opened with {other:?} instead of a hello"),
+    };
+    Ok((ctl, ctl_rx, hello))
+}
+
+/// Sends one control message.
+pub async fn send_ctl(ctl: &mut FrameSender, msg: Msg) -> Result<()> {
+    ctl.send(&Frame::Control(Control { msg: Some(msg) }))
+        .await
+        .context("sending on the control stream")
+}
+
+/// The next control message; the stream ending is an error (the peer is gone).
+pub async fn next_ctl(rx: &mut FrameReceiver) -> Result<Msg> {
+    match rx.next().await? {
+        Some(Frame::Control(Control { msg: Some(m) })) => Ok(m),
+        Some(other) => bail!("expected a control message, got {other:?}"),
+        None => bail!("the peer closed the control stream"),
+    }
+}
+
+/// True if `conn` died of the link (no packets within the idle timeout, or a stateless reset
+/// after a peer's restart of its endpoint), as opposed to a peer that closed it on purpose.
+pub fn link_lost(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_names_round_trip_and_match_the_wire() {
+        for (role, name) in [
+            (Role::Dst, "dst"),
+            (Role::Src, "src"),
+            (Role::SrcFaults, "src-faults"),
+            (Role::SrcResume, "src-resume"),
+            (Role::SrcStopAndCopy, "src-stop-and-copy"),
+        ] {
+            assert_eq!(role.as_str(), name);
+            assert_eq!(Role::parse(name), Some(role));
+        }
+        assert_eq!(Role::parse("source"), None);
+    }
+
+    #[test]
+    fn only_dst_of_this_version_is_an_answer() {
+        let mut h = hello(Role::Dst, "4.2".into(), "m".into());
+        assert!(is_dst_answer(&h));
+        h.protocol_version += 1;
+        assert!(!is_dst_answer(&h));
+        assert!(!is_dst_answer(&hello(Role::Src, "4.2".into(), "m".into())));
+    }
+}

@@ -1,0 +1,113 @@
+//! The source's final report (printed and `--stats-json`). It lives with the source because it
+//! carries the pump's and the pre-copy's own reports; [`crate::stats`] holds what both sides
+//! share.
+
+use serde::Serialize;
+
+use crate::source::pre_copy::PreCopyReport;
+use crate::source::pump::PumpStats;
+use crate::stats::LatencySummary;
+
+/// The source's final report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceReport {
+    /// Dump start to restore finished at dst (an upper bound of the freeze).
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub lazy_pages: u64,
+    pub images_bytes: u64,
+    pub push_frames: u64,
+    pub push_bytes: u64,
+    pub zero_pages: u64,
+    pub dst_pages_on_demand: u64,
+    pub dst_pages_pushed: u64,
+    /// Pre-copied pages dst placed from its page store once confirmed.
+    pub dst_pages_local: u64,
+    /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
+    /// validity frames, QUIC overhead).
+    pub wire_bytes_after_freeze: u64,
+    /// The source's peak resident memory (VmHWM).
+    pub peak_rss_bytes: u64,
+    /// Times the link to dst died mid post-copy and came back (see source::recovery).
+    pub reconnects: u64,
+    /// Fault request received to its answer handed to QUIC, before the push started and while
+    /// it ran: the source's share of dst's fault latency (CRIU's answer included).
+    pub fault_service_before_push: LatencySummary,
+    pub fault_service_during_push: LatencySummary,
+    pub pump: PumpStats,
+    pub pre_copy: Option<PreCopyReport>,
+    /// Dumps made fail and repeated because CRIU wrote a lazy dump eagerly
+    /// (`source::eager_dump`), and whether the dump used still was eager.
+    pub redumps: u32,
+    pub eager_dump: bool,
+}
+
+impl SourceReport {
+    pub fn render(&self) -> String {
+        let mut s = self.render_post_copy();
+        if self.redumps > 0 || self.eager_dump {
+            s += &format!(
+                "  dumps repeated because CRIU wrote the lazy memory eagerly: {}{}\n",
+                self.redumps,
+                if self.eager_dump {
+                    " (the dump used was still eager)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(p) = &self.pre_copy {
+            s += &p.render();
+            s += &format!(
+                "  dst placed {} pages from its page store; wire bytes after the freeze {} (images {}); \
+                 src peak RSS {:.1} MiB\n",
+                self.dst_pages_local,
+                self.wire_bytes_after_freeze,
+                self.images_bytes,
+                self.peak_rss_bytes as f64 / (1 << 20) as f64
+            );
+        }
+        s
+    }
+
+    fn render_post_copy(&self) -> String {
+        format!(
+            "pageserv src report\n\
+             \x20 downtime (dump start → restore finished)  {:>10.1} ms\n\
+             \x20 total                                     {:>10.1} ms\n\
+             \x20 lazy pages {}, images {} bytes\n\
+             \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
+             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n\
+             {}",
+            self.downtime_ms,
+            self.total_ms,
+            self.lazy_pages,
+            self.images_bytes,
+            self.pump.fault_pages,
+            self.pump.pushed_pages,
+            self.zero_pages,
+            self.pump.refused,
+            self.pump.gets,
+            self.pump.bytes_from_dump,
+            self.push_bytes,
+            self.fault_service(),
+        )
+    }
+
+    /// The source's share of the fault latency, before and during the push.
+    fn fault_service(&self) -> String {
+        let mut s = String::new();
+        for (when, l) in [
+            ("before the push", &self.fault_service_before_push),
+            ("during the push", &self.fault_service_during_push),
+        ] {
+            if l.count > 0 {
+                s += &format!(
+                    "  fault request to answer sent, {when} ({}): p50 {:.0} us, p99 {:.0} us, max {:.0} us\n",
+                    l.count, l.p50_us, l.p99_us, l.max_us
+                );
+            }
+        }
+        s
+    }
+}

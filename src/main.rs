@@ -191,6 +191,16 @@ struct SrcArgs {
     /// latency with and without the push in one migration).
     #[arg(long, hide = true, default_value_t = 0)]
     push_after_ms: u64,
+    /// Where lazy pages are read after the freeze: `frozen` (from the frozen tasks' memory when
+    /// pageserv runs the dump; CRIU's page server only for tasks it cannot read) or
+    /// `page-server` (every page through the dump's page-server connection, as external dumps
+    /// always do).
+    #[arg(long, default_value = "frozen", value_parser = ["frozen", "page-server"])]
+    serve_from: String,
+    /// Before ending the dump, fetch every lazy page from CRIU again and compare it with what
+    /// was served, page by page (a test of the frozen-memory path).
+    #[arg(long, hide = true)]
+    verify_served: bool,
     #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
@@ -398,6 +408,8 @@ fn run(cli: Cli) -> Result<()> {
                     batch_pages: a.batch_pages,
                     push: !a.no_push,
                     push_delay: std::time::Duration::from_millis(a.push_after_ms),
+                    read_frozen: a.serve_from == "frozen",
+                    verify_served: a.verify_served,
                     ..PumpConfig::default()
                 },
                 push_transport: pageserv::transport::TransportOptions {

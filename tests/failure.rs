@@ -286,7 +286,7 @@ fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
         "pageserv-fail-killtask-{}.json",
         std::process::id()
     ));
-    let mut child = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+    let child = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
         .args(["demo", "--json"])
         .arg(&json)
         .args([

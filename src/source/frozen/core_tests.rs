@@ -242,7 +242,8 @@ proptest! {
                         }
                         prop_assert_eq!(covered, u64::from(n), "fault reads first, whole request");
                     } else {
-                        prop_assert!(matches!(acts.first(), Some(Action::Refuse { .. })));
+                        let refused = matches!(acts.first(), Some(Action::Refuse { .. }));
+                        prop_assert!(refused, "an invalid request is refused");
                     }
                 }
                 Op::Slot => {

@@ -91,7 +91,12 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
         unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) }
     };
     let mut fd = open(0);
-    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+    if fd < 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINVAL | libc::ENOENT)
+        )
+    {
         // PIDFD_THREAD is O_EXCL.
         fd = open(libc::O_EXCL);
     }

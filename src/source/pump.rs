@@ -139,6 +139,11 @@ pub struct PumpStats {
     pub verify_differ: u64,
     pub verify_unserved: u64,
     pub verify_conflicts: u64,
+    /// Tasks with a differing page, and the (lowest) image pid of one. A page can differ only
+    /// where CRIU's copy changed after it was served: the kernel writes a task's memory as it
+    /// dies (clear_child_tid, robust futexes), and CRIU's pipes share those pages.
+    pub verify_differ_tasks: u64,
+    pub verify_differ_pid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

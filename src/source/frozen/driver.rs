@@ -347,6 +347,7 @@ async fn verify<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         Some(h) if *h == served.hasher.hash(page).0 => v.equal += 1,
                         Some(_) => {
                             v.differ += 1;
+                            v.differ_pids.insert(*pid);
                             tracing::error!(
                                 pid,
                                 vaddr = key.1,
@@ -365,12 +366,15 @@ async fn verify<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     stats.verify_differ = v.differ;
     stats.verify_unserved = v.unserved;
     stats.verify_conflicts = v.conflicts;
+    stats.verify_differ_tasks = v.differ_pids.len() as u64;
+    stats.verify_differ_pid = v.differ_pids.first().copied().unwrap_or(0);
     Ok(())
 }
 
 /// The page-by-page comparison of served pages with CRIU's copies (`--verify-served`).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct VerifyStats {
+    differ_pids: std::collections::BTreeSet<u32>,
     equal: u64,
     differ: u64,
     unserved: u64,

@@ -372,7 +372,11 @@ fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
     let differ = p["verify_differ"].as_u64().unwrap_or(u64::MAX);
     if differ > 0 {
         assert_eq!(p["verify_differ_tasks"], 1, "{p}");
-        assert_eq!(p["verify_differ_pid"].as_u64(), Some(u64::from(victim_ns)), "{p}");
+        assert_eq!(
+            p["verify_differ_pid"].as_u64(),
+            Some(u64::from(victim_ns)),
+            "{p}"
+        );
         assert!(differ <= 8, "{p}");
     }
     eprintln!("killed task: {differ} pages where CRIU's copy changed after serving: {p}");

@@ -640,7 +640,7 @@ async fn migrate(
         }
     };
     let serving = match frozen {
-        Some((core, ftasks)) => Serving::Frozen(core, ftasks, tasks),
+        Some((core, ftasks)) => Serving::Frozen(Box::new(core), ftasks, tasks),
         None => Serving::PageServer(make_plan()),
     };
     let channels = (pump_rx, reply_tx, push_tx, control_rx);
@@ -825,7 +825,7 @@ enum Serving {
     /// From the frozen tasks (`source::frozen`); CRIU only for tasks that cannot be read. The
     /// lazy ranges are kept to verify served pages against CRIU's (`PumpConfig::verify_served`).
     Frozen(
-        frozen::Core,
+        Box<frozen::Core>,
         Arc<frozen::FrozenTasks>,
         Vec<(u32, Vec<crate::pages::PageRange>)>,
     ),
@@ -857,7 +857,7 @@ where
             stream,
             layout,
             force_close,
-            core,
+            *core,
             ftasks,
             lazy,
             cfg,

@@ -210,9 +210,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             changed = control.changed() => {
                 let what = if changed.is_ok() { *control.borrow() } else { Some(PumpControl::Abort) };
                 match what {
-                    Some(PumpControl::StartPush) if cfg.push_delay.is_zero() => {
-                        if cfg.push { core.start_push() }
+                    Some(PumpControl::StartPush) if cfg.push_delay.is_zero() && cfg.push => {
+                        core.start_push()
                     }
+                    Some(PumpControl::StartPush) if cfg.push_delay.is_zero() => {}
                     Some(PumpControl::StartPush) => {
                         push_at = Some(tokio::time::Instant::now() + cfg.push_delay);
                     }

@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// Pages the workload writes per millisecond.
     #[arg(long, default_value = "10")]
     pub write_rate: String,
+    /// Random pages the workload's heartbeat thread itself rewrites per beat (1 ms): with
+    /// `--threads 0 --write-rate 0`, one thread both writes memory and heartbeats.
+    #[arg(long, default_value_t = 0)]
+    pub hb_writes: u64,
     /// Child processes, each with its own memory (a process tree).
     #[arg(long, default_value_t = 0)]
     pub children: u32,
@@ -129,6 +133,9 @@ pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Resu
         .stderr(Stdio::null());
     if args.churn {
         cmd.arg("--churn");
+    }
+    if args.hb_writes > 0 {
+        cmd.args(["--hb-writes", &args.hb_writes.to_string()]);
     }
     let child = cmd.spawn().context("starting the workload with unshare")?;
     let deadline = Instant::now() + Duration::from_secs(60);

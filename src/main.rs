@@ -179,7 +179,7 @@ impl From<CongestionArg> for pageserv::transport::Congestion {
     ArgGroup::new("post_copy_only")
         .args([
             "pre_copy", "resume", "page_server", "status_fifo", "batch_pages", "no_push",
-            "push_after", "idle_timeout", "recover_timeout",
+            "push_after", "idle_timeout", "recover_timeout", "serve_from", "verify_served",
         ])
         .multiple(true)
         .conflicts_with("stop_and_copy")
@@ -238,6 +238,12 @@ struct SrcArgs {
     /// connection; stop-and-copy: the only one).
     #[arg(long, value_enum, default_value = "cubic")]
     congestion: CongestionArg,
+    /// Where lazy pages are read after the freeze: `frozen` (from the frozen tasks' memory when
+    /// pageserv runs the dump; CRIU's page server only for tasks it cannot read) or
+    /// `page-server` (every page through the dump's page-server connection, as external dumps
+    /// always do).
+    #[arg(long, default_value = "frozen", value_parser = ["frozen", "page-server"])]
+    serve_from: String,
     #[command(flatten)]
     measure: MeasureArgs,
     #[command(flatten)]
@@ -258,6 +264,10 @@ struct MeasureArgs {
     #[arg(long, hide = true, value_name = "DURATION", default_value = "0s",
           value_parser = duration)]
     push_after: Duration,
+    /// Before ending the dump, fetch every lazy page from CRIU again and compare it with what
+    /// was served, page by page (a test of the frozen-memory path).
+    #[arg(long, hide = true)]
+    verify_served: bool,
 }
 
 #[derive(Args)]
@@ -491,6 +501,8 @@ fn run(cli: Cli) -> Result<()> {
                     batch_pages: a.batch_pages,
                     push: !a.measure.no_push,
                     push_delay: a.measure.push_after,
+                    read_frozen: a.serve_from == "frozen",
+                    verify_served: a.measure.verify_served,
                     ..PumpConfig::default()
                 },
                 push_transport: pageserv::transport::TransportOptions {

@@ -236,3 +236,148 @@ fn link_down_past_the_recover_timeout_leaves_a_frozen_source() {
     assert_eq!(f["retry_dst_exit"], 0, "{stderr}");
     assert_verified("recover-timeout", &v, &stderr);
 }
+
+/// Every process named `workload`: (pid, ppid, tracer pid, state).
+fn workload_processes() -> Vec<(i32, i32, u32, char)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != "workload" {
+            continue;
+        }
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("TracerPid:"))
+                    .and_then(|l| l["TracerPid:".len()..].trim().parse().ok())
+            })
+            .unwrap_or(0);
+        out.push((pid, ppid, tracer, state));
+    }
+    out
+}
+
+/// A source task SIGKILLed in the middle of the post-copy (its restored copy already runs at
+/// dst): pageserv src stops reading its memory (it left its ptrace stop), serves its remaining
+/// pages from CRIU's page pipes, which still hold the frozen pages, and the migration completes
+/// with every page equal to CRIU's copy and the workload's checks OK at dst. The source is not
+/// resumed (the rule: a restored copy has run).
+#[test]
+fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
+    if !can_run() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!(
+        "pageserv-fail-killtask-{}.json",
+        std::process::id()
+    ));
+    let child = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+        .args(["demo", "--json"])
+        .arg(&json)
+        .args([
+            "--mib",
+            "96",
+            "--children",
+            "2",
+            "--write-rate",
+            "20",
+            "--after",
+            "3",
+            // The push waits 4 s: the dead child's pages are still owed when it dies.
+            "--src-arg=--push-after-ms=4000",
+            "--src-arg=--verify-served",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pageserv demo");
+    // Source tasks: traced and stopped by the dump; restored copies: not traced.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let victim = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never ran"
+        );
+        let w = workload_processes();
+        let frozen: Vec<_> = w.iter().filter(|p| p.2 != 0 && p.3 == 't').collect();
+        let restored = w.iter().filter(|p| p.2 == 0).count();
+        if frozen.len() >= 3 && restored >= 3 {
+            // A frozen child (its parent is a frozen workload too).
+            let c = frozen
+                .iter()
+                .find(|p| frozen.iter().any(|q| q.0 == p.1))
+                .map(|p| p.0);
+            if let Some(c) = c {
+                break c;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // The pid the dump's images record for it (its innermost pid).
+    let victim_ns: u32 = std::fs::read_to_string(format!("/proc/{victim}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        })
+        .expect("NSpid of the victim");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the frozen source child");
+    let out = child.wait_with_output().expect("demo");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|_| panic!("demo wrote no result ({}):\n{stderr}", out.status));
+    let _ = std::fs::remove_file(&json);
+    let v: Value = serde_json::from_str(&text).expect("demo JSON");
+    assert_eq!(v["ok"], true, "{}\n{stderr}", v["problems"]);
+    assert_eq!(v["checks_failed"], 0);
+    assert_eq!(v["workload_alive_at_dst"], true);
+    assert_eq!(v["workload_alive_at_src"], false, "two live copies");
+    let p = &v["src"]["pump"];
+    assert_eq!(p["serving"], "frozen-memory", "{p}");
+    assert!(
+        p["failovers"].as_u64().unwrap_or(0) >= 1,
+        "no read failed over: {p}"
+    );
+    assert!(
+        p["criu_pages"].as_u64().unwrap_or(0) > 0,
+        "nothing came from CRIU: {p}"
+    );
+    assert!(p["memory_pages"].as_u64().unwrap_or(0) > 0, "{p}");
+    assert_eq!(p["verify_unserved"], 0, "{p}");
+    // Every other task's pages equal CRIU's copies. The killed task's may differ: as it died the
+    // kernel wrote its memory (clear_child_tid of each thread, robust futex lists), and CRIU's
+    // pipes share those physical pages, so CRIU's copy changed after src had served the frozen
+    // bytes. At most a page per thread.
+    let differ = p["verify_differ"].as_u64().unwrap_or(u64::MAX);
+    if differ > 0 {
+        assert_eq!(p["verify_differ_tasks"], 1, "{p}");
+        assert_eq!(
+            p["verify_differ_pid"].as_u64(),
+            Some(u64::from(victim_ns)),
+            "{p}"
+        );
+        assert!(differ <= 8, "{p}");
+    }
+    eprintln!("killed task: {differ} pages where CRIU's copy changed after serving: {p}");
+}

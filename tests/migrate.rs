@@ -177,6 +177,62 @@ fn joins_an_external_runc_style_dump() {
     let v = migrate("external", &["--mib", "128", "--external-dump"]);
     check_common("external", &v);
     check_accounting("external", &v);
+    // pageserv neither started nor can verify an external dump's tasks: every page comes
+    // through its page server (the fallback path).
+    assert_eq!(v["src"]["pump"]["serving"], "page-server", "{}", v["src"]);
+}
+
+/// The default serving path reads lazy pages from the frozen tasks. Before ending the dump, src
+/// fetches every lazy page from CRIU's page server of the same dump and compares it with what it
+/// served (`--verify-served`): every page equal, on a tree of three processes that write while
+/// they are dumped, and all of it read from frozen memory.
+#[test]
+fn served_pages_equal_criu_s_copies_page_by_page() {
+    if !can_run() {
+        return;
+    }
+    let name = "verify-served";
+    let v = migrate(
+        name,
+        &[
+            "--mib",
+            "96",
+            "--children",
+            "2",
+            "--write-rate",
+            "40",
+            "--src-arg=--verify-served",
+        ],
+    );
+    check_common(name, &v);
+    check_accounting(name, &v);
+    let (src, p) = (&v["src"], &v["src"]["pump"]);
+    let lazy = src["lazy_pages"].as_u64().unwrap_or(0);
+    assert!(lazy > 3 * 96 * 256 / 2, "{name}: lazy pages {lazy}");
+    assert_eq!(p["serving"], "frozen-memory", "{src}");
+    assert_eq!(p["verified"], true, "{src}");
+    assert_eq!(p["verify_equal"].as_u64(), Some(lazy), "{src}");
+    assert_eq!(p["verify_differ"], 0, "{src}");
+    assert_eq!(p["verify_unserved"], 0, "{src}");
+    assert_eq!(p["verify_conflicts"], 0, "{src}");
+    assert!(p["memory_pages"].as_u64().unwrap_or(0) >= lazy, "{src}");
+    assert_eq!(p["criu_pages"], 0, "{src}");
+    assert_eq!(p["failovers"], 0, "{src}");
+}
+
+/// `--serve-from page-server`: every page through the dump's page-server connection, as before
+/// (what external dumps use).
+#[test]
+fn page_server_path_still_migrates() {
+    if !can_run() {
+        return;
+    }
+    let name = "page-server";
+    let v = migrate(name, &["--mib", "64", "--src-arg=--serve-from=page-server"]);
+    check_common(name, &v);
+    check_accounting(name, &v);
+    assert_eq!(v["src"]["pump"]["serving"], "page-server");
+    assert_eq!(v["src"]["pump"]["memory_pages"], 0);
 }
 
 /// A restore that fails at dst comes back to the source, which makes the dump fail, so CRIU

@@ -60,6 +60,12 @@ struct Args {
     /// Heartbeat period.
     #[arg(long, default_value_t = 1000)]
     heartbeat_us: u64,
+    /// Random pages the heartbeat thread itself rewrites before each beat. With `--threads 0
+    /// --write-rate 0` one thread both writes memory and heartbeats, so its heartbeat gaps
+    /// include every post-copy fault it waits on (e.g. `--hb-writes 100` at the default 1 ms
+    /// period: 100 random page writes per ms).
+    #[arg(long, default_value_t = 0)]
+    hb_writes: u64,
     /// Seed of the page content and of the writers' page choice.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
@@ -217,7 +223,16 @@ fn run_process(args: &Args, sh: Shared, children: &[(String, libc::pid_t)]) -> u
             );
             s.spawn(move || writers::run(&sh.mem, per_thread, seed, counter, &sh.stop));
         }
-        s.spawn(|| heartbeat::run(&sh, Duration::from_micros(args.heartbeat_us)));
+        let hb_seed = args.seed ^ 0x6862 ^ u64::from(pid as u32);
+        let hb_sh = &sh;
+        s.spawn(move || {
+            heartbeat::run(
+                hb_sh,
+                Duration::from_micros(args.heartbeat_us),
+                args.hb_writes,
+                hb_seed,
+            )
+        });
         if args.check_every_ms > 0 {
             s.spawn(|| checker::run(&sh, Duration::from_millis(args.check_every_ms)));
         }

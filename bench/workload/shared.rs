@@ -15,6 +15,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// One per writer thread.
     pub writes: Vec<Counter>,
+    /// Pages the heartbeat thread rewrote (`--hb-writes`).
+    pub hb_writes: Counter,
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,
     pub churn_failed: AtomicU64,
@@ -28,16 +30,18 @@ impl Shared {
             log,
             stop: AtomicBool::new(false),
             writes: (0..writers).map(|_| Counter::default()).collect(),
+            hb_writes: Counter::default(),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             churn_failed: AtomicU64::new(0),
         }
     }
 
-    /// Writes so far, all writer threads together.
+    /// Writes so far, all writer threads and the heartbeat thread together.
     pub fn writes_total(&self) -> u64 {
         self.writes
             .iter()
+            .chain(std::iter::once(&self.hb_writes))
             .map(|c| c.0.load(Ordering::Relaxed))
             .sum()
     }

@@ -307,6 +307,9 @@ pub struct Matrix {
     /// Extra `pageserv dst` arguments the pageserv modes ran with.
     #[serde(default)]
     pub pageserv_dst_args: Vec<String>,
+    /// The workload's heartbeat thread wrote the cell's pages itself (`--one-thread-workload`).
+    #[serde(default)]
+    pub one_thread_workload: bool,
 }
 
 /// Named matrices: `default` is the full matrix, `short` fits in 10 minutes on a
@@ -353,6 +356,7 @@ impl Matrix {
             timeout_s: super::modes::DEFAULT_STEP_TIMEOUT_S,
             pageserv_src_args: Vec::new(),
             pageserv_dst_args: Vec::new(),
+            one_thread_workload: false,
         }
     }
 

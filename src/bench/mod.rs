@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// `--pageserv-dst-arg=--realtime`; recorded in results.json.
     #[arg(long = "pageserv-dst-arg", allow_hyphen_values = true)]
     pub pageserv_dst_args: Vec<String>,
+    /// The workload's one thread both writes the cell's random pages per ms and heartbeats (its
+    /// heartbeat gaps include every post-copy fault it waits on); default: writer threads apart
+    /// from a heartbeat thread that touches no memory.
+    #[arg(long)]
+    pub one_thread_workload: bool,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -102,6 +107,7 @@ impl BenchArgs {
             self.pageserv_src_args.clone()
         };
         m.pageserv_dst_args = self.pageserv_dst_args.clone();
+        m.one_thread_workload = self.one_thread_workload;
         if let Some(t) = self.timeout {
             m.timeout_s = t.max(1);
         }
@@ -142,6 +148,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 dst: matrix.pageserv_dst_args.clone(),
             });
             modes::set_step_timeout(matrix.timeout_s);
+            modes::set_one_thread_workload(matrix.one_thread_workload);
             run::run(
                 &matrix,
                 &args.out,

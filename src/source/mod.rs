@@ -2,6 +2,7 @@
 
 pub mod dump;
 pub mod eager_dump;
+pub mod frozen;
 pub mod keeper;
 pub mod pre_copy;
 pub mod pump;

@@ -92,6 +92,13 @@ pub struct PumpConfig {
     /// Start the push this long after the restore finished (0: at once). For measuring fault
     /// latency on an idle link against a busy one within one migration.
     pub push_delay: std::time::Duration,
+    /// After the freeze, read lazy pages from the frozen tasks (`source::frozen`) when pageserv
+    /// started the dump and can verify the tasks are frozen by it; else (and always for external
+    /// dumps) every page comes through the dump's page-server connection (this module).
+    pub read_frozen: bool,
+    /// Before ending the dump, fetch every lazy page from CRIU and compare it with what was
+    /// served, page by page (a test of the frozen-memory path; costs a second pass).
+    pub verify_served: bool,
 }
 
 impl Default for PumpConfig {
@@ -104,17 +111,39 @@ impl Default for PumpConfig {
             max_background: 2,
             push: true,
             push_delay: std::time::Duration::ZERO,
+            read_frozen: true,
+            verify_served: false,
         }
     }
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct PumpStats {
+    /// Where lazy pages were read from: "frozen-memory" (`source::frozen`, CRIU only for tasks
+    /// that cannot be read) or "page-server" (every page through CRIU's connection).
+    pub serving: &'static str,
     pub gets: u64,
     pub bytes_from_dump: u64,
     pub fault_pages: u64,
     pub pushed_pages: u64,
     pub refused: u64,
+    /// Pages read from the frozen tasks' memory, and from CRIU (frozen-memory serving).
+    pub memory_pages: u64,
+    pub criu_pages: u64,
+    /// Memory reads that failed over to CRIU (a task died, left its stop, or was unreadable).
+    pub failovers: u64,
+    /// `verify_served`: whether the comparison ran, and lazy pages whose served bytes equal
+    /// CRIU's, differ, were never served, or were served twice with different bytes.
+    pub verified: bool,
+    pub verify_equal: u64,
+    pub verify_differ: u64,
+    pub verify_unserved: u64,
+    pub verify_conflicts: u64,
+    /// Tasks with a differing page, and the (lowest) image pid of one. A page can differ only
+    /// where CRIU's copy changed after it was served: the kernel writes a task's memory as it
+    /// dies (clear_child_tid, robust futexes), and CRIU's pipes share those pages.
+    pub verify_differ_tasks: u64,
+    pub verify_differ_pid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +159,8 @@ pub enum PumpError {
     Eof(usize),
     #[error("the service stopped listening for pages")]
     ServiceGone,
+    #[error("the serving state machine refused an event (a bug in pageserv src): {0}")]
+    Core(String),
 }
 
 /// What a GET queued inside CRIU was for, and for which link generation.
@@ -159,7 +190,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut waiting: VecDeque<UrgentRequest> = VecDeque::new();
     let mut permits: Vec<mpsc::OwnedPermit<Tagged<Served>>> = Vec::new();
     let mut generation = 0u64;
-    let mut stats = PumpStats::default();
+    let mut stats = PumpStats {
+        serving: "page-server",
+        ..PumpStats::default()
+    };
     let mut out = BytesMut::with_capacity(4096);
     let mut finishing = false;
     let mut pushing = false;

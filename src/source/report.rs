@@ -78,7 +78,7 @@ impl SourceReport {
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
              \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n\
-             {}",
+             {}{}",
             self.downtime_ms,
             self.total_ms,
             self.lazy_pages,
@@ -90,8 +90,26 @@ impl SourceReport {
             self.pump.gets,
             self.pump.bytes_from_dump,
             self.push_bytes,
+            self.serving(),
             self.fault_service(),
         )
+    }
+
+    /// Where the lazy pages were read from, and the served-vs-CRIU comparison if it ran.
+    fn serving(&self) -> String {
+        let p = &self.pump;
+        let mut s = format!(
+            "  served from {}: {} pages from frozen memory, {} from CRIU, {} failovers to CRIU\n",
+            p.serving, p.memory_pages, p.criu_pages, p.failovers
+        );
+        if p.verified {
+            s += &format!(
+                "  served vs CRIU's copies, page by page: {} equal, {} differ, {} never served, \
+                 {} served twice differently\n",
+                p.verify_equal, p.verify_differ, p.verify_unserved, p.verify_conflicts
+            );
+        }
+        s
     }
 
     /// The source's share of the fault latency, before and during the push.

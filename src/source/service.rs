@@ -27,6 +27,7 @@ use crate::source::dump::{
     DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
 };
 use crate::source::eager_dump;
+use crate::source::frozen;
 use crate::source::keeper::KeeperLink;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
@@ -548,11 +549,15 @@ async fn migrate(
             .collect();
         tasks.push((t.pid, lazy));
     }
-    let mut plan = PushPlan::new(tasks);
-    if let Some(v) = &validator {
-        // Memory that kept changing during the rounds most likely changed after them too.
-        plan.prioritize(|pid, range| v.held().heat(pid, range));
-    }
+    let make_plan = || {
+        let mut plan = PushPlan::new(tasks.clone());
+        if let Some(v) = &validator {
+            // Memory that kept changing during the rounds most likely changed after them too.
+            plan.prioritize(|pid, range| v.held().heat(pid, range));
+        }
+        plan
+    };
+    let plan = make_plan();
     report.lazy_pages = plan.total_pages();
     let shipped = if rejoin.is_some() {
         // dst restored from the images the dead src shipped.
@@ -595,20 +600,45 @@ async fn migrate(
         &mut dump.conn,
         PageServerConn::Unix(std::os::unix::net::UnixStream::pair()?.0),
     );
+    // After the freeze the lazy pages are read from the frozen tasks when pageserv started the
+    // dump (it knows the tree and the tracer to verify); else through CRIU's connection.
+    let frozen = match (&opts.dump, dump.child.as_ref()) {
+        (DumpSource::Pid { pid, .. }, Some(child)) if opts.pump.read_frozen => {
+            let image_pids: Vec<u32> = tasks.iter().map(|(p, _)| *p).collect();
+            match frozen::prepare(*pid, child.id(), &image_pids, plan, opts.pump.batch_pages) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot serve from the frozen tasks ({e}): every page comes through \
+                         CRIU's page-server connection"
+                    );
+                    None
+                }
+            }
+        }
+        _ => {
+            tracing::info!(
+                "serving lazy pages through the dump's page-server connection (external dump, \
+                 --resume, or reading frozen memory turned off)"
+            );
+            None
+        }
+    };
+    let serving = match frozen {
+        Some((core, ftasks)) => Serving::Frozen(Box::new(core), ftasks, tasks),
+        None => Serving::PageServer(make_plan()),
+    };
+    let channels = (pump_rx, reply_tx, push_tx, control_rx);
     let pump_task = match conn_taken {
         PageServerConn::Unix(s) => {
             s.set_nonblocking(true)?;
             let s = tokio::net::UnixStream::from_std(s)?;
-            tokio::spawn(pump::run(
-                s, layout, true, plan, opts.pump, pump_rx, reply_tx, push_tx, control_rx,
-            ))
+            spawn_serving(s, layout, true, serving, opts.pump, channels)
         }
         PageServerConn::Tcp(s) => {
             s.set_nonblocking(true)?;
             let s = tokio::net::TcpStream::from_std(s)?;
-            tokio::spawn(pump::run(
-                s, layout, false, plan, opts.pump, pump_rx, reply_tx, push_tx, control_rx,
-            ))
+            spawn_serving(s, layout, false, serving, opts.pump, channels)
         }
     };
 
@@ -773,6 +803,66 @@ async fn migrate(
     .await?;
     link.ctl.finish();
     Ok(report)
+}
+
+/// How lazy pages are served after the freeze.
+enum Serving {
+    /// From the frozen tasks (`source::frozen`); CRIU only for tasks that cannot be read. The
+    /// lazy ranges are kept to verify served pages against CRIU's (`PumpConfig::verify_served`).
+    Frozen(
+        Box<frozen::Core>,
+        Arc<frozen::FrozenTasks>,
+        Vec<(u32, Vec<crate::pages::PageRange>)>,
+    ),
+    /// Every page through the dump's page-server connection (`source::pump`).
+    PageServer(PushPlan),
+}
+
+type PumpChannels = (
+    mpsc::UnboundedReceiver<PumpInput>,
+    mpsc::UnboundedSender<Tagged<FaultReply>>,
+    mpsc::Sender<Tagged<Served>>,
+    watch::Receiver<Option<PumpControl>>,
+);
+
+/// Starts the task that owns the dump's connection and serves pages.
+fn spawn_serving<S>(
+    stream: S,
+    layout: crate::criu::page_server::Layout,
+    force_close: bool,
+    serving: Serving,
+    cfg: PumpConfig,
+    (inputs, replies, push, control): PumpChannels,
+) -> tokio::task::JoinHandle<Result<pump::PumpStats, pump::PumpError>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match serving {
+        Serving::Frozen(core, ftasks, lazy) => tokio::spawn(frozen::driver::run(
+            stream,
+            layout,
+            force_close,
+            *core,
+            ftasks,
+            lazy,
+            cfg,
+            inputs,
+            replies,
+            push,
+            control,
+        )),
+        Serving::PageServer(plan) => tokio::spawn(pump::run(
+            stream,
+            layout,
+            force_close,
+            plan,
+            cfg,
+            inputs,
+            replies,
+            push,
+            control,
+        )),
+    }
 }
 
 /// Hands the pump dst's missing list for link `generation`; returns the pages to push.

@@ -50,10 +50,12 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let logs = bed.dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = bed.dir.join("workload.log");
+    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
     let args = DemoArgs {
         mib: cell.mib,
-        threads: WORKLOAD_THREADS,
-        write_rate: cell.write_rate.to_string(),
+        threads,
+        write_rate,
+        hb_writes,
         children: 0,
         churn: false,
         rate: None,

@@ -80,6 +80,23 @@ pub fn step_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(STEP_TIMEOUT_S.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+static ONE_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the one-thread workload (`--one-thread-workload`): its heartbeat thread itself writes
+/// the cell's pages per ms, and no other thread writes.
+pub fn set_one_thread_workload(on: bool) {
+    ONE_THREAD.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The workload's (threads, --write-rate, --hb-writes) for a cell's write rate.
+pub fn workload_shape(write_rate: u64) -> (u32, String, u64) {
+    if ONE_THREAD.load(std::sync::atomic::Ordering::Relaxed) {
+        (0, "0".into(), write_rate)
+    } else {
+        (criu::WORKLOAD_THREADS, write_rate.to_string(), 0)
+    }
+}
+
 /// Seconds the workload runs at the destination after the migration ended, checking itself.
 pub const AFTER_S: u64 = 3;
 /// Passed self-checks each process needs after the migration for the run to count.

@@ -24,10 +24,12 @@ fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
 /// `src` on the source side, `dst` in the destination namespace.
 pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let extra = super::pageserv_args();
+    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
     let args = DemoArgs {
         mib: cell.mib,
-        threads: super::criu::WORKLOAD_THREADS,
-        write_rate: cell.write_rate.to_string(),
+        threads,
+        write_rate,
+        hb_writes,
         children: 0,
         churn: false,
         rate: None,

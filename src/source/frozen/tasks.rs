@@ -1,0 +1,271 @@
+//! The frozen tasks of a lazy dump, and reading their memory safely.
+//!
+//! After `criu dump --lazy-pages` is ready, every task of the tree is ptrace-stopped by the dump
+//! (state `t`, TracerPid = the dump) and stays so until the page-server session ends: CRIU
+//! resumes or kills the tasks only after that, or when it dies. Private anonymous memory of a
+//! stopped task cannot change, so its bytes are the bytes CRIU's page pipes hold for the lazy
+//! pages (the pipes reference the very same pages).
+//!
+//! A read is trusted only when, *after* it, (1) the dump process is still alive and (2) every
+//! thread the task had at the freeze is still in its ptrace stop. A ptrace-stopped thread leaves
+//! the stop only by its tracer (the dump, which does so only after the session ends or when it
+//! dies: (1)) or by SIGKILL, after which it never re-enters it (2); so both holding after the read
+//! means they held during it. The thread checks re-read `/proc/PID/task/TID/stat` through
+//! descriptors opened at the freeze, which refer to those threads and not to a reused pid. A read
+//! that fails either check, or process_vm_readv itself (ESRCH, a mapping without PROT_READ:
+//! process_vm_readv does not force like ptrace), is not used: the core fails that task over to
+//! CRIU, whose pipes still hold its pages.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+
+use crate::pages::PAGE_SIZE;
+use crate::source::pre_copy::tree;
+
+/// Why a task's memory cannot be read (it is served from CRIU instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReadable {
+    #[error("image pid {0} has no host pid in the tree (or shares its pid with another task)")]
+    NoHostPid(u32),
+    #[error("thread {tid} of pid {pid} is not ptrace-stopped by the dump ({why})")]
+    NotFrozen { pid: i32, tid: i32, why: String },
+    #[error("the dump process {0} has ended: its tasks may run again")]
+    DumpGone(u32),
+    #[error("process_vm_readv of pid {pid} at {vaddr:#x}: {why}")]
+    Read { pid: i32, vaddr: u64, why: String },
+}
+
+/// One task: its host pid and the stat files of its threads, opened at the freeze.
+#[derive(Debug)]
+struct Task {
+    host_pid: i32,
+    threads: Vec<(i32, File)>,
+}
+
+/// Every readable task of the dump, by image pid.
+#[derive(Debug)]
+pub struct FrozenTasks {
+    dump_pid: u32,
+    dump_pidfd: OwnedFd,
+    tasks: BTreeMap<u32, Task>,
+    /// Tasks that could not be verified at the freeze, and why.
+    unreadable: Vec<(u32, NotReadable)>,
+}
+
+/// The state letter and the tracer of a thread, from its stat and status texts.
+pub fn parse_state(stat: &str) -> Option<char> {
+    // "pid (comm) S ...": comm may contain spaces and parentheses; the state follows the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().next()?.chars().next()
+}
+
+pub fn parse_tracer(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("TracerPid:"))?;
+    line["TracerPid:".len()..].trim().parse().ok()
+}
+
+/// Checks that a thread, through its open stat file, is in a ptrace stop.
+fn stopped(stat: &File) -> Result<(), String> {
+    let mut buf = [0u8; 512];
+    let n = stat.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    match parse_state(&text) {
+        Some('t') => Ok(()),
+        Some(s) => Err(format!("state {s}")),
+        None => Err("unreadable stat".into()),
+    }
+}
+
+/// A pidfd for `pid`: a process, or (kernel >= 6.9, PIDFD_THREAD) a thread that is not a
+/// process leader, since TracerPid names the tracing thread.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let open = |flags: libc::c_int| {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, flags) }
+    };
+    let mut fd = open(0);
+    if fd < 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINVAL | libc::ENOENT)
+        )
+    {
+        // PIDFD_THREAD is O_EXCL.
+        fd = open(libc::O_EXCL);
+    }
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// True once the process behind `pidfd` has exited (the pidfd polls readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+impl FrozenTasks {
+    /// The tree under `root` (host pid), as the dump `dump_pid` froze it; `image_pids` are the
+    /// pids the dump's pstree records. A task that cannot be verified frozen by that dump is left
+    /// out (and listed in [`FrozenTasks::unreadable`]).
+    pub fn discover(root: i32, dump_pid: u32, image_pids: &[u32]) -> std::io::Result<Self> {
+        let dump_pidfd = pidfd_open(dump_pid)?;
+        let walked = tree::walk(root).map_err(std::io::Error::other)?;
+        let mut by_ns: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
+        for t in &walked {
+            by_ns.entry(t.ns_pid).or_default().push(t.host_pid);
+        }
+        let mut tasks = BTreeMap::new();
+        let mut unreadable = Vec::new();
+        for &pid in image_pids {
+            let host_pid = match by_ns.get(&pid).map(Vec::as_slice) {
+                Some(&[h]) => h,
+                _ => {
+                    unreadable.push((pid, NotReadable::NoHostPid(pid)));
+                    continue;
+                }
+            };
+            match Self::open_task(host_pid, dump_pid) {
+                Ok(task) => {
+                    tasks.insert(pid, task);
+                }
+                Err(why) => unreadable.push((pid, why)),
+            }
+        }
+        Ok(Self {
+            dump_pid,
+            dump_pidfd,
+            tasks,
+            unreadable,
+        })
+    }
+
+    /// Opens every thread's stat file and checks it is ptrace-stopped by `dump_pid`.
+    fn open_task(host_pid: i32, dump_pid: u32) -> Result<Task, NotReadable> {
+        let not = |tid: i32, why: String| NotReadable::NotFrozen {
+            pid: host_pid,
+            tid,
+            why,
+        };
+        let dir = std::fs::read_dir(format!("/proc/{host_pid}/task"))
+            .map_err(|e| not(host_pid, e.to_string()))?;
+        let mut threads = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(|e| not(host_pid, e.to_string()))?;
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let stat =
+                File::open(entry.path().join("stat")).map_err(|e| not(tid, e.to_string()))?;
+            let status = std::fs::read_to_string(entry.path().join("status"))
+                .map_err(|e| not(tid, e.to_string()))?;
+            match parse_tracer(&status) {
+                Some(t) if t == dump_pid => {}
+                other => {
+                    return Err(not(
+                        tid,
+                        format!("traced by {other:?}, not the dump {dump_pid}"),
+                    ));
+                }
+            }
+            stopped(&stat).map_err(|why| not(tid, why))?;
+            threads.push((tid, stat));
+        }
+        if threads.is_empty() {
+            return Err(not(host_pid, "no threads".into()));
+        }
+        Ok(Task { host_pid, threads })
+    }
+
+    /// Image pids whose memory may be read.
+    pub fn readable(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tasks.keys().copied()
+    }
+
+    pub fn unreadable(&self) -> &[(u32, NotReadable)] {
+        &self.unreadable
+    }
+
+    pub fn host_pid(&self, pid: u32) -> Option<i32> {
+        self.tasks.get(&pid).map(|t| t.host_pid)
+    }
+
+    /// Checks, now, that the dump is alive and every thread of `pid` is still in its ptrace stop.
+    pub fn check_frozen(&self, pid: u32) -> Result<(), NotReadable> {
+        let task = self.tasks.get(&pid).ok_or(NotReadable::NoHostPid(pid))?;
+        for (tid, stat) in &task.threads {
+            stopped(stat).map_err(|why| NotReadable::NotFrozen {
+                pid: task.host_pid,
+                tid: *tid,
+                why,
+            })?;
+        }
+        // Last: a dump that ended before the thread checks may have released them.
+        if exited(&self.dump_pidfd) {
+            return Err(NotReadable::DumpGone(self.dump_pid));
+        }
+        Ok(())
+    }
+
+    /// Reads `nr_pages` pages of image pid `pid` at `vaddr` from the frozen task; the bytes are
+    /// returned only if the task was frozen throughout (see the module docs).
+    pub fn read(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<Bytes, NotReadable> {
+        let task = self.tasks.get(&pid).ok_or(NotReadable::NoHostPid(pid))?;
+        let len = (nr_pages * PAGE_SIZE) as usize;
+        let mut buf = vec![0u8; len];
+        let remote = [RemoteIoVec {
+            base: vaddr as usize,
+            len,
+        }];
+        let got = process_vm_readv(
+            Pid::from_raw(task.host_pid),
+            &mut [IoSliceMut::new(&mut buf)],
+            &remote,
+        )
+        .map_err(|e| NotReadable::Read {
+            pid: task.host_pid,
+            vaddr,
+            why: e.to_string(),
+        })?;
+        if got != len {
+            return Err(NotReadable::Read {
+                pid: task.host_pid,
+                vaddr,
+                why: format!("short read: {got} of {len} bytes"),
+            });
+        }
+        self.check_frozen(pid)?;
+        Ok(Bytes::from(buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_state_and_tracer() {
+        assert_eq!(parse_state("12 (a b) c) t 1 2 3"), Some('t'));
+        assert_eq!(parse_state("12 (sleep) S 1"), Some('S'));
+        assert_eq!(parse_state("garbage"), None);
+        assert_eq!(parse_tracer("Name:\tx\nTracerPid:\t4242\n"), Some(4242));
+        assert_eq!(parse_tracer("TracerPid:\t0\n"), Some(0));
+        assert_eq!(parse_tracer("Name:\tx\n"), None);
+    }
+}

@@ -4,6 +4,7 @@ pub mod dump;
 pub mod eager_dump;
 pub mod keeper;
 pub mod pre_copy;
+pub mod preflight;
 pub mod pump;
 pub mod push_plan;
 pub mod recovery;

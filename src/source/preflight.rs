@@ -320,7 +320,7 @@ pub fn locks_network(facts: &TreeFacts, opts: &[String]) -> bool {
 /// The tools CRIU's network lock can use on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockTools {
-    /// `criu check --feature network-lock-nftables` passed (CRIU built with libnftables).
+    /// `criu check --feature network_lock_nftables` passed (CRIU built with libnftables).
     pub nftables: bool,
     /// `iptables-restore` is on PATH (CRIU's default method runs it).
     pub iptables: bool,

@@ -77,7 +77,7 @@ pub enum PrepareError {
 /// Whether this CRIU can lock the network with nftables (`criu check --feature`).
 fn nftables_lock(criu: &Criu) -> bool {
     let mut c = criu.command();
-    c.args(["check", "--feature", "network-lock-nftables"])
+    c.args(["check", "--feature", "network_lock_nftables"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

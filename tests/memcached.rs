@@ -276,11 +276,8 @@ fn migrate_memcached(mode: &str, src_args: &[&str]) {
         ])
         .args(["-l", &net.svc_ip])
         .current_dir(dir.path());
-    // memcached has no ready file: the namespace's init exists once it runs, and connect()
-    // below retries until it listens.
-    let ready = dir.path().join("started");
-    std::fs::write(&ready, "").unwrap();
-    let pid = netmig::start_init(cmd, &ready, &mut started);
+    // memcached has no ready file: connect() below retries until it listens.
+    let pid = netmig::start_init(cmd, None, &mut started);
     let mut c = connect(&net);
     let t0 = Instant::now();
     load(&mut c);

@@ -58,7 +58,7 @@ fn listening_tcp_and_unix_servers_answer_at_dst() {
     let unix = dir.path().join("srv.sock");
     let mut started = Started::default();
     let cmd = sockserv::spawn_cmd(&[], "socket_server", dir.path(), &addr, Some(&unix));
-    let pid = netmig::start_init(cmd, &dir.path().join("server.ready"), &mut started);
+    let pid = netmig::start_init(cmd, Some(&dir.path().join("server.ready")), &mut started);
 
     // Before: three requests, so the counter the restored server continues is known.
     let mut t = std::net::TcpStream::connect(&addr).expect("connect tcp");
@@ -136,7 +136,7 @@ fn refuses_an_established_connection_before_the_freeze() {
     let addr = format!("127.0.0.1:{port}");
     let mut started = Started::default();
     let cmd = sockserv::spawn_cmd(&[], "socket_server", dir.path(), &addr, None);
-    let pid = netmig::start_init(cmd, &dir.path().join("server.ready"), &mut started);
+    let pid = netmig::start_init(cmd, Some(&dir.path().join("server.ready")), &mut started);
     let mut t = std::net::TcpStream::connect(&addr).expect("connect");
     assert_eq!(request(&mut t, "ping").unwrap(), "pong 1");
     let (src_certs, _) =
@@ -201,7 +201,7 @@ fn keeps_an_established_connection_open_across_the_migration() {
         "0.0.0.0:7070",
         None,
     );
-    let pid = netmig::start_init(cmd, &dir.path().join("server.ready"), &mut started);
+    let pid = netmig::start_init(cmd, Some(&dir.path().join("server.ready")), &mut started);
 
     // The client: one connection from the client's namespace, streaming until told to stop.
     let stop = Arc::new(AtomicBool::new(false));

@@ -269,9 +269,11 @@ impl Drop for Started {
 }
 
 /// Starts `cmd` (an `unshare -p -f ...` command line) and returns the namespace init's pid once
-/// `ready` exists; both processes are recorded in `started`.
-pub fn start_init(mut cmd: Command, ready: &Path, started: &mut Started) -> i32 {
-    let _ = std::fs::remove_file(ready);
+/// it exists and, with `ready`, that file exists; both processes are recorded in `started`.
+pub fn start_init(mut cmd: Command, ready: Option<&Path>, started: &mut Started) -> i32 {
+    if let Some(r) = ready {
+        let _ = std::fs::remove_file(r);
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -291,11 +293,13 @@ pub fn start_init(mut cmd: Command, ready: &Path, started: &mut Started) -> i32 
         // nsenter execs unshare, so `top` is unshare; its only child is the namespace's init.
         let kids =
             std::fs::read_to_string(format!("/proc/{top}/task/{top}/children")).unwrap_or_default();
-        if let Some(pid) = kids.split_whitespace().next().and_then(|p| p.parse().ok())
-            && ready.exists()
-        {
-            started.pids.push(pid);
-            return pid;
+        if let Some(pid) = kids.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            if !started.pids.contains(&pid) {
+                started.pids.push(pid);
+            }
+            if ready.is_none_or(|r| r.exists()) {
+                return pid;
+            }
         }
         assert!(
             Instant::now() < deadline,

@@ -333,12 +333,13 @@ fn migrate_memcached(mode: &str, src_args: &[&str]) {
     println!(
         "FIGURES memcached {mode}: items {checked}/{ITEMS} ({} MiB of values) checked in {:?}, \
          client requests {} (errors {}), longest client gap {felt_ms:.1} ms, pageserv downtime \
-         {downtime:.1} ms, lazy pages {}, migration {:.1} s",
+         {downtime:.1} ms, lazy pages {}, on demand {}, migration {:.1} s",
         (ITEMS * VALUE as u64) >> 20,
         t1.elapsed(),
         load.requests,
         load.errors.len(),
         out.dst_json["lazy_pages"],
+        out.dst_json["pages_on_demand"],
         out.elapsed.as_secs_f64()
     );
     assert!(load.errors.is_empty(), "client errors: {:?}", load.errors);

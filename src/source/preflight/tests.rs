@@ -355,3 +355,68 @@ proptest! {
         let _ = parse_size(&s);
     }
 }
+
+/// The /proc reader on a live process (this test's): a listening socket, both ends of a TCP
+/// connection, a socketpair, a lock and a deleted 2 MiB file, and what the checker makes of them.
+#[test]
+fn scan_reads_a_live_process() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = std::net::TcpStream::connect(addr).unwrap();
+    let (s, peer) = l.accept().unwrap();
+    let (u1, _u2) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dir = std::env::temp_dir().join(format!("pageserv-scan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("deleted");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&vec![7u8; 2 << 20]).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let locked = std::fs::File::create(dir.join("lock")).unwrap();
+    let _lock = nix::fcntl::Flock::lock(locked, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let me = std::process::id() as i32;
+    let facts = scan::scan(me).unwrap();
+    let t = &facts.tasks[0];
+    assert_eq!(t.pid, me);
+    assert_eq!(t.netns, facts.own_netns);
+    let has = |want: &FdKind| t.fds.iter().any(|f| &f.kind == want);
+    assert!(has(&FdKind::Tcp {
+        state: TcpState::Listen,
+        local: addr,
+        remote: "0.0.0.0:0".parse().unwrap()
+    }));
+    assert!(has(&FdKind::Tcp {
+        state: TcpState::Established,
+        local: addr,
+        remote: peer
+    }));
+    assert!(has(&FdKind::Tcp {
+        state: TcpState::Established,
+        local: peer,
+        remote: addr
+    }));
+    assert!(has(&FdKind::Deleted {
+        path: path.display().to_string(),
+        size: 2 << 20
+    }));
+    assert!(t.file_locks >= 1, "{t:?}");
+    let pair = t
+        .fds
+        .iter()
+        .filter(|f| matches!(f.kind, FdKind::Unix { stream: true, .. }))
+        .count();
+    assert!(pair >= 2, "{t:?}");
+    let v = check(&facts, &[]);
+    let names: Vec<_> = v.refusals.iter().map(|r| r.option).collect();
+    for want in ["--tcp-established", "--file-locks", "--ghost-limit"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    // Both ends of the socketpair are in the tree: no --ext-unix-sk for them.
+    assert!(!v.refusals.iter().any(|r| {
+        r.option == "--ext-unix-sk"
+            && r.what
+                .contains(&format!("fd {}:", std::os::fd::AsRawFd::as_raw_fd(&u1)))
+    }));
+    drop((c, s, f));
+    let _ = std::fs::remove_dir_all(&dir);
+}

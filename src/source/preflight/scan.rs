@@ -98,38 +98,66 @@ pub fn scan(root: i32) -> Result<TreeFacts, ScanError> {
     let mut by_netns: HashMap<u64, Sockets> = HashMap::new();
     let mut tasks = Vec::new();
     for pid in pids {
-        let read = |what: &str| {
-            let path = format!("/proc/{pid}/{what}");
-            std::fs::read_to_string(&path).map_err(|source| ScanError::Read { pid, path, source })
-        };
-        let stat = read("stat")?;
-        let netns = ns_inode(&format!("/proc/{pid}/ns/net")).unwrap_or(0);
-        let mntns = ns_inode(&format!("/proc/{pid}/ns/mnt")).unwrap_or(0);
-        let sockets = by_netns
-            .entry(netns)
-            .or_insert_with(|| read_sockets(pid, netns != own_netns));
-        let fds = read_fds(pid, sockets);
-        let bind_mounts = if mntns != own_mntns {
-            parse_bind_mounts(&read("mountinfo")?)
-        } else {
-            Vec::new()
-        };
-        tasks.push(Task {
-            pid,
-            comm: read("comm")?.trim().to_string(),
-            sid: parse_sid(&stat).unwrap_or(0),
-            netns,
-            mntns,
-            fds,
-            file_locks: locks.get(&pid).copied().unwrap_or(0),
-            bind_mounts,
-        });
+        match read_task(pid, own_netns, own_mntns, &locks, &mut by_netns) {
+            Ok(Some(t)) => tasks.push(t),
+            Ok(None) => {}
+            // A process of the tree may exit while it is read (a forking workload): only the
+            // root must be there.
+            Err(_) if pid != root => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(TreeFacts {
         tasks,
         own_netns,
         own_mntns,
     })
+}
+
+/// One task of the tree; `None` for a zombie (no descriptors, no namespaces left to read).
+fn read_task(
+    pid: i32,
+    own_netns: u64,
+    own_mntns: u64,
+    locks: &HashMap<i32, u32>,
+    by_netns: &mut HashMap<u64, Sockets>,
+) -> Result<Option<Task>, ScanError> {
+    let read = |what: &str| {
+        let path = format!("/proc/{pid}/{what}");
+        std::fs::read_to_string(&path).map_err(|source| ScanError::Read { pid, path, source })
+    };
+    let stat = read("stat")?;
+    if parse_state(&stat) == Some('Z') {
+        return Ok(None);
+    }
+    let ns = |kind: &str| {
+        let path = format!("/proc/{pid}/ns/{kind}");
+        ns_inode(&path).ok_or_else(|| ScanError::Read {
+            pid,
+            source: std::io::Error::other("no namespace link"),
+            path,
+        })
+    };
+    let (netns, mntns) = (ns("net")?, ns("mnt")?);
+    let sockets = by_netns
+        .entry(netns)
+        .or_insert_with(|| read_sockets(pid, netns != own_netns));
+    let fds = read_fds(pid, sockets);
+    let bind_mounts = if mntns != own_mntns {
+        parse_bind_mounts(&read("mountinfo")?)
+    } else {
+        Vec::new()
+    };
+    Ok(Some(Task {
+        pid,
+        comm: read("comm")?.trim().to_string(),
+        sid: parse_sid(&stat).unwrap_or(0),
+        netns,
+        mntns,
+        fds,
+        file_locks: locks.get(&pid).copied().unwrap_or(0),
+        bind_mounts,
+    }))
 }
 
 fn ns_inode(link: &str) -> Option<u64> {
@@ -145,11 +173,21 @@ fn tree_pids(root: i32) -> Result<Vec<i32>, ScanError> {
     while i < out.len() {
         let pid = out[i];
         let tasks = format!("/proc/{pid}/task");
-        let dir = std::fs::read_dir(&tasks).map_err(|source| ScanError::Read {
-            pid,
-            path: tasks.clone(),
-            source,
-        })?;
+        let dir = match std::fs::read_dir(&tasks) {
+            Ok(d) => d,
+            // A child that exited meanwhile has no children to list.
+            Err(_) if pid != root => {
+                i += 1;
+                continue;
+            }
+            Err(source) => {
+                return Err(ScanError::Read {
+                    pid,
+                    path: tasks.clone(),
+                    source,
+                });
+            }
+        };
         for t in dir.flatten() {
             let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
             out.extend(
@@ -271,6 +309,16 @@ pub fn classify(target: &str, sockets: &Sockets, size: impl FnOnce() -> Option<u
         };
     }
     FdKind::Other
+}
+
+/// The state letter from `/proc/PID/stat` (`R`, `S`, `Z`, ...).
+pub fn parse_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// The session id from `/proc/PID/stat` (the field after pgrp).

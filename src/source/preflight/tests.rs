@@ -280,6 +280,8 @@ fn proc_parsers() {
     assert_eq!(l.get(&999), None);
     let stat = "1234 (a b) c) S 1 1234 1230 0 -1";
     assert_eq!(parse_sid(stat), Some(1230));
+    assert_eq!(parse_state(stat), Some('S'));
+    assert_eq!(parse_state("9 (x) Z 1 9 9"), Some('Z'));
     let mi = "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw\n37 35 0:5 / /proc rw - proc proc rw\n";
     assert_eq!(parse_bind_mounts(mi), ["/mnt2"]);
 }
@@ -351,6 +353,7 @@ proptest! {
         let _ = parse_ss_unix(&s);
         let _ = parse_locks(&s);
         let _ = parse_sid(&s);
+        let _ = parse_state(&s);
         let _ = parse_bind_mounts(&s);
         let _ = parse_size(&s);
     }

@@ -1,6 +1,6 @@
 //! A client that opens a QUIC handshake with `pageserv dst` and then stalls must not hold up
 //! anyone else: each connection attempt is handshaken, admitted and classified on a task of its
-//! own under one deadline (dst::server's `ADMIT_DEADLINE`). Needs no root: dst only listens.
+//! own under one deadline (dst::endpoint's `ADMIT_DEADLINE`). Needs no root: dst only listens.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -123,6 +123,7 @@ fn write_seeds() {
             files: 12,
             bytes: 4242,
             frozen_at_unix_ns: 1,
+            restore_criu_opts: vec!["--tcp-established".into()],
         })),
         control(control::Msg::MemoryWhole(MemoryWhole {
             pages_on_demand: 3,

@@ -3,6 +3,7 @@
 pub mod binary;
 pub mod image;
 pub mod images;
+pub mod opts;
 pub mod page_server;
 
 /// Pagemap entry flags (`PE_*` in CRIU's `criu/include/pagemap.h`), as stored in

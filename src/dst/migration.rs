@@ -65,7 +65,11 @@ pub(crate) async fn migrate_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let mut store = None;
-    let (frozen_at_ns, images_bytes) = receive_images(&mut ctl_rx, &images_dir, &mut store).await?;
+    let (frozen_at_ns, images_bytes, carried) =
+        receive_images(&mut ctl_rx, &images_dir, &mut store).await?;
+    if !carried.is_empty() {
+        tracing::info!(options = ?carried, "the source's dump calls for these restore options");
+    }
     report.images_bytes = images_bytes;
     if let Some(s) = &store {
         report.precopy_pages_held = s.pages_data() + s.pages_zero();
@@ -106,7 +110,12 @@ pub(crate) async fn migrate_in(
     let held = keeper.clone();
     let mut keeper = Some(keeper);
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
-    let mut restore = Restore::start(&opts.criu, &images_dir, &work, &opts.restore)?;
+    let mut restore = Restore::start(
+        &opts.criu,
+        &images_dir,
+        &work,
+        &opts.restore.with_carried(&carried),
+    )?;
     send_ctl(
         &mut ctl,
         Msg::RestoreStarted(RestoreStarted { root_pid: 0 }),
@@ -324,7 +333,7 @@ async fn receive_images(
     rx: &mut FrameReceiver,
     dir: &Path,
     store: &mut Option<PageStore>,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, Vec<String>)> {
     let mut sink = ImageSink::new(dir);
     loop {
         let msg = match rx.next().await? {
@@ -351,7 +360,8 @@ async fn receive_images(
             Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
             Msg::ImagesDone(d) => {
                 sink.finish(d.files, d.bytes)?;
-                return Ok((d.frozen_at_unix_ns, d.bytes));
+                let carried = crate::criu::opts::accept(&d.restore_criu_opts)?;
+                return Ok((d.frozen_at_unix_ns, d.bytes, carried));
             }
             Msg::Abort(a) => bail!("the source aborted while sending images: {}", a.reason),
             other => bail!("expected images, got {other:?}"),

@@ -48,6 +48,16 @@ pub struct RestoreOptions {
     pub runc_container: Option<(crate::runc::Runc, String)>,
 }
 
+impl RestoreOptions {
+    /// These options plus the ones the source's dump calls for ([`crate::criu::opts`]).
+    pub fn with_carried(&self, carried: &[String]) -> RestoreOptions {
+        RestoreOptions {
+            extra: crate::criu::opts::merge(&self.extra, carried),
+            template: self.template.clone(),
+        }
+    }
+}
+
 /// The restore of `images` in `work`: `opts.template` through the shell, or `criu restore -d`
 /// (with `--lazy-pages` when `lazy`) logging to `work/restore.log`, pidfile `work/restore.pid`.
 pub(crate) fn restore_command(

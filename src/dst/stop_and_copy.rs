@@ -66,13 +66,16 @@ pub async fn migrate_in(
 
     // The dump's own images, as in a lazy migration.
     let mut sink = ImageSink::new(&images);
-    let frozen_at_ns = loop {
+    let (frozen_at_ns, carried) = loop {
         match next(ctl_rx).await? {
             Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
             Msg::ImagesDone(d) => {
                 sink.finish(d.files, d.bytes)?;
                 report.images_bytes += d.bytes;
-                break d.frozen_at_unix_ns;
+                break (
+                    d.frozen_at_unix_ns,
+                    crate::criu::opts::accept(&d.restore_criu_opts)?,
+                );
             }
             Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
             other => bail!("expected images, got {other:?}"),
@@ -83,7 +86,8 @@ pub async fn migrate_in(
     let images_at = Instant::now();
     send_ctl(ctl, Msg::RestoreStarted(RestoreStarted { root_pid: 0 })).await?;
     let restored = {
-        let cmd = restore_command(&opts.criu, &images, &work, &opts.restore, false);
+        let options = opts.restore.with_carried(&carried);
+        let cmd = restore_command(&opts.criu, &images, &work, &options, false);
         let log = work.join("restore.log");
         tokio::task::spawn_blocking(move || restore(cmd, &log)).await?
     };

@@ -46,6 +46,7 @@ pub async fn ship_images(
     ctl: &mut FrameSender,
     dir: &Path,
     frozen_at: SystemTime,
+    restore_criu_opts: Vec<String>,
     before_done: impl FnOnce(),
 ) -> Result<u64> {
     let mut names: Vec<String> = Vec::new();
@@ -73,6 +74,7 @@ pub async fn ship_images(
             files: names.len() as u32,
             bytes: total,
             frozen_at_unix_ns: frozen_at.duration_since(UNIX_EPOCH)?.as_nanos() as u64,
+            restore_criu_opts,
         }),
     )
     .await?;

@@ -31,6 +31,7 @@ use crate::source::frozen;
 use crate::source::keeper::KeeperLink;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
+use crate::source::preflight;
 use crate::source::pump::{
     self, FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged, UrgentRequest,
 };
@@ -112,6 +113,21 @@ fn new_migration_id() -> Result<String> {
 /// can first try to continue that migration at dst.
 pub const MIGRATION_ID_FILE: &str = "migration-id";
 
+/// The file in a dump's work directory that lists the CRIU options its restore needs (one a
+/// line; see [`crate::criu::opts`]), so a `--resume` sends them too.
+pub const CARRIED_OPTS_FILE: &str = "restore-criu-opts";
+
+fn read_carried_opts(work: &Path) -> Vec<String> {
+    std::fs::read_to_string(work.join(CARRIED_OPTS_FILE))
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// How a migration's first link came about.
 struct Start {
     link: Link,
@@ -124,9 +140,23 @@ struct Start {
 }
 
 /// Runs one migration out of this host.
-pub async fn run(opts: SourceOptions) -> Result<SourceReport> {
+pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
+    if let DumpSource::Pid { pid, extra } = &mut opts.dump {
+        // Before anything freezes or crosses: refuse a dump that would fail, naming the option.
+        let (pid, criu) = (*pid, opts.criu.clone());
+        let given = extra.clone();
+        let added =
+            tokio::task::spawn_blocking(move || preflight::scan::prepare(pid, &given, &criu))
+                .await??;
+        extra.extend(added);
+        std::fs::create_dir_all(&opts.work_dir)
+            .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+        let carried = crate::criu::opts::for_restore(extra);
+        std::fs::write(opts.work_dir.join(CARRIED_OPTS_FILE), carried.join("\n"))
+            .with_context(|| format!("writing {}", opts.work_dir.display()))?;
+    }
     if let DumpSource::Resume { work } = &opts.dump
         && let Ok(old) = std::fs::read_to_string(work.join(MIGRATION_ID_FILE))
         && let Some(start) = rejoin(&opts, &id, old.trim()).await
@@ -564,7 +594,10 @@ async fn migrate(
         knows.images_shipped = true;
         Ok(0)
     } else {
-        ship_images(&mut link.ctl, &dump.images_dir, frozen_at, || {
+        let carried = dump_work_dir(opts)
+            .map(|d| read_carried_opts(&d))
+            .unwrap_or_default();
+        ship_images(&mut link.ctl, &dump.images_dir, frozen_at, carried, || {
             // Before ImagesDone leaves: from then on dst may restore, and the keeper must know
             // it even if this process dies the next instant.
             knows.images_shipped = true;

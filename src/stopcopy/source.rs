@@ -131,11 +131,28 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     let layout = opts.criu.layout();
     let result = match &opts.source {
         StopCopySource::Pid { pid, extra } => {
-            let (dump, sock) = dump::start(&opts.criu, *pid, &opts.work_dir, extra)?;
+            // Refuse a dump that would fail before anything freezes (see source::preflight).
+            let (p, criu, given) = (*pid, opts.criu.clone(), extra.clone());
+            let added = tokio::task::spawn_blocking(move || {
+                crate::source::preflight::scan::prepare(p, &given, &criu)
+            })
+            .await??;
+            let extra: Vec<String> = extra.iter().cloned().chain(added).collect();
+            let carried = crate::criu::opts::for_restore(&extra);
+            let (dump, sock) = dump::start(&opts.criu, *pid, &opts.work_dir, &extra)?;
             sock.set_nonblocking(true)?;
             let sock = tokio::net::UnixStream::from_std(sock)?;
             let frozen_at = dump.started_at;
-            let (r, dump) = migrate_own(&mut ctl, &mut ctl_rx, sock, layout, dump, frozen_at).await;
+            let (r, dump) = migrate_own(
+                &mut ctl,
+                &mut ctl_rx,
+                sock,
+                layout,
+                dump,
+                frozen_at,
+                carried,
+            )
+            .await;
             // Whatever happened, the hook hears a verdict and the dump is reaped: "ok" only
             // after dst restored, so CRIU kills the source only then.
             let restored = r.is_ok();
@@ -223,6 +240,7 @@ async fn migrate_own(
     layout: Layout,
     mut dump: StopCopyDump,
     frozen_at: SystemTime,
+    carried: Vec<String>,
 ) -> (Result<StopCopyReport>, Option<StopCopyDump>) {
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
@@ -262,7 +280,7 @@ async fn migrate_own(
     }
     let images_dir = dump.images_dir.clone();
     (
-        finish_migration(ctl, ctl_rx, &images_dir, frozen_at, report).await,
+        finish_migration(ctl, ctl_rx, &images_dir, frozen_at, carried, report).await,
         Some(dump),
     )
 }
@@ -302,7 +320,7 @@ async fn migrate_external(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    finish_migration(ctl, ctl_rx, images_dir, frozen_at, report).await
+    finish_migration(ctl, ctl_rx, images_dir, frozen_at, Vec::new(), report).await
 }
 
 fn fill(report: &mut StopCopyReport, s: &SessionSummary) {
@@ -318,9 +336,10 @@ async fn finish_migration(
     ctl_rx: &mut FrameReceiver,
     images_dir: &Path,
     frozen_at: SystemTime,
+    carried: Vec<String>,
     mut report: StopCopyReport,
 ) -> Result<StopCopyReport> {
-    report.images_bytes += ship_images(ctl, images_dir, frozen_at, || {}).await?;
+    report.images_bytes += ship_images(ctl, images_dir, frozen_at, carried, || {}).await?;
     loop {
         match next_ctl(ctl_rx).await.context("control stream from dst")? {
             Msg::RestoreStarted(_) => tracing::info!("dst started the restore"),

@@ -54,6 +54,7 @@ impl RestoreOptions {
         RestoreOptions {
             extra: crate::criu::opts::merge(&self.extra, carried),
             template: self.template.clone(),
+            runc_container: self.runc_container.clone(),
         }
     }
 }

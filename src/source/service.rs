@@ -37,8 +37,8 @@ use crate::source::pump::{
 };
 use crate::source::push_plan::{PushPlan, RequestRejected};
 use crate::source::recovery::{self, Link, MissingList, Reconnect};
-use crate::source::runc_dump::{RuncDump, start_runc_checkpoint};
 use crate::source::report::SourceReport;
+use crate::source::runc_dump::{RuncDump, start_runc_checkpoint};
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
 

@@ -13,7 +13,6 @@ pub mod criu;
 pub mod demo;
 pub mod dst;
 pub mod fdpass;
-pub mod freezer;
 pub mod images_show;
 pub mod keys;
 pub mod latency;

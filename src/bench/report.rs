@@ -56,6 +56,9 @@ pub struct CellSummary {
     pub fault_p50_us: Option<Stat>,
     pub fault_p99_us: Option<Stat>,
     pub degraded_ms: Option<Stat>,
+    /// Workload speed during the post-copy, % of before.
+    #[serde(default)]
+    pub speed_pct: Option<Stat>,
     /// Wall-clock seconds per run, setup and the watch afterwards included (all runs).
     #[serde(default)]
     pub wall_s: Option<Stat>,
@@ -145,6 +148,7 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<CellSummary> {
                 fault_p50_us: stat(&|r| r.fault_p50_us),
                 fault_p99_us: stat(&|r| r.fault_p99_us),
                 degraded_ms: stat(&|r| r.degraded_ms),
+                speed_pct: stat(&|r| r.speed_pct),
                 wall_s: Stat::of(all.iter().filter_map(|r| r.wall_s)),
                 first_problem: all
                     .iter()
@@ -265,9 +269,9 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms | s per run |"
+        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms | speed during post-copy % | s per run |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &r.cells {
         let verified = if c.verified == 0 {
             format!("**FAILED** 0/{}", c.runs)
@@ -278,7 +282,7 @@ pub fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.cell.mode.name(),
             c.cell.mib,
             if c.cell.mode.uses_link() {
@@ -294,6 +298,7 @@ pub fn markdown(r: &Results) -> String {
             fmt_stat(c.fault_p50_us, 1.0, 0),
             fmt_stat(c.fault_p99_us, 1.0, 0),
             fmt_stat(c.degraded_ms, 1.0, 0),
+            fmt_stat(c.speed_pct, 1.0, 0),
             fmt_stat(c.wall_s, 1.0, 0),
         );
     }
@@ -431,6 +436,7 @@ mod tests {
             fault_p50_us: None,
             fault_p99_us: None,
             degraded_ms: None,
+            speed_pct: None,
             checks_ok_after: 2,
             checks_failed: 0,
             emulator: Some(Emulator::Veth),

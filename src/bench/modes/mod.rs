@@ -124,6 +124,11 @@ pub struct RunRecord {
     pub fault_p99_us: Option<f64>,
     /// Time the root process wrote below 50% of its pre-migration rate after it ran again.
     pub degraded_ms: Option<f64>,
+    /// The root process's write rate from when it ran again to the end of the post-copy, in
+    /// percent of its rate in the second before the freeze ("workload speed during the
+    /// post-copy"); none when nothing was left to copy after it ran again.
+    #[serde(default)]
+    pub speed_pct: Option<f64>,
     pub checks_ok_after: u64,
     pub checks_failed: u64,
     /// What joined the namespaces.
@@ -178,6 +183,7 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
             fault_p50_us: None,
             fault_p99_us: None,
             degraded_ms: None,
+            speed_pct: None,
             checks_ok_after: 0,
             checks_failed: 0,
             emulator: None,
@@ -226,6 +232,13 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         let normal = r.mean_rate(before, g.from_ns)?;
         (normal > 0.0).then(|| r.time_below_rate(g.to_ns, 0.5, normal, RATE_WINDOW_MS) as f64)
     });
+    let speed_pct = gap.zip(wl.tag("r")).and_then(|(g, r)| {
+        let normal = r.mean_rate(g.from_ns.saturating_sub(1_000_000_000), g.from_ns)?;
+        (normal > 0.0 && o.migrated_ns > g.to_ns + 50_000_000)
+            .then(|| r.mean_rate(g.to_ns, o.migrated_ns))
+            .flatten()
+            .map(|during| 100.0 * during / normal)
+    });
     RunRecord {
         cell: cell.clone(),
         run,
@@ -237,6 +250,7 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         fault_p50_us: o.fault_p50_us,
         fault_p99_us: o.fault_p99_us,
         degraded_ms,
+        speed_pct,
         checks_ok_after,
         checks_failed: wl.checks_failed() as u64,
         emulator: None,

@@ -299,7 +299,7 @@ fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
             "--after",
             "3",
             // The push waits 4 s: the dead child's pages are still owed when it dies.
-            "--src-arg=--push-after-ms=4000",
+            "--src-arg=--push-after=4s",
             "--src-arg=--verify-served",
         ])
         .stdout(std::process::Stdio::null())

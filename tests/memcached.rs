@@ -304,7 +304,7 @@ fn migrate_memcached(mode: &str, src_args: &[&str]) {
         std::thread::spawn(move || load_client(lc, stop, done))
     };
     std::thread::sleep(Duration::from_secs(1));
-    let mover = net.spawn_mover(&bed.netns, stop.clone());
+    let mover = net.spawn_mover(&bed.netns, bed.dir.join("dst"), stop.clone());
     let mut args: Vec<String> = vec!["--criu-opt=--tcp-established".into()];
     args.extend(src_args.iter().map(|s| s.to_string()));
     let out = netmig::migrate(&bed, pid, &args, &[net.dst_arg()], Duration::from_secs(180));

@@ -222,7 +222,7 @@ fn keeps_an_established_connection_open_across_the_migration() {
         .expect("client connected");
     std::thread::sleep(Duration::from_secs(1));
 
-    let mover = net.spawn_mover(&bed.netns, stop.clone());
+    let mover = net.spawn_mover(&bed.netns, bed.dir.join("dst"), stop.clone());
     let out = netmig::migrate(
         &bed,
         pid,

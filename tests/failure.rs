@@ -337,7 +337,8 @@ fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
                 .and_then(|l| l.split_whitespace().last()?.parse().ok())
         })
         .expect("NSpid of the victim");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // At once: the restored copies' first whole-memory check (within a second of the restore)
+    // faults in all their pages, after which nothing of the victim is left to serve.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
         nix::sys::signal::Signal::SIGKILL,

@@ -83,6 +83,28 @@ async fn raw_client(
         .await
 }
 
+/// Our client (`client`) against a quinn server with an arbitrary TLS config: a foreign,
+/// broken or impostor server.
+async fn connect_to_raw_server(
+    tls: rustls::ServerConfig,
+    client: &Identity,
+) -> Result<quinn::Connection, TransportError> {
+    let qtls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server =
+        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(qtls)), any_port())
+            .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (_, connected) = tokio::join!(
+        async {
+            if let Some(i) = server.accept().await {
+                let _ = i.await;
+            }
+        },
+        transport::connect(any_port(), addr, client)
+    );
+    connected
+}
+
 async fn with_timeout<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
@@ -405,20 +427,7 @@ async fn peer_with_another_alpn_is_refused() {
         // A server speaking only another protocol: our client is told so.
         let mut tls = transport::server_tls(&src).unwrap();
         tls.alpn_protocols = vec![b"h3".to_vec()];
-        let qtls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-        let other =
-            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(qtls)), any_port())
-                .unwrap();
-        let addr = other.local_addr().unwrap();
-        let (_, connected) = tokio::join!(
-            async {
-                if let Some(i) = other.accept().await {
-                    let _ = i.await;
-                }
-            },
-            transport::connect(any_port(), addr, &dst)
-        );
-        let e = connected.unwrap_err();
+        let e = connect_to_raw_server(tls, &dst).await.unwrap_err();
         assert_eq!(refusal(&e), (RefusedBy::Peer, RefusalReason::WrongProtocol));
         println!("client said: {e}");
     })
@@ -528,20 +537,7 @@ async fn a_certificate_acting_as_the_other_role_is_refused() {
             .with_single_cert(src.chain.clone(), src.key.clone_key())
             .unwrap();
         tls.alpn_protocols = vec![b"pageserv/1".to_vec()];
-        let qtls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-        let impostor =
-            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(qtls)), any_port())
-                .unwrap();
-        let addr = impostor.local_addr().unwrap();
-        let (_, connected) = tokio::join!(
-            async {
-                if let Some(i) = impostor.accept().await {
-                    let _ = i.await;
-                }
-            },
-            transport::connect(any_port(), addr, &src)
-        );
-        let e = connected.unwrap_err();
+        let e = connect_to_raw_server(tls, &src).await.unwrap_err();
         println!("source said: {e}");
         assert_eq!(
             refusal(&e),

@@ -19,6 +19,7 @@ pub mod latency;
 pub mod outcome;
 pub mod pages;
 pub mod pb;
+pub mod preflight;
 pub mod protocol;
 pub mod runc;
 pub mod sched;

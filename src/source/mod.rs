@@ -5,7 +5,6 @@ pub mod eager_dump;
 pub mod frozen;
 pub mod keeper;
 pub mod pre_copy;
-pub mod preflight;
 pub mod pump;
 pub mod push_plan;
 pub mod recovery;

@@ -21,6 +21,7 @@ use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
 use crate::pb::pageserv::{ResumeReady, SourceReleased, control::Msg};
+use crate::preflight;
 use crate::protocol::images::ship_images;
 use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
 use crate::source::dump::{
@@ -31,7 +32,6 @@ use crate::source::frozen;
 use crate::source::keeper::KeeperLink;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
-use crate::source::preflight;
 use crate::source::pump::{
     self, FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged, UrgentRequest,
 };

@@ -131,10 +131,10 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     let layout = opts.criu.layout();
     let result = match &opts.source {
         StopCopySource::Pid { pid, extra } => {
-            // Refuse a dump that would fail before anything freezes (see source::preflight).
+            // Refuse a dump that would fail before anything freezes (see preflight).
             let (p, criu, given) = (*pid, opts.criu.clone(), extra.clone());
             let added = tokio::task::spawn_blocking(move || {
-                crate::source::preflight::scan::prepare(p, &given, &criu)
+                crate::preflight::scan::prepare(p, &given, &criu)
             })
             .await??;
             let extra: Vec<String> = extra.iter().cloned().chain(added).collect();

@@ -247,6 +247,12 @@ fn failed_runc_restore_leaves_the_source_container_running() {
     let r = migrate(&s, &broken);
     assert!(!r.src.success(), "src succeeded:\n{}", r.src_err);
     assert!(!r.dst.success(), "dst succeeded:\n{}", r.dst_err);
+    // The error names both logs: CRIU's and runc's (whose reason this is).
+    assert!(
+        r.dst_err.contains("restore.log") && r.dst_err.contains("runc.log"),
+        "dst's error does not name CRIU's and runc's logs:\n{}",
+        r.dst_err
+    );
     // The source container runs on, untouched, and goes on checking its memory.
     assert!(
         wait_for(Duration::from_secs(20), || s.src.status(&s.name).as_deref()

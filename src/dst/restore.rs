@@ -136,10 +136,22 @@ impl Restore {
         if status.success() {
             Ok(())
         } else {
+            let mut tail = log_tail(&self.log, 20);
+            if self.runc_container.is_some()
+                && let Some(work) = self.log.parent()
+            {
+                // runc's own reason (a missing rootfs, a cgroup it cannot make) is in its log.
+                let runc_log = work.join("runc.log");
+                tail = format!(
+                    "{tail}\nLast lines of runc's log {}:\n{}",
+                    runc_log.display(),
+                    log_tail(&runc_log, 10)
+                );
+            }
             Err(RestoreError::Failed {
                 status: status.to_string(),
                 log: self.log.clone(),
-                tail: log_tail(&self.log, 20),
+                tail,
             })
         }
     }

@@ -281,6 +281,20 @@ fn read_status(mut from: impl Read, path: &Path) -> Result<(), DumpError> {
     }
 }
 
+/// Sends CRIU a command it does not know: the lazy session fails and CRIU resumes the source.
+pub fn fail_dump(conn: &PageServerConn, header_len: usize) {
+    use std::io::Write;
+    let mut header = vec![0u8; header_len];
+    header[..4].copy_from_slice(&0xBAD0u32.to_ne_bytes());
+    let r = match conn {
+        PageServerConn::Unix(s) => (&*s).write_all(&header),
+        PageServerConn::Tcp(s) => (&*s).write_all(&header),
+    };
+    if let Err(e) = r {
+        tracing::warn!("could not tell the dump to fail: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -24,44 +24,24 @@ use crate::pb::pageserv::{ResumeReady, SourceReleased, control::Msg};
 use crate::preflight;
 use crate::protocol::images::ship_images;
 use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
-use crate::source::dump::{
-    DumpOptions, PageServerConn, ReadyDump, join_external_dump, start_lazy_dump,
-};
-use crate::source::eager_dump;
+use crate::source::dump::{PageServerConn, ReadyDump, fail_dump};
 use crate::source::frozen;
 use crate::source::keeper::KeeperLink;
+use crate::source::link_tasks::{Counters, Writers};
+use crate::source::open_dump::open_dump;
 use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
-use crate::source::pump::{
-    self, FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged, UrgentRequest,
-};
-use crate::source::push_plan::{PushPlan, RequestRejected};
+use crate::source::pump::{FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged};
+use crate::source::push_plan::PushPlan;
 use crate::source::recovery::{self, Link, MissingList, Reconnect};
 use crate::source::report::SourceReport;
-use crate::source::runc_dump::{RuncDump, start_runc_checkpoint};
+use crate::source::serving::{Serving, spawn_serving};
 use crate::transport::{self, FrameReceiver, FrameSender};
-use crate::wire::{self, Frame};
 
 /// Fetched batches waiting for the push stream.
 const PUSH_SLOTS: usize = 4;
 
-/// Where the dump comes from.
-#[derive(Debug, Clone)]
-pub enum DumpSource {
-    /// pageserv runs `criu dump --lazy-pages` on this pid.
-    Pid { pid: i32, extra: Vec<String> },
-    /// A dump started elsewhere (runc style).
-    External {
-        page_server: SocketAddr,
-        status_fifo: PathBuf,
-        images_dir: PathBuf,
-    },
-    /// Retry a migration whose source was left frozen in this work directory (its dump keeper
-    /// hands the dump's socket over).
-    Resume { work: PathBuf },
-    /// pageserv runs `runc checkpoint --lazy-pages` on this container and joins its dump.
-    Runc(RuncDump),
-}
+pub use crate::source::open_dump::DumpSource;
 
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -323,7 +303,7 @@ async fn drive(
     started: Instant,
 ) -> Result<SourceReport> {
     // From here on the tasks are frozen: every failure path must resume or keep them.
-    let (mut dump, mut keeper) = open_dump(opts).await?;
+    let (mut dump, mut keeper) = open_dump(&opts.criu, &opts.dump, &opts.work_dir).await?;
     let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
     let frozen_at = dump.started_at;
     tracing::info!(
@@ -406,141 +386,6 @@ fn peak_rss_bytes() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kib| kib * 1024)
-}
-
-async fn open_dump(opts: &SourceOptions) -> Result<(ReadyDump, Option<KeeperLink>)> {
-    let criu = opts.criu.clone();
-    let d = opts.dump.clone();
-    let work = opts.work_dir.clone();
-    let header_len = opts.criu.layout().header_len();
-    tokio::task::spawn_blocking(move || {
-        let dump = open_dump_blocking(&criu, d, &work)?;
-        if let Some(r) = dump.1 {
-            return Ok((dump.0, Some(r)));
-        }
-        let mut dump = dump.0;
-        // A dump pageserv started gets a keeper at once: from here on, src dying must neither
-        // kill nor resume the source behind the rule's back (see source::keeper).
-        let keeper = match (&dump.conn, dump.child.as_ref()) {
-            (PageServerConn::Unix(s), Some(child)) => {
-                let exe = std::env::current_exe().context("locating the pageserv binary")?;
-                match KeeperLink::spawn(&exe, &work, s, child.id(), header_len) {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        // Without a keeper the migration must not start: resume the source.
-                        drop(std::mem::replace(
-                            &mut dump.conn,
-                            PageServerConn::Unix(std::os::unix::net::UnixStream::pair()?.0),
-                        ));
-                        return Err(anyhow::Error::from(e));
-                    }
-                }
-            }
-            _ => None,
-        };
-        Ok((dump, keeper))
-    })
-    .await?
-}
-
-fn open_dump_blocking(
-    criu: &Criu,
-    d: DumpSource,
-    work: &Path,
-) -> Result<(ReadyDump, Option<KeeperLink>)> {
-    let work = work.to_path_buf();
-    let fresh = |r: Result<ReadyDump, _>| r.map(|d| (d, None)).map_err(anyhow::Error::from);
-    match d {
-        DumpSource::Pid { pid, extra } => {
-            let opts = DumpOptions {
-                pid,
-                images_dir: work.join("images"),
-                work_dir: work.clone(),
-                extra,
-            };
-            lazy_dump_not_eager(criu, &opts).map(|d| (d, None))
-        }
-        DumpSource::External {
-            page_server,
-            status_fifo,
-            images_dir,
-        } => fresh(join_external_dump(&images_dir, page_server, &status_fifo)),
-        DumpSource::Runc(r) => fresh(start_runc_checkpoint(criu, &r, &work)),
-        DumpSource::Resume { work } => {
-            let (link, sock) = KeeperLink::take(&work)?;
-            tracing::info!(dir = %work.display(), "took over the frozen dump");
-            Ok((
-                ReadyDump {
-                    images_dir: work.join("images"),
-                    conn: PageServerConn::Unix(sock),
-                    child: None,
-                    log: Some(work.join("dump.log")),
-                    started_at: SystemTime::now(),
-                    redumps: 0,
-                    eager: false,
-                },
-                Some(link),
-            ))
-        }
-    }
-}
-
-/// Starts the lazy dump; while it comes out eager (CRIU's stack-page test, see
-/// [`eager_dump`]), makes it fail, which resumes the tree, and dumps again.
-fn lazy_dump_not_eager(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump> {
-    let mut redumps = 0;
-    loop {
-        let mut dump = start_lazy_dump(criu, opts)?;
-        let eager = match ImageDir::open(&dump.images_dir).and_then(|d| eager_dump::eager_tasks(&d))
-        {
-            Ok(eager) => eager,
-            Err(e) => {
-                tracing::warn!("could not check whether the dump came out lazy: {e}");
-                Vec::new()
-            }
-        };
-        dump.redumps = redumps;
-        dump.eager = !eager.is_empty();
-        if eager.is_empty() {
-            return Ok(dump);
-        }
-        if redumps == eager_dump::RETRIES {
-            tracing::warn!(
-                tasks = ?eager,
-                "criu dump wrote these tasks' memory into the images although the dump is lazy \
-                 (CRIU's stack-page test, see source::eager_dump), {} dumps in a row: going on; \
-                 all their memory crosses before the restore (a longer downtime)",
-                redumps + 1
-            );
-            return Ok(dump);
-        }
-        tracing::warn!(
-            tasks = ?eager,
-            "criu dump came out eager (a thread's stack pointer was page-aligned at the freeze, \
-             CRIU's stack-page test then keeps every page out of the lazy set): resuming the tree \
-             and dumping again"
-        );
-        fail_dump(&dump.conn, criu.layout().header_len());
-        match dump.wait(Duration::from_secs(60)) {
-            Some((status, _)) if !status.success() => {}
-            Some((status, tail)) => bail!(
-                "criu dump of {} ended with {status} after being told to fail; the tree may be \
-                 gone. Its log ends:\n{tail}",
-                opts.pid
-            ),
-            None => bail!(
-                "criu dump of {} did not end within 60 s after being told to fail; its tasks \
-                 may still be frozen (see {})",
-                opts.pid,
-                opts.work_dir.join("dump.log").display()
-            ),
-        }
-        std::fs::remove_dir_all(&opts.images_dir)
-            .with_context(|| format!("clearing {} for the next dump", opts.images_dir.display()))?;
-        redumps += 1;
-        // A moment for the tree to run on: the stack pointer is a property of the freeze.
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -838,66 +683,6 @@ async fn migrate(
     Ok(report)
 }
 
-/// How lazy pages are served after the freeze.
-enum Serving {
-    /// From the frozen tasks (`source::frozen`); CRIU only for tasks that cannot be read. The
-    /// lazy ranges are kept to verify served pages against CRIU's (`PumpConfig::verify_served`).
-    Frozen(
-        Box<frozen::Core>,
-        Arc<frozen::FrozenTasks>,
-        Vec<(u32, Vec<crate::pages::PageRange>)>,
-    ),
-    /// Every page through the dump's page-server connection (`source::pump`).
-    PageServer(PushPlan),
-}
-
-type PumpChannels = (
-    mpsc::UnboundedReceiver<PumpInput>,
-    mpsc::UnboundedSender<Tagged<FaultReply>>,
-    mpsc::Sender<Tagged<Served>>,
-    watch::Receiver<Option<PumpControl>>,
-);
-
-/// Starts the task that owns the dump's connection and serves pages.
-fn spawn_serving<S>(
-    stream: S,
-    layout: crate::criu::page_server::Layout,
-    force_close: bool,
-    serving: Serving,
-    cfg: PumpConfig,
-    (inputs, replies, push, control): PumpChannels,
-) -> tokio::task::JoinHandle<Result<pump::PumpStats, pump::PumpError>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    match serving {
-        Serving::Frozen(core, ftasks, lazy) => tokio::spawn(frozen::driver::run(
-            stream,
-            layout,
-            force_close,
-            *core,
-            ftasks,
-            lazy,
-            cfg,
-            inputs,
-            replies,
-            push,
-            control,
-        )),
-        Serving::PageServer(plan) => tokio::spawn(pump::run(
-            stream,
-            layout,
-            force_close,
-            plan,
-            cfg,
-            inputs,
-            replies,
-            push,
-            control,
-        )),
-    }
-}
-
 /// Hands the pump dst's missing list for link `generation`; returns the pages to push.
 async fn replan(
     pump_tx: &mpsc::UnboundedSender<PumpInput>,
@@ -937,115 +722,6 @@ fn restore_finished(
     Ok(())
 }
 
-/// What the link tasks count, across reconnects.
-#[derive(Debug, Default)]
-struct Counters {
-    /// Push frames, bytes and zero pages sent.
-    frames: AtomicU64,
-    bytes: AtomicU64,
-    zero_pages: AtomicU64,
-    /// Fault request received to its answer handed to QUIC, before and after the first push
-    /// frame: the source's share of dst's fault latency (CRIU's answer included).
-    fault_service_before_push: crate::latency::LatencyHistogram,
-    fault_service_during_push: crate::latency::LatencyHistogram,
-}
-
-/// What the per-link writer tasks share across reconnects: the pump's output queues (a writer
-/// holds a queue's lock while it lives), its input, and the counters.
-struct Writers {
-    push_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Tagged<Served>>>>,
-    reply_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
-    to_pump: mpsc::UnboundedSender<PumpInput>,
-    validator: Option<Arc<Validator>>,
-    counters: Arc<Counters>,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-/// The writer tasks of one link.
-struct LinkTasks {
-    /// `None` once stopped.
-    pusher: Option<tokio::task::JoinHandle<Result<()>>>,
-    faults: Option<tokio::task::JoinHandle<Result<()>>>,
-}
-
-impl Writers {
-    /// Opens the push stream on `link` and starts its pusher and fault server for `generation`.
-    async fn start(
-        &self,
-        link: &Link,
-        fault_stream: (FrameSender, FrameReceiver),
-        generation: u64,
-    ) -> Result<LinkTasks> {
-        let push_send = link
-            .conn
-            .open_uni()
-            .await
-            .context("opening the push stream")?;
-        push_send.set_priority(transport::PUSH_PRIORITY)?;
-        let pusher = tokio::spawn(push_pages(
-            FrameSender::new(push_send),
-            self.push_rx.clone(),
-            generation,
-            self.bar.clone(),
-            self.validator.clone(),
-            self.counters.clone(),
-        ));
-        let faults = tokio::spawn(serve_faults(
-            fault_stream,
-            self.to_pump.clone(),
-            self.reply_rx.clone(),
-            generation,
-            self.validator.clone(),
-            self.counters.clone(),
-        ));
-        Ok(LinkTasks {
-            pusher: Some(pusher),
-            faults: Some(faults),
-        })
-    }
-}
-
-impl LinkTasks {
-    /// The link died: stop writing to it. What was taken from the queues and not delivered is
-    /// in dst's missing list when the link comes back.
-    async fn stop(&mut self) {
-        for task in [self.pusher.take(), self.faults.take()]
-            .into_iter()
-            .flatten()
-        {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    /// The pump has ended: the pusher drains what is queued and finishes its stream (a stopped
-    /// link has nothing to finish).
-    async fn finish(mut self) -> Result<()> {
-        if let Some(f) = self.faults.take() {
-            f.abort();
-            let _ = f.await;
-        }
-        match self.pusher.take() {
-            Some(p) => p.await.context("the push task panicked")?,
-            None => Ok(()),
-        }
-    }
-}
-
-/// Sends CRIU a command it does not know: the lazy session fails and CRIU resumes the source.
-fn fail_dump(conn: &PageServerConn, header_len: usize) {
-    use std::io::Write;
-    let mut header = vec![0u8; header_len];
-    header[..4].copy_from_slice(&0xBAD0u32.to_ne_bytes());
-    let r = match conn {
-        PageServerConn::Unix(s) => (&*s).write_all(&header),
-        PageServerConn::Tcp(s) => (&*s).write_all(&header),
-    };
-    if let Err(e) = r {
-        tracing::warn!("could not tell the dump to fail: {e}");
-    }
-}
-
 /// Applies the split-brain rule to a failure the pump has not acted on yet (or has: then the
 /// pump already wrote what the rule chose, and this only settles the keeper).
 fn settle(
@@ -1081,141 +757,4 @@ fn settle(
             e
         }
     }
-}
-
-/// Reads dst's fault requests on one link, forwards them to the pump and sends the pump's
-/// answers of this link's `generation` (answers fetched for a dead link are dropped: dst asks
-/// again).
-async fn serve_faults(
-    (mut tx, mut rx): (FrameSender, FrameReceiver),
-    to_pump: mpsc::UnboundedSender<PumpInput>,
-    from_pump: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Tagged<FaultReply>>>>,
-    generation: u64,
-    validator: Option<Arc<Validator>>,
-    counters: Arc<Counters>,
-) -> Result<()> {
-    let reader = async move {
-        while let Some(frame) = rx.next().await? {
-            match frame {
-                Frame::PageRequest {
-                    pid,
-                    vaddr,
-                    nr_pages,
-                } => {
-                    let req = UrgentRequest {
-                        pid,
-                        vaddr,
-                        nr_pages,
-                        at: std::time::Instant::now(),
-                    };
-                    if to_pump.send(PumpInput::Fault(req)).is_err() {
-                        break;
-                    }
-                }
-                other => {
-                    bail!("dst sent {other:?} on the fault stream; only page requests belong there")
-                }
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    };
-    let writer = async move {
-        let mut from_pump = from_pump.lock().await;
-        while let Some((g, reply)) = from_pump.recv().await {
-            if g != generation {
-                continue;
-            }
-            match reply {
-                FaultReply::Pages(s, at) => {
-                    send_served(&mut tx, s, validator.as_deref()).await?;
-                    let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    if counters.frames.load(Relaxed) == 0 {
-                        counters.fault_service_before_push.record(ns);
-                    } else {
-                        counters.fault_service_during_push.record(ns);
-                    }
-                }
-                FaultReply::Refused { request, why } => {
-                    tracing::warn!(%why, "refused a fault request");
-                    let reason = match why {
-                        RequestRejected::UnknownPid(_) => wire::refuse_reason::UNKNOWN_PID,
-                        RequestRejected::NotLazy { .. } => wire::refuse_reason::NOT_LAZY,
-                    };
-                    tx.send(&Frame::Refused {
-                        pid: request.pid,
-                        vaddr: request.vaddr,
-                        nr_pages: request.nr_pages,
-                        reason,
-                    })
-                    .await?;
-                }
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    };
-    tokio::try_join!(reader, writer)?;
-    Ok(())
-}
-
-/// Writes this link's background batches to its push stream, zero pages as Zero frames; ends
-/// (finishing the stream) when the pump is done.
-async fn push_pages(
-    mut tx: FrameSender,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Tagged<Served>>>>,
-    generation: u64,
-    bar: Option<indicatif::ProgressBar>,
-    validator: Option<Arc<Validator>>,
-    counters: Arc<Counters>,
-) -> Result<()> {
-    let mut rx = rx.lock().await;
-    while let Some((g, s)) = rx.recv().await {
-        if g != generation {
-            continue;
-        }
-        let bytes = s.data.len() as u64;
-        let zero = send_served(&mut tx, s, validator.as_deref()).await?;
-        counters.zero_pages.fetch_add(zero, Relaxed);
-        counters.frames.fetch_add(1, Relaxed);
-        counters.bytes.fetch_add(bytes, Relaxed);
-        if let Some(b) = &bar {
-            b.inc(bytes);
-        }
-    }
-    tx.finish();
-    Ok(())
-}
-
-/// Sends one fetched batch, splitting out zero pages; returns how many were zero. After a
-/// pre-copy, the validator decides what dst's copies make unnecessary.
-async fn send_served(
-    tx: &mut FrameSender,
-    s: Served,
-    validator: Option<&Validator>,
-) -> Result<u64> {
-    if let Some(v) = validator {
-        return v.send(tx, s).await;
-    }
-    let page = crate::pages::PAGE_SIZE as usize;
-    let mut zero = 0;
-    for (first, n, is_zero) in crate::pages::zero_runs(&s.data) {
-        let vaddr = s.vaddr + (first * page) as u64;
-        if is_zero {
-            zero += n as u64;
-            tx.send(&Frame::Zero {
-                pid: s.pid,
-                vaddr,
-                nr_pages: n as u32,
-            })
-            .await?;
-        } else {
-            tx.send_pages(
-                s.pid,
-                vaddr,
-                n as u32,
-                s.data.slice(first * page..(first + n) * page),
-            )
-            .await?;
-        }
-    }
-    Ok(zero)
 }

@@ -278,6 +278,8 @@ fn workload_processes() -> Vec<(i32, i32, u32, char)> {
 /// with every page equal to CRIU's copy and the workload's checks OK at dst. The source is not
 /// resumed (the rule: a restored copy has run).
 #[test]
+#[ignore = "timing-dependent (the kill must land before the restored copies fault everything in); \
+            .ci/run runs it with one retry"]
 fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
     if !can_run() {
         return;

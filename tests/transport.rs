@@ -83,6 +83,19 @@ async fn raw_client(
         .await
 }
 
+/// A client TLS builder trusting `id`'s CA, TLS 1.3, before its certificate choice: for
+/// clients built by hand (no certificate, or one of the wrong role).
+fn raw_client_tls(
+    id: &Identity,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(id.ca[0].clone()).unwrap();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+}
+
 /// Our client (`client`) against a quinn server with an arbitrary TLS config: a foreign,
 /// broken or impostor server.
 async fn connect_to_raw_server(
@@ -299,17 +312,7 @@ async fn client_without_certificate_is_refused() {
         let (src, dst) = pair(&t.0, "ca1");
         let ep = transport::server(any_port(), &src).unwrap();
         let addr = ep.local_addr().unwrap();
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates({
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(dst.ca[0].clone()).unwrap();
-            roots
-        })
-        .with_no_client_auth();
+        let mut tls = raw_client_tls(&dst).with_no_client_auth();
         tls.alpn_protocols = vec![transport::ALPN.to_vec()];
         let (accepted, client) = tokio::join!(transport::accept(&ep, &src), async {
             let c = raw_client(tls, addr).await?;
@@ -549,18 +552,9 @@ async fn a_certificate_acting_as_the_other_role_is_refused() {
         // hand with it): the destination refuses it before any hello.
         let ep = transport::server(any_port(), &dst).unwrap();
         let addr = ep.local_addr().unwrap();
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates({
-            let mut r = rustls::RootCertStore::empty();
-            r.add(dst.ca[0].clone()).unwrap();
-            r
-        })
-        .with_client_auth_cert(dst.chain.clone(), dst.key.clone_key())
-        .unwrap();
+        let mut tls = raw_client_tls(&dst)
+            .with_client_auth_cert(dst.chain.clone(), dst.key.clone_key())
+            .unwrap();
         tls.alpn_protocols = vec![b"pageserv/1".to_vec()];
         let (accepted, client) = tokio::join!(transport::accept(&ep, &dst), raw_client(tls, addr));
         let e = accepted.unwrap_err();

@@ -5,8 +5,12 @@
 //! CPU. Under the normal policy every hop of a fault (uffd thread, QUIC task, CRIU's page
 //! server, the reply) may wait behind ordinary tasks on a busy core: with both hosts on one
 //! 2-core VM that run-queue wait, not the link, was most of the fault p99's growth under a full
-//! push (README, "Sharing the bottleneck"). A nice value does not help (measured: -20 changed
-//! nothing); a real-time policy does, because it preempts ordinary tasks at wakeup.
+//! push (README, "Sharing the bottleneck"). Two things were in the way: the hops crossed the busy
+//! multi-thread runtime (fixed by [`crate::fault_lane`]), and under EEVDF a running thread is
+//! not preempted at a wakeup until its slice ends, whatever the nice values (a nice value alone
+//! measured no better). By default the threads on a fault's path therefore ask for a short slice
+//! at nice -10 ([`favour_this_thread`]); `--realtime` puts every pageserv thread under a
+//! real-time policy, which preempts ordinary tasks at wakeup.
 //!
 //! The policy is set with SCHED_RESET_ON_FORK, so every process pageserv starts (`criu restore`
 //! and the tasks it restores, keepers, a runc restore) begins at the normal policy. The kernel

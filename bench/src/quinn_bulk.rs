@@ -48,13 +48,28 @@ fn congestion(name: &str) -> Result<Congestion> {
 /// The receiver's rate in MiB/s over the testbed's bare veth.
 pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
     let linkem = std::env::current_exe()?.with_file_name("linkem");
-    let bed = Testbed::pair(3, &LinkShape { rate_bps: None, delay_us: 0, loss: 0.0 }, &linkem).context("building the testbed")?;
+    let bed = Testbed::pair(
+        3,
+        &LinkShape {
+            rate_bps: None,
+            delay_us: 0,
+            loss: 0.0,
+        },
+        &linkem,
+    )
+    .context("building the testbed")?;
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let exe = std::env::current_exe()?;
     let addr = SocketAddr::new(bed.dst_addr.into(), 47_000);
     let receiver = bed
         .in_dst(&exe)
-        .args(["quinn-bulk", "--side", "receiver", "--congestion", congestion_name])
+        .args([
+            "quinn-bulk",
+            "--side",
+            "receiver",
+            "--congestion",
+            congestion_name,
+        ])
         .arg("--mib")
         .arg(mib.to_string())
         .arg("--addr")
@@ -67,7 +82,13 @@ pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sender = bed
         .in_src(&exe)
-        .args(["quinn-bulk", "--side", "sender", "--congestion", congestion_name])
+        .args([
+            "quinn-bulk",
+            "--side",
+            "sender",
+            "--congestion",
+            congestion_name,
+        ])
         .arg("--mib")
         .arg(mib.to_string())
         .arg("--addr")
@@ -97,7 +118,10 @@ pub fn run(a: QuinnBulkArgs) -> Result<()> {
     match a.side.as_deref() {
         None => {
             let rate = measure(a.mib, &a.congestion)?;
-            println!("quinn bulk rate: {rate:.0} MiB/s ({} MiB, {})", a.mib, a.congestion);
+            println!(
+                "quinn bulk rate: {rate:.0} MiB/s ({} MiB, {})",
+                a.mib, a.congestion
+            );
             Ok(())
         }
         Some(side) => {

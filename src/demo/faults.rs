@@ -13,9 +13,13 @@ use crate::testbed::Testbed;
 /// What to break, `after` the restore finished at dst.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
-    CutLink { secs: f64 },
+    CutLink {
+        secs: f64,
+    },
     KillDst,
     KillSrc,
+    /// SIGKILL the `criu dump` that `pageserv src` runs (the one holding the source frozen).
+    KillCriuDump,
 }
 
 /// What the fault injection saw.
@@ -33,6 +37,12 @@ pub struct FaultReport {
     /// migration (src was killed), else into a restarted one.
     pub retry_src_exit: Option<i32>,
     pub retry_dst_exit: Option<i32>,
+    /// With `--restart-dst`: the restored root (host pid, start time in clock ticks) just after
+    /// dst was killed, and again after the migration: the same process if it was adopted.
+    pub restored_before_restart: Option<(i32, u64)>,
+    pub restored_after: Option<(i32, u64)>,
+    /// Heartbeats in the workload's log that went backwards (tag, seq): a rolled-back copy.
+    pub rolled_back_heartbeats: Vec<(String, u64)>,
 }
 
 /// Waits for the restore to finish (`restored` fires), waits `after`, then injects `fault`.
@@ -76,6 +86,23 @@ pub fn inject(
         Fault::KillSrc => {
             eprintln!("fault injection: SIGKILL pageserv src ({src_pid})");
             kill(src_pid);
+        }
+        Fault::KillCriuDump => {
+            let dumps: Vec<i32> = crate::dst::uffd_loop::kill::descendants(src_pid)
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "criu")
+                })
+                .collect();
+            if dumps.is_empty() {
+                eprintln!("fault injection: no criu dump under pageserv src ({src_pid})");
+                return;
+            }
+            eprintln!("fault injection: SIGKILL criu dump ({dumps:?})");
+            for p in dumps {
+                kill(p);
+            }
         }
     }
     report.injected = true;

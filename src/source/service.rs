@@ -139,12 +139,30 @@ pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
     }
     if let DumpSource::Resume { work } = &opts.dump
         && let Ok(old) = std::fs::read_to_string(work.join(MIGRATION_ID_FILE))
-        && let Some(start) = rejoin(&opts, &id, old.trim()).await
     {
-        return drive(&opts, &id, start, started).await;
+        if let Some(start) = rejoin(&opts, &id, old.trim()).await {
+            return drive(&opts, &id, start, started).await;
+        }
+        warn_rollback(old.trim());
     }
     let start = start_fresh(&opts, &id).await?;
     drive(&opts, &id, start, started).await
+}
+
+/// A retry that cannot continue the migration restores the source again from its freeze
+/// point: say so plainly, and what it means.
+fn warn_rollback(migration_id: &str) {
+    let text = format!(
+        "ROLLBACK: dst no longer runs migration {migration_id}, so this retry ships the frozen \
+         dump again and restores the process from the moment it was frozen. A restored copy \
+         that ran at dst since then is rolled back: what it computed is lost, files it wrote keep \
+         their new contents (CRIU refuses a restore whose open files changed size since the dump: \
+         \"has bad size\"), and peers of its sockets saw a connection that now goes back in \
+         time (expect resets). If dst may still hold the restored tasks, restart it with the same \
+         --work instead: it adopts them and this retry continues the migration without a rollback."
+    );
+    tracing::warn!("{text}");
+    eprintln!("pageserv src: {text}");
 }
 
 /// `--resume`: if dst still runs the migration this dump belonged to (only src died), continue
@@ -742,7 +760,9 @@ fn settle(
                 e.context(format!(
                     "the source stays FROZEN: a restored copy may have run at dst, so it must not \
                      be resumed. Retry with a running pageserv dst: `pageserv src --lazy --to ADDR \
-                     --resume {w}`; or settle it: `pageserv frozen {w} --kill-source` (or \
+                     --resume {w}` (it continues the migration if dst still runs it or adopted \
+                     it after a restart on the same --work; otherwise it rolls the process back \
+                     to its freeze point); or settle it: `pageserv frozen {w} --kill-source` (or \
                      --resume-source, only if no restored copy runs anywhere)",
                     w = work.display()
                 ))

@@ -377,6 +377,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             "after the failure: source state {:?}, restored copy alive: {}",
             fault_report.source_state, fault_report.restored_alive_after_failure
         );
+        if !args.retry && fault_report.source_state == "t" {
+            // Left frozen on purpose by the failure rule; the demo started it, so it ends it.
+            let src_work = bed.dir.join("src").join(src_id.to_string());
+            match crate::source::keeper::settle_frozen(&src_work, false) {
+                Ok(()) => fault_report.source_settled = true,
+                Err(e) => eprintln!("cannot settle the frozen source: {e}"),
+            }
+        }
         if args.retry {
             let src_work = bed.dir.join("src").join(src_id.to_string());
             if dst_status.is_some() || dst.try_wait()?.is_some() {

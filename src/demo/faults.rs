@@ -41,6 +41,9 @@ pub struct FaultReport {
     /// dst was killed, and again after the migration: the same process if it was adopted.
     pub restored_before_restart: Option<(i32, u64)>,
     pub restored_after: Option<(i32, u64)>,
+    /// Without `--retry`, a source left frozen is settled by the demo (`pageserv frozen DIR
+    /// --kill-source`, as an operator would): whether that worked.
+    pub source_settled: bool,
     /// Heartbeats in the workload's log that went backwards (tag, seq): a rolled-back copy.
     pub rolled_back_heartbeats: Vec<(String, u64)>,
 }
@@ -91,8 +94,10 @@ pub fn inject(
             let dumps: Vec<i32> = crate::dst::uffd_loop::kill::descendants(src_pid)
                 .into_iter()
                 .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|c| c.trim() == "criu")
+                    // By its arguments: the installed criu runs under its own loader.
+                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                    args.iter().any(|a| a.ends_with(b"criu")) && args.contains(&&b"dump"[..])
                 })
                 .collect();
             if dumps.is_empty() {

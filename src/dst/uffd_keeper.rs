@@ -363,6 +363,10 @@ fn wait_for_adopter(
         if policy.tick(Instant::now()) == Action::KillAll {
             return None;
         }
+        if policy.held().next().is_none() {
+            // Every restored task exited (dst killed them, or they ended): nothing to keep.
+            return None;
+        }
         let Phase::Orphaned { deadline } = policy.phase() else {
             return None;
         };

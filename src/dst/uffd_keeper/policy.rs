@@ -383,7 +383,8 @@ mod tests {
                         let peer = Peer { pid: 2, uid: if root { 0 } else { 7 } };
                         if let Ok(got) = p.adopt(peer, now) {
                             prop_assert!(root);
-                            prop_assert!(matches!(before, Phase::Orphaned { deadline } if now < deadline));
+                            let was_open = matches!(before, Phase::Orphaned { deadline } if now < deadline);
+                            prop_assert!(was_open);
                             let live: Vec<usize> = p.held().map(|(i, _)| i).collect();
                             prop_assert_eq!(got, live);
                         }
@@ -397,7 +398,8 @@ mod tests {
                     killed = true;
                     let zero = secs == 0 && before == Phase::Attached;
                     let late = matches!(before, Phase::Orphaned { deadline } if now >= deadline);
-                    prop_assert!(zero || late);
+                    let ok = zero || late;
+                    prop_assert!(ok);
                 }
                 if killed {
                     prop_assert!(matches!(p.phase(), Phase::Expired | Phase::Released));

@@ -509,3 +509,34 @@ fn a_source_task_killed_mid_post_copy_is_served_from_criu() {
     }
     eprintln!("killed task: {differ} pages where CRIU's copy changed after serving: {p}");
 }
+
+/// `criu dump` itself is SIGKILLed mid post-copy, for a bare process tree (no cgroup of its own
+/// to freeze): the kernel detaches its tracees and the source tasks run again. pageserv src sees
+/// the dump exit, stops serving (the memory is changing), and has dst kill the restored copy,
+/// which can never be completed, before any missing page reads as zero. The documented end
+/// state: the source copy runs on (the restored copy's run is lost), src exits non-zero saying
+/// so, and no memory check fails anywhere.
+#[test]
+fn killed_criu_dump_leaves_the_source_running_and_kills_the_restored_copy() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr) = demo("kill-criu", &["--mib", "128", "--kill", "criu"]);
+    let f = &v["fault"];
+    assert_eq!(f["injected"], true, "{stderr}");
+    assert_ne!(v["src_exit"], 0, "{stderr}");
+    assert!(
+        stderr.contains("died in the middle of the post-copy"),
+        "src did not say the dump died:\n{stderr}"
+    );
+    assert_eq!(
+        f["restored_alive_after_failure"], false,
+        "the incomplete restored copy survived: {f}\n{stderr}"
+    );
+    assert_eq!(v["workload_alive_at_dst"], false, "{stderr}");
+    assert_eq!(
+        v["workload_alive_at_src"], true,
+        "the source copy is gone: {stderr}"
+    );
+    assert_eq!(v["checks_failed"], 0, "a memory check failed: {stderr}");
+}

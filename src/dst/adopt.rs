@@ -28,7 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
 use crate::criu::images::ImageDir;
-use crate::dst::migration::memory_whole;
+use crate::dst::migration::{bridge, memory_whole};
 use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE};
 use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring};
 use crate::dst::uffd_keeper::policy::Holding;
@@ -167,6 +167,7 @@ pub(crate) async fn adopt_in(
     opts: &DstOptions,
     orphan: Orphan,
     mut routes: mpsc::UnboundedReceiver<Routed>,
+    fault_port: u16,
 ) -> Result<DstReport> {
     let started = Instant::now();
     let mut report = DstReport {
@@ -272,16 +273,7 @@ pub(crate) async fn adopt_in(
     }
     handle.send(Inbound::RestoreFinished)?;
 
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    std::thread::Builder::new()
-        .name("uffd-outbound".into())
-        .spawn(move || {
-            while let Ok(ev) = out_rx.recv() {
-                if ev_tx.send(ev).is_err() {
-                    break;
-                }
-            }
-        })?;
+    let (mut ev_rx, requests) = bridge(out_rx)?;
     let wiring = Wiring {
         to_loop: handle.sender(),
         held: Held {
@@ -291,6 +283,8 @@ pub(crate) async fn adopt_in(
         recover_timeout: opts.recover_timeout,
         // Every adopted task is handed over already.
         lazy: BTreeMap::new(),
+        fault_port,
+        requests,
     };
     let mut post = PostCopy::adopted(wiring, finished_at_ns);
     let mut tick = tokio::time::interval(Duration::from_millis(50));

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
+use crate::dst::fault_requests;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
@@ -43,6 +44,7 @@ pub(crate) async fn migrate_in(
     ctl: (FrameSender, FrameReceiver, Hello),
     mut routes: mpsc::UnboundedReceiver<Routed>,
     started: Instant,
+    fault_port: u16,
 ) -> Result<DstReport> {
     let mut report = DstReport::default();
     let (mut ctl, mut ctl_rx, hello) = ctl;
@@ -164,18 +166,7 @@ pub(crate) async fn migrate_in(
         Ok(())
     });
 
-    // Outbound events of the fault thread, bridged into async.
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    std::thread::Builder::new()
-        .name("uffd-outbound".into())
-        .spawn(move || {
-            crate::sched::raise_this_thread();
-            while let Ok(ev) = out_rx.recv() {
-                if ev_tx.send(ev).is_err() {
-                    break;
-                }
-            }
-        })?;
+    let (mut ev_rx, requests) = bridge(out_rx)?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
@@ -185,6 +176,8 @@ pub(crate) async fn migrate_in(
         },
         recover_timeout: opts.recover_timeout,
         lazy: lazy_all,
+        fault_port,
+        requests,
     };
     let mut post = PostCopy::new(wiring, conn.clone(), ctl, ctl_rx, fault);
 
@@ -299,6 +292,42 @@ pub(crate) async fn migrate_in(
     }
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
+}
+
+/// Bridges the fault thread's outbound events into async. Fault requests go straight to their
+/// writer on the fault lane, in the order the fault thread raised them relative to its resume
+/// answers (see dst::fault_requests).
+#[allow(clippy::type_complexity)]
+pub(crate) fn bridge(
+    out_rx: crossbeam_channel::Receiver<Outbound>,
+) -> Result<(
+    mpsc::UnboundedReceiver<Outbound>,
+    mpsc::UnboundedSender<fault_requests::Cmd>,
+)> {
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
+    let requests = fault_requests::spawn();
+    let bridge_requests = requests.clone();
+    std::thread::Builder::new()
+        .name("uffd-outbound".into())
+        .spawn(move || {
+            crate::sched::favour_this_thread();
+            while let Ok(ev) = out_rx.recv() {
+                let sent = match ev {
+                    Outbound::Fault(r) => {
+                        bridge_requests.send(fault_requests::Cmd::Fault(r)).is_ok()
+                    }
+                    Outbound::Resumed { .. } => {
+                        let _ = bridge_requests.send(fault_requests::Cmd::Queue);
+                        ev_tx.send(ev).is_ok()
+                    }
+                    ev => ev_tx.send(ev).is_ok(),
+                };
+                if !sent {
+                    break;
+                }
+            }
+        })?;
+    Ok((ev_rx, requests))
 }
 
 /// A failed restore's error with CRIU's own last `Error` lines (the cause is usually there,

@@ -3,6 +3,7 @@
 pub(crate) mod adopt;
 pub mod arrival_guard;
 pub mod endpoint;
+pub(crate) mod fault_requests;
 pub mod image_sink;
 pub mod lazy_socket;
 pub mod migration;

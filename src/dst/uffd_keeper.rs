@@ -363,10 +363,8 @@ fn wait_for_adopter(
         if policy.tick(Instant::now()) == Action::KillAll {
             return None;
         }
-        if policy.held().next().is_none() {
-            // Every restored task exited (dst killed them, or they ended): nothing to keep.
-            return None;
-        }
+        // Every restored task exited (dst killed them, or they ended): nothing left to keep.
+        policy.held().next()?;
         let Phase::Orphaned { deadline } = policy.phase() else {
             return None;
         };

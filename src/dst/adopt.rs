@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::criu::images::ImageDir;
 use crate::dst::migration::{bridge, memory_whole};
 use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE};
-use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring};
+use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring};
 use crate::dst::uffd_keeper::policy::Holding;
 use crate::dst::uffd_keeper::{self, Adoption, KEEPER_SOCKET, UffdKeeper};
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
@@ -276,7 +276,7 @@ pub(crate) async fn adopt_in(
     let (mut ev_rx, requests) = bridge(out_rx)?;
     let wiring = Wiring {
         to_loop: handle.sender(),
-        held: Held {
+        held: PreCopied {
             store: None,
             placed: Arc::new(AtomicU64::new(0)),
         },

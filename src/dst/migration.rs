@@ -23,7 +23,7 @@ use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
-use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring, unix_ns};
+use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring, unix_ns};
 use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
@@ -170,7 +170,7 @@ pub(crate) async fn migrate_in(
 
     let wiring = Wiring {
         to_loop: handle.sender(),
-        held: Held {
+        held: PreCopied {
             store: store.clone(),
             placed: pages_local.clone(),
         },

@@ -48,7 +48,7 @@ pub(crate) enum Routed {
 
 /// The pre-copied pages dst holds, and how many of them were confirmed and placed.
 #[derive(Clone)]
-pub(crate) struct Held {
+pub(crate) struct PreCopied {
     pub store: Option<Arc<PageStore>>,
     pub placed: Arc<AtomicU64>,
 }
@@ -105,7 +105,7 @@ enum LinkState {
 /// The migration's side of the fault thread and the link.
 pub(crate) struct Wiring {
     pub to_loop: LoopSender,
-    pub held: Held,
+    pub held: PreCopied,
     pub recover_timeout: Duration,
     /// Per image pid, every lazy range (for tasks not handed over yet at a resume).
     pub lazy: BTreeMap<u32, Vec<PageRange>>,
@@ -603,7 +603,7 @@ async fn feed_pages(
     mut rx: FrameReceiver,
     to_loop: LoopSender,
     (urgent, link): (bool, u64),
-    held: Held,
+    held: PreCopied,
 ) -> Result<()> {
     while let Some(frame) = rx.next().await? {
         let inbound = match frame {

@@ -15,7 +15,7 @@ mod driver;
 mod engine;
 mod ioctl;
 mod kernel;
-pub(crate) mod kill;
+pub mod kill;
 mod place;
 
 use std::os::fd::OwnedFd;

@@ -33,7 +33,7 @@ use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
 use crate::source::pump::{FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged};
 use crate::source::push_plan::PushPlan;
-use crate::source::recovery::{self, Link, MissingList, Reconnect};
+use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
 use crate::source::report::SourceReport;
 use crate::source::serving::{Serving, spawn_serving};
 use crate::transport::{self, FrameReceiver, FrameSender};
@@ -111,7 +111,7 @@ fn read_carried_opts(work: &Path) -> Vec<String> {
 
 /// How a migration's first link came about.
 struct Start {
-    link: Link,
+    link: DstConnections,
     fault_stream: (FrameSender, FrameReceiver),
     migration_id: String,
     pre: Option<(HeldMemory, PreCopyReport)>,
@@ -320,7 +320,7 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
         ),
         (None, _) => None,
     };
-    let link = Link {
+    let link = DstConnections {
         conn,
         fault_conn,
         ctl,
@@ -400,7 +400,7 @@ async fn drive(
     )
     .await;
     let wire_after_freeze = (wire_dead_links + link.tx_bytes()).saturating_sub(wire_at_freeze);
-    let Link {
+    let DstConnections {
         conn, fault_conn, ..
     } = link;
     fault_conn.close(0u32.into(), b"done");
@@ -442,7 +442,7 @@ fn peak_rss_bytes() -> u64 {
 #[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
-    link: &mut Link,
+    link: &mut DstConnections,
     reconnect: &Reconnect<'_>,
     wire_dead_links: &mut u64,
     fault_stream: (FrameSender, FrameReceiver),

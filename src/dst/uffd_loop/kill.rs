@@ -175,7 +175,7 @@ pub(crate) fn wait_exited(procs: &[&Process], timeout: Duration) -> Vec<i32> {
 }
 
 /// Every live descendant of `root` (not `root` itself), from the ppid fields in /proc.
-pub(crate) fn descendants(root: i32) -> Vec<i32> {
+pub fn descendants(root: i32) -> Vec<i32> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();

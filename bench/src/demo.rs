@@ -106,12 +106,15 @@ pub struct DemoResult {
     pub workload_log: String,
 }
 
-pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+/// A program built beside this one (`pageserv`, `workload`, `linkem`: one `cargo build
+/// --release` puts them all in `target/release`).
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the pageserv-lab binary")?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
         bail!(
-            "{} not found beside {}: build it with `cargo build --release`",
+            "{} not found beside {}: build it with `cargo build --release` (at the repository's \
+             root, which builds pageserv and the lab)",
             name,
             exe.display()
         );
@@ -246,8 +249,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 /// dst` in its destination namespace. With `timeout`, a `pageserv src` still running after it
 /// is killed and the migration fails.
 pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> Result<DemoResult> {
-    let pageserv = std::env::current_exe()?;
-    let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
+    let pageserv = sibling("pageserv")?;
+    let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
     let (mut unshare, pid) = start_workload(bed, args, &log)?;
     interrupt::started(unshare.id() as i32);
@@ -341,7 +344,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         });
         let src_status = match timeout {
             None => Some(src.wait().context("waiting for pageserv src")?),
-            Some(t) => crate::child::wait_timeout(&mut src, t)?,
+            Some(t) => pageserv::child::wait_timeout(&mut src, t)?,
         };
         let mut dst_wait = Duration::from_secs(90);
         if let Some(restarted) = injector.and_then(|h| h.join().ok()).flatten() {
@@ -358,7 +361,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
             None
         } else {
-            let s = crate::child::wait_timeout(&mut dst, dst_wait)?;
+            let s = pageserv::child::wait_timeout(&mut dst, dst_wait)?;
             if s.is_none() && dst_wait < Duration::from_secs(90) {
                 let _ = dst.kill();
                 let _ = dst.wait();
@@ -380,7 +383,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         if !args.retry && fault_report.source_state == "t" {
             // Left frozen on purpose by the failure rule; the demo started it, so it ends it.
             let src_work = bed.dir.join("src").join(src_id.to_string());
-            match crate::source::keeper::settle_frozen(&src_work, false) {
+            match pageserv::source::keeper::settle_frozen(&src_work, false) {
                 Ok(()) => fault_report.source_settled = true,
                 Err(e) => eprintln!("cannot settle the frozen source: {e}"),
             }
@@ -405,13 +408,13 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .context("running pageserv src --resume")?;
             interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
-            dst_status = crate::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
+            dst_status = pageserv::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
             fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
         }
     }
     if let Some(mut c) = external {
-        let _ = crate::child::wait_timeout(&mut c, Duration::from_secs(10));
+        let _ = pageserv::child::wait_timeout(&mut c, Duration::from_secs(10));
     }
     let migrated_ns = unix_ns();
     eprintln!(
@@ -508,7 +511,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
 /// FIFO, then points `pageserv src` at both.
 fn start_external_dump(bed: &Testbed, pid: i32, src: &mut Command) -> Result<Child> {
     let dir = &bed.dir;
-    let criu = crate::criu::binary::Criu::locate(None)?;
+    let criu = pageserv::criu::binary::Criu::locate(None)?;
     let images = dir.join("ext-images");
     std::fs::create_dir_all(&images)?;
     let fifo = dir.join("status.fifo");
@@ -547,7 +550,7 @@ pub(crate) fn unix_ns() -> u64 {
 /// The restored root's host pid and start time, if it is alive.
 fn restored_identity(dst_base: &Path) -> Option<(i32, u64)> {
     let pid = find_restore_pid(dst_base).filter(|p| alive(*p))?;
-    let start = crate::dst::uffd_keeper::start_time(pid).ok()?;
+    let start = pageserv::dst::uffd_keeper::start_time(pid).ok()?;
     Some((pid, start))
 }
 

@@ -91,7 +91,7 @@ pub fn inject(
             kill(src_pid);
         }
         Fault::KillCriuDump => {
-            let dumps: Vec<i32> = crate::dst::uffd_loop::kill::descendants(src_pid)
+            let dumps: Vec<i32> = pageserv::dst::uffd_loop::kill::descendants(src_pid)
                 .into_iter()
                 .filter(|p| {
                     // By its arguments: the installed criu runs under its own loader.
@@ -124,7 +124,7 @@ pub fn proc_state(pid: i32) -> String {
 
 /// Kills `child` if it is still running after `timeout`.
 pub fn finish(child: &mut Child, timeout: Duration) -> Option<i32> {
-    crate::child::wait_timeout(child, timeout)
+    pageserv::child::wait_timeout(child, timeout)
         .ok()
         .flatten()
         .and_then(|s| s.code())

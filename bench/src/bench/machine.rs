@@ -60,6 +60,7 @@ impl Machine {
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
                 .unwrap_or_default(),
+            quinn_bulk_mib_s: None,
         }
     }
 }

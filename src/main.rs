@@ -67,7 +67,14 @@ enum Cmd {
     },
     /// Internal: holds the restored tasks' uffds for `pageserv dst` (see dst::uffd_keeper).
     #[command(hide = true)]
-    KeepUffds,
+    KeepUffds {
+        /// The migration's directory (the keeper listens there once dst is gone).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long orphaned uffds are held for an adopter, in ms (0: kill at once).
+        #[arg(long)]
+        recover_ms: u64,
+    },
 }
 
 /// The arguments of a lab subcommand, handed to `pageserv-lab` as they are.
@@ -660,7 +667,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::KeepDump { .. } | Cmd::KeepUffds if !pageserv::child::started_as_helper() => {
+        Cmd::KeepDump { .. } | Cmd::KeepUffds { .. } if !pageserv::child::started_as_helper() => {
             anyhow::bail!(
                 "keep-dump and keep-uffds are helper processes that `pageserv src` and `pageserv \
                  dst` start themselves; they are not run by hand"
@@ -673,7 +680,10 @@ fn run(cli: Cli) -> Result<()> {
         } => Ok(pageserv::source::keeper::keeper_main(
             &work, criu_pid, header_len,
         )?),
-        Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
+        Cmd::KeepUffds { dir, recover_ms } => Ok(pageserv::dst::uffd_keeper::keeper_main(
+            &dir,
+            Duration::from_millis(recover_ms),
+        )?),
         Cmd::Bench(b) => lab("bench", b.args),
         Cmd::QuinnBulk(q) => lab("quinn-bulk", q.args),
     }

@@ -10,6 +10,13 @@
 //! independent: one failing ends only itself. A source whose link died mid post-copy comes back
 //! with a resume connection (role [`Role::SrcResume`]) naming its migration id; it is routed the
 //! same way (see dst::post_copy).
+//!
+//! Trust: a source is admitted by mutual TLS and then by `--allow-source` / `--deny-cert`
+//! ([`crate::keys::trust::Admission`]). A fault or resume connection joins a migration only if
+//! it presents the very certificate of the control connection that opened it
+//! ([`crate::keys::trust::may_join`]): knowing a migration's id is not enough. Peers learn
+//! short reasons; the details stay in this host's log, where a migration is named by its tag
+//! ([`protocol::id_tag`]), not its id.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,10 +31,11 @@ use crate::dst::migration;
 use crate::dst::options::{DstOptions, fresh_dir};
 use crate::dst::post_copy::Routed;
 use crate::keys::Identity;
+use crate::keys::trust::{Admission, Fingerprint, may_join};
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
-use crate::protocol::{self, PROTOCOL_VERSION, Role, send_ctl};
+use crate::protocol::{self, PROTOCOL_VERSION, Role, id_tag, peer_error, send_ctl};
 use crate::stats::DstReport;
-use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::transport::{self, FrameReceiver, FrameSender, PeerIdentity};
 use crate::wire::Frame;
 
 /// How many migrations the loop takes.
@@ -42,6 +50,7 @@ pub struct ServeLimits {
 /// How one migration ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationOutcome {
+    /// The migration's tag ([`protocol::id_tag`]), as the logs of both hosts name it.
     pub migration_id: String,
     pub ok: bool,
     pub error: Option<String>,
@@ -53,9 +62,21 @@ enum Incoming {
     Migration {
         conn: quinn::Connection,
         ctl: (FrameSender, FrameReceiver, Hello),
+        who: PeerIdentity,
     },
     /// A fault connection or a resume, for the migration named `migration_id`.
-    Routed { migration_id: String, what: Routed },
+    Routed {
+        migration_id: String,
+        what: Routed,
+        who: PeerIdentity,
+    },
+}
+
+/// A running migration's inbox for its fault and resume connections, and who opened it.
+struct Route {
+    inbox: mpsc::UnboundedSender<Routed>,
+    owner: Fingerprint,
+    owner_name: String,
 }
 
 /// Accepts one migration and runs it to the end ([`serve`] with a limit
@@ -96,11 +117,12 @@ pub async fn serve(
     let opts = Arc::new(opts);
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
-    let mut routes: HashMap<String, mpsc::UnboundedSender<Routed>> = HashMap::new();
+    let mut routes: HashMap<String, Route> = HashMap::new();
     let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
     // nothing here can cancel a half-accepted connection.
-    let acceptor = tokio::spawn(accept_all(endpoint.clone(), id.clone(), arrive_tx));
+    let rule = Arc::new(opts.admission.clone());
+    let acceptor = tokio::spawn(accept_all(endpoint.clone(), id.clone(), rule, arrive_tx));
     let mut outcomes = Vec::new();
     let mut started: u64 = 0;
     let done = |started: u64, outcomes: &Vec<MigrationOutcome>| {
@@ -114,67 +136,91 @@ pub async fn serve(
         }
         tokio::select! {
             Some(arrival) = arrive_rx.recv() => match arrival {
-                Incoming::Migration { conn, ctl } => {
+                Incoming::Migration { conn, ctl, who } => {
                     let mid = ctl.2.migration_id.clone();
+                    let tag = id_tag(&mid);
                     let full = limits.max_migrations.is_some_and(|m| started >= m);
                     let refusal = if full {
                         Some("this dst takes no more migrations (--max-migrations reached)".to_string())
                     } else if running.len() >= limits.max_concurrent {
                         Some(format!("this dst is busy: {} migrations in progress", running.len()))
                     } else if routes.contains_key(&mid) || mid.is_empty() {
-                        Some(format!("migration id {mid:?} is empty or already in progress"))
+                        Some(format!("migration {tag} is empty or already in progress"))
                     } else {
                         None
                     };
                     if let Some(reason) = refusal {
-                        tracing::warn!(migration = %mid, "refusing a migration: {reason}");
+                        tracing::warn!(migration = %tag, source = %who, "refusing a migration: {reason}");
                         tokio::spawn(refuse(conn, ctl.0, reason));
                         continue;
                     }
                     started += 1;
                     let (route_tx, route_rx) = mpsc::unbounded_channel();
-                    routes.insert(mid.clone(), route_tx);
+                    routes.insert(mid.clone(), Route {
+                        inbox: route_tx,
+                        owner: who.fingerprint,
+                        owner_name: who.to_string(),
+                    });
                     let opts = opts.clone();
-                    tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
+                    tracing::info!(migration = %tag, source = %who, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
                         let result =
                             migrate_in(&opts, &conn, ctl, route_rx).await;
                         (mid, conn, result)
                     });
                 }
-                Incoming::Routed { migration_id, what } => match routes.get(&migration_id) {
-                    Some(inbox) => {
-                        if let Err(e) = inbox.send(what) {
-                            tracing::warn!(migration = %migration_id, "connection for an ended migration: closed");
-                            refuse_routed(e.0, "this migration has ended".into());
+                Incoming::Routed { migration_id, what, who } => {
+                    let tag = id_tag(&migration_id);
+                    match routes.get(&migration_id) {
+                        Some(route) if !may_join(&route.owner, &who.fingerprint) => {
+                            tracing::warn!(
+                                migration = %tag, from = %who, fingerprint = %who.fingerprint.short(),
+                                owner = %route.owner_name, owner_fingerprint = %route.owner.short(),
+                                "refused a {} connection: its certificate is not the one that \
+                                 opened the migration", what.kind()
+                            );
+                            refuse_routed(what, format!(
+                                "migration {tag} belongs to another certificate: a migration's \
+                                 connections must all present the certificate that opened it"
+                            ));
+                        }
+                        Some(route) => {
+                            if let Err(e) = route.inbox.send(what) {
+                                tracing::warn!(migration = %tag, "connection for an ended migration: closed");
+                                refuse_routed(e.0, "this migration has ended".into());
+                            }
+                        }
+                        None => {
+                            tracing::warn!(migration = %tag, from = %who, "connection for no running migration: refused");
+                            refuse_routed(
+                                what,
+                                format!(
+                                    "no migration {tag} runs here (it ended, or this dst was \
+                                     restarted): the source stays frozen; retry it with `pageserv \
+                                     src --resume DIR`"
+                                ),
+                            );
                         }
                     }
-                    None => {
-                        tracing::warn!(migration = %migration_id, "connection for no running migration: refused");
-                        refuse_routed(
-                            what,
-                            format!(
-                                "no migration {migration_id} runs here (it ended, or this dst was \
-                                 restarted): the source stays frozen; retry it with `pageserv src \
-                                 --resume DIR`"
-                            ),
-                        );
-                    }
-                },
+                }
             },
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 let outcome = match joined {
                     Ok((mid, conn, result)) => {
                         routes.remove(&mid);
+                        let tag = id_tag(&mid);
                         match &result {
                             Ok(_) => conn.close(0u32.into(), b"done"),
-                            Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+                            Err(_) => conn.close(
+                                1u32.into(),
+                                peer_error("the migration failed at the destination", &mid).as_bytes(),
+                            ),
                         }
                         match result {
-                            Ok(r) => MigrationOutcome { migration_id: mid, ok: true, error: None, report: Some(r) },
+                            Ok(r) => MigrationOutcome { migration_id: tag, ok: true, error: None, report: Some(r) },
                             Err(e) => {
-                                tracing::error!(migration = %mid, "migration failed: {e:#}");
-                                MigrationOutcome { migration_id: mid, ok: false, error: Some(format!("{e:#}")), report: None }
+                                tracing::error!(migration = %tag, "migration failed: {e:#}");
+                                MigrationOutcome { migration_id: tag, ok: false, error: Some(format!("{e:#}")), report: None }
                             }
                         }
                     }
@@ -207,7 +253,12 @@ pub const ADMIT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Accepts every client and classifies it by its hello, each in a task of its own, under one
 /// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]).
-async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Incoming>) {
+async fn accept_all(
+    endpoint: quinn::Endpoint,
+    id: Arc<Identity>,
+    rule: Arc<Admission>,
+    to_loop: mpsc::Sender<Incoming>,
+) {
     let in_progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let incoming = match transport::next_incoming(&endpoint).await {
@@ -235,17 +286,22 @@ async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc:
             continue;
         }
         in_progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, id, in_progress) = (to_loop.clone(), id.clone(), in_progress.clone());
+        let (tx, id, rule, in_progress) = (
+            to_loop.clone(),
+            id.clone(),
+            rule.clone(),
+            in_progress.clone(),
+        );
         tokio::spawn(async move {
             let admitted = tokio::time::timeout(ADMIT_DEADLINE, async {
-                let (conn, who) = transport::admit(incoming, &id).await?;
-                let arrival = classify(conn).await?;
-                Ok::<_, anyhow::Error>((arrival, who))
+                let (conn, who) = transport::admit_checked(incoming, &id, &rule).await?;
+                let arrival = classify(conn, who).await?;
+                Ok::<_, anyhow::Error>(arrival)
             })
             .await;
             in_progress.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             match admitted {
-                Ok(Ok((a, _))) => {
+                Ok(Ok(a)) => {
                     let _ = tx.send(a).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, "dropping a client: {e:#}"),
@@ -259,7 +315,7 @@ async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc:
     }
 }
 
-async fn classify(conn: quinn::Connection) -> Result<Incoming> {
+async fn classify(conn: quinn::Connection, who: PeerIdentity) -> Result<Incoming> {
     let (tx, rx, hello) =
         tokio::time::timeout(Duration::from_secs(30), protocol::accept_control(&conn))
             .await
@@ -269,6 +325,7 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
         Incoming::Routed {
             migration_id: hello.migration_id.clone(),
             what: Routed::Faults((conn, tx, rx)),
+            who,
         }
     } else if role == Some(Role::SrcResume) {
         Incoming::Routed {
@@ -279,11 +336,13 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
                 ctl_rx: rx,
                 hello,
             },
+            who,
         }
     } else {
         Incoming::Migration {
             conn,
             ctl: (tx, rx, hello),
+            who,
         }
     })
 }
@@ -291,7 +350,7 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
 /// Refuses a fault or resume connection: a resume learns why (src then stops retrying).
 fn refuse_routed(what: Routed, reason: String) {
     match what {
-        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), b"no such migration"),
+        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), reason.as_bytes()),
         Routed::Resume { conn, ctl, .. } => {
             tokio::spawn(refuse(conn, ctl, reason));
         }
@@ -348,9 +407,17 @@ async fn migrate_in(
     .await?;
 
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
-        let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
-        return crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir)
-            .await;
+        let tag = id_tag(&hello.migration_id);
+        let dir = fresh_dir(&opts.work_base, &tag)?;
+        return crate::dst::stop_and_copy::migrate_in(
+            opts,
+            &mut ctl,
+            &mut ctl_rx,
+            conn,
+            &dir,
+            &tag,
+        )
+        .await;
     }
     migration::migrate_in(opts, conn, (ctl, ctl_rx, hello), routes, started).await
 }

@@ -30,7 +30,7 @@ use crate::pages::PageRange;
 use crate::pb::pageserv::{
     Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
-use crate::protocol::send_ctl;
+use crate::protocol::{peer_error, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{FrameReceiver, FrameSender};
 use crate::wire::Frame;
@@ -58,7 +58,10 @@ pub(crate) async fn migrate_in(
         Err(_) => bail!("the source did not open its fault connection within 30 s"),
     };
 
-    let dir = crate::dst::options::fresh_dir(&opts.work_base, &hello.migration_id)?;
+    let dir = crate::dst::options::fresh_dir(
+        &opts.work_base,
+        &crate::protocol::id_tag(&hello.migration_id),
+    )?;
     let images_dir = dir.join("images");
     let work = dir.join("work");
     for d in [&images_dir, &work] {
@@ -264,12 +267,17 @@ pub(crate) async fn migrate_in(
             let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
             tracing::warn!(?shut, "stopped the fault thread after a failure");
             if !restored {
-                let reason = format!("{e:#}");
-                let tail = log_tail(&restore.log, 20);
+                // The source learns that it failed, not why: CRIU's log and the error chain
+                // name this host's paths and state; they stay in its log.
+                tracing::error!(
+                    "restore failed: {e:#}\nlast lines of {}:\n{}",
+                    restore.log.display(),
+                    log_tail(&restore.log, 20)
+                );
                 let link_up = post.link_up();
                 post.tell(Msg::RestoreFailed(RestoreFailed {
-                    reason,
-                    log_tail: tail,
+                    reason: peer_error("restore failed at the destination", &hello.migration_id),
+                    log_tail: String::new(),
                 }))
                 .await;
                 restore.kill();
@@ -280,7 +288,14 @@ pub(crate) async fn migrate_in(
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
                 }
             }
-            post.close(1, format!("{e:#}").as_bytes());
+            post.close(
+                1,
+                peer_error(
+                    "the migration failed at the destination",
+                    &hello.migration_id,
+                )
+                .as_bytes(),
+            );
             return Err(e);
         }
     };

@@ -92,7 +92,7 @@ pub fn id_tag(migration_id: &str) -> String {
 /// error chains stay in this host's log), with the tag that finds them there.
 pub fn peer_error(what: &str, migration_id: &str) -> String {
     format!(
-        "{what}; see this host's log for migration {}",
+        "{what}; details in its log, migration {}",
         id_tag(migration_id)
     )
 }

@@ -152,10 +152,11 @@ impl Testbed {
         let base = u32::from(Ipv4Addr::new(10, 250, 0, 0)) + u32::from(net) * 4;
         let src_addr = Ipv4Addr::from(base + 1);
         let dst_addr = Ipv4Addr::from(base + 2);
-        let dir = std::env::temp_dir().join(format!("pageserv-{netns}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| TestbedError::Command {
-            cmd: format!("mkdir {}", dir.display()),
+        // mkdtemp: a fresh 0700 directory with an unpredictable name, created atomically, so
+        // nobody can plant a directory or symlink there first (this runs as root in /tmp).
+        let template = std::env::temp_dir().join(format!("pageserv-{netns}-XXXXXX"));
+        let dir = nix::unistd::mkdtemp(&template).map_err(|e| TestbedError::Command {
+            cmd: format!("mkdtemp {}", template.display()),
             detail: e.to_string(),
         })?;
         Ok(Testbed {

@@ -36,7 +36,7 @@ pub async fn migrate_in(
     dir: &Path,
     tag: &str,
 ) -> Result<DstReport> {
-    let short = |what: &str| format!("{what}; see this host's log for migration {tag}");
+    let short = |what: &str| format!("{what}; details in its log, migration {tag}");
     let started = Instant::now();
     let mut report = DstReport::default();
     let images = dir.join("images");

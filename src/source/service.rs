@@ -606,11 +606,13 @@ async fn migrate(
             }
             Ok(Msg::RestoreFailed(f)) => {
                 knows.dst_reported_restore_failed = true;
-                break Err(anyhow!(
-                    "the restore failed at dst: {}\n{}",
-                    f.reason,
-                    f.log_tail
-                ));
+                // dst sends no log tail any more (its log keeps it); an older dst may.
+                let tail = if f.log_tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n{}", f.log_tail)
+                };
+                break Err(anyhow!("the restore failed at dst: {}{tail}", f.reason));
             }
             Ok(Msg::MemoryWhole(w)) => {
                 knows.memory_whole = true;

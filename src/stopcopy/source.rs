@@ -385,7 +385,12 @@ async fn finish_migration(
                 return Ok(report);
             }
             Msg::RestoreFailed(f) => {
-                bail!("the restore failed at dst: {}\n{}", f.reason, f.log_tail)
+                let tail = if f.log_tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n{}", f.log_tail)
+                };
+                bail!("the restore failed at dst: {}{tail}", f.reason)
             }
             Msg::Abort(a) => bail!("dst aborted the migration: {}", a.reason),
             other => tracing::warn!("ignoring unexpected control message {other:?}"),

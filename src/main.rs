@@ -41,10 +41,14 @@ enum Cmd {
     },
     /// Make certificates: a CA, and a certificate for each host signed by it.
     Keygen(KeygenArgs),
-    /// Migrate a memory-writing workload between two network namespaces on this machine.
-    Demo(pageserv::demo::DemoArgs),
-    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
-    Bench(pageserv::bench::BenchArgs),
+    /// Migrate a memory-writing workload between two network namespaces on this machine (runs
+    /// `pageserv-lab demo`; `pageserv demo --help` for its options).
+    #[command(disable_help_flag = true)]
+    Demo(LabArgs),
+    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates
+    /// (runs `pageserv-lab bench`; `pageserv bench --help` for its options).
+    #[command(disable_help_flag = true)]
+    Bench(LabArgs),
     /// Settle a source left frozen by a failed migration (see `pageserv src` errors).
     Frozen(FrozenArgs),
     /// Internal: holds the lazy dump's socket for `pageserv src` (see source::keeper).
@@ -60,6 +64,31 @@ enum Cmd {
     /// Internal: holds the restored tasks' uffds for `pageserv dst` (see dst::uffd_keeper).
     #[command(hide = true)]
     KeepUffds,
+}
+
+/// The arguments of a lab subcommand, handed to `pageserv-lab` as they are.
+#[derive(Args)]
+struct LabArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// Runs `pageserv-lab CMD ARGS...` in place of this process (git-style external subcommand):
+/// the lab (demo, bench, their testbed and plots) is a crate of its own, built beside pageserv.
+fn lab(cmd: &str, args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+    let lab = exe.with_file_name("pageserv-lab");
+    if !lab.is_file() {
+        anyhow::bail!(
+            "`pageserv {cmd}` runs pageserv's lab, {}, which is not there: build it with `cargo \
+             build --release` at the repository's root (it builds pageserv-lab beside pageserv), \
+             or `cargo build --release -p pageserv-lab`",
+            lab.display()
+        );
+    }
+    let err = std::process::Command::new(&lab).arg(cmd).args(args).exec();
+    Err(err).with_context(|| format!("running {} {cmd}", lab.display()))
 }
 
 #[derive(Args)]
@@ -282,6 +311,32 @@ struct MeasureArgs {
     verify_served: bool,
 }
 
+impl MeasureArgs {
+    /// The knobs are taken only from pageserv's lab (`lab`: see `pageserv::child::LAB_ENV`).
+    fn allowed(&self, lab: bool) -> Result<()> {
+        let given: Vec<&str> = [
+            (self.no_push, "--no-push"),
+            (!self.push_after.is_zero(), "--push-after"),
+            (self.verify_served, "--verify-served"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if given.is_empty() || lab {
+            return Ok(());
+        }
+        let (what, it) = match given.len() {
+            1 => ("is a measurement knob", "it"),
+            _ => ("are measurement knobs", "them"),
+        };
+        anyhow::bail!(
+            "{} {what} of pageserv's lab (`pageserv bench` and the tests start pageserv with \
+             these), not an option of a migration: run `pageserv src` without {it}",
+            given.join(", ")
+        )
+    }
+}
+
 #[derive(Args)]
 #[command(group(ArgGroup::new("serving").args(["max_migrations", "keep_serving"])))]
 struct DstArgs {
@@ -489,6 +544,7 @@ fn run(cli: Cli) -> Result<()> {
             write_json(&a.common.stats_json, &report)
         }
         Cmd::Src(a) => {
+            a.measure.allowed(pageserv::child::started_by_lab())?;
             let criu = Criu::locate(a.common.criu.as_deref())?;
             if a.pre_copy.is_some() && a.pid.is_none() && a.runc.is_none() {
                 anyhow::bail!(
@@ -642,7 +698,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Demo(d) => pageserv::demo::run(d),
+        Cmd::Demo(d) => lab("demo", d.args),
         Cmd::Frozen(f) => {
             pageserv::source::keeper::settle_frozen(&f.dir, f.resume_source)?;
             println!(
@@ -669,7 +725,7 @@ fn run(cli: Cli) -> Result<()> {
             &work, criu_pid, header_len,
         )?),
         Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
-        Cmd::Bench(b) => pageserv::bench::run(b),
+        Cmd::Bench(b) => lab("bench", b.args),
     }
 }
 
@@ -725,6 +781,40 @@ mod tests {
         let mut plain = SRC.to_vec();
         plain.extend(["1", "--stop-and-copy", "--congestion", "scavenger"]);
         assert!(parse(&plain).is_ok());
+    }
+
+    #[test]
+    fn measurement_knobs_only_from_the_lab() {
+        let knobs = |extra: &[&str]| {
+            let mut args = SRC.to_vec();
+            args.extend(["1", "--lazy"]);
+            args.extend(extra);
+            match parse(&args).map(|c| c.cmd) {
+                Ok(Cmd::Src(a)) => a.measure,
+                _ => panic!("{extra:?} not parsed"),
+            }
+        };
+        assert!(knobs(&[]).allowed(false).is_ok());
+        for extra in [
+            &["--no-push"][..],
+            &["--push-after", "2s"],
+            &["--verify-served"],
+        ] {
+            let m = knobs(extra);
+            let e = m.allowed(false).expect_err("a knob outside the lab");
+            assert!(
+                e.to_string().contains(extra[0]) && e.to_string().contains("lab"),
+                "{e}"
+            );
+            assert!(m.allowed(true).is_ok(), "{extra:?} refused in the lab");
+        }
+        let e = knobs(&["--no-push", "--verify-served"])
+            .allowed(false)
+            .expect_err("two knobs");
+        assert!(
+            e.to_string().contains("--no-push, --verify-served are"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -582,24 +582,3 @@ fn as_nobody_ask(sock: &Path, line: &[u8]) -> String {
     let _ = f.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
-
-/// The demo's and bench's testbed runs as root in /tmp: its directory is made by mkdtemp, so
-/// its name cannot be planted in advance, and nobody else can look inside.
-#[test]
-fn the_testbed_directory_is_fresh_private_and_unpredictable() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return;
-    }
-    let predictable = std::env::temp_dir().join(format!("pageserv-psv{}-201", std::process::id()));
-    let _ = std::fs::remove_dir_all(&predictable);
-    std::fs::create_dir_all(&predictable).unwrap();
-    std::fs::write(predictable.join("planted"), "x").unwrap();
-    let bed = pageserv::testbed::Testbed::new(201).expect("testbed");
-    assert_ne!(bed.dir, predictable);
-    assert!(!bed.dir.join("planted").exists());
-    let mode = std::fs::metadata(&bed.dir).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o700, "{}", bed.dir.display());
-    drop(bed);
-    let _ = std::fs::remove_dir_all(&predictable);
-}

@@ -72,7 +72,7 @@ impl UffdKeeper {
     }
 }
 
-struct Held {
+struct KeptUffd {
     task: Process,
     _uffd: OwnedFd,
 }
@@ -81,7 +81,7 @@ struct Held {
 pub fn keeper_main() -> std::io::Result<()> {
     // SAFETY: dst passed this descriptor to us; nothing else in this process owns it.
     let ctl = unsafe { UnixStream::from_raw_fd(CTL_FD) };
-    let mut held: Vec<Held> = Vec::new();
+    let mut held: Vec<KeptUffd> = Vec::new();
     loop {
         let mut b = [0u8; 4];
         let (n, fd) = match fdpass::recv_fd(&ctl, &mut b) {
@@ -104,7 +104,7 @@ pub fn keeper_main() -> std::io::Result<()> {
                 continue;
             }
         };
-        held.push(Held { task, _uffd: uffd });
+        held.push(KeptUffd { task, _uffd: uffd });
     }
     if held.is_empty() {
         return Ok(());

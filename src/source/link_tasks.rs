@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::source::pre_copy::Validator;
 use crate::source::pump::{FaultReply, PumpInput, Served, Tagged, UrgentRequest};
 use crate::source::push_plan::RequestRejected;
-use crate::source::recovery::Link;
+use crate::source::recovery::DstConnections;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
 
@@ -51,7 +51,7 @@ impl Writers {
     /// Opens the push stream on `link` and starts its pusher and fault server for `generation`.
     pub(super) async fn start(
         &self,
-        link: &Link,
+        link: &DstConnections,
         fault_stream: (FrameSender, FrameReceiver),
         generation: u64,
     ) -> Result<LinkTasks> {
@@ -69,7 +69,8 @@ impl Writers {
             self.validator.clone(),
             self.counters.clone(),
         ));
-        let faults = tokio::spawn(serve_faults(
+        // On the fault lane, where the fault connection is driven (crate::fault_lane).
+        let faults = crate::fault_lane::spawn(serve_faults(
             fault_stream,
             self.to_pump.clone(),
             self.reply_rx.clone(),

@@ -30,14 +30,14 @@ pub type MissingList = Vec<(u32, Vec<PageRange>)>;
 
 /// One link to dst: the control connection (which also carries the push stream) and the fault
 /// connection.
-pub struct Link {
+pub struct DstConnections {
     pub conn: quinn::Connection,
     pub fault_conn: quinn::Connection,
     pub ctl: FrameSender,
     pub ctl_rx: FrameReceiver,
 }
 
-impl Link {
+impl DstConnections {
     /// UDP bytes this link sent so far.
     pub fn tx_bytes(&self) -> u64 {
         self.conn.stats().udp_tx.bytes + self.fault_conn.stats().udp_tx.bytes
@@ -46,7 +46,7 @@ impl Link {
 
 /// What dst reported when the link came back.
 pub struct Resumed {
-    pub link: Link,
+    pub link: DstConnections,
     /// The fault connection's stream, for a new fault server.
     pub fault_stream: (FrameSender, FrameReceiver),
     pub missing: MissingList,
@@ -124,8 +124,8 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
     send_ctl(&mut ctl, hello(r, Role::SrcResume))
         .await
         .map_err(retry)?;
-    match next_ctl(&mut ctl_rx).await.map_err(retry)? {
-        Msg::Hello(h) if Role::of(&h) == Some(Role::Dst) => {}
+    let fault_at = match next_ctl(&mut ctl_rx).await.map_err(retry)? {
+        Msg::Hello(h) if Role::of(&h) == Some(Role::Dst) => protocol::fault_addr(r.to, &h),
         Msg::Abort(a) => {
             return Err(Attempt::Final(anyhow::anyhow!(
                 "dst will not resume migration {}: {}",
@@ -138,7 +138,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
                 "dst answered the resume hello with {other:?}"
             )));
         }
-    }
+    };
     let mut missing = Vec::new();
     let ready = loop {
         match next_ctl(&mut ctl_rx).await.map_err(retry)? {
@@ -175,7 +175,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
     };
     let fault_conn = transport::connect_with(
         protocol::any_addr(r.to),
-        r.to,
+        fault_at,
         r.dst_name,
         r.id,
         r.fault_transport,
@@ -193,7 +193,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
         .await
         .map_err(retry)?;
     Ok(Resumed {
-        link: Link {
+        link: DstConnections {
             conn,
             fault_conn,
             ctl,

@@ -33,7 +33,7 @@ use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
 use crate::source::pump::{FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged};
 use crate::source::push_plan::PushPlan;
-use crate::source::recovery::{self, Link, MissingList, Reconnect};
+use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
 use crate::source::report::SourceReport;
 use crate::source::serving::{Serving, spawn_serving};
 use crate::transport::{self, FrameReceiver, FrameSender};
@@ -71,6 +71,7 @@ impl SourceOptions {
         transport::TransportOptions {
             idle_timeout: self.push_transport.idle_timeout,
             keep_alive: self.push_transport.keep_alive,
+            fault_lane: true,
             ..Default::default()
         }
     }
@@ -128,7 +129,7 @@ fn read_carried_opts(work: &Path) -> Vec<String> {
 
 /// How a migration's first link came about.
 struct Start {
-    link: Link,
+    link: DstConnections,
     fault_stream: (FrameSender, FrameReceiver),
     migration_id: String,
     pre: Option<(HeldMemory, PreCopyReport)>,
@@ -228,7 +229,7 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
         )),
     )
     .await?;
-    match next_ctl(&mut ctl_rx).await? {
+    let fault_at = match next_ctl(&mut ctl_rx).await? {
         Msg::Hello(h) if is_dst_answer(&h) => {
             if h.criu_version != opts.criu.version.to_string() {
                 tracing::warn!(
@@ -236,24 +237,25 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
                     "CRIU versions differ between the hosts; images may not restore"
                 );
             }
+            protocol::fault_addr(opts.to, &h)
         }
         Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
         other => bail!(
             "dst answered the hello with {other:?}; is it a pageserv dst of the same version?"
         ),
-    }
+    };
 
     // Faults get a connection of their own: on the push connection a fault reply would queue
     // behind every pushed byte already in flight, which no stream priority can overtake.
     let fault_conn = transport::connect_with(
         any_addr(opts.to),
-        opts.to,
+        fault_at,
         &opts.dst_name,
         id,
         &opts.fault_transport(),
     )
     .await
-    .with_context(|| format!("opening the fault connection to {}", opts.to))?;
+    .with_context(|| format!("opening the fault connection to {fault_at}"))?;
     let (fault_send, fault_recv) = fault_conn
         .open_bi()
         .await
@@ -300,7 +302,7 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
         ),
         (None, _) => None,
     };
-    let link = Link {
+    let link = DstConnections {
         conn,
         fault_conn,
         ctl,
@@ -385,7 +387,7 @@ async fn drive(
     )
     .await;
     let wire_after_freeze = (wire_dead_links + link.tx_bytes()).saturating_sub(wire_at_freeze);
-    let Link {
+    let DstConnections {
         conn, fault_conn, ..
     } = link;
     fault_conn.close(0u32.into(), b"done");
@@ -427,7 +429,7 @@ fn peak_rss_bytes() -> u64 {
 #[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
-    link: &mut Link,
+    link: &mut DstConnections,
     reconnect: &Reconnect<'_>,
     wire_dead_links: &mut u64,
     fault_stream: (FrameSender, FrameReceiver),

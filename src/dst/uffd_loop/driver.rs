@@ -33,7 +33,7 @@ const BULK_BUDGET: u64 = 256 << 10;
 const URGENT_BUDGET: usize = 256;
 
 /// One uffd and whom to kill if its memory is incomplete at shutdown.
-struct Held {
+struct WatchedUffd {
     uffd: Uffd,
     target: KillTarget,
 }
@@ -42,7 +42,7 @@ struct Held {
 struct UffdKernel {
     epoll: Epoll,
     evbuf: EventBuffer,
-    uffds: BTreeMap<ViewId, Held>,
+    uffds: BTreeMap<ViewId, WatchedUffd>,
 }
 
 fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
@@ -95,7 +95,7 @@ impl Kernel for UffdKernel {
         } else {
             Ok(())
         };
-        self.uffds.insert(id, Held { uffd, target });
+        self.uffds.insert(id, WatchedUffd { uffd, target });
         res
     }
 

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::ioctl::Fill;
 use super::kernel::ViewFills;
 pub(super) use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
-use super::place::{self, Placement, Source, Tally};
+use super::place::{self, PageBytes, Placement, Tally};
 use super::{LoopConfig, Outbound, UffdStats};
 use crate::dst::arrival_guard::ArrivalGuard;
 use crate::dst::regions::{FaultAction, PageState, TaskMemory};
@@ -117,7 +117,7 @@ impl Placing {
 
 /// Source data that may not be placed yet.
 #[derive(Default)]
-struct Held {
+struct Deferred {
     /// Background pages that arrived before the restore finished. Until then the restorer may
     /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
     /// lose the pages. Faults need no such wait: a fault comes from a registered range.
@@ -153,7 +153,7 @@ pub(super) struct Engine {
     known_pids: BTreeSet<u32>,
     /// Which source data may be placed at all.
     guard: ArrivalGuard,
-    held: Held,
+    held: Deferred,
     /// Faulting threads waiting for (view, image page), since when.
     waiting: BTreeMap<(ViewId, u64), Vec<Instant>>,
     backlog: Backlog,
@@ -172,7 +172,7 @@ impl Engine {
             broken: Vec::new(),
             known_pids: BTreeSet::new(),
             guard: ArrivalGuard::new(),
-            held: Held::default(),
+            held: Deferred::default(),
             waiting: BTreeMap::new(),
             backlog: Backlog::default(),
             out: Vec::new(),
@@ -622,8 +622,8 @@ impl Engine {
                 break;
             };
             let src = match &p.data {
-                Some(d) => Source::Data(d),
-                None => Source::Zero,
+                Some(d) => PageBytes::Data(d),
+                None => PageBytes::Zero,
             };
             let mut tally = Tally::default();
             let res = place::place(

@@ -287,3 +287,35 @@ impl Drop for Testbed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// The demo's and bench's testbed runs as root in /tmp: its directory is made by mkdtemp, so
+    /// its name cannot be planted in advance, and nobody else can look inside.
+    #[test]
+    fn the_testbed_directory_is_fresh_private_and_unpredictable() {
+        if !is_root() {
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let predictable =
+            std::env::temp_dir().join(format!("pageserv-psv{}-201", std::process::id()));
+        let _ = std::fs::remove_dir_all(&predictable);
+        std::fs::create_dir_all(&predictable).unwrap();
+        std::fs::write(predictable.join("planted"), "x").unwrap();
+        let bed = Testbed::new(201).expect("testbed");
+        assert_ne!(bed.dir, predictable);
+        assert!(!bed.dir.join("planted").exists());
+        let mode = std::fs::metadata(&bed.dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", bed.dir.display());
+        drop(bed);
+        let _ = std::fs::remove_dir_all(&predictable);
+    }
+}

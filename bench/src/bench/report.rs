@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::machine::Machine;
 use super::matrix::{Cell, Link, Matrix, Mode};
 use super::modes::RunRecord;
-use super::run::Machine;
 use crate::testbed::link::Emulator;
 
 /// Median, min and max of one metric over a cell's verified runs.

@@ -92,7 +92,7 @@ pub fn proc_state(pid: i32) -> String {
 
 /// Kills `child` if it is still running after `timeout`.
 pub fn finish(child: &mut Child, timeout: Duration) -> Option<i32> {
-    crate::child::wait_timeout(child, timeout)
+    pageserv::child::wait_timeout(child, timeout)
         .ok()
         .flatten()
         .and_then(|s| s.code())

@@ -102,12 +102,15 @@ pub struct DemoResult {
     pub workload_log: String,
 }
 
-pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+/// A program built beside this one (`pageserv`, `workload`, `linkem`: one `cargo build
+/// --release` puts them all in `target/release`).
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the pageserv-lab binary")?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
         bail!(
-            "{} not found beside {}: build it with `cargo build --release`",
+            "{} not found beside {}: build it with `cargo build --release` (at the repository's \
+             root, which builds pageserv and the lab)",
             name,
             exe.display()
         );
@@ -242,8 +245,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 /// dst` in its destination namespace. With `timeout`, a `pageserv src` still running after it
 /// is killed and the migration fails.
 pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> Result<DemoResult> {
-    let pageserv = std::env::current_exe()?;
-    let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
+    let pageserv = sibling("pageserv")?;
+    let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
     let (mut unshare, pid) = start_workload(bed, args, &log)?;
     interrupt::started(unshare.id() as i32);
@@ -325,14 +328,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         }
         let src_status = match timeout {
             None => Some(src.wait().context("waiting for pageserv src")?),
-            Some(t) => crate::child::wait_timeout(&mut src, t)?,
+            Some(t) => pageserv::child::wait_timeout(&mut src, t)?,
         };
         // With src killed, dst keeps the restored tasks waiting for it to come back: the retry
         // below continues that migration.
         let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
             None
         } else {
-            crate::child::wait_timeout(&mut dst, Duration::from_secs(90))?
+            pageserv::child::wait_timeout(&mut dst, Duration::from_secs(90))?
         };
         Ok((src_status, dst_status))
     })?;
@@ -374,13 +377,13 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .context("running pageserv src --resume")?;
             interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
-            dst_status = crate::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
+            dst_status = pageserv::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
             fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
         }
     }
     if let Some(mut c) = external {
-        let _ = crate::child::wait_timeout(&mut c, Duration::from_secs(10));
+        let _ = pageserv::child::wait_timeout(&mut c, Duration::from_secs(10));
     }
     let migrated_ns = unix_ns();
     eprintln!(
@@ -474,7 +477,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
 /// FIFO, then points `pageserv src` at both.
 fn start_external_dump(bed: &Testbed, pid: i32, src: &mut Command) -> Result<Child> {
     let dir = &bed.dir;
-    let criu = crate::criu::binary::Criu::locate(None)?;
+    let criu = pageserv::criu::binary::Criu::locate(None)?;
     let images = dir.join("ext-images");
     std::fs::create_dir_all(&images)?;
     let fifo = dir.join("status.fifo");

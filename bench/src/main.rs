@@ -20,6 +20,8 @@ enum Cmd {
     Demo(pageserv_lab::demo::DemoArgs),
     /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
     Bench(pageserv_lab::bench::BenchArgs),
+    /// quinn's bulk rate over the testbed's bare veth with pageserv's transport settings.
+    QuinnBulk(pageserv_lab::quinn_bulk::QuinnBulkArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().cmd {
         Cmd::Demo(d) => pageserv_lab::demo::run(d),
         Cmd::Bench(b) => pageserv_lab::bench::run(b),
+        Cmd::QuinnBulk(q) => pageserv_lab::quinn_bulk::run(q),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -22,6 +22,10 @@ pub struct Machine {
     /// The pageserv commit the bench ran (`git describe`), if it ran from a checkout.
     #[serde(default)]
     pub pageserv_commit: String,
+    /// quinn's bulk rate over the testbed's bare veth in this run, MiB/s
+    /// ([`crate::quinn_bulk`]): the yardstick of the post-copy's goodput.
+    #[serde(default)]
+    pub quinn_bulk_mib_s: Option<f64>,
 }
 
 impl Machine {
@@ -56,6 +60,7 @@ impl Machine {
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
                 .unwrap_or_default(),
+            quinn_bulk_mib_s: None,
         }
     }
 }

@@ -56,7 +56,19 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     remove_stale_namespaces();
     let linkem = crate::demo::sibling("linkem")?;
-    let machine = Machine::probe(&criu, &linkem);
+    let mut machine = Machine::probe(&criu, &linkem);
+    // The yardstick of the post-copy's goodput, measured in the same run (about 5 s).
+    let cc = match machine.tcp_congestion.as_str() {
+        c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
+        _ => "cubic".to_string(),
+    };
+    match crate::quinn_bulk::measure(1024, &cc) {
+        Ok(rate) => {
+            eprintln!("[bench] quinn bulk rate over the bare veth: {rate:.0} MiB/s ({cc})");
+            machine.quinn_bulk_mib_s = Some(rate);
+        }
+        Err(e) => eprintln!("[bench] quinn bulk rate not measured: {e:#}"),
+    }
     let cells = matrix.cells();
     let total = cells.len() * matrix.runs as usize;
     let started = Instant::now();

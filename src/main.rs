@@ -63,7 +63,14 @@ enum Cmd {
     },
     /// Internal: holds the restored tasks' uffds for `pageserv dst` (see dst::uffd_keeper).
     #[command(hide = true)]
-    KeepUffds,
+    KeepUffds {
+        /// The migration's directory (the keeper listens there once dst is gone).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long orphaned uffds are held for an adopter, in ms (0: kill at once).
+        #[arg(long)]
+        recover_ms: u64,
+    },
 }
 
 /// The arguments of a lab subcommand, handed to `pageserv-lab` as they are.
@@ -330,8 +337,8 @@ impl MeasureArgs {
             _ => ("are measurement knobs", "them"),
         };
         anyhow::bail!(
-            "{} {what} of pageserv's lab (`pageserv bench` and the tests start pageserv with \
-             these), not an option of a migration: run `pageserv src` without {it}",
+            "{} {what} of pageserv's lab (`pageserv bench` and the tests pass them), not an \
+             option of a migration: run `pageserv src` without {it}",
             given.join(", ")
         )
     }
@@ -430,13 +437,7 @@ struct KeygenArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PAGESERV_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pageserv::logging::init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -711,7 +712,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::KeepDump { .. } | Cmd::KeepUffds if !pageserv::child::started_as_helper() => {
+        Cmd::KeepDump { .. } | Cmd::KeepUffds { .. } if !pageserv::child::started_as_helper() => {
             anyhow::bail!(
                 "keep-dump and keep-uffds are helper processes that `pageserv src` and `pageserv \
                  dst` start themselves; they are not run by hand"
@@ -724,134 +725,14 @@ fn run(cli: Cli) -> Result<()> {
         } => Ok(pageserv::source::keeper::keeper_main(
             &work, criu_pid, header_len,
         )?),
-        Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
+        Cmd::KeepUffds { dir, recover_ms } => Ok(pageserv::dst::uffd_keeper::keeper_main(
+            &dir,
+            Duration::from_millis(recover_ms),
+        )?),
         Cmd::Bench(b) => lab("bench", b.args),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("pageserv").chain(args.iter().copied()))
-    }
-
-    const SRC: [&str; 4] = ["src", "--to", "127.0.0.1:7070", "--pid"];
-
-    #[test]
-    fn durations_take_one_form_with_units() {
-        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration("2.5s"), Ok(Duration::from_millis(2500)));
-        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(duration("30"), Ok(Duration::from_secs(30)));
-        assert!(duration("-1s").is_err());
-        assert!(duration("soon").is_err());
-    }
-
-    #[test]
-    fn stop_and_copy_refuses_post_copy_flags() {
-        for extra in [
-            &["--pre-copy", "2"][..],
-            &["--batch-pages", "64"],
-            &["--idle-timeout", "5s"],
-            &["--recover-timeout", "5s"],
-            &["--no-push"],
-            &["--push-after", "1s"],
-        ] {
-            let mut args = SRC.to_vec();
-            args.extend(["1", "--stop-and-copy"]);
-            args.extend(extra);
-            let e = parse(&args)
-                .err()
-                .unwrap_or_else(|| panic!("{extra:?} accepted"));
-            assert_eq!(
-                e.kind(),
-                clap::error::ErrorKind::ArgumentConflict,
-                "{extra:?}: {e}"
-            );
-            // The same flag is fine for a post-copy source.
-            let mut lazy = SRC.to_vec();
-            lazy.extend(["1", "--lazy"]);
-            lazy.extend(extra);
-            assert!(parse(&lazy).is_ok(), "--lazy {extra:?} refused");
-        }
-        let mut plain = SRC.to_vec();
-        plain.extend(["1", "--stop-and-copy", "--congestion", "scavenger"]);
-        assert!(parse(&plain).is_ok());
-    }
-
-    #[test]
-    fn measurement_knobs_only_from_the_lab() {
-        let knobs = |extra: &[&str]| {
-            let mut args = SRC.to_vec();
-            args.extend(["1", "--lazy"]);
-            args.extend(extra);
-            match parse(&args).map(|c| c.cmd) {
-                Ok(Cmd::Src(a)) => a.measure,
-                _ => panic!("{extra:?} not parsed"),
-            }
-        };
-        assert!(knobs(&[]).allowed(false).is_ok());
-        for extra in [
-            &["--no-push"][..],
-            &["--push-after", "2s"],
-            &["--verify-served"],
-        ] {
-            let m = knobs(extra);
-            let e = m.allowed(false).expect_err("a knob outside the lab");
-            assert!(
-                e.to_string().contains(extra[0]) && e.to_string().contains("lab"),
-                "{e}"
-            );
-            assert!(m.allowed(true).is_ok(), "{extra:?} refused in the lab");
-        }
-        let e = knobs(&["--no-push", "--verify-served"])
-            .allowed(false)
-            .expect_err("two knobs");
-        assert!(
-            e.to_string().contains("--no-push, --verify-served are"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn choices_are_enums() {
-        let mut args = SRC.to_vec();
-        args.extend(["1", "--lazy", "--congestion", "fast"]);
-        assert_eq!(
-            parse(&args).err().map(|e| e.kind()),
-            Some(clap::error::ErrorKind::InvalidValue)
-        );
-    }
-
-    #[test]
-    fn dst_max_concurrent_needs_many_migrations() {
-        let dst = ["dst", "--listen", "127.0.0.1:7070"];
-        let mut args = dst.to_vec();
-        args.extend(["--max-concurrent", "4"]);
-        assert!(parse(&args).is_err());
-        args.extend(["--keep-serving"]);
-        assert!(parse(&args).is_ok());
-    }
-
-    #[test]
-    fn helper_subcommands_are_hidden() {
-        let help = Cli::command().render_help().to_string();
-        assert!(
-            !help.contains("keep-dump") && !help.contains("keep-uffds"),
-            "{help}"
-        );
-        let src = Cli::command()
-            .find_subcommand_mut("src")
-            .map(|c| c.render_help().to_string())
-            .unwrap_or_default();
-        assert!(src.contains("--congestion"));
-        assert!(
-            !src.contains("--no-push") && !src.contains("--push-after"),
-            "{src}"
-        );
-    }
-}
+#[path = "main/tests.rs"]
+mod tests;

@@ -48,6 +48,11 @@ pub struct DstReport {
     /// Of those, pages the source confirmed after the freeze, placed from the store (no page
     /// data crossed the network for them after the freeze).
     pub pages_local: u64,
+    /// This dst adopted the migration's restored tasks from a dst that died (dst::adopt).
+    pub adopted: bool,
+    /// Adopted: lazy pages already in place in the restored tasks (their /proc/PID/pagemap), so
+    /// placed by the dst that died; with the pages placed here they make up `lazy_pages`.
+    pub pages_adopted: u64,
 }
 
 impl DstReport {

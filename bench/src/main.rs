@@ -28,13 +28,7 @@ fn main() -> std::process::ExitCode {
     // Every `pageserv` the lab starts takes the measurement knobs (see `pageserv::child::LAB_ENV`).
     // SAFETY: the first statement of main, before any thread exists.
     unsafe { std::env::set_var(pageserv::child::LAB_ENV, "1") };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PAGESERV_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pageserv::logging::init();
     let result = match Cli::parse().cmd {
         Cmd::Demo(d) => pageserv_lab::demo::run(d),
         Cmd::Bench(b) => pageserv_lab::bench::run(b),

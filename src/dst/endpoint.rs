@@ -28,9 +28,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::dst::migration;
 use crate::dst::options::{DstOptions, fresh_dir};
 use crate::dst::post_copy::Routed;
+use crate::dst::{adopt, migration};
 use crate::keys::Identity;
 use crate::keys::trust::{Admission, Fingerprint, may_join};
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
@@ -76,7 +76,8 @@ enum Incoming {
 /// A running migration's inbox for its fault and resume connections, and who opened it.
 struct Route {
     inbox: mpsc::UnboundedSender<Routed>,
-    owner: Fingerprint,
+    /// `None` for a migration adopted after a restart (dst::adopt): its opener is unknown.
+    owner: Option<Fingerprint>,
     owner_name: String,
 }
 
@@ -132,9 +133,42 @@ pub async fn serve(
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
     let mut routes: HashMap<String, Route> = HashMap::new();
-    let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
+    let mut running: JoinSet<(String, Option<quinn::Connection>, Result<DstReport>)> =
+        JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
     // nothing here can cancel a half-accepted connection.
+    let mut outcomes = Vec::new();
+    let mut started: u64 = 0;
+    // Migrations whose dst died mid post-copy, from their keepers, before any source can come
+    // back: their resume finds them (dst::adopt).
+    let base = opts.work_base.clone();
+    let orphans = tokio::task::spawn_blocking(move || adopt::find(&base))
+        .await
+        .context("looking for migrations to adopt")?;
+    for orphan in orphans {
+        let mid = orphan.migration_id.clone();
+        if routes.contains_key(&mid) {
+            tracing::warn!(migration = %id_tag(&mid), "two directories claim this migration: the second is not adopted");
+            continue;
+        }
+        started += 1;
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
+        // Adopted after a restart: the certificate that opened it is not known here, so
+        // any admitted source certificate may resume it (see README, "Security model").
+        routes.insert(
+            mid.clone(),
+            Route {
+                inbox: route_tx,
+                owner: None,
+                owner_name: "(adopted)".into(),
+            },
+        );
+        let opts = opts.clone();
+        running.spawn(async move {
+            let result = adopt::adopt_in(&opts, orphan, route_rx, fault_port).await;
+            (mid, None, result)
+        });
+    }
     let rule = Arc::new(opts.admission.clone());
     let acceptor = tokio::spawn(accept_all(
         endpoint.clone(),
@@ -150,8 +184,6 @@ pub async fn serve(
         arrive_tx,
         true,
     ));
-    let mut outcomes = Vec::new();
-    let mut started: u64 = 0;
     let done = |started: u64, outcomes: &Vec<MigrationOutcome>| {
         limits
             .max_migrations
@@ -185,7 +217,7 @@ pub async fn serve(
                     let (route_tx, route_rx) = mpsc::unbounded_channel();
                     routes.insert(mid.clone(), Route {
                         inbox: route_tx,
-                        owner: who.fingerprint,
+                        owner: Some(who.fingerprint),
                         owner_name: who.to_string(),
                     });
                     let opts = opts.clone();
@@ -193,16 +225,16 @@ pub async fn serve(
                     running.spawn(async move {
                         let result =
                             migrate_in(&opts, &conn, ctl, route_rx, fault_port).await;
-                        (mid, conn, result)
+                        (mid, Some(conn), result)
                     });
                 }
                 Incoming::Routed { migration_id, what, who } => {
                     let tag = id_tag(&migration_id);
                     match routes.get(&migration_id) {
-                        Some(route) if !may_join(&route.owner, &who.fingerprint) => {
+                        Some(route) if route.owner.is_some_and(|o| !may_join(&o, &who.fingerprint)) => {
                             tracing::warn!(
                                 migration = %tag, from = %who, fingerprint = %who.fingerprint.short(),
-                                owner = %route.owner_name, owner_fingerprint = %route.owner.short(),
+                                owner = %route.owner_name, owner_fingerprint = %route.owner.map(|o| o.short()).unwrap_or_default(),
                                 "refused a {} connection: its certificate is not the one that \
                                  opened the migration", what.kind()
                             );
@@ -236,12 +268,13 @@ pub async fn serve(
                     Ok((mid, conn, result)) => {
                         routes.remove(&mid);
                         let tag = id_tag(&mid);
-                        match &result {
-                            Ok(_) => conn.close(0u32.into(), b"done"),
-                            Err(_) => conn.close(
+                        match (&result, conn) {
+                            (Ok(_), Some(conn)) => conn.close(0u32.into(), b"done"),
+                            (Err(_), Some(conn)) => conn.close(
                                 1u32.into(),
                                 peer_error("the migration failed at the destination", &mid).as_bytes(),
                             ),
+                            (_, None) => {}
                         }
                         match result {
                             Ok(r) => MigrationOutcome { migration_id: tag, ok: true, error: None, report: Some(r) },

@@ -191,6 +191,28 @@ impl PostCopy {
         pc
     }
 
+    /// A post-copy adopted from a dst that died (dst::adopt): no link yet; the source has the
+    /// recover timeout to come back with a resume, which it does on its own (it was reconnecting
+    /// all along) or with `pageserv src --resume DIR`.
+    pub(crate) fn adopted(wiring: Wiring, finished_at_ns: u64) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let deadline = Some(tokio::time::Instant::now() + wiring.recover_timeout);
+        PostCopy {
+            wiring,
+            state: LinkState::Down,
+            generation: 0,
+            serial: 0,
+            events_tx,
+            events_rx,
+            deadline,
+            finished_at_ns: Some(finished_at_ns),
+            whole: None,
+            whole_told: false,
+            reconnects: 0,
+            bytes_dead_links: 0,
+        }
+    }
+
     /// UDP bytes received on every link so far.
     pub(crate) fn bytes_received(&self) -> u64 {
         self.bytes_dead_links

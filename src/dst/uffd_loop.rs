@@ -15,7 +15,7 @@ mod driver;
 mod engine;
 mod ioctl;
 mod kernel;
-pub(crate) mod kill;
+pub mod kill;
 mod place;
 
 use std::os::fd::OwnedFd;
@@ -47,6 +47,15 @@ pub enum Inbound {
     },
     /// A zombie: no memory, nothing to serve.
     Zombie { pid: i32 },
+    /// A fork child's uffd adopted from a dead dst's keeper (dst::adopt): image pid `pid` (its
+    /// restored ancestor's), the lazy ranges it still lacks, and that ancestor's host pid (its
+    /// own is unknown: an incomplete shutdown kills the ancestor's descendants).
+    Child {
+        pid: i32,
+        uffd: OwnedFd,
+        lazy: Vec<PageRange>,
+        root_host_pid: i32,
+    },
     /// Page data for the image pages `at`, `at.nr_pages() * PAGE_SIZE` bytes. `urgent` marks a
     /// fault's answer: it skips ahead of queued background pushes. `link`: the link generation
     /// that delivered it (0, then the serial of each [`Inbound::Resume`]); pages of a replaced
@@ -113,6 +122,18 @@ pub enum Outbound {
     },
 }
 
+/// Keeps a copy of each fork child's uffd outside the fault thread (dst::uffd_keeper), so a
+/// dying dst cannot leave a child reading zeros where its pages are missing.
+pub trait ForkHolder: Send + Sync + std::fmt::Debug {
+    /// A process of the tree rooted at restored task `root_host_pid` forked; `uffd` serves the
+    /// child's memory. Called as the fork event is read, before the child's faults are.
+    fn hold_child(
+        &self,
+        root_host_pid: i32,
+        uffd: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<()>;
+}
+
 /// Tuning of the fault thread.
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -120,6 +141,8 @@ pub struct LoopConfig {
     pub readahead_pages: u64,
     /// How long an incomplete shutdown waits for killed processes to die before closing uffds.
     pub kill_wait: Duration,
+    /// Where fork children's uffds are copied to as they appear (none: nowhere).
+    pub fork_holder: Option<Arc<dyn ForkHolder>>,
 }
 
 impl Default for LoopConfig {
@@ -127,6 +150,7 @@ impl Default for LoopConfig {
         Self {
             readahead_pages: 0,
             kill_wait: Duration::from_secs(5),
+            fork_holder: None,
         }
     }
 }

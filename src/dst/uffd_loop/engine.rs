@@ -79,6 +79,14 @@ pub(super) enum Input<U> {
     Zombie {
         pid: i32,
     },
+    /// A fork child's uffd adopted from a dead dst's keeper: image pid `pid` (its restored
+    /// ancestor's), what it still lacks, and the host pid of that ancestor.
+    Child {
+        pid: i32,
+        uffd: U,
+        lazy: Vec<PageRange>,
+        root_host_pid: i32,
+    },
     Arrived(Arrived),
     /// Every task is restored: background pages may land, completion can be judged.
     RestoreFinished,
@@ -202,7 +210,13 @@ impl Engine {
                 uffd,
                 lazy,
                 host_pid,
-            } => self.add_task(k, pid, uffd, &lazy, host_pid),
+            } => self.add_task(k, pid, uffd, &lazy, Owner::Host(host_pid)),
+            Input::Child {
+                pid,
+                uffd,
+                lazy,
+                root_host_pid,
+            } => self.add_task(k, pid, uffd, &lazy, Owner::DescendantOf(root_host_pid)),
             Input::Zombie { pid } => debug!(pid, "zombie: no memory to serve"),
             Input::Arrived(a) => self.arrive(k, a),
             Input::RestoreFinished => {
@@ -230,11 +244,11 @@ impl Engine {
         k: &mut K,
         pid: i32,
         uffd: K::Uffd,
-        host_pid: Option<i32>,
+        owner: Owner,
     ) {
         let id = self.new_id();
         // Kept open only; a failure to poll it does not matter.
-        let _ = k.attach(id, uffd, Owner::Host(host_pid), false);
+        let _ = k.attach(id, uffd, owner, false);
         self.broken.push((pid.max(0) as u32, id));
     }
 
@@ -299,9 +313,8 @@ impl Engine {
         pid: i32,
         uffd: K::Uffd,
         lazy: &[PageRange],
-        host_pid: Option<i32>,
+        owner: Owner,
     ) {
-        let owner = Owner::Host(host_pid);
         let mem = match u32::try_from(pid)
             .ok()
             .filter(|p| *p > 0)

@@ -69,6 +69,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         kill: None,
         fault_after_ms: 0,
         retry: false,
+        restart_dst_after_ms: None,
     };
     let (mut unshare, pid) = demo::start_workload(bed, &args, &log)?;
     std::thread::sleep(Duration::from_secs(1));

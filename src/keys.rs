@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod trust;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -43,8 +45,10 @@ pub const KEY: &str = "key.pem";
 pub const SERVER_NAME: &str = "pageserv";
 
 /// The CA is long-lived: replacing it means re-issuing every host certificate.
-const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 86400);
-const LEAF_VALIDITY: Duration = Duration::from_secs(5 * 365 * 86400);
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
+/// A host certificate lasts a year: a stolen key is useful for at most that long even if its
+/// revocation (`--deny-cert`) is missed somewhere. Re-issue with the same command to renew.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 86400);
 /// Backdating tolerates clocks between hosts that disagree by this much.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
@@ -373,6 +377,18 @@ pub fn generate_ca(dir: &Path) -> Result<(), KeyError> {
 /// `key.pem` (0600) and a copy of `ca.pem`. It allows `roles` (see the module doc), with SANs
 /// "pageserv" and `name` (a DNS name or an IP address). Replaces an older one.
 pub fn issue(ca_dir: &Path, name: &str, roles: &[Role], out_dir: &Path) -> Result<(), KeyError> {
+    issue_names(ca_dir, &[name.to_string()], roles, out_dir)
+}
+
+/// [`issue`] for a host known by several names (`keygen --name a --name 10.0.0.2`): every one
+/// goes into the subject alternative names (an IP literal as an IP address), the first is the
+/// common name. A source dialling the host by any of them (or with `--dst-name`) accepts it.
+pub fn issue_names(
+    ca_dir: &Path,
+    names: &[String],
+    roles: &[Role],
+    out_dir: &Path,
+) -> Result<(), KeyError> {
     let hint = format!("pageserv keygen ca {}", ca_dir.display());
     let ca_pem_path = need(ca_dir, CA_CERT, &hint)?;
     let ca_key_path = need(ca_dir, CA_KEY, &hint)?;
@@ -386,15 +402,18 @@ pub fn issue(ca_dir: &Path, name: &str, roles: &[Role], out_dir: &Path) -> Resul
         what: format!("not a usable CA certificate ({e})"),
     })?;
 
+    let name = names.first().map(String::as_str).unwrap_or("");
     let mut sans = vec![SERVER_NAME.to_string()];
-    if name != SERVER_NAME {
-        sans.push(name.to_string());
+    for n in names {
+        if !sans.contains(n) {
+            sans.push(n.clone());
+        }
     }
     let bad_name = |why: String| KeyError::BadName {
         name: name.to_string(),
         why,
     };
-    if name.is_empty() {
+    if names.iter().any(String::is_empty) || names.is_empty() {
         return Err(bad_name("it is empty".into()));
     }
     if roles.is_empty() {
@@ -428,8 +447,22 @@ pub fn issue(ca_dir: &Path, name: &str, roles: &[Role], out_dir: &Path) -> Resul
     write_file(&out_dir.join(CERT), cert.pem().as_bytes(), 0o644)?;
     write_file(&out_dir.join(CA_CERT), ca_pem.as_bytes(), 0o644)?;
     let roles: Vec<&str> = roles.iter().map(|r| r.name()).collect();
-    tracing::info!(name, ?roles, dir = %out_dir.display(), "issued pageserv certificate");
+    tracing::info!(?names, ?roles, dir = %out_dir.display(), "issued pageserv certificate");
     Ok(())
+}
+
+/// The SHA-256 fingerprint of the first certificate in the PEM file `path` (what `--deny-cert`
+/// lists).
+pub fn fingerprint_file(path: &Path) -> Result<trust::Fingerprint, KeyError> {
+    let pem = read(path)?;
+    let cert = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| KeyError::BadFile {
+            path: path.to_path_buf(),
+            what: "holds no PEM certificate".into(),
+        })?;
+    Ok(trust::Fingerprint::of(&cert))
 }
 
 /// A CA and two host identities under `base` (`ca/`, `src/`, `dst/`) for tests and the demo,

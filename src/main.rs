@@ -235,15 +235,27 @@ struct SrcArgs {
     stop_and_copy: bool,
     /// Stop-and-copy: accept an external `criu dump --page-server --address H --port P` here
     /// (with --images, its -D) instead of starting the dump.
+    /// Only a dump on this host (a loopback peer) may connect, unless --page-server-peer says
+    /// which address may.
     #[arg(long, requires = "stop_and_copy", conflicts_with = "pid")]
     listen_page_server: Option<SocketAddr>,
+    /// With --listen-page-server: the one address the dump connects from (needed to listen
+    /// beyond loopback; any other peer is refused).
+    #[arg(long, requires = "listen_page_server")]
+    page_server_peer: Option<std::net::IpAddr>,
     /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
     /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
     #[arg(long, value_name = "N|auto")]
     pre_copy: Option<PreCopyMode>,
-    /// The pageserv dst to migrate to.
-    #[arg(long)]
-    to: SocketAddr,
+    /// The pageserv dst to migrate to, HOST:PORT (a DNS name or an IP address; [v6]:PORT).
+    /// Its certificate must carry HOST (or --dst-name).
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The name dst's certificate must carry, when it is not --to's host (e.g. dialling an IP
+    /// address of a host whose certificate names it by DNS). `pageserv` accepts any destination
+    /// certificate of the CA.
+    #[arg(long, value_name = "NAME")]
+    dst_name: Option<String>,
     /// Dump this process tree (its root pid) with `criu dump --lazy-pages`.
     #[arg(long, conflicts_with_all = ["page_server", "status_fifo"])]
     pid: Option<i32>,
@@ -371,6 +383,14 @@ struct DstArgs {
     /// With --max-migrations or --keep-serving: migrations running at once (more are refused).
     #[arg(long, default_value_t = 16, requires = "serving")]
     max_concurrent: usize,
+    /// Admit only source certificates carrying this name (repeatable; their keygen --name).
+    /// Without it any source certificate of the CA is admitted.
+    #[arg(long, value_name = "NAME")]
+    allow_source: Vec<String>,
+    /// Refuse the certificates whose SHA-256 fingerprints this file lists, one a line
+    /// (`pageserv keygen --fingerprint CERT` prints one): revoked before they expire.
+    #[arg(long, value_name = "FILE")]
+    deny_cert: Option<PathBuf>,
     #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
@@ -400,19 +420,24 @@ impl RuncArgs {
 #[derive(Args)]
 struct KeygenArgs {
     /// Where to write the host's certificate (cert.pem, key.pem, ca.pem).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "fingerprint")]
+    out: Option<PathBuf>,
     /// The CA directory; created with a new CA if it has none.
-    #[arg(long)]
-    ca: PathBuf,
-    /// Name in the host's certificate.
+    #[arg(long, required_unless_present = "fingerprint")]
+    ca: Option<PathBuf>,
+    /// A name of the host (repeatable: its DNS names and IP addresses): a source dials it by
+    /// one of them, a destination's --allow-source lists one. The first is the common name.
     #[arg(long, default_value = "pageserv")]
-    name: String,
+    name: Vec<String>,
+    /// Print the SHA-256 fingerprint of this certificate file (for --deny-cert) and exit.
+    #[arg(long, value_name = "CERT", conflicts_with_all = ["out", "ca"])]
+    fingerprint: Option<PathBuf>,
     /// What the certificate lets the host do: `source` (migrate out: pageserv src),
     /// `destination` (accept migrations: pageserv dst) or `both`. A leaked source key cannot
     /// pose as a destination, nor a destination key open migrations into another host.
-    #[arg(long, value_parser = pageserv::keys::Role::parse_set)]
-    role: std::vec::Vec<pageserv::keys::Role>,
+    #[arg(long, value_parser = pageserv::keys::Role::parse_set,
+          required_unless_present = "fingerprint")]
+    role: Option<std::vec::Vec<pageserv::keys::Role>>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -494,6 +519,7 @@ fn run(cli: Cli) -> Result<()> {
                     extra: a.common.criu_opts.clone(),
                 },
                 (None, Some(listen)) => StopCopySource::Listen {
+                    peer: pageserv::stopcopy::source::page_server_peer(listen, a.page_server_peer)?,
                     listen,
                     images_dir: a
                         .images
@@ -504,8 +530,10 @@ fn run(cli: Cli) -> Result<()> {
                     "--stop-and-copy needs either --pid PID or --listen-page-server ADDR:PORT"
                 ),
             };
+            let (to, dst_name) = pageserv::protocol::resolve_dst(&a.to, a.dst_name.as_deref())?;
             let opts = StopCopyOptions {
-                to: a.to,
+                to,
+                dst_name,
                 certs: a.common.certs.clone(),
                 work_dir: a.work.join(format!("{}", std::process::id())),
                 criu,
@@ -552,8 +580,10 @@ fn run(cli: Cli) -> Result<()> {
                     "give either --pid PID, --runc NAME, or --page-server ADDR with --status-fifo PATH"
                 ),
             };
+            let (to, dst_name) = pageserv::protocol::resolve_dst(&a.to, a.dst_name.as_deref())?;
             let opts = SourceOptions {
-                to: a.to,
+                to,
+                dst_name,
                 certs: a.common.certs.clone(),
                 work_dir: a.work.join(format!("{}", std::process::id())),
                 criu,
@@ -623,6 +653,14 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 recover_timeout: a.link.recover_timeout,
+                admission: pageserv::keys::trust::Admission::new(
+                    a.allow_source.clone(),
+                    match &a.deny_cert {
+                        Some(f) => pageserv::keys::trust::DenyList::load(f)?,
+                        None => Default::default(),
+                    },
+                )
+                .map_err(anyhow::Error::msg)?,
             };
             if a.max_migrations.is_none() && !a.keep_serving {
                 let report = run_async(endpoint::run(opts))?;
@@ -639,18 +677,29 @@ fn run(cli: Cli) -> Result<()> {
             cmd: ImagesCmd::Show { dir, json },
         } => pageserv::images_show::run(&dir, json),
         Cmd::Keygen(k) => {
-            if !k.ca.join(pageserv::keys::CA_KEY).exists() {
-                pageserv::keys::generate_ca(&k.ca)?;
-                println!("new CA in {}", k.ca.display());
+            if let Some(cert) = &k.fingerprint {
+                println!("{}", pageserv::keys::fingerprint_file(cert)?);
+                return Ok(());
             }
-            pageserv::keys::issue(&k.ca, &k.name, &k.role, &k.out)?;
-            let roles: Vec<&str> = k.role.iter().map(|r| r.name()).collect();
+            let (Some(ca), Some(out), Some(role)) = (&k.ca, &k.out, &k.role) else {
+                anyhow::bail!("keygen needs --ca DIR, --out DIR and --role");
+            };
+            if !ca.join(pageserv::keys::CA_KEY).exists() {
+                pageserv::keys::generate_ca(ca)?;
+                println!("new CA in {}", ca.display());
+            }
+            pageserv::keys::issue_names(ca, &k.name, role, out)?;
+            let roles: Vec<&str> = role.iter().map(|r| r.name()).collect();
+            let cert = out.join(pageserv::keys::CERT);
             println!(
-                "{} certificate for {:?} in {} (CA in {}); copy the CA's ca.pem to every host",
+                "{} certificate for {:?} in {} (CA in {}), valid {} days, SHA-256 {}; copy the \
+                 CA's ca.pem to every host",
                 roles.join(" and "),
                 k.name,
-                k.out.display(),
-                k.ca.display()
+                out.display(),
+                ca.display(),
+                pageserv::keys::LEAF_VALIDITY.as_secs() / 86400,
+                pageserv::keys::fingerprint_file(&cert)?,
             );
             Ok(())
         }

@@ -89,6 +89,24 @@ pub fn is_dst_answer(h: &Hello) -> bool {
     Role::of(h) == Some(Role::Dst) && h.protocol_version == PROTOCOL_VERSION
 }
 
+/// A migration's name in logs, directory names and reports: a hash of its id. The id itself
+/// stays out of them: with it (and the source's certificate, see dst::endpoint) a connection
+/// joins the migration, so it is kept in 0600 files only.
+pub fn id_tag(migration_id: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, migration_id.as_bytes());
+    let hex: String = d.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("m{hex}")
+}
+
+/// What a peer is told when `what` failed here: short and free of local detail (paths, logs,
+/// error chains stay in this host's log), with the tag that finds them there.
+pub fn peer_error(what: &str, migration_id: &str) -> String {
+    format!(
+        "{what}; details in its log, migration {}",
+        id_tag(migration_id)
+    )
+}
+
 /// The wildcard local address of `to`'s family, port chosen by the kernel.
 pub fn any_addr(to: SocketAddr) -> SocketAddr {
     let ip: std::net::IpAddr = if to.is_ipv4() {
@@ -99,15 +117,31 @@ pub fn any_addr(to: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-/// Connects to `pageserv dst` at `to` (mutual TLS) and opens the control stream.
+/// Resolves `--to HOST:PORT` and the name dst's certificate must carry (`--dst-name`, else
+/// HOST: see [`crate::keys::trust::dst_name`]).
+pub fn resolve_dst(to: &str, dst_name: Option<&str>) -> Result<(SocketAddr, String)> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = crate::keys::trust::split_host_port(to)
+        .map_err(|e| anyhow::anyhow!("--to: {e}; e.g. --to dst.example:7070"))?;
+    let addr = (host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("--to: cannot resolve {host:?}; give an IP address or fix DNS"))?
+        .next()
+        .with_context(|| format!("--to: {host:?} has no address"))?;
+    Ok((addr, crate::keys::trust::dst_name(&host, dst_name)))
+}
+
+/// Connects to `pageserv dst` at `to`, whose certificate must carry `name` (mutual TLS), and
+/// opens the control stream.
 pub async fn connect_control(
     id: &Identity,
     to: SocketAddr,
+    name: &str,
     options: &transport::TransportOptions,
 ) -> Result<(quinn::Connection, FrameSender, FrameReceiver)> {
-    let conn = transport::connect_with(any_addr(to), to, id, options)
+    let conn = transport::connect_with(any_addr(to), to, name, id, options)
         .await
-        .with_context(|| format!("connecting to pageserv dst at {to}"))?;
+        .with_context(|| format!("connecting to pageserv dst {name} at {to}"))?;
     let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
     Ok((conn, FrameSender::new(send), FrameReceiver::new(recv)))
 }
@@ -171,6 +205,17 @@ mod tests {
             assert_eq!(Role::parse(name), Some(role));
         }
         assert_eq!(Role::parse("source"), None);
+    }
+
+    #[test]
+    fn a_tag_is_stable_short_and_hides_the_id() {
+        let id = "m1733379000-4242-0123456789abcdef";
+        assert_eq!(id_tag(id), id_tag(id));
+        assert_eq!(id_tag(id).len(), 13);
+        assert_ne!(id_tag(id), id_tag("m1733379000-4242-0123456789abcdee"));
+        assert!(!id_tag(id).contains("0123"));
+        let e = peer_error("restore failed at the destination", id);
+        assert!(e.contains(&id_tag(id)) && !e.contains(id), "{e}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use rustls::pki_types::CertificateDer;
 pub use errors::{Refusal, RefusalReason, RefusedBy, TransportError};
 pub use framed::{FrameReceiver, FrameSender, STOP_PROTOCOL_ERROR};
 
-use crate::keys::{Identity, SERVER_NAME, crypto_provider};
+use crate::keys::trust::{Admission, Fingerprint};
+use crate::keys::{Identity, crypto_provider};
 use errors::{DURING_HANDSHAKE, explain};
 
 /// The one application protocol pageserv speaks; bump on incompatible wire changes.
@@ -36,6 +37,9 @@ pub const PUSH_PRIORITY: i32 = -100;
 
 /// What the server writes on its admission stream.
 const ADMITTED: &[u8] = b"pageserv/1 admitted";
+/// The application close code of a client refused after the handshake by the server's
+/// admission rule (`--allow-source`, `--deny-cert`); the close reason says why, in a few words.
+pub const REFUSED_BY_POLICY: u32 = 0x70;
 
 /// Congestion controllers: quinn's, and pageserv's scavenger for the background push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +189,23 @@ pub struct PeerIdentity {
     pub names: Vec<String>,
     /// The chain the peer presented, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// SHA-256 of the leaf: the identity a migration's connections must share.
+    pub fingerprint: Fingerprint,
+}
+
+impl PeerIdentity {
+    /// The common name, then every subject alternative name: what `--allow-source` matches.
+    pub fn all_names(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.common_name.iter().cloned().collect();
+        all.extend(
+            self.names
+                .iter()
+                .filter(|n| !all.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        all
+    }
 }
 
 impl std::fmt::Display for PeerIdentity {
@@ -225,11 +246,13 @@ pub fn peer_identity(conn: &Connection) -> Option<PeerIdentity> {
             }
         }
     }
+    let fingerprint = Fingerprint::of(chain.first()?);
     Some(PeerIdentity {
         addr: conn.remote_address(),
         common_name,
         names,
         chain,
+        fingerprint,
     })
 }
 
@@ -260,8 +283,9 @@ pub fn server_tls(id: &Identity) -> Result<rustls::ServerConfig, TransportError>
     Ok(tls)
 }
 
-/// The client's TLS: TLS 1.3 only, the server must chain to the CA with the name "pageserv" and
-/// the destination role (serverAuth), our source certificate is presented, ALPN "pageserv/1".
+/// The client's TLS: TLS 1.3 only, the server must chain to the CA with the destination role
+/// (serverAuth) and the name the connection asks for (see [`connect_with`]), our source
+/// certificate is presented, ALPN "pageserv/1".
 pub fn client_tls(id: &Identity) -> Result<rustls::ClientConfig, TransportError> {
     // Only a source certificate opens migrations (see `keys`).
     id.require(crate::keys::Role::Source)?;
@@ -354,11 +378,37 @@ pub async fn admit(
     incoming: quinn::Incoming,
     id: &Identity,
 ) -> Result<(Connection, PeerIdentity), TransportError> {
+    admit_checked(incoming, id, &Admission::default()).await
+}
+
+/// [`admit`] under `rule` (`--allow-source`, `--deny-cert`): a client it refuses is closed
+/// before it is admitted, with a short reason ([`REFUSED_BY_POLICY`]); the whole reason, its
+/// names and fingerprint are logged here and returned as [`TransportError::Policy`].
+pub async fn admit_checked(
+    incoming: quinn::Incoming,
+    id: &Identity,
+    rule: &Admission,
+) -> Result<(Connection, PeerIdentity), TransportError> {
     let peer = incoming.remote_address();
     let idle = Duration::ZERO;
     let conn = incoming
         .await
         .map_err(|e| explain(e, "server", peer, id, DURING_HANDSHAKE, idle))?;
+    let who = peer_identity(&conn).ok_or_else(|| {
+        tls_error(
+            id,
+            format!("client {peer} passed verification without a certificate"),
+        )
+    })?;
+    if let Err(why) = rule.judge(&who.all_names(), &who.fingerprint) {
+        conn.close(REFUSED_BY_POLICY.into(), why.to_peer().as_bytes());
+        tracing::warn!(peer = %who, fingerprint = %who.fingerprint, "refused a source: {why}");
+        return Err(TransportError::Policy {
+            peer,
+            who: who.to_string(),
+            why,
+        });
+    }
     let admit = async {
         let mut s = conn.open_uni().await?;
         s.write_all(ADMITTED).await.map_err(|e| match e {
@@ -371,30 +421,27 @@ pub async fn admit(
     admit
         .await
         .map_err(|e| explain(e, "server", peer, id, "while admitting it", idle))?;
-    let who = peer_identity(&conn).ok_or_else(|| {
-        tls_error(
-            id,
-            format!("client {peer} passed verification without a certificate"),
-        )
-    })?;
     tracing::info!(peer = %who, "admitted pageserv client");
     Ok((conn, who))
 }
 
 /// Connects from `local_bind` (e.g. `0.0.0.0:0`) to the server at `remote` with default options,
-/// returning once both sides have verified each other.
+/// returning once both sides have verified each other. The server's certificate must carry
+/// `name` (see [`crate::keys::trust::dst_name`]).
 pub async fn connect(
     local_bind: SocketAddr,
     remote: SocketAddr,
+    name: &str,
     id: &Identity,
 ) -> Result<Connection, TransportError> {
-    connect_with(local_bind, remote, id, &TransportOptions::default()).await
+    connect_with(local_bind, remote, name, id, &TransportOptions::default()).await
 }
 
 /// [`connect`] with explicit transport options.
 pub async fn connect_with(
     local_bind: SocketAddr,
     remote: SocketAddr,
+    name: &str,
     id: &Identity,
     opts: &TransportOptions,
 ) -> Result<Connection, TransportError> {
@@ -404,10 +451,18 @@ pub async fn connect_with(
     let ep = endpoint(local_bind, None, opts)?;
     let idle = opts.idle_timeout;
     let conn = ep
-        .connect_with(config, remote, SERVER_NAME)
+        .connect_with(config, remote, name)
         .map_err(|source| TransportError::Connect { remote, source })?
         .await
-        .map_err(|e| explain(e, "client", remote, id, DURING_HANDSHAKE, idle))?;
+        .map_err(
+            |e| match explain(e, "client", remote, id, DURING_HANDSHAKE, idle) {
+                TransportError::Refused(mut r) => {
+                    r.dialled_name = name.to_string();
+                    TransportError::Refused(r)
+                }
+                other => other,
+            },
+        )?;
     let admitted = async {
         let mut s = conn.accept_uni().await?;
         match s.read_to_end(ADMITTED.len()).await {
@@ -416,9 +471,23 @@ pub async fn connect_with(
             Err(_) => Ok(false),
         }
     };
+    let refused_by_policy = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(REFUSED_BY_POLICY) =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    };
     match tokio::time::timeout(opts.admit_timeout, admitted).await {
         Ok(Ok(true)) => Ok(conn),
-        Ok(Err(e)) => Err(explain(e, "client", remote, id, DURING_HANDSHAKE, idle)),
+        Ok(Err(e)) => match refused_by_policy(&e) {
+            Some(reason) => Err(TransportError::RefusedByPolicy {
+                peer: remote,
+                reason,
+            }),
+            None => Err(explain(e, "client", remote, id, DURING_HANDSHAKE, idle)),
+        },
         Ok(Ok(false)) | Err(_) => {
             conn.close(VarInt::from_u32(0), b"not admitted");
             Err(TransportError::NotAdmitted {

@@ -174,7 +174,15 @@ fn eight_concurrent_migrations_into_one_dst() {
         .enumerate()
         .map(|(i, pid)| {
             Command::new(bin("pageserv"))
-                .args(["src", "--lazy", "--to", &addr, "--certs"])
+                .args([
+                    "src",
+                    "--lazy",
+                    "--to",
+                    &addr,
+                    "--dst-name",
+                    "dst",
+                    "--certs",
+                ])
                 .arg(&src_certs)
                 .arg("--work")
                 .arg(dir.join(format!("src-{i}")))

@@ -99,7 +99,7 @@ fn a_stalled_handshake_does_not_delay_another_client() {
         let ok = rt.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(2),
-                transport::connect("127.0.0.1:0".parse().unwrap(), addr, &src),
+                transport::connect("127.0.0.1:0".parse().unwrap(), addr, "dst", &src),
             )
             .await
         });
@@ -150,7 +150,7 @@ fn a_stalled_handshake_does_not_delay_another_client() {
     let admitted = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            transport::connect("127.0.0.1:0".parse().unwrap(), addr, &src),
+            transport::connect("127.0.0.1:0".parse().unwrap(), addr, "dst", &src),
         )
         .await
     });

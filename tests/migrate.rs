@@ -263,6 +263,11 @@ fn failed_restore_resumes_the_source() {
         stderr.contains("restore failed"),
         "the reason reaches the user: {stderr}"
     );
+    // ...as a short message: dst's restore log and error chain stay in dst's log.
+    assert!(
+        stderr.contains("restore failed at the destination; details in its log, migration m"),
+        "the source is told briefly: {stderr}"
+    );
     assert_eq!(
         v["workload_alive_at_src"], true,
         "the source must be resumed: {stderr}"

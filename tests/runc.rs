@@ -108,7 +108,7 @@ fn setup(test: &str, mib: u32) -> Setup {
         .arg(certs.join("ca"))
         .arg("--out")
         .arg(certs.join("host"))
-        .args(["--role", "both"])
+        .args(["--role", "both", "--name", "host"])
         .stdout(Stdio::null())
         .status()
         .expect("pageserv keygen");
@@ -162,7 +162,7 @@ fn migrate(s: &Setup, dst_bundle: &Path) -> Run {
         .expect("start pageserv dst");
     std::thread::sleep(Duration::from_millis(300));
     let src = Command::new(pageserv())
-        .args(["src", "--lazy", "--to"])
+        .args(["src", "--lazy", "--dst-name", "host", "--to"])
         .arg(listen.to_string())
         .arg("--certs")
         .arg(s.certs.join("host"))

@@ -145,7 +145,15 @@ fn refuses_an_established_connection_before_the_freeze() {
     let t0 = Instant::now();
     let out = std::process::Command::new(netmig::pageserv())
         // Nothing listens there: the refusal must come before pageserv even connects.
-        .args(["src", "--lazy", "--to", "127.0.0.1:9", "--certs"])
+        .args([
+            "src",
+            "--lazy",
+            "--to",
+            "127.0.0.1:9",
+            "--dst-name",
+            "dst",
+            "--certs",
+        ])
         .arg(&src_certs)
         .arg("--work")
         .arg(&work)

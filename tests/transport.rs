@@ -113,7 +113,7 @@ async fn connect_to_raw_server(
                 let _ = i.await;
             }
         },
-        transport::connect(any_port(), addr, client)
+        transport::connect(any_port(), addr, "dst", client)
     );
     connected
 }
@@ -173,7 +173,9 @@ async fn good_identities_exchange_frames_both_ways() {
             got
         });
 
-        let conn = transport::connect(any_port(), addr, &dst).await.unwrap();
+        let conn = transport::connect(any_port(), addr, "dst", &dst)
+            .await
+            .unwrap();
         let peer = transport::peer_identity(&conn).unwrap();
         assert_eq!(peer.common_name.as_deref(), Some("dst"));
         let (send, recv) = conn.open_bi().await.unwrap();
@@ -244,7 +246,7 @@ async fn client_with_certificate_from_another_ca_is_refused_and_server_reads_not
         // Our own client: connect() itself must fail, saying the server refused our certificate.
         let (accepted, connected) = tokio::join!(
             transport::accept(&ep, &src),
-            transport::connect(any_port(), addr, &misissued)
+            transport::connect(any_port(), addr, "dst", &misissued)
         );
         let server_err = accepted.unwrap_err();
         println!("server said: {server_err}");
@@ -295,7 +297,7 @@ async fn client_with_certificate_from_another_ca_is_refused_and_server_reads_not
         // A client wholly from another CA refuses our server first.
         let (accepted, connected) = tokio::join!(
             transport::accept(&ep, &src),
-            transport::connect(any_port(), addr, &other)
+            transport::connect(any_port(), addr, "dst", &other)
         );
         assert_eq!(
             refusal(&connected.unwrap_err()),
@@ -340,7 +342,7 @@ async fn server_with_certificate_from_another_ca_is_refused_by_client() {
         let addr = ep.local_addr().unwrap();
         let (accepted, connected) = tokio::join!(
             transport::accept(&ep, &foreign_src),
-            transport::connect(any_port(), addr, &dst)
+            transport::connect(any_port(), addr, "dst", &dst)
         );
         let e = connected.unwrap_err();
         assert_eq!(refusal(&e), (RefusedBy::Us, RefusalReason::NotSignedByCa));
@@ -402,7 +404,7 @@ async fn server_certificate_without_the_pageserv_name_is_refused() {
         let addr = ep.local_addr().unwrap();
         let (_, connected) = tokio::join!(
             transport::accept(&ep, &misnamed),
-            transport::connect(any_port(), addr, &dst)
+            transport::connect(any_port(), addr, "dst", &dst)
         );
         let e = connected.unwrap_err();
         println!("client said: {e}");
@@ -466,7 +468,7 @@ async fn udp_garbage_does_not_crash_the_server() {
         }
         let (accepted, connected) = tokio::join!(
             transport::accept(&ep, &src),
-            transport::connect(any_port(), addr, &dst)
+            transport::connect(any_port(), addr, "dst", &dst)
         );
         let (_c, peer) = accepted.unwrap();
         assert_eq!(peer.common_name.as_deref(), Some("src"));
@@ -486,9 +488,10 @@ async fn refused_connection_without_server_times_out_with_advice() {
             idle_timeout: Duration::from_millis(500),
             ..Default::default()
         };
-        let e = transport::connect_with(any_port(), silent.local_addr().unwrap(), &dst, &opts)
-            .await
-            .unwrap_err();
+        let e =
+            transport::connect_with(any_port(), silent.local_addr().unwrap(), "dst", &dst, &opts)
+                .await
+                .unwrap_err();
         assert!(matches!(e, TransportError::NoAnswer { .. }), "{e}");
         assert!(e.to_string().contains("UDP"), "{e}");
     })

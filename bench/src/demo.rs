@@ -307,7 +307,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         } else {
             "--lazy"
         })
-        .args(["--to", &dst_addr, "--certs"])
+        .args(["--to", &dst_addr, "--dst-name", "dst", "--certs"])
         .arg(&src_certs)
         .arg("--work")
         .arg(bed.dir.join("src"))
@@ -396,7 +396,15 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             }
             let mut src2 = bed
                 .in_src(&pageserv)
-                .args(["src", "--lazy", "--to", &dst_addr, "--certs"])
+                .args([
+                    "src",
+                    "--lazy",
+                    "--to",
+                    &dst_addr,
+                    "--dst-name",
+                    "dst",
+                    "--certs",
+                ])
                 .arg(&src_certs)
                 .arg("--resume")
                 .arg(&src_work)

@@ -162,7 +162,8 @@ async fn receive(addr: SocketAddr, id: &Identity, opts: &TransportOptions) -> Re
 
 async fn send(addr: SocketAddr, id: &Identity, opts: &TransportOptions, mib: u64) -> Result<()> {
     let local = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
-    let conn = transport::connect_with(local, addr, id, opts).await?;
+    // The demo identities' destination certificate is named "dst" (see keys::demo_identities).
+    let conn = transport::connect_with(local, addr, "dst", id, opts).await?;
     let mut s = conn.open_uni().await?;
     let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
     for _ in 0..mib {

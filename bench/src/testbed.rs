@@ -152,10 +152,11 @@ impl Testbed {
         let base = u32::from(Ipv4Addr::new(10, 250, 0, 0)) + u32::from(net) * 4;
         let src_addr = Ipv4Addr::from(base + 1);
         let dst_addr = Ipv4Addr::from(base + 2);
-        let dir = std::env::temp_dir().join(format!("pageserv-{netns}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| TestbedError::Command {
-            cmd: format!("mkdir {}", dir.display()),
+        // mkdtemp: a fresh 0700 directory with an unpredictable name, created atomically, so
+        // nobody can plant a directory or symlink there first (this runs as root in /tmp).
+        let template = std::env::temp_dir().join(format!("pageserv-{netns}-XXXXXX"));
+        let dir = nix::unistd::mkdtemp(&template).map_err(|e| TestbedError::Command {
+            cmd: format!("mkdtemp {}", template.display()),
             detail: e.to_string(),
         })?;
         Ok(Testbed {
@@ -284,5 +285,37 @@ impl Drop for Testbed {
         if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// The demo's and bench's testbed runs as root in /tmp: its directory is made by mkdtemp, so
+    /// its name cannot be planted in advance, and nobody else can look inside.
+    #[test]
+    fn the_testbed_directory_is_fresh_private_and_unpredictable() {
+        if !is_root() {
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let predictable =
+            std::env::temp_dir().join(format!("pageserv-psv{}-201", std::process::id()));
+        let _ = std::fs::remove_dir_all(&predictable);
+        std::fs::create_dir_all(&predictable).unwrap();
+        std::fs::write(predictable.join("planted"), "x").unwrap();
+        let bed = Testbed::new(201).expect("testbed");
+        assert_ne!(bed.dir, predictable);
+        assert!(!bed.dir.join("planted").exists());
+        let mode = std::fs::metadata(&bed.dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", bed.dir.display());
+        drop(bed);
+        let _ = std::fs::remove_dir_all(&predictable);
     }
 }

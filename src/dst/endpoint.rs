@@ -10,6 +10,13 @@
 //! independent: one failing ends only itself. A source whose link died mid post-copy comes back
 //! with a resume connection (role [`Role::SrcResume`]) naming its migration id; it is routed the
 //! same way (see dst::post_copy).
+//!
+//! Trust: a source is admitted by mutual TLS and then by `--allow-source` / `--deny-cert`
+//! ([`crate::keys::trust::Admission`]). A fault or resume connection joins a migration only if
+//! it presents the very certificate of the control connection that opened it
+//! ([`crate::keys::trust::may_join`]): knowing a migration's id is not enough. Peers learn
+//! short reasons; the details stay in this host's log, where a migration is named by its tag
+//! ([`protocol::id_tag`]), not its id.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,10 +32,11 @@ use crate::dst::options::{DstOptions, fresh_dir};
 use crate::dst::post_copy::Routed;
 use crate::dst::{adopt, migration};
 use crate::keys::Identity;
+use crate::keys::trust::{Admission, Fingerprint, may_join};
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
-use crate::protocol::{self, PROTOCOL_VERSION, Role, send_ctl};
+use crate::protocol::{self, PROTOCOL_VERSION, Role, id_tag, peer_error, send_ctl};
 use crate::stats::DstReport;
-use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::transport::{self, FrameReceiver, FrameSender, PeerIdentity};
 use crate::wire::Frame;
 
 /// How many migrations the loop takes.
@@ -43,6 +51,7 @@ pub struct ServeLimits {
 /// How one migration ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationOutcome {
+    /// The migration's tag ([`protocol::id_tag`]), as the logs of both hosts name it.
     pub migration_id: String,
     pub ok: bool,
     pub error: Option<String>,
@@ -54,9 +63,22 @@ enum Incoming {
     Migration {
         conn: quinn::Connection,
         ctl: (FrameSender, FrameReceiver, Hello),
+        who: PeerIdentity,
     },
     /// A fault connection or a resume, for the migration named `migration_id`.
-    Routed { migration_id: String, what: Routed },
+    Routed {
+        migration_id: String,
+        what: Routed,
+        who: PeerIdentity,
+    },
+}
+
+/// A running migration's inbox for its fault and resume connections, and who opened it.
+struct Route {
+    inbox: mpsc::UnboundedSender<Routed>,
+    /// `None` for a migration adopted after a restart (dst::adopt): its opener is unknown.
+    owner: Option<Fingerprint>,
+    owner_name: String,
 }
 
 /// Accepts one migration and runs it to the end ([`serve`] with a limit
@@ -110,7 +132,7 @@ pub async fn serve(
     let opts = Arc::new(opts);
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
-    let mut routes: HashMap<String, mpsc::UnboundedSender<Routed>> = HashMap::new();
+    let mut routes: HashMap<String, Route> = HashMap::new();
     let mut running: JoinSet<(String, Option<quinn::Connection>, Result<DstReport>)> =
         JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
@@ -126,27 +148,39 @@ pub async fn serve(
     for orphan in orphans {
         let mid = orphan.migration_id.clone();
         if routes.contains_key(&mid) {
-            tracing::warn!(migration = %mid, "two directories claim this migration: the second is not adopted");
+            tracing::warn!(migration = %id_tag(&mid), "two directories claim this migration: the second is not adopted");
             continue;
         }
         started += 1;
         let (route_tx, route_rx) = mpsc::unbounded_channel();
-        routes.insert(mid.clone(), route_tx);
+        // Adopted after a restart: the certificate that opened it is not known here, so
+        // any admitted source certificate may resume it (see README, "Security model").
+        routes.insert(
+            mid.clone(),
+            Route {
+                inbox: route_tx,
+                owner: None,
+                owner_name: "(adopted)".into(),
+            },
+        );
         let opts = opts.clone();
         running.spawn(async move {
             let result = adopt::adopt_in(&opts, orphan, route_rx, fault_port).await;
             (mid, None, result)
         });
     }
+    let rule = Arc::new(opts.admission.clone());
     let acceptor = tokio::spawn(accept_all(
         endpoint.clone(),
         id.clone(),
+        rule.clone(),
         arrive_tx.clone(),
         false,
     ));
     let fault_acceptor = tokio::spawn(accept_all(
         fault_endpoint.clone(),
         id.clone(),
+        rule,
         arrive_tx,
         true,
     ));
@@ -161,69 +195,92 @@ pub async fn serve(
         }
         tokio::select! {
             Some(arrival) = arrive_rx.recv() => match arrival {
-                Incoming::Migration { conn, ctl } => {
+                Incoming::Migration { conn, ctl, who } => {
                     let mid = ctl.2.migration_id.clone();
+                    let tag = id_tag(&mid);
                     let full = limits.max_migrations.is_some_and(|m| started >= m);
                     let refusal = if full {
                         Some("this dst takes no more migrations (--max-migrations reached)".to_string())
                     } else if running.len() >= limits.max_concurrent {
                         Some(format!("this dst is busy: {} migrations in progress", running.len()))
                     } else if routes.contains_key(&mid) || mid.is_empty() {
-                        Some(format!("migration id {mid:?} is empty or already in progress"))
+                        Some(format!("migration {tag} is empty or already in progress"))
                     } else {
                         None
                     };
                     if let Some(reason) = refusal {
-                        tracing::warn!(migration = %mid, "refusing a migration: {reason}");
+                        tracing::warn!(migration = %tag, source = %who, "refusing a migration: {reason}");
                         tokio::spawn(refuse(conn, ctl.0, reason));
                         continue;
                     }
                     started += 1;
                     let (route_tx, route_rx) = mpsc::unbounded_channel();
-                    routes.insert(mid.clone(), route_tx);
+                    routes.insert(mid.clone(), Route {
+                        inbox: route_tx,
+                        owner: Some(who.fingerprint),
+                        owner_name: who.to_string(),
+                    });
                     let opts = opts.clone();
-                    tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
+                    tracing::info!(migration = %tag, source = %who, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
                         let result =
                             migrate_in(&opts, &conn, ctl, route_rx, fault_port).await;
                         (mid, Some(conn), result)
                     });
                 }
-                Incoming::Routed { migration_id, what } => match routes.get(&migration_id) {
-                    Some(inbox) => {
-                        if let Err(e) = inbox.send(what) {
-                            tracing::warn!(migration = %migration_id, "connection for an ended migration: closed");
-                            refuse_routed(e.0, "this migration has ended".into());
+                Incoming::Routed { migration_id, what, who } => {
+                    let tag = id_tag(&migration_id);
+                    match routes.get(&migration_id) {
+                        Some(route) if route.owner.is_some_and(|o| !may_join(&o, &who.fingerprint)) => {
+                            tracing::warn!(
+                                migration = %tag, from = %who, fingerprint = %who.fingerprint.short(),
+                                owner = %route.owner_name, owner_fingerprint = %route.owner.map(|o| o.short()).unwrap_or_default(),
+                                "refused a {} connection: its certificate is not the one that \
+                                 opened the migration", what.kind()
+                            );
+                            refuse_routed(what, format!(
+                                "migration {tag} belongs to another certificate: a migration's \
+                                 connections must all present the certificate that opened it"
+                            ));
+                        }
+                        Some(route) => {
+                            if let Err(e) = route.inbox.send(what) {
+                                tracing::warn!(migration = %tag, "connection for an ended migration: closed");
+                                refuse_routed(e.0, "this migration has ended".into());
+                            }
+                        }
+                        None => {
+                            tracing::warn!(migration = %tag, from = %who, "connection for no running migration: refused");
+                            refuse_routed(
+                                what,
+                                format!(
+                                    "no migration {tag} runs here (it ended, or this dst was \
+                                     restarted): the source stays frozen; retry it with `pageserv \
+                                     src --resume DIR`"
+                                ),
+                            );
                         }
                     }
-                    None => {
-                        tracing::warn!(migration = %migration_id, "connection for no running migration: refused");
-                        refuse_routed(
-                            what,
-                            format!(
-                                "no migration {migration_id} runs here (it ended, or this dst was \
-                                 restarted and found no keeper holding its restored tasks in its \
-                                 --work): the source stays frozen; retry it with `pageserv src \
-                                 --resume DIR` (which rolls it back to its freeze point)"
-                            ),
-                        );
-                    }
-                },
+                }
             },
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 let outcome = match joined {
                     Ok((mid, conn, result)) => {
                         routes.remove(&mid);
+                        let tag = id_tag(&mid);
                         match (&result, conn) {
                             (Ok(_), Some(conn)) => conn.close(0u32.into(), b"done"),
-                            (Err(e), Some(conn)) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+                            (Err(_), Some(conn)) => conn.close(
+                                1u32.into(),
+                                peer_error("the migration failed at the destination", &mid).as_bytes(),
+                            ),
                             (_, None) => {}
                         }
                         match result {
-                            Ok(r) => MigrationOutcome { migration_id: mid, ok: true, error: None, report: Some(r) },
+                            Ok(r) => MigrationOutcome { migration_id: tag, ok: true, error: None, report: Some(r) },
                             Err(e) => {
-                                tracing::error!(migration = %mid, "migration failed: {e:#}");
-                                MigrationOutcome { migration_id: mid, ok: false, error: Some(format!("{e:#}")), report: None }
+                                tracing::error!(migration = %tag, "migration failed: {e:#}");
+                                MigrationOutcome { migration_id: tag, ok: false, error: Some(format!("{e:#}")), report: None }
                             }
                         }
                     }
@@ -261,11 +318,13 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub const ADMIT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Accepts every client and classifies it by its hello, each in a task of its own, under one
-/// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]). On the fault endpoint
-/// (`faults_only`) anything but a fault connection is dropped: its bulk would run on the lane.
+/// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]), under the admission `rule`. On the
+/// fault endpoint (`faults_only`) anything but a fault connection is dropped: its bulk would run
+/// on the lane.
 async fn accept_all(
     endpoint: quinn::Endpoint,
     id: Arc<Identity>,
+    rule: Arc<Admission>,
     to_loop: mpsc::Sender<Incoming>,
     faults_only: bool,
 ) {
@@ -296,17 +355,22 @@ async fn accept_all(
             continue;
         }
         in_progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, id, in_progress) = (to_loop.clone(), id.clone(), in_progress.clone());
+        let (tx, id, rule, in_progress) = (
+            to_loop.clone(),
+            id.clone(),
+            rule.clone(),
+            in_progress.clone(),
+        );
         tokio::spawn(async move {
             let admitted = tokio::time::timeout(ADMIT_DEADLINE, async {
-                let (conn, who) = transport::admit(incoming, &id).await?;
-                let arrival = classify(conn).await?;
-                Ok::<_, anyhow::Error>((arrival, who))
+                let (conn, who) = transport::admit_checked(incoming, &id, &rule).await?;
+                let arrival = classify(conn, who).await?;
+                Ok::<_, anyhow::Error>(arrival)
             })
             .await;
             in_progress.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             match admitted {
-                Ok(Ok((a, _)))
+                Ok(Ok(a))
                     if faults_only
                         && !matches!(
                             a,
@@ -318,7 +382,7 @@ async fn accept_all(
                 {
                     tracing::warn!(%peer, "dropping a client: only fault connections belong on the fault endpoint");
                 }
-                Ok(Ok((a, _))) => {
+                Ok(Ok(a)) => {
                     let _ = tx.send(a).await;
                 }
                 Ok(Err(e)) => tracing::warn!(%peer, "dropping a client: {e:#}"),
@@ -332,7 +396,7 @@ async fn accept_all(
     }
 }
 
-async fn classify(conn: quinn::Connection) -> Result<Incoming> {
+async fn classify(conn: quinn::Connection, who: PeerIdentity) -> Result<Incoming> {
     let (tx, rx, hello) =
         tokio::time::timeout(Duration::from_secs(30), protocol::accept_control(&conn))
             .await
@@ -342,6 +406,7 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
         Incoming::Routed {
             migration_id: hello.migration_id.clone(),
             what: Routed::Faults((conn, tx, rx)),
+            who,
         }
     } else if role == Some(Role::SrcResume) {
         Incoming::Routed {
@@ -352,11 +417,13 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
                 ctl_rx: rx,
                 hello,
             },
+            who,
         }
     } else {
         Incoming::Migration {
             conn,
             ctl: (tx, rx, hello),
+            who,
         }
     })
 }
@@ -364,7 +431,7 @@ async fn classify(conn: quinn::Connection) -> Result<Incoming> {
 /// Refuses a fault or resume connection: a resume learns why (src then stops retrying).
 fn refuse_routed(what: Routed, reason: String) {
     match what {
-        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), b"no such migration"),
+        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), reason.as_bytes()),
         Routed::Resume { conn, ctl, .. } => {
             tokio::spawn(refuse(conn, ctl, reason));
         }
@@ -422,9 +489,17 @@ async fn migrate_in(
     send_ctl(&mut ctl, Msg::Hello(answer)).await?;
 
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
-        let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
-        return crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir)
-            .await;
+        let tag = id_tag(&hello.migration_id);
+        let dir = fresh_dir(&opts.work_base, &tag)?;
+        return crate::dst::stop_and_copy::migrate_in(
+            opts,
+            &mut ctl,
+            &mut ctl_rx,
+            conn,
+            &dir,
+            &tag,
+        )
+        .await;
     }
     migration::migrate_in(
         opts,

@@ -31,7 +31,7 @@ use crate::pages::PageRange;
 use crate::pb::pageserv::{
     Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
-use crate::protocol::send_ctl;
+use crate::protocol::{peer_error, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{FrameReceiver, FrameSender};
 use crate::wire::Frame;
@@ -60,12 +60,23 @@ pub(crate) async fn migrate_in(
         Err(_) => bail!("the source did not open its fault connection within 30 s"),
     };
 
-    let dir = crate::dst::options::fresh_dir(&opts.work_base, &hello.migration_id)?;
-    std::fs::write(
-        dir.join(crate::dst::options::MIGRATION_ID_FILE),
-        &hello.migration_id,
-    )
-    .with_context(|| format!("recording the migration id in {}", dir.display()))?;
+    let dir = crate::dst::options::fresh_dir(
+        &opts.work_base,
+        &crate::protocol::id_tag(&hello.migration_id),
+    )?;
+    {
+        // 0600: the id (with the source's certificate) joins the migration.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(crate::dst::options::MIGRATION_ID_FILE);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(hello.migration_id.as_bytes()))
+            .with_context(|| format!("recording the migration id in {}", dir.display()))?;
+    }
     let images_dir = dir.join("images");
     let work = dir.join("work");
     for d in [&images_dir, &work] {
@@ -253,12 +264,17 @@ pub(crate) async fn migrate_in(
                 with_criu_errors(e, &restore.log)
             };
             if !restored {
-                let reason = format!("{e:#}");
-                let tail = log_tail(&restore.log, 20);
+                // The source learns that it failed, not why: CRIU's log and the error chain
+                // name this host's paths and state; they stay in its log.
+                tracing::error!(
+                    "restore failed: {e:#}\nlast lines of {}:\n{}",
+                    restore.log.display(),
+                    log_tail(&restore.log, 20)
+                );
                 let link_up = post.link_up();
                 post.tell(Msg::RestoreFailed(RestoreFailed {
-                    reason,
-                    log_tail: tail,
+                    reason: peer_error("restore failed at the destination", &hello.migration_id),
+                    log_tail: String::new(),
                 }))
                 .await;
                 restore.kill();
@@ -269,7 +285,14 @@ pub(crate) async fn migrate_in(
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
                 }
             }
-            post.close(1, format!("{e:#}").as_bytes());
+            post.close(
+                1,
+                peer_error(
+                    "the migration failed at the destination",
+                    &hello.migration_id,
+                )
+                .as_bytes(),
+            );
             return Err(e);
         }
     };

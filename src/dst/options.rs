@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::time::Duration;
 
 use crate::criu::binary::Criu;
@@ -27,6 +28,8 @@ pub struct DstOptions {
     /// How long a migration whose link died keeps its restored tasks waiting for the source to
     /// reconnect (0: fail at once). See dst::post_copy.
     pub recover_timeout: Duration,
+    /// Which verified sources are admitted (`--allow-source`, `--deny-cert`).
+    pub admission: crate::keys::trust::Admission,
 }
 
 /// The file in a migration's directory naming its id (a restarted dst adopts by it).
@@ -54,7 +57,14 @@ pub(crate) fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {
         } else {
             format!("{clean}.{n}")
         });
-        match std::fs::create_dir_all(base).and_then(|_| std::fs::create_dir(&d)) {
+        // 0700: the images hold the tree's memory and the directory name its migration id.
+        let private = || {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .and_then(|()| std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)))
+        };
+        match std::fs::create_dir_all(base).and_then(|_| private()) {
             Ok(()) => return Ok(d),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),

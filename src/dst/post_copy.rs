@@ -46,6 +46,16 @@ pub(crate) enum Routed {
     },
 }
 
+impl Routed {
+    /// "fault" or "resume", for log lines.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Routed::Faults(_) => "fault",
+            Routed::Resume { .. } => "resume",
+        }
+    }
+}
+
 /// The pre-copied pages dst holds, and how many of them were confirmed and placed.
 #[derive(Clone)]
 pub(crate) struct PreCopied {

@@ -26,14 +26,17 @@ use crate::wire::Frame;
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs the rest of a stop-and-copy migration after the hellos; `dir` is this migration's
-/// fresh directory.
+/// fresh directory, `tag` its name in logs and in what the source is told of failures (short:
+/// the details stay in this host's log).
 pub async fn migrate_in(
     opts: &DstOptions,
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
     conn: &quinn::Connection,
     dir: &Path,
+    tag: &str,
 ) -> Result<DstReport> {
+    let short = |what: &str| format!("{what}; details in its log, migration {tag}");
     let started = Instant::now();
     let mut report = DstReport::default();
     let images = dir.join("images");
@@ -45,10 +48,11 @@ pub async fn migrate_in(
     let written = match r {
         Ok(w) => w,
         Err(e) => {
+            tracing::error!(migration = %tag, "writing the session failed: {e:#}");
             send_ctl(
                 ctl,
                 Msg::Abort(Abort {
-                    reason: format!("{e:#}"),
+                    reason: short("writing the session failed at the destination"),
                 }),
             )
             .await
@@ -92,11 +96,16 @@ pub async fn migrate_in(
         tokio::task::spawn_blocking(move || restore(cmd, &log)).await?
     };
     if let Err(e) = restored {
+        tracing::error!(
+            migration = %tag,
+            "restore failed: {e:#}\nlast lines of restore.log:\n{}",
+            log_tail(&work.join("restore.log"), 20)
+        );
         send_ctl(
             ctl,
             Msg::RestoreFailed(RestoreFailed {
-                reason: format!("{e:#}"),
-                log_tail: log_tail(&work.join("restore.log"), 20),
+                reason: short("restore failed at the destination"),
+                log_tail: String::new(),
             }),
         )
         .await

@@ -137,3 +137,35 @@ fn ca_is_never_replaced_and_demo_reuses_what_exists() {
     Identity::load(&src).unwrap();
     Identity::load(&dst).unwrap();
 }
+
+#[test]
+fn every_name_goes_into_the_certificate_which_lasts_a_year() {
+    let t = TempDir::new();
+    let ca = t.0.join("ca");
+    generate_ca(&ca).unwrap();
+    let out = t.0.join("h");
+    let names = [
+        "dst.example".to_string(),
+        "10.0.0.2".into(),
+        "pageserv".into(),
+    ];
+    issue_names(&ca, &names, &[Role::Destination], &out).unwrap();
+    assert_eq!(
+        sans(&out.join(CERT)),
+        vec!["pageserv", "dst.example", "ip:[10, 0, 0, 2]"]
+    );
+    let pem = fs::read(out.join(CERT)).unwrap();
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let days =
+        (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86400;
+    assert_eq!(days, 365, "one year (and the hour of backdating)");
+    assert_eq!(
+        fingerprint_file(&out.join(CERT)).unwrap(),
+        trust::Fingerprint::of(&der)
+    );
+    assert!(issue_names(&ca, &[], &[Role::Source], &t.0.join("none")).is_err());
+}

@@ -212,6 +212,22 @@ pub fn keeper_main(work: &Path, criu_pid: i32, header_len: usize) -> Result<(), 
             return Ok(());
         }
         let (conn, _) = listener.accept().map_err(io("accepting"))?;
+        // Whoever may take, resume or kill a frozen tree must be who could anyway: root or
+        // pageserv's own user (as dst's lazy-pages.socket checks its peer).
+        match peer_uid(&conn) {
+            Ok(uid) if uid_may_command(uid, nix::unistd::geteuid().as_raw()) => {}
+            Ok(uid) => {
+                tracing::warn!(uid, "refused a keeper.sock client of another user");
+                let _ = (&conn).write_all(
+                    format!("-refused: uid {uid} is neither root nor pageserv's user").as_bytes(),
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("refused a keeper.sock client whose credentials are unknown: {e}");
+                continue;
+            }
+        }
         let mut line = String::new();
         let mut b = [0u8; 1];
         while (&conn).read(&mut b).map_err(io("reading a command"))? == 1 && b[0] != b'\n' {
@@ -246,6 +262,19 @@ pub fn keeper_main(work: &Path, criu_pid: i32, header_len: usize) -> Result<(), 
             }
         }
     }
+}
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED: as of its connect).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .map_err(std::io::Error::from)
+}
+
+/// May a client running as `uid` command the keeper of a pageserv running as `ours`? Root, or
+/// the same user.
+pub fn uid_may_command(uid: u32, ours: u32) -> bool {
+    uid == 0 || uid == ours
 }
 
 /// Waits for a client; false if the dump closed its socket first (CRIU ended). Leftover reply

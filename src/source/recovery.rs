@@ -59,6 +59,8 @@ pub use crate::protocol::link_lost;
 pub struct Reconnect<'a> {
     pub id: &'a Identity,
     pub to: SocketAddr,
+    /// The name dst's certificate must carry (see [`crate::keys::trust::dst_name`]).
+    pub dst_name: &'a str,
     pub migration_id: &'a str,
     pub criu_version: String,
     pub push_transport: &'a TransportOptions,
@@ -116,7 +118,7 @@ fn hello(r: &Reconnect<'_>, role: Role) -> Msg {
 
 async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
     let retry = Attempt::Retry;
-    let (conn, mut ctl, mut ctl_rx) = connect_control(r.id, r.to, r.push_transport)
+    let (conn, mut ctl, mut ctl_rx) = connect_control(r.id, r.to, r.dst_name, r.push_transport)
         .await
         .map_err(retry)?;
     send_ctl(&mut ctl, hello(r, Role::SrcResume))
@@ -127,7 +129,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
         Msg::Abort(a) => {
             return Err(Attempt::Final(anyhow::anyhow!(
                 "dst will not resume migration {}: {}",
-                r.migration_id,
+                protocol::id_tag(r.migration_id),
                 a.reason
             )));
         }
@@ -171,11 +173,16 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
             }
         }
     };
-    let fault_conn =
-        transport::connect_with(protocol::any_addr(r.to), fault_at, r.id, r.fault_transport)
-            .await
-            .context("opening the fault connection")
-            .map_err(retry)?;
+    let fault_conn = transport::connect_with(
+        protocol::any_addr(r.to),
+        fault_at,
+        r.dst_name,
+        r.id,
+        r.fault_transport,
+    )
+    .await
+    .context("opening the fault connection")
+    .map_err(retry)?;
     let (send, recv) = fault_conn
         .open_bi()
         .await

@@ -46,6 +46,9 @@ pub use crate::source::open_dump::DumpSource;
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
     pub to: SocketAddr,
+    /// The name dst's certificate must carry: `--dst-name`, else the host part of `--to` (see
+    /// [`crate::keys::trust::dst_name`]).
+    pub dst_name: String,
     pub certs: PathBuf,
     pub work_dir: PathBuf,
     pub criu: Criu,
@@ -94,6 +97,21 @@ fn new_migration_id() -> Result<String> {
 /// can first try to continue that migration at dst.
 pub const MIGRATION_ID_FILE: &str = "migration-id";
 
+/// Writes `text` to `path` readable by its owner only (0600, also when it existed): the
+/// migration id is half of what joins a running migration at dst.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())
+}
+
 /// The file in a dump's work directory that lists the CRIU options its restore needs (one a
 /// line; see [`crate::criu::opts`]), so a `--resume` sends them too.
 pub const CARRIED_OPTS_FILE: &str = "restore-criu-opts";
@@ -133,6 +151,11 @@ pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
                 .await??;
         extra.extend(added);
         std::fs::create_dir_all(&opts.work_dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                // The dump's images (the tree's non-lazy memory) and its keeper live here.
+                std::fs::set_permissions(&opts.work_dir, std::fs::Permissions::from_mode(0o700))
+            })
             .with_context(|| format!("creating {}", opts.work_dir.display()))?;
         let carried = crate::criu::opts::for_restore(extra);
         std::fs::write(opts.work_dir.join(CARRIED_OPTS_FILE), carried.join("\n"))
@@ -203,6 +226,7 @@ async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Opti
     let r = Reconnect {
         id,
         to: opts.to,
+        dst_name: &opts.dst_name,
         migration_id,
         criu_version: opts.criu.version.to_string(),
         push_transport: &opts.push_transport,
@@ -216,7 +240,7 @@ async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Opti
     match recovery::reconnect(&r, deadline).await {
         Ok(resumed) => {
             tracing::info!(
-                migration = migration_id,
+                migration = %protocol::id_tag(migration_id),
                 "dst still runs this migration: continuing it"
             );
             let wire_at_freeze = resumed.link.tx_bytes();
@@ -231,7 +255,8 @@ async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Opti
         }
         Err(e) => {
             tracing::info!(
-                "not continuing migration {migration_id} at dst ({e:#}): starting it over from the frozen dump"
+                migration = %protocol::id_tag(migration_id),
+                "not continuing the migration at dst ({e:#}): starting it over from the frozen dump"
             );
             None
         }
@@ -240,7 +265,8 @@ async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Opti
 
 /// A new migration: hello, the fault connection, pre-copy rounds.
 async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
-    let (conn, mut ctl, mut ctl_rx) = connect_control(id, opts.to, &opts.push_transport).await?;
+    let (conn, mut ctl, mut ctl_rx) =
+        connect_control(id, opts.to, &opts.dst_name, &opts.push_transport).await?;
 
     let migration_id = new_migration_id()?;
     send_ctl(
@@ -270,10 +296,15 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
 
     // Faults get a connection of their own: on the push connection a fault reply would queue
     // behind every pushed byte already in flight, which no stream priority can overtake.
-    let fault_conn =
-        transport::connect_with(any_addr(opts.to), fault_at, id, &opts.fault_transport())
-            .await
-            .with_context(|| format!("opening the fault connection to {fault_at}"))?;
+    let fault_conn = transport::connect_with(
+        any_addr(opts.to),
+        fault_at,
+        &opts.dst_name,
+        id,
+        &opts.fault_transport(),
+    )
+    .await
+    .with_context(|| format!("opening the fault connection to {fault_at}"))?;
     let (fault_send, fault_recv) = fault_conn
         .open_bi()
         .await
@@ -361,8 +392,12 @@ async fn drive(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "dump ready, tasks frozen"
     );
+    tracing::info!(
+        migration = %protocol::id_tag(&start.migration_id),
+        "migration under way (dst logs it by this tag)"
+    );
     if let Some(dir) = dump_work_dir(opts)
-        && let Err(e) = std::fs::write(dir.join(MIGRATION_ID_FILE), &start.migration_id)
+        && let Err(e) = write_private(&dir.join(MIGRATION_ID_FILE), &start.migration_id)
     {
         tracing::warn!(dir = %dir.display(), "cannot record the migration id (a --resume will start over): {e}");
     }
@@ -378,6 +413,7 @@ async fn drive(
     let reconnect = Reconnect {
         id,
         to: opts.to,
+        dst_name: &opts.dst_name,
         migration_id: &migration_id,
         criu_version: opts.criu.version.to_string(),
         push_transport: &opts.push_transport,
@@ -629,11 +665,13 @@ async fn migrate(
             }
             Ok(Msg::RestoreFailed(f)) => {
                 knows.dst_reported_restore_failed = true;
-                break Err(anyhow!(
-                    "the restore failed at dst: {}\n{}",
-                    f.reason,
-                    f.log_tail
-                ));
+                // dst sends no log tail any more (its log keeps it); an older dst may.
+                let tail = if f.log_tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n{}", f.log_tail)
+                };
+                break Err(anyhow!("the restore failed at dst: {}{tail}", f.reason));
             }
             Ok(Msg::MemoryWhole(w)) => {
                 knows.memory_whole = true;

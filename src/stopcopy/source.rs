@@ -8,7 +8,7 @@
 //! ship those images → dst runs `criu restore` → on success tell the hook "ok" (CRIU kills the
 //! source tasks), on any failure "fail" (CRIU resumes them).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,13 +42,38 @@ pub enum StopCopySource {
     /// decide (use `--leave-stopped` to keep them until the restore succeeded).
     Listen {
         listen: SocketAddr,
+        /// The only address the dump may connect from (see [`page_server_peer`]).
+        peer: IpAddr,
         images_dir: PathBuf,
     },
+}
+
+/// Who may connect to `--listen-page-server ADDR`: `given` (`--page-server-peer`), else a dump
+/// on this host: a loopback listen address takes the loopback address of its family, and any
+/// other listen address needs `--page-server-peer`, since the first TCP connection from anyone
+/// would otherwise become the migrated memory.
+pub fn page_server_peer(listen: SocketAddr, given: Option<IpAddr>) -> Result<IpAddr> {
+    match given {
+        Some(p) => Ok(p),
+        None if listen.ip().is_loopback() => Ok(listen.ip()),
+        None => bail!(
+            "--listen-page-server {listen} is not a loopback address: say which address the \
+             dump connects from with --page-server-peer IP (any other peer is refused), or \
+             listen on 127.0.0.1"
+        ),
+    }
+}
+
+/// True if a connection from `from` may be the dump's page-server connection.
+pub fn page_server_peer_ok(from: IpAddr, peer: IpAddr) -> bool {
+    from == peer || (peer.is_loopback() && from.is_loopback())
 }
 
 #[derive(Debug, Clone)]
 pub struct StopCopyOptions {
     pub to: SocketAddr,
+    /// The name dst's certificate must carry (see [`crate::keys::trust::dst_name`]).
+    pub dst_name: String,
     pub certs: PathBuf,
     pub work_dir: PathBuf,
     pub criu: Criu,
@@ -105,7 +130,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     let started = Instant::now();
     let id = Identity::load(&opts.certs)?;
     let (conn, mut ctl, mut ctl_rx) =
-        protocol::connect_control(&id, opts.to, &opts.transport).await?;
+        protocol::connect_control(&id, opts.to, &opts.dst_name, &opts.transport).await?;
     let migration_id = format!(
         "s{}-{}",
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
@@ -184,12 +209,22 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
                 (Err(e), None) => Err(e),
             }
         }
-        StopCopySource::Listen { listen, images_dir } => {
+        StopCopySource::Listen {
+            listen,
+            peer: allowed,
+            images_dir,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening for the dump on {listen}"))?;
-            tracing::info!(%listen, "waiting for criu dump --page-server to connect");
-            let (sock, peer) = listener.accept().await.context("accepting the dump")?;
+            tracing::info!(%listen, %allowed, "waiting for criu dump --page-server to connect");
+            let (sock, peer) = loop {
+                let (sock, peer) = listener.accept().await.context("accepting the dump")?;
+                if page_server_peer_ok(peer.ip(), *allowed) {
+                    break (sock, peer);
+                }
+                tracing::warn!(%peer, %allowed, "refused a page-server connection from another address");
+            };
             drop(listener);
             let _ = sock.set_nodelay(true);
             tracing::info!(%peer, "criu dump connected");
@@ -203,7 +238,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let _ = send_ctl(
                 &mut ctl,
                 Msg::Abort(crate::pb::pageserv::Abort {
-                    reason: format!("{e:#}"),
+                    reason: "the source failed; see its log".into(),
                 }),
             )
             .await;
@@ -350,7 +385,12 @@ async fn finish_migration(
                 return Ok(report);
             }
             Msg::RestoreFailed(f) => {
-                bail!("the restore failed at dst: {}\n{}", f.reason, f.log_tail)
+                let tail = if f.log_tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n{}", f.log_tail)
+                };
+                bail!("the restore failed at dst: {}{tail}", f.reason)
             }
             Msg::Abort(a) => bail!("dst aborted the migration: {}", a.reason),
             other => tracing::warn!("ignoring unexpected control message {other:?}"),

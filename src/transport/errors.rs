@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, ReadError, StreamId, WriteError};
 
+use crate::keys::trust::Refused;
 use crate::keys::{Identity, KeyError};
 use crate::wire::WireError;
 
@@ -47,6 +48,19 @@ pub enum TransportError {
         when: &'static str,
         source: ConnectionError,
     },
+    /// We (a destination) refused a verified client by `--allow-source` / `--deny-cert`.
+    #[error("refused source {who}: {why}")]
+    Policy {
+        peer: SocketAddr,
+        who: String,
+        why: Refused,
+    },
+    /// The destination refused us after the handshake by its admission rule.
+    #[error(
+        "destination {peer} refused this source: {reason}; its operator decides which source \
+         certificates it takes (`pageserv dst --allow-source`, `--deny-cert`)"
+    )]
+    RefusedByPolicy { peer: SocketAddr, reason: String },
     #[error("the listening endpoint was closed")]
     EndpointClosed,
     #[error("writing pageserv stream {stream}: {source}")]
@@ -78,7 +92,7 @@ pub enum RefusalReason {
     NoCertificate,
     /// The certificate is expired or not yet valid (alert certificate_expired).
     CertificateExpired,
-    /// The server's certificate lacks the name "pageserv".
+    /// The server's certificate lacks the name the client dialled (or gave with --dst-name).
     WrongServerName,
     /// No common ALPN protocol: the peer does not speak pageserv/1.
     WrongProtocol,
@@ -106,6 +120,8 @@ pub struct Refusal {
     /// Our trusted CA file and our certificate, the files the user may need to fix.
     pub ca_path: PathBuf,
     pub cert_path: PathBuf,
+    /// The name a client asked the server's certificate for (empty on the server side).
+    pub dialled_name: String,
 }
 
 impl Refusal {
@@ -154,8 +170,10 @@ impl fmt::Display for Refusal {
             (RefusedBy::Us, RefusalReason::WrongServerName) => write!(
                 f,
                 "this host ({}) refused {peer} {addr}: its certificate is not valid for the name \
-                 \"pageserv\" ({detail}); issue it with `pageserv keygen issue`",
-                self.we_are
+                 {:?} that was dialled ({detail}); if it is the right host, pass --dst-name with \
+                 a name its certificate carries (its keygen --name), or re-issue it with \
+                 `pageserv keygen --name {}`",
+                self.we_are, self.dialled_name, self.dialled_name
             ),
             (RefusedBy::Us, RefusalReason::WrongRole) => {
                 let role = if self.we_are == "client" {
@@ -302,5 +320,6 @@ pub(crate) fn explain(
         detail,
         ca_path: id.ca_path(),
         cert_path: id.cert_path(),
+        dialled_name: String::new(),
     }))
 }

@@ -195,7 +195,7 @@ pub fn migrate(
     }
     std::thread::spawn(move || for _ in dst_lines {});
     let mut src = Command::new(pageserv())
-        .args(["src", "--lazy", "--to", &to, "--certs"])
+        .args(["src", "--lazy", "--to", &to, "--dst-name", "dst", "--certs"])
         .arg(&src_certs)
         .arg("--work")
         .arg(bed.dir.join("src"))

@@ -123,11 +123,11 @@ async fn measure(
         stats
     });
 
-    let bulk = transport::connect_with(any_port(), addr, &dst, opts)
+    let bulk = transport::connect_with(any_port(), addr, "dst", &dst, opts)
         .await
         .unwrap();
     let faults = match fault_conn {
-        true => transport::connect_with(any_port(), addr, &dst, opts)
+        true => transport::connect_with(any_port(), addr, "dst", &dst, opts)
             .await
             .unwrap(),
         false => bulk.clone(),

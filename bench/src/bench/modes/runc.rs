@@ -395,7 +395,7 @@ impl Ctr<'_> {
         }
         let mut src = Command::new(&exe);
         self.bed.enter_src(&mut src);
-        src.args(["src", "--lazy", "--to", &to, "--certs"])
+        src.args(["src", "--lazy", "--to", &to, "--dst-name", "dst", "--certs"])
             .arg(&src_certs)
             .arg("--work")
             .arg(self.bed.dir.join("src"))

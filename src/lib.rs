@@ -16,6 +16,7 @@ pub mod fdpass;
 pub mod images_show;
 pub mod keys;
 pub mod latency;
+pub mod limits;
 pub mod outcome;
 pub mod pages;
 pub mod pb;

@@ -349,8 +349,9 @@ async fn migrate_in(
 
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
         let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
-        return crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir)
-            .await;
+        let r =
+            crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir).await;
+        return crate::dst::options::leave_dir(&dir, r, opts.keep_work);
     }
     migration::migrate_in(opts, conn, (ctl, ctl_rx, hello), routes, started).await
 }

@@ -27,6 +27,28 @@ pub struct DstOptions {
     /// How long a migration whose link died keeps its restored tasks waiting for the source to
     /// reconnect (0: fail at once). See dst::post_copy.
     pub recover_timeout: Duration,
+    /// What a source may make this dst hold (memory, disk, files, time): see [`crate::limits`].
+    pub limits: crate::limits::DstLimits,
+    /// Keep a migration's directory after it succeeded too (`--keep-work`); a failed one's is
+    /// always kept.
+    pub keep_work: bool,
+}
+
+/// A migration in `dir` ended with `r`: on success its directory is removed (unless `keep`);
+/// on failure it is kept, and the error names it.
+pub(crate) fn leave_dir<T>(dir: &Path, r: Result<T>, keep: bool) -> Result<T> {
+    match r {
+        Ok(v) => {
+            if !keep && let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), "removing the migration's directory: {e}");
+            }
+            Ok(v)
+        }
+        Err(e) => Err(e.context(format!(
+            "migration directory {} kept for inspection (images, restore.log); remove it when done",
+            dir.display()
+        ))),
+    }
 }
 
 /// A new directory for migration `migration_id` below `base` (its id cleaned to a file name;

@@ -505,6 +505,18 @@ impl PostCopy {
         }
         match ev {
             LinkEvent::Ctl(Msg::SourceReleased(r)) => {
+                if self.whole.is_none() {
+                    // The source's copy is gone (or it says so) while lazy pages are still
+                    // missing here: they can never arrive. Not a success; the failure rule
+                    // applies (incomplete tasks are killed before their uffds close).
+                    bail!(
+                        "the source released its dump (dump_ok {}, {:?}) before dst had every \
+                         lazy page: the missing pages can no longer arrive; the restored tasks \
+                         that lack memory are killed",
+                        r.dump_ok,
+                        r.detail
+                    );
+                }
                 if !r.dump_ok {
                     tracing::warn!("the source's dump did not end cleanly: {}", r.detail);
                 }

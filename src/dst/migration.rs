@@ -375,6 +375,7 @@ async fn run_in(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    report.restored_pid = restore.root_pid();
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }

@@ -343,6 +343,28 @@ mod tests {
     const P: u64 = PAGE_SIZE;
 
     #[test]
+    fn the_limit_counts_data_and_the_index_of_zero_pages() {
+        // Room for one index block and 3 data pages.
+        let mut s = PageStore::with_limit(2048 + 3 * P).unwrap();
+        s.put(1, 0, &[page(1), page(2), page(3)].concat()).unwrap();
+        let e = s.put(1, 3 * P, &page(4)).unwrap_err().to_string();
+        assert!(e.contains("--max-page-store-mib"), "{e}");
+        // Sparse zero pages cost no data slot but an index block each: bounded as well.
+        let mut s = PageStore::with_limit(4 * 2048).unwrap();
+        let mut stored = 0;
+        let err = loop {
+            match s.put_zero(1, stored * BLOCK_BYTES, 1) {
+                Ok(()) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100, "sparse zero pages stored without limit");
+        };
+        assert_eq!(stored, 4);
+        assert!(err.to_string().contains("--max-page-store-mib"), "{err}");
+        assert!(s.bytes() <= 4 * 2048);
+    }
+
+    #[test]
     fn keeps_the_last_copy_and_reads_confirmed_runs() {
         let mut s = PageStore::new().unwrap();
         let base = BLOCK_BYTES - 2 * P; // across a block boundary

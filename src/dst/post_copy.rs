@@ -28,6 +28,8 @@ use crate::wire::Frame;
 
 /// How long a resumed source has to open its fault connection after ResumeReady.
 const FAULT_CONN_WAIT: Duration = Duration::from_secs(10);
+/// Control messages (and link failures) of the source queued for the post-copy loop.
+const LINK_EVENTS: usize = 64;
 /// Ranges per Missing message (16 bytes each on the wire).
 const MISSING_CHUNK: usize = 16 * 1024;
 
@@ -117,8 +119,9 @@ pub(crate) struct PostCopy {
     state: LinkState,
     generation: u64,
     serial: u64,
-    events_tx: mpsc::UnboundedSender<(u64, LinkEvent)>,
-    events_rx: mpsc::UnboundedReceiver<(u64, LinkEvent)>,
+    /// Bounded: a source flooding its control stream is held back by QUIC flow control.
+    events_tx: mpsc::Sender<(u64, LinkEvent)>,
+    events_rx: mpsc::Receiver<(u64, LinkEvent)>,
     /// Until when the source may come back (while the link is down).
     deadline: Option<tokio::time::Instant>,
     /// Faults raised after the resume answer and before the new fault connection.
@@ -159,7 +162,7 @@ impl PostCopy {
         ctl_rx: FrameReceiver,
         fault: FaultConn,
     ) -> Self {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(LINK_EVENTS);
         let mut pc = PostCopy {
             wiring,
             state: LinkState::Down,
@@ -204,15 +207,17 @@ impl PostCopy {
             loop {
                 match next_ctl(&mut ctl_rx).await {
                     Ok(m) => {
-                        if ev.send((g, LinkEvent::Ctl(m))).is_err() {
+                        if ev.send((g, LinkEvent::Ctl(m))).await.is_err() {
                             return;
                         }
                     }
                     Err(e) => {
-                        let _ = ev.send((
-                            g,
-                            LinkEvent::Failed(e.context("control stream from the source")),
-                        ));
+                        let _ = ev
+                            .send((
+                                g,
+                                LinkEvent::Failed(e.context("control stream from the source")),
+                            ))
+                            .await;
                         return;
                     }
                 }
@@ -222,10 +227,12 @@ impl PostCopy {
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
         let fault_reader = tokio::spawn(async move {
             if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held).await {
-                let _ = ev.send((
-                    g,
-                    LinkEvent::Failed(e.context("fault stream from the source")),
-                ));
+                let _ = ev
+                    .send((
+                        g,
+                        LinkEvent::Failed(e.context("fault stream from the source")),
+                    ))
+                    .await;
             }
         });
         let ev = self.events_tx.clone();
@@ -241,10 +248,12 @@ impl PostCopy {
             }
             .await;
             if let Err(e) = r {
-                let _ = ev.send((
-                    g,
-                    LinkEvent::Failed(e.context("push stream from the source")),
-                ));
+                let _ = ev
+                    .send((
+                        g,
+                        LinkEvent::Failed(e.context("push stream from the source")),
+                    ))
+                    .await;
             }
         });
         SourceLink {

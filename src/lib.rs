@@ -12,6 +12,7 @@ pub mod child;
 pub mod criu;
 pub mod demo;
 pub mod dst;
+pub mod fault_lane;
 pub mod fdpass;
 pub mod images_show;
 pub mod keys;

@@ -71,6 +71,16 @@ pub fn hello(role: Role, criu_version: String, migration_id: String) -> Hello {
         page_size: crate::pages::PAGE_SIZE as u32,
         criu_version,
         migration_id,
+        fault_port: 0,
+    }
+}
+
+/// Where a source opens its fault connection: dst's fault endpoint, as its hello answer names
+/// it, at the address the source dialled (or the dialled port itself if it names none).
+pub fn fault_addr(dialled: SocketAddr, answer: &Hello) -> SocketAddr {
+    match u16::try_from(answer.fault_port) {
+        Ok(port) if port != 0 => SocketAddr::new(dialled.ip(), port),
+        _ => dialled,
     }
 }
 

@@ -93,6 +93,9 @@ pub struct TransportOptions {
     pub udp_send_buffer: usize,
     /// How long [`connect`] waits for the server to admit it after the TLS handshake.
     pub admit_timeout: Duration,
+    /// Drive the endpoint (socket, timers, connection drivers) on the fault lane
+    /// ([`crate::fault_lane`]) instead of the caller's runtime: for the fault connection only.
+    pub fault_lane: bool,
 }
 
 impl Default for TransportOptions {
@@ -109,6 +112,7 @@ impl Default for TransportOptions {
             udp_recv_buffer: 8 << 20,
             udp_send_buffer: 0,
             admit_timeout: Duration::from_secs(10),
+            fault_lane: false,
         }
     }
 }
@@ -301,13 +305,13 @@ fn endpoint(
     opts: &TransportOptions,
 ) -> Result<Endpoint, TransportError> {
     let socket = udp_socket(addr, opts)?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransportError::Bind { addr, source })
+    let runtime: Arc<dyn quinn::Runtime> = if opts.fault_lane {
+        Arc::new(crate::fault_lane::LaneRuntime)
+    } else {
+        Arc::new(quinn::TokioRuntime)
+    };
+    Endpoint::new(EndpointConfig::default(), server, socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// Listens on `listen` (port 0 picks one: see `Endpoint::local_addr`) with default options.

@@ -111,6 +111,7 @@ fn write_seeds() {
             page_size: 4096,
             criu_version: "4.1.1".into(),
             migration_id: "m-1".into(),
+            fault_port: 0,
         })),
         control(control::Msg::ImageChunk(ImageChunk {
             name: "pagemap-1.img".into(),

@@ -185,6 +185,7 @@ async fn good_identities_exchange_frames_both_ways() {
                 page_size: 4096,
                 criu_version: "4.1.1".into(),
                 migration_id: "m1".into(),
+                fault_port: 0,
             })),
             Frame::PageRequest {
                 pid: 7,

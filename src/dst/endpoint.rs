@@ -12,6 +12,7 @@
 //! same way (see dst::post_copy).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +94,19 @@ pub async fn serve(
         max_concurrent = limits.max_concurrent,
         "pageserv dst ready"
     );
+    // Fault connections get an endpoint (a UDP socket) of their own, driven on the fault lane:
+    // on the main socket a fault reply would queue behind every pushed packet the kernel holds
+    // for it, and its connection's driver behind the push's tasks.
+    let fault_endpoint = transport::server_with(
+        SocketAddr::new(endpoint.local_addr()?.ip(), 0),
+        &id,
+        &transport::TransportOptions {
+            fault_lane: true,
+            ..opts.transport.clone()
+        },
+    )
+    .context("opening the fault endpoint")?;
+    let fault_port = fault_endpoint.local_addr()?.port();
     let opts = Arc::new(opts);
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
@@ -100,7 +114,18 @@ pub async fn serve(
     let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
     // nothing here can cancel a half-accepted connection.
-    let acceptor = tokio::spawn(accept_all(endpoint.clone(), id.clone(), arrive_tx));
+    let acceptor = tokio::spawn(accept_all(
+        endpoint.clone(),
+        id.clone(),
+        arrive_tx.clone(),
+        false,
+    ));
+    let fault_acceptor = tokio::spawn(accept_all(
+        fault_endpoint.clone(),
+        id.clone(),
+        arrive_tx,
+        true,
+    ));
     let mut outcomes = Vec::new();
     let mut started: u64 = 0;
     let done = |started: u64, outcomes: &Vec<MigrationOutcome>| {
@@ -138,7 +163,7 @@ pub async fn serve(
                     tracing::info!(migration = %mid, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
                         let result =
-                            migrate_in(&opts, &conn, ctl, route_rx).await;
+                            migrate_in(&opts, &conn, ctl, route_rx, fault_port).await;
                         (mid, conn, result)
                     });
                 }
@@ -192,8 +217,14 @@ pub async fn serve(
         }
     }
     acceptor.abort();
+    fault_acceptor.abort();
+    fault_endpoint.close(0u32.into(), b"done");
     endpoint.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        endpoint.wait_idle().await;
+        fault_endpoint.wait_idle().await;
+    })
+    .await;
     Ok(outcomes)
 }
 
@@ -206,8 +237,14 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub const ADMIT_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Accepts every client and classifies it by its hello, each in a task of its own, under one
-/// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]).
-async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc::Sender<Incoming>) {
+/// deadline (see [`ADMIT_DEADLINE`], [`MAX_HANDSHAKES`]). On the fault endpoint
+/// (`faults_only`) anything but a fault connection is dropped: its bulk would run on the lane.
+async fn accept_all(
+    endpoint: quinn::Endpoint,
+    id: Arc<Identity>,
+    to_loop: mpsc::Sender<Incoming>,
+    faults_only: bool,
+) {
     let in_progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let incoming = match transport::next_incoming(&endpoint).await {
@@ -245,6 +282,18 @@ async fn accept_all(endpoint: quinn::Endpoint, id: Arc<Identity>, to_loop: mpsc:
             .await;
             in_progress.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             match admitted {
+                Ok(Ok((a, _)))
+                    if faults_only
+                        && !matches!(
+                            a,
+                            Incoming::Routed {
+                                what: Routed::Faults(_),
+                                ..
+                            }
+                        ) =>
+                {
+                    tracing::warn!(%peer, "dropping a client: only fault connections belong on the fault endpoint");
+                }
                 Ok(Ok((a, _))) => {
                     let _ = tx.send(a).await;
                 }
@@ -317,6 +366,7 @@ async fn migrate_in(
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
     routes: mpsc::UnboundedReceiver<Routed>,
+    fault_port: u16,
 ) -> Result<DstReport> {
     let started = std::time::Instant::now();
     let (mut ctl, mut ctl_rx, hello) = ctl;
@@ -337,15 +387,15 @@ async fn migrate_in(
         .ok();
         bail!(reason);
     }
-    send_ctl(
-        &mut ctl,
-        Msg::Hello(protocol::hello(
+    let answer = Hello {
+        fault_port: fault_port.into(),
+        ..protocol::hello(
             Role::Dst,
             opts.criu.version.to_string(),
             hello.migration_id.clone(),
-        )),
-    )
-    .await?;
+        )
+    };
+    send_ctl(&mut ctl, Msg::Hello(answer)).await?;
 
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
         let dir = fresh_dir(&opts.work_base, &hello.migration_id)?;
@@ -353,5 +403,13 @@ async fn migrate_in(
             crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir).await;
         return crate::dst::options::leave_dir(&dir, r, opts.keep_work);
     }
-    migration::migrate_in(opts, conn, (ctl, ctl_rx, hello), routes, started).await
+    migration::migrate_in(
+        opts,
+        conn,
+        (ctl, ctl_rx, hello),
+        routes,
+        started,
+        fault_port,
+    )
+    .await
 }

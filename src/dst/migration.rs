@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
+use crate::dst::fault_requests;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
@@ -46,6 +47,7 @@ pub(crate) async fn migrate_in(
     ctl: (FrameSender, FrameReceiver, Hello),
     routes: mpsc::UnboundedReceiver<Routed>,
     started: Instant,
+    fault_port: u16,
 ) -> Result<DstReport> {
     let clock = ReceiveClock::start(&opts.limits);
     let (ctl, ctl_rx, hello) = ctl;
@@ -228,13 +230,27 @@ async fn run_in(
     });
 
     // Outbound events of the fault thread, bridged into async.
+    // Fault requests go straight to their writer on the fault lane, in the order the fault
+    // thread raised them relative to its resume answers (see dst::fault_requests).
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Outbound>();
+    let requests = fault_requests::spawn();
+    let bridge_requests = requests.clone();
     std::thread::Builder::new()
         .name("uffd-outbound".into())
         .spawn(move || {
-            crate::sched::raise_this_thread();
+            crate::sched::favour_this_thread();
             while let Ok(ev) = out_rx.recv() {
-                if ev_tx.send(ev).is_err() {
+                let sent = match ev {
+                    Outbound::Fault(r) => {
+                        bridge_requests.send(fault_requests::Cmd::Fault(r)).is_ok()
+                    }
+                    Outbound::Resumed { .. } => {
+                        let _ = bridge_requests.send(fault_requests::Cmd::Queue);
+                        ev_tx.send(ev).is_ok()
+                    }
+                    ev => ev_tx.send(ev).is_ok(),
+                };
+                if !sent {
                     break;
                 }
             }
@@ -248,6 +264,8 @@ async fn run_in(
         },
         recover_timeout: opts.recover_timeout,
         lazy: lazy_all,
+        fault_port,
+        requests,
     };
     let mut post = PostCopy::new(wiring, conn.clone(), ctl, ctl_rx, fault);
 

@@ -2,6 +2,7 @@
 
 pub mod arrival_guard;
 pub mod endpoint;
+pub(crate) mod fault_requests;
 pub mod image_sink;
 pub mod lazy_socket;
 pub mod migration;

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::dst::fault_requests;
 use crate::dst::page_store::PageStore;
 use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
 use crate::pages::{PageRange, PidRange};
@@ -66,7 +67,6 @@ pub(crate) struct SourceLink {
     conn: quinn::Connection,
     fault_conn: quinn::Connection,
     ctl: FrameSender,
-    fault_tx: FrameSender,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -111,6 +111,11 @@ pub(crate) struct Wiring {
     pub recover_timeout: Duration,
     /// Per image pid, every lazy range (for tasks not handed over yet at a resume).
     pub lazy: BTreeMap<u32, Vec<PageRange>>,
+    /// The fault endpoint's port, named in the answer to a resume.
+    pub fault_port: u16,
+    /// The fault-request writer on the fault lane ([`fault_requests`]); the fault thread's
+    /// bridge sends it the requests, this loop the state of the link.
+    pub requests: mpsc::UnboundedSender<fault_requests::Cmd>,
 }
 
 /// The post-copy driver: owns the link state; the service drives the restore around it.
@@ -124,8 +129,6 @@ pub(crate) struct PostCopy {
     events_rx: mpsc::Receiver<(u64, LinkEvent)>,
     /// Until when the source may come back (while the link is down).
     deadline: Option<tokio::time::Instant>,
-    /// Faults raised after the resume answer and before the new fault connection.
-    queued_faults: Vec<PidRange>,
     /// Restore finished (unix ns), for a resumed source that missed it.
     pub finished_at_ns: Option<u64>,
     /// Every lazy page is in place; and whether the source has been told on the current link.
@@ -171,14 +174,13 @@ impl PostCopy {
             events_tx,
             events_rx,
             deadline: None,
-            queued_faults: Vec::new(),
             finished_at_ns: None,
             whole: None,
             whole_told: false,
             reconnects: 0,
             bytes_dead_links: 0,
         };
-        pc.state = LinkState::Up(pc.start_link(conn, ctl, ctl_rx, fault));
+        pc.state = LinkState::Up(pc.start_link(conn, ctl, ctl_rx, fault, Vec::new()));
         pc
     }
 
@@ -197,6 +199,7 @@ impl PostCopy {
         ctl: FrameSender,
         mut ctl_rx: FrameReceiver,
         (fault_conn, fault_tx, fault_rx): FaultConn,
+        again: Vec<PidRange>,
     ) -> SourceLink {
         let g = self.generation;
         // The fault thread's link generation: the serial of the resume this link answers (0 for
@@ -225,7 +228,8 @@ impl PostCopy {
         });
         let ev = self.events_tx.clone();
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
-        let fault_reader = tokio::spawn(async move {
+        // Fault answers are read on the fault lane, where their connection is driven.
+        let fault_reader = crate::fault_lane::spawn(async move {
             if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held).await {
                 let _ = ev
                     .send((
@@ -237,6 +241,10 @@ impl PostCopy {
         });
         let ev = self.events_tx.clone();
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
+        let _ = self.wiring.requests.send(fault_requests::Cmd::Link {
+            tx: fault_tx,
+            again,
+        });
         let push_conn = conn.clone();
         let push_reader = tokio::spawn(async move {
             let r = async {
@@ -261,7 +269,6 @@ impl PostCopy {
             conn,
             fault_conn,
             ctl,
-            fault_tx,
             readers: vec![ctl_reader, fault_reader, push_reader],
         }
     }
@@ -304,7 +311,7 @@ impl PostCopy {
             };
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
-                    Some(Outbound::Fault(r)) => self.fault(r).await,
+                    Some(Outbound::Fault(r)) => self.fault(r),
                     Some(Outbound::Resumed { serial, missing, requests }) => {
                         self.resumed(serial, missing, requests).await;
                     }
@@ -333,6 +340,7 @@ impl PostCopy {
                 }
                 _ = tokio::time::sleep_until(fault_deadline.unwrap_or_else(tokio::time::Instant::now)), if fault_deadline.is_some() => {
                     tracing::warn!("the resumed source did not open its fault connection; waiting for another resume");
+                    self.void_requests();
                     if let LinkState::Resuming { conn, .. } = std::mem::replace(&mut self.state, LinkState::Down) {
                         conn.close(4u32.into(), b"no fault connection");
                     }
@@ -342,15 +350,14 @@ impl PostCopy {
         }
     }
 
-    async fn fault(&mut self, r: PidRange) {
-        match &mut self.state {
-            LinkState::Up(l) => request(&mut l.fault_tx, r).await,
-            LinkState::Resuming {
-                requests: Some(_), ..
-            } => self.queued_faults.push(r),
-            // Void: the fault thread's resume answer lists every open request.
-            _ => {}
-        }
+    /// A request that reached this loop rather than the writer (the bridge sends them there).
+    fn fault(&mut self, r: PidRange) {
+        let _ = self.wiring.requests.send(fault_requests::Cmd::Fault(r));
+    }
+
+    /// The link is down: the writer drops requests until the fault thread lists them.
+    fn void_requests(&self) {
+        let _ = self.wiring.requests.send(fault_requests::Cmd::Void);
     }
 
     async fn routed(&mut self, r: Routed) -> Result<()> {
@@ -371,12 +378,15 @@ impl PostCopy {
                     LinkState::Down => {}
                 }
                 self.whole_told = false;
-                self.queued_faults.clear();
-                let reply = Msg::Hello(protocol::hello(
-                    Role::Dst,
-                    hello.criu_version.clone(),
-                    hello.migration_id.clone(),
-                ));
+                self.void_requests();
+                let reply = Msg::Hello(Hello {
+                    fault_port: self.wiring.fault_port.into(),
+                    ..protocol::hello(
+                        Role::Dst,
+                        hello.criu_version.clone(),
+                        hello.migration_id.clone(),
+                    )
+                });
                 if let Err(e) = send_ctl(&mut ctl, reply).await {
                     tracing::warn!("answering the resume: {e:#}");
                     return Ok(());
@@ -419,12 +429,9 @@ impl PostCopy {
                 };
                 self.generation += 1;
                 self.reconnects += 1;
-                let mut link = self.start_link(conn, ctl, ctl_rx, fc);
                 let again = requests.unwrap_or_default();
-                let n = again.len() + self.queued_faults.len();
-                for r in again.into_iter().chain(self.queued_faults.drain(..)) {
-                    request(&mut link.fault_tx, r).await;
-                }
+                let n = again.len();
+                let link = self.start_link(conn, ctl, ctl_rx, fc, again);
                 tracing::info!(
                     generation = self.generation,
                     requests_again = n,
@@ -499,6 +506,7 @@ impl PostCopy {
             }
             Err(e) => {
                 tracing::warn!("the resume handshake failed: {e:#}");
+                self.void_requests();
                 self.state = LinkState::Down;
             }
         }
@@ -550,6 +558,7 @@ impl PostCopy {
                     "the link to the source died ({e:#}); restored tasks wait for their pages while \
                      dst waits for the source to reconnect"
                 );
+                self.void_requests();
                 if let LinkState::Up(l) = std::mem::replace(&mut self.state, LinkState::Down) {
                     self.bytes_dead_links += l.bytes_received();
                     l.stop();
@@ -578,17 +587,13 @@ impl PostCopy {
     }
 }
 
-/// Asks the source for pages. A dead link's readers report the failure, and every open request
-/// is sent again after a resume, so a failed send is not an error here.
-async fn request(tx: &mut FrameSender, r: PidRange) {
-    // A request covers one faulting page and its read-ahead: far below u32::MAX pages.
-    let req = Frame::PageRequest {
-        pid: r.pid,
-        vaddr: r.start(),
-        nr_pages: r.wire_pages().unwrap_or(u32::MAX),
-    };
-    if let Err(e) = tx.send(&req).await {
-        tracing::debug!("fault request not sent: {e}");
+/// Runs `f`, which may block briefly: through `block_in_place` on the main runtime; directly on
+/// the fault lane (current-thread, where `block_in_place` is not allowed and only fault answers
+/// run).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -612,14 +617,12 @@ async fn feed_pages(
                 let Some(store) = &held.store else {
                     bail!("the source confirmed pre-copied pages, but it pre-copied none");
                 };
-                let runs = tokio::task::block_in_place(|| {
-                    store.take_valid(pid, vaddr, nr_pages.into(), &bitmap)
-                })?;
+                let runs = blocking(|| store.take_valid(pid, vaddr, nr_pages.into(), &bitmap))?;
                 for r in runs {
                     held.placed.fetch_add(r.nr_pages, Relaxed);
                     let at = PidRange::new(pid, r.vaddr, r.nr_pages);
                     let msg = Inbound::arrived(at, r.data, urgent, link);
-                    tokio::task::block_in_place(|| to_loop.send(msg))?;
+                    blocking(|| to_loop.send(msg))?;
                 }
                 continue;
             }
@@ -656,7 +659,7 @@ async fn feed_pages(
             other => bail!("unexpected frame on a page stream: {other:?}"),
         };
         // The loop's background queue is bounded: block this worker rather than buffer memory.
-        tokio::task::block_in_place(|| to_loop.send(inbound))?;
+        blocking(|| to_loop.send(inbound))?;
     }
     Ok(())
 }

@@ -318,7 +318,7 @@ pub fn spawn_with(
     let thread = std::thread::Builder::new()
         .name("uffd-loop".into())
         .spawn(move || {
-            crate::sched::raise_this_thread();
+            crate::sched::favour_this_thread();
             engine.run()
         })
         .map_err(|e| LoopError::Setup {

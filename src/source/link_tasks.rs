@@ -70,7 +70,8 @@ impl Writers {
             self.validator.clone(),
             self.counters.clone(),
         ));
-        let faults = tokio::spawn(serve_faults(
+        // On the fault lane, where the fault connection is driven (crate::fault_lane).
+        let faults = crate::fault_lane::spawn(serve_faults(
             fault_stream,
             self.to_pump.clone(),
             self.reply_rx.clone(),

@@ -123,8 +123,8 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
     send_ctl(&mut ctl, hello(r, Role::SrcResume))
         .await
         .map_err(retry)?;
-    match next_ctl(&mut ctl_rx).await.map_err(retry)? {
-        Msg::Hello(h) if Role::of(&h) == Some(Role::Dst) => {}
+    let fault_at = match next_ctl(&mut ctl_rx).await.map_err(retry)? {
+        Msg::Hello(h) if Role::of(&h) == Some(Role::Dst) => protocol::fault_addr(r.to, &h),
         Msg::Abort(a) => {
             return Err(Attempt::Final(anyhow::anyhow!(
                 "dst will not resume migration {}: {}",
@@ -137,7 +137,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
                 "dst answered the resume hello with {other:?}"
             )));
         }
-    }
+    };
     let mut missing = Vec::new();
     let mut ranges_seen = 0usize;
     let ready = loop {
@@ -188,7 +188,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
         }
     };
     let fault_conn =
-        transport::connect_with(protocol::any_addr(r.to), r.to, r.id, r.fault_transport)
+        transport::connect_with(protocol::any_addr(r.to), fault_at, r.id, r.fault_transport)
             .await
             .context("opening the fault connection")
             .map_err(retry)?;

@@ -68,6 +68,7 @@ impl SourceOptions {
         transport::TransportOptions {
             idle_timeout: self.push_transport.idle_timeout,
             keep_alive: self.push_transport.keep_alive,
+            fault_lane: true,
             ..Default::default()
         }
     }
@@ -202,7 +203,7 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
         )),
     )
     .await?;
-    match next_ctl(&mut ctl_rx).await? {
+    let fault_at = match next_ctl(&mut ctl_rx).await? {
         Msg::Hello(h) if is_dst_answer(&h) => {
             if h.criu_version != opts.criu.version.to_string() {
                 tracing::warn!(
@@ -210,19 +211,20 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
                     "CRIU versions differ between the hosts; images may not restore"
                 );
             }
+            protocol::fault_addr(opts.to, &h)
         }
         Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
         other => bail!(
             "dst answered the hello with {other:?}; is it a pageserv dst of the same version?"
         ),
-    }
+    };
 
     // Faults get a connection of their own: on the push connection a fault reply would queue
     // behind every pushed byte already in flight, which no stream priority can overtake.
     let fault_conn =
-        transport::connect_with(any_addr(opts.to), opts.to, id, &opts.fault_transport())
+        transport::connect_with(any_addr(opts.to), fault_at, id, &opts.fault_transport())
             .await
-            .with_context(|| format!("opening the fault connection to {}", opts.to))?;
+            .with_context(|| format!("opening the fault connection to {fault_at}"))?;
     let (fault_send, fault_recv) = fault_conn
         .open_bi()
         .await

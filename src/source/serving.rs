@@ -43,7 +43,9 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match serving {
-        Serving::Frozen(core, ftasks, lazy) => tokio::spawn(frozen::driver::run(
+        // The serving core answers faults: it runs on the fault lane (crate::fault_lane); its
+        // bulk reads happen on a reader thread of their own.
+        Serving::Frozen(core, ftasks, lazy) => crate::fault_lane::spawn(frozen::driver::run(
             stream,
             layout,
             force_close,

@@ -61,6 +61,7 @@ fn arb_control() -> impl Strategy<Value = Frame> {
                 page_size: ps,
                 criu_version: "4.1.1".into(),
                 migration_id: String::new(),
+                fault_port: 0,
             }
         ))),
         (

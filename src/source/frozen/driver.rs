@@ -1,5 +1,6 @@
-//! The thin shell around [`Core`]: two reader threads (one per lane, so a fault read never waits
-//! behind a bulk read), CRIU's page-server connection for what must come from CRIU, and the
+//! The thin shell around [`Core`], on the fault lane ([`crate::fault_lane`]): fault reads done
+//! inline (a page and its read-ahead), bulk reads on a reader thread of their own (so a fault
+//! read never waits behind a bulk read), CRIU's page-server connection for what must come from CRIU, and the
 //! channels to the link tasks in `source::service` (the same ones `source::pump` feeds).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -81,9 +82,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut control: watch::Receiver<Option<PumpControl>>,
 ) -> Result<PumpStats, PumpError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (fault_done_tx, mut fault_done) = mpsc::unbounded_channel::<Done>();
     let (bulk_done_tx, mut bulk_done) = mpsc::unbounded_channel::<Done>();
-    let fault_reader = spawn_reader("ps-fault-read", tasks.clone(), fault_done_tx)?;
     let bulk_reader = spawn_reader("ps-bulk-read", tasks.clone(), bulk_done_tx)?;
     let mut client = GetClient::new(layout);
     // Ids of GETs inside CRIU, in request order.
@@ -108,16 +107,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         while let Some(action) = core.poll() {
             match action {
                 Action::Read(r) => match (r.origin, r.lane) {
-                    (Origin::Memory, lane) => {
-                        if lane == Lane::Bulk && !bound.contains_key(&r.id) {
+                    // A fault's read (a page and its read-ahead: microseconds) is done right
+                    // here, on the fault lane: no thread hop on the fault's path.
+                    (Origin::Memory, Lane::Fault) => {
+                        let result = tasks.read(r.pid, r.vaddr, r.nr_pages);
+                        on_done(&mut core, r.id, result)?;
+                    }
+                    (Origin::Memory, Lane::Bulk) => {
+                        if !bound.contains_key(&r.id) {
                             bind(&mut free_permits, &mut bound, r.id)?;
                         }
-                        let reader = if lane == Lane::Fault {
-                            &fault_reader
-                        } else {
-                            &bulk_reader
-                        };
-                        reader.send(r).map_err(|_| PumpError::ServiceGone)?;
+                        bulk_reader.send(r).map_err(|_| PumpError::ServiceGone)?;
                     }
                     (Origin::Criu, lane) => {
                         if lane == Lane::Bulk && !bound.contains_key(&r.id) {
@@ -228,7 +228,6 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     None => {}
                 }
             }
-            Some((id, result)) = fault_done.recv() => on_done(&mut core, id, result)?,
             input = faults.recv(), if faults_open => match input {
                 Some(PumpInput::Replan { generation, missing, reply }) => {
                     let _ = reply.send(core.replan(generation, missing));

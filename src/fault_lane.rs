@@ -1,0 +1,106 @@
+//! The fault lane: one thread per process, at a raised priority, running a current-thread tokio
+//! runtime that carries everything on a fault's path and nothing else: the fault connection's
+//! QUIC endpoint and connection drivers (through [`LaneRuntime`]), the fault stream's reader and
+//! writer, the source's serving core.
+//!
+//! Why a lane of its own: the bulk push keeps the main (multi-thread) runtime busy, decrypting,
+//! encrypting and copying. A task there that another thread wakes (the uffd thread asking for a
+//! page, a reader thread that read one) goes to the runtime's injection queue, which a busy worker
+//! looks at only every few dozen task polls: that wait, one per hop, was most of a fault's p99
+//! during the push. The lane is idle between faults, so its thread sleeps in epoll and a wakeup
+//! runs at once; its priority lets it preempt the bulk threads on a full core
+//! ([`crate::sched::favour_this_thread`]).
+//!
+//! Invariants: the lane never runs bulk work (a push stream, image files, CRIU's in-order page
+//! server queue); nothing on it blocks (no `block_in_place`: the runtime is current-thread).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::runtime::Handle;
+
+/// The process's fault lane, started on first use.
+pub fn handle() -> &'static Handle {
+    static LANE: OnceLock<Handle> = OnceLock::new();
+    LANE.get_or_init(|| match start() {
+        Ok(h) => h,
+        // Without a thread of its own the lane's work runs on the main runtime: slower faults
+        // under load, nothing wrong.
+        Err(e) => {
+            tracing::warn!(
+                "cannot start the fault lane thread ({e}); faults share the main runtime"
+            );
+            Handle::current()
+        }
+    })
+}
+
+/// Runs `fut` on the fault lane.
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    handle().spawn(fut)
+}
+
+fn start() -> std::io::Result<Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("ps-fault-lane".into())
+        .spawn(move || {
+            crate::sched::favour_this_thread();
+            // Runs until the process exits.
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    Ok(handle)
+}
+
+/// A quinn runtime whose endpoint and connection drivers, timers and socket live on the fault
+/// lane, whoever creates the endpoint or accepts a connection on it.
+#[derive(Debug)]
+pub struct LaneRuntime;
+
+impl quinn::Runtime for LaneRuntime {
+    fn new_timer(&self, t: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        let _in_lane = handle().enter();
+        Box::pin(tokio::time::sleep_until(t.into()))
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        handle().spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        sock: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _in_lane = handle().enter();
+        quinn::TokioRuntime.wrap_udp_socket(sock)
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_tasks_run_on_the_lane_thread() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let name = rt.block_on(async {
+            spawn(async { std::thread::current().name().map(String::from) })
+                .await
+                .expect("lane task")
+        });
+        assert_eq!(name.as_deref(), Some("ps-fault-lane"));
+    }
+}

@@ -97,19 +97,20 @@ fn an_early_source_release_is_not_success() {
         )
         .await
         .expect("hello");
-        let (_fconn, mut ftx, _frx) = connect_control(&src, addr, &opts)
-            .await
-            .expect("fault connection");
+        let answer = match next_ctl(&mut rx).await.expect("dst's hello") {
+            Msg::Hello(h) => h,
+            other => panic!("dst refused: {other:?}"),
+        };
+        let (_fconn, mut ftx, _frx) =
+            connect_control(&src, protocol::fault_addr(addr, &answer), &opts)
+                .await
+                .expect("fault connection");
         send_ctl(
             &mut ftx,
             Msg::Hello(protocol::hello(Role::SrcFaults, version, id)),
         )
         .await
         .expect("fault hello");
-        match next_ctl(&mut rx).await.expect("dst's hello") {
-            Msg::Hello(_) => {}
-            other => panic!("dst refused: {other:?}"),
-        }
         protocol::images::ship_images(
             &mut tx,
             &dump.images_dir,

@@ -68,8 +68,9 @@ fn setup(tag: &str, extra: &[&str]) -> Option<Setup> {
     })
 }
 
-/// A source's two connections, as pageserv src opens them (control with hello "src", then the
-/// fault connection with hello "src-faults"); returns dst's answer to the hello.
+/// A source's two connections, as pageserv src opens them: control with hello "src", dst's
+/// answer, then (if dst took it) the fault connection with hello "src-faults" at the fault
+/// endpoint the answer names. Returns dst's answer.
 async fn open_migration(
     s: &Setup,
     id: &str,
@@ -78,7 +79,7 @@ async fn open_migration(
     FrameSender,
     FrameReceiver,
     Msg,
-    quinn::Connection,
+    Option<quinn::Connection>,
 ) {
     let opts = TransportOptions::default();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -98,7 +99,14 @@ async fn open_migration(
     )
     .await
     .expect("hello");
-    let (fconn, mut ftx, _frx) = connect_control(&s.src, s.addr, &opts)
+    let answer = tokio::time::timeout(Duration::from_secs(10), next_ctl(&mut rx))
+        .await
+        .expect("dst answered within 10 s")
+        .expect("dst's answer");
+    let Msg::Hello(h) = &answer else {
+        return (conn, tx, rx, answer, None);
+    };
+    let (fconn, mut ftx, _frx) = connect_control(&s.src, protocol::fault_addr(s.addr, h), &opts)
         .await
         .expect("fault connection");
     send_ctl(
@@ -107,11 +115,7 @@ async fn open_migration(
     )
     .await
     .expect("fault hello");
-    let answer = tokio::time::timeout(Duration::from_secs(10), next_ctl(&mut rx))
-        .await
-        .expect("dst answered within 10 s")
-        .expect("dst's answer");
-    (conn, tx, rx, answer, fconn)
+    (conn, tx, rx, answer, Some(fconn))
 }
 
 fn dst_log(s: &Setup) -> String {

@@ -73,7 +73,7 @@ pub(crate) async fn migrate_in(
         (ctl, ctl_rx, hello),
         routes,
         started,
-        fault,
+        (fault, fault_port),
         clock,
         &dir,
     )
@@ -89,7 +89,7 @@ async fn run_in(
     ctl: (FrameSender, FrameReceiver, Hello),
     mut routes: mpsc::UnboundedReceiver<Routed>,
     started: Instant,
-    fault: crate::dst::post_copy::FaultConn,
+    (fault, fault_port): (crate::dst::post_copy::FaultConn, u16),
     clock: ReceiveClock,
     dir: &Path,
 ) -> Result<DstReport> {

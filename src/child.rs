@@ -28,3 +28,13 @@ pub const INTERNAL_ENV: &str = "PAGESERV_INTERNAL_HELPER";
 pub fn started_as_helper() -> bool {
     std::env::var_os(INTERNAL_ENV).is_some_and(|v| v == "1")
 }
+
+/// Set (to "1") by pageserv's lab (`pageserv demo`, `pageserv bench`, the tests) for the
+/// `pageserv` it runs: only then does `pageserv src` take its measurement knobs (`--no-push`,
+/// `--push-after`, `--verify-served`), which are not for operating a migration.
+pub const LAB_ENV: &str = "PAGESERV_LAB";
+
+/// Whether this process was started by pageserv's lab.
+pub fn started_by_lab() -> bool {
+    std::env::var_os(LAB_ENV).is_some_and(|v| v == "1")
+}

@@ -7,10 +7,8 @@
 //!   [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`], [`source::pump`] (CRIU's page
 //!   server socket), [`criu::binary`] (running CRIU), [`child`].
 
-pub mod bench;
 pub mod child;
 pub mod criu;
-pub mod demo;
 pub mod dst;
 pub mod fault_lane;
 pub mod fdpass;
@@ -18,6 +16,7 @@ pub mod images_show;
 pub mod keys;
 pub mod latency;
 pub mod limits;
+pub mod logging;
 pub mod outcome;
 pub mod pages;
 pub mod pb;
@@ -28,7 +27,5 @@ pub mod sched;
 pub mod source;
 pub mod stats;
 pub mod stopcopy;
-pub mod testbed;
 pub mod transport;
 pub mod wire;
-pub mod workload_log;

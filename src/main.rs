@@ -42,10 +42,14 @@ enum Cmd {
     },
     /// Make certificates: a CA, and a certificate for each host signed by it.
     Keygen(KeygenArgs),
-    /// Migrate a memory-writing workload between two network namespaces on this machine.
-    Demo(pageserv::demo::DemoArgs),
-    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates.
-    Bench(pageserv::bench::BenchArgs),
+    /// Migrate a memory-writing workload between two network namespaces on this machine (runs
+    /// `pageserv-lab demo`; `pageserv demo --help` for its options).
+    #[command(disable_help_flag = true)]
+    Demo(LabArgs),
+    /// Downtime benchmark: CRIU's modes and pageserv's over a matrix of sizes, links and rates
+    /// (runs `pageserv-lab bench`; `pageserv bench --help` for its options).
+    #[command(disable_help_flag = true)]
+    Bench(LabArgs),
     /// Settle a source left frozen by a failed migration (see `pageserv src` errors).
     Frozen(FrozenArgs),
     /// Internal: holds the lazy dump's socket for `pageserv src` (see source::keeper).
@@ -60,7 +64,39 @@ enum Cmd {
     },
     /// Internal: holds the restored tasks' uffds for `pageserv dst` (see dst::uffd_keeper).
     #[command(hide = true)]
-    KeepUffds,
+    KeepUffds {
+        /// The migration's directory (the keeper listens there once dst is gone).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long orphaned uffds are held for an adopter, in ms (0: kill at once).
+        #[arg(long)]
+        recover_ms: u64,
+    },
+}
+
+/// The arguments of a lab subcommand, handed to `pageserv-lab` as they are.
+#[derive(Args)]
+struct LabArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// Runs `pageserv-lab CMD ARGS...` in place of this process (git-style external subcommand):
+/// the lab (demo, bench, their testbed and plots) is a crate of its own, built beside pageserv.
+fn lab(cmd: &str, args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+    let lab = exe.with_file_name("pageserv-lab");
+    if !lab.is_file() {
+        anyhow::bail!(
+            "`pageserv {cmd}` runs pageserv's lab, {}, which is not there: build it with `cargo \
+             build --release` at the repository's root (it builds pageserv-lab beside pageserv), \
+             or `cargo build --release -p pageserv-lab`",
+            lab.display()
+        );
+    }
+    let err = std::process::Command::new(&lab).arg(cmd).args(args).exec();
+    Err(err).with_context(|| format!("running {} {cmd}", lab.display()))
 }
 
 #[derive(Args)]
@@ -271,6 +307,32 @@ struct MeasureArgs {
     verify_served: bool,
 }
 
+impl MeasureArgs {
+    /// The knobs are taken only from pageserv's lab (`lab`: see `pageserv::child::LAB_ENV`).
+    fn allowed(&self, lab: bool) -> Result<()> {
+        let given: Vec<&str> = [
+            (self.no_push, "--no-push"),
+            (!self.push_after.is_zero(), "--push-after"),
+            (self.verify_served, "--verify-served"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if given.is_empty() || lab {
+            return Ok(());
+        }
+        let (what, it) = match given.len() {
+            1 => ("is a measurement knob", "it"),
+            _ => ("are measurement knobs", "them"),
+        };
+        anyhow::bail!(
+            "{} {what} of pageserv's lab (`pageserv bench` and the tests pass them), not an \
+             option of a migration: run `pageserv src` without {it}",
+            given.join(", ")
+        )
+    }
+}
+
 #[derive(Args)]
 #[command(group(ArgGroup::new("serving").args(["max_migrations", "keep_serving"])))]
 struct DstArgs {
@@ -399,13 +461,7 @@ struct KeygenArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PAGESERV_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pageserv::logging::init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -510,6 +566,7 @@ fn run(cli: Cli) -> Result<()> {
             write_json(&a.common.stats_json, &report)
         }
         Cmd::Src(a) => {
+            a.measure.allowed(pageserv::child::started_by_lab())?;
             let criu = Criu::locate(a.common.criu.as_deref())?;
             if a.pre_copy.is_some() && a.pid.is_none() && a.runc.is_none() {
                 anyhow::bail!(
@@ -644,7 +701,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Demo(d) => pageserv::demo::run(d),
+        Cmd::Demo(d) => lab("demo", d.args),
         Cmd::Frozen(f) => {
             pageserv::source::keeper::settle_frozen(&f.dir, f.resume_source)?;
             println!(
@@ -657,7 +714,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::KeepDump { .. } | Cmd::KeepUffds if !pageserv::child::started_as_helper() => {
+        Cmd::KeepDump { .. } | Cmd::KeepUffds { .. } if !pageserv::child::started_as_helper() => {
             anyhow::bail!(
                 "keep-dump and keep-uffds are helper processes that `pageserv src` and `pageserv \
                  dst` start themselves; they are not run by hand"
@@ -670,100 +727,14 @@ fn run(cli: Cli) -> Result<()> {
         } => Ok(pageserv::source::keeper::keeper_main(
             &work, criu_pid, header_len,
         )?),
-        Cmd::KeepUffds => Ok(pageserv::dst::uffd_keeper::keeper_main()?),
-        Cmd::Bench(b) => pageserv::bench::run(b),
+        Cmd::KeepUffds { dir, recover_ms } => Ok(pageserv::dst::uffd_keeper::keeper_main(
+            &dir,
+            Duration::from_millis(recover_ms),
+        )?),
+        Cmd::Bench(b) => lab("bench", b.args),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("pageserv").chain(args.iter().copied()))
-    }
-
-    const SRC: [&str; 4] = ["src", "--to", "127.0.0.1:7070", "--pid"];
-
-    #[test]
-    fn durations_take_one_form_with_units() {
-        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration("2.5s"), Ok(Duration::from_millis(2500)));
-        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(duration("30"), Ok(Duration::from_secs(30)));
-        assert!(duration("-1s").is_err());
-        assert!(duration("soon").is_err());
-    }
-
-    #[test]
-    fn stop_and_copy_refuses_post_copy_flags() {
-        for extra in [
-            &["--pre-copy", "2"][..],
-            &["--batch-pages", "64"],
-            &["--idle-timeout", "5s"],
-            &["--recover-timeout", "5s"],
-            &["--no-push"],
-            &["--push-after", "1s"],
-        ] {
-            let mut args = SRC.to_vec();
-            args.extend(["1", "--stop-and-copy"]);
-            args.extend(extra);
-            let e = parse(&args)
-                .err()
-                .unwrap_or_else(|| panic!("{extra:?} accepted"));
-            assert_eq!(
-                e.kind(),
-                clap::error::ErrorKind::ArgumentConflict,
-                "{extra:?}: {e}"
-            );
-            // The same flag is fine for a post-copy source.
-            let mut lazy = SRC.to_vec();
-            lazy.extend(["1", "--lazy"]);
-            lazy.extend(extra);
-            assert!(parse(&lazy).is_ok(), "--lazy {extra:?} refused");
-        }
-        let mut plain = SRC.to_vec();
-        plain.extend(["1", "--stop-and-copy", "--congestion", "scavenger"]);
-        assert!(parse(&plain).is_ok());
-    }
-
-    #[test]
-    fn choices_are_enums() {
-        let mut args = SRC.to_vec();
-        args.extend(["1", "--lazy", "--congestion", "fast"]);
-        assert_eq!(
-            parse(&args).err().map(|e| e.kind()),
-            Some(clap::error::ErrorKind::InvalidValue)
-        );
-    }
-
-    #[test]
-    fn dst_max_concurrent_needs_many_migrations() {
-        let dst = ["dst", "--listen", "127.0.0.1:7070"];
-        let mut args = dst.to_vec();
-        args.extend(["--max-concurrent", "4"]);
-        assert!(parse(&args).is_err());
-        args.extend(["--keep-serving"]);
-        assert!(parse(&args).is_ok());
-    }
-
-    #[test]
-    fn helper_subcommands_are_hidden() {
-        let help = Cli::command().render_help().to_string();
-        assert!(
-            !help.contains("keep-dump") && !help.contains("keep-uffds"),
-            "{help}"
-        );
-        let src = Cli::command()
-            .find_subcommand_mut("src")
-            .map(|c| c.render_help().to_string())
-            .unwrap_or_default();
-        assert!(src.contains("--congestion"));
-        assert!(
-            !src.contains("--no-push") && !src.contains("--push-after"),
-            "{src}"
-        );
-    }
-}
+#[path = "main/tests.rs"]
+mod tests;

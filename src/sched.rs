@@ -5,8 +5,12 @@
 //! CPU. Under the normal policy every hop of a fault (uffd thread, QUIC task, CRIU's page
 //! server, the reply) may wait behind ordinary tasks on a busy core: with both hosts on one
 //! 2-core VM that run-queue wait, not the link, was most of the fault p99's growth under a full
-//! push (README, "Sharing the bottleneck"). A nice value does not help (measured: -20 changed
-//! nothing); a real-time policy does, because it preempts ordinary tasks at wakeup.
+//! push (README, "Sharing the bottleneck"). Two things were in the way: the hops crossed the busy
+//! multi-thread runtime (fixed by [`crate::fault_lane`]), and under EEVDF a running thread is
+//! not preempted at a wakeup until its slice ends, whatever the nice values (a nice value alone
+//! measured no better). By default the threads on a fault's path therefore ask for a short slice
+//! at nice -10 ([`favour_this_thread`]); `--realtime` puts every pageserv thread under a
+//! real-time policy, which preempts ordinary tasks at wakeup.
 //!
 //! The policy is set with SCHED_RESET_ON_FORK, so every process pageserv starts (`criu restore`
 //! and the tasks it restores, keepers, a runc restore) begins at the normal policy. The kernel
@@ -70,14 +74,62 @@ pub fn favour_this_thread() {
         raise_this_thread();
         return;
     }
-    // SAFETY: setpriority with PRIO_PROCESS and who 0 changes the calling thread's nice value
-    // (Linux keeps it per thread) and touches no memory.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FAULT_PATH_NICE) };
-    if rc != 0 {
-        tracing::debug!(
-            "cannot give a fault-path thread nice {FAULT_PATH_NICE}: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = set_short_slice() {
+        tracing::debug!("no short slice for a fault-path thread ({e}); nice only");
+        // SAFETY: setpriority with PRIO_PROCESS and who 0 changes the calling thread's nice
+        // value (Linux keeps it per thread) and touches no memory.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FAULT_PATH_NICE) };
+        if rc != 0 {
+            tracing::debug!(
+                "cannot give a fault-path thread nice {FAULT_PATH_NICE}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The time slice a fault-path thread asks the scheduler for ([`favour_this_thread`]).
+pub const FAULT_PATH_SLICE_NS: u64 = 100_000;
+
+/// The kernel's `struct sched_attr` (include/uapi/linux/sched/types.h, SCHED_ATTR_SIZE_VER1).
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    sched_util_min: u32,
+    sched_util_max: u32,
+}
+
+/// SCHED_OTHER at [`FAULT_PATH_NICE`] with a custom slice of [`FAULT_PATH_SLICE_NS`]. Under
+/// EEVDF (Linux >= 6.6) a running task is not preempted at another's wakeup until its slice
+/// (about 3 ms on 2 CPUs) is used up, whatever the nice values, unless the woken task asked for
+/// a shorter slice (Linux >= 6.12): that is what a thread on a fault's path does here, so it runs
+/// at once when its page or request arrives instead of after the bulk thread's slice.
+fn set_short_slice() -> std::io::Result<()> {
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: FAULT_PATH_NICE,
+        sched_priority: 0,
+        sched_runtime: FAULT_PATH_SLICE_NS,
+        sched_deadline: 0,
+        sched_period: 0,
+        sched_util_min: 0,
+        sched_util_max: 0,
+    };
+    // SAFETY: sched_setattr reads `attr` (its size field says how much) for the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -123,6 +175,29 @@ pub fn this_thread_policy() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel takes the short slice (Linux >= 6.12, as root) and shows it in the thread's
+    /// sched file.
+    #[test]
+    fn a_fault_path_thread_gets_its_short_slice() {
+        let got = std::thread::spawn(|| {
+            set_short_slice()
+                .map(|()| std::fs::read_to_string("/proc/thread-self/sched").unwrap_or_default())
+        })
+        .join()
+        .expect("thread");
+        match got {
+            Ok(text) => {
+                let slice = text
+                    .lines()
+                    .find(|l| l.starts_with("se.slice"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().to_string());
+                assert_eq!(slice.as_deref(), Some("100000"), "{text}");
+            }
+            Err(e) => eprintln!("skipped: sched_setattr refused here: {e}"),
+        }
+    }
 
     /// Needs CAP_SYS_NICE (CI runs as root); skipped where the policy is not allowed.
     #[test]

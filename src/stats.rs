@@ -51,6 +51,11 @@ pub struct DstReport {
     /// The restored tree's root pid as this host sees it (from the restore's pidfile), so that
     /// it is known after the migration's directory is removed.
     pub restored_pid: Option<i32>,
+    /// This dst adopted the migration's restored tasks from a dst that died (dst::adopt).
+    pub adopted: bool,
+    /// Adopted: lazy pages already in place in the restored tasks (their /proc/PID/pagemap), so
+    /// placed by the dst that died; with the pages placed here they make up `lazy_pages`.
+    pub pages_adopted: u64,
 }
 
 impl DstReport {

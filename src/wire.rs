@@ -142,7 +142,7 @@ pub enum WireError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+enum FrameKind {
     Control = 1,
     PageRequest = 2,
     Pages = 3,
@@ -154,39 +154,39 @@ enum Kind {
     Valid = 18,
 }
 
-impl Kind {
-    fn from_u16(v: u16) -> Option<Kind> {
+impl FrameKind {
+    fn from_u16(v: u16) -> Option<FrameKind> {
         Some(match v {
-            1 => Kind::Control,
-            2 => Kind::PageRequest,
-            3 => Kind::Pages,
-            4 => Kind::Zero,
-            5 => Kind::Refused,
-            16 => Kind::PreCopyPages,
-            17 => Kind::PreCopyZero,
-            18 => Kind::Valid,
+            1 => FrameKind::Control,
+            2 => FrameKind::PageRequest,
+            3 => FrameKind::Pages,
+            4 => FrameKind::Zero,
+            5 => FrameKind::Refused,
+            16 => FrameKind::PreCopyPages,
+            17 => FrameKind::PreCopyZero,
+            18 => FrameKind::Valid,
             _ => return None,
         })
     }
 
     fn name(self) -> &'static str {
         match self {
-            Kind::Control => "Control",
-            Kind::PageRequest => "PageRequest",
-            Kind::Pages => "Pages",
-            Kind::Zero => "Zero",
-            Kind::Refused => "Refused",
-            Kind::PreCopyPages => "PreCopyPages",
-            Kind::PreCopyZero => "PreCopyZero",
-            Kind::Valid => "Valid",
+            FrameKind::Control => "Control",
+            FrameKind::PageRequest => "PageRequest",
+            FrameKind::Pages => "Pages",
+            FrameKind::Zero => "Zero",
+            FrameKind::Refused => "Refused",
+            FrameKind::PreCopyPages => "PreCopyPages",
+            FrameKind::PreCopyZero => "PreCopyZero",
+            FrameKind::Valid => "Valid",
         }
     }
 }
 
 /// The decoded fixed header.
 #[derive(Debug, Clone, Copy)]
-struct Header {
-    kind: Kind,
+struct FrameHeader {
+    kind: FrameKind,
     flags: u16,
     pid: u32,
     vaddr: u64,
@@ -197,14 +197,14 @@ struct Header {
 /// A header field that breaks the rules: (field, value, why).
 type FieldError = (&'static str, u64, &'static str);
 
-impl Header {
+impl FrameHeader {
     /// The rules both the encoder and the decoder enforce.
     fn check(&self) -> Result<(), FieldError> {
         if self.flags != 0 {
             return Err(("flags", self.flags.into(), "no flags are defined"));
         }
         let payload = self.payload_len.into();
-        if self.kind == Kind::Control {
+        if self.kind == FrameKind::Control {
             if self.pid != 0 {
                 return Err(("pid", self.pid.into(), "must be 0 in a Control frame"));
             }
@@ -242,16 +242,16 @@ impl Header {
             ));
         }
         let expected = match self.kind {
-            Kind::Pages | Kind::PreCopyPages => len,
-            Kind::Refused => REFUSED_PAYLOAD_LEN.into(),
-            Kind::Valid => valid_bitmap_len(self.nr_pages).into(),
+            FrameKind::Pages | FrameKind::PreCopyPages => len,
+            FrameKind::Refused => REFUSED_PAYLOAD_LEN.into(),
+            FrameKind::Valid => valid_bitmap_len(self.nr_pages).into(),
             _ => 0,
         };
         if payload != expected {
             let why = match self.kind {
-                Kind::Pages | Kind::PreCopyPages => "must be nr_pages * 4096",
-                Kind::Refused => "must be 2 (the reason code)",
-                Kind::Valid => "must be ceil(nr_pages / 8) (the bitmap)",
+                FrameKind::Pages | FrameKind::PreCopyPages => "must be nr_pages * 4096",
+                FrameKind::Refused => "must be 2 (the reason code)",
+                FrameKind::Valid => "must be ceil(nr_pages / 8) (the bitmap)",
                 _ => "must be 0: this frame kind has no payload",
             };
             return Err(("payload_len", payload, why));
@@ -270,7 +270,7 @@ impl Header {
     }
 }
 
-fn unencodable(kind: Kind, (field, value, why): FieldError) -> WireError {
+fn unencodable(kind: FrameKind, (field, value, why): FieldError) -> WireError {
     WireError::Unencodable {
         kind: kind.name(),
         field,
@@ -279,8 +279,8 @@ fn unencodable(kind: Kind, (field, value, why): FieldError) -> WireError {
     }
 }
 
-fn paged(kind: Kind, pid: u32, vaddr: u64, nr_pages: u32, payload_len: u32) -> Header {
-    Header {
+fn paged(kind: FrameKind, pid: u32, vaddr: u64, nr_pages: u32, payload_len: u32) -> FrameHeader {
+    FrameHeader {
         kind,
         flags: 0,
         pid,
@@ -290,7 +290,7 @@ fn paged(kind: Kind, pid: u32, vaddr: u64, nr_pages: u32, payload_len: u32) -> H
     }
 }
 
-fn put_checked(h: Header, out: &mut BytesMut) -> Result<(), WireError> {
+fn put_checked(h: FrameHeader, out: &mut BytesMut) -> Result<(), WireError> {
     h.check().map_err(|e| unencodable(h.kind, e))?;
     h.put(out);
     Ok(())
@@ -303,21 +303,24 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
         Frame::Control(msg) => {
             let len = msg.encoded_len();
             let payload_len = u32::try_from(len).unwrap_or(u32::MAX);
-            put_checked(paged(Kind::Control, 0, 0, 0, payload_len), out)?;
+            put_checked(paged(FrameKind::Control, 0, 0, 0, payload_len), out)?;
             msg.encode_raw(out);
         }
         Frame::PageRequest {
             pid,
             vaddr,
             nr_pages,
-        } => put_checked(paged(Kind::PageRequest, *pid, *vaddr, *nr_pages, 0), out)?,
+        } => put_checked(
+            paged(FrameKind::PageRequest, *pid, *vaddr, *nr_pages, 0),
+            out,
+        )?,
         Frame::Pages {
             pid,
             vaddr,
             nr_pages,
             data,
         } => {
-            check_data_len(Kind::Pages, *nr_pages, data)?;
+            check_data_len(FrameKind::Pages, *nr_pages, data)?;
             encode_data_header(PageData::Pages, *pid, *vaddr, *nr_pages, out)?;
             out.extend_from_slice(data);
         }
@@ -327,7 +330,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             nr_pages,
             data,
         } => {
-            check_data_len(Kind::PreCopyPages, *nr_pages, data)?;
+            check_data_len(FrameKind::PreCopyPages, *nr_pages, data)?;
             encode_data_header(PageData::PreCopyPages, *pid, *vaddr, *nr_pages, out)?;
             out.extend_from_slice(data);
         }
@@ -335,16 +338,25 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             pid,
             vaddr,
             nr_pages,
-        } => put_checked(paged(Kind::PreCopyZero, *pid, *vaddr, *nr_pages, 0), out)?,
+        } => put_checked(
+            paged(FrameKind::PreCopyZero, *pid, *vaddr, *nr_pages, 0),
+            out,
+        )?,
         Frame::Valid {
             pid,
             vaddr,
             nr_pages,
             bitmap,
         } => {
-            let h = paged(Kind::Valid, *pid, *vaddr, *nr_pages, bitmap.len() as u32);
-            h.check().map_err(|e| unencodable(Kind::Valid, e))?;
-            check_bitmap_tail(*nr_pages, bitmap).map_err(|e| unencodable(Kind::Valid, e))?;
+            let h = paged(
+                FrameKind::Valid,
+                *pid,
+                *vaddr,
+                *nr_pages,
+                bitmap.len() as u32,
+            );
+            h.check().map_err(|e| unencodable(FrameKind::Valid, e))?;
+            check_bitmap_tail(*nr_pages, bitmap).map_err(|e| unencodable(FrameKind::Valid, e))?;
             h.put(out);
             out.extend_from_slice(bitmap);
         }
@@ -352,14 +364,20 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
             pid,
             vaddr,
             nr_pages,
-        } => put_checked(paged(Kind::Zero, *pid, *vaddr, *nr_pages, 0), out)?,
+        } => put_checked(paged(FrameKind::Zero, *pid, *vaddr, *nr_pages, 0), out)?,
         Frame::Refused {
             pid,
             vaddr,
             nr_pages,
             reason,
         } => {
-            let h = paged(Kind::Refused, *pid, *vaddr, *nr_pages, REFUSED_PAYLOAD_LEN);
+            let h = paged(
+                FrameKind::Refused,
+                *pid,
+                *vaddr,
+                *nr_pages,
+                REFUSED_PAYLOAD_LEN,
+            );
             put_checked(h, out)?;
             out.put_u16_le(*reason);
         }
@@ -367,7 +385,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
     Ok(())
 }
 
-fn check_data_len(kind: Kind, nr_pages: u32, data: &Bytes) -> Result<(), WireError> {
+fn check_data_len(kind: FrameKind, nr_pages: u32, data: &Bytes) -> Result<(), WireError> {
     if data.len() as u64 != u64::from(nr_pages) * PAGE_SIZE {
         let why = "must be nr_pages * 4096";
         return Err(unencodable(kind, ("data.len()", data.len() as u64, why)));
@@ -405,8 +423,8 @@ pub fn encode_data_header(
     out: &mut BytesMut,
 ) -> Result<(), WireError> {
     let kind = match data {
-        PageData::Pages => Kind::Pages,
-        PageData::PreCopyPages => Kind::PreCopyPages,
+        PageData::Pages => FrameKind::Pages,
+        PageData::PreCopyPages => FrameKind::PreCopyPages,
     };
     let payload_len = u64::from(nr_pages) * PAGE_SIZE;
     let payload_len = u32::try_from(payload_len).unwrap_or(u32::MAX);

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pageserv::testbed::Testbed;
-use pageserv::workload_log::Summary;
+use pageserv_lab::testbed::Testbed;
+use pageserv_lab::workload_log::Summary;
 use serde_json::Value;
 
 const MIGRATIONS: usize = 8;

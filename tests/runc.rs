@@ -21,8 +21,9 @@ fn pageserv() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pageserv"))
 }
 
+/// The lab's workload, built beside pageserv (`cargo build --release` at the root).
 fn workload() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_workload"))
+    PathBuf::from(env!("CARGO_BIN_EXE_pageserv")).with_file_name("workload")
 }
 
 fn can_run() -> bool {

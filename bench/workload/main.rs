@@ -2,7 +2,7 @@
 //!
 //! Each process (the root `r`, children `c1`, `c2`, ...) owns N MiB of self-describing pages,
 //! rewrites them from writer threads, logs a heartbeat and periodically verifies every page.
-//! Everything goes to one append-only log (see `pageserv::workload_log` for the format and the
+//! Everything goes to one append-only log (see `pageserv_lab::workload_log` for the format and the
 //! parser). Built to be CRIU-friendly: a log file opened by path, threads, plain anonymous
 //! memory, no sockets or special fds. SIGTERM (or SIGINT) ends it: exit status 0 if every check
 //! passed, 1 if any failed, 2 if it could not start.

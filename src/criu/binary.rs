@@ -187,9 +187,43 @@ pub fn log_tail(log: &Path, max_lines: usize) -> String {
     }
 }
 
+/// The last `max` lines of a CRIU log text that report an error (CRIU writes them as
+/// `(time) pid: Error (file:line): what`), oldest first.
+pub fn error_lines(text: &str, max: usize) -> Vec<String> {
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("ERROR"))
+        .collect();
+    let start = errors.len().saturating_sub(max);
+    errors[start..]
+        .iter()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// [`error_lines`] of the CRIU log at `log` (none if it cannot be read).
+pub fn log_errors(log: &Path, max: usize) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .map(|t| error_lines(&t, max))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn picks_the_last_error_lines() {
+        let log = "(00.01) 1: restoring\n\
+                   (00.02) 1: Error (criu/files-reg.c:2101): File tmp/wl.log has bad size 10 (expect 4)\n\
+                   (00.03) 1: Error (criu/cr-restore.c:1480): Restoring FAILED.\n\
+                   (00.04) 1: done\n";
+        let e = error_lines(log, 3);
+        assert_eq!(e.len(), 2);
+        assert!(e[0].contains("has bad size"), "{e:?}");
+        assert_eq!(error_lines(log, 1).len(), 1);
+        assert!(error_lines("all good\n", 3).is_empty());
+    }
 
     #[test]
     fn parses_criu_version_lines() {

@@ -117,7 +117,7 @@ impl Intervals {
 
 /// What dst knows about one task's pages.
 #[derive(Debug, Default)]
-struct Task {
+struct AdmittedTask {
     lazy: Intervals,
     pushed: Intervals,
     /// Outstanding fault requests, one entry per request (two views of one pid may ask for the
@@ -128,7 +128,7 @@ struct Task {
 /// The admission rule for page data from the source; see the module docs.
 #[derive(Debug, Default)]
 pub struct ArrivalGuard {
-    tasks: HashMap<u32, Task>,
+    tasks: HashMap<u32, AdmittedTask>,
 }
 
 impl ArrivalGuard {

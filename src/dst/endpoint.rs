@@ -21,9 +21,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::dst::migration;
 use crate::dst::options::{DstOptions, fresh_dir};
 use crate::dst::post_copy::Routed;
+use crate::dst::{adopt, migration};
 use crate::keys::Identity;
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
 use crate::protocol::{self, PROTOCOL_VERSION, Role, send_ctl};
@@ -111,9 +111,33 @@ pub async fn serve(
     let (arrive_tx, mut arrive_rx) = mpsc::channel::<Incoming>(64);
     // Each running migration's inbox for its fault and resume connections.
     let mut routes: HashMap<String, mpsc::UnboundedSender<Routed>> = HashMap::new();
-    let mut running: JoinSet<(String, quinn::Connection, Result<DstReport>)> = JoinSet::new();
+    let mut running: JoinSet<(String, Option<quinn::Connection>, Result<DstReport>)> =
+        JoinSet::new();
     // Accepting (TLS handshake, admission) and reading hellos run apart from this loop, so that
     // nothing here can cancel a half-accepted connection.
+    let mut outcomes = Vec::new();
+    let mut started: u64 = 0;
+    // Migrations whose dst died mid post-copy, from their keepers, before any source can come
+    // back: their resume finds them (dst::adopt).
+    let base = opts.work_base.clone();
+    let orphans = tokio::task::spawn_blocking(move || adopt::find(&base))
+        .await
+        .context("looking for migrations to adopt")?;
+    for orphan in orphans {
+        let mid = orphan.migration_id.clone();
+        if routes.contains_key(&mid) {
+            tracing::warn!(migration = %mid, "two directories claim this migration: the second is not adopted");
+            continue;
+        }
+        started += 1;
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
+        routes.insert(mid.clone(), route_tx);
+        let opts = opts.clone();
+        running.spawn(async move {
+            let result = adopt::adopt_in(&opts, orphan, route_rx, fault_port).await;
+            (mid, None, result)
+        });
+    }
     let acceptor = tokio::spawn(accept_all(
         endpoint.clone(),
         id.clone(),
@@ -126,8 +150,6 @@ pub async fn serve(
         arrive_tx,
         true,
     ));
-    let mut outcomes = Vec::new();
-    let mut started: u64 = 0;
     let done = |started: u64, outcomes: &Vec<MigrationOutcome>| {
         limits
             .max_migrations
@@ -164,7 +186,7 @@ pub async fn serve(
                     running.spawn(async move {
                         let result =
                             migrate_in(&opts, &conn, ctl, route_rx, fault_port).await;
-                        (mid, conn, result)
+                        (mid, Some(conn), result)
                     });
                 }
                 Incoming::Routed { migration_id, what } => match routes.get(&migration_id) {
@@ -180,8 +202,9 @@ pub async fn serve(
                             what,
                             format!(
                                 "no migration {migration_id} runs here (it ended, or this dst was \
-                                 restarted): the source stays frozen; retry it with `pageserv src \
-                                 --resume DIR`"
+                                 restarted and found no keeper holding its restored tasks in its \
+                                 --work): the source stays frozen; retry it with `pageserv src \
+                                 --resume DIR` (which rolls it back to its freeze point)"
                             ),
                         );
                     }
@@ -191,9 +214,10 @@ pub async fn serve(
                 let outcome = match joined {
                     Ok((mid, conn, result)) => {
                         routes.remove(&mid);
-                        match &result {
-                            Ok(_) => conn.close(0u32.into(), b"done"),
-                            Err(e) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+                        match (&result, conn) {
+                            (Ok(_), Some(conn)) => conn.close(0u32.into(), b"done"),
+                            (Err(e), Some(conn)) => conn.close(1u32.into(), format!("{e:#}").as_bytes()),
+                            (_, None) => {}
                         }
                         match result {
                             Ok(r) => MigrationOutcome { migration_id: mid, ok: true, error: None, report: Some(r) },

@@ -23,7 +23,7 @@ use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
-use crate::dst::post_copy::{End, Held, PostCopy, Routed, Step, Wiring, unix_ns};
+use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring, unix_ns};
 use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
@@ -94,7 +94,12 @@ async fn run_in(
     dir: &Path,
 ) -> Result<DstReport> {
     let mut report = DstReport::default();
-    let (mut ctl, mut ctl_rx, _hello) = ctl;
+    let (mut ctl, mut ctl_rx, hello) = ctl;
+    std::fs::write(
+        dir.join(crate::dst::options::MIGRATION_ID_FILE),
+        &hello.migration_id,
+    )
+    .with_context(|| format!("recording the migration id in {}", dir.display()))?;
     let images_dir = dir.join("images");
     let work = dir.join("work");
     for d in [&images_dir, &work] {
@@ -155,20 +160,26 @@ async fn run_in(
     }
     let lazy_all = lazy.clone();
 
+    // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
+    // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
+    let keeper = Arc::new(
+        UffdKeeper::spawn(
+            &std::env::current_exe().context("locating the pageserv binary")?,
+            &dir,
+            opts.recover_timeout,
+        )
+        .context("starting the uffd keeper")?,
+    );
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
         image_pids: Some(lazy.keys().copied().collect()),
+        fork_holder: Some(keeper.clone()),
         ..Default::default()
     };
     let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
         .context("starting the fault thread")?;
-    // A copy of every uffd lives in the keeper, so even this process dying cannot zero-fill.
-    let keeper = Arc::new(
-        UffdKeeper::spawn(&std::env::current_exe().context("locating the pageserv binary")?)
-            .context("starting the uffd keeper")?,
-    );
     let held = keeper.clone();
     let mut keeper = Some(keeper);
     let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
@@ -197,7 +208,7 @@ async fn run_in(
                     let host = t
                         .sender_pid
                         .context("the restore sent a uffd without credentials")?;
-                    held.hold(host, std::os::fd::AsFd::as_fd(&uffd))
+                    held.hold(t.pid, host, std::os::fd::AsFd::as_fd(&uffd))
                         .context("handing a uffd to the keeper")?;
                     // A task the images do not have would get no lazy ranges: every fault
                     // zero-filled. Never serve it (the failure rule kills what was restored).
@@ -229,36 +240,11 @@ async fn run_in(
         Ok(())
     });
 
-    // Outbound events of the fault thread, bridged into async.
-    // Fault requests go straight to their writer on the fault lane, in the order the fault
-    // thread raised them relative to its resume answers (see dst::fault_requests).
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    let requests = fault_requests::spawn();
-    let bridge_requests = requests.clone();
-    std::thread::Builder::new()
-        .name("uffd-outbound".into())
-        .spawn(move || {
-            crate::sched::favour_this_thread();
-            while let Ok(ev) = out_rx.recv() {
-                let sent = match ev {
-                    Outbound::Fault(r) => {
-                        bridge_requests.send(fault_requests::Cmd::Fault(r)).is_ok()
-                    }
-                    Outbound::Resumed { .. } => {
-                        let _ = bridge_requests.send(fault_requests::Cmd::Queue);
-                        ev_tx.send(ev).is_ok()
-                    }
-                    ev => ev_tx.send(ev).is_ok(),
-                };
-                if !sent {
-                    break;
-                }
-            }
-        })?;
+    let (mut ev_rx, requests) = bridge(out_rx)?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
-        held: Held {
+        held: PreCopied {
             store: store.clone(),
             placed: pages_local.clone(),
         },
@@ -283,7 +269,7 @@ async fn run_in(
                 }
                 restored = true;
                 post_copy_start = Instant::now();
-                restore_finished(&mut post, &mut report, frozen_at_ns, images_at).await?;
+                restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
                 continue;
             }
         };
@@ -310,35 +296,15 @@ async fn run_in(
                         break Err(e);
                     }
                     restored = true;
-                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at).await?;
+                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
                 }
                 // Every lazy page is in place: the restored copy is the live one from now on.
                 if let Some(k) = keeper.take() {
-                    match Arc::try_unwrap(k) {
-                        Ok(k) => k.release(),
-                        Err(_) => tracing::warn!(
-                            "the uffd keeper is still shared; it stays until dst exits"
-                        ),
-                    }
+                    k.release();
                 }
                 report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
-                let c = stats.counters();
-                report.pages_on_demand = c.pages_copied_urgent;
-                report.pages_pushed = c.pages_copied_pushed;
-                report.pages_zero = c.zero_pages;
-                report.pages_zero_lazy = c.lazy_zero_pages;
-                report.faults = c.faults;
                 report.pages_local = pages_local.load(Relaxed);
-                report.fault_latency = stats.fault_latency.summary(c.blocktime_ns);
-                report.fault_latency_before_push = stats.fault_latency_before_push.summary(0);
-                report.fault_latency_during_push = stats.fault_latency_during_push.summary(0);
-                post.memory_whole(MemoryWhole {
-                    pages_on_demand: report.pages_on_demand,
-                    pages_pushed: report.pages_pushed,
-                    pages_zero: report.pages_zero,
-                    pages_local: report.pages_local,
-                })
-                .await;
+                memory_whole(&mut post, &mut report, &stats).await;
             }
             Ok(Step::Event(Outbound::TaskGone { pid })) => {
                 tracing::info!(pid, "restored task exited")
@@ -355,6 +321,11 @@ async fn run_in(
             // Never let the kernel zero-fill what has not arrived: kill incomplete tasks first.
             let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
             tracing::warn!(?shut, "stopped the fault thread after a failure");
+            let e = if restored {
+                e
+            } else {
+                with_criu_errors(e, &restore.log)
+            };
             if !restored {
                 let reason = format!("{e:#}");
                 let tail = log_tail(&restore.log, 20);
@@ -398,6 +369,78 @@ async fn run_in(
     Ok(report)
 }
 
+/// Bridges the fault thread's outbound events into async. Fault requests go straight to their
+/// writer on the fault lane, in the order the fault thread raised them relative to its resume
+/// answers (see dst::fault_requests).
+#[allow(clippy::type_complexity)]
+pub(crate) fn bridge(
+    out_rx: crossbeam_channel::Receiver<Outbound>,
+) -> Result<(
+    mpsc::UnboundedReceiver<Outbound>,
+    mpsc::UnboundedSender<fault_requests::Cmd>,
+)> {
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
+    let requests = fault_requests::spawn();
+    let bridge_requests = requests.clone();
+    std::thread::Builder::new()
+        .name("uffd-outbound".into())
+        .spawn(move || {
+            crate::sched::favour_this_thread();
+            while let Ok(ev) = out_rx.recv() {
+                let sent = match ev {
+                    Outbound::Fault(r) => {
+                        bridge_requests.send(fault_requests::Cmd::Fault(r)).is_ok()
+                    }
+                    Outbound::Resumed { .. } => {
+                        let _ = bridge_requests.send(fault_requests::Cmd::Queue);
+                        ev_tx.send(ev).is_ok()
+                    }
+                    ev => ev_tx.send(ev).is_ok(),
+                };
+                if !sent {
+                    break;
+                }
+            }
+        })?;
+    Ok((ev_rx, requests))
+}
+
+/// A failed restore's error with CRIU's own last `Error` lines (the cause is usually there,
+/// e.g. a file whose size changed since the dump).
+fn with_criu_errors(e: anyhow::Error, log: &Path) -> anyhow::Error {
+    let errors = crate::criu::binary::log_errors(log, 3);
+    let text = format!("{e:#}");
+    if errors.is_empty() || errors.iter().all(|l| text.contains(l.as_str())) {
+        return e;
+    }
+    e.context(format!(
+        "the restore failed; CRIU's last errors (full log: {}):\n  {}",
+        log.display(),
+        errors.join("\n  ")
+    ))
+}
+
+/// Every lazy page is in place: the report's counters from the fault thread's, and the source
+/// is told (now, or when it comes back).
+pub(crate) async fn memory_whole(post: &mut PostCopy, report: &mut DstReport, stats: &UffdStats) {
+    let c = stats.counters();
+    report.pages_on_demand = c.pages_copied_urgent;
+    report.pages_pushed = c.pages_copied_pushed;
+    report.pages_zero = c.zero_pages;
+    report.pages_zero_lazy = c.lazy_zero_pages;
+    report.faults = c.faults;
+    report.fault_latency = stats.fault_latency.summary(c.blocktime_ns);
+    report.fault_latency_before_push = stats.fault_latency_before_push.summary(0);
+    report.fault_latency_during_push = stats.fault_latency_during_push.summary(0);
+    post.memory_whole(MemoryWhole {
+        pages_on_demand: report.pages_on_demand,
+        pages_pushed: report.pages_pushed,
+        pages_zero: report.pages_zero,
+        pages_local: report.pages_local,
+    })
+    .await;
+}
+
 /// The restore finished: the tasks run. Tells the source (or a resumed source learns it from
 /// ResumeReady).
 async fn restore_finished(
@@ -405,9 +448,19 @@ async fn restore_finished(
     report: &mut DstReport,
     frozen_at_ns: u64,
     images_at: Instant,
+    dir: &Path,
 ) -> Result<()> {
     let finished_ns = unix_ns()?;
     post.finished_at_ns = Some(finished_ns);
+    // A dst restarted after this one died adopts the restored tasks only if they are whole
+    // restores (dst::adopt): record it.
+    let marker = dir.join(crate::dst::options::RESTORE_FINISHED_FILE);
+    if let Err(e) = std::fs::write(&marker, format!("{finished_ns} {frozen_at_ns}\n")) {
+        tracing::warn!(
+            "cannot write {}: a restarted dst could not adopt this migration: {e}",
+            marker.display()
+        );
+    }
     report.downtime_ms = finished_ns.saturating_sub(frozen_at_ns) as f64 / 1e6;
     report.restore_ms = images_at.elapsed().as_secs_f64() * 1e3;
     post.tell(Msg::RestoreFinished(RestoreFinished {

@@ -51,6 +51,12 @@ pub(crate) fn leave_dir<T>(dir: &Path, r: Result<T>, keep: bool) -> Result<T> {
     }
 }
 
+/// The file in a migration's directory naming its id (a restarted dst adopts by it).
+pub const MIGRATION_ID_FILE: &str = "migration-id";
+/// The file in a migration's directory written once the restore finished: `<unix ns> <freeze
+/// unix ns>`. Only such a migration can be adopted by a restarted dst.
+pub const RESTORE_FINISHED_FILE: &str = "restore-finished";
+
 /// A new directory for migration `migration_id` below `base` (its id cleaned to a file name;
 /// `.1`, `.2`, … if taken).
 pub(crate) fn fresh_dir(base: &Path, migration_id: &str) -> Result<PathBuf> {

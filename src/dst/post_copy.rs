@@ -50,7 +50,7 @@ pub(crate) enum Routed {
 
 /// The pre-copied pages dst holds, and how many of them were confirmed and placed.
 #[derive(Clone)]
-pub(crate) struct Held {
+pub(crate) struct PreCopied {
     pub store: Option<Arc<PageStore>>,
     pub placed: Arc<AtomicU64>,
 }
@@ -107,7 +107,7 @@ enum LinkState {
 /// The migration's side of the fault thread and the link.
 pub(crate) struct Wiring {
     pub to_loop: LoopSender,
-    pub held: Held,
+    pub held: PreCopied,
     pub recover_timeout: Duration,
     /// Per image pid, every lazy range (for tasks not handed over yet at a resume).
     pub lazy: BTreeMap<u32, Vec<PageRange>>,
@@ -182,6 +182,28 @@ impl PostCopy {
         };
         pc.state = LinkState::Up(pc.start_link(conn, ctl, ctl_rx, fault, Vec::new()));
         pc
+    }
+
+    /// A post-copy adopted from a dst that died (dst::adopt): no link yet; the source has the
+    /// recover timeout to come back with a resume, which it does on its own (it was reconnecting
+    /// all along) or with `pageserv src --resume DIR`.
+    pub(crate) fn adopted(wiring: Wiring, finished_at_ns: u64) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(LINK_EVENTS);
+        let deadline = Some(tokio::time::Instant::now() + wiring.recover_timeout);
+        PostCopy {
+            wiring,
+            state: LinkState::Down,
+            generation: 0,
+            serial: 0,
+            events_tx,
+            events_rx,
+            deadline,
+            finished_at_ns: Some(finished_at_ns),
+            whole: None,
+            whole_told: false,
+            reconnects: 0,
+            bytes_dead_links: 0,
+        }
     }
 
     /// UDP bytes received on every link so far.
@@ -602,7 +624,7 @@ async fn feed_pages(
     mut rx: FrameReceiver,
     to_loop: LoopSender,
     (urgent, link): (bool, u64),
-    held: Held,
+    held: PreCopied,
 ) -> Result<()> {
     while let Some(frame) = rx.next().await? {
         let inbound = match frame {

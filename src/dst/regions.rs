@@ -104,13 +104,13 @@ pub struct RegionCounters {
 /// A lazy range as pieces of the state bitmaps: image `[img, img + nr_pages)` is bits
 /// `[base, base + nr_pages)`.
 #[derive(Debug, Clone, Copy)]
-struct Piece {
+struct BitmapSpan {
     img: u64,
     nr_pages: u64,
     base: u64,
 }
 
-impl Piece {
+impl BitmapSpan {
     fn img_end(&self) -> u64 {
         self.img + self.nr_pages * PAGE_SIZE
     }
@@ -121,7 +121,7 @@ impl Piece {
 pub struct TaskMemory {
     pid: u32,
     readahead: u64,
-    pieces: Vec<Piece>,
+    pieces: Vec<BitmapSpan>,
     pending: Bitmap,
     in_flight: Bitmap,
     nr_pending: u64,
@@ -136,7 +136,7 @@ impl TaskMemory {
     pub fn new(pid: u32, lazy: &[PageRange]) -> Result<Self, RegionsError> {
         let mut ranges: Vec<PageRange> = lazy.iter().copied().filter(|r| r.nr_pages > 0).collect();
         ranges.sort();
-        let mut pieces: Vec<Piece> = Vec::with_capacity(ranges.len());
+        let mut pieces: Vec<BitmapSpan> = Vec::with_capacity(ranges.len());
         let mut total: u64 = 0;
         for r in &ranges {
             let bad = RegionsError::BadRange {
@@ -157,7 +157,7 @@ impl TaskMemory {
                     second: r.start,
                 });
             }
-            pieces.push(Piece {
+            pieces.push(BitmapSpan {
                 img: r.start,
                 nr_pages: r.nr_pages,
                 base: total,
@@ -222,7 +222,7 @@ impl TaskMemory {
     }
 
     /// The piece holding image address `img` and the page's bit.
-    fn locate(&self, img: u64) -> Option<(&Piece, u64)> {
+    fn locate(&self, img: u64) -> Option<(&BitmapSpan, u64)> {
         let i = self
             .pieces
             .partition_point(|p| p.img <= img)

@@ -19,9 +19,14 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the restore failed ({status}). Last lines of {log}:\n{tail}")]
+    #[error(
+        "the restore failed ({status}){errors}. Fix what CRIU names, then retry. Last lines of \
+         {log}:\n{tail}"
+    )]
     Failed {
         status: String,
+        /// CRIU's own last `Error` lines, as `: <line>; <line>`, or empty.
+        errors: String,
         log: PathBuf,
         tail: String,
     },
@@ -148,8 +153,14 @@ impl Restore {
                     log_tail(&runc_log, 10)
                 );
             }
+            let errors = crate::criu::binary::log_errors(&self.log, 3);
             Err(RestoreError::Failed {
                 status: status.to_string(),
+                errors: if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", errors.join("; "))
+                },
                 log: self.log.clone(),
                 tail,
             })

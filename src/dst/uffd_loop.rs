@@ -15,7 +15,7 @@ mod driver;
 mod engine;
 mod ioctl;
 mod kernel;
-pub(crate) mod kill;
+pub mod kill;
 mod place;
 
 use std::os::fd::OwnedFd;
@@ -47,6 +47,15 @@ pub enum Inbound {
     },
     /// A zombie: no memory, nothing to serve.
     Zombie { pid: i32 },
+    /// A fork child's uffd adopted from a dead dst's keeper (dst::adopt): image pid `pid` (its
+    /// restored ancestor's), the lazy ranges it still lacks, and that ancestor's host pid (its
+    /// own is unknown: an incomplete shutdown kills the ancestor's descendants).
+    Child {
+        pid: i32,
+        uffd: OwnedFd,
+        lazy: Vec<PageRange>,
+        root_host_pid: i32,
+    },
     /// Page data for the image pages `at`, `at.nr_pages() * PAGE_SIZE` bytes. `urgent` marks a
     /// fault's answer: it skips ahead of queued background pushes. `link`: the link generation
     /// that delivered it (0, then the serial of each [`Inbound::Resume`]); pages of a replaced
@@ -113,6 +122,18 @@ pub enum Outbound {
     },
 }
 
+/// Keeps a copy of each fork child's uffd outside the fault thread (dst::uffd_keeper), so a
+/// dying dst cannot leave a child reading zeros where its pages are missing.
+pub trait ForkHolder: Send + Sync + std::fmt::Debug {
+    /// A process of the tree rooted at restored task `root_host_pid` forked; `uffd` serves the
+    /// child's memory. Called as the fork event is read, before the child's faults are.
+    fn hold_child(
+        &self,
+        root_host_pid: i32,
+        uffd: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<()>;
+}
+
 /// Tuning of the fault thread.
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -124,6 +145,8 @@ pub struct LoopConfig {
     /// another pid is refused (it has no lazy ranges, so every fault would be zero-filled), and
     /// so is source data for another pid, at once rather than held until the restore finishes.
     pub image_pids: Option<std::collections::BTreeSet<u32>>,
+    /// Where fork children's uffds are copied to as they appear (none: nowhere).
+    pub fork_holder: Option<Arc<dyn ForkHolder>>,
 }
 
 impl Default for LoopConfig {
@@ -132,6 +155,7 @@ impl Default for LoopConfig {
             readahead_pages: 0,
             kill_wait: Duration::from_secs(5),
             image_pids: None,
+            fork_holder: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::limits::{LimitHit, MAX_OUTSTANDING_FAULT_PAGES};
 use crate::source::pre_copy::Validator;
 use crate::source::pump::{FaultReply, PumpInput, Served, Tagged, UrgentRequest};
 use crate::source::push_plan::RequestRejected;
-use crate::source::recovery::Link;
+use crate::source::recovery::DstConnections;
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire::{self, Frame};
 
@@ -52,7 +52,7 @@ impl Writers {
     /// Opens the push stream on `link` and starts its pusher and fault server for `generation`.
     pub(super) async fn start(
         &self,
-        link: &Link,
+        link: &DstConnections,
         fault_stream: (FrameSender, FrameReceiver),
         generation: u64,
     ) -> Result<LinkTasks> {

@@ -31,14 +31,14 @@ pub type MissingList = Vec<(u32, Vec<PageRange>)>;
 
 /// One link to dst: the control connection (which also carries the push stream) and the fault
 /// connection.
-pub struct Link {
+pub struct DstConnections {
     pub conn: quinn::Connection,
     pub fault_conn: quinn::Connection,
     pub ctl: FrameSender,
     pub ctl_rx: FrameReceiver,
 }
 
-impl Link {
+impl DstConnections {
     /// UDP bytes this link sent so far.
     pub fn tx_bytes(&self) -> u64 {
         self.conn.stats().udp_tx.bytes + self.fault_conn.stats().udp_tx.bytes
@@ -47,7 +47,7 @@ impl Link {
 
 /// What dst reported when the link came back.
 pub struct Resumed {
-    pub link: Link,
+    pub link: DstConnections,
     /// The fault connection's stream, for a new fault server.
     pub fault_stream: (FrameSender, FrameReceiver),
     pub missing: MissingList,
@@ -202,7 +202,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
         .await
         .map_err(retry)?;
     Ok(Resumed {
-        link: Link {
+        link: DstConnections {
             conn,
             fault_conn,
             ctl,

@@ -33,7 +33,7 @@ use crate::source::pre_copy::held::HeldMemory;
 use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
 use crate::source::pump::{FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged};
 use crate::source::push_plan::PushPlan;
-use crate::source::recovery::{self, Link, MissingList, Reconnect};
+use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
 use crate::source::report::SourceReport;
 use crate::source::serving::{Serving, spawn_serving};
 use crate::transport::{self, FrameReceiver, FrameSender};
@@ -111,7 +111,7 @@ fn read_carried_opts(work: &Path) -> Vec<String> {
 
 /// How a migration's first link came about.
 struct Start {
-    link: Link,
+    link: DstConnections,
     fault_stream: (FrameSender, FrameReceiver),
     migration_id: String,
     pre: Option<(HeldMemory, PreCopyReport)>,
@@ -140,12 +140,61 @@ pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
     }
     if let DumpSource::Resume { work } = &opts.dump
         && let Ok(old) = std::fs::read_to_string(work.join(MIGRATION_ID_FILE))
-        && let Some(start) = rejoin(&opts, &id, old.trim()).await
     {
-        return drive(&opts, &id, start, started).await;
+        if let Some(start) = rejoin(&opts, &id, old.trim()).await {
+            return drive(&opts, &id, start, started).await;
+        }
+        warn_rollback(old.trim());
     }
     let start = start_fresh(&opts, &id).await?;
     drive(&opts, &id, start, started).await
+}
+
+/// Resolves when the dump process pageserv started has exited (never for one it did not start).
+async fn dump_exit(dump: &mut ReadyDump) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = dump
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `criu dump` died mid post-copy: what that means, plainly.
+fn dump_died_error(dump: &ReadyDump, status: &std::process::ExitStatus) -> anyhow::Error {
+    let pid = dump.child.as_ref().map_or(0, |c| c.id());
+    anyhow!(
+        "criu dump (pid {pid}) died in the middle of the post-copy ({status}): the kernel released \
+         the source tasks it held frozen and they RUN AGAIN at the source, from the state they \
+         were frozen in. Their memory is changing, so no more pages can be served from them and \
+         the restored copy at dst can never be completed: pageserv tells dst to kill it (what it \
+         did since the restore is lost; files it wrote keep their changes). The source copy is \
+         the live one; migrate it again once the cause is fixed{}",
+        dump.log
+            .as_ref()
+            .map(|l| format!(" (dump log: {})", l.display()))
+            .unwrap_or_default()
+    )
+}
+
+/// A retry that cannot continue the migration restores the source again from its freeze
+/// point: say so plainly, and what it means.
+fn warn_rollback(migration_id: &str) {
+    let text = format!(
+        "ROLLBACK: dst no longer runs migration {migration_id}, so this retry ships the frozen \
+         dump again and restores the process from the moment it was frozen. A restored copy \
+         that ran at dst since then is rolled back: what it computed is lost, files it wrote keep \
+         their new contents (CRIU refuses a restore whose open files changed size since the dump: \
+         \"has bad size\"), and peers of its sockets saw a connection that now goes back in \
+         time (expect resets). If dst may still hold the restored tasks, restart it with the same \
+         --work instead: it adopts them and this retry continues the migration without a rollback."
+    );
+    tracing::warn!("{text}");
+    eprintln!("pageserv src: {text}");
 }
 
 /// `--resume`: if dst still runs the migration this dump belonged to (only src died), continue
@@ -271,7 +320,7 @@ async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
         ),
         (None, _) => None,
     };
-    let link = Link {
+    let link = DstConnections {
         conn,
         fault_conn,
         ctl,
@@ -351,7 +400,7 @@ async fn drive(
     )
     .await;
     let wire_after_freeze = (wire_dead_links + link.tx_bytes()).saturating_sub(wire_at_freeze);
-    let Link {
+    let DstConnections {
         conn, fault_conn, ..
     } = link;
     fault_conn.close(0u32.into(), b"done");
@@ -393,7 +442,7 @@ fn peak_rss_bytes() -> u64 {
 #[allow(clippy::too_many_arguments)]
 async fn migrate(
     opts: &SourceOptions,
-    link: &mut Link,
+    link: &mut DstConnections,
     reconnect: &Reconnect<'_>,
     wire_dead_links: &mut u64,
     fault_stream: (FrameSender, FrameReceiver),
@@ -557,8 +606,16 @@ async fn migrate(
     let mut tasks = writers.start(link, fault_stream, generation).await?;
 
     // Wait for the restore to finish and the memory to become whole, across reconnects.
+    let mut dump_died = None;
     let outcome: Result<()> = loop {
-        let msg = next_ctl(&mut link.ctl_rx).await;
+        let msg = tokio::select! {
+            m = next_ctl(&mut link.ctl_rx) => m,
+            status = dump_exit(dump) => {
+                let e = dump_died_error(dump, &status);
+                dump_died = Some(status);
+                break Err(e);
+            }
+        };
         match msg {
             Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
             Ok(Msg::RestoreFinished(f)) => {
@@ -634,6 +691,25 @@ async fn migrate(
         }
     };
 
+    if let (Some(_), Err(e)) = (&dump_died, &outcome) {
+        // The kernel let the source tasks go: nothing can be served from them any more, and
+        // the restored copy can never be completed. dst kills it (the Abort) before any missing
+        // page reads as zero; the source copy keeps running.
+        let reason = format!("{e:#}");
+        let _ = send_ctl(
+            &mut link.ctl,
+            Msg::Abort(crate::pb::pageserv::Abort { reason }),
+        )
+        .await;
+        let _ = control_tx.send(Some(PumpControl::Detach));
+        let _ = tokio::time::timeout(Duration::from_secs(5), pump_task).await;
+        tasks.stop().await;
+        if let Some(k) = keeper.take() {
+            k.release();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), link.conn.closed()).await;
+        return outcome.map(|_| report);
+    }
     let action = outcome::source_action(knows);
     let decision = match action {
         SourceAction::End => PumpControl::Finish,
@@ -744,7 +820,9 @@ fn settle(
                 e.context(format!(
                     "the source stays FROZEN: a restored copy may have run at dst, so it must not \
                      be resumed. Retry with a running pageserv dst: `pageserv src --lazy --to ADDR \
-                     --resume {w}`; or settle it: `pageserv frozen {w} --kill-source` (or \
+                     --resume {w}` (it continues the migration if dst still runs it or adopted \
+                     it after a restart on the same --work; otherwise it rolls the process back \
+                     to its freeze point); or settle it: `pageserv frozen {w} --kill-source` (or \
                      --resume-source, only if no restored copy runs anywhere)",
                     w = work.display()
                 ))

@@ -3,7 +3,7 @@
 use bytes::{Buf, BytesMut};
 use prost::Message;
 
-use super::{Frame, HEADER_LEN, Header, Kind, WireError, check_bitmap_tail};
+use super::{Frame, FrameHeader, FrameKind, HEADER_LEN, WireError, check_bitmap_tail};
 use crate::pb::pageserv::Control;
 
 /// Incremental decoder: push stream bytes in with [`feed`](Self::feed) or
@@ -17,7 +17,7 @@ pub struct FrameDecoder {
     /// Stream offset of `buf[0]`.
     offset: u64,
     /// Validated header of the frame whose payload is still arriving, with the frame's offset.
-    pending: Option<(Header, u64)>,
+    pending: Option<(FrameHeader, u64)>,
     /// Once the stream is found corrupt, every later poll repeats the error.
     failed: Option<WireError>,
 }
@@ -109,7 +109,7 @@ impl FrameDecoder {
         self.pending = None;
         let (pid, vaddr, nr_pages) = (h.pid, h.vaddr, h.nr_pages);
         Ok(Some(match h.kind {
-            Kind::Control => {
+            FrameKind::Control => {
                 let msg = Control::decode(payload).map_err(|source| WireError::BadControl {
                     offset: at,
                     len: h.payload_len,
@@ -117,40 +117,40 @@ impl FrameDecoder {
                 })?;
                 Frame::Control(msg)
             }
-            Kind::PageRequest => Frame::PageRequest {
+            FrameKind::PageRequest => Frame::PageRequest {
                 pid,
                 vaddr,
                 nr_pages,
             },
-            Kind::Pages => Frame::Pages {
+            FrameKind::Pages => Frame::Pages {
                 pid,
                 vaddr,
                 nr_pages,
                 data: payload,
             },
-            Kind::Zero => Frame::Zero {
+            FrameKind::Zero => Frame::Zero {
                 pid,
                 vaddr,
                 nr_pages,
             },
-            Kind::Refused => Frame::Refused {
+            FrameKind::Refused => Frame::Refused {
                 pid,
                 vaddr,
                 nr_pages,
                 reason: (&payload[..]).get_u16_le(),
             },
-            Kind::PreCopyPages => Frame::PreCopyPages {
+            FrameKind::PreCopyPages => Frame::PreCopyPages {
                 pid,
                 vaddr,
                 nr_pages,
                 data: payload,
             },
-            Kind::PreCopyZero => Frame::PreCopyZero {
+            FrameKind::PreCopyZero => Frame::PreCopyZero {
                 pid,
                 vaddr,
                 nr_pages,
             },
-            Kind::Valid => {
+            FrameKind::Valid => {
                 check_bitmap_tail(nr_pages, &payload).map_err(|(field, value, why)| {
                     WireError::BadField {
                         offset: at,
@@ -176,12 +176,12 @@ impl FrameDecoder {
     }
 }
 
-fn parse_header(mut b: &[u8], offset: u64) -> Result<Header, WireError> {
+fn parse_header(mut b: &[u8], offset: u64) -> Result<FrameHeader, WireError> {
     let kind = b.get_u16_le();
-    let Some(kind) = Kind::from_u16(kind) else {
+    let Some(kind) = FrameKind::from_u16(kind) else {
         return Err(WireError::UnknownKind { offset, kind });
     };
-    let h = Header {
+    let h = FrameHeader {
         kind,
         flags: b.get_u16_le(),
         pid: b.get_u32_le(),

@@ -45,7 +45,7 @@ impl Lab {
     /// Makes the root filesystem (shared by the source and destination bundles, as two hosts
     /// would each have their copy).
     pub fn rootfs(&self, workload: &Path) -> PathBuf {
-        pageserv::testbed::container::make_rootfs(&self.dir.join("rootfs"), workload)
+        pageserv_lab::testbed::container::make_rootfs(&self.dir.join("rootfs"), workload)
             .expect("make the container's rootfs")
     }
 
@@ -53,7 +53,7 @@ impl Lab {
     /// cgroup path.
     pub fn bundle(&self, bundle: &str, rootfs: &Path, args: &[&str], cgroup: &str) -> PathBuf {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        pageserv::testbed::container::write_bundle(
+        pageserv_lab::testbed::container::write_bundle(
             &runc_bin().expect("runc"),
             &self.dir.join(bundle),
             rootfs,

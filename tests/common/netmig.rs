@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pageserv::testbed::Testbed;
+use pageserv_lab::testbed::Testbed;
 use serde_json::Value;
 
 pub fn pageserv() -> PathBuf {

@@ -33,7 +33,7 @@ const BULK_BUDGET: u64 = 256 << 10;
 const URGENT_BUDGET: usize = 256;
 
 /// One uffd and whom to kill if its memory is incomplete at shutdown.
-struct Held {
+struct WatchedUffd {
     uffd: Uffd,
     target: KillTarget,
 }
@@ -42,7 +42,8 @@ struct Held {
 struct UffdKernel {
     epoll: Epoll,
     evbuf: EventBuffer,
-    uffds: BTreeMap<ViewId, Held>,
+    uffds: BTreeMap<ViewId, WatchedUffd>,
+    fork_holder: Option<Arc<dyn super::ForkHolder>>,
 }
 
 fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
@@ -83,10 +84,30 @@ impl Kernel for UffdKernel {
                 }
             },
             Owner::Host(None) => KillTarget::Unknown,
-            Owner::ChildOf(parent) => self
-                .uffds
-                .get(&parent)
-                .map_or(KillTarget::Unknown, |h| h.target.for_child()),
+            Owner::DescendantOf(root) => KillTarget::DescendantOf(root),
+            Owner::ChildOf(parent) => {
+                let target = self
+                    .uffds
+                    .get(&parent)
+                    .map_or(KillTarget::Unknown, |h| h.target.for_child());
+                // The keeper's copy first: from here on a dying dst cannot zero-fill the child.
+                match (&self.fork_holder, &target) {
+                    (Some(holder), KillTarget::DescendantOf(root)) => {
+                        if let Err(e) = holder.hold_child(*root, uffd.as_fd()) {
+                            warn!(
+                                view = id,
+                                "cannot hand a fork child's uffd to the keeper: {e}"
+                            );
+                        }
+                    }
+                    (Some(_), _) => warn!(
+                        view = id,
+                        "a fork child of a task with no known host pid: the keeper cannot hold it"
+                    ),
+                    (None, _) => {}
+                }
+                target
+            }
         };
         let res = if poll {
             self.epoll
@@ -95,7 +116,7 @@ impl Kernel for UffdKernel {
         } else {
             Ok(())
         };
-        self.uffds.insert(id, Held { uffd, target });
+        self.uffds.insert(id, WatchedUffd { uffd, target });
         res
     }
 
@@ -197,6 +218,7 @@ impl Driver {
                 epoll,
                 evbuf: EventBuffer::new(64),
                 uffds: BTreeMap::new(),
+                fork_holder: config.fork_holder.clone(),
             },
             config,
             stats,
@@ -299,6 +321,18 @@ impl Driver {
                 host_pid,
             },
             Inbound::Zombie { pid } => Input::Zombie { pid },
+            Inbound::Child {
+                pid,
+                uffd,
+                lazy,
+                root_host_pid,
+            } => Input::Child {
+                pid,
+                // SAFETY: we own `uffd`; Uffd takes over closing it.
+                uffd: unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) },
+                lazy,
+                root_host_pid,
+            },
             Inbound::Pages {
                 at,
                 data,
@@ -367,7 +401,18 @@ impl Driver {
                     // SAFETY: we own `uffd`.
                     let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
                     self.engine
-                        .keep_broken(&mut self.kernel, pid, uffd, host_pid);
+                        .keep_broken(&mut self.kernel, pid, uffd, Owner::Host(host_pid));
+                }
+                Inbound::Child {
+                    pid,
+                    uffd,
+                    root_host_pid,
+                    ..
+                } => {
+                    // SAFETY: we own `uffd`.
+                    let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
+                    let owner = Owner::DescendantOf(root_host_pid);
+                    self.engine.keep_broken(&mut self.kernel, pid, uffd, owner);
                 }
                 _ => {}
             }

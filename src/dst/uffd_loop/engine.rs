@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::ioctl::Fill;
 use super::kernel::ViewFills;
 pub(super) use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
-use super::place::{self, Placement, Source, Tally};
+use super::place::{self, PageBytes, Placement, Tally};
 use super::{LoopConfig, Outbound, UffdStats};
 use crate::dst::arrival_guard::ArrivalGuard;
 use crate::dst::regions::{FaultAction, PageState, TaskMemory};
@@ -77,6 +77,14 @@ pub(super) enum Input<U> {
     Zombie {
         pid: i32,
     },
+    /// A fork child's uffd adopted from a dead dst's keeper: image pid `pid` (its restored
+    /// ancestor's), what it still lacks, and the host pid of that ancestor.
+    Child {
+        pid: i32,
+        uffd: U,
+        lazy: Vec<PageRange>,
+        root_host_pid: i32,
+    },
     Arrived(Arrived),
     /// Every task is restored: background pages may land, completion can be judged.
     RestoreFinished,
@@ -115,7 +123,7 @@ impl Placing {
 
 /// Source data that may not be placed yet.
 #[derive(Default)]
-struct Held {
+struct Deferred {
     /// Background pages that arrived before the restore finished. Until then the restorer may
     /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
     /// lose the pages. Faults need no such wait: a fault comes from a registered range.
@@ -153,7 +161,7 @@ pub(super) struct Engine {
     known_pids: BTreeSet<u32>,
     /// Which source data may be placed at all.
     guard: ArrivalGuard,
-    held: Held,
+    held: Deferred,
     /// Faulting threads waiting for (view, image page), since when.
     waiting: BTreeMap<(ViewId, u64), Vec<Instant>>,
     backlog: Backlog,
@@ -172,7 +180,7 @@ impl Engine {
             broken: Vec::new(),
             known_pids: BTreeSet::new(),
             guard: ArrivalGuard::new(),
-            held: Held::default(),
+            held: Deferred::default(),
             waiting: BTreeMap::new(),
             backlog: Backlog::default(),
             out: Vec::new(),
@@ -202,7 +210,13 @@ impl Engine {
                 uffd,
                 lazy,
                 host_pid,
-            } => self.add_task(k, pid, uffd, &lazy, host_pid),
+            } => self.add_task(k, pid, uffd, &lazy, Owner::Host(host_pid)),
+            Input::Child {
+                pid,
+                uffd,
+                lazy,
+                root_host_pid,
+            } => self.add_task(k, pid, uffd, &lazy, Owner::DescendantOf(root_host_pid)),
             Input::Zombie { pid } => debug!(pid, "zombie: no memory to serve"),
             Input::Arrived(a) => self.arrive(k, a),
             Input::RestoreFinished => {
@@ -230,11 +244,11 @@ impl Engine {
         k: &mut K,
         pid: i32,
         uffd: K::Uffd,
-        host_pid: Option<i32>,
+        owner: Owner,
     ) {
         let id = self.new_id();
         // Kept open only; a failure to poll it does not matter.
-        let _ = k.attach(id, uffd, Owner::Host(host_pid), false);
+        let _ = k.attach(id, uffd, owner, false);
         self.broken.push((pid.max(0) as u32, id));
     }
 
@@ -299,9 +313,8 @@ impl Engine {
         pid: i32,
         uffd: K::Uffd,
         lazy: &[PageRange],
-        host_pid: Option<i32>,
+        owner: Owner,
     ) {
-        let owner = Owner::Host(host_pid);
         let mem = match u32::try_from(pid)
             .ok()
             .filter(|p| *p > 0)
@@ -654,8 +667,8 @@ impl Engine {
                 break;
             };
             let src = match &p.data {
-                Some(d) => Source::Data(d),
-                None => Source::Zero,
+                Some(d) => PageBytes::Data(d),
+                None => PageBytes::Zero,
             };
             let mut tally = Tally::default();
             let res = place::place(

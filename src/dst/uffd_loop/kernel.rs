@@ -45,6 +45,8 @@ pub(super) enum Owner {
     Host(Option<i32>),
     /// A fork child of the process behind this view.
     ChildOf(ViewId),
+    /// A fork child adopted from a dead dst's keeper: some descendant of this host pid.
+    DescendantOf(i32),
 }
 
 /// What the core asks of the kernel, one view at a time.

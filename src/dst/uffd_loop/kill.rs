@@ -33,6 +33,12 @@ impl Process {
         })
     }
 
+    /// Whether the process has exited (its pidfd is readable), without waiting.
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// SIGKILL. ESRCH (already exited) counts as success.
     pub fn kill(&self) -> io::Result<()> {
         // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
@@ -169,7 +175,7 @@ pub(crate) fn wait_exited(procs: &[&Process], timeout: Duration) -> Vec<i32> {
 }
 
 /// Every live descendant of `root` (not `root` itself), from the ppid fields in /proc.
-pub(super) fn descendants(root: i32) -> Vec<i32> {
+pub fn descendants(root: i32) -> Vec<i32> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();

@@ -10,7 +10,7 @@ use crate::pages::PAGE_SIZE;
 
 /// What the arriving pages are.
 #[derive(Clone, Copy)]
-pub(super) enum Source<'a> {
+pub(super) enum PageBytes<'a> {
     /// Page data, `nr_pages * PAGE_SIZE` bytes, the first byte at the request's image address.
     Data(&'a [u8]),
     /// The source says these pages are all zero.
@@ -48,9 +48,9 @@ pub(super) trait Fills {
     fn zeropage(&mut self, addr: u64, pages: u64) -> Result<Fill, Errno>;
 }
 
-fn fill(uffd: &mut impl Fills, op: &CopyOp, src: Source<'_>) -> Result<Fill, Errno> {
+fn fill(uffd: &mut impl Fills, op: &CopyOp, src: PageBytes<'_>) -> Result<Fill, Errno> {
     match src {
-        Source::Data(data) => {
+        PageBytes::Data(data) => {
             let from = op.offset_in_data as usize;
             let to = from + (op.nr_pages * PAGE_SIZE) as usize;
             // on_pages only offers pages inside the arrival, so this slice is in bounds; a short
@@ -60,7 +60,7 @@ fn fill(uffd: &mut impl Fills, op: &CopyOp, src: Source<'_>) -> Result<Fill, Err
             };
             uffd.copy(op.runtime_addr, bytes)
         }
-        Source::Zero => uffd.zeropage(op.runtime_addr, op.nr_pages),
+        PageBytes::Zero => uffd.zeropage(op.runtime_addr, op.nr_pages),
     }
 }
 
@@ -70,7 +70,7 @@ pub(super) fn place(
     mem: &mut TaskMemory,
     img_vaddr: u64,
     nr_pages: u64,
-    src: Source<'_>,
+    src: PageBytes<'_>,
     tally: &mut Tally,
 ) -> Placement {
     let mut plan = mem.on_pages(img_vaddr, nr_pages);
@@ -111,7 +111,7 @@ fn page_by_page(
     uffd: &mut impl Fills,
     plan: &mut CopyPlan<'_>,
     op: &CopyOp,
-    src: Source<'_>,
+    src: PageBytes<'_>,
     tally: &mut Tally,
 ) -> Placement {
     for i in 0..op.nr_pages {

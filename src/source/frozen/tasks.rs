@@ -44,7 +44,7 @@ pub enum NotReadable {
 
 /// One task: its host pid and the stat files of its threads, opened at the freeze.
 #[derive(Debug)]
-struct Task {
+struct FrozenTask {
     host_pid: i32,
     threads: Vec<(i32, File)>,
 }
@@ -54,7 +54,7 @@ struct Task {
 pub struct FrozenTasks {
     dump_pid: u32,
     dump_pidfd: OwnedFd,
-    tasks: BTreeMap<u32, Task>,
+    tasks: BTreeMap<u32, FrozenTask>,
     /// Tasks that could not be verified at the freeze, and why.
     unreadable: Vec<(u32, NotReadable)>,
 }
@@ -153,7 +153,7 @@ impl FrozenTasks {
     }
 
     /// Opens every thread's stat file and checks it is ptrace-stopped by `dump_pid`.
-    fn open_task(host_pid: i32, dump_pid: u32) -> Result<Task, NotReadable> {
+    fn open_task(host_pid: i32, dump_pid: u32) -> Result<FrozenTask, NotReadable> {
         let not = |tid: i32, why: String| NotReadable::NotFrozen {
             pid: host_pid,
             tid,
@@ -190,7 +190,7 @@ impl FrozenTasks {
         if threads.is_empty() {
             return Err(not(host_pid, "no threads".into()));
         }
-        Ok(Task { host_pid, threads })
+        Ok(FrozenTask { host_pid, threads })
     }
 
     /// Image pids whose memory may be read.

@@ -15,8 +15,9 @@ pub const MTU: u16 = 1200;
 /// The receiver's delayed-ACK timer (quinn's default max_ack_delay).
 const MAX_ACK_DELAY: Duration = Duration::from_millis(25);
 
+/// The simulated path's bottleneck: its rate, base round trip, buffer and ACK jitter.
 #[derive(Debug, Clone)]
-pub struct Link {
+pub struct Bottleneck {
     /// Bytes per second.
     pub rate: f64,
     pub base_rtt: Duration,
@@ -113,7 +114,13 @@ impl Sim {
     }
 
     /// Sends what the window and the pacer allow; returns when the pacer allows more.
-    fn send(&mut self, c: &Scavenger, link: &Link, from: Duration, queue: &mut Vec<Duration>) {
+    fn send(
+        &mut self,
+        c: &Scavenger,
+        link: &Bottleneck,
+        from: Duration,
+        queue: &mut Vec<Duration>,
+    ) {
         let size = u64::from(MTU);
         self.refill(c.window_bytes());
         while self.in_flight + size < c.window_bytes() && self.tokens >= size as f64 {
@@ -152,7 +159,7 @@ impl Sim {
         c: &mut Scavenger,
         from: Duration,
         until: Duration,
-        link_at: impl Fn(Duration) -> Link,
+        link_at: impl Fn(Duration) -> Bottleneck,
     ) -> Outcome {
         let size = u64::from(MTU);
         let (mut delivered, mut losses, mut min_window) = (0u64, 0u64, u64::MAX);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::sim::{Link, MTU, Sim};
+use super::sim::{Bottleneck, MTU, Sim};
 use super::{Scavenger, ScavengerConfig};
 
 /// One ACK frame for two packets sent together at `sent`, arriving at `now`.
@@ -19,8 +19,8 @@ fn controller(config: ScavengerConfig) -> Scavenger {
     Scavenger::new(Arc::new(config), Instant::now(), MTU)
 }
 
-fn gigabit_lan() -> Link {
-    Link {
+fn gigabit_lan() -> Bottleneck {
+    Bottleneck {
         rate: 125e6,
         base_rtt: Duration::from_micros(300),
         buffer: Duration::from_millis(20),
@@ -33,7 +33,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The queue the controller aims at on `link`: its target, or three packets' time if longer.
-fn effective_target(config: &ScavengerConfig, link: &Link) -> Duration {
+fn effective_target(config: &ScavengerConfig, link: &Bottleneck) -> Duration {
     let packet = Duration::from_secs_f64(f64::from(MTU) / link.rate);
     config.target.max(packet.mul_f64(config.target_packets))
 }
@@ -55,7 +55,7 @@ fn keeps_the_queue_near_target_on_a_gigabit_lan() {
 
 #[test]
 fn keeps_a_few_packets_queued_on_a_slow_link() {
-    let link = Link {
+    let link = Bottleneck {
         rate: 1.25e6,
         ..gigabit_lan()
     };
@@ -75,7 +75,7 @@ fn keeps_a_few_packets_queued_on_a_slow_link() {
 
 #[test]
 fn fills_a_long_fat_link_without_filling_its_buffer() {
-    let link = Link {
+    let link = Bottleneck {
         rate: 12.5e6,
         base_rtt: Duration::from_millis(40),
         buffer: Duration::from_millis(100),
@@ -91,7 +91,7 @@ fn fills_a_long_fat_link_without_filling_its_buffer() {
 fn ack_jitter_on_a_slow_link_costs_little_throughput() {
     // Two ACKs per 250 µs at 100 Mbit/s: a minimum over so few jittered samples is mostly
     // jitter, and the push would starve itself.
-    let link = Link {
+    let link = Bottleneck {
         rate: 12.5e6,
         jitter: Duration::from_micros(500),
         ..gigabit_lan()
@@ -104,7 +104,7 @@ fn ack_jitter_on_a_slow_link_costs_little_throughput() {
 
 #[test]
 fn ack_jitter_costs_little_throughput() {
-    let link = Link {
+    let link = Bottleneck {
         jitter: Duration::from_micros(500),
         ..gigabit_lan()
     };
@@ -122,7 +122,7 @@ fn adopts_a_longer_route_once_the_old_base_ages_out() {
         slowdown_interval: Some(Duration::from_millis(400)),
         ..ScavengerConfig::default()
     };
-    let link = |t: Duration| Link {
+    let link = |t: Duration| Bottleneck {
         base_rtt: if t < secs(1.0) {
             Duration::from_micros(300)
         } else {
@@ -321,7 +321,7 @@ proptest! {
         base_us in 100u64..30_000,
         target_us in 100u64..5_000,
     ) {
-        let link = Link {
+        let link = Bottleneck {
             rate: mbit * 1e6 / 8.0,
             base_rtt: Duration::from_micros(base_us),
             buffer: Duration::from_millis(50),

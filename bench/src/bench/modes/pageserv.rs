@@ -43,6 +43,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         kill: None,
         fault_after_ms: 0,
         retry: false,
+        restart_dst_after_ms: None,
     };
     let r = demo::migrate_on(bed, &args, Some(super::step_timeout()))?;
     // Only post-copy has faults; a stop-and-copy restore has none to time.

@@ -333,6 +333,21 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_heartbeat_is_a_rollback() {
+        let (ev, _) = crate::workload_log::parse_log(&synthetic(50, 1, 1, 0, 1));
+        assert!(crate::workload_log::rolled_back_heartbeats(&ev).is_empty());
+        let log = format!(
+            "{}hb r 30 {T0} 0\nhb c1 3 {T0} 0\n",
+            synthetic(50, 1, 1, 0, 1)
+        );
+        let (ev, _) = crate::workload_log::parse_log(&log);
+        assert_eq!(
+            crate::workload_log::rolled_back_heartbeats(&ev),
+            vec![("r".to_string(), 30)]
+        );
+    }
+
+    #[test]
     fn finds_the_stall_as_max_gap() {
         let s = Summary::parse(&synthetic(1000, 1, 5, 400, 250));
         assert!(s.errors.is_empty(), "{:?}", s.errors);

@@ -213,6 +213,25 @@ pub fn parse_log(text: &str) -> (Vec<Event>, Vec<ParseError>) {
     (events, errors)
 }
 
+/// Heartbeats (tag, seq) whose sequence number does not exceed the one before it of the same
+/// process: a process restored again from an earlier state (rolled back) repeats its numbers.
+/// Empty for a log that only ever moved forward.
+pub fn rolled_back_heartbeats(events: &[Event]) -> Vec<(String, u64)> {
+    let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for e in events {
+        if let Event::Heartbeat { tag, hb } = e {
+            if let Some(&prev) = last.get(tag.as_str())
+                && hb.seq <= prev
+            {
+                out.push((tag.clone(), hb.seq));
+            }
+            last.insert(tag, hb.seq);
+        }
+    }
+    out
+}
+
 struct Fields<'a> {
     kind: &'static str,
     positional: Vec<&'a str>,

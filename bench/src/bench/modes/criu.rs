@@ -16,9 +16,9 @@ use nix::unistd::Pid;
 
 use super::{AFTER_S, ModeOutcome};
 use crate::bench::matrix::{Cell, Mode};
-use crate::criu::binary::{Criu, log_tail, pass_fds};
 use crate::demo::{self, DemoArgs};
 use crate::testbed::Testbed;
+use pageserv::criu::binary::{Criu, log_tail, pass_fds};
 
 /// Writer threads of the workload in every mode.
 pub const WORKLOAD_THREADS: u32 = 2;
@@ -69,6 +69,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         kill: None,
         fault_after_ms: 0,
         retry: false,
+        restart_dst_after_ms: None,
     };
     let (mut unshare, pid) = demo::start_workload(bed, &args, &log)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -211,7 +212,7 @@ impl Run<'_> {
     /// Runs a CRIU step to completion; on failure the error carries its log tail.
     fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        match crate::child::wait_timeout(&mut child, super::step_timeout())? {
+        match pageserv::child::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
@@ -234,7 +235,7 @@ impl Run<'_> {
     }
 
     fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
-        match crate::child::wait_timeout(&mut self.children[i], super::step_timeout())? {
+        match pageserv::child::wait_timeout(&mut self.children[i], super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",

@@ -13,9 +13,13 @@ use crate::testbed::Testbed;
 /// What to break, `after` the restore finished at dst.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
-    CutLink { secs: f64 },
+    CutLink {
+        secs: f64,
+    },
     KillDst,
     KillSrc,
+    /// SIGKILL the `criu dump` that `pageserv src` runs (the one holding the source frozen).
+    KillCriuDump,
 }
 
 /// What the fault injection saw.
@@ -33,6 +37,15 @@ pub struct FaultReport {
     /// migration (src was killed), else into a restarted one.
     pub retry_src_exit: Option<i32>,
     pub retry_dst_exit: Option<i32>,
+    /// With `--restart-dst`: the restored root (host pid, start time in clock ticks) just after
+    /// dst was killed, and again after the migration: the same process if it was adopted.
+    pub restored_before_restart: Option<(i32, u64)>,
+    pub restored_after: Option<(i32, u64)>,
+    /// Without `--retry`, a source left frozen is settled by the demo (`pageserv frozen DIR
+    /// --kill-source`, as an operator would): whether that worked.
+    pub source_settled: bool,
+    /// Heartbeats in the workload's log that went backwards (tag, seq): a rolled-back copy.
+    pub rolled_back_heartbeats: Vec<(String, u64)>,
 }
 
 /// Waits for the restore to finish (`restored` fires), waits `after`, then injects `fault`.
@@ -77,6 +90,25 @@ pub fn inject(
             eprintln!("fault injection: SIGKILL pageserv src ({src_pid})");
             kill(src_pid);
         }
+        Fault::KillCriuDump => {
+            let dumps: Vec<i32> = pageserv::dst::uffd_loop::kill::descendants(src_pid)
+                .into_iter()
+                .filter(|p| {
+                    // By its arguments: the installed criu runs under its own loader.
+                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                    args.iter().any(|a| a.ends_with(b"criu")) && args.contains(&&b"dump"[..])
+                })
+                .collect();
+            if dumps.is_empty() {
+                eprintln!("fault injection: no criu dump under pageserv src ({src_pid})");
+                return;
+            }
+            eprintln!("fault injection: SIGKILL criu dump ({dumps:?})");
+            for p in dumps {
+                kill(p);
+            }
+        }
     }
     report.injected = true;
 }
@@ -92,7 +124,7 @@ pub fn proc_state(pid: i32) -> String {
 
 /// Kills `child` if it is still running after `timeout`.
 pub fn finish(child: &mut Child, timeout: Duration) -> Option<i32> {
-    crate::child::wait_timeout(child, timeout)
+    pageserv::child::wait_timeout(child, timeout)
         .ok()
         .flatten()
         .and_then(|s| s.code())

@@ -66,7 +66,7 @@ pub struct DemoArgs {
     /// Failure test: take the veth down for this many seconds mid post-copy.
     #[arg(long, default_value_t = 0.0)]
     pub cut_link: f64,
-    /// Failure test: SIGKILL `src` or `dst` mid post-copy.
+    /// Failure test: SIGKILL `src`, `dst` or `criu` (the dump) mid post-copy.
     #[arg(long)]
     pub kill: Option<String>,
     /// When to inject the failure: ms after the restore finished.
@@ -75,6 +75,10 @@ pub struct DemoArgs {
     /// After an injected kill: restart dst and retry with `pageserv src --resume`.
     #[arg(long)]
     pub retry: bool,
+    /// With `--kill dst`: restart dst on the same work directory this many ms after the kill
+    /// (it adopts the restored tasks from their keeper; src, still running, resumes into it).
+    #[arg(long, conflicts_with = "retry")]
+    pub restart_dst_after_ms: Option<u64>,
 }
 
 /// What the demo saw.
@@ -102,12 +106,15 @@ pub struct DemoResult {
     pub workload_log: String,
 }
 
-pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the pageserv binary")?;
+/// A program built beside this one (`pageserv`, `workload`, `linkem`: one `cargo build
+/// --release` puts them all in `target/release`).
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the pageserv-lab binary")?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
         bail!(
-            "{} not found beside {}: build it with `cargo build --release`",
+            "{} not found beside {}: build it with `cargo build --release` (at the repository's \
+             root, which builds pageserv and the lab)",
             name,
             exe.display()
         );
@@ -242,8 +249,8 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
 /// dst` in its destination namespace. With `timeout`, a `pageserv src` still running after it
 /// is killed and the migration fails.
 pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> Result<DemoResult> {
-    let pageserv = std::env::current_exe()?;
-    let (src_certs, dst_certs) = crate::keys::demo_identities(&bed.dir.join("keys"))?;
+    let pageserv = sibling("pageserv")?;
+    let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
     let (mut unshare, pid) = start_workload(bed, args, &log)?;
     interrupt::started(unshare.id() as i32);
@@ -258,7 +265,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     let fault = match (args.kill.as_deref(), args.cut_link > 0.0) {
         (Some("dst"), _) => Some(faults::Fault::KillDst),
         (Some("src"), _) => Some(faults::Fault::KillSrc),
-        (Some(other), _) => bail!("--kill takes src or dst, not {other:?}"),
+        (Some("criu"), _) => Some(faults::Fault::KillCriuDump),
+        (Some(other), _) => bail!("--kill takes src, dst or criu, not {other:?}"),
         (None, true) => Some(faults::Fault::CutLink {
             secs: args.cut_link,
         }),
@@ -319,22 +327,48 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     interrupt::started(src.id() as i32);
     let mut fault_report = faults::FaultReport::default();
     let (src_id, dst_id) = (src.id() as i32, dst.id() as i32);
+    let restart = args
+        .restart_dst_after_ms
+        .filter(|_| matches!(fault, Some(faults::Fault::KillDst)));
     let (mut src_status, mut dst_status) = std::thread::scope(|s| -> Result<_> {
-        if let Some(f) = fault {
+        let injector = fault.map(|f| {
             let (bed, rx, rep) = (&bed, restored_rx, &mut fault_report);
             let after = Duration::from_millis(args.fault_after_ms);
-            s.spawn(move || faults::inject(bed, f, after, &rx, dst_id, src_id, rep));
-        }
+            let (start_dst, dst_work) = (&start_dst, &dst_work);
+            s.spawn(move || -> Option<Result<Child>> {
+                faults::inject(bed, f, after, &rx, dst_id, src_id, rep);
+                let wait = restart.filter(|_| rep.injected)?;
+                std::thread::sleep(Duration::from_millis(wait));
+                rep.restored_before_restart = restored_identity(dst_work);
+                eprintln!("restarting pageserv dst on the same work directory");
+                Some(start_dst(dst_work, None))
+            })
+        });
         let src_status = match timeout {
             None => Some(src.wait().context("waiting for pageserv src")?),
-            Some(t) => crate::child::wait_timeout(&mut src, t)?,
+            Some(t) => pageserv::child::wait_timeout(&mut src, t)?,
         };
+        let mut dst_wait = Duration::from_secs(90);
+        if let Some(restarted) = injector.and_then(|h| h.join().ok()).flatten() {
+            dst = restarted?;
+            interrupt::started(dst.id() as i32);
+            if !src_status.is_some_and(|s| s.success()) {
+                // src gave up: the restarted dst has nothing to finish (it waits for a new
+                // migration); end it soon.
+                dst_wait = Duration::from_secs(3);
+            }
+        }
         // With src killed, dst keeps the restored tasks waiting for it to come back: the retry
         // below continues that migration.
         let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
             None
         } else {
-            crate::child::wait_timeout(&mut dst, Duration::from_secs(90))?
+            let s = pageserv::child::wait_timeout(&mut dst, dst_wait)?;
+            if s.is_none() && dst_wait < Duration::from_secs(90) {
+                let _ = dst.kill();
+                let _ = dst.wait();
+            }
+            s
         };
         Ok((src_status, dst_status))
     })?;
@@ -348,6 +382,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             "after the failure: source state {:?}, restored copy alive: {}",
             fault_report.source_state, fault_report.restored_alive_after_failure
         );
+        if !args.retry && fault_report.source_state == "t" {
+            // Left frozen on purpose by the failure rule; the demo started it, so it ends it.
+            let src_work = bed.dir.join("src").join(src_id.to_string());
+            match pageserv::source::keeper::settle_frozen(&src_work, false) {
+                Ok(()) => fault_report.source_settled = true,
+                Err(e) => eprintln!("cannot settle the frozen source: {e}"),
+            }
+        }
         if args.retry {
             let src_work = bed.dir.join("src").join(src_id.to_string());
             if dst_status.is_some() || dst.try_wait()?.is_some() {
@@ -368,13 +410,13 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .context("running pageserv src --resume")?;
             interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
-            dst_status = crate::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
+            dst_status = pageserv::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
             fault_report.retry_dst_exit = dst_status.and_then(|s| s.code());
         }
     }
     if let Some(mut c) = external {
-        let _ = crate::child::wait_timeout(&mut c, Duration::from_secs(10));
+        let _ = pageserv::child::wait_timeout(&mut c, Duration::from_secs(10));
     }
     let migrated_ns = unix_ns();
     eprintln!(
@@ -385,6 +427,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     if let Some(p) = restored_pid {
         interrupt::started(p);
     }
+    fault_report.restored_after = restored_identity(&dst_work);
     std::thread::sleep(Duration::from_secs(args.after));
 
     let workload_alive_at_dst = restored_pid.is_some_and(alive);
@@ -409,6 +452,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
 
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let wl = Summary::parse(&text);
+    fault_report.rolled_back_heartbeats =
+        crate::workload_log::rolled_back_heartbeats(&crate::workload_log::parse_log(&text).0);
     let read_json = |p: &Path| -> serde_json::Value {
         std::fs::read_to_string(p)
             .ok()
@@ -468,7 +513,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
 /// FIFO, then points `pageserv src` at both.
 fn start_external_dump(bed: &Testbed, pid: i32, src: &mut Command) -> Result<Child> {
     let dir = &bed.dir;
-    let criu = crate::criu::binary::Criu::locate(None)?;
+    let criu = pageserv::criu::binary::Criu::locate(None)?;
     let images = dir.join("ext-images");
     std::fs::create_dir_all(&images)?;
     let fifo = dir.join("status.fifo");
@@ -502,6 +547,13 @@ pub(crate) fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The restored root's host pid and start time, if it is alive.
+fn restored_identity(dst_base: &Path) -> Option<(i32, u64)> {
+    let pid = find_restore_pid(dst_base).filter(|p| alive(*p))?;
+    let start = pageserv::dst::uffd_keeper::start_time(pid).ok()?;
+    Some((pid, start))
 }
 
 fn find_restore_pid(dst_base: &Path) -> Option<i32> {

@@ -9,9 +9,21 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[path = "common/root.rs"]
+#[path = "../../tests/common/root.rs"]
 mod root;
 use root::can_run;
+
+/// `pageserv`, built beside the lab by `cargo build --release` at the root: the bench runs as
+/// users run it, `pageserv bench`, which hands it to `pageserv-lab`.
+fn pageserv() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_pageserv-lab")).with_file_name("pageserv");
+    assert!(
+        p.is_file(),
+        "{} missing: build with `cargo build --release` at the repository's root",
+        p.display()
+    );
+    p
+}
 
 #[test]
 fn quick_bench_verifies_every_available_mode() {
@@ -20,7 +32,7 @@ fn quick_bench_verifies_every_available_mode() {
     }
     let out = std::env::temp_dir().join(format!("pageserv-bench-quick-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+    let run = Command::new(pageserv())
         .args(["bench", "--quick", "--out"])
         .arg(&out)
         .output()
@@ -95,7 +107,7 @@ fn bench_runs_across_an_emulated_link() {
     }
     let out = std::env::temp_dir().join(format!("pageserv-bench-link-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_pageserv")))
+    let run = Command::new(pageserv())
         .args([
             "bench",
             "--sizes",

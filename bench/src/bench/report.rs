@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::machine::Machine;
 use super::matrix::{Cell, Link, Matrix, Mode};
 use super::modes::RunRecord;
-use super::run::Machine;
 use crate::testbed::link::Emulator;
 
 /// Median, min and max of one metric over a cell's verified runs.
@@ -227,6 +227,14 @@ pub fn markdown(r: &Results) -> String {
         r.runs.len(),
         r.duration_s
     );
+    if let Some(q) = m.quinn_bulk_mib_s {
+        let _ = writeln!(
+            s,
+            "quinn's bulk rate over the bare veth in this run (pageserv's transport, no migration; \
+             `pageserv-lab quinn-bulk`): {q:.0} MiB/s. pageserv dst's report gives each \
+             post-copy's goodput (MiB/s) to compare with it.\n"
+        );
+    }
     let _ = writeln!(
         s,
         "Workload: bench/workload, {} writer threads, heartbeat every 1 ms, full self-check every \

@@ -1,7 +1,7 @@
 //! The bench workload, run for real: its checks pass, catch corruption, survive churn and a
 //! process tree, and survive a real CRIU dump and restore.
 
-use pageserv::workload_log::Summary;
+use pageserv_lab::workload_log::Summary;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

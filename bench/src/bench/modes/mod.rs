@@ -14,7 +14,7 @@ pub mod runc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::matrix::{Cell, Mode};
+use super::matrix::{Cell, DEFAULT_STEP_TIMEOUT_S, Mode};
 use crate::testbed::Testbed;
 use crate::testbed::link::Emulator;
 use crate::workload_log::Summary;
@@ -43,9 +43,6 @@ const BED_TAG: u8 = 2;
 /// Seconds any one step of a run may take (see [`set_step_timeout`]).
 static STEP_TIMEOUT_S: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(DEFAULT_STEP_TIMEOUT_S);
-/// CRIU's lazy-pages daemon needs minutes for 1 GiB on the slower links; longer than this and
-/// the run counts as failed (it did not finish), named so in the report.
-pub const DEFAULT_STEP_TIMEOUT_S: u64 = 300;
 
 /// Sets how long any one step (a CRIU dump, restore, the lazy transfer) may take.
 pub fn set_step_timeout(secs: u64) {

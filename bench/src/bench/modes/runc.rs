@@ -26,10 +26,10 @@ use serde_json::Value;
 
 use super::{AFTER_S, ModeOutcome};
 use crate::bench::matrix::{Cell, Mode};
-use crate::criu::binary::{Criu, log_tail, pass_fds};
 use crate::demo;
-use crate::runc::{Runc, STATUS_FD};
 use crate::testbed::{Testbed, container};
+use pageserv::criu::binary::{Criu, log_tail, pass_fds};
+use pageserv::runc::{Runc, STATUS_FD};
 
 /// One container run's names and places.
 struct Ctr<'a> {
@@ -198,7 +198,7 @@ impl Ctr<'_> {
     }
 
     fn wait(&mut self, mut child: Child, what: &str, log: &Path) -> Result<()> {
-        match crate::child::wait_timeout(&mut child, super::step_timeout())? {
+        match pageserv::child::wait_timeout(&mut child, super::step_timeout())? {
             Some(s) if s.success() => Ok(()),
             other => {
                 self.children.push(child);
@@ -355,8 +355,8 @@ impl Ctr<'_> {
 
     /// pageserv's container modes; returns the destination's fault latency p50/p99.
     fn pageserv(&mut self, pre_copy: bool) -> Result<(Option<f64>, Option<f64>)> {
-        let exe = std::env::current_exe()?;
-        let (src_certs, dst_certs) = crate::keys::demo_identities(&self.bed.dir.join("keys"))?;
+        let exe = crate::demo::sibling("pageserv")?;
+        let (src_certs, dst_certs) = pageserv::keys::demo_identities(&self.bed.dir.join("keys"))?;
         let port = 41000 + (std::process::id() % 20000) as u16;
         let to = format!("{}:{port}", self.bed.dst_addr);
         let (src_json, dst_json) = (self.bed.dir.join("src.json"), self.bed.dir.join("dst.json"));

@@ -2,7 +2,7 @@
 //! its shape (rate, delay, loss), which emulator provides it, and the running linkem process.
 //!
 //! A plain veth when the shape asks for nothing; otherwise the kernel's netem on both ends of a
-//! veth where the kernel has it, else `linkem` (tools/linkem) joining the namespaces with a TUN
+//! veth where the kernel has it, else `linkem` (bench/linkem) joining the namespaces with a TUN
 //! device in each. TCP and UDP cross the same link either way.
 
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ pub enum Emulator {
     Veth,
     /// netem (rate, delay, loss) on both ends of a veth pair.
     Netem,
-    /// tools/linkem between two TUN devices.
+    /// bench/linkem between two TUN devices.
     Linkem,
 }
 

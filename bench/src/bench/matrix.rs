@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::testbed::link::LinkShape;
 
+/// CRIU's lazy-pages daemon needs minutes for 1 GiB on the slower links; a step (a dump, a
+/// restore, the lazy transfer) longer than this and the run counts as failed (it did not
+/// finish), named so in the report.
+pub const DEFAULT_STEP_TIMEOUT_S: u64 = 300;
+
 /// A way to migrate the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -353,7 +358,7 @@ impl Matrix {
             links: Matrix::default_links(),
             write_rates: vec![0, 100],
             runs: 3,
-            timeout_s: super::modes::DEFAULT_STEP_TIMEOUT_S,
+            timeout_s: DEFAULT_STEP_TIMEOUT_S,
             pageserv_src_args: Vec::new(),
             pageserv_dst_args: Vec::new(),
             one_thread_workload: false,

@@ -165,7 +165,7 @@ async fn run_in(
     let keeper = Arc::new(
         UffdKeeper::spawn(
             &std::env::current_exe().context("locating the pageserv binary")?,
-            &dir,
+            dir,
             opts.recover_timeout,
         )
         .context("starting the uffd keeper")?,
@@ -269,7 +269,7 @@ async fn run_in(
                 }
                 restored = true;
                 post_copy_start = Instant::now();
-                restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
+                restore_finished(&mut post, &mut report, frozen_at_ns, images_at, dir).await?;
                 continue;
             }
         };
@@ -296,7 +296,7 @@ async fn run_in(
                         break Err(e);
                     }
                     restored = true;
-                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
+                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at, dir).await?;
                 }
                 // Every lazy page is in place: the restored copy is the live one from now on.
                 if let Some(k) = keeper.take() {

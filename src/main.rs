@@ -50,6 +50,10 @@ enum Cmd {
     /// (runs `pageserv-lab bench`; `pageserv bench --help` for its options).
     #[command(disable_help_flag = true)]
     Bench(LabArgs),
+    /// quinn's bulk rate over the testbed's bare veth with pageserv's transport settings, the
+    /// yardstick of the post-copy's goodput (runs `pageserv-lab quinn-bulk`).
+    #[command(disable_help_flag = true)]
+    QuinnBulk(LabArgs),
     /// Settle a source left frozen by a failed migration (see `pageserv src` errors).
     Frozen(FrozenArgs),
     /// Internal: holds the lazy dump's socket for `pageserv src` (see source::keeper).
@@ -732,6 +736,7 @@ fn run(cli: Cli) -> Result<()> {
             Duration::from_millis(recover_ms),
         )?),
         Cmd::Bench(b) => lab("bench", b.args),
+        Cmd::QuinnBulk(q) => lab("quinn-bulk", q.args),
     }
 }
 

@@ -124,3 +124,15 @@ fn helper_subcommands_are_hidden() {
         "{src}"
     );
 }
+
+#[test]
+fn lab_subcommands_take_their_arguments_as_they_are() {
+    for cmd in ["demo", "bench", "quinn-bulk"] {
+        let cli = parse(&[cmd, "--help", "--mib", "64"]).expect(cmd);
+        let args = match cli.cmd {
+            Cmd::Demo(a) | Cmd::Bench(a) | Cmd::QuinnBulk(a) => a.args,
+            _ => panic!("{cmd}: not a lab subcommand"),
+        };
+        assert_eq!(args, ["--help", "--mib", "64"], "{cmd}");
+    }
+}

@@ -15,6 +15,7 @@ pub mod fdpass;
 pub mod images_show;
 pub mod keys;
 pub mod latency;
+pub mod limits;
 pub mod logging;
 pub mod outcome;
 pub mod pages;

@@ -12,6 +12,7 @@ use pageserv::criu::binary::Criu;
 use pageserv::dst::endpoint;
 use pageserv::dst::options::DstOptions;
 use pageserv::dst::restore::RestoreOptions;
+use pageserv::limits;
 use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
@@ -392,9 +393,57 @@ struct DstArgs {
     #[arg(long, value_name = "FILE")]
     deny_cert: Option<PathBuf>,
     #[command(flatten)]
+    limits: DstLimitArgs,
+    /// Keep each migration's directory (images, work) after it succeeded too; a failed
+    /// migration's is always kept and named in its error.
+    #[arg(long)]
+    keep_work: bool,
+    #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
     common: Common,
+}
+
+/// What a source may make `pageserv dst` hold (README "Limits"; `pageserv::limits`).
+#[derive(Args)]
+struct DstLimitArgs {
+    /// Image bytes one migration may send (its announced size is checked before any is written).
+    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MAX_IMAGES_MIB)]
+    max_images_mib: u64,
+    /// Free space the work directory's file system must keep after the images.
+    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MIN_FREE_DISK_MIB)]
+    min_free_disk_mib: u64,
+    /// A source silent this long while sending its pre-copy and images loses its migration.
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_IDLE_SECS)]
+    receive_idle_secs: u64,
+    /// A source not done with its pre-copy and images this long after its hello loses its
+    /// migration.
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_DEADLINE_SECS)]
+    receive_deadline_secs: u64,
+    /// Memory the pre-copy page store may use (default: half of this host's RAM).
+    #[arg(long, value_name = "MIB")]
+    max_page_store_mib: Option<u64>,
+    /// Page bytes one stop-and-copy session may write (default: this host's RAM).
+    #[arg(long, value_name = "MIB")]
+    max_session_mib: Option<u64>,
+}
+
+impl DstLimitArgs {
+    fn limits(&self) -> limits::DstLimits {
+        let d = limits::DstLimits::default();
+        limits::DstLimits {
+            max_images_bytes: self.max_images_mib << 20,
+            min_free_disk_bytes: self.min_free_disk_mib << 20,
+            receive_idle: Duration::from_secs(self.receive_idle_secs.max(1)),
+            receive_deadline: Duration::from_secs(self.receive_deadline_secs.max(1)),
+            max_page_store_bytes: self
+                .max_page_store_mib
+                .map_or(d.max_page_store_bytes, |m| m << 20),
+            max_session_bytes: self
+                .max_session_mib
+                .map_or(d.max_session_bytes, |m| m << 20),
+        }
+    }
 }
 
 /// Which runc (with `src --runc` or `dst --runc-bundle`).
@@ -661,6 +710,8 @@ fn run(cli: Cli) -> Result<()> {
                     },
                 )
                 .map_err(anyhow::Error::msg)?,
+                limits: a.limits.limits(),
+                keep_work: a.keep_work,
             };
             if a.max_migrations.is_none() && !a.keep_serving {
                 let report = run_async(endpoint::run(opts))?;

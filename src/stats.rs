@@ -48,6 +48,9 @@ pub struct DstReport {
     /// Of those, pages the source confirmed after the freeze, placed from the store (no page
     /// data crossed the network for them after the freeze).
     pub pages_local: u64,
+    /// The restored tree's root pid as this host sees it (from the restore's pidfile), so that
+    /// it is known after the migration's directory is removed.
+    pub restored_pid: Option<i32>,
     /// This dst adopted the migration's restored tasks from a dst that died (dst::adopt).
     pub adopted: bool,
     /// Adopted: lazy pages already in place in the restored tasks (their /proc/PID/pagemap), so

@@ -151,6 +151,8 @@ fn eight_concurrent_migrations_into_one_dst() {
         .arg(&dst_certs)
         .arg("--work")
         .arg(dir.join("dst"))
+        // The restored pids are read from each migration's pidfile afterwards.
+        .arg("--keep-work")
         .args(["--max-migrations", &MIGRATIONS.to_string()])
         .arg("--stats-json")
         .arg(&dst_json)

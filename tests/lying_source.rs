@@ -317,3 +317,114 @@ fn requested_pages_are_accepted_once() {
     assert_eq!(l.stats.counters().pages_copied_urgent, 1);
     l.handle.shutdown(false).unwrap();
 }
+
+/// A loop whose task is handed over but whose restore has not finished (as while `criu restore`
+/// runs), with `config`.
+fn start_restoring(task: &mut Task, config: LoopConfig) -> Loop {
+    let stats = Arc::new(UffdStats::default());
+    let (tx, out) = crossbeam_channel::unbounded();
+    let handle = uffd_loop::spawn_with(config, tx, stats.clone()).unwrap();
+    handle
+        .send(Inbound::Task {
+            pid: PID as i32,
+            uffd: task.uffd.take().unwrap(),
+            lazy: task.lazy(),
+            host_pid: None,
+        })
+        .unwrap();
+    Loop { handle, out, stats }
+}
+
+/// Sends `msg()` until the loop reports an error (at most `max` messages); returns it and how
+/// many were sent. Panics if none came: the loop held everything.
+fn flood(l: &Loop, max: u64, msg: impl Fn(u64) -> Inbound) -> (String, u64) {
+    for i in 0..max {
+        l.handle.send(msg(i)).unwrap();
+        if let Ok(Outbound::Error(e)) = l.out.try_recv() {
+            return (e, i + 1);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match l.out.recv_deadline(deadline) {
+            Ok(Outbound::Error(e)) => return (e, max),
+            Ok(_) => {}
+            Err(_) => panic!("{max} messages held without a limit"),
+        }
+    }
+}
+
+#[test]
+fn endless_zero_runs_before_the_restore_finished_hit_the_held_limit() {
+    require_root!();
+    let mut task = Task::new();
+    let l = start_restoring(&mut task, LoopConfig::default());
+    let base = task.addr;
+    let limit = pageserv::limits::MAX_EARLY_HELD_BYTES / pageserv::limits::HELD_MESSAGE_COST;
+    // Pushed zero runs carry no data: before the limit counted messages, they were held forever.
+    let (e, sent) = flood(&l, 4 * limit, |_| Inbound::Zero {
+        at: PidRange::new(PID, base, 1),
+        urgent: false,
+        link: 0,
+    });
+    assert!(
+        e.contains("64 MiB") && e.contains("before the restore finished"),
+        "{e}"
+    );
+    assert!(sent <= limit + 1 + 64, "stopped only after {sent} messages");
+    assert!(task.resident().iter().take(LAZY as usize).all(|r| !r));
+    l.handle.shutdown(false).unwrap();
+}
+
+#[test]
+fn an_unknown_pid_s_pages_are_not_stashed_without_limit() {
+    require_root!();
+    let mut task = Task::new();
+    // Without the images' pids (as in a bare fault thread), pages of a pid not handed over yet
+    // are held for it, but only up to the limit.
+    let l = start_restoring(&mut task, LoopConfig::default());
+    let per = 1024 * 1024 / P; // 1 MiB a message
+    let (e, sent) = flood(&l, 1024, |i| {
+        pages(PID + 1, 0x10_0000_0000 + i * per * P, per, 0x11, true)
+    });
+    assert!(e.contains("64 MiB") && e.contains("pid 42"), "{e}");
+    assert!(sent <= 64 + 1 + 64, "stopped only after {sent} MiB");
+    l.handle.shutdown(false).unwrap();
+
+    // With the images' pids, such pages are refused at once, and never held.
+    let mut task = Task::new();
+    let config = LoopConfig {
+        image_pids: Some([PID].into_iter().collect()),
+        ..LoopConfig::default()
+    };
+    let l = start_restoring(&mut task, config);
+    refused(
+        &l,
+        &task,
+        pages(PID + 1, task.addr, 1, 0x11, true),
+        &["pid 42", "not in the images"],
+    );
+    l.handle.shutdown(false).unwrap();
+}
+
+#[test]
+fn a_restored_task_whose_pid_is_not_in_the_images_is_refused() {
+    require_root!();
+    let mut task = Task::new();
+    let config = LoopConfig {
+        image_pids: Some([PID + 7].into_iter().collect()),
+        ..LoopConfig::default()
+    };
+    // The task (pid 41) is handed over, but the images have only pid 48: served, its faults
+    // would all be zero-filled.
+    let l = start_restoring(&mut task, config);
+    let e = next_error(&l.out);
+    assert!(
+        e.contains("pid 41") && e.contains("not in the images"),
+        "{e}"
+    );
+    l.handle.send(Inbound::RestoreFinished).unwrap();
+    // Its uffd is kept (not served), and an incomplete shutdown counts it as incomplete.
+    let report = l.handle.shutdown(true).unwrap();
+    eprintln!("shutdown: {report:?}");
+}

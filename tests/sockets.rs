@@ -78,6 +78,11 @@ fn listening_tcp_and_unix_servers_answer_at_dst() {
     assert!(alive(restored), "the restored server is not running");
     assert!(!alive(pid), "the source server still runs: two copies");
     assert!(
+        out.dst_dirs_left.is_empty(),
+        "dst left {:?} after a successful migration",
+        out.dst_dirs_left
+    );
+    assert!(
         out.dst_json["lazy_pages"].as_u64().unwrap_or(0) > 0,
         "{}",
         out.dst_json

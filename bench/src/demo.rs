@@ -280,6 +280,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             .arg(&dst_certs)
             .arg("--work")
             .arg(work)
+            // The restored pid is read from the migration's pidfile afterwards.
+            .arg("--keep-work")
             .arg("--stats-json")
             .arg(&dst_json)
             .args(&args.dst_args)

@@ -491,15 +491,10 @@ async fn migrate_in(
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
         let tag = id_tag(&hello.migration_id);
         let dir = fresh_dir(&opts.work_base, &tag)?;
-        return crate::dst::stop_and_copy::migrate_in(
-            opts,
-            &mut ctl,
-            &mut ctl_rx,
-            conn,
-            &dir,
-            &tag,
-        )
-        .await;
+        let r =
+            crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir, &tag)
+                .await;
+        return crate::dst::options::leave_dir(&dir, r, opts.keep_work);
     }
     migration::migrate_in(
         opts,

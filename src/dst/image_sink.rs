@@ -2,7 +2,9 @@
 //!
 //! The peer chooses file names and sizes, so both are checked: a name is a single plain path
 //! component (no `/`, no `..`, no hidden files), chunks of a file arrive in order, and the whole
-//! directory is capped. Nothing is written outside the fresh directory made for this migration.
+//! directory is capped (`--max-images-mib`, then the source's own plan: see
+//! [`ImageSink::plan`]), as are the files open at once. Nothing is written outside the fresh
+//! directory made for this migration. Limits: [`crate::limits`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,9 +12,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// More than any real image set without its lazy memory (pages-*.img of eager pages included).
-pub const MAX_IMAGES_BYTES: u64 = 8 << 30;
-pub const MAX_FILES: usize = 100_000;
+use crate::limits::{self, LimitHit, MAX_IMAGE_FILES, MAX_OPEN_IMAGE_FILES, flag, mib};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -24,10 +24,25 @@ pub enum SinkError {
     OutOfOrder { name: String, got: u64, want: u64 },
     #[error("image {0} was sent again after it was closed")]
     Reopened(String),
+    #[error("refusing the source's images: {0}")]
+    Limit(LimitHit),
     #[error(
-        "the source sent more than {MAX_IMAGES_BYTES} bytes or {MAX_FILES} files of images; refusing"
+        "the source sent more images than it announced ({what}: {got} > {planned}); refusing them"
     )]
-    TooBig,
+    OverPlan {
+        what: &'static str,
+        got: u64,
+        planned: u64,
+    },
+    #[error(
+        "cannot read the free space of {path} (statvfs): {source}; check that the work \
+         directory exists and is readable"
+    )]
+    Statvfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing image {path}: {source}")]
     Io {
         path: PathBuf,
@@ -56,17 +71,65 @@ pub struct ImageSink {
     open: BTreeMap<String, Open>,
     closed: BTreeMap<String, u64>,
     bytes: u64,
+    /// `--max-images-mib`.
+    max_bytes: u64,
+    /// The source's announced (files, bytes), once [`ImageSink::plan`] accepted it.
+    planned: Option<(u64, u64)>,
 }
 
 impl ImageSink {
-    /// `dir` must exist and be empty (a fresh directory for this migration).
-    pub fn new(dir: &Path) -> Self {
+    /// `dir` must exist and be empty (a fresh directory for this migration); at most
+    /// `max_bytes` (`--max-images-mib`) of images are accepted.
+    pub fn new(dir: &Path, max_bytes: u64) -> Self {
         Self {
             dir: dir.to_path_buf(),
             open: BTreeMap::new(),
             closed: BTreeMap::new(),
             bytes: 0,
+            max_bytes,
+            planned: None,
         }
+    }
+
+    /// The source announced `files` files of `bytes` bytes: refused if over `--max-images-mib`,
+    /// over [`MAX_IMAGE_FILES`], or if the work directory's file system would keep less than
+    /// `min_free` (`--min-free-disk-mib`) free after them. From here on the source may send no
+    /// more than it announced.
+    pub fn plan(&mut self, files: u64, bytes: u64, min_free: u64) -> Result<(), SinkError> {
+        let dir = self.dir.display();
+        if bytes > self.max_bytes {
+            return Err(SinkError::Limit(LimitHit::flag(
+                format!(
+                    "the source announced {} MiB of images for {dir}",
+                    mib(bytes)
+                ),
+                format!("{} MiB", mib(self.max_bytes)),
+                flag::MAX_IMAGES,
+            )));
+        }
+        if files > MAX_IMAGE_FILES as u64 {
+            return Err(SinkError::Limit(too_many_files(files)));
+        }
+        let free = limits::free_disk_bytes(&self.dir).map_err(|source| SinkError::Statvfs {
+            path: self.dir.clone(),
+            source,
+        })?;
+        if bytes.saturating_add(min_free) > free {
+            return Err(SinkError::Limit(LimitHit::flag(
+                format!(
+                    "the source announced {} MiB of images, but the file system of {dir} has {} \
+                     MiB free, which would leave less than the required free space (free disk \
+                     space, or lower it with {})",
+                    mib(bytes),
+                    mib(free),
+                    flag::MIN_FREE_DISK
+                ),
+                format!("{} MiB left free", mib(min_free)),
+                flag::MIN_FREE_DISK,
+            )));
+        }
+        self.planned = Some((files, bytes));
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,8 +149,43 @@ impl ImageSink {
             return Err(SinkError::Reopened(name.to_string()));
         }
         self.bytes += data.len() as u64;
-        if self.bytes > MAX_IMAGES_BYTES || self.open.len() + self.closed.len() > MAX_FILES {
-            return Err(SinkError::TooBig);
+        let files =
+            (self.open.len() + self.closed.len()) as u64 + u64::from(!self.open.contains_key(name));
+        if let Some((planned_files, planned_bytes)) = self.planned {
+            if self.bytes > planned_bytes {
+                return Err(SinkError::OverPlan {
+                    what: "bytes",
+                    got: self.bytes,
+                    planned: planned_bytes,
+                });
+            }
+            if files > planned_files {
+                return Err(SinkError::OverPlan {
+                    what: "files",
+                    got: files,
+                    planned: planned_files,
+                });
+            }
+        }
+        if self.bytes > self.max_bytes {
+            return Err(SinkError::Limit(LimitHit::flag(
+                format!(
+                    "the source sent more than {} MiB of images",
+                    mib(self.max_bytes)
+                ),
+                format!("{} MiB", mib(self.max_bytes)),
+                flag::MAX_IMAGES,
+            )));
+        }
+        if files > MAX_IMAGE_FILES as u64 {
+            return Err(SinkError::Limit(too_many_files(files)));
+        }
+        if !self.open.contains_key(name) && self.open.len() >= MAX_OPEN_IMAGE_FILES {
+            return Err(SinkError::Limit(LimitHit::fixed(
+                format!("image files open at once (opening {name})"),
+                format!("{MAX_OPEN_IMAGE_FILES} files"),
+                "pageserv src sends each image file whole before the next",
+            )));
         }
         let path = self.dir.join(name);
         let io = |source| SinkError::Io {
@@ -138,6 +236,14 @@ impl ImageSink {
     }
 }
 
+fn too_many_files(files: u64) -> LimitHit {
+    LimitHit::fixed(
+        format!("{files} image files"),
+        format!("{MAX_IMAGE_FILES} files"),
+        "a CRIU image directory has a few files per task",
+    )
+}
+
 fn check_name(name: &str) -> Result<(), SinkError> {
     let ok = !name.is_empty()
         && name.len() <= 255
@@ -171,7 +277,7 @@ mod tests {
     #[test]
     fn writes_files_in_chunks() {
         let d = tmp();
-        let mut s = ImageSink::new(&d);
+        let mut s = ImageSink::new(&d, 1 << 30);
         s.chunk("core-1.img", 0, b"abc", false).unwrap();
         s.chunk("core-1.img", 3, b"def", true).unwrap();
         s.chunk("pstree.img", 0, b"", true).unwrap();
@@ -183,7 +289,7 @@ mod tests {
     #[test]
     fn refuses_hostile_names_and_disorder() {
         let d = tmp();
-        let mut s = ImageSink::new(&d);
+        let mut s = ImageSink::new(&d, 1 << 30);
         for bad in ["../x", "a/b", ".hidden", "", "x\0y", "lazy-pages.socket/.."] {
             assert!(
                 matches!(s.chunk(bad, 0, b"", true), Err(SinkError::BadName(_))),
@@ -201,6 +307,44 @@ mod tests {
             Err(SinkError::Reopened(_))
         ));
         assert!(matches!(s.finish(2, 1), Err(SinkError::Mismatch { .. })));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_plan_over_the_limit_or_the_disk_is_refused_and_binds_the_source() {
+        let d = tmp();
+        let mut s = ImageSink::new(&d, 1 << 20);
+        let e = s.plan(1, 2 << 20, 0).unwrap_err().to_string();
+        assert!(e.contains("--max-images-mib") && e.contains("1 MiB"), "{e}");
+        // More than the disk has free (whatever it has) with the margin.
+        let e = s.plan(1, 1 << 20, u64::MAX / 2).unwrap_err().to_string();
+        assert!(e.contains("--min-free-disk-mib"), "{e}");
+        s.plan(1, 4, 0).unwrap();
+        s.chunk("a.img", 0, b"1234", false).unwrap();
+        assert!(matches!(
+            s.chunk("a.img", 4, b"5", true),
+            Err(SinkError::OverPlan { what: "bytes", .. })
+        ));
+        let mut s = ImageSink::new(&d, 1 << 20);
+        assert!(matches!(
+            s.chunk("big.img", 0, &vec![0u8; (1 << 20) + 1], true),
+            Err(SinkError::Limit(_))
+        ));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn files_open_at_once_are_bounded() {
+        let d = tmp();
+        let mut s = ImageSink::new(&d, 1 << 20);
+        for i in 0..MAX_OPEN_IMAGE_FILES {
+            s.chunk(&format!("f{i}.img"), 0, b"x", false).unwrap();
+        }
+        let e = s
+            .chunk("one-more.img", 0, b"x", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("open at once"), "{e}");
         std::fs::remove_dir_all(d).unwrap();
     }
 }

@@ -24,12 +24,15 @@ use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
 use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring, unix_ns};
+use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
+use crate::limits::DstLimits;
 use crate::pages::PageRange;
 use crate::pb::pageserv::{
-    Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
+    Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
+    control::Msg,
 };
 use crate::protocol::{peer_error, send_ctl};
 use crate::stats::DstReport;
@@ -42,28 +45,59 @@ pub(crate) async fn migrate_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
-    mut routes: mpsc::UnboundedReceiver<Routed>,
+    routes: mpsc::UnboundedReceiver<Routed>,
     started: Instant,
     fault_port: u16,
 ) -> Result<DstReport> {
-    let mut report = DstReport::default();
-    let (mut ctl, mut ctl_rx, hello) = ctl;
-
+    let clock = ReceiveClock::start(&opts.limits);
+    let (ctl, ctl_rx, hello) = ctl;
+    let mut routes = routes;
     // The source's second connection carries only faults (see source::service); it must exist
     // before the restore starts, since restored tasks fault from their first instruction.
-    let fault = match tokio::time::timeout(Duration::from_secs(30), routes.recv()).await {
+    let wait = Duration::from_secs(30).min(opts.limits.receive_idle);
+    let fault = match tokio::time::timeout(wait, routes.recv()).await {
         Ok(Some(Routed::Faults(f))) => f,
         Ok(Some(Routed::Resume { .. })) => {
             bail!("the source tried to resume a migration that has not started")
         }
         Ok(None) => bail!("the accept loop stopped before the fault connection arrived"),
-        Err(_) => bail!("the source did not open its fault connection within 30 s"),
+        Err(_) => bail!(
+            "the source did not open its fault connection within {} s",
+            wait.as_secs()
+        ),
     };
-
     let dir = crate::dst::options::fresh_dir(
         &opts.work_base,
         &crate::protocol::id_tag(&hello.migration_id),
     )?;
+    let r = run_in(
+        opts,
+        conn,
+        (ctl, ctl_rx, hello),
+        routes,
+        started,
+        (fault, fault_port),
+        clock,
+        &dir,
+    )
+    .await;
+    crate::dst::options::leave_dir(&dir, r, opts.keep_work)
+}
+
+/// [`migrate_in`] once the fault connection arrived, in the migration's directory `dir`.
+#[allow(clippy::too_many_arguments)]
+async fn run_in(
+    opts: &DstOptions,
+    conn: &quinn::Connection,
+    ctl: (FrameSender, FrameReceiver, Hello),
+    mut routes: mpsc::UnboundedReceiver<Routed>,
+    started: Instant,
+    (fault, fault_port): (crate::dst::post_copy::FaultConn, u16),
+    clock: ReceiveClock,
+    dir: &Path,
+) -> Result<DstReport> {
+    let mut report = DstReport::default();
+    let (mut ctl, mut ctl_rx, hello) = ctl;
     {
         // 0600: the id (with the source's certificate) joins the migration.
         use std::io::Write;
@@ -83,8 +117,23 @@ pub(crate) async fn migrate_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let mut store = None;
-    let (frozen_at_ns, images_bytes, carried) =
-        receive_images(&mut ctl_rx, &images_dir, &mut store).await?;
+    let received = receive_images(&mut ctl_rx, &images_dir, &mut store, &opts.limits, &clock).await;
+    let (frozen_at_ns, images_bytes, carried) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            // The source learns why (and resumes its tree: nothing was restored).
+            send_ctl(
+                &mut ctl,
+                Msg::Abort(Abort {
+                    reason: format!("{e:#}"),
+                }),
+            )
+            .await
+            .ok();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            return Err(e);
+        }
+    };
     if !carried.is_empty() {
         tracing::info!(options = ?carried, "the source's dump calls for these restore options");
     }
@@ -110,6 +159,16 @@ pub(crate) async fn migrate_in(
         lazy.insert(t.pid, ranges);
     }
     report.tasks = tasks.len() as u64;
+    if let Some(s) = &store {
+        let held = s.pages_data() + s.pages_zero();
+        if !crate::limits::page_store_fits_lazy(held, report.lazy_pages) {
+            bail!(
+                "the source pre-copied {held} pages, more than the dump's {} lazy pages allow: \
+                 the pre-copy and the images disagree (is it the same migration?)",
+                report.lazy_pages
+            );
+        }
+    }
     let lazy_all = lazy.clone();
 
     // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
@@ -117,7 +176,7 @@ pub(crate) async fn migrate_in(
     let keeper = Arc::new(
         UffdKeeper::spawn(
             &std::env::current_exe().context("locating the pageserv binary")?,
-            &dir,
+            dir,
             opts.recover_timeout,
         )
         .context("starting the uffd keeper")?,
@@ -126,6 +185,7 @@ pub(crate) async fn migrate_in(
     let stats = Arc::new(UffdStats::default());
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
+        image_pids: Some(lazy.keys().copied().collect()),
         fork_holder: Some(keeper.clone()),
         ..Default::default()
     };
@@ -161,7 +221,21 @@ pub(crate) async fn migrate_in(
                         .context("the restore sent a uffd without credentials")?;
                     held.hold(t.pid, host, std::os::fd::AsFd::as_fd(&uffd))
                         .context("handing a uffd to the keeper")?;
-                    let ranges = lazy.get(&(t.pid as u32)).cloned().unwrap_or_default();
+                    // A task the images do not have would get no lazy ranges: every fault
+                    // zero-filled. Never serve it (the failure rule kills what was restored).
+                    let Some(ranges) = u32::try_from(t.pid)
+                        .ok()
+                        .and_then(|p| lazy.get(&p))
+                        .cloned()
+                    else {
+                        bail!(
+                            "the restore handed over the userfaultfd of pid {}, which is not in \
+                             the images (pids {:?}): refusing to serve it, its memory would be \
+                             zero-filled",
+                            t.pid,
+                            lazy.keys().collect::<Vec<_>>()
+                        );
+                    };
                     to_loop.send(Inbound::Task {
                         pid: t.pid,
                         uffd,
@@ -206,7 +280,7 @@ pub(crate) async fn migrate_in(
                 }
                 restored = true;
                 post_copy_start = Instant::now();
-                restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
+                restore_finished(&mut post, &mut report, frozen_at_ns, images_at, dir).await?;
                 continue;
             }
         };
@@ -233,7 +307,7 @@ pub(crate) async fn migrate_in(
                         break Err(e);
                     }
                     restored = true;
-                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at, &dir).await?;
+                    restore_finished(&mut post, &mut report, frozen_at_ns, images_at, dir).await?;
                 }
                 // Every lazy page is in place: the restored copy is the live one from now on.
                 if let Some(k) = keeper.take() {
@@ -313,6 +387,7 @@ pub(crate) async fn migrate_in(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    report.restored_pid = restore.root_pid();
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }
@@ -422,20 +497,25 @@ async fn restore_finished(
     Ok(())
 }
 
-/// Receives the images; pre-copied pages may come first on the same stream, into `store`.
+/// Receives the images; pre-copied pages may come first on the same stream, into `store`. The
+/// images must be announced first (ImagesPlan), and everything is bounded by `limits` and
+/// `clock` (see [`crate::limits`]).
 async fn receive_images(
     rx: &mut FrameReceiver,
     dir: &Path,
     store: &mut Option<PageStore>,
+    limits: &DstLimits,
+    clock: &ReceiveClock,
 ) -> Result<(u64, u64, Vec<String>)> {
-    let mut sink = ImageSink::new(dir);
+    let mut sink = ImageSink::new(dir, limits.max_images_bytes);
+    let mut planned = false;
     loop {
-        let msg = match rx.next().await? {
+        let msg = match clock.next(rx, "the pre-copy and the images").await? {
             Some(Frame::Control(Control { msg: Some(m) })) => m,
             Some(Frame::PreCopyPages {
                 pid, vaddr, data, ..
             }) => {
-                let s = open_store(store)?;
+                let s = open_store(store, limits)?;
                 tokio::task::block_in_place(|| s.put(pid, vaddr, &data))?;
                 continue;
             }
@@ -444,13 +524,24 @@ async fn receive_images(
                 vaddr,
                 nr_pages,
             }) => {
-                open_store(store)?.put_zero(pid, vaddr, nr_pages.into())?;
+                open_store(store, limits)?.put_zero(pid, vaddr, nr_pages.into())?;
                 continue;
             }
             Some(other) => bail!("expected images or pre-copied pages, got {other:?}"),
             None => bail!("the source closed the control stream before the images were done"),
         };
         match msg {
+            Msg::ImagesPlan(p) => {
+                if planned {
+                    bail!("the source announced its images twice");
+                }
+                sink.plan(p.files.into(), p.bytes, limits.min_free_disk_bytes)?;
+                planned = true;
+            }
+            Msg::ImageChunk(_) if !planned => bail!(
+                "the source sent images without announcing them first (ImagesPlan): is it an \
+                 older pageserv src? Update it to this version"
+            ),
             Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
             Msg::ImagesDone(d) => {
                 sink.finish(d.files, d.bytes)?;
@@ -463,9 +554,12 @@ async fn receive_images(
     }
 }
 
-fn open_store(store: &mut Option<PageStore>) -> Result<&mut PageStore> {
+fn open_store<'a>(
+    store: &'a mut Option<PageStore>,
+    limits: &DstLimits,
+) -> Result<&'a mut PageStore> {
     if store.is_none() {
-        *store = Some(PageStore::new()?);
+        *store = Some(PageStore::with_limit(limits.max_page_store_bytes)?);
     }
     store
         .as_mut()

@@ -10,6 +10,7 @@ pub mod migration;
 pub mod options;
 pub mod page_store;
 pub(crate) mod post_copy;
+pub mod receive_clock;
 pub mod regions;
 pub mod restore;
 pub mod stop_and_copy;

@@ -30,6 +30,28 @@ pub struct DstOptions {
     pub recover_timeout: Duration,
     /// Which verified sources are admitted (`--allow-source`, `--deny-cert`).
     pub admission: crate::keys::trust::Admission,
+    /// What a source may make this dst hold (memory, disk, files, time): see [`crate::limits`].
+    pub limits: crate::limits::DstLimits,
+    /// Keep a migration's directory after it succeeded too (`--keep-work`); a failed one's is
+    /// always kept.
+    pub keep_work: bool,
+}
+
+/// A migration in `dir` ended with `r`: on success its directory is removed (unless `keep`);
+/// on failure it is kept, and the error names it.
+pub(crate) fn leave_dir<T>(dir: &Path, r: Result<T>, keep: bool) -> Result<T> {
+    match r {
+        Ok(v) => {
+            if !keep && let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), "removing the migration's directory: {e}");
+            }
+            Ok(v)
+        }
+        Err(e) => Err(e.context(format!(
+            "migration directory {} kept for inspection (images, restore.log); remove it when done",
+            dir.display()
+        ))),
+    }
 }
 
 /// The file in a migration's directory naming its id (a restarted dst adopts by it).

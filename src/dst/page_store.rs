@@ -19,7 +19,7 @@ const BLOCK_PAGES: u64 = 512;
 const BLOCK_BYTES: u64 = BLOCK_PAGES * PAGE_SIZE;
 const EMPTY: u32 = u32::MAX;
 const ZERO: u32 = u32::MAX - 1;
-/// Most data slots the store holds (1 TiB): a bound on what a source can make dst keep.
+/// Most data slots the store can address (1 TiB); [`PageStore::with_limit`] sets the real bound.
 pub const MAX_SLOTS: u32 = 1 << 28;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +41,8 @@ pub enum StoreError {
         slot: u32,
         source: std::io::Error,
     },
-    #[error("the source pre-copied more than {MAX_SLOTS} pages (1 TiB): refusing to store more")]
-    Full,
+    #[error("refusing more pre-copied pages: {0}")]
+    Full(crate::limits::LimitHit),
     #[error(
         "the source confirmed page {vaddr:#x} of pid {pid} as valid, but dst holds no copy of it: \
          the two sides disagree about the pre-copy; aborting rather than guess"
@@ -76,6 +76,8 @@ pub struct PageStore {
     pages_zero: u64,
     /// Slots overwritten by a zero page (the arena does not reuse them).
     slots_dropped: u64,
+    /// Bytes the arena and the index may use (`pageserv dst --max-page-store-mib`).
+    max_bytes: u64,
 }
 
 impl PageStore {
@@ -88,7 +90,43 @@ impl PageStore {
             next_slot: 0,
             pages_zero: 0,
             slots_dropped: 0,
+            max_bytes: crate::limits::page_store_bytes(u64::from(MAX_SLOTS), 0),
         })
+    }
+
+    /// A store of at most `max_bytes` (arena and index: [`crate::limits::page_store_bytes`]).
+    pub fn with_limit(max_bytes: u64) -> Result<Self, StoreError> {
+        let mut s = Self::new()?;
+        s.max_bytes = max_bytes;
+        Ok(s)
+    }
+
+    /// Memory the store uses: its arena and its index.
+    pub fn bytes(&self) -> u64 {
+        crate::limits::page_store_bytes(u64::from(self.next_slot), self.index.len() as u64)
+    }
+
+    /// Fails if `data_slots` slots and `blocks` index blocks would be over the limit.
+    fn room(&self, data_slots: u32, blocks: usize, pid: u32, vaddr: u64) -> Result<(), StoreError> {
+        let want = crate::limits::page_store_bytes(u64::from(data_slots), blocks as u64);
+        if data_slots >= MAX_SLOTS || want > self.max_bytes {
+            return Err(StoreError::Full(crate::limits::LimitHit::flag(
+                format!(
+                    "the pre-copy page store (page data and index; at page {vaddr:#x} of pid {pid})"
+                ),
+                format!("{} MiB", crate::limits::mib(self.max_bytes)),
+                crate::limits::flag::MAX_PAGE_STORE,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Room for a page at `vaddr` of `pid`: its index block, if new.
+    fn room_for_block(&self, pid: u32, vaddr: u64) -> Result<(), StoreError> {
+        if self.index.contains_key(&(pid, vaddr / BLOCK_BYTES)) {
+            return Ok(());
+        }
+        self.room(self.next_slot, self.index.len() + 1, pid, vaddr)
     }
 
     /// Pages held as data.
@@ -140,10 +178,21 @@ impl PageStore {
         for i in 0..pages {
             let at = vaddr + i * PAGE_SIZE;
             let next = self.next_slot;
+            self.room_for_block(pid, at)?;
+            let blocks = self.index.len();
             let slot = Self::slot_mut(&mut self.index, pid, at);
             let s = if *slot == EMPTY || *slot == ZERO {
-                if next >= MAX_SLOTS {
-                    return Err(StoreError::Full);
+                let want = crate::limits::page_store_bytes(u64::from(next) + 1, blocks as u64);
+                if next >= MAX_SLOTS || want > self.max_bytes {
+                    let max = self.max_bytes;
+                    return Err(StoreError::Full(crate::limits::LimitHit::flag(
+                        format!(
+                            "the pre-copy page store (page data and index; at page {at:#x} of \
+                             pid {pid})"
+                        ),
+                        format!("{} MiB", crate::limits::mib(max)),
+                        crate::limits::flag::MAX_PAGE_STORE,
+                    )));
                 }
                 if *slot == ZERO {
                     self.pages_zero -= 1;
@@ -190,6 +239,7 @@ impl PageStore {
     pub fn put_zero(&mut self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<(), StoreError> {
         Self::check(pid, vaddr, nr_pages)?;
         for i in 0..nr_pages {
+            self.room_for_block(pid, vaddr + i * PAGE_SIZE)?;
             let slot = Self::slot_mut(&mut self.index, pid, vaddr + i * PAGE_SIZE);
             match *slot {
                 ZERO => continue,
@@ -291,6 +341,28 @@ mod tests {
     }
 
     const P: u64 = PAGE_SIZE;
+
+    #[test]
+    fn the_limit_counts_data_and_the_index_of_zero_pages() {
+        // Room for one index block and 3 data pages.
+        let mut s = PageStore::with_limit(2048 + 3 * P).unwrap();
+        s.put(1, 0, &[page(1), page(2), page(3)].concat()).unwrap();
+        let e = s.put(1, 3 * P, &page(4)).unwrap_err().to_string();
+        assert!(e.contains("--max-page-store-mib"), "{e}");
+        // Sparse zero pages cost no data slot but an index block each: bounded as well.
+        let mut s = PageStore::with_limit(4 * 2048).unwrap();
+        let mut stored = 0;
+        let err = loop {
+            match s.put_zero(1, stored * BLOCK_BYTES, 1) {
+                Ok(()) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100, "sparse zero pages stored without limit");
+        };
+        assert_eq!(stored, 4);
+        assert!(err.to_string().contains("--max-page-store-mib"), "{err}");
+        assert!(s.bytes() <= 4 * 2048);
+    }
 
     #[test]
     fn keeps_the_last_copy_and_reads_confirmed_runs() {

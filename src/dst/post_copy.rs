@@ -29,6 +29,8 @@ use crate::wire::Frame;
 
 /// How long a resumed source has to open its fault connection after ResumeReady.
 const FAULT_CONN_WAIT: Duration = Duration::from_secs(10);
+/// Control messages (and link failures) of the source queued for the post-copy loop.
+const LINK_EVENTS: usize = 64;
 /// Ranges per Missing message (16 bytes each on the wire).
 const MISSING_CHUNK: usize = 16 * 1024;
 
@@ -132,8 +134,9 @@ pub(crate) struct PostCopy {
     state: LinkState,
     generation: u64,
     serial: u64,
-    events_tx: mpsc::UnboundedSender<(u64, LinkEvent)>,
-    events_rx: mpsc::UnboundedReceiver<(u64, LinkEvent)>,
+    /// Bounded: a source flooding its control stream is held back by QUIC flow control.
+    events_tx: mpsc::Sender<(u64, LinkEvent)>,
+    events_rx: mpsc::Receiver<(u64, LinkEvent)>,
     /// Until when the source may come back (while the link is down).
     deadline: Option<tokio::time::Instant>,
     /// Restore finished (unix ns), for a resumed source that missed it.
@@ -172,7 +175,7 @@ impl PostCopy {
         ctl_rx: FrameReceiver,
         fault: FaultConn,
     ) -> Self {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(LINK_EVENTS);
         let mut pc = PostCopy {
             wiring,
             state: LinkState::Down,
@@ -195,7 +198,7 @@ impl PostCopy {
     /// recover timeout to come back with a resume, which it does on its own (it was reconnecting
     /// all along) or with `pageserv src --resume DIR`.
     pub(crate) fn adopted(wiring: Wiring, finished_at_ns: u64) -> Self {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(LINK_EVENTS);
         let deadline = Some(tokio::time::Instant::now() + wiring.recover_timeout);
         PostCopy {
             wiring,
@@ -239,15 +242,17 @@ impl PostCopy {
             loop {
                 match next_ctl(&mut ctl_rx).await {
                     Ok(m) => {
-                        if ev.send((g, LinkEvent::Ctl(m))).is_err() {
+                        if ev.send((g, LinkEvent::Ctl(m))).await.is_err() {
                             return;
                         }
                     }
                     Err(e) => {
-                        let _ = ev.send((
-                            g,
-                            LinkEvent::Failed(e.context("control stream from the source")),
-                        ));
+                        let _ = ev
+                            .send((
+                                g,
+                                LinkEvent::Failed(e.context("control stream from the source")),
+                            ))
+                            .await;
                         return;
                     }
                 }
@@ -258,10 +263,12 @@ impl PostCopy {
         // Fault answers are read on the fault lane, where their connection is driven.
         let fault_reader = crate::fault_lane::spawn(async move {
             if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held).await {
-                let _ = ev.send((
-                    g,
-                    LinkEvent::Failed(e.context("fault stream from the source")),
-                ));
+                let _ = ev
+                    .send((
+                        g,
+                        LinkEvent::Failed(e.context("fault stream from the source")),
+                    ))
+                    .await;
             }
         });
         let ev = self.events_tx.clone();
@@ -281,10 +288,12 @@ impl PostCopy {
             }
             .await;
             if let Err(e) = r {
-                let _ = ev.send((
-                    g,
-                    LinkEvent::Failed(e.context("push stream from the source")),
-                ));
+                let _ = ev
+                    .send((
+                        g,
+                        LinkEvent::Failed(e.context("push stream from the source")),
+                    ))
+                    .await;
             }
         });
         SourceLink {
@@ -545,6 +554,18 @@ impl PostCopy {
         }
         match ev {
             LinkEvent::Ctl(Msg::SourceReleased(r)) => {
+                if self.whole.is_none() {
+                    // The source's copy is gone (or it says so) while lazy pages are still
+                    // missing here: they can never arrive. Not a success; the failure rule
+                    // applies (incomplete tasks are killed before their uffds close).
+                    bail!(
+                        "the source released its dump (dump_ok {}, {:?}) before dst had every \
+                         lazy page: the missing pages can no longer arrive; the restored tasks \
+                         that lack memory are killed",
+                        r.dump_ok,
+                        r.detail
+                    );
+                }
                 if !r.dump_ok {
                     tracing::warn!("the source's dump did not end cleanly: {}", r.detail);
                 }

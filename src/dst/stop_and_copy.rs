@@ -13,7 +13,9 @@ use crate::criu::images::ImageDir;
 use crate::criu::page_server::writer::DirWriter;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
+use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::restore_command;
+use crate::limits::{DstLimits, LimitHit, flag};
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
@@ -44,7 +46,8 @@ pub async fn migrate_in(
     for d in [&images, &work] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let r = receive_session(ctl_rx, &images, &mut report).await;
+    let clock = ReceiveClock::start(&opts.limits);
+    let r = receive_session(ctl_rx, &images, &mut report, &opts.limits, &clock).await;
     let written = match r {
         Ok(w) => w,
         Err(e) => {
@@ -68,10 +71,29 @@ pub async fn migrate_in(
     )
     .await?;
 
-    // The dump's own images, as in a lazy migration.
-    let mut sink = ImageSink::new(&images);
+    // The dump's own images, as in a lazy migration (announced first, bounded the same way).
+    let mut sink = ImageSink::new(&images, opts.limits.max_images_bytes);
+    let mut planned = false;
     let (frozen_at_ns, carried) = loop {
-        match next(ctl_rx).await? {
+        let msg = match clock.next(ctl_rx, "the images").await? {
+            Some(Frame::Control(Control { msg: Some(m) })) => m,
+            Some(other) => bail!("expected images, got {other:?}"),
+            None => bail!("the source closed the control stream before the images were done"),
+        };
+        match msg {
+            Msg::ImagesPlan(p) if !planned => {
+                let r = sink.plan(p.files.into(), p.bytes, opts.limits.min_free_disk_bytes);
+                if let Err(e) = r {
+                    let reason = format!("{e}");
+                    send_ctl(ctl, Msg::Abort(Abort { reason })).await.ok();
+                    return Err(e.into());
+                }
+                planned = true;
+            }
+            Msg::ImageChunk(_) if !planned => bail!(
+                "the source sent images without announcing them first (ImagesPlan): is it an \
+                 older pageserv src? Update it to this version"
+            ),
             Msg::ImageChunk(c) => sink.chunk(&c.name, c.offset, &c.data, c.last)?,
             Msg::ImagesDone(d) => {
                 sink.finish(d.files, d.bytes)?;
@@ -143,15 +165,22 @@ async fn receive_session(
     rx: &mut FrameReceiver,
     images: &Path,
     report: &mut DstReport,
+    limits: &DstLimits,
+    clock: &ReceiveClock,
 ) -> Result<u64> {
-    let mut writer = DirWriter::new(images);
+    let mut writer = DirWriter::new(images).with_max_bytes(limits.max_session_bytes);
     // Pagemap files come as image chunks; a sink of their own keeps their count apart.
-    let mut pagemaps = ImageSink::new(images);
+    let mut pagemaps = ImageSink::new(images, limits.max_images_bytes);
     let mut pagemaps_bytes = 0u64;
+    // The session's size is not known ahead: the free space is checked as it is written.
+    let mut checked_at = 0u64;
     loop {
-        let frame = rx.next().await?.ok_or_else(|| {
-            anyhow!("the source closed the stream during the page-server session")
-        })?;
+        let frame = clock
+            .next(rx, "the page-server session")
+            .await?
+            .ok_or_else(|| {
+                anyhow!("the source closed the stream during the page-server session")
+            })?;
         match frame {
             Frame::Pages {
                 pid: pages_id,
@@ -161,6 +190,10 @@ async fn receive_session(
             } => {
                 writer.append_pages(pages_id, vaddr, &data)?;
                 report.stop_and_copy_pages += u64::from(nr_pages);
+                if writer.page_bytes() - checked_at >= DISK_CHECK_EVERY {
+                    checked_at = writer.page_bytes();
+                    check_free(images, limits.min_free_disk_bytes)?;
+                }
             }
             Frame::Control(Control { msg: Some(m) }) => match m {
                 Msg::PsCreatePages(c) => writer.create_pages(c.pages_id)?,
@@ -190,6 +223,29 @@ async fn receive_session(
             other => bail!("unexpected frame {other:?} during the page-server session"),
         }
     }
+}
+
+/// Page bytes of a stop-and-copy session written between two free-space checks.
+const DISK_CHECK_EVERY: u64 = 64 << 20;
+
+/// Fails if the file system of `dir` has less than `min_free` bytes free.
+fn check_free(dir: &Path, min_free: u64) -> Result<()> {
+    let free = crate::limits::free_disk_bytes(dir)
+        .with_context(|| format!("reading the free space of {} (statvfs)", dir.display()))?;
+    if free < min_free {
+        return Err(LimitHit::flag(
+            format!(
+                "free space on the file system of {} while writing the session ({} MiB left; \
+                 free disk space, or lower it)",
+                dir.display(),
+                crate::limits::mib(free)
+            ),
+            format!("{} MiB left free", crate::limits::mib(min_free)),
+            flag::MIN_FREE_DISK,
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Runs the restore command (`criu restore -d` or the user's template) and waits for it.

@@ -141,6 +141,10 @@ pub struct LoopConfig {
     pub readahead_pages: u64,
     /// How long an incomplete shutdown waits for killed processes to die before closing uffds.
     pub kill_wait: Duration,
+    /// The image pids of the dump (pstree.img), when known: a task the restore hands over with
+    /// another pid is refused (it has no lazy ranges, so every fault would be zero-filled), and
+    /// so is source data for another pid, at once rather than held until the restore finishes.
+    pub image_pids: Option<std::collections::BTreeSet<u32>>,
     /// Where fork children's uffds are copied to as they appear (none: nowhere).
     pub fork_holder: Option<Arc<dyn ForkHolder>>,
 }
@@ -150,6 +154,7 @@ impl Default for LoopConfig {
         Self {
             readahead_pages: 0,
             kill_wait: Duration::from_secs(5),
+            image_pids: None,
             fork_holder: None,
         }
     }
@@ -325,8 +330,10 @@ pub fn spawn_with(
         EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(setup("eventfd"))?,
     );
+    // Fault answers and zero runs: bounded too (see limits::URGENT_QUEUE), so a source flooding
+    // its fault stream is held back by QUIC flow control, not by dst's memory.
     let (urgent_tx, urgent_rx): (Sender<Inbound>, Receiver<Inbound>) =
-        crossbeam_channel::unbounded();
+        crossbeam_channel::bounded(crate::limits::URGENT_QUEUE);
     // Background pages wait here only briefly: a full queue blocks the sender, which stops
     // reading its QUIC stream, so flow control (not memory) absorbs a fast source.
     let (bulk_tx, bulk_rx) = crossbeam_channel::bounded(BULK_QUEUE);

@@ -1,5 +1,5 @@
-//! CRIU's image files on the control stream: chunks of at most [`IMAGE_CHUNK`] bytes, then one
-//! `ImagesDone`. Both the lazy and the stop-and-copy source send them; dst's `image_sink`
+//! CRIU's image files on the control stream: one `ImagesPlan` (how many files and bytes), chunks
+//! of at most [`IMAGE_CHUNK`] bytes, then one `ImagesDone`. Both the lazy and the stop-and-copy source send them; dst's `image_sink`
 //! writes them.
 
 use std::path::Path;
@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 
 use super::send_ctl;
-use crate::pb::pageserv::{ImageChunk, ImagesDone, control::Msg};
+use crate::pb::pageserv::{ImageChunk, ImagesDone, ImagesPlan, control::Msg};
 use crate::transport::FrameSender;
 
 /// The largest image chunk sent in one frame.
@@ -59,6 +59,21 @@ pub async fn ship_images(
         }
     }
     names.sort();
+    // The plan first: dst checks it against its limits and its free disk before any image.
+    let mut planned = 0u64;
+    for name in &names {
+        planned += std::fs::metadata(dir.join(name))
+            .with_context(|| format!("reading the size of image {name}"))?
+            .len();
+    }
+    send_ctl(
+        ctl,
+        Msg::ImagesPlan(ImagesPlan {
+            files: names.len() as u32,
+            bytes: planned,
+        }),
+    )
+    .await?;
     let mut total = 0u64;
     for name in &names {
         let data = tokio::fs::read(dir.join(name))

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 
+use crate::limits::{LimitHit, MAX_OUTSTANDING_FAULT_PAGES};
 use crate::source::pre_copy::Validator;
 use crate::source::pump::{FaultReply, PumpInput, Served, Tagged, UrgentRequest};
 use crate::source::push_plan::RequestRejected;
@@ -123,6 +124,10 @@ async fn serve_faults(
     validator: Option<Arc<Validator>>,
     counters: Arc<Counters>,
 ) -> Result<()> {
+    // Pages dst asked for on this link and not answered yet: bounded, so a dst that asks without
+    // reading the answers (or asks for whole ranges at once) cannot grow this process's memory.
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let answered = outstanding.clone();
     let reader = async move {
         while let Some(frame) = rx.next().await? {
             match frame {
@@ -131,6 +136,19 @@ async fn serve_faults(
                     vaddr,
                     nr_pages,
                 } => {
+                    let open =
+                        outstanding.fetch_add(u64::from(nr_pages), Relaxed) + u64::from(nr_pages);
+                    if open > MAX_OUTSTANDING_FAULT_PAGES {
+                        return Err(LimitHit::fixed(
+                            format!(
+                                "pages dst asked for on one link and not yet answered (asking \
+                                 {nr_pages} pages at {vaddr:#x} of pid {pid})"
+                            ),
+                            format!("{MAX_OUTSTANDING_FAULT_PAGES} pages"),
+                            "an honest dst asks for a faulting page and its read-ahead, once",
+                        )
+                        .into());
+                    }
                     let req = UrgentRequest {
                         pid,
                         vaddr,
@@ -154,6 +172,11 @@ async fn serve_faults(
             if g != generation {
                 continue;
             }
+            let done = match &reply {
+                FaultReply::Pages(s, _) => s.data.len() as u64 / crate::pages::PAGE_SIZE,
+                FaultReply::Refused { request, .. } => u64::from(request.nr_pages),
+            };
+            let _ = answered.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(done)));
             match reply {
                 FaultReply::Pages(s, at) => {
                     send_served(&mut tx, s, validator.as_deref()).await?;

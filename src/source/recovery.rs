@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
 use crate::keys::Identity;
+use crate::limits::{LimitHit, MAX_MISSING_RANGES};
 use crate::pages::PageRange;
 use crate::pb::pageserv::{ResumeReady, control::Msg};
 use crate::protocol::{self, Role, connect_control, next_ctl, send_ctl};
@@ -140,6 +141,7 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
         }
     };
     let mut missing = Vec::new();
+    let mut ranges_seen = 0usize;
     let ready = loop {
         match next_ctl(&mut ctl_rx).await.map_err(retry)? {
             Msg::Missing(m) => {
@@ -150,6 +152,20 @@ async fn resume_once(r: &Reconnect<'_>) -> Result<Resumed, Attempt> {
                         m.vaddr.len(),
                         m.nr_pages.len()
                     )));
+                }
+                ranges_seen += m.vaddr.len();
+                if ranges_seen > MAX_MISSING_RANGES {
+                    return Err(Attempt::Final(
+                        LimitHit::fixed(
+                            format!(
+                                "ranges in dst's missing lists of one resume (pid {})",
+                                m.pid
+                            ),
+                            format!("{MAX_MISSING_RANGES} ranges"),
+                            "dst lists each missing lazy range once, merged",
+                        )
+                        .into(),
+                    ));
                 }
                 let ranges = m
                     .vaddr

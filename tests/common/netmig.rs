@@ -89,8 +89,11 @@ pub struct Outcome {
     pub dst_log: String,
     pub src_json: Value,
     pub dst_json: Value,
-    /// The restored tree's root pid (from the restore's pidfile).
+    /// The restored tree's root pid (dst's report, else the restore's pidfile).
     pub restored_pid: Option<i32>,
+    /// Migration directories left under dst's `--work` after the run (a successful
+    /// migration's is removed).
+    pub dst_dirs_left: Vec<PathBuf>,
     pub elapsed: Duration,
 }
 
@@ -215,13 +218,21 @@ pub fn migrate(
     } else {
         wait(&mut dst, Duration::from_secs(10))
     };
-    let restored_pid = std::fs::read_dir(&dst_work).ok().and_then(|d| {
-        d.flatten().find_map(|e| {
-            std::fs::read_to_string(e.path().join("work").join("restore.pid"))
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
+    let dst_report = read_json(&dst_json);
+    // dst removes a successful migration's directory: its report names the restored pid.
+    let reported = dst_report["restored_pid"].as_i64().map(|p| p as i32);
+    let restored_pid = reported.or_else(|| {
+        std::fs::read_dir(&dst_work).ok().and_then(|d| {
+            d.flatten().find_map(|e| {
+                std::fs::read_to_string(e.path().join("work").join("restore.pid"))
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+            })
         })
     });
+    let dst_dirs_left = std::fs::read_dir(&dst_work)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
     let src_log = src_log.lock().map(|s| s.clone()).unwrap_or_default();
     let dst_log = dst_log.lock().map(|s| s.clone()).unwrap_or_default();
     Outcome {
@@ -230,8 +241,9 @@ pub fn migrate(
         src_log,
         dst_log,
         src_json: read_json(&src_json),
-        dst_json: read_json(&dst_json),
+        dst_json: dst_report,
         restored_pid,
+        dst_dirs_left,
         elapsed: started.elapsed(),
     }
 }

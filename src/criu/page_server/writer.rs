@@ -11,10 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::criu::page_server::{Output, pages_file_name};
 use crate::pages::PAGE_SIZE;
 
-/// Most page bytes one session may write (1 TiB): a bound on a hostile peer, not on real dumps.
-pub const MAX_SESSION_BYTES: u64 = 1 << 40;
-/// Most pages files one session may create.
-pub const MAX_PAGES_FILES: usize = 1 << 20;
+use crate::limits::{LimitHit, MAX_SESSION_PAGES_FILES, flag, mib};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -37,8 +34,8 @@ pub enum WriterError {
         vaddr: u64,
         len: usize,
     },
-    #[error("the session wrote more than {MAX_SESSION_BYTES} bytes or {MAX_PAGES_FILES} files")]
-    TooBig,
+    #[error("refusing the page-server session: {0}")]
+    Limit(LimitHit),
     #[error("{0:?} is not a pagemap file name; refusing to write it")]
     BadName(String),
 }
@@ -57,6 +54,8 @@ pub struct DirWriter {
     dir: PathBuf,
     pages: BTreeMap<u32, File>,
     summary: WrittenSummary,
+    /// Page bytes the session may write (`pageserv dst --max-session-mib`).
+    max_bytes: u64,
 }
 
 impl DirWriter {
@@ -66,7 +65,19 @@ impl DirWriter {
             dir: dir.to_path_buf(),
             pages: BTreeMap::new(),
             summary: WrittenSummary::default(),
+            max_bytes: crate::limits::DstLimits::default().max_session_bytes,
         }
+    }
+
+    /// At most `max_bytes` of page data (default: `--max-session-mib`'s default, this host's RAM).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Page bytes written so far.
+    pub fn page_bytes(&self) -> u64 {
+        self.summary.page_bytes
     }
 
     pub fn dir(&self) -> &Path {
@@ -90,8 +101,12 @@ impl DirWriter {
 
     /// Creates (truncates) `pages-<pages_id>.img`.
     pub fn create_pages(&mut self, pages_id: u32) -> Result<(), WriterError> {
-        if self.pages.len() >= MAX_PAGES_FILES {
-            return Err(WriterError::TooBig);
+        if self.pages.len() >= MAX_SESSION_PAGES_FILES {
+            return Err(WriterError::Limit(LimitHit::fixed(
+                format!("pages files of one session (creating pages-{pages_id}.img)"),
+                format!("{MAX_SESSION_PAGES_FILES} files"),
+                "CRIU writes one pages file per dumped process",
+            )));
         }
         let path = self.dir.join(pages_file_name(pages_id));
         let file = std::fs::OpenOptions::new()
@@ -121,8 +136,16 @@ impl DirWriter {
             });
         }
         self.summary.page_bytes += data.len() as u64;
-        if self.summary.page_bytes > MAX_SESSION_BYTES {
-            return Err(WriterError::TooBig);
+        if self.summary.page_bytes > self.max_bytes {
+            return Err(WriterError::Limit(LimitHit::flag(
+                format!(
+                    "page data of the session in {}: more than {} MiB",
+                    self.dir.display(),
+                    mib(self.max_bytes)
+                ),
+                format!("{} MiB", mib(self.max_bytes)),
+                flag::MAX_SESSION,
+            )));
         }
         let file = self
             .pages

@@ -42,9 +42,7 @@ mod tests;
 const INLINE_RETRIES: u32 = 16;
 /// An arrival still refused after this long is given up (pages stay missing) with an error.
 const GIVE_UP: Duration = Duration::from_secs(60);
-/// Background data held until the restore finishes. pageserv src pushes only after it, so this
-/// bounds what a misbehaving source can make dst hold.
-const MAX_EARLY_BYTES: u64 = 64 << 20;
+use crate::limits::{HELD_MESSAGE_COST, LimitHit, MAX_EARLY_HELD_BYTES};
 /// Pages of one background piece (see the driver's BULK_BUDGET).
 const PIECE_PAGES: u64 = 64;
 
@@ -130,9 +128,11 @@ struct Deferred {
     /// not have registered (or even mremapped) the ranges, and a copy would fail with ENOENT and
     /// lose the pages. Faults need no such wait: a fault comes from a registered range.
     early: Vec<Arrived>,
-    early_bytes: u64,
     /// Pages that arrived before their task did.
     stash: HashMap<u32, Vec<Arrived>>,
+    /// What `early` and `stash` cost: data plus [`HELD_MESSAGE_COST`] a message (zero runs
+    /// count), bounded by [`MAX_EARLY_HELD_BYTES`].
+    bytes: u64,
 }
 
 /// Work the core still owes the kernel.
@@ -339,6 +339,20 @@ impl Engine {
             }
         };
         let pid = mem.pid();
+        if let Some(images) = &self.config.image_pids
+            && !images.contains(&pid)
+        {
+            // Served, it would have no lazy ranges: every fault would be zero-filled.
+            self.error(format!(
+                "the restore handed over task pid {pid}, which is not in the images (pids \
+                 {images:?}): its memory has no lazy ranges here and would be zero-filled; \
+                 refusing (is the restore using other images?)"
+            ));
+            let id = self.new_id();
+            let _ = k.attach(id, uffd, owner, false);
+            self.broken.push((pid, id));
+            return;
+        }
         info!(pid, lazy_pages = mem.pending_pages(), "serving task");
         self.known_pids.insert(pid);
         self.guard.add_task(pid, lazy);
@@ -555,21 +569,39 @@ impl Engine {
             );
             return;
         }
-        if !a.urgent && self.phase == Phase::Restoring {
-            self.held.early_bytes += a.bytes();
-            if self.held.early_bytes > MAX_EARLY_BYTES {
-                self.error(format!(
-                    "the source pushed more than {} MiB before the restore finished; pages dropped",
-                    MAX_EARLY_BYTES >> 20
-                ));
-                return;
-            }
-            self.held.early.push(a);
+        if let Some(images) = &self.config.image_pids
+            && !images.contains(&pid)
+        {
+            // Never held: no task of the restore can ever take these.
+            self.error(format!(
+                "the source sent {nr} pages at {img:#x} for pid {pid}, which is not in the images \
+                 (no task of this restore has it); dropped"
+            ));
             return;
         }
         let has_view = self.views.values().any(|m| m.pid() == pid);
-        if !has_view && !self.known_pids.contains(&pid) && self.phase == Phase::Restoring {
-            self.held.stash.entry(pid).or_default().push(a);
+        let early = !a.urgent && self.phase == Phase::Restoring;
+        let unknown =
+            !has_view && !self.known_pids.contains(&pid) && self.phase == Phase::Restoring;
+        if early || unknown {
+            self.held.bytes += a.bytes() + HELD_MESSAGE_COST;
+            if self.held.bytes > MAX_EARLY_HELD_BYTES {
+                let hit = LimitHit::fixed(
+                    format!(
+                        "source data held before the restore finished (pushed pages, zero runs and \
+                         pages of tasks not handed over yet; last: {nr} pages at {img:#x} of pid {pid})"
+                    ),
+                    format!("{} MiB", MAX_EARLY_HELD_BYTES >> 20),
+                    "pageserv src pushes only after the restore finished; a source that does not is misbehaving",
+                );
+                self.error(format!("{hit}; dropped"));
+                return;
+            }
+            if early {
+                self.held.early.push(a);
+            } else {
+                self.held.stash.entry(pid).or_default().push(a);
+            }
             return;
         }
         // The one admission rule for source data (dst/arrival_guard.rs): nothing it refuses

@@ -1,0 +1,86 @@
+//! A migration's directory at dst (images, work, restore.log) is removed once it succeeded and
+//! kept, named in the error, after a failure (README "Limits"). Real CRIU, real userfaultfd,
+//! QUIC: a TCP/unix echo server (`tests/common/sockserv.rs`, pid 1 of its own pid namespace)
+//! migrated into a network namespace. Needs root and CRIU >= 4.2 (tools/setup).
+
+use std::time::Duration;
+
+#[path = "common/criu.rs"]
+mod criu;
+#[path = "common/netmig.rs"]
+mod netmig;
+#[path = "common/root.rs"]
+mod root;
+#[path = "common/sockserv.rs"]
+mod sockserv;
+
+use netmig::{Started, alive};
+
+/// Re-executed as the server by the tests below; a no-op in a normal run.
+#[test]
+fn socket_server() {
+    sockserv::run_if_requested();
+}
+
+fn server(dir: &criu::TestDir, started: &mut Started) -> i32 {
+    let port = criu::free_tcp_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let cmd = sockserv::spawn_cmd(&[], "socket_server", dir.path(), &addr, None);
+    netmig::start_init(cmd, Some(&dir.path().join("server.ready")), started)
+}
+
+#[test]
+fn the_directory_of_a_successful_migration_is_removed() {
+    if !root::can_run() {
+        return;
+    }
+    let dir = criu::TestDir::new("workdirs-ok");
+    let bed = netmig::testbed(73);
+    let mut started = Started::default();
+    let pid = server(&dir, &mut started);
+    let out = netmig::migrate(&bed, pid, &[], &[], Duration::from_secs(120));
+    assert!(out.ok(), "migration failed: {}", out.explain());
+    let restored = out
+        .restored_pid
+        .expect("dst's report names the restored pid");
+    started.pids.push(restored);
+    assert!(alive(restored), "the restored server is not running");
+    assert!(
+        out.dst_dirs_left.is_empty(),
+        "dst left {:?} after a successful migration",
+        out.dst_dirs_left
+    );
+}
+
+#[test]
+fn the_directory_of_a_failed_migration_is_kept_and_named() {
+    if !root::can_run() {
+        return;
+    }
+    let dir = criu::TestDir::new("workdirs-fail");
+    let bed = netmig::testbed(74);
+    let mut started = Started::default();
+    let pid = server(&dir, &mut started);
+    let out = netmig::migrate(
+        &bed,
+        pid,
+        &[],
+        &["--restore-cmd".into(), "exit 3".into()],
+        Duration::from_secs(120),
+    );
+    assert!(!out.ok(), "a failed restore must fail the migration");
+    assert!(alive(pid), "the source must be resumed: {}", out.explain());
+    assert_eq!(out.dst_dirs_left.len(), 1, "{:?}", out.dst_dirs_left);
+    let kept = out.dst_dirs_left[0].display().to_string();
+    assert!(
+        out.dst_log.contains(&kept) && out.dst_log.contains("kept"),
+        "dst's error does not name {kept}:\n{}",
+        out.dst_log
+    );
+    assert!(
+        out.dst_dirs_left[0]
+            .join("images")
+            .join("pstree.img")
+            .exists()
+    );
+}

@@ -80,7 +80,7 @@ fn an_early_source_release_is_not_success() {
         let opts = TransportOptions::default();
         let deadline = Instant::now() + Duration::from_secs(20);
         let (conn, mut tx, mut rx) = loop {
-            match connect_control(&src, addr, &opts).await {
+            match connect_control(&src, addr, "dst", &opts).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("dst not up yet: {e:#}");
@@ -102,7 +102,7 @@ fn an_early_source_release_is_not_success() {
             other => panic!("dst refused: {other:?}"),
         };
         let (_fconn, mut ftx, _frx) =
-            connect_control(&src, protocol::fault_addr(addr, &answer), &opts)
+            connect_control(&src, protocol::fault_addr(addr, &answer), "dst", &opts)
                 .await
                 .expect("fault connection");
         send_ctl(

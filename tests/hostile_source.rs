@@ -84,7 +84,7 @@ async fn open_migration(
     let opts = TransportOptions::default();
     let deadline = Instant::now() + Duration::from_secs(20);
     let (conn, mut tx, mut rx) = loop {
-        match connect_control(&s.src, s.addr, &opts).await {
+        match connect_control(&s.src, s.addr, "dst", &opts).await {
             Ok(c) => break c,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("dst not up yet: {e:#}");
@@ -106,9 +106,10 @@ async fn open_migration(
     let Msg::Hello(h) = &answer else {
         return (conn, tx, rx, answer, None);
     };
-    let (fconn, mut ftx, _frx) = connect_control(&s.src, protocol::fault_addr(s.addr, h), &opts)
-        .await
-        .expect("fault connection");
+    let (fconn, mut ftx, _frx) =
+        connect_control(&s.src, protocol::fault_addr(s.addr, h), "dst", &opts)
+            .await
+            .expect("fault connection");
     send_ctl(
         &mut ftx,
         Msg::Hello(protocol::hello(Role::SrcFaults, "4.2.1".into(), id.into())),

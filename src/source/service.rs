@@ -7,136 +7,42 @@
 //! Any failure before dst reports the restore finished makes the dump fail instead, so CRIU
 //! resumes the source tasks.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use tokio::sync::{mpsc, watch};
 
-use crate::criu::binary::Criu;
 use crate::criu::images::ImageDir;
 use crate::keys::Identity;
 use crate::outcome::{self, SourceAction, SourceKnows};
 use crate::pb::pageserv::{ResumeReady, SourceReleased, control::Msg};
 use crate::preflight;
 use crate::protocol::images::ship_images;
-use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
+use crate::protocol::{self, next_ctl, send_ctl};
 use crate::source::dump::{PageServerConn, ReadyDump, fail_dump};
 use crate::source::frozen;
 use crate::source::keeper::KeeperLink;
 use crate::source::link_tasks::{Counters, Writers};
 use crate::source::open_dump::open_dump;
 use crate::source::pre_copy::held::HeldMemory;
-use crate::source::pre_copy::{self, PreCopyConfig, PreCopyReport, Validator};
-use crate::source::pump::{FaultReply, PumpConfig, PumpControl, PumpInput, Served, Tagged};
+use crate::source::pre_copy::{PreCopyReport, Validator};
+use crate::source::pump::{FaultReply, PumpControl, PumpInput, Served, Tagged};
 use crate::source::push_plan::PushPlan;
 use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
 use crate::source::report::SourceReport;
 use crate::source::serving::{Serving, spawn_serving};
-use crate::transport::{self, FrameReceiver, FrameSender};
+use crate::transport::{FrameReceiver, FrameSender};
 
 /// Fetched batches waiting for the push stream.
 const PUSH_SLOTS: usize = 4;
 
 pub use crate::source::open_dump::DumpSource;
-
-#[derive(Debug, Clone)]
-pub struct SourceOptions {
-    pub to: SocketAddr,
-    /// The name dst's certificate must carry: `--dst-name`, else the host part of `--to` (see
-    /// [`crate::keys::trust::dst_name`]).
-    pub dst_name: String,
-    pub certs: PathBuf,
-    pub work_dir: PathBuf,
-    pub criu: Criu,
-    pub dump: DumpSource,
-    pub pump: PumpConfig,
-    /// Transport settings of the push connection (the fault connection keeps the defaults).
-    pub push_transport: transport::TransportOptions,
-    pub progress: bool,
-    /// Pre-copy rounds before the freeze (needs [`DumpSource::Pid`]).
-    pub pre_copy: Option<PreCopyConfig>,
-    /// How long to keep reconnecting after the link died mid post-copy (0: never; the source
-    /// then stays frozen at once). See [`recovery`].
-    pub recover_timeout: Duration,
-}
-
-impl SourceOptions {
-    /// The fault connection's transport: defaults, but the push connection's idle timeout, so a
-    /// dead link is noticed on both at the same time.
-    fn fault_transport(&self) -> transport::TransportOptions {
-        transport::TransportOptions {
-            idle_timeout: self.push_transport.idle_timeout,
-            keep_alive: self.push_transport.keep_alive,
-            fault_lane: true,
-            ..Default::default()
-        }
-    }
-}
-
-/// A migration id nobody can guess: with it, a reconnecting source continues the migration at
-/// dst, so it must name this migration and no other.
-fn new_migration_id() -> Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for the migration id")?;
-    Ok(format!(
-        "m{}-{}-{:016x}",
-        SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
-        std::process::id(),
-        u64::from_ne_bytes(bytes)
-    ))
-}
-
-/// The file in a dump's work directory that names its migration, so `pageserv src --resume`
-/// can first try to continue that migration at dst.
-pub const MIGRATION_ID_FILE: &str = "migration-id";
-
-/// Writes `text` to `path` readable by its owner only (0600, also when it existed): the
-/// migration id is half of what joins a running migration at dst.
-pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(text.as_bytes())
-}
-
-/// The file in a dump's work directory that lists the CRIU options its restore needs (one a
-/// line; see [`crate::criu::opts`]), so a `--resume` sends them too.
-pub const CARRIED_OPTS_FILE: &str = "restore-criu-opts";
-
-fn read_carried_opts(work: &Path) -> Vec<String> {
-    std::fs::read_to_string(work.join(CARRIED_OPTS_FILE))
-        .map(|t| {
-            t.lines()
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// How a migration's first link came about.
-struct Start {
-    link: DstConnections,
-    fault_stream: (FrameSender, FrameReceiver),
-    migration_id: String,
-    pre: Option<(HeldMemory, PreCopyReport)>,
-    /// Continuing a migration dst still runs (`--resume` after src died): what dst lacks.
-    rejoin: Option<(MissingList, ResumeReady)>,
-    wire_at_freeze: u64,
-}
+pub use crate::source::options::SourceOptions;
+pub use crate::source::start::{CARRIED_OPTS_FILE, MIGRATION_ID_FILE, write_private};
+use crate::source::start::{Start, read_carried_opts, rejoin, start_fresh, warn_rollback};
 
 /// Runs one migration out of this host.
 pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
@@ -202,170 +108,6 @@ fn dump_died_error(dump: &ReadyDump, status: &std::process::ExitStatus) -> anyho
             .map(|l| format!(" (dump log: {})", l.display()))
             .unwrap_or_default()
     )
-}
-
-/// A retry that cannot continue the migration restores the source again from its freeze
-/// point: say so plainly, and what it means.
-fn warn_rollback(migration_id: &str) {
-    let text = format!(
-        "ROLLBACK: dst no longer runs migration {migration_id}, so this retry ships the frozen \
-         dump again and restores the process from the moment it was frozen. A restored copy \
-         that ran at dst since then is rolled back: what it computed is lost, files it wrote keep \
-         their new contents (CRIU refuses a restore whose open files changed size since the dump: \
-         \"has bad size\"), and peers of its sockets saw a connection that now goes back in \
-         time (expect resets). If dst may still hold the restored tasks, restart it with the same \
-         --work instead: it adopts them and this retry continues the migration without a rollback."
-    );
-    tracing::warn!("{text}");
-    eprintln!("pageserv src: {text}");
-}
-
-/// `--resume`: if dst still runs the migration this dump belonged to (only src died), continue
-/// it there; `None` if dst does not (it ended or restarted), and the retry starts over.
-async fn rejoin(opts: &SourceOptions, id: &Identity, migration_id: &str) -> Option<Start> {
-    let r = Reconnect {
-        id,
-        to: opts.to,
-        dst_name: &opts.dst_name,
-        migration_id,
-        criu_version: opts.criu.version.to_string(),
-        push_transport: &opts.push_transport,
-        fault_transport: &opts.fault_transport(),
-    };
-    let deadline = tokio::time::Instant::now()
-        + opts
-            .push_transport
-            .idle_timeout
-            .min(Duration::from_secs(15));
-    match recovery::reconnect(&r, deadline).await {
-        Ok(resumed) => {
-            tracing::info!(
-                migration = %protocol::id_tag(migration_id),
-                "dst still runs this migration: continuing it"
-            );
-            let wire_at_freeze = resumed.link.tx_bytes();
-            Some(Start {
-                link: resumed.link,
-                fault_stream: resumed.fault_stream,
-                migration_id: migration_id.to_string(),
-                pre: None,
-                rejoin: Some((resumed.missing, resumed.ready)),
-                wire_at_freeze,
-            })
-        }
-        Err(e) => {
-            tracing::info!(
-                migration = %protocol::id_tag(migration_id),
-                "not continuing the migration at dst ({e:#}): starting it over from the frozen dump"
-            );
-            None
-        }
-    }
-}
-
-/// A new migration: hello, the fault connection, pre-copy rounds.
-async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<Start> {
-    let (conn, mut ctl, mut ctl_rx) =
-        connect_control(id, opts.to, &opts.dst_name, &opts.push_transport).await?;
-
-    let migration_id = new_migration_id()?;
-    send_ctl(
-        &mut ctl,
-        Msg::Hello(protocol::hello(
-            Role::Src,
-            opts.criu.version.to_string(),
-            migration_id.clone(),
-        )),
-    )
-    .await?;
-    let fault_at = match next_ctl(&mut ctl_rx).await? {
-        Msg::Hello(h) if is_dst_answer(&h) => {
-            if h.criu_version != opts.criu.version.to_string() {
-                tracing::warn!(
-                    src = %opts.criu.version, dst = %h.criu_version,
-                    "CRIU versions differ between the hosts; images may not restore"
-                );
-            }
-            protocol::fault_addr(opts.to, &h)
-        }
-        Msg::Abort(a) => bail!("dst refused the migration: {}", a.reason),
-        other => bail!(
-            "dst answered the hello with {other:?}; is it a pageserv dst of the same version?"
-        ),
-    };
-
-    // Faults get a connection of their own: on the push connection a fault reply would queue
-    // behind every pushed byte already in flight, which no stream priority can overtake.
-    let fault_conn = transport::connect_with(
-        any_addr(opts.to),
-        fault_at,
-        &opts.dst_name,
-        id,
-        &opts.fault_transport(),
-    )
-    .await
-    .with_context(|| format!("opening the fault connection to {fault_at}"))?;
-    let (fault_send, fault_recv) = fault_conn
-        .open_bi()
-        .await
-        .context("opening the fault stream")?;
-    let mut fault_tx = FrameSender::new(fault_send);
-    send_ctl(
-        &mut fault_tx,
-        Msg::Hello(protocol::hello(
-            Role::SrcFaults,
-            opts.criu.version.to_string(),
-            migration_id.clone(),
-        )),
-    )
-    .await?;
-    let fault_stream = (fault_tx, FrameReceiver::new(fault_recv));
-
-    // Pre-copy rounds go on the control stream, ahead of the images: dst holds every pre-copied
-    // page before it restores.
-    let pre = match (&opts.pre_copy, &opts.dump) {
-        (Some(cfg), DumpSource::Pid { pid, .. }) => Some(
-            pre_copy::rounds::run(*pid, *cfg, &mut ctl)
-                .await
-                .context("pre-copy rounds (the tasks were never frozen)")?,
-        ),
-        (Some(cfg), DumpSource::Runc(r)) => {
-            // The container's process tree, from its init as runc reports it.
-            let pid = r
-                .runc
-                .running(&r.name)
-                .with_context(|| format!("finding container {}'s processes", r.name))?
-                .pid;
-            Some(
-                pre_copy::rounds::run(pid, *cfg, &mut ctl)
-                    .await
-                    .context("pre-copy rounds (the container was never frozen)")?,
-            )
-        }
-        (Some(_), DumpSource::External { .. }) => {
-            bail!("--pre-copy needs --pid: pageserv reads the tree's memory before it dumps it")
-        }
-        (Some(_), DumpSource::Resume { .. }) => bail!(
-            "--pre-copy cannot be combined with --resume: the source is already frozen, so the \
-             retry is a plain post-copy; drop --pre-copy"
-        ),
-        (None, _) => None,
-    };
-    let link = DstConnections {
-        conn,
-        fault_conn,
-        ctl,
-        ctl_rx,
-    };
-    let wire_at_freeze = link.tx_bytes();
-    Ok(Start {
-        link,
-        fault_stream,
-        migration_id,
-        pre,
-        rejoin: None,
-        wire_at_freeze,
-    })
 }
 
 /// The dump's work directory (where its keeper listens), if pageserv has one.

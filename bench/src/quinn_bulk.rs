@@ -61,12 +61,11 @@ pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let exe = std::env::current_exe()?;
     let addr = SocketAddr::new(bed.dst_addr.into(), 47_000);
-    let receiver = bed
-        .in_dst(&exe)
-        .args([
+    let side = |mut cmd: std::process::Command, side: &str, certs: &std::path::Path| {
+        cmd.args([
             "quinn-bulk",
             "--side",
-            "receiver",
+            side,
             "--congestion",
             congestion_name,
         ])
@@ -75,26 +74,15 @@ pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
         .arg("--addr")
         .arg(addr.to_string())
         .arg("--certs")
-        .arg(&dst_certs)
+        .arg(certs);
+        cmd
+    };
+    let receiver = side(bed.in_dst(&exe), "receiver", &dst_certs)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the receiver")?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let sender = bed
-        .in_src(&exe)
-        .args([
-            "quinn-bulk",
-            "--side",
-            "sender",
-            "--congestion",
-            congestion_name,
-        ])
-        .arg("--mib")
-        .arg(mib.to_string())
-        .arg("--addr")
-        .arg(addr.to_string())
-        .arg("--certs")
-        .arg(&src_certs)
+    let sender = side(bed.in_src(&exe), "sender", &src_certs)
         .status()
         .context("running the sender")?;
     let out = receiver

@@ -361,6 +361,11 @@ struct DstArgs {
     /// Pages after a faulting page requested with it (same lazy range).
     #[arg(long, default_value_t = 0)]
     readahead: u64,
+    /// Adaptive read-ahead: a thread that faults in address order (a scan) gets twice as many
+    /// pages per fault as its last one, up to 32 (128 KiB); random faults still get one page
+    /// (plus --readahead). Off by default: fewer faults, but each waits longer (README).
+    #[arg(long)]
+    sequential_readahead: bool,
     /// Restore with this shell command instead of `criu restore`; {images} and {work} are
     /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
     #[arg(long)]
@@ -691,6 +696,7 @@ fn run(cli: Cli) -> Result<()> {
                 certs: a.common.certs.clone(),
                 work_base: a.work.clone(),
                 readahead_pages: a.readahead,
+                sequential_readahead: a.sequential_readahead,
                 criu,
                 restore: RestoreOptions {
                     extra: a.common.criu_opts.clone(),

@@ -193,6 +193,7 @@ pub(crate) async fn adopt_in(
     let stats = Arc::new(UffdStats::default());
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
+        sequential_readahead: opts.sequential_readahead,
         fork_holder: Some(keeper.clone()),
         ..Default::default()
     };

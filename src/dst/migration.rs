@@ -185,6 +185,7 @@ async fn run_in(
     let stats = Arc::new(UffdStats::default());
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
+        sequential_readahead: opts.sequential_readahead,
         image_pids: Some(lazy.keys().copied().collect()),
         fork_holder: Some(keeper.clone()),
         ..Default::default()

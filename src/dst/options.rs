@@ -23,6 +23,8 @@ pub struct DstOptions {
     pub restore: RestoreOptions,
     /// Pages after a faulting page requested with it.
     pub readahead_pages: u64,
+    /// Adaptive read-ahead for faults in address order (`--sequential-readahead`).
+    pub sequential_readahead: bool,
     /// The endpoint's transport (its idle timeout above all: how soon a dead link is noticed).
     pub transport: transport::TransportOptions,
     /// How long a migration whose link died keeps its restored tasks waiting for the source to

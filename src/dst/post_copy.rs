@@ -654,7 +654,7 @@ async fn feed_pages(
                     held.placed.fetch_add(r.nr_pages, Relaxed);
                     let at = PidRange::new(pid, r.vaddr, r.nr_pages);
                     let msg = Inbound::arrived(at, r.data, urgent, link);
-                    blocking(|| to_loop.send(msg))?;
+                    to_loop.send_async(msg).await?;
                 }
                 continue;
             }
@@ -690,8 +690,10 @@ async fn feed_pages(
             ),
             other => bail!("unexpected frame on a page stream: {other:?}"),
         };
-        // The loop's background queue is bounded: block this worker rather than buffer memory.
-        blocking(|| to_loop.send(inbound))?;
+        // The loop's queues are bounded, so a fast source is held back by QUIC flow control,
+        // not by memory: pushed pages suspend this task (no runtime worker blocked), fault
+        // answers block the fault lane, which carries nothing else, briefly.
+        to_loop.send_async(inbound).await?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 mod bitmap;
 mod plan;
+pub mod streams;
 #[cfg(test)]
 mod tests;
 mod translate;
@@ -121,6 +122,8 @@ impl BitmapSpan {
 pub struct TaskMemory {
     pid: u32,
     readahead: u64,
+    /// Sequential fault streams, when adaptive read-ahead is on ([`TaskMemory::with_sequential`]).
+    streams: Option<streams::Streams>,
     pieces: Vec<BitmapSpan>,
     pending: Bitmap,
     in_flight: Bitmap,
@@ -180,6 +183,7 @@ impl TaskMemory {
         Ok(Self {
             pid,
             readahead: 0,
+            streams: None,
             pieces,
             pending,
             in_flight: Bitmap::new(total),
@@ -194,6 +198,14 @@ impl TaskMemory {
     /// (capped so that one request is at most 4 MiB, CRIU's largest transfer).
     pub fn with_readahead(mut self, pages: u64) -> Self {
         self.readahead = pages.min(MAX_REQUEST_PAGES - 1);
+        self
+    }
+
+    /// Adaptive read-ahead for threads that fault in address order ([`streams`]): a fault that
+    /// continues a recent request asks for up to twice as many pages as it, up to
+    /// [`streams::SEQ_MAX_PAGES`]; random faults are unaffected.
+    pub fn with_sequential(mut self, on: bool) -> Self {
+        self.streams = on.then(streams::Streams::default);
         self
     }
 
@@ -275,8 +287,12 @@ impl TaskMemory {
         // Read-ahead stays inside the piece (one pagemap entry, one VMA) and stops at the first
         // page that is not pending, so a request is always one contiguous pending run.
         let piece_end_bit = piece.base + piece.nr_pages;
-        let limit = (bit + 1 + self.readahead).min(piece_end_bit);
+        let seq = self.streams.as_mut().map_or(0, |s| s.on_fault(bit));
+        let limit = (bit + 1 + self.readahead.max(seq)).min(piece_end_bit);
         let end = self.pending.first_clear(bit, limit).unwrap_or(limit);
+        if let Some(s) = &mut self.streams {
+            s.requested(bit, end, seq);
+        }
         let n = end - bit;
         self.nr_pending -= self.pending.clear_range(bit, end);
         self.nr_in_flight += self.in_flight.set_range(bit, end);

@@ -179,8 +179,12 @@ async fn serve_faults(
             let _ = answered.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(done)));
             match reply {
                 FaultReply::Pages(s, at) => {
-                    send_served(&mut tx, s, validator.as_deref()).await?;
+                    let (head, tail) = s.split_first_page();
+                    send_served(&mut tx, head, validator.as_deref()).await?;
                     let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    if let Some(tail) = tail {
+                        send_served(&mut tx, tail, validator.as_deref()).await?;
+                    }
                     if counters.frames.load(Relaxed) == 0 {
                         counters.fault_service_before_push.record(ns);
                     } else {

@@ -36,6 +36,32 @@ pub struct Served {
     pub data: Bytes,
 }
 
+impl Served {
+    /// The first page apart from the rest (if there is a rest; data is not copied). A fault's
+    /// answer is its faulting page followed by read-ahead: sent as two frames, dst places the
+    /// faulting page, and wakes the thread that waits on it, while the rest is still on the
+    /// wire.
+    pub fn split_first_page(self) -> (Served, Option<Served>) {
+        let page = crate::pages::PAGE_SIZE;
+        if self.nr_pages <= 1 || self.data.len() as u64 != self.nr_pages * page {
+            return (self, None);
+        }
+        let head = Served {
+            pid: self.pid,
+            vaddr: self.vaddr,
+            nr_pages: 1,
+            data: self.data.slice(..page as usize),
+        };
+        let tail = Served {
+            pid: self.pid,
+            vaddr: self.vaddr + page,
+            nr_pages: self.nr_pages - 1,
+            data: self.data.slice(page as usize..),
+        };
+        (head, Some(tail))
+    }
+}
+
 /// What the service hands the pump besides control: dst's fault requests, and after a reconnect
 /// the new plan.
 #[derive(Debug)]
@@ -347,4 +373,44 @@ async fn abort_session<W: AsyncWrite + Unpin>(wr: &mut W, layout: Layout) {
         tracing::warn!("could not tell the dump to fail: {e}");
     }
     let _ = wr.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Served;
+    use crate::pages::PAGE_SIZE;
+
+    fn served(nr_pages: u64) -> Served {
+        let data: Vec<u8> = (0..nr_pages * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8)
+            .collect();
+        Served {
+            pid: 7,
+            vaddr: 0x10000,
+            nr_pages,
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn a_fault_answer_splits_into_its_page_and_the_read_ahead() {
+        let (head, tail) = served(5).split_first_page();
+        assert_eq!((head.pid, head.vaddr, head.nr_pages), (7, 0x10000, 1));
+        assert!(head.data.iter().all(|&b| b == 0));
+        let tail = tail.expect("four read-ahead pages");
+        assert_eq!((tail.vaddr, tail.nr_pages), (0x10000 + PAGE_SIZE, 4));
+        assert_eq!(tail.data.len() as u64, 4 * PAGE_SIZE);
+        assert_eq!(tail.data[0], 1);
+        assert_eq!(tail.data[tail.data.len() - 1], 4);
+    }
+
+    #[test]
+    fn one_page_or_a_malformed_answer_stays_whole() {
+        assert!(served(1).split_first_page().1.is_none());
+        let mut bad = served(3);
+        bad.nr_pages = 4;
+        let (head, tail) = bad.split_first_page();
+        assert!(tail.is_none());
+        assert_eq!(head.nr_pages, 4);
+    }
 }

@@ -179,6 +179,14 @@ impl Kernel for UffdKernel {
     }
 }
 
+/// The fault thread's inbound queues.
+pub(super) struct Queues {
+    pub(super) urgent: Receiver<Inbound>,
+    pub(super) bulk: Receiver<Inbound>,
+    /// Notified after each message taken off `bulk` (see `LoopSender::send_async`).
+    pub(super) room: Arc<tokio::sync::Notify>,
+}
+
 /// The fault thread: the core, the real kernel and the channels.
 pub(super) struct Driver {
     engine: Engine,
@@ -189,6 +197,7 @@ pub(super) struct Driver {
     out_closed: bool,
     urgent: Receiver<Inbound>,
     bulk: Receiver<Inbound>,
+    room: Arc<tokio::sync::Notify>,
     wake: Arc<EventFd>,
 }
 
@@ -203,8 +212,7 @@ impl Driver {
         config: LoopConfig,
         out: Sender<Outbound>,
         stats: Arc<UffdStats>,
-        urgent: Receiver<Inbound>,
-        bulk: Receiver<Inbound>,
+        Queues { urgent, bulk, room }: Queues,
         wake: Arc<EventFd>,
     ) -> nix::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -226,6 +234,7 @@ impl Driver {
             out_closed: false,
             urgent,
             bulk,
+            room,
             wake,
         })
     }
@@ -285,6 +294,7 @@ impl Driver {
                 }
                 match self.bulk.try_recv() {
                     Ok(msg) => {
+                        self.room.notify_waiters();
                         budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
                         if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
                             return self.shutdown(kill_incomplete);
@@ -385,7 +395,10 @@ impl Driver {
             let msg = match self.urgent.try_recv() {
                 Ok(m) => m,
                 Err(_) => match self.bulk.recv_timeout(Duration::from_millis(50)) {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        self.room.notify_waiters();
+                        m
+                    }
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return self.shutdown(true),
                 },

@@ -320,7 +320,9 @@ impl Engine {
             .filter(|p| *p > 0)
             .map(|p| TaskMemory::new(p, lazy))
         {
-            Some(Ok(mem)) => mem.with_readahead(self.config.readahead_pages),
+            Some(Ok(mem)) => mem
+                .with_readahead(self.config.readahead_pages)
+                .with_sequential(self.config.sequential_readahead),
             Some(Err(e)) => {
                 self.error(format!("task {pid}: {e}; its lazy memory cannot be served"));
                 let id = self.new_id();

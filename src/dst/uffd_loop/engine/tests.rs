@@ -235,6 +235,8 @@ impl World {
     fn new(sizes: Vec<u64>, readahead: u64) -> World {
         let config = LoopConfig {
             readahead_pages: readahead,
+            // The invariants must hold with adaptive read-ahead too (`--sequential-readahead`).
+            sequential_readahead: true,
             ..Default::default()
         };
         let mut w = World {

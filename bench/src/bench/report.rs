@@ -311,6 +311,7 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     ratio_tables(&mut s, r);
+    s += &usage_table(&r.runs);
     let _ = writeln!(s, "\n## Not benchmarked\n");
     for u in &r.unavailable {
         let _ = writeln!(s, "- {}: {}", u.mode.name(), u.reason);
@@ -419,6 +420,111 @@ fn ratio_table(
     }
 }
 
+fn fmt_usage(s: Option<Stat>, digits: usize) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n == 1 => format!("{:.*}", digits, s.median),
+        Some(s) => format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits, s.median, digits, s.min, digits, s.max
+        ),
+    }
+}
+
+/// The results.md section: per cell (verified runs, median (min–max)), each side's CPU in % of
+/// a core over the migration, dst's peak RSS against its bound, and CRIU's processes.
+fn usage_table(runs: &[RunRecord]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## CPU and memory\n\nCPU in % of one core over the migration's wall time (user + system). \
+         src / dst: the service itself (pageserv's from its report, children apart; for CRIU \
+         modes `criu dump` and its page server or lazy-pages daemon, from wait4). dst bound: \
+         {} MiB + the page store. CRIU processes: CPU ms (% of a core), peak RSS MiB.\n",
+        super::usage::DST_RSS_BUDGET_BYTES >> 20
+    );
+    let _ = writeln!(
+        s,
+        "| mode | MiB | link | dirty pages/ms | src CPU % | dst CPU % | dst peak RSS MiB | page store MiB | dst RSS over bound MiB | workload MiB per src CPU-s | CRIU processes |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut cells: Vec<&super::matrix::Cell> = Vec::new();
+    for r in runs {
+        if !cells.contains(&&r.cell) {
+            cells.push(&r.cell);
+        }
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for cell in cells {
+        let ok: Vec<&super::usage::RunUsage> = runs
+            .iter()
+            .filter(|r| &r.cell == cell && r.verified)
+            .filter_map(|r| r.usage.as_ref())
+            .collect();
+        if ok.is_empty() {
+            continue;
+        }
+        let stat = |f: &dyn Fn(&super::usage::RunUsage) -> Option<f64>| {
+            Stat::of(ok.iter().filter_map(|u| f(u)))
+        };
+        let mut names: Vec<&str> = Vec::new();
+        for u in &ok {
+            for (n, _) in &u.criu {
+                if !names.contains(&n.as_str()) {
+                    names.push(n);
+                }
+            }
+        }
+        let criu = names
+            .iter()
+            .map(|n| {
+                let of = |f: &dyn Fn(&pageserv::usage::Rusage, f64) -> Option<f64>| {
+                    Stat::of(ok.iter().filter_map(|u| {
+                        let r = u.criu.iter().find(|(m, _)| m == n)?;
+                        f(&r.1, u.wall_ms)
+                    }))
+                };
+                format!(
+                    "{n}: {} ms ({}%), {} MiB",
+                    fmt_usage(of(&|r, _| Some(r.cpu_ms())), 0),
+                    fmt_usage(of(&|r, w| pageserv::usage::core_pct(r.cpu_ms(), w)), 0),
+                    fmt_usage(of(&|r, _| Some(mib(r.max_rss_bytes))), 0),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        // The workload's memory per CPU-second of the source side.
+        let bytes_per_cpu = |u: &super::usage::RunUsage| -> Option<f64> {
+            let b = pageserv::usage::bytes_per_cpu_s(cell.mib << 20, u.src?.cpu_ms())?;
+            Some(b / (1 << 20) as f64)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell.mode.name(),
+            cell.mib,
+            if cell.mode.uses_link() {
+                cell.link.label()
+            } else {
+                "(local disk)".into()
+            },
+            cell.write_rate,
+            fmt_usage(stat(&|u| u.src_core_pct()), 0),
+            fmt_usage(stat(&|u| u.dst_core_pct()), 0),
+            fmt_usage(stat(&|u| u.dst_peak_rss_bytes().map(mib)), 1),
+            fmt_usage(stat(&|u| u.page_store_bytes.map(mib)), 1),
+            fmt_usage(
+                stat(&|u| u.dst_rss_over_budget().map(|b| b as f64 / (1 << 20) as f64)),
+                1
+            ),
+            fmt_usage(stat(&bytes_per_cpu), 0),
+            if criu.is_empty() { "–".into() } else { criu },
+        );
+    }
+    s.push('\n');
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,6 +556,7 @@ mod tests {
             emulator: Some(Emulator::Veth),
             link_counters: None,
             wall_s: Some(5.0),
+            usage: None,
         }
     }
 

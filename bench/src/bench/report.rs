@@ -197,6 +197,7 @@ fn emulator_name(e: Emulator) -> &'static str {
         Emulator::Veth => "bare veth",
         Emulator::Netem => "veth + netem",
         Emulator::Linkem => "linkem (TUN, userspace)",
+        Emulator::Tbf => "veth + tbf (rate only)",
     }
 }
 

@@ -590,6 +590,36 @@ mod tests {
     }
 
     #[test]
+    fn usage_table_shows_each_side_and_criu_per_cell() {
+        let ru = |cpu_ms: f64, mib: u64| pageserv::usage::Rusage {
+            user_ms: cpu_ms / 2.0,
+            system_ms: cpu_ms / 2.0,
+            max_rss_bytes: mib << 20,
+        };
+        let mut ok = record(Mode::PageservLazy, true, 100.0);
+        ok.usage = Some(super::super::usage::RunUsage {
+            wall_ms: 10_000.0,
+            src: Some(ru(3000.0, 30)),
+            dst: Some(ru(5000.0, 80)),
+            page_store_bytes: Some(0),
+            criu: vec![("criu restore".into(), ru(100.0, 10))],
+            pageserv_wait4: Vec::new(),
+        });
+        // A failed run's figures are never aggregated.
+        let mut failed = ok.clone();
+        failed.verified = false;
+        failed.usage = failed.usage.map(|mut u| {
+            u.src = Some(ru(9e6, 1));
+            u
+        });
+        let t = usage_table(&[ok, failed]);
+        assert!(
+            t.contains("| pageserv-lazy | 64 | unlimited | 10 | 30 | 50 | 80.0 | 0.0 | 16.0 | 21 | criu restore: 100 ms (1%), 10 MiB |"),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn markdown_marks_failed_cells_and_lists_unavailable_modes() {
         let machine = Machine {
             kernel: "k".into(),

@@ -28,4 +28,5 @@ pub mod source;
 pub mod stats;
 pub mod stopcopy;
 pub mod transport;
+pub mod usage;
 pub mod wire;

@@ -56,6 +56,11 @@ pub struct DstReport {
     /// Adopted: lazy pages already in place in the restored tasks (their /proc/PID/pagemap), so
     /// placed by the dst that died; with the pages placed here they make up `lazy_pages`.
     pub pages_adopted: u64,
+    /// Peak memory of the pre-copy page store (arena and index), 0 without a pre-copy: dst's
+    /// memory bound is 64 MiB plus this.
+    pub page_store_bytes: u64,
+    /// The service's CPU time and peak RSS (its own and its reaped children's, apart).
+    pub usage: crate::usage::ServiceUsage,
 }
 
 impl DstReport {
@@ -97,7 +102,8 @@ impl DstReport {
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
              {}\
              \x20 bytes received {} (images {})\n\
-             \x20 pre-copied pages held {}, placed from the page store {}\n",
+             \x20 pre-copied pages held {}, placed from the page store {} (store {:.1} MiB)\n\
+             {}",
             self.downtime_ms,
             self.restore_ms,
             self.post_copy_ms,
@@ -120,6 +126,8 @@ impl DstReport {
             self.images_bytes,
             self.precopy_pages_held,
             self.pages_local,
+            self.page_store_bytes as f64 / (1 << 20) as f64,
+            self.usage.render(),
         )
     }
 }

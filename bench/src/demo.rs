@@ -99,6 +99,11 @@ pub struct DemoResult {
     pub problems: Vec<String>,
     /// The injected failure, if any, and the state it left.
     pub fault: faults::FaultReport,
+    /// `wait4` of `pageserv src` and `pageserv dst` as this process reaped them: their CPU time
+    /// and peak RSS with those of the children they reaped (CRIU's dump, restore); none if
+    /// either was not reaped here (killed, or restarted by a fault).
+    pub src_rusage: Option<pageserv::usage::Rusage>,
+    pub dst_rusage: Option<pageserv::usage::Rusage>,
     /// When the migration ended (both services exited), Unix ns.
     pub migrated_unix_ns: u64,
     /// The workload's whole log, for callers that measure more than the demo prints (the bench).
@@ -330,6 +335,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     let restart = args
         .restart_dst_after_ms
         .filter(|_| matches!(fault, Some(faults::Fault::KillDst)));
+    let (mut src_rusage, mut dst_rusage) = (None, None);
     let (mut src_status, mut dst_status) = std::thread::scope(|s| -> Result<_> {
         let injector = fault.map(|f| {
             let (bed, rx, rep) = (&bed, restored_rx, &mut fault_report);
@@ -344,10 +350,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 Some(start_dst(dst_work, None))
             })
         });
-        let src_status = match timeout {
-            None => Some(src.wait().context("waiting for pageserv src")?),
-            Some(t) => pageserv::child::wait_timeout(&mut src, t)?,
-        };
+        // No timeout: a year.
+        let src_limit = timeout.unwrap_or(Duration::from_secs(365 * 86400));
+        let src_status = pageserv::child::wait_timeout_usage(&mut src, src_limit)
+            .context("waiting for pageserv src")?
+            .map(|(s, u)| {
+                src_rusage = Some(u);
+                s
+            });
         let mut dst_wait = Duration::from_secs(90);
         if let Some(restarted) = injector.and_then(|h| h.join().ok()).flatten() {
             dst = restarted?;
@@ -363,7 +373,10 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         let dst_status = if matches!(fault, Some(faults::Fault::KillSrc)) && args.retry {
             None
         } else {
-            let s = pageserv::child::wait_timeout(&mut dst, dst_wait)?;
+            let s = pageserv::child::wait_timeout_usage(&mut dst, dst_wait)?.map(|(s, u)| {
+                dst_rusage = Some(u);
+                s
+            });
             if s.is_none() && dst_wait < Duration::from_secs(90) {
                 let _ = dst.kill();
                 let _ = dst.wait();
@@ -391,6 +404,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             }
         }
         if args.retry {
+            // The services of the retry are measured with their own reports only.
+            (src_rusage, dst_rusage) = (None, None);
             let src_work = bed.dir.join("src").join(src_id.to_string());
             if dst_status.is_some() || dst.try_wait()?.is_some() {
                 dst_work = bed.dir.join("dst-retry");
@@ -512,6 +527,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         workload_alive_at_src,
         problems,
         fault: fault_report,
+        src_rusage,
+        dst_rusage,
         migrated_unix_ns: migrated_ns,
         workload_log: text,
     })

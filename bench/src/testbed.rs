@@ -115,7 +115,7 @@ impl Testbed {
             format!("{}/30", bed.dst_addr),
         );
         match bed.emulator {
-            Emulator::Veth | Emulator::Netem => {
+            Emulator::Veth | Emulator::Netem | Emulator::Tbf => {
                 let (h, n) = (&bed.host_if, &bed.ns_if);
                 ip(&["link", "add", h, "type", "veth", "peer", "name", n])?;
                 ip(&["link", "set", h, "netns", &src])?;
@@ -128,6 +128,9 @@ impl Testbed {
                         args.extend(link::netem_args(dev, shape));
                         sh(Command::new("tc").args(&args))?;
                     }
+                }
+                if let (Emulator::Tbf, Some(bps)) = (bed.emulator, shape.rate_bps) {
+                    bed.limit_rate(&format!("{bps}bit"))?;
                 }
             }
             Emulator::Linkem => {

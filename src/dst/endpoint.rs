@@ -165,7 +165,9 @@ pub async fn serve(
         );
         let opts = opts.clone();
         running.spawn(async move {
-            let result = adopt::adopt_in(&opts, orphan, route_rx, fault_port).await;
+            let result = adopt::adopt_in(&opts, orphan, route_rx, fault_port)
+                .await
+                .map(with_usage);
             (mid, None, result)
         });
     }
@@ -223,8 +225,9 @@ pub async fn serve(
                     let opts = opts.clone();
                     tracing::info!(migration = %tag, source = %who, running = running.len() + 1, "migration accepted");
                     running.spawn(async move {
-                        let result =
-                            migrate_in(&opts, &conn, ctl, route_rx, fault_port).await;
+                        let result = migrate_in(&opts, &conn, ctl, route_rx, fault_port)
+                            .await
+                            .map(with_usage);
                         (mid, Some(conn), result)
                     });
                 }
@@ -448,6 +451,13 @@ async fn refuse(conn: quinn::Connection, mut ctl: FrameSender, reason: String) {
     let _ = tokio::time::timeout(Duration::from_secs(3), ctl.send(&abort)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     conn.close(3u32.into(), reason.as_bytes());
+}
+
+/// The report with this process's CPU time and peak RSS so far (the whole service's, shared by
+/// migrations running at once) against the migration's wall time and bytes.
+fn with_usage(mut r: DstReport) -> DstReport {
+    r.usage = crate::usage::ServiceUsage::measure(r.total_ms, r.bytes_received);
+    r
 }
 
 /// Answers a migration's hello (or refuses its protocol version / page size) and runs it: a

@@ -140,6 +140,7 @@ async fn run_in(
     report.images_bytes = images_bytes;
     if let Some(s) = &store {
         report.precopy_pages_held = s.pages_data() + s.pages_zero();
+        report.page_store_bytes = s.bytes();
         tracing::info!(
             data = s.pages_data(),
             zero = s.pages_zero(),

@@ -40,6 +40,9 @@ pub struct SourceReport {
     /// (`source::eager_dump`), and whether the dump used still was eager.
     pub redumps: u32,
     pub eager_dump: bool,
+    /// The service's CPU time and peak RSS (its own and its reaped children's, CRIU's dump
+    /// among them, apart).
+    pub usage: crate::usage::ServiceUsage,
 }
 
 impl SourceReport {
@@ -78,7 +81,7 @@ impl SourceReport {
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
              \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n\
-             {}{}",
+             {}{}{}",
             self.downtime_ms,
             self.total_ms,
             self.lazy_pages,
@@ -92,6 +95,7 @@ impl SourceReport {
             self.push_bytes,
             self.serving(),
             self.fault_service(),
+            self.usage.render(),
         )
     }
 

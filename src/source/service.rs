@@ -177,7 +177,8 @@ async fn drive(
         rejoin,
     )
     .await;
-    let wire_after_freeze = (wire_dead_links + link.tx_bytes()).saturating_sub(wire_at_freeze);
+    let link_tx_bytes = link.tx_bytes();
+    let wire_after_freeze = (wire_dead_links + link_tx_bytes).saturating_sub(wire_at_freeze);
     let DstConnections {
         conn, fault_conn, ..
     } = link;
@@ -189,6 +190,10 @@ async fn drive(
             report.eager_dump = dump.eager;
             report.wire_bytes_after_freeze = wire_after_freeze;
             report.peak_rss_bytes = peak_rss_bytes();
+            report.usage = crate::usage::ServiceUsage::measure(
+                report.total_ms,
+                wire_dead_links + link_tx_bytes,
+            );
             // dst closes the connection once it has read SourceReleased; closing first would
             // discard that message.
             if tokio::time::timeout(Duration::from_secs(10), conn.closed())

@@ -100,6 +100,9 @@ pub struct StopCopyReport {
     /// UDP bytes sent on the QUIC connection.
     pub wire_bytes: u64,
     pub dump_ok: bool,
+    /// The service's CPU time and peak RSS (its own and its reaped children's, CRIU's dump
+    /// among them, apart).
+    pub usage: crate::usage::ServiceUsage,
 }
 
 impl StopCopyReport {
@@ -110,7 +113,8 @@ impl StopCopyReport {
              \x20 memory session (dump start → CLOSE)       {:>10.1} ms\n\
              \x20 total                                     {:>10.1} ms\n\
              \x20 pagemaps {}, pages present {} ({:.1} MiB), in parent {}, lazy-only {}\n\
-             \x20 images {} bytes, wire {} bytes\n",
+             \x20 images {} bytes, wire {} bytes\n\
+             {}",
             self.downtime_ms,
             self.session_ms,
             self.total_ms,
@@ -121,6 +125,7 @@ impl StopCopyReport {
             self.pages_lazy_only,
             self.images_bytes,
             self.wire_bytes,
+            self.usage.render(),
         )
     }
 }
@@ -263,6 +268,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
         conn.close(0u32.into(), b"done");
     }
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    report.usage = crate::usage::ServiceUsage::measure(report.total_ms, report.wire_bytes);
     Ok(report)
 }
 

@@ -15,6 +15,7 @@ pub mod modes;
 pub mod plots;
 pub mod report;
 pub mod run;
+pub mod usage;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! The emulated link between the source and destination namespaces of a two-namespace testbed:
 //! its shape (rate, delay, loss), which emulator provides it, and the running linkem process.
 //!
-//! A plain veth when the shape asks for nothing; otherwise the kernel's netem on both ends of a
+//! A plain veth when the shape asks for nothing; tbf on both ends of a veth when it asks for a
+//! rate only (the kernel's segmentation offloads stay, as on a real NIC); otherwise the kernel's netem on both ends of a
 //! veth where the kernel has it, else `linkem` (bench/linkem) joining the namespaces with a TUN
 //! device in each. TCP and UDP cross the same link either way.
 
@@ -41,14 +42,19 @@ pub enum Emulator {
     Netem,
     /// bench/linkem between two TUN devices.
     Linkem,
+    /// tbf (rate only) on both ends of a veth pair.
+    Tbf,
 }
 
 impl Emulator {
-    /// The emulator for `shape`: none for a plain link, netem where the kernel has it, else
-    /// linkem.
+    /// The emulator for `shape`: none for a plain link, tbf for a rate alone (no delay, no
+    /// loss), netem where the kernel has it, else linkem. A userspace TUN emulator takes every
+    /// datagram apart (no GSO/GRO) and costs the senders CPU a real link does not; tbf does not.
     pub fn choose(shape: &LinkShape, netem_available: bool) -> Emulator {
         if shape.is_plain() {
             Emulator::Veth
+        } else if shape.delay_us == 0 && shape.loss == 0.0 {
+            Emulator::Tbf
         } else if netem_available {
             Emulator::Netem
         } else {
@@ -250,6 +256,16 @@ mod tests {
         };
         assert_eq!(Emulator::choose(&lossy, true), Emulator::Netem);
         assert_eq!(Emulator::choose(&lossy, false), Emulator::Linkem);
+        let rate_only = LinkShape {
+            rate_bps: Some(1_000_000_000),
+            ..plain
+        };
+        assert_eq!(Emulator::choose(&rate_only, false), Emulator::Tbf);
+        let delayed = LinkShape {
+            delay_us: 1000,
+            ..rate_only
+        };
+        assert_eq!(Emulator::choose(&delayed, false), Emulator::Linkem);
     }
 
     #[test]

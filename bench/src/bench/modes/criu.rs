@@ -38,8 +38,11 @@ struct Run<'a> {
     bed: &'a Testbed,
     criu: Criu,
     logs: PathBuf,
-    /// Background CRIU processes (page server, lazy dump, lazy-pages daemon).
-    children: Vec<Child>,
+    /// Background CRIU processes (page server, lazy dump, lazy-pages daemon); taken out once
+    /// reaped.
+    children: Vec<Option<Child>>,
+    /// `wait4` of each CRIU process reaped, by name ("criu dump", "criu restore", ...).
+    usage: Vec<(String, pageserv::usage::Rusage)>,
     pidfile: PathBuf,
 }
 
@@ -79,6 +82,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         pidfile: bed.dir.join("restore.pid"),
         logs,
         children: Vec::new(),
+        usage: Vec::new(),
     };
     let started = Instant::now();
     let migrated = match cell.mode {
@@ -117,10 +121,11 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     }
     let _ = unshare.kill();
     let _ = unshare.wait();
-    for c in &mut run.children {
+    for c in run.children.iter_mut().flatten() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    let usage = crate::bench::usage::RunUsage::from_criu(total_ms, std::mem::take(&mut run.usage));
     Ok(ModeOutcome {
         migrated_ns,
         total_ms: migrated.is_ok().then_some(total_ms),
@@ -129,6 +134,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         fault_p99_us: None,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
+        usage: Some(usage),
     })
 }
 
@@ -210,9 +216,25 @@ impl Run<'_> {
     }
 
     /// Runs a CRIU step to completion; on failure the error carries its log tail.
-    fn step(&self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
+    fn step(&mut self, what: &str, mut cmd: Command, log: &Path) -> Result<()> {
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        match pageserv::child::wait_timeout(&mut child, super::step_timeout())? {
+        let done = pageserv::child::wait_timeout_usage(&mut child, super::step_timeout())?;
+        self.reaped(what, done, log)
+    }
+
+    /// Records a reaped CRIU process's usage; fails unless it exited 0.
+    fn reaped(
+        &mut self,
+        what: &str,
+        done: Option<(std::process::ExitStatus, pageserv::usage::Rusage)>,
+        log: &Path,
+    ) -> Result<()> {
+        let status = done.map(|(s, u)| {
+            self.usage
+                .push((crate::bench::usage::process_name(what), u));
+            s
+        });
+        match status {
             Some(s) if s.success() => Ok(()),
             other => bail!(
                 "{what} failed ({}); its log ends:\n{}",
@@ -229,23 +251,20 @@ impl Run<'_> {
         cmd.args(["--status-fd", &STATUS_FD.to_string()]);
         let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
         drop(w);
-        self.children.push(child);
+        self.children.push(Some(child));
         wait_ready(r, what, log)?;
         Ok(self.children.len() - 1)
     }
 
     fn wait_child(&mut self, i: usize, what: &str, log: &Path) -> Result<()> {
-        match pageserv::child::wait_timeout(&mut self.children[i], super::step_timeout())? {
-            Some(s) if s.success() => Ok(()),
-            other => bail!(
-                "{what} failed ({}); its log ends:\n{}",
-                other.map_or_else(timed_out, |s| s.to_string()),
-                log_tail(log, 15)
-            ),
-        }
+        let Some(mut child) = self.children.get_mut(i).and_then(Option::take) else {
+            bail!("{what}: no such process in this run (already reaped)");
+        };
+        let done = pageserv::child::wait_timeout_usage(&mut child, super::step_timeout())?;
+        self.reaped(what, done, log)
     }
 
-    fn restore(&self, images: &Path, lazy: bool) -> Result<()> {
+    fn restore(&mut self, images: &Path, lazy: bool) -> Result<()> {
         let log = self.logs.join("restore.log");
         let mut cmd = self.criu_cmd(true);
         cmd.arg("restore")

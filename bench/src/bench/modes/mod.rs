@@ -138,6 +138,9 @@ pub struct RunRecord {
     /// could not keep up; its CPU use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_counters: Option<String>,
+    /// CPU and memory of each side and of CRIU's processes (see `bench::usage`).
+    #[serde(default)]
+    pub usage: Option<super::usage::RunUsage>,
 }
 
 /// What a mode reports besides the workload log.
@@ -153,6 +156,7 @@ pub struct ModeOutcome {
     pub fault_p99_us: Option<f64>,
     pub problems: Vec<String>,
     pub log: String,
+    pub usage: Option<super::usage::RunUsage>,
 }
 
 /// Runs one cell once on a fresh workload and testbed.
@@ -186,6 +190,7 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
             emulator: None,
             wall_s: None,
             link_counters: None,
+            usage: None,
         },
     };
     rec.emulator = emulator;
@@ -253,5 +258,6 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         emulator: None,
         wall_s: None,
         link_counters: None,
+        usage: o.usage,
     }
 }

@@ -51,9 +51,17 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let f = |v: &serde_json::Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };
+    let total_ms = f(&r.src, &["total_ms"]);
+    let usage = crate::bench::usage::from_pageserv(
+        total_ms.unwrap_or(0.0),
+        &r.src,
+        &r.dst,
+        r.src_rusage,
+        r.dst_rusage,
+    );
     Ok(ModeOutcome {
         migrated_ns: r.migrated_unix_ns,
-        total_ms: f(&r.src, &["total_ms"]),
+        total_ms,
         wire_bytes: None,
         fault_p50_us: lazy
             .then(|| f(&r.dst, &["fault_latency", "p50_us"]))
@@ -63,5 +71,6 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
             .flatten(),
         problems: r.problems,
         log: r.workload_log,
+        usage: Some(usage),
     })
 }

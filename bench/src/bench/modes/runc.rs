@@ -147,6 +147,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         fault_p99_us: p99,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
+        usage: None,
     })
 }
 

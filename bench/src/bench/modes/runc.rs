@@ -51,16 +51,22 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let log = bed.dir.join("workload.log");
     let rootfs = container::make_rootfs(&bed.dir.join("rootfs"), &demo::sibling("workload")?)?;
     let name = format!("psb{}", std::process::id());
-    let args = [
+    // The same shape as the bare-process modes: with `--one-thread-workload` the heartbeat
+    // thread itself writes the cell's pages, so its gaps include the first post-copy faults.
+    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
+    let mut args = vec![
         "--mib".to_string(),
         cell.mib.to_string(),
         "--threads".into(),
-        super::criu::WORKLOAD_THREADS.to_string(),
+        threads.to_string(),
         "--write-rate".into(),
-        cell.write_rate.to_string(),
+        write_rate,
         "--log".into(),
         "/log/workload.log".into(),
     ];
+    if hb_writes > 0 {
+        args.extend(["--hb-writes".into(), hb_writes.to_string()]);
+    }
     let src_bundle = container::write_bundle(
         &runc,
         &bed.dir.join("bundle-src"),

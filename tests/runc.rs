@@ -138,7 +138,16 @@ struct Run {
     dst_err: String,
 }
 
-fn migrate(s: &Setup, dst_bundle: &Path) -> Run {
+/// How the source migrates.
+#[derive(Clone, Copy)]
+enum How {
+    /// `src --lazy --runc`.
+    Lazy,
+    /// `src --stop-and-copy --runc`.
+    StopAndCopy,
+}
+
+fn migrate(s: &Setup, dst_bundle: &Path, how: How) -> Run {
     let listen = free_udp_port();
     let work = s.lab.dir.join("work");
     let mut dst = Command::new(pageserv())
@@ -161,8 +170,12 @@ fn migrate(s: &Setup, dst_bundle: &Path) -> Run {
         .spawn()
         .expect("start pageserv dst");
     std::thread::sleep(Duration::from_millis(300));
+    let mode = match how {
+        How::Lazy => "--lazy",
+        How::StopAndCopy => "--stop-and-copy",
+    };
     let src = Command::new(pageserv())
-        .args(["src", "--lazy", "--dst-name", "host", "--to"])
+        .args(["src", mode, "--dst-name", "host", "--to"])
         .arg(listen.to_string())
         .arg("--certs")
         .arg(s.certs.join("host"))
@@ -192,12 +205,23 @@ fn migrate(s: &Setup, dst_bundle: &Path) -> Run {
 
 #[test]
 fn migrates_a_runc_container_lazily() {
+    migrates_a_runc_container("runc-lazy", How::Lazy);
+}
+
+/// `runc pause`, `runc checkpoint --leave-running` into pageserv, restore at dst, then the
+/// paused source container deleted.
+#[test]
+fn migrates_a_runc_container_stop_and_copy() {
+    migrates_a_runc_container("runc-stop-copy", How::StopAndCopy);
+}
+
+fn migrates_a_runc_container(test: &str, how: How) {
     if !can_run() {
         return;
     }
-    let s = setup("runc-lazy", 256);
+    let s = setup(test, 256);
     let before = read_log(&s.lab.log());
-    let r = migrate(&s, &s.dst_bundle);
+    let r = migrate(&s, &s.dst_bundle, how);
     assert!(
         r.src.success() && r.dst.success(),
         "migration failed: src {} dst {}\n--- src ---\n{}\n--- dst ---\n{}",
@@ -206,7 +230,8 @@ fn migrates_a_runc_container_lazily() {
         r.src_err,
         r.dst_err
     );
-    // The source container is gone (runc destroyed it after the dump succeeded) ...
+    // The source container is gone (runc destroyed it after the dump succeeded, or pageserv
+    // deleted the paused one after the restore) ...
     assert_eq!(
         s.src.status(&s.name),
         None,
@@ -233,10 +258,20 @@ fn migrates_a_runc_container_lazily() {
 
 #[test]
 fn failed_runc_restore_leaves_the_source_container_running() {
+    failed_restore_leaves_the_source_running("runc-fail", How::Lazy);
+}
+
+/// The stop-and-copy source was paused through the checkpoint: a failed restore resumes it.
+#[test]
+fn failed_stop_and_copy_runc_restore_resumes_the_source_container() {
+    failed_restore_leaves_the_source_running("runc-sc-fail", How::StopAndCopy);
+}
+
+fn failed_restore_leaves_the_source_running(test: &str, how: How) {
     if !can_run() {
         return;
     }
-    let s = setup("runc-fail", 64);
+    let s = setup(test, 64);
     // A destination bundle whose rootfs does not exist: runc restore fails before the
     // container runs there.
     let broken = s.lab.dir.join("bundle-broken");
@@ -245,7 +280,7 @@ fn failed_runc_restore_leaves_the_source_container_running() {
     let mut v: serde_json::Value = serde_json::from_str(&cfg).expect("json");
     v["root"]["path"] = serde_json::json!(s.lab.dir.join("no-such-rootfs"));
     std::fs::write(broken.join("config.json"), v.to_string()).expect("write");
-    let r = migrate(&s, &broken);
+    let r = migrate(&s, &broken, how);
     assert!(!r.src.success(), "src succeeded:\n{}", r.src_err);
     assert!(!r.dst.success(), "dst succeeded:\n{}", r.dst_err);
     // The error names both logs: CRIU's and runc's (whose reason this is).
@@ -254,6 +289,13 @@ fn failed_runc_restore_leaves_the_source_container_running() {
         "dst's error does not name CRIU's and runc's logs:\n{}",
         r.dst_err
     );
+    if let How::StopAndCopy = how {
+        assert!(
+            r.src_err.contains("resumed at the source"),
+            "src's error does not say the container was resumed:\n{}",
+            r.src_err
+        );
+    }
     // The source container runs on, untouched, and goes on checking its memory.
     assert!(
         wait_for(Duration::from_secs(20), || s.src.status(&s.name).as_deref()

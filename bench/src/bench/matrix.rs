@@ -38,10 +38,13 @@ pub enum Mode {
     PageservRuncLazy,
     /// A runc container: as `pageserv-runc-lazy` with `--pre-copy auto`.
     PageservRuncPrecopy,
+    /// A runc container: `pageserv src --stop-and-copy --runc` (runc pause, `runc checkpoint
+    /// --leave-running` into pageserv) + `pageserv dst --runc-bundle` (`runc restore`).
+    PageservRuncStopAndCopy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 11] = [
+    pub const ALL: [Mode; 12] = [
         Mode::CriuDisk,
         Mode::CriuPageserver,
         Mode::CriuLazy,
@@ -53,14 +56,16 @@ impl Mode {
         Mode::RuncPageserver,
         Mode::PageservRuncLazy,
         Mode::PageservRuncPrecopy,
+        Mode::PageservRuncStopAndCopy,
     ];
 
     /// The container modes (their own table in the report).
-    pub const CONTAINERS: [Mode; 4] = [
+    pub const CONTAINERS: [Mode; 5] = [
         Mode::RuncLazy,
         Mode::RuncPageserver,
         Mode::PageservRuncLazy,
         Mode::PageservRuncPrecopy,
+        Mode::PageservRuncStopAndCopy,
     ];
 
     /// Whether the workload runs in a runc container.
@@ -81,6 +86,7 @@ impl Mode {
             Mode::RuncPageserver => "runc-pageserver",
             Mode::PageservRuncLazy => "pageserv-runc-lazy",
             Mode::PageservRuncPrecopy => "pageserv-runc-precopy",
+            Mode::PageservRuncStopAndCopy => "pageserv-runc-stop-and-copy",
         }
     }
 

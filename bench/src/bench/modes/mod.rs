@@ -33,7 +33,8 @@ pub fn runner(mode: Mode) -> Option<Runner> {
         Mode::RuncLazy
         | Mode::RuncPageserver
         | Mode::PageservRuncLazy
-        | Mode::PageservRuncPrecopy => Some(runc::run),
+        | Mode::PageservRuncPrecopy
+        | Mode::PageservRuncStopAndCopy => Some(runc::run),
     }
 }
 

@@ -111,6 +111,19 @@ impl Mode {
         !matches!(self, Mode::CriuDisk)
     }
 
+    /// Stop-and-copy: nothing is left to copy once the workload runs again (no post-copy
+    /// speed to report).
+    pub fn is_stop_and_copy(self) -> bool {
+        matches!(
+            self,
+            Mode::CriuDisk
+                | Mode::CriuPageserver
+                | Mode::PageservStopAndCopy
+                | Mode::RuncPageserver
+                | Mode::PageservRuncStopAndCopy
+        )
+    }
+
     /// Whether the mode reports fault latency (the pageserv destination measures it).
     pub fn has_fault_latency(self) -> bool {
         matches!(

@@ -12,6 +12,7 @@ pub mod criu;
 pub mod dst;
 pub mod fault_lane;
 pub mod fdpass;
+pub mod freezer;
 pub mod images_show;
 pub mod keys;
 pub mod latency;

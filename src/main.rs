@@ -17,6 +17,7 @@ use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
 use pageserv::stopcopy::source::{StopCopyOptions, StopCopySource};
+use runc_cli::RuncArgs;
 
 #[derive(Parser)]
 #[command(
@@ -275,9 +276,11 @@ struct SrcArgs {
     images: Option<PathBuf>,
     /// Migrate this runc container: pageserv runs `runc checkpoint --lazy-pages` itself (page
     /// server on a loopback port, status through a pipe) and joins the dump; with --pre-copy
-    /// the rounds read the container's process tree first. Restore it at dst with
-    /// `pageserv dst --runc-bundle`.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["pid", "page_server", "status_fifo", "resume", "stop_and_copy"])]
+    /// the rounds read the container's process tree first. With --stop-and-copy: `runc pause`,
+    /// `runc checkpoint --leave-running` into pageserv's page server, then the container is
+    /// deleted once dst restored it, else resumed. Restore it at dst with `pageserv dst
+    /// --runc-bundle`.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["pid", "page_server", "status_fifo", "resume", "listen_page_server"])]
     runc: Option<String>,
     #[command(flatten)]
     runc_opts: RuncArgs,
@@ -451,26 +454,6 @@ impl DstLimitArgs {
     }
 }
 
-/// Which runc (with `src --runc` or `dst --runc-bundle`).
-#[derive(Args)]
-struct RuncArgs {
-    /// runc's state directory (`runc --root`; runc's default when not given).
-    #[arg(long, value_name = "DIR")]
-    runc_root: Option<PathBuf>,
-    /// The runc binary (default: `runc` on PATH).
-    #[arg(long, value_name = "PATH")]
-    runc_bin: Option<PathBuf>,
-}
-
-impl RuncArgs {
-    fn runc(&self) -> Result<pageserv::runc::Runc> {
-        Ok(pageserv::runc::Runc::locate(
-            self.runc_bin.as_deref(),
-            self.runc_root.clone(),
-        )?)
-    }
-}
-
 #[derive(Args)]
 struct KeygenArgs {
     /// Where to write the host's certificate (cert.pem, key.pem, ca.pem).
@@ -568,6 +551,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Src(a) if a.stop_and_copy => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
             let source = match (a.pid, a.listen_page_server) {
+                _ if a.runc.is_some() => StopCopySource::Runc {
+                    runc: a.runc_opts.runc()?,
+                    name: a.runc.clone().unwrap_or_default(),
+                },
                 (Some(pid), None) => StopCopySource::Pid {
                     pid,
                     extra: a.common.criu_opts.clone(),
@@ -581,7 +568,7 @@ fn run(cli: Cli) -> Result<()> {
                         .context("--listen-page-server needs --images DIR, the dump's -D")?,
                 },
                 _ => anyhow::bail!(
-                    "--stop-and-copy needs either --pid PID or --listen-page-server ADDR:PORT"
+                    "--stop-and-copy needs --pid PID, --runc NAME or --listen-page-server ADDR:PORT"
                 ),
             };
             let (to, dst_name) = pageserv::protocol::resolve_dst(&a.to, a.dst_name.as_deref())?;
@@ -665,31 +652,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dst(a) => {
             let criu = Criu::locate(a.common.criu.as_deref())?;
-            let (template, runc_container) = match &a.runc_bundle {
-                Some(bundle) => {
-                    let runc = a.runc_opts.runc()?;
-                    let bundle = std::fs::canonicalize(bundle).with_context(|| {
-                        format!(
-                            "the runc bundle {} (it must exist at dst, as at the source)",
-                            bundle.display()
-                        )
-                    })?;
-                    anyhow::ensure!(
-                        bundle.join("config.json").is_file(),
-                        "{} has no config.json: --runc-bundle takes the container's OCI bundle, as at the source",
-                        bundle.display()
-                    );
-                    let name = match &a.name {
-                        Some(n) => n.clone(),
-                        None => bundle
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .context("the bundle path has no last component: pass --name")?,
-                    };
-                    let t = runc.restore_template(&criu.path, &bundle, &name, true);
-                    (Some(t), Some((runc, name)))
-                }
-                None => (a.restore_cmd.clone(), None),
+            let runc = match &a.runc_bundle {
+                Some(bundle) => Some(runc_cli::restore(&a.runc_opts, bundle, a.name.as_deref())?),
+                None => None,
             };
             let opts = DstOptions {
                 listen: a.listen,
@@ -700,8 +665,8 @@ fn run(cli: Cli) -> Result<()> {
                 criu,
                 restore: RestoreOptions {
                     extra: a.common.criu_opts.clone(),
-                    template,
-                    runc_container,
+                    template: a.restore_cmd.clone(),
+                    runc,
                 },
                 transport: pageserv::transport::TransportOptions {
                     idle_timeout: a.link.idle_timeout,
@@ -795,6 +760,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+#[path = "main/runc_cli.rs"]
+mod runc_cli;
 #[cfg(test)]
 #[path = "main/tests.rs"]
 mod tests;

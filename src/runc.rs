@@ -80,7 +80,23 @@ pub enum CheckpointMode {
     /// Post-copy: CRIU serves lazy pages on `page_server` and writes the ready byte to fd 3.
     Lazy { page_server: SocketAddr },
     /// Stop-and-copy: CRIU sends every page to the page server listening on `page_server`.
-    PageServer { page_server: SocketAddr },
+    /// With `leave_running` (`--leave-running`) runc neither kills nor destroys the container
+    /// when the dump succeeds: a container paused before stays frozen (CRIU puts a cgroup it
+    /// found frozen back to frozen), so pageserv decides its end after the restore at dst.
+    PageServer {
+        page_server: SocketAddr,
+        leave_running: bool,
+    },
+}
+
+/// The container runc restores at dst (`pageserv dst --runc-bundle`): the restore command is
+/// built per migration, with `--lazy-pages` for post-copy and without for stop-and-copy.
+#[derive(Debug, Clone)]
+pub struct RuncRestore {
+    pub runc: Runc,
+    pub name: String,
+    /// The container's OCI bundle at dst.
+    pub bundle: PathBuf,
 }
 
 /// The fd number runc's `--status-fd` is given (the caller puts the status FIFO there).
@@ -162,6 +178,29 @@ impl Runc {
         output(cmd).map(|_| ())
     }
 
+    /// `runc pause NAME`: freezes the container's cgroup.
+    pub fn pause(&self, name: &str) -> Result<(), RuncError> {
+        self.simple(&["pause", name])
+    }
+
+    /// `runc resume NAME`: thaws a paused container.
+    pub fn resume(&self, name: &str) -> Result<(), RuncError> {
+        self.simple(&["resume", name])
+    }
+
+    /// `runc kill --all NAME KILL`: SIGKILL to every task of the container. runc freezes the
+    /// cgroup while it signals and thaws it after, so no task of a paused container runs
+    /// again before it dies.
+    pub fn kill_all(&self, name: &str) -> Result<(), RuncError> {
+        self.simple(&["kill", "--all", name, "KILL"])
+    }
+
+    fn simple(&self, args: &[&str]) -> Result<(), RuncError> {
+        let mut cmd = self.command(None);
+        cmd.args(args).stdin(Stdio::null());
+        output(cmd).map(|_| ())
+    }
+
     /// The checkpoint's arguments after runc's global options.
     pub fn checkpoint_args(
         name: &str,
@@ -178,7 +217,13 @@ impl Runc {
                 a.push("--status-fd".into());
                 a.push(STATUS_FD.to_string().into());
             }
-            CheckpointMode::PageServer { page_server } => {
+            CheckpointMode::PageServer {
+                page_server,
+                leave_running,
+            } => {
+                if leave_running {
+                    a.push("--leave-running".into());
+                }
                 a.push("--page-server".into());
                 a.push(page_server.to_string().into());
             }
@@ -334,6 +379,30 @@ mod tests {
             "checkpoint --lazy-pages --page-server 127.0.0.1:27000 --status-fd 3 \
              --image-path /w/images --work-path /w/runc-work web"
         );
+    }
+
+    #[test]
+    fn stop_and_copy_checkpoint_arguments() {
+        let args = |leave_running| {
+            let a = Runc::checkpoint_args(
+                "web",
+                CheckpointMode::PageServer {
+                    page_server: "127.0.0.1:27001".parse().unwrap(),
+                    leave_running,
+                },
+                Path::new("/w/images"),
+                Path::new("/w/runc-work"),
+            );
+            let a: Vec<_> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+            a.join(" ")
+        };
+        assert_eq!(
+            args(true),
+            "checkpoint --leave-running --page-server 127.0.0.1:27001 \
+             --image-path /w/images --work-path /w/runc-work web"
+        );
+        assert!(!args(false).contains("--leave-running"));
+        assert!(!args(true).contains("--lazy-pages"));
     }
 
     #[test]

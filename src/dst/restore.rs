@@ -5,11 +5,14 @@
 //! `--restore-cmd` replaces it for runc/podman-style restores: a shell command in which
 //! `{images}` and `{work}` are replaced by the directories (e.g.
 //! `runc restore --image-path {images} --work-path {work} --lazy-pages --detach ctr`).
+//! `--runc-bundle` builds that command itself, with `--lazy-pages` for post-copy and without
+//! for stop-and-copy ([`crate::runc::RuncRestore`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use crate::criu::binary::{Criu, log_tail};
+use crate::runc::RuncRestore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -38,7 +41,7 @@ pub struct Restore {
     child: Child,
     pub log: PathBuf,
     pub pidfile: PathBuf,
-    runc_container: Option<(crate::runc::Runc, String)>,
+    runc: Option<RuncRestore>,
 }
 
 /// How to run the restore.
@@ -48,9 +51,10 @@ pub struct RestoreOptions {
     pub extra: Vec<String>,
     /// A shell template replacing the default command.
     pub template: Option<String>,
-    /// The restore is `runc restore` of this container: a failed restore deletes what runc
-    /// left of it, so the next attempt finds no half-made container or cgroup.
-    pub runc_container: Option<(crate::runc::Runc, String)>,
+    /// The restore is `runc restore` of this container (replacing `template`): a failed
+    /// restore deletes what runc left of it, so the next attempt finds no half-made container
+    /// or cgroup.
+    pub runc: Option<RuncRestore>,
 }
 
 impl RestoreOptions {
@@ -59,13 +63,14 @@ impl RestoreOptions {
         RestoreOptions {
             extra: crate::criu::opts::merge(&self.extra, carried),
             template: self.template.clone(),
-            runc_container: self.runc_container.clone(),
+            runc: self.runc.clone(),
         }
     }
 }
 
-/// The restore of `images` in `work`: `opts.template` through the shell, or `criu restore -d`
-/// (with `--lazy-pages` when `lazy`) logging to `work/restore.log`, pidfile `work/restore.pid`.
+/// The restore of `images` in `work`: `runc restore` of `opts.runc`, `opts.template` through
+/// the shell, or `criu restore -d` (each with `--lazy-pages` when `lazy`, the template as
+/// given) logging to `work/restore.log`, pidfile `work/restore.pid`.
 pub(crate) fn restore_command(
     criu: &Criu,
     images: &Path,
@@ -73,7 +78,14 @@ pub(crate) fn restore_command(
     opts: &RestoreOptions,
     lazy: bool,
 ) -> Command {
-    let mut cmd = match &opts.template {
+    let template = match &opts.runc {
+        Some(r) => Some(
+            r.runc
+                .restore_template(&criu.path, &r.bundle, &r.name, lazy),
+        ),
+        None => opts.template.clone(),
+    };
+    let mut cmd = match &template {
         Some(t) => {
             let line = t
                 .replace("{images}", &images.display().to_string())
@@ -127,7 +139,7 @@ impl Restore {
             child,
             log,
             pidfile,
-            runc_container: opts.runc_container.clone(),
+            runc: opts.runc.clone(),
         })
     }
 
@@ -142,16 +154,8 @@ impl Restore {
             Ok(())
         } else {
             let mut tail = log_tail(&self.log, 20);
-            if self.runc_container.is_some()
-                && let Some(work) = self.log.parent()
-            {
-                // runc's own reason (a missing rootfs, a cgroup it cannot make) is in its log.
-                let runc_log = work.join("runc.log");
-                tail = format!(
-                    "{tail}\nLast lines of runc's log {}:\n{}",
-                    runc_log.display(),
-                    log_tail(&runc_log, 10)
-                );
+            if self.runc.is_some() {
+                tail.push_str(&runc_log_tail(&self.log));
             }
             let errors = crate::criu::binary::log_errors(&self.log, 3);
             Err(RestoreError::Failed {
@@ -181,17 +185,36 @@ impl Restore {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some((runc, name)) = &self.runc_container
-            && runc.exists(name)
-        {
-            match runc.delete_force(name) {
-                Ok(()) => {
-                    tracing::info!(container = %name, "deleted the container the failed runc restore left")
-                }
-                Err(e) => {
-                    tracing::warn!(container = %name, "could not delete the container the failed runc restore left: {e}")
-                }
-            }
+        delete_failed_runc(self.runc.as_ref());
+    }
+}
+
+/// After a failed `runc restore`: deletes what runc left of the container (its state and
+/// cgroup), so the next attempt finds nothing half-made.
+pub(crate) fn delete_failed_runc(runc: Option<&RuncRestore>) {
+    let Some(RuncRestore { runc, name, .. }) = runc else {
+        return;
+    };
+    if !runc.exists(name) {
+        return;
+    }
+    match runc.delete_force(name) {
+        Ok(()) => {
+            tracing::info!(container = %name, "deleted the container the failed runc restore left")
+        }
+        Err(e) => {
+            tracing::warn!(container = %name, "could not delete the container the failed runc restore left: {e}")
         }
     }
+}
+
+/// runc's own reason for a failed restore (a missing rootfs, a cgroup it cannot make) is in
+/// its log beside CRIU's `restore_log`: its last lines, as a paragraph to append.
+pub(crate) fn runc_log_tail(restore_log: &Path) -> String {
+    let runc_log = restore_log.with_file_name("runc.log");
+    format!(
+        "\nLast lines of runc's log {}:\n{}",
+        runc_log.display(),
+        log_tail(&runc_log, 10)
+    )
 }

@@ -1,6 +1,7 @@
 //! `pageserv dst` for a stop-and-copy source: writes the forwarded page-server session and the
 //! dump's other images into a standard CRIU image directory, then runs a plain `criu restore`
-//! (no lazy pages: every page is in the images).
+//! (no lazy pages: every page is in the images), or with `--runc-bundle` a plain `runc restore`
+//! (a failed one leaves no container behind).
 
 use std::path::Path;
 use std::process::Command;
@@ -14,7 +15,7 @@ use crate::criu::page_server::writer::DirWriter;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
 use crate::dst::receive_clock::ReceiveClock;
-use crate::dst::restore::restore_command;
+use crate::dst::restore::{delete_failed_runc, restore_command, runc_log_tail};
 use crate::limits::{DstLimits, LimitHit, flag};
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
@@ -117,7 +118,14 @@ pub async fn migrate_in(
         let log = work.join("restore.log");
         tokio::task::spawn_blocking(move || restore(cmd, &log)).await?
     };
-    if let Err(e) = restored {
+    if let Err(mut e) = restored {
+        if opts.restore.runc.is_some() {
+            delete_failed_runc(opts.restore.runc.as_ref());
+            e = e.context(format!(
+                "runc restore failed{}",
+                runc_log_tail(&work.join("restore.log"))
+            ));
+        }
         tracing::error!(
             migration = %tag,
             "restore failed: {e:#}\nlast lines of restore.log:\n{}",

@@ -54,6 +54,22 @@ fn stop_and_copy_refuses_post_copy_flags() {
 }
 
 #[test]
+fn a_runc_container_takes_both_modes() {
+    let runc = |extra: &[&str]| {
+        let mut args = vec!["src", "--to", "127.0.0.1:7070", "--runc", "web"];
+        args.extend(extra);
+        parse(&args).map(|_| ())
+    };
+    assert!(runc(&["--lazy"]).is_ok());
+    assert!(runc(&["--lazy", "--pre-copy", "auto"]).is_ok());
+    assert!(runc(&["--stop-and-copy", "--runc-root", "/run/r"]).is_ok());
+    // Stop-and-copy of a container is pageserv's own checkpoint: not an external dump's.
+    let e = runc(&["--stop-and-copy", "--listen-page-server", "127.0.0.1:27000"])
+        .expect_err("--runc with --listen-page-server accepted");
+    assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+}
+
+#[test]
 fn measurement_knobs_only_from_the_lab() {
     let knobs = |extra: &[&str]| {
         let mut args = SRC.to_vec();

@@ -108,6 +108,9 @@ pub struct ReadyDump {
     /// ([`crate::source::eager_dump`]), and whether this one still is.
     pub redumps: u32,
     pub eager: bool,
+    /// The container's freezer (runc dumps): frozen before dst may restore, so a dump that
+    /// dies mid post-copy leaves the tasks stopped ([`crate::freezer`]).
+    pub freezer: Option<crate::freezer::Freezer>,
 }
 
 impl ReadyDump {
@@ -198,6 +201,7 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
                 started_at,
                 redumps: 0,
                 eager: false,
+                freezer: None,
             })
         }
         Err(DumpError::StatusEof { .. }) => {
@@ -255,6 +259,7 @@ pub fn join_after_status(
         started_at,
         redumps: 0,
         eager: false,
+        freezer: None,
     })
 }
 

@@ -114,6 +114,7 @@ fn open_dump_blocking(
                     started_at: SystemTime::now(),
                     redumps: 0,
                     eager: false,
+                    freezer: None,
                 },
                 Some(link),
             ))

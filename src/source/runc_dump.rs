@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::SystemTime;
 
 use crate::criu::binary::{Criu, pass_fds};
+use crate::freezer::Freezer;
 use crate::runc::{CheckpointMode, Runc, STATUS_FD};
 use crate::source::dump::{DumpError, ReadyDump, join_after_status};
 
@@ -42,6 +43,17 @@ pub fn start_runc_checkpoint(
             what: "the status pipe",
             source: e.into(),
         })?;
+    // The container's cgroup, found while it runs (see crate::freezer); without one the
+    // migration goes on as before, unprotected against a dying dump.
+    let freezer = match dump.runc.running(&dump.name) {
+        Ok(st) => Freezer::of_pid(st.pid)
+            .map_err(|e| tracing::warn!(container = %dump.name, "no freezer: {e}"))
+            .ok(),
+        Err(e) => {
+            tracing::warn!(container = %dump.name, "no freezer: {e}");
+            None
+        }
+    };
     let mut cmd = dump.runc.command(Some(&criu.path));
     cmd.args(Runc::checkpoint_args(
         &dump.name,
@@ -72,6 +84,7 @@ pub fn start_runc_checkpoint(
         Ok(mut ready) => {
             ready.child = Some(child);
             ready.log = Some(log);
+            ready.freezer = freezer;
             Ok(ready)
         }
         Err(e) => {

@@ -96,6 +96,20 @@ async fn dump_exit(dump: &mut ReadyDump) -> std::process::ExitStatus {
 /// `criu dump` died mid post-copy: what that means, plainly.
 fn dump_died_error(dump: &ReadyDump, status: &std::process::ExitStatus) -> anyhow::Error {
     let pid = dump.child.as_ref().map_or(0, |c| c.id());
+    if let Some(f) = &dump.freezer {
+        return anyhow!(
+            "the dump (pid {pid}, runc checkpoint) died in the middle of the post-copy \
+             ({status}): the container's tasks stayed frozen in {}, but no more pages can be \
+             served from them and the restored copy at dst can never be completed: pageserv \
+             tells dst to kill it, then thaws the source container, which is the live copy; \
+             migrate it again once the cause is fixed{}",
+            f.dir().display(),
+            dump.log
+                .as_ref()
+                .map(|l| format!(" (CRIU's log: {})", l.display()))
+                .unwrap_or_default()
+        );
+    }
     anyhow!(
         "criu dump (pid {pid}) died in the middle of the post-copy ({status}): the kernel released \
          the source tasks it held frozen and they RUN AGAIN at the source, from the state they \
@@ -268,6 +282,8 @@ async fn migrate(
     };
     let plan = make_plan();
     report.lazy_pages = plan.total_pages();
+    // From the images on dst may restore: a container's tasks are held by its freezer too.
+    hold_in_freezer(dump);
     let shipped = if rejoin.is_some() {
         // dst restored from the images the dead src shipped.
         knows.images_shipped = true;
@@ -481,7 +497,7 @@ async fn migrate(
         // the restored copy can never be completed. dst kills it (the Abort) before any missing
         // page reads as zero; the source copy keeps running.
         let reason = format!("{e:#}");
-        let _ = send_ctl(
+        let told = send_ctl(
             &mut link.ctl,
             Msg::Abort(crate::pb::pageserv::Abort { reason }),
         )
@@ -493,7 +509,20 @@ async fn migrate(
             k.release();
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), link.conn.closed()).await;
-        return outcome.map(|_| report);
+        // A container's tasks waited in the freezer: the source copy is the live one now that
+        // dst was told to kill its copy; if it could not be told, they stay frozen.
+        return match (told, outcome) {
+            (Ok(()), o) => {
+                release_freezer(dump, "the dump died; dst was told to kill its copy");
+                o.map(|_| report)
+            }
+            (Err(t), Err(e)) if dump.freezer.is_some() => Err(e.context(format!(
+                "dst could not be told to kill its copy ({t:#}), so the source container stays \
+                 frozen (runc shows it paused): `runc resume` it only once no restored copy \
+                 runs at dst"
+            ))),
+            (Err(_), o) => o.map(|_| report),
+        };
     }
     let action = outcome::source_action(knows);
     let decision = match action {
@@ -503,6 +532,11 @@ async fn migrate(
     };
     let _ = control_tx.send(Some(decision));
     let pump_stats = pump_task.await.context("the pump task panicked")?;
+    // CRIU acknowledged the close (it kills the tasks next) or was made to fail (it resumes
+    // them): either way it still holds them, and a frozen cgroup would only stall it.
+    if action != SourceAction::KeepFrozen {
+        release_freezer(dump, "the dump ends");
+    }
     let push_result = tasks.finish().await;
     if let Some(b) = &writers.bar {
         b.finish_and_clear();
@@ -611,6 +645,13 @@ fn settle(
                      --resume-source, only if no restored copy runs anywhere)",
                     w = work.display()
                 ))
+            } else if let Some(f) = &dump.freezer {
+                e.context(format!(
+                    "a restored copy may have run at dst, so the source container stays frozen \
+                     in {} (runc shows it paused): `runc resume` it only once no restored copy \
+                     runs at dst, else `runc delete --force` it",
+                    f.dir().display()
+                ))
             } else {
                 e.context("the source dump has no keeper (external dump): what CRIU does next depends on how it ends")
             }
@@ -619,7 +660,37 @@ fn settle(
             if let Some(k) = keeper.take() {
                 k.release();
             }
+            release_freezer(dump, "the migration failed before dst ran its copy");
             e
         }
+    }
+}
+
+/// A container dump: freezes its cgroup (see [`crate::freezer`]), so that a dump dying from
+/// here on leaves its tasks stopped. A cgroup that cannot be frozen is named, and the
+/// migration goes on unprotected, as without a freezer.
+fn hold_in_freezer(dump: &ReadyDump) {
+    let Some(f) = &dump.freezer else { return };
+    match f.freeze_and_wait(Duration::from_secs(2)) {
+        Ok(()) => tracing::info!(
+            cgroup = %f.dir().display(),
+            "froze the container's cgroup: a dump dying from here on leaves its tasks stopped"
+        ),
+        Err(e) => tracing::warn!(
+            "could not freeze the container's cgroup ({e}): a dump dying mid post-copy would \
+             let the source container run again"
+        ),
+    }
+}
+
+/// Thaws a container's cgroup frozen by [`hold_in_freezer`] (CRIU holds or releases its
+/// tasks from here).
+fn release_freezer(dump: &ReadyDump, why: &str) {
+    let Some(f) = &dump.freezer else { return };
+    match f.thaw() {
+        Ok(()) => {
+            tracing::info!(cgroup = %f.dir().display(), "thawed the container's cgroup: {why}")
+        }
+        Err(e) => tracing::error!("{why}, but {e}"),
     }
 }

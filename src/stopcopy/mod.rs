@@ -4,7 +4,9 @@
 //!
 //! The page-server logic itself is the sans-IO [`crate::criu::page_server::ImageSession`]; this
 //! module holds the source's IO shells around it; dst's side is [`crate::dst::stop_and_copy`],
-//! which writes the images with [`crate::criu::page_server::writer`].
+//! which writes the images with [`crate::criu::page_server::writer`]. A runc container's
+//! checkpoint is [`runc_dump`].
 
 pub mod dump;
+pub mod runc_dump;
 pub mod source;

@@ -6,9 +6,10 @@
 //! pages file and pagemap to dst as it is produced → at CLOSE, wait until dst has written the
 //! session, then answer CLOSE → the dump writes its other images and runs its post-dump hook →
 //! ship those images → dst runs `criu restore` → on success tell the hook "ok" (CRIU kills the
-//! source tasks), on any failure "fail" (CRIU resumes them).
+//! source tasks), on any failure "fail" (CRIU resumes them). A runc container is paused and
+//! checkpointed with `--leave-running` instead, then deleted or resumed ([`runc_dump`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +26,9 @@ use crate::keys::Identity;
 use crate::pb::pageserv::{PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
 use crate::protocol::images::{send_image, ship_images};
 use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
+use crate::runc::Runc;
 use crate::stopcopy::dump::{self, StopCopyDump};
+use crate::stopcopy::runc_dump::{self, RuncCheckpoint};
 use crate::transport::{self, FrameReceiver, FrameSender};
 use crate::wire;
 
@@ -46,7 +49,13 @@ pub enum StopCopySource {
         peer: IpAddr,
         images_dir: PathBuf,
     },
+    /// pageserv pauses runc container `name` and runs `runc checkpoint --leave-running
+    /// --page-server` into its own loopback listener (see [`runc_dump`]).
+    Runc { runc: Runc, name: String },
 }
+
+/// How long a container's checkpoint may take to connect, and to end after its last page.
+const RUNC_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Who may connect to `--listen-page-server ADDR`: `given` (`--page-server-peer`), else a dump
 /// on this host: a loopback listen address takes the loopback address of its family, and any
@@ -236,6 +245,9 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let frozen_at = SystemTime::now();
             migrate_external(&mut ctl, &mut ctl_rx, sock, layout, images_dir, frozen_at).await
         }
+        StopCopySource::Runc { runc, name } => {
+            migrate_runc(&mut ctl, &mut ctl_rx, layout, &opts, runc, name).await
+        }
     };
     let mut report = match result {
         Ok(r) => r,
@@ -362,6 +374,124 @@ async fn migrate_external(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     finish_migration(ctl, ctl_rx, images_dir, frozen_at, Vec::new(), report).await
+}
+
+/// A runc container: paused, checkpointed into pageserv's loopback page server, then deleted
+/// (restored at dst) or resumed (anything else).
+async fn migrate_runc(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    layout: Layout,
+    opts: &StopCopyOptions,
+    runc: &Runc,
+    name: &str,
+) -> Result<StopCopyReport> {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .context("listening on loopback for the container checkpoint's page server")?;
+    let page_server = listener.local_addr()?;
+    let (criu, runc_c, name_c, work) = (
+        opts.criu.clone(),
+        runc.clone(),
+        name.to_string(),
+        opts.work_dir.clone(),
+    );
+    let ck = tokio::task::spawn_blocking(move || {
+        runc_dump::start(&criu, &runc_c, &name_c, &work, page_server)
+    })
+    .await??;
+    let (r, ck) = runc_session(ctl, ctl_rx, listener, layout, ck).await;
+    let restored = r.is_ok();
+    // A checkpoint lost to a panicked watcher was resumed by its Drop.
+    let ended = match ck {
+        Some(mut ck) => Some(tokio::task::spawn_blocking(move || ck.finish(restored)).await?),
+        None => None,
+    };
+    let problem = ended.as_ref().and_then(|e| e.problem.clone());
+    match r {
+        Ok(mut rep) => {
+            rep.dump_ok = problem.is_none();
+            Ok(rep)
+        }
+        Err(e) => Err(match problem {
+            Some(p) => e.context(p),
+            None => e.context(format!(
+                "the migration of container {name} failed: it is resumed at the source"
+            )),
+        }),
+    }
+}
+
+/// Serves the container checkpoint's session, waits for runc to end, lets dst restore. Hands
+/// the checkpoint back whatever happens, for its verdict.
+async fn runc_session(
+    ctl: &mut FrameSender,
+    ctl_rx: &mut FrameReceiver,
+    listener: tokio::net::TcpListener,
+    layout: Layout,
+    mut ck: RuncCheckpoint,
+) -> (Result<StopCopyReport>, Option<RuncCheckpoint>) {
+    let mut report = StopCopyReport::default();
+    let t0 = Instant::now();
+    let frozen_at = ck.paused_at;
+    let mut sock = loop {
+        tokio::select! {
+            a = listener.accept() => match a {
+                Ok((sock, peer)) if page_server_peer_ok(peer.ip(), Ipv4Addr::LOCALHOST.into()) => {
+                    break sock;
+                }
+                Ok((_, peer)) => tracing::warn!(%peer, "refused a page-server connection from another address"),
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context("accepting the checkpoint's page-server connection");
+                    return (Err(e), Some(ck));
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                if let Some(e) = ck.ended_early() {
+                    return (Err(e.into()), Some(ck));
+                }
+                if t0.elapsed() > RUNC_STEP_TIMEOUT {
+                    let e = anyhow!(
+                        "runc checkpoint of container {} did not connect to pageserv's page \
+                         server within {RUNC_STEP_TIMEOUT:?}; see runc's log {} and CRIU's log {}",
+                        ck.name, ck.runc_log.display(), ck.criu_log.display()
+                    );
+                    return (Err(e), Some(ck));
+                }
+            }
+        }
+    };
+    drop(listener);
+    let _ = sock.set_nodelay(true);
+    let served = serve_session(
+        ctl,
+        ctl_rx,
+        &mut sock,
+        layout,
+        ParentSet::none(),
+        &mut report,
+    )
+    .await;
+    // Dropped unanswered on an error: CRIU fails the dump and leaves the container paused.
+    drop(sock);
+    let summary = match served {
+        Ok(s) => s,
+        Err(e) => {
+            let e = e.context("serving the container checkpoint's page-server session");
+            return (Err(e), Some(ck));
+        }
+    };
+    report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
+    fill(&mut report, &summary);
+    let waited = tokio::task::spawn_blocking(move || (ck.wait_done(RUNC_STEP_TIMEOUT), ck)).await;
+    let ck = match waited {
+        Ok((Ok(()), ck)) => ck,
+        Ok((Err(e), ck)) => return (Err(e.into()), Some(ck)),
+        Err(e) => return (Err(anyhow!("the checkpoint watcher failed: {e}")), None),
+    };
+    let images_dir = ck.images_dir.clone();
+    let r = finish_migration(ctl, ctl_rx, &images_dir, frozen_at, Vec::new(), report).await;
+    (r, Some(ck))
 }
 
 fn fill(report: &mut StopCopyReport, s: &SessionSummary) {

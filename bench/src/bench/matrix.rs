@@ -38,10 +38,13 @@ pub enum Mode {
     PageservRuncLazy,
     /// A runc container: as `pageserv-runc-lazy` with `--pre-copy auto`.
     PageservRuncPrecopy,
+    /// A runc container: `pageserv src --stop-and-copy --runc` (runc pause, `runc checkpoint
+    /// --leave-running` into pageserv) + `pageserv dst --runc-bundle` (`runc restore`).
+    PageservRuncStopAndCopy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 11] = [
+    pub const ALL: [Mode; 12] = [
         Mode::CriuDisk,
         Mode::CriuPageserver,
         Mode::CriuLazy,
@@ -53,14 +56,16 @@ impl Mode {
         Mode::RuncPageserver,
         Mode::PageservRuncLazy,
         Mode::PageservRuncPrecopy,
+        Mode::PageservRuncStopAndCopy,
     ];
 
     /// The container modes (their own table in the report).
-    pub const CONTAINERS: [Mode; 4] = [
+    pub const CONTAINERS: [Mode; 5] = [
         Mode::RuncLazy,
         Mode::RuncPageserver,
         Mode::PageservRuncLazy,
         Mode::PageservRuncPrecopy,
+        Mode::PageservRuncStopAndCopy,
     ];
 
     /// Whether the workload runs in a runc container.
@@ -81,6 +86,7 @@ impl Mode {
             Mode::RuncPageserver => "runc-pageserver",
             Mode::PageservRuncLazy => "pageserv-runc-lazy",
             Mode::PageservRuncPrecopy => "pageserv-runc-precopy",
+            Mode::PageservRuncStopAndCopy => "pageserv-runc-stop-and-copy",
         }
     }
 
@@ -103,6 +109,19 @@ impl Mode {
     /// link of a matrix only and stands for every link in the comparisons.
     pub fn uses_link(self) -> bool {
         !matches!(self, Mode::CriuDisk)
+    }
+
+    /// Stop-and-copy: nothing is left to copy once the workload runs again (no post-copy
+    /// speed to report).
+    pub fn is_stop_and_copy(self) -> bool {
+        matches!(
+            self,
+            Mode::CriuDisk
+                | Mode::CriuPageserver
+                | Mode::PageservStopAndCopy
+                | Mode::RuncPageserver
+                | Mode::PageservRuncStopAndCopy
+        )
     }
 
     /// Whether the mode reports fault latency (the pageserv destination measures it).

@@ -236,9 +236,21 @@ pub fn markdown(r: &Results) -> String {
              post-copy's goodput (MiB/s) to compare with it.\n"
         );
     }
+    let shape = if r.matrix.one_thread_workload {
+        "one thread that both writes the cell's random pages and heartbeats \
+         (`--one-thread-workload`), so its largest heartbeat gap is the felt downtime, first \
+         post-copy faults included; in every mode, containers too"
+            .to_string()
+    } else {
+        format!(
+            "{} writer threads and a heartbeat thread that touches no migrated memory (its gaps \
+             measure the freeze, not the first post-copy faults)",
+            super::modes::criu::WORKLOAD_THREADS
+        )
+    };
     let _ = writeln!(
         s,
-        "Workload: bench/workload, {} writer threads, heartbeat every 1 ms, full self-check every \
+        "Workload: bench/workload, {shape}, heartbeat every 1 ms, full self-check every \
          1 s. Downtime = largest heartbeat gap (from the workload's log). Degraded = time the \
          write rate stayed below 50% of its pre-migration rate after it ran again ({} ms \
          windows; none at 0 pages/ms). A run counts only if the workload verified its memory at \
@@ -250,7 +262,6 @@ pub fn markdown(r: &Results) -> String {
          to each direction. MiB on the wire = bytes through the source's interface, both ways, \
          headers included. criu-disk copies through local disk: its bytes are the image bytes, \
          the link does not apply and it runs once per size and rate, standing for every link.\n",
-        super::modes::criu::WORKLOAD_THREADS,
         super::modes::RATE_WINDOW_MS,
         super::modes::MIN_CHECKS_AFTER
     );

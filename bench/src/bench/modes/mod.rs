@@ -33,7 +33,8 @@ pub fn runner(mode: Mode) -> Option<Runner> {
         Mode::RuncLazy
         | Mode::RuncPageserver
         | Mode::PageservRuncLazy
-        | Mode::PageservRuncPrecopy => Some(runc::run),
+        | Mode::PageservRuncPrecopy
+        | Mode::PageservRuncStopAndCopy => Some(runc::run),
     }
 }
 
@@ -236,7 +237,7 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
     });
     let speed_pct = gap.zip(wl.tag("r")).and_then(|(g, r)| {
         let normal = r.mean_rate(g.from_ns.saturating_sub(1_000_000_000), g.from_ns)?;
-        (normal > 0.0 && o.migrated_ns > g.to_ns + 50_000_000)
+        (normal > 0.0 && !cell.mode.is_stop_and_copy() && o.migrated_ns > g.to_ns + 50_000_000)
             .then(|| r.mean_rate(g.to_ns, o.migrated_ns))
             .flatten()
             .map(|during| 100.0 * during / normal)

@@ -1,4 +1,4 @@
-//! Container modes: the same workload inside a runc container, migrated four ways.
+//! Container modes: the same workload inside a runc container, migrated five ways.
 //!
 //! - `runc-lazy`: runc's own post-copy, the path `runc checkpoint --lazy-pages` exists for:
 //!   `runc checkpoint --lazy-pages --page-server SRC:PORT --status-fd` at the source, `criu
@@ -7,6 +7,9 @@
 //!   `runc checkpoint --page-server DST:PORT`, the other images copied, `runc restore`.
 //! - `pageserv-runc-lazy` / `pageserv-runc-precopy`: `pageserv src --lazy --runc NAME [--pre-copy
 //!   auto]` and `pageserv dst --runc-bundle DIR`.
+//! - `pageserv-runc-stop-and-copy`: `pageserv src --stop-and-copy --runc NAME` (runc pause,
+//!   `runc checkpoint --leave-running` into pageserv's page server, the paused source deleted
+//!   after the restore) and `pageserv dst --runc-bundle DIR` (`runc restore`).
 //!
 //! The container's rootfs holds the workload and the libraries `ldd` names; its log is on a bind
 //! mount of the run's directory, so the bench reads it as for a bare process. Two runc state
@@ -51,16 +54,22 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let log = bed.dir.join("workload.log");
     let rootfs = container::make_rootfs(&bed.dir.join("rootfs"), &demo::sibling("workload")?)?;
     let name = format!("psb{}", std::process::id());
-    let args = [
+    // The same shape as the bare-process modes: with `--one-thread-workload` the heartbeat
+    // thread itself writes the cell's pages, so its gaps include the first post-copy faults.
+    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
+    let mut args = vec![
         "--mib".to_string(),
         cell.mib.to_string(),
         "--threads".into(),
-        super::criu::WORKLOAD_THREADS.to_string(),
+        threads.to_string(),
         "--write-rate".into(),
-        cell.write_rate.to_string(),
+        write_rate,
         "--log".into(),
         "/log/workload.log".into(),
     ];
+    if hb_writes > 0 {
+        args.extend(["--hb-writes".into(), hb_writes.to_string()]);
+    }
     let src_bundle = container::write_bundle(
         &runc,
         &bed.dir.join("bundle-src"),
@@ -116,8 +125,9 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let migrated = match cell.mode {
         Mode::RuncLazy => c.runc_lazy().map(|()| (None, None)),
         Mode::RuncPageserver => c.runc_page_server().map(|()| (None, None)),
-        Mode::PageservRuncLazy => c.pageserv(false),
-        Mode::PageservRuncPrecopy => c.pageserv(true),
+        Mode::PageservRuncLazy => c.pageserv(Via::Lazy),
+        Mode::PageservRuncPrecopy => c.pageserv(Via::PreCopy),
+        Mode::PageservRuncStopAndCopy => c.pageserv(Via::StopAndCopy),
         m => Err(anyhow::anyhow!("{} is not a container mode", m.name())),
     };
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -355,7 +365,7 @@ impl Ctr<'_> {
     }
 
     /// pageserv's container modes; returns the destination's fault latency p50/p99.
-    fn pageserv(&mut self, pre_copy: bool) -> Result<(Option<f64>, Option<f64>)> {
+    fn pageserv(&mut self, via: Via) -> Result<(Option<f64>, Option<f64>)> {
         let exe = crate::demo::sibling("pageserv")?;
         let (src_certs, dst_certs) = pageserv::keys::demo_identities(&self.bed.dir.join("keys"))?;
         let port = 41000 + (std::process::id() % 20000) as u16;
@@ -396,7 +406,11 @@ impl Ctr<'_> {
         }
         let mut src = Command::new(&exe);
         self.bed.enter_src(&mut src);
-        src.args(["src", "--lazy", "--to", &to, "--dst-name", "dst", "--certs"])
+        let mode = match via {
+            Via::StopAndCopy => "--stop-and-copy",
+            Via::Lazy | Via::PreCopy => "--lazy",
+        };
+        src.args(["src", mode, "--to", &to, "--dst-name", "dst", "--certs"])
             .arg(&src_certs)
             .arg("--work")
             .arg(self.bed.dir.join("src"))
@@ -408,7 +422,7 @@ impl Ctr<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if pre_copy {
+        if let Via::PreCopy = via {
             src.arg("--pre-copy=auto");
         }
         let src = src.spawn().context("starting pageserv src")?;
@@ -416,10 +430,22 @@ impl Ctr<'_> {
         let dst_done = self.wait(dst, "pageserv dst", &dst_json);
         src_done?;
         dst_done?;
+        if let Via::StopAndCopy = via {
+            // A stop-and-copy restore has no faults to time.
+            return Ok((None, None));
+        }
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&dst_json)?)?;
         let f = |k: &str| v["fault_latency"][k].as_f64();
         Ok((f("p50_us"), f("p99_us")))
     }
+}
+
+/// How pageserv migrates the container.
+#[derive(Clone, Copy)]
+enum Via {
+    Lazy,
+    PreCopy,
+    StopAndCopy,
 }
 
 /// Makes `cmd` enter the network namespace `/var/run/netns/NAME` (and nothing else).

@@ -191,6 +191,16 @@ fn duration(text: &str) -> std::result::Result<Duration, String> {
         })
 }
 
+/// `pageserv src --deny-cert FILE`'s list (empty without the flag).
+fn src_deny_list(
+    file: &Option<PathBuf>,
+) -> Result<std::sync::Arc<pageserv::keys::trust::DenyList>> {
+    Ok(std::sync::Arc::new(match file {
+        Some(f) => pageserv::keys::trust::DenyList::load(f)?,
+        None => Default::default(),
+    }))
+}
+
 /// The congestion controller of the connection that carries the bulk of the pages.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CongestionArg {
@@ -257,6 +267,10 @@ struct SrcArgs {
     /// certificate of the CA.
     #[arg(long, value_name = "NAME")]
     dst_name: Option<String>,
+    /// Refuse destinations whose certificates' SHA-256 fingerprints this file lists, one a line
+    /// (`pageserv keygen --fingerprint CERT` prints one): revoked before they expire.
+    #[arg(long, value_name = "FILE")]
+    deny_cert: Option<PathBuf>,
     /// Dump this process tree (its root pid) with `criu dump --lazy-pages`.
     #[arg(long, conflicts_with_all = ["page_server", "status_fifo"])]
     pid: Option<i32>,
@@ -426,6 +440,10 @@ struct DstLimitArgs {
     /// Page bytes one stop-and-copy session may write (default: this host's RAM).
     #[arg(long, value_name = "MIB")]
     max_session_mib: Option<u64>,
+    /// A fault request unanswered this long on a live link makes dst drop the link (the source
+    /// may resume within --recover-timeout); three such links in a row fail the migration.
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_FAULT_ANSWER_SECS)]
+    fault_answer_secs: u64,
 }
 
 impl DstLimitArgs {
@@ -442,6 +460,7 @@ impl DstLimitArgs {
             max_session_bytes: self
                 .max_session_mib
                 .map_or(d.max_session_bytes, |m| m << 20),
+            fault_answer: Duration::from_secs(self.fault_answer_secs.max(1)),
         }
     }
 }
@@ -590,6 +609,7 @@ fn run(cli: Cli) -> Result<()> {
                 // The pages travel on this one connection: it gets the push's controller.
                 transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
+                    deny: src_deny_list(&a.deny_cert)?,
                     ..Default::default()
                 },
             };
@@ -648,6 +668,7 @@ fn run(cli: Cli) -> Result<()> {
                 push_transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
                     idle_timeout: a.link.idle_timeout,
+                    deny: src_deny_list(&a.deny_cert)?,
                     ..Default::default()
                 },
                 progress: true,

@@ -101,6 +101,9 @@ struct Run {
     dst_log: String,
     src: Option<std::process::ExitStatus>,
     dst2: Option<std::process::ExitStatus>,
+    /// With a restart: what the restarted dst answered a resume of this migration from another
+    /// source certificate of the same CA (sent before the real source came back).
+    foreign_resume: Option<String>,
     dst2_log: String,
 }
 
@@ -132,7 +135,15 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
     let src_log = scratch.path().join("src.log");
     let mut src = Command::new(env!("CARGO_BIN_EXE_pageserv"))
         .env(pageserv::child::LAB_ENV, "1")
-        .args(["src", "--lazy", "--to", &addr, "--dst-name", "dst", "--certs"])
+        .args([
+            "src",
+            "--lazy",
+            "--to",
+            &addr,
+            "--dst-name",
+            "dst",
+            "--certs",
+        ])
         .arg(&src_certs)
         .arg("--work")
         .arg(scratch.sub("src"))
@@ -194,10 +205,16 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
     } else {
         (None, PathBuf::new())
     };
+    // src notices the dead link only after its idle timeout: meanwhile another source
+    // certificate tries to resume the adopted migration.
+    let foreign_resume =
+        restart.then(|| foreign_resume(scratch.path(), &addr, &scratch.path().join("src")));
     // The child reads once its delay is over: wait for its verdict or its end.
-    let _ = criu::wait_for(Duration::from_secs(60), "the child's verdict or end", || {
-        result.exists() || !alive(child)
-    });
+    let _ = criu::wait_for(
+        Duration::from_secs(60),
+        "the child's verdict or end",
+        || result.exists() || !alive(child),
+    );
     // A verdict is written in one write(2); give it a moment to land after the exit.
     std::thread::sleep(Duration::from_millis(50));
     let verdict = std::fs::read_to_string(&result).ok();
@@ -233,6 +250,7 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
         src: src_status,
         dst2: dst2_status,
         dst2_log: std::fs::read_to_string(&dst2_log).unwrap_or_default(),
+        foreign_resume,
     };
     // Cleanup: the restored tree (a pid namespace: its init takes it down), the source tree, and
     // whatever of ours still runs.
@@ -242,8 +260,54 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
         let _ = p.kill();
         let _ = p.wait();
     }
-    eprintln!("src log:\n{}", std::fs::read_to_string(&src_log).unwrap_or_default());
+    eprintln!(
+        "src log:\n{}",
+        std::fs::read_to_string(&src_log).unwrap_or_default()
+    );
     Some(run)
+}
+
+/// Resumes the migration whose id src recorded under `src_work` from a second source
+/// certificate of the demo CA in `scratch/keys`, and returns what dst answered.
+fn foreign_resume(scratch: &Path, addr: &str, src_work: &Path) -> String {
+    use pageserv::pb::pageserv::control::Msg;
+    use pageserv::protocol::{self, Role};
+    let keys = scratch.join("keys");
+    pageserv::keys::issue_names(
+        &keys.join("ca"),
+        &["src-b".to_string()],
+        &[pageserv::keys::Role::Source],
+        &keys.join("src-b"),
+    )
+    .expect("a second source certificate");
+    let other = pageserv::keys::Identity::load(&keys.join("src-b")).expect("src-b");
+    let mid = std::fs::read_dir(src_work)
+        .expect("src's work directory")
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("migration-id")).ok())
+        .expect("src recorded the migration id");
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let opts = pageserv::transport::TransportOptions::default();
+        let (_conn, mut tx, mut rx) = protocol::connect_control(&other, addr, "dst", &opts)
+            .await
+            .expect("src-b is admitted (any source of the CA is)");
+        protocol::send_ctl(
+            &mut tx,
+            Msg::Hello(protocol::hello(
+                Role::SrcResume,
+                "4.2.1".into(),
+                mid.trim().into(),
+            )),
+        )
+        .await
+        .expect("resume hello");
+        match tokio::time::timeout(Duration::from_secs(5), protocol::next_ctl(&mut rx)).await {
+            Ok(Ok(Msg::Abort(a))) => format!("Abort: {}", a.reason),
+            other => format!("{other:?}"),
+        }
+    })
 }
 
 /// Nobody adopts: the keeper holds the child's uffd, the child's reads wait, and at dst's
@@ -273,7 +337,9 @@ fn a_dst_killed_after_a_post_restore_fork_leaves_no_child_reading_zeros() {
 }
 
 /// A dst restarted on the same `--work` adopts the restored root and the forked child from the
-/// keeper; src resumes into it and the child reads every page right.
+/// keeper; a resume from another source certificate of the CA is refused (the adopted migration
+/// is still bound to the certificate that opened it, recorded in its directory); src resumes
+/// into it and the child reads every page right.
 #[test]
 fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
     let Some(run) = fork_then_kill_dst("fork-adopt", true) else {
@@ -289,6 +355,13 @@ fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
     assert!(
         run.dst2_log.contains("adopted the restored tasks"),
         "{}",
+        run.dst2_log
+    );
+    // The adopted migration stays bound to the certificate that opened it.
+    let foreign = run.foreign_resume.as_deref().unwrap_or("");
+    assert!(
+        foreign.starts_with("Abort") && foreign.contains("another certificate"),
+        "a resume from another source certificate was not refused: {foreign}\n{}",
         run.dst2_log
     );
     assert!(run.src.is_some_and(|s| s.success()), "src: {:?}", run.src);

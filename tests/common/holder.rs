@@ -144,8 +144,8 @@ pub fn fork_result(trigger: &Path) -> std::path::PathBuf {
 
 fn fork_when_triggered(base: *mut u8, trigger: &Path) {
     use std::os::unix::ffi::OsStrExt;
-    let result = std::ffi::CString::new(fork_result(trigger).as_os_str().as_bytes())
-        .expect("result path");
+    let result =
+        std::ffi::CString::new(fork_result(trigger).as_os_str().as_bytes()).expect("result path");
     while !trigger.exists() {
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -12,7 +12,11 @@ use pageserv::criu::binary::Criu;
 use pageserv::dst::endpoint;
 use pageserv::dst::options::DstOptions;
 use pageserv::dst::restore::RestoreOptions;
-use pageserv::limits;
+use pageserv::keys::trust::DenyList;
+
+#[path = "main/limit_args.rs"]
+mod limit_args;
+use limit_args::DstLimitArgs;
 use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
@@ -189,16 +193,6 @@ fn duration(text: &str) -> std::result::Result<Duration, String> {
                 "{text:?} is no duration >= 0: give a number with ms, s or m, e.g. 250ms or 30s"
             )
         })
-}
-
-/// `pageserv src --deny-cert FILE`'s list (empty without the flag).
-fn src_deny_list(
-    file: &Option<PathBuf>,
-) -> Result<std::sync::Arc<pageserv::keys::trust::DenyList>> {
-    Ok(std::sync::Arc::new(match file {
-        Some(f) => pageserv::keys::trust::DenyList::load(f)?,
-        None => Default::default(),
-    }))
 }
 
 /// The congestion controller of the connection that carries the bulk of the pages.
@@ -418,53 +412,6 @@ struct DstArgs {
     common: Common,
 }
 
-/// What a source may make `pageserv dst` hold (README "Limits"; `pageserv::limits`).
-#[derive(Args)]
-struct DstLimitArgs {
-    /// Image bytes one migration may send (its announced size is checked before any is written).
-    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MAX_IMAGES_MIB)]
-    max_images_mib: u64,
-    /// Free space the work directory's file system must keep after the images.
-    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MIN_FREE_DISK_MIB)]
-    min_free_disk_mib: u64,
-    /// A source silent this long while sending its pre-copy and images loses its migration.
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_IDLE_SECS)]
-    receive_idle_secs: u64,
-    /// A source not done with its pre-copy and images this long after its hello loses its
-    /// migration.
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_DEADLINE_SECS)]
-    receive_deadline_secs: u64,
-    /// Memory the pre-copy page store may use (default: half of this host's RAM).
-    #[arg(long, value_name = "MIB")]
-    max_page_store_mib: Option<u64>,
-    /// Page bytes one stop-and-copy session may write (default: this host's RAM).
-    #[arg(long, value_name = "MIB")]
-    max_session_mib: Option<u64>,
-    /// A fault request unanswered this long on a live link makes dst drop the link (the source
-    /// may resume within --recover-timeout); three such links in a row fail the migration.
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_FAULT_ANSWER_SECS)]
-    fault_answer_secs: u64,
-}
-
-impl DstLimitArgs {
-    fn limits(&self) -> limits::DstLimits {
-        let d = limits::DstLimits::default();
-        limits::DstLimits {
-            max_images_bytes: self.max_images_mib << 20,
-            min_free_disk_bytes: self.min_free_disk_mib << 20,
-            receive_idle: Duration::from_secs(self.receive_idle_secs.max(1)),
-            receive_deadline: Duration::from_secs(self.receive_deadline_secs.max(1)),
-            max_page_store_bytes: self
-                .max_page_store_mib
-                .map_or(d.max_page_store_bytes, |m| m << 20),
-            max_session_bytes: self
-                .max_session_mib
-                .map_or(d.max_session_bytes, |m| m << 20),
-            fault_answer: Duration::from_secs(self.fault_answer_secs.max(1)),
-        }
-    }
-}
-
 /// Which runc (with `src --runc` or `dst --runc-bundle`).
 #[derive(Args)]
 struct RuncArgs {
@@ -609,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
                 // The pages travel on this one connection: it gets the push's controller.
                 transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
-                    deny: src_deny_list(&a.deny_cert)?,
+                    deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
                 },
             };
@@ -668,7 +615,7 @@ fn run(cli: Cli) -> Result<()> {
                 push_transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
                     idle_timeout: a.link.idle_timeout,
-                    deny: src_deny_list(&a.deny_cert)?,
+                    deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
                 },
                 progress: true,
@@ -725,10 +672,7 @@ fn run(cli: Cli) -> Result<()> {
                 recover_timeout: a.link.recover_timeout,
                 admission: pageserv::keys::trust::Admission::new(
                     a.allow_source.clone(),
-                    match &a.deny_cert {
-                        Some(f) => pageserv::keys::trust::DenyList::load(f)?,
-                        None => Default::default(),
-                    },
+                    DenyList::load_optional(a.deny_cert.as_deref())?,
                 )
                 .map_err(anyhow::Error::msg)?,
                 limits: a.limits.limits(),

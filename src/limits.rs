@@ -39,6 +39,9 @@ pub struct DstLimits {
     /// `--max-session-mib`, default this host's RAM (MemTotal): a tree that does not fit in
     /// dst's memory cannot be restored here anyway.
     pub max_session_bytes: u64,
+    /// Longest a fault request may wait for its page on a live link before dst treats the link
+    /// as lost (see [`crate::dst::answer_watch`]). `--fault-answer-secs`, default 60 s.
+    pub fault_answer: Duration,
 }
 
 /// Flag names, for errors that tell the user what to raise.
@@ -49,6 +52,7 @@ pub mod flag {
     pub const RECEIVE_DEADLINE: &str = "--receive-deadline-secs";
     pub const MAX_PAGE_STORE: &str = "--max-page-store-mib";
     pub const MAX_SESSION: &str = "--max-session-mib";
+    pub const FAULT_ANSWER: &str = "--fault-answer-secs";
 }
 
 /// Default of [`DstLimits::max_images_bytes`].
@@ -57,6 +61,12 @@ pub const DEFAULT_MAX_IMAGES_MIB: u64 = 8 << 10;
 pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 1 << 10;
 /// Default of [`DstLimits::receive_idle`].
 pub const DEFAULT_RECEIVE_IDLE_SECS: u64 = 60;
+/// Default of [`DstLimits::fault_answer`].
+pub const DEFAULT_FAULT_ANSWER_SECS: u64 = 60;
+/// Links in a row dst drops because a fault request went unanswered past
+/// [`DstLimits::fault_answer`], with no request answered in between, before the migration fails
+/// (see [`crate::dst::answer_watch`]).
+pub const MAX_SILENT_LINKS: u32 = 3;
 /// Default of [`DstLimits::receive_deadline`].
 pub const DEFAULT_RECEIVE_DEADLINE_SECS: u64 = 15 * 60;
 
@@ -70,6 +80,7 @@ impl Default for DstLimits {
             receive_deadline: Duration::from_secs(DEFAULT_RECEIVE_DEADLINE_SECS),
             max_page_store_bytes: ram / 2,
             max_session_bytes: ram,
+            fault_answer: Duration::from_secs(DEFAULT_FAULT_ANSWER_SECS),
         }
     }
 }
@@ -97,6 +108,11 @@ pub const URGENT_QUEUE: usize = 64;
 /// dst has one faulting page (plus its read-ahead) per waiting thread open, and never asks
 /// twice; a request for more pages than this is refused as well.
 pub const MAX_OUTSTANDING_FAULT_PAGES: u64 = 1 << 18;
+/// Fault and resume connections of one migration waiting for it to take them (it takes its
+/// fault connection at the start, and resumes and new fault connections once its post-copy
+/// runs): an honest source has one fault connection and one resume in flight, so more are
+/// refused (closed with a reason) instead of queued without bound.
+pub const MAX_ROUTED_WAITING: usize = 8;
 /// Ranges in the missing lists of one resume (16 bytes each): a dst that sends more is refused.
 pub const MAX_MISSING_RANGES: usize = 1 << 22;
 

@@ -12,7 +12,11 @@ use pageserv::criu::binary::Criu;
 use pageserv::dst::endpoint;
 use pageserv::dst::options::DstOptions;
 use pageserv::dst::restore::RestoreOptions;
-use pageserv::limits;
+use pageserv::keys::trust::DenyList;
+
+#[path = "main/limit_args.rs"]
+mod limit_args;
+use limit_args::DstLimitArgs;
 use pageserv::source::pre_copy::{PreCopyConfig, PreCopyMode};
 use pageserv::source::pump::PumpConfig;
 use pageserv::source::service::{self as src_service, DumpSource, SourceOptions};
@@ -258,6 +262,10 @@ struct SrcArgs {
     /// certificate of the CA.
     #[arg(long, value_name = "NAME")]
     dst_name: Option<String>,
+    /// Refuse destinations whose certificates' SHA-256 fingerprints this file lists, one a line
+    /// (`pageserv keygen --fingerprint CERT` prints one): revoked before they expire.
+    #[arg(long, value_name = "FILE")]
+    deny_cert: Option<PathBuf>,
     /// Dump this process tree (its root pid) with `criu dump --lazy-pages`.
     #[arg(long, conflicts_with_all = ["page_server", "status_fifo"])]
     pid: Option<i32>,
@@ -412,48 +420,6 @@ struct DstArgs {
     common: Common,
 }
 
-/// What a source may make `pageserv dst` hold (README "Limits"; `pageserv::limits`).
-#[derive(Args)]
-struct DstLimitArgs {
-    /// Image bytes one migration may send (its announced size is checked before any is written).
-    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MAX_IMAGES_MIB)]
-    max_images_mib: u64,
-    /// Free space the work directory's file system must keep after the images.
-    #[arg(long, value_name = "MIB", default_value_t = limits::DEFAULT_MIN_FREE_DISK_MIB)]
-    min_free_disk_mib: u64,
-    /// A source silent this long while sending its pre-copy and images loses its migration.
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_IDLE_SECS)]
-    receive_idle_secs: u64,
-    /// A source not done with its pre-copy and images this long after its hello loses its
-    /// migration.
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_RECEIVE_DEADLINE_SECS)]
-    receive_deadline_secs: u64,
-    /// Memory the pre-copy page store may use (default: half of this host's RAM).
-    #[arg(long, value_name = "MIB")]
-    max_page_store_mib: Option<u64>,
-    /// Page bytes one stop-and-copy session may write (default: this host's RAM).
-    #[arg(long, value_name = "MIB")]
-    max_session_mib: Option<u64>,
-}
-
-impl DstLimitArgs {
-    fn limits(&self) -> limits::DstLimits {
-        let d = limits::DstLimits::default();
-        limits::DstLimits {
-            max_images_bytes: self.max_images_mib << 20,
-            min_free_disk_bytes: self.min_free_disk_mib << 20,
-            receive_idle: Duration::from_secs(self.receive_idle_secs.max(1)),
-            receive_deadline: Duration::from_secs(self.receive_deadline_secs.max(1)),
-            max_page_store_bytes: self
-                .max_page_store_mib
-                .map_or(d.max_page_store_bytes, |m| m << 20),
-            max_session_bytes: self
-                .max_session_mib
-                .map_or(d.max_session_bytes, |m| m << 20),
-        }
-    }
-}
-
 #[derive(Args)]
 struct KeygenArgs {
     /// Where to write the host's certificate (cert.pem, key.pem, ca.pem).
@@ -582,6 +548,7 @@ fn run(cli: Cli) -> Result<()> {
                 // The pages travel on this one connection: it gets the push's controller.
                 transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
+                    deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
                 },
             };
@@ -640,6 +607,7 @@ fn run(cli: Cli) -> Result<()> {
                 push_transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
                     idle_timeout: a.link.idle_timeout,
+                    deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
                 },
                 progress: true,
@@ -675,10 +643,7 @@ fn run(cli: Cli) -> Result<()> {
                 recover_timeout: a.link.recover_timeout,
                 admission: pageserv::keys::trust::Admission::new(
                     a.allow_source.clone(),
-                    match &a.deny_cert {
-                        Some(f) => pageserv::keys::trust::DenyList::load(f)?,
-                        None => Default::default(),
-                    },
+                    DenyList::load_optional(a.deny_cert.as_deref())?,
                 )
                 .map_err(anyhow::Error::msg)?,
                 limits: a.limits.limits(),

@@ -22,7 +22,7 @@ use rustls::pki_types::CertificateDer;
 pub use errors::{Refusal, RefusalReason, RefusedBy, TransportError};
 pub use framed::{FrameReceiver, FrameSender, STOP_PROTOCOL_ERROR};
 
-use crate::keys::trust::{Admission, Fingerprint};
+use crate::keys::trust::{Admission, DenyList, Fingerprint};
 use crate::keys::{Identity, crypto_provider};
 use errors::{DURING_HANDSHAKE, explain};
 
@@ -100,6 +100,9 @@ pub struct TransportOptions {
     /// Drive the endpoint (socket, timers, connection drivers) on the fault lane
     /// ([`crate::fault_lane`]) instead of the caller's runtime: for the fault connection only.
     pub fault_lane: bool,
+    /// A client's deny list (`pageserv src --deny-cert FILE`): a server presenting one of these
+    /// certificates is refused right after the TLS handshake, before anything is sent to it.
+    pub deny: Arc<DenyList>,
 }
 
 impl Default for TransportOptions {
@@ -117,6 +120,7 @@ impl Default for TransportOptions {
             udp_send_buffer: 0,
             admit_timeout: Duration::from_secs(10),
             fault_lane: false,
+            deny: Arc::default(),
         }
     }
 }
@@ -463,6 +467,20 @@ pub async fn connect_with(
                 other => other,
             },
         )?;
+    if !opts.deny.is_empty()
+        && let Some(peer) = peer_identity(&conn)
+        && opts.deny.denies(&peer.fingerprint)
+    {
+        conn.close(
+            VarInt::from_u32(REFUSED_BY_POLICY),
+            b"certificate revoked at this source",
+        );
+        return Err(TransportError::DeniedServer {
+            peer: remote,
+            who: peer.to_string(),
+            fingerprint: peer.fingerprint.to_string(),
+        });
+    }
     let admitted = async {
         let mut s = conn.accept_uni().await?;
         match s.read_to_end(ADMITTED.len()).await {

@@ -258,3 +258,67 @@ fn an_idle_source_gives_up_its_slot_after_the_receive_idle_limit() {
     assert!(err.contains("--receive-idle-secs"), "{err}");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// The migration's own source opens fault connection after fault connection while dst is still
+/// receiving its images (when no connection is taken from the migration's queue): past
+/// `pageserv::limits::MAX_ROUTED_WAITING` waiting, each further one is closed with a reason
+/// naming the limit instead of being queued without bound; the migration itself goes on.
+#[test]
+fn extra_routed_connections_past_the_queue_limit_are_refused() {
+    let Some(s) = setup("routed", &["--receive-idle-secs", "30"]) else {
+        return;
+    };
+    let limit = pageserv::limits::MAX_ROUTED_WAITING;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (closed, open, ctl_open) = rt.block_on(async {
+        let mid = "4444444444444444";
+        let (ctl, _tx, _rx, answer, first) = open_migration(&s, mid).await;
+        let Msg::Hello(h) = &answer else {
+            panic!("dst refused the hello: {answer:?}")
+        };
+        assert!(first.is_some());
+        // The migration takes its fault connection first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let opts = TransportOptions::default();
+        let mut extra = Vec::new();
+        for _ in 0..limit + 3 {
+            let (c, mut tx, _rx) =
+                connect_control(&s.src, protocol::fault_addr(s.addr, h), "dst", &opts)
+                    .await
+                    .expect("fault connection");
+            send_ctl(
+                &mut tx,
+                Msg::Hello(protocol::hello(Role::SrcFaults, "4.2.1".into(), mid.into())),
+            )
+            .await
+            .expect("fault hello");
+            extra.push((c, tx));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut closed = Vec::new();
+        let mut open = 0;
+        for (c, _) in &extra {
+            match c.close_reason() {
+                Some(r) => closed.push(r.to_string()),
+                None => open += 1,
+            }
+        }
+        (closed, open, ctl.close_reason().is_none())
+    });
+    eprintln!("closed: {closed:?}; open: {open}");
+    assert_eq!(open, limit, "connections left waiting: {open}");
+    assert_eq!(closed.len(), 3, "{closed:?}");
+    assert!(
+        closed
+            .iter()
+            .all(|r| r.contains("connections waiting already")),
+        "{closed:?}"
+    );
+    assert!(ctl_open, "the migration's control connection was closed");
+    let err = dst_log(&s);
+    assert!(
+        err.contains("over the limit of 8") && err.contains("fixed"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

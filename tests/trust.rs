@@ -358,7 +358,7 @@ async fn fault_and_resume_connections_must_present_the_migration_s_certificate()
 }
 
 #[test]
-fn a_source_refuses_a_destination_that_is_not_the_one_it_dialled() {
+fn a_source_refuses_a_destination_not_dialled_or_revoked() {
     if !is_root() || pageserv::criu::binary::Criu::locate(None).is_err() {
         eprintln!("SKIP: needs root and CRIU");
         return;
@@ -379,10 +379,24 @@ fn a_source_refuses_a_destination_that_is_not_the_one_it_dialled() {
     }
     let mut sleeper = sleeper.spawn().unwrap();
     let pid = sleeper.id().to_string();
-    for (name, args) in [
-        ("wrong.example", vec!["--dst-name", "wrong.example"]),
+    // The destination's certificate, revoked at this source (`pageserv src --deny-cert`).
+    let fp = keys::fingerprint_file(&dst_certs.join("cert.pem")).unwrap();
+    let deny = t.0.join("deny-dst");
+    std::fs::write(&deny, format!("# stolen dst key\n{fp}\n")).unwrap();
+    let deny = deny.to_str().unwrap().to_string();
+    for (name, args, says) in [
+        (
+            "wrong.example",
+            vec!["--dst-name", "wrong.example"],
+            "not valid for the name \"wrong.example\"",
+        ),
         // An IP literal is checked against the certificate's IP addresses: "dst" has none.
-        ("127.0.0.1", vec![]),
+        ("127.0.0.1", vec![], "not valid for the name \"127.0.0.1\""),
+        (
+            "revoked",
+            vec!["--dst-name", "dst", "--deny-cert", deny.as_str()],
+            "deny list (--deny-cert)",
+        ),
     ] {
         let out = Command::new(pageserv())
             .args([
@@ -402,10 +416,7 @@ fn a_source_refuses_a_destination_that_is_not_the_one_it_dialled() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: {err}");
-        assert!(
-            err.contains(&format!("not valid for the name \"{name}\"")),
-            "{name}: {err}"
-        );
+        assert!(err.contains(says), "{name}: {err}");
         assert!(
             sleeper.try_wait().unwrap().is_none(),
             "the tree was never touched"

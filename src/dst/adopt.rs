@@ -29,11 +29,12 @@ use tokio::sync::mpsc;
 
 use crate::criu::images::ImageDir;
 use crate::dst::migration::{bridge, memory_whole};
-use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE};
+use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE, read_opener};
 use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring};
 use crate::dst::uffd_keeper::policy::Holding;
 use crate::dst::uffd_keeper::{self, Adoption, KEEPER_SOCKET, UffdKeeper};
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
+use crate::keys::trust::Fingerprint;
 use crate::pages::{PAGE_SIZE, PageRange};
 use crate::stats::DstReport;
 
@@ -48,6 +49,9 @@ pub(crate) struct Orphan {
     pub dir: PathBuf,
     pub migration_id: String,
     pub finished_at_ns: u64,
+    /// The certificate that opened the migration (and its names): only it may resume it.
+    pub opener: Fingerprint,
+    pub opener_name: String,
     adoption: Adoption,
 }
 
@@ -96,11 +100,14 @@ fn take(dir: &Path) -> Result<Orphan> {
         .next()
         .and_then(|t| t.parse().ok())
         .with_context(|| format!("a malformed {RESTORE_FINISHED_FILE} in {}", dir.display()))?;
+    let (opener, opener_name) = read_opener(dir)?;
     let adoption = uffd_keeper::adopt(dir)?;
     Ok(Orphan {
         dir: dir.to_path_buf(),
         migration_id,
         finished_at_ns,
+        opener,
+        opener_name,
         adoption,
     })
 }
@@ -166,7 +173,7 @@ fn rebuild(host_pid: i32, lazy: &[PageRange]) -> Result<(Vec<PageRange>, u64)> {
 pub(crate) async fn adopt_in(
     opts: &DstOptions,
     orphan: Orphan,
-    mut routes: mpsc::UnboundedReceiver<Routed>,
+    mut routes: mpsc::Receiver<Routed>,
     fault_port: u16,
 ) -> Result<DstReport> {
     let started = Instant::now();
@@ -274,7 +281,8 @@ pub(crate) async fn adopt_in(
     }
     handle.send(Inbound::RestoreFinished)?;
 
-    let (mut ev_rx, requests) = bridge(out_rx)?;
+    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
     let wiring = Wiring {
         to_loop: handle.sender(),
         held: PreCopied {
@@ -286,6 +294,7 @@ pub(crate) async fn adopt_in(
         lazy: BTreeMap::new(),
         fault_port,
         requests,
+        answers,
     };
     let mut post = PostCopy::adopted(wiring, finished_at_ns);
     let mut tick = tokio::time::interval(Duration::from_millis(50));

@@ -33,6 +33,7 @@ use crate::dst::post_copy::Routed;
 use crate::dst::{adopt, migration};
 use crate::keys::Identity;
 use crate::keys::trust::{Admission, Fingerprint, may_join};
+use crate::limits;
 use crate::pb::pageserv::{Abort, Control, Hello, control::Msg};
 use crate::protocol::{self, PROTOCOL_VERSION, Role, id_tag, peer_error, send_ctl};
 use crate::stats::DstReport;
@@ -75,9 +76,10 @@ enum Incoming {
 
 /// A running migration's inbox for its fault and resume connections, and who opened it.
 struct Route {
-    inbox: mpsc::UnboundedSender<Routed>,
-    /// `None` for a migration adopted after a restart (dst::adopt): its opener is unknown.
-    owner: Option<Fingerprint>,
+    inbox: mpsc::Sender<Routed>,
+    /// The control connection's certificate (for an adopted migration: as recorded in its
+    /// directory by the dst that died, see dst::adopt).
+    owner: Fingerprint,
     owner_name: String,
 }
 
@@ -152,15 +154,14 @@ pub async fn serve(
             continue;
         }
         started += 1;
-        let (route_tx, route_rx) = mpsc::unbounded_channel();
-        // Adopted after a restart: the certificate that opened it is not known here, so
-        // any admitted source certificate may resume it (see README, "Security model").
+        let (route_tx, route_rx) = mpsc::channel(limits::MAX_ROUTED_WAITING);
+        // Adopted after a restart: bound to the certificate that opened it, as recorded.
         routes.insert(
             mid.clone(),
             Route {
                 inbox: route_tx,
-                owner: None,
-                owner_name: "(adopted)".into(),
+                owner: orphan.opener,
+                owner_name: format!("{} (adopted)", orphan.opener_name),
             },
         );
         let opts = opts.clone();
@@ -216,10 +217,10 @@ pub async fn serve(
                         continue;
                     }
                     started += 1;
-                    let (route_tx, route_rx) = mpsc::unbounded_channel();
+                    let (route_tx, route_rx) = mpsc::channel(limits::MAX_ROUTED_WAITING);
                     routes.insert(mid.clone(), Route {
                         inbox: route_tx,
-                        owner: Some(who.fingerprint),
+                        owner: who.fingerprint,
                         owner_name: who.to_string(),
                     });
                     let opts = opts.clone();
@@ -234,10 +235,10 @@ pub async fn serve(
                 Incoming::Routed { migration_id, what, who } => {
                     let tag = id_tag(&migration_id);
                     match routes.get(&migration_id) {
-                        Some(route) if route.owner.is_some_and(|o| !may_join(&o, &who.fingerprint)) => {
+                        Some(route) if !may_join(&route.owner, &who.fingerprint) => {
                             tracing::warn!(
                                 migration = %tag, from = %who, fingerprint = %who.fingerprint.short(),
-                                owner = %route.owner_name, owner_fingerprint = %route.owner.map(|o| o.short()).unwrap_or_default(),
+                                owner = %route.owner_name, owner_fingerprint = %route.owner.short(),
                                 "refused a {} connection: its certificate is not the one that \
                                  opened the migration", what.kind()
                             );
@@ -246,12 +247,25 @@ pub async fn serve(
                                  connections must all present the certificate that opened it"
                             ));
                         }
-                        Some(route) => {
-                            if let Err(e) = route.inbox.send(what) {
-                                tracing::warn!(migration = %tag, "connection for an ended migration: closed");
-                                refuse_routed(e.0, "this migration has ended".into());
+                        Some(route) => match route.inbox.try_send(what) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(what)) => {
+                                let hit = limits::LimitHit::fixed(
+                                    format!("connections waiting for migration {tag}"),
+                                    limits::MAX_ROUTED_WAITING.to_string(),
+                                    "an honest source has one fault connection and one resume in flight",
+                                );
+                                tracing::warn!(migration = %tag, from = %who, "refused a {} connection: {hit}", what.kind());
+                                refuse_routed(what, format!(
+                                    "migration {tag} has {} connections waiting already (the limit)",
+                                    limits::MAX_ROUTED_WAITING
+                                ));
                             }
-                        }
+                            Err(mpsc::error::TrySendError::Closed(what)) => {
+                                tracing::warn!(migration = %tag, "connection for an ended migration: closed");
+                                refuse_routed(what, "this migration has ended".into());
+                            }
+                        },
                         None => {
                             tracing::warn!(migration = %tag, from = %who, "connection for no running migration: refused");
                             refuse_routed(
@@ -466,7 +480,7 @@ async fn migrate_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
-    routes: mpsc::UnboundedReceiver<Routed>,
+    routes: mpsc::Receiver<Routed>,
     fault_port: u16,
 ) -> Result<DstReport> {
     let started = std::time::Instant::now();

@@ -13,8 +13,12 @@
 //!
 //! [`Gate`] is that rule, pure; [`spawn`] is the thin writer around it.
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use tokio::sync::mpsc;
 
+use crate::dst::answer_watch::AnswerWatch;
 use crate::pages::PidRange;
 use crate::transport::FrameSender;
 use crate::wire::Frame;
@@ -82,8 +86,9 @@ impl Gate {
     }
 }
 
-/// Starts the writer on the fault lane; it ends when every sender is dropped.
-pub(crate) fn spawn() -> mpsc::UnboundedSender<Cmd> {
+/// Starts the writer on the fault lane; it ends when every sender is dropped. Each request sent
+/// on a live link is recorded in `answers` (and forgotten there when the link goes).
+pub(crate) fn spawn(answers: Arc<Mutex<AnswerWatch>>) -> mpsc::UnboundedSender<Cmd> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
     crate::fault_lane::spawn(async move {
         let mut gate = Gate::new();
@@ -92,19 +97,25 @@ pub(crate) fn spawn() -> mpsc::UnboundedSender<Cmd> {
             match cmd {
                 Cmd::Fault(r) => {
                     if let (Some(r), Some(s)) = (gate.fault(r), stream.as_mut()) {
-                        request(s, r).await;
+                        request(s, r, &answers).await;
                     }
                 }
                 Cmd::Queue => gate.queue(),
                 Cmd::Void => {
                     gate.void();
                     stream = None;
+                    if let Ok(mut w) = answers.lock() {
+                        w.link_down();
+                    }
                 }
                 Cmd::Link { mut tx, again } => {
                     let first = gate.link(again);
                     let n = first.len();
+                    if let Ok(mut w) = answers.lock() {
+                        w.link_down();
+                    }
                     for r in first {
-                        request(&mut tx, r).await;
+                        request(&mut tx, r, &answers).await;
                     }
                     if n > 0 {
                         tracing::info!(requests = n, "fault requests sent on the new link");
@@ -119,7 +130,10 @@ pub(crate) fn spawn() -> mpsc::UnboundedSender<Cmd> {
 
 /// Asks the source for pages. A dead link's readers report the failure, and every open request
 /// is sent again after a resume, so a failed send is not an error here.
-async fn request(tx: &mut FrameSender, r: PidRange) {
+async fn request(tx: &mut FrameSender, r: PidRange, answers: &Mutex<AnswerWatch>) {
+    if let Ok(mut w) = answers.lock() {
+        w.sent(r.pid, r.start(), Instant::now());
+    }
     // A request covers one faulting page and its read-ahead: far below u32::MAX pages.
     let req = Frame::PageRequest {
         pid: r.pid,

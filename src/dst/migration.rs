@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
+use crate::dst::answer_watch::AnswerWatch;
 use crate::dst::fault_requests;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
@@ -45,7 +46,7 @@ pub(crate) async fn migrate_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
-    routes: mpsc::UnboundedReceiver<Routed>,
+    routes: mpsc::Receiver<Routed>,
     started: Instant,
     fault_port: u16,
 ) -> Result<DstReport> {
@@ -90,7 +91,7 @@ async fn run_in(
     opts: &DstOptions,
     conn: &quinn::Connection,
     ctl: (FrameSender, FrameReceiver, Hello),
-    mut routes: mpsc::UnboundedReceiver<Routed>,
+    mut routes: mpsc::Receiver<Routed>,
     started: Instant,
     (fault, fault_port): (crate::dst::post_copy::FaultConn, u16),
     clock: ReceiveClock,
@@ -98,19 +99,16 @@ async fn run_in(
 ) -> Result<DstReport> {
     let mut report = DstReport::default();
     let (mut ctl, mut ctl_rx, hello) = ctl;
-    {
-        // 0600: the id (with the source's certificate) joins the migration.
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(crate::dst::options::MIGRATION_ID_FILE);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(hello.migration_id.as_bytes()))
-            .with_context(|| format!("recording the migration id in {}", dir.display()))?;
-    }
+    // 0600: the id (with the source's certificate) joins the migration; the certificate is
+    // recorded too, for a restarted dst that adopts it.
+    let opener = crate::transport::peer_identity(conn)
+        .context("the control connection has no verified peer certificate")?;
+    crate::dst::options::record_opener(
+        dir,
+        &hello.migration_id,
+        &opener.fingerprint,
+        &opener.all_names().join(","),
+    )?;
     let images_dir = dir.join("images");
     let work = dir.join("work");
     for d in [&images_dir, &work] {
@@ -253,7 +251,8 @@ async fn run_in(
         Ok(())
     });
 
-    let (mut ev_rx, requests) = bridge(out_rx)?;
+    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
@@ -265,6 +264,7 @@ async fn run_in(
         lazy: lazy_all,
         fault_port,
         requests,
+        answers,
     };
     let mut post = PostCopy::new(wiring, conn.clone(), ctl, ctl_rx, fault);
 
@@ -400,12 +400,13 @@ async fn run_in(
 #[allow(clippy::type_complexity)]
 pub(crate) fn bridge(
     out_rx: crossbeam_channel::Receiver<Outbound>,
+    answers: Arc<Mutex<AnswerWatch>>,
 ) -> Result<(
     mpsc::UnboundedReceiver<Outbound>,
     mpsc::UnboundedSender<fault_requests::Cmd>,
 )> {
     let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    let requests = fault_requests::spawn();
+    let requests = fault_requests::spawn(answers);
     let bridge_requests = requests.clone();
     std::thread::Builder::new()
         .name("uffd-outbound".into())

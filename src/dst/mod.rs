@@ -1,6 +1,7 @@
 //! `pageserv dst`: receives the images, runs the restore, and is CRIU's lazy-pages daemon.
 
 pub(crate) mod adopt;
+pub mod answer_watch;
 pub mod arrival_guard;
 pub mod endpoint;
 pub(crate) mod fault_requests;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::criu::binary::Criu;
 use crate::dst::restore::RestoreOptions;
+use crate::keys::trust::Fingerprint;
 use crate::transport;
 
 #[derive(Debug, Clone)]
@@ -58,6 +59,59 @@ pub(crate) fn leave_dir<T>(dir: &Path, r: Result<T>, keep: bool) -> Result<T> {
 
 /// The file in a migration's directory naming its id (a restarted dst adopts by it).
 pub const MIGRATION_ID_FILE: &str = "migration-id";
+/// The file in a migration's directory naming who opened it: the SHA-256 fingerprint of the
+/// control connection's certificate, then its names (for logs). 0600, beside
+/// [`MIGRATION_ID_FILE`]: a restarted dst that adopts the migration (dst::adopt) routes its
+/// resume and fault connections to that certificate only, as the dst that died did.
+pub const OPENER_FILE: &str = "opener-cert";
+
+/// Records migration `migration_id`'s id and opener (`opener`, named `name`) in its fresh
+/// directory `dir`, each file new and 0600.
+pub(crate) fn record_opener(
+    dir: &Path,
+    migration_id: &str,
+    opener: &Fingerprint,
+    name: &str,
+) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    for (file, text) in [
+        (MIGRATION_ID_FILE, migration_id.to_string()),
+        (OPENER_FILE, format!("{opener}\n{name}\n")),
+    ] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(file))
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("recording the migration's {file} in {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The opener [`record_opener`] wrote in `dir`: its fingerprint and names.
+pub(crate) fn read_opener(dir: &Path) -> Result<(Fingerprint, String)> {
+    let path = dir.join(OPENER_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (who opened the migration): without it no source could be bound to              the migration, so it is not adopted",
+            path.display()
+        )
+    })?;
+    let mut lines = text.lines();
+    let fp = lines
+        .next()
+        .and_then(|l| Fingerprint::parse(l.trim()))
+        .with_context(|| {
+            format!(
+                "{} does not start with a SHA-256 fingerprint: the migration is not adopted",
+                path.display()
+            )
+        })?;
+    Ok((fp, lines.next().unwrap_or("").trim().to_string()))
+}
+
 /// The file in a migration's directory written once the restore finished: `<unix ns> <freeze
 /// unix ns>`. Only such a migration can be adopted by a restarted dst.
 pub const RESTORE_FINISHED_FILE: &str = "restore-finished";

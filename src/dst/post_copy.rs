@@ -10,14 +10,15 @@
 //! incomplete tasks are killed, and the source (frozen) can be retried.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::dst::answer_watch::{AnswerWatch, Verdict};
 use crate::dst::fault_requests;
 use crate::dst::page_store::PageStore;
 use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
@@ -126,6 +127,17 @@ pub(crate) struct Wiring {
     /// The fault-request writer on the fault lane ([`fault_requests`]); the fault thread's
     /// bridge sends it the requests, this loop the state of the link.
     pub requests: mpsc::UnboundedSender<fault_requests::Cmd>,
+    /// The open fault requests of the live link (the writer records them, the page readers
+    /// answer them): one left unanswered too long drops the link ([`crate::dst::answer_watch`]).
+    pub answers: Arc<Mutex<AnswerWatch>>,
+}
+
+/// A fresh [`AnswerWatch`] under `limits`, for [`Wiring::answers`].
+pub(crate) fn answer_watch(limits: &crate::limits::DstLimits) -> Arc<Mutex<AnswerWatch>> {
+    Arc::new(Mutex::new(AnswerWatch::new(
+        limits.fault_answer,
+        crate::limits::MAX_SILENT_LINKS,
+    )))
 }
 
 /// The post-copy driver: owns the link state; the service drives the restore around it.
@@ -165,6 +177,12 @@ pub(crate) enum Step {
     Done(End),
     /// A poll of the restore is due (the service's tick).
     Idle,
+}
+
+impl Wiring {
+    fn answers_timeout(&self) -> Duration {
+        self.answers.lock().map(|w| w.timeout()).unwrap_or_default()
+    }
 }
 
 impl PostCopy {
@@ -260,9 +278,10 @@ impl PostCopy {
         });
         let ev = self.events_tx.clone();
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
+        let answers = self.wiring.answers.clone();
         // Fault answers are read on the fault lane, where their connection is driven.
         let fault_reader = crate::fault_lane::spawn(async move {
-            if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held).await {
+            if let Err(e) = feed_pages(fault_rx, to_loop, (true, link), held, answers).await {
                 let _ = ev
                     .send((
                         g,
@@ -273,6 +292,7 @@ impl PostCopy {
         });
         let ev = self.events_tx.clone();
         let (to_loop, held) = (self.wiring.to_loop.clone(), self.wiring.held.clone());
+        let answers = self.wiring.answers.clone();
         let _ = self.wiring.requests.send(fault_requests::Cmd::Link {
             tx: fault_tx,
             again,
@@ -284,7 +304,14 @@ impl PostCopy {
                     .accept_uni()
                     .await
                     .context("waiting for the push stream")?;
-                feed_pages(FrameReceiver::new(recv), to_loop, (false, link), held).await
+                feed_pages(
+                    FrameReceiver::new(recv),
+                    to_loop,
+                    (false, link),
+                    held,
+                    answers,
+                )
+                .await
             }
             .await;
             if let Err(e) = r {
@@ -333,7 +360,7 @@ impl PostCopy {
     pub(crate) async fn next(
         &mut self,
         ev_rx: &mut mpsc::UnboundedReceiver<Outbound>,
-        routes: &mut mpsc::UnboundedReceiver<Routed>,
+        routes: &mut mpsc::Receiver<Routed>,
         tick: &mut tokio::time::Interval,
     ) -> Result<Step> {
         loop {
@@ -377,7 +404,63 @@ impl PostCopy {
                         conn.close(4u32.into(), b"no fault connection");
                     }
                 }
-                _ = tick.tick() => return Ok(Step::Idle),
+                _ = tick.tick() => {
+                    self.check_answers()?;
+                    return Ok(Step::Idle);
+                }
+            }
+        }
+    }
+
+    /// The fault-answer rule ([`crate::dst::answer_watch`]) on the live link: a request left
+    /// unanswered too long drops the link as if it had died (the recovery path runs); too many
+    /// such links in a row fail the migration.
+    fn check_answers(&mut self) -> Result<()> {
+        if !matches!(self.state, LinkState::Up(_)) {
+            return Ok(());
+        }
+        let verdict = match self.wiring.answers.lock() {
+            Ok(mut w) => w.check(std::time::Instant::now()),
+            Err(_) => return Ok(()),
+        };
+        let limit = self.wiring.answers_timeout();
+        match verdict {
+            Verdict::Fine => Ok(()),
+            Verdict::Fail { silent, waited } => bail!(
+                "the source left a fault request unanswered for {:.0} s on {silent} links in a                  row (fault-answer limit {:.0} s, --fault-answer-secs): restored tasks cannot                  wait on it forever; the migration fails (the source is faulty or hostile)",
+                waited.as_secs_f64(),
+                limit.as_secs_f64()
+            ),
+            Verdict::DropLink {
+                pid,
+                vaddr,
+                waited,
+                silent,
+            } => {
+                tracing::warn!(
+                    pid,
+                    vaddr = format_args!("{vaddr:#x}"),
+                    waited_s = waited.as_secs_f64(),
+                    silent,
+                    "a fault request went unanswered past the fault-answer limit ({:.0} s,                      --fault-answer-secs): dropping the link; the source may resume within the                      recover timeout",
+                    limit.as_secs_f64()
+                );
+                if self.wiring.recover_timeout.is_zero() {
+                    bail!(
+                        "the source left a fault request unanswered for {:.0} s                          (--fault-answer-secs) and --recover-timeout is 0",
+                        waited.as_secs_f64()
+                    );
+                }
+                self.void_requests();
+                if let LinkState::Up(l) = std::mem::replace(&mut self.state, LinkState::Down) {
+                    self.bytes_dead_links += l.bytes_received();
+                    l.fault_conn
+                        .close(6u32.into(), b"fault requests unanswered");
+                    l.stop().close(6u32.into(), b"fault requests unanswered");
+                }
+                self.whole_told = false;
+                self.deadline = Some(tokio::time::Instant::now() + self.wiring.recover_timeout);
+                Ok(())
             }
         }
     }
@@ -635,7 +718,14 @@ async fn feed_pages(
     to_loop: LoopSender,
     (urgent, link): (bool, u64),
     held: PreCopied,
+    answers: Arc<Mutex<AnswerWatch>>,
 ) -> Result<()> {
+    // Pages that arrive answer the fault requests waiting for them (dst::answer_watch).
+    let answered = |pid: u32, vaddr: u64, nr_pages: u64| {
+        if let Ok(mut w) = answers.lock() {
+            w.arrived(pid, vaddr, nr_pages);
+        }
+    };
     while let Some(frame) = rx.next().await? {
         let inbound = match frame {
             // The source confirmed these pre-copied pages equal the frozen ones: only now may
@@ -651,6 +741,7 @@ async fn feed_pages(
                 };
                 let runs = blocking(|| store.take_valid(pid, vaddr, nr_pages.into(), &bitmap))?;
                 for r in runs {
+                    answered(pid, r.vaddr, r.nr_pages);
                     held.placed.fetch_add(r.nr_pages, Relaxed);
                     let at = PidRange::new(pid, r.vaddr, r.nr_pages);
                     let msg = Inbound::arrived(at, r.data, urgent, link);
@@ -663,22 +754,28 @@ async fn feed_pages(
                 vaddr,
                 nr_pages,
                 data,
-            } => Inbound::arrived(
-                PidRange::new(pid, vaddr, nr_pages.into()),
-                Some(data),
-                urgent,
-                link,
-            ),
+            } => {
+                answered(pid, vaddr, nr_pages.into());
+                Inbound::arrived(
+                    PidRange::new(pid, vaddr, nr_pages.into()),
+                    Some(data),
+                    urgent,
+                    link,
+                )
+            }
             Frame::Zero {
                 pid,
                 vaddr,
                 nr_pages,
-            } => Inbound::arrived(
-                PidRange::new(pid, vaddr, nr_pages.into()),
-                None,
-                urgent,
-                link,
-            ),
+            } => {
+                answered(pid, vaddr, nr_pages.into());
+                Inbound::arrived(
+                    PidRange::new(pid, vaddr, nr_pages.into()),
+                    None,
+                    urgent,
+                    link,
+                )
+            }
             Frame::Refused {
                 pid,
                 vaddr,

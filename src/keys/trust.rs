@@ -150,6 +150,11 @@ impl DenyList {
         })
     }
 
+    /// [`DenyList::load`] of `path`, or an empty list without one (no `--deny-cert`).
+    pub fn load_optional(path: Option<&Path>) -> Result<DenyList, KeyError> {
+        path.map_or_else(|| Ok(DenyList::default()), DenyList::load)
+    }
+
     pub fn denies(&self, fp: &Fingerprint) -> bool {
         self.0.contains(fp)
     }

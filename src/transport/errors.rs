@@ -61,6 +61,17 @@ pub enum TransportError {
          certificates it takes (`pageserv dst --allow-source`, `--deny-cert`)"
     )]
     RefusedByPolicy { peer: SocketAddr, reason: String },
+    /// We (a source) refused a verified server by our `--deny-cert` list.
+    #[error(
+        "destination {who} at {peer} presented certificate {fingerprint}, which this source's \
+         deny list (--deny-cert) revokes: nothing was sent to it; give that host a new \
+         certificate, or dial another destination"
+    )]
+    DeniedServer {
+        peer: SocketAddr,
+        who: String,
+        fingerprint: String,
+    },
     #[error("the listening endpoint was closed")]
     EndpointClosed,
     #[error("writing pageserv stream {stream}: {source}")]

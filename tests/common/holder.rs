@@ -119,9 +119,104 @@ pub fn run_if_requested() {
     let tmp = ready.with_extension("tmp");
     std::fs::write(&tmp, format!("{} {}\n", base as u64, HOLDER_PAGES)).expect("holder ready file");
     std::fs::rename(&tmp, &ready).expect("holder ready file");
+    if let Some(trigger) = std::env::var_os(FORK_ENV) {
+        fork_when_triggered(base, std::path::Path::new(&trigger));
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// With [`FORK_ENV`] set to a path: the holder polls for that file (every 10 ms; create it once
+/// the holder is restored elsewhere, so only the restored copy sees it), then forks a child that
+/// waits [`FORK_READ_DELAY`] and reads every pattern page of the mapping. The child writes its
+/// verdict to the trigger path with the extension `result` ("ok", or "bad PAGE" for the first
+/// page whose bytes differ, e.g. a zero page) and exits 0 or 1; the holder reaps it.
+pub const FORK_ENV: &str = "PAGESERV_TEST_HOLDER_FORK";
+/// How long the forked child waits before it reads (time for a test to act between the fork
+/// and the reads).
+pub const FORK_READ_DELAY: Duration = Duration::from_millis(600);
+
+/// Where the forked child writes its verdict, for trigger path `trigger`.
+pub fn fork_result(trigger: &Path) -> std::path::PathBuf {
+    trigger.with_extension("result")
+}
+
+fn fork_when_triggered(base: *mut u8, trigger: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let result =
+        std::ffi::CString::new(fork_result(trigger).as_os_str().as_bytes()).expect("result path");
+    while !trigger.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: the child only reads the mapping, formats into a stack buffer and calls
+    // async-signal-safe functions (nanosleep, open, write, _exit): nothing that allocates.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "holder fork");
+    if pid == 0 {
+        let delay = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: FORK_READ_DELAY.as_nanos() as libc::c_long,
+        };
+        let mut bad = None;
+        // SAFETY: see above; every page read lies inside the mapping.
+        unsafe {
+            libc::nanosleep(&delay, std::ptr::null_mut());
+            'pages: for i in 0..HOLDER_PAGES {
+                if page_kind(i) != PageKind::Pattern {
+                    continue;
+                }
+                let words = base.add((i * PAGE) as usize) as *const u64;
+                for w in 0..PAGE / 8 {
+                    if std::ptr::read_volatile(words.add(w as usize)) != pattern_word(i, w) {
+                        bad = Some(i);
+                        break 'pages;
+                    }
+                }
+            }
+        }
+        let mut line = [0u8; 32];
+        let len = match bad {
+            None => {
+                line[..3].copy_from_slice(b"ok\n");
+                3
+            }
+            Some(i) => {
+                line[..4].copy_from_slice(b"bad ");
+                let mut digits = [0u8; 20];
+                let (mut n, mut k) = (i, 0);
+                loop {
+                    digits[k] = b'0' + (n % 10) as u8;
+                    k += 1;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                for j in 0..k {
+                    line[4 + j] = digits[k - 1 - j];
+                }
+                line[4 + k] = b'\n';
+                5 + k
+            }
+        };
+        // SAFETY: plain syscalls on a buffer we own; _exit skips the parent's atexit handlers.
+        unsafe {
+            let fd = libc::open(
+                result.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                0o644,
+            );
+            if fd >= 0 {
+                libc::write(fd, line.as_ptr().cast(), len);
+                libc::close(fd);
+            }
+            libc::_exit(i32::from(bad.is_some()));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child (once: the holder only has to keep it from lingering).
+    unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
 /// A running holder: its process and the dump-time address of its mapping.
@@ -134,6 +229,15 @@ pub struct Holder {
 /// [`run_if_requested`]) in its own pid namespace and waits until its memory is set up.
 /// `scratch` (unique to the test) receives the ready file and is the holder's cwd.
 pub fn spawn(test_name: &str, scratch: &Path) -> Result<Holder, String> {
+    spawn_with(test_name, scratch, &[])
+}
+
+/// [`spawn`] with more environment for the holder (e.g. [`FORK_ENV`]).
+pub fn spawn_with(
+    test_name: &str,
+    scratch: &Path,
+    envs: &[(&str, &str)],
+) -> Result<Holder, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let ready = scratch.join(format!("holder-{test_name}.ready"));
     let _ = std::fs::remove_file(&ready);
@@ -141,7 +245,7 @@ pub fn spawn(test_name: &str, scratch: &Path) -> Result<Holder, String> {
     let proc = criu::spawn_in_pidns(
         &exe,
         &["--exact", test_name, "--nocapture", "--test-threads=1"],
-        &[(HOLDER_ENV, ready_s)],
+        &[&[(HOLDER_ENV, ready_s)][..], envs].concat(),
         scratch,
     )?;
     criu::wait_for(Duration::from_secs(30), "the holder's ready file", || {

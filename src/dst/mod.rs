@@ -9,6 +9,7 @@ pub mod image_sink;
 pub mod lazy_socket;
 pub mod migration;
 pub mod options;
+pub(crate) mod page_feed;
 pub mod page_store;
 pub(crate) mod post_copy;
 pub mod receive_clock;

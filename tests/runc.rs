@@ -210,7 +210,16 @@ fn migrate(s: &Setup, dst_bundle: &Path, how: How) -> Run {
             "the container was not restored at dst"
         );
         std::thread::sleep(Duration::from_millis(300));
-        let criu = descendant(src.id() as i32, is_criu_dump).expect("the criu dump under runc");
+        // Looked for again for a while: on a loaded machine /proc may show runc's child late.
+        let mut criu = None;
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                criu = descendant(src.id() as i32, is_criu_dump);
+                criu.is_some()
+            }),
+            "no criu dump under pageserv src's runc checkpoint"
+        );
+        let criu = criu.expect("found above");
         // SAFETY: kill(2) on a process this test started (pageserv src's runc's criu).
         unsafe { libc::kill(criu, libc::SIGKILL) };
     }

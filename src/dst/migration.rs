@@ -335,6 +335,7 @@ async fn run_in(
             let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
             tracing::warn!(?shut, "stopped the fault thread after a failure");
             let e = if restored {
+                restore.delete_stopped_container();
                 e
             } else {
                 with_criu_errors(e, &restore.log)

@@ -8,6 +8,7 @@
 //! `--runc-bundle` builds that command itself, with `--lazy-pages` for post-copy and without
 //! for stop-and-copy ([`crate::runc::RuncRestore`]).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -114,9 +115,12 @@ pub(crate) fn restore_command(
             c
         }
     };
+    // A process group of its own: a failed restore is ended as a whole (the shell, runc and the
+    // `criu restore` under them), not just the command dst started.
     cmd.current_dir(work)
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .process_group(0);
     cmd
 }
 
@@ -180,12 +184,64 @@ impl Restore {
             .ok()
     }
 
-    /// Kills the restore command itself (not the restored tasks); for a runc restore, deletes
-    /// what runc left of the container.
+    /// Ends a restore that failed: SIGKILL to the restore command's process group (the shell,
+    /// runc and `criu restore` under them; restored tasks still in it die too, which is what a
+    /// failed restore wants), unmounts a cgroup yard the killed CRIU left in the work directory,
+    /// and for a runc restore deletes what runc left of the container.
     pub fn kill(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // The group exists while its leader is unreaped; SIGKILL to it reaches every member.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(work) = self.log.parent() {
+            unmount_cgyard(work);
+        }
         delete_failed_runc(self.runc.as_ref());
+    }
+
+    /// After a failure once the restore had finished (the fault thread killed the incomplete
+    /// tasks): deletes the container runc now lists as stopped, so nothing is left behind. A
+    /// container still running (its memory was whole) is left alone.
+    pub fn delete_stopped_container(&self) {
+        let Some(RuncRestore { runc, name, .. }) = self.runc.as_ref() else {
+            return;
+        };
+        match runc.state(name) {
+            Ok(s) if s.status == "stopped" => delete_failed_runc(self.runc.as_ref()),
+            Ok(s) => tracing::warn!(
+                container = %name,
+                status = %s.status,
+                "the migration failed after the restore, but the container is not stopped: left as it is"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// CRIU mounts its cgroup yard (`.criu.cgyard.XXXXXX`, a tmpfs with the cgroup hierarchies) in
+/// its working directory and unmounts it when it ends; a CRIU killed mid-restore cannot. Lazily
+/// unmounts (with everything below) and removes any such yard in `work`.
+fn unmount_cgyard(work: &Path) {
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(".criu.cgyard.") {
+            continue;
+        }
+        let path = e.path();
+        if let Err(err) = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH)
+            && err != nix::errno::Errno::EINVAL
+        {
+            tracing::warn!(path = %path.display(), "cannot unmount CRIU's cgroup yard: {err}");
+            continue;
+        }
+        let _ = std::fs::remove_dir(&path);
     }
 }
 

@@ -47,6 +47,16 @@ pub(crate) async fn feed_pages(
             w.arrived(pid, vaddr, nr_pages);
         }
     };
+    // Page data (or a zero run) for image pages `[vaddr, +nr_pages)` of `pid`.
+    let arrival = |pid: u32, vaddr: u64, nr_pages: u32, data: Option<bytes::Bytes>| {
+        answered(pid, vaddr, nr_pages.into());
+        Inbound::arrived(
+            PidRange::new(pid, vaddr, nr_pages.into()),
+            data,
+            urgent,
+            link,
+        )
+    };
     while let Some(frame) = rx.next().await? {
         let inbound = match frame {
             // The source confirmed these pre-copied pages equal the frozen ones: only now may
@@ -75,28 +85,12 @@ pub(crate) async fn feed_pages(
                 vaddr,
                 nr_pages,
                 data,
-            } => {
-                answered(pid, vaddr, nr_pages.into());
-                Inbound::arrived(
-                    PidRange::new(pid, vaddr, nr_pages.into()),
-                    Some(data),
-                    urgent,
-                    link,
-                )
-            }
+            } => arrival(pid, vaddr, nr_pages, Some(data)),
             Frame::Zero {
                 pid,
                 vaddr,
                 nr_pages,
-            } => {
-                answered(pid, vaddr, nr_pages.into());
-                Inbound::arrived(
-                    PidRange::new(pid, vaddr, nr_pages.into()),
-                    None,
-                    urgent,
-                    link,
-                )
-            }
+            } => arrival(pid, vaddr, nr_pages, None),
             Frame::Refused {
                 pid,
                 vaddr,

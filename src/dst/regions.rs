@@ -291,7 +291,7 @@ impl TaskMemory {
         let limit = (bit + 1 + self.readahead.max(seq)).min(piece_end_bit);
         let end = self.pending.first_clear(bit, limit).unwrap_or(limit);
         if let Some(s) = &mut self.streams {
-            s.requested(bit, end, seq);
+            s.requested(bit, end);
         }
         let n = end - bit;
         self.nr_pending -= self.pending.clear_range(bit, end);

@@ -189,14 +189,13 @@ impl Restore {
     /// failed restore wants), unmounts a cgroup yard the killed CRIU left in the work directory,
     /// and for a runc restore deletes what runc left of the container.
     pub fn kill(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // The group exists while its leader is unreaped; SIGKILL to it reaches every member.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // The group exists while its leader is unreaped; SIGKILL to it reaches every member.
+        let group = i32::try_from(self.child.id()).map(nix::unistd::Pid::from_raw);
+        if group.map_or(true, |g| {
+            nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL).is_err()
+        }) {
+            let _ = self.child.kill();
         }
-        let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(work) = self.log.parent() {
             unmount_cgyard(work);

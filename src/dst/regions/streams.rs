@@ -58,9 +58,10 @@ impl Streams {
         }
     }
 
-    /// A request went out for bits `[bit, end)`: remember where its stream continues. Called
-    /// after [`Streams::on_fault`] with the request actually made (possibly shorter).
-    pub fn requested(&mut self, bit: u64, end: u64, window: u64) {
+    /// A request went out for bits `[bit, end)`: remember where its stream continues (a fault
+    /// that continued no stream starts one, with no window yet). Called after
+    /// [`Streams::on_fault`] with the request actually made (possibly shorter).
+    pub fn requested(&mut self, bit: u64, end: u64) {
         let clock = self.clock;
         if let Some(s) = self
             .streams
@@ -73,7 +74,7 @@ impl Streams {
         }
         let new = Stream {
             next: end,
-            window,
+            window: 0,
             used: clock,
         };
         let slot = match self.streams.iter().position(Option::is_none) {
@@ -100,7 +101,7 @@ mod tests {
         bits.iter()
             .map(|&b| {
                 let w = s.on_fault(b);
-                s.requested(b, b + 1 + w, w);
+                s.requested(b, b + 1 + w);
                 w
             })
             .collect()
@@ -115,7 +116,7 @@ mod tests {
         for _ in 0..10 {
             bits.push(b);
             let w = s.on_fault(b);
-            s.requested(b, b + 1 + w, w);
+            s.requested(b, b + 1 + w);
             windows.push(w);
             b += 1 + w;
         }
@@ -134,12 +135,12 @@ mod tests {
         let (mut b, mut windows) = (0u64, Vec::new());
         for i in 0..8u64 {
             let w = s.on_fault(b);
-            s.requested(b, b + 1 + w, w);
+            s.requested(b, b + 1 + w);
             windows.push(w);
             b += 1 + w;
             let r = 1_000_000 + i * 7919;
             assert_eq!(s.on_fault(r), 0);
-            s.requested(r, r + 1, 0);
+            s.requested(r, r + 1);
         }
         assert_eq!(windows, vec![0, 1, 2, 4, 8, 16, 31, 31]);
     }
@@ -148,10 +149,10 @@ mod tests {
     fn a_shortened_request_continues_from_where_it_ended() {
         let mut s = Streams::default();
         assert_eq!(s.on_fault(10), 0);
-        s.requested(10, 11, 0);
+        s.requested(10, 11);
         assert_eq!(s.on_fault(11), 1);
         // Only one page was pending: the stream continues at 12.
-        s.requested(11, 12, 1);
+        s.requested(11, 12);
         assert_eq!(s.on_fault(12), 2);
     }
 
@@ -171,7 +172,7 @@ mod tests {
             let mut s = Streams::default();
             for &b in &bits {
                 let w = s.on_fault(b);
-                s.requested(b, b + 1 + w, w);
+                s.requested(b, b + 1 + w);
             }
             prop_assert_eq!(s.on_fault(far * 64), 0);
         }

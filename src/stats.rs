@@ -48,6 +48,9 @@ pub struct DstReport {
     /// Of those, pages the source confirmed after the freeze, placed from the store (no page
     /// data crossed the network for them after the freeze).
     pub pages_local: u64,
+    /// Pushed pages a fault found already at dst, not placed yet, and took as its answer
+    /// instead of asking the source (dst::push_queue; confirmed pre-copied pages among them).
+    pub pages_taken_at_fault: u64,
     /// The restored tree's root pid as this host sees it (from the restore's pidfile), so that
     /// it is known after the migration's directory is removed.
     pub restored_pid: Option<i32>,
@@ -103,6 +106,7 @@ impl DstReport {
              {}\
              \x20 bytes received {} (images {})\n\
              \x20 pre-copied pages held {}, placed from the page store {} (store {:.1} MiB)\n\
+             \x20 pushed pages a fault took before they were placed {}\n\
              {}",
             self.downtime_ms,
             self.restore_ms,
@@ -127,6 +131,7 @@ impl DstReport {
             self.precopy_pages_held,
             self.pages_local,
             self.page_store_bytes as f64 / (1 << 20) as f64,
+            self.pages_taken_at_fault,
             self.usage.render(),
         )
     }

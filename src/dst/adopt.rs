@@ -28,6 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
 use crate::criu::images::ImageDir;
+use crate::dst::fault_requests::LocalAnswers;
 use crate::dst::migration::{bridge, memory_whole};
 use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE, read_opener};
 use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring};
@@ -282,13 +283,15 @@ pub(crate) async fn adopt_in(
     handle.send(Inbound::RestoreFinished)?;
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
+    let held = PreCopied::new(None, Arc::new(AtomicU64::new(0)));
+    let local = LocalAnswers {
+        held: held.clone(),
+        to_loop: handle.sender(),
+    };
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone(), local)?;
     let wiring = Wiring {
         to_loop: handle.sender(),
-        held: PreCopied {
-            store: None,
-            placed: Arc::new(AtomicU64::new(0)),
-        },
+        held,
         recover_timeout: opts.recover_timeout,
         // Every adopted task is handed over already.
         lazy: BTreeMap::new(),

@@ -12,14 +12,25 @@
 //!   keep it, and send it after that list once the new link is live.
 //!
 //! [`Gate`] is that rule, pure; [`spawn`] is the thin writer around it.
+//!
+//! On a live link, a request's pages that were pushed and are already at dst, not placed yet
+//! ([`crate::dst::push_queue`]: page data, zero runs, confirmed pre-copied pages), are not asked
+//! for: they are handed to the fault thread as this link's answer at once; only the rest goes
+//! to the source.
+//! (Only on a live link: its number is the fault thread's link then, so the answer is not
+//! dropped as another link's.)
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::dst::answer_watch::AnswerWatch;
-use crate::pages::PidRange;
+use crate::dst::page_feed::PreCopied;
+use crate::dst::push_queue::Origin;
+use crate::dst::uffd_loop::{Inbound, LoopSender};
+use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameSender;
 use crate::wire::Frame;
 
@@ -31,10 +42,12 @@ pub(crate) enum Cmd {
     Queue,
     /// The link is down: drop requests (the resume answer lists them).
     Void,
-    /// A live link: send `again` and the queued requests on `tx`, then every new one.
+    /// A live link (the fault thread's link generation `link`): send `again` and the queued
+    /// requests on `tx`, then every new one.
     Link {
         tx: FrameSender,
         again: Vec<PidRange>,
+        link: u64,
     },
 }
 
@@ -88,16 +101,22 @@ impl Gate {
 
 /// Starts the writer on the fault lane; it ends when every sender is dropped. Each request sent
 /// on a live link is recorded in `answers` (and forgotten there when the link goes).
-pub(crate) fn spawn(answers: Arc<Mutex<AnswerWatch>>) -> mpsc::UnboundedSender<Cmd> {
+pub(crate) fn spawn(
+    answers: Arc<Mutex<AnswerWatch>>,
+    local: LocalAnswers,
+) -> mpsc::UnboundedSender<Cmd> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
     crate::fault_lane::spawn(async move {
         let mut gate = Gate::new();
         let mut stream: Option<FrameSender> = None;
+        let mut live_link = 0;
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Cmd::Fault(r) => {
                     if let (Some(r), Some(s)) = (gate.fault(r), stream.as_mut()) {
-                        request(s, r, &answers).await;
+                        for r in local.answer(live_link, r) {
+                            request(s, r, &answers).await;
+                        }
                     }
                 }
                 Cmd::Queue => gate.queue(),
@@ -108,7 +127,12 @@ pub(crate) fn spawn(answers: Arc<Mutex<AnswerWatch>>) -> mpsc::UnboundedSender<C
                         w.link_down();
                     }
                 }
-                Cmd::Link { mut tx, again } => {
+                Cmd::Link {
+                    mut tx,
+                    again,
+                    link,
+                } => {
+                    live_link = link;
                     let first = gate.link(again);
                     let n = first.len();
                     if let Ok(mut w) = answers.lock() {
@@ -126,6 +150,76 @@ pub(crate) fn spawn(answers: Arc<Mutex<AnswerWatch>>) -> mpsc::UnboundedSender<C
         }
     });
     tx
+}
+
+/// Answers from what is already at dst: pushed pages read off the push stream and not placed
+/// yet ([`crate::dst::push_queue`]), confirmed pre-copied pages among them.
+pub(crate) struct LocalAnswers {
+    pub held: PreCopied,
+    pub to_loop: LoopSender,
+}
+
+impl LocalAnswers {
+    /// Hands the queued pages of `r` to the fault thread as link `link`'s answer; returns the
+    /// parts of `r` still to ask the source for.
+    fn answer(&self, link: u64, r: PidRange) -> Vec<PidRange> {
+        let taken = self.held.queue.take(link, r.pid, r.start(), r.nr_pages());
+        if taken.is_empty() {
+            return vec![r];
+        }
+        let mut rest = Vec::new();
+        let mut at = r.start();
+        for t in taken {
+            if t.vaddr > at {
+                rest.push(PidRange::new(r.pid, at, (t.vaddr - at) / PAGE_SIZE));
+            }
+            at = t.vaddr + t.nr_pages * PAGE_SIZE;
+            let runs = match (t.origin, &self.held.store) {
+                (Origin::Data(d), _) => vec![(t.vaddr, t.nr_pages, Some(d))],
+                (Origin::Zero, _) => vec![(t.vaddr, t.nr_pages, None)],
+                (Origin::Store, Some(store)) => {
+                    let all = vec![0xffu8; t.nr_pages.div_ceil(8) as usize];
+                    match store.take_valid(r.pid, t.vaddr, t.nr_pages, &all) {
+                        Ok(runs) => {
+                            self.held.placed.fetch_add(t.nr_pages, Relaxed);
+                            runs.into_iter()
+                                .map(|s| (s.vaddr, s.nr_pages, s.data))
+                                .collect()
+                        }
+                        Err(e) => {
+                            // Checked when the frame was queued; if the store cannot be read now,
+                            // the source is asked instead.
+                            tracing::warn!(
+                                "a confirmed page could not be read from the page store: {e}"
+                            );
+                            rest.push(PidRange::new(r.pid, t.vaddr, t.nr_pages));
+                            continue;
+                        }
+                    }
+                }
+                (Origin::Store, None) => {
+                    rest.push(PidRange::new(r.pid, t.vaddr, t.nr_pages));
+                    continue;
+                }
+            };
+            self.held.taken_at_fault.fetch_add(t.nr_pages, Relaxed);
+            for (vaddr, n, data) in runs {
+                let at = PidRange::new(r.pid, vaddr, n);
+                if self
+                    .to_loop
+                    .send(Inbound::arrived(at, data, true, link))
+                    .is_err()
+                {
+                    return Vec::new();
+                }
+            }
+        }
+        let end = r.start() + r.nr_pages() * PAGE_SIZE;
+        if at < end {
+            rest.push(PidRange::new(r.pid, at, (end - at) / PAGE_SIZE));
+        }
+        rest
+    }
 }
 
 /// Asks the source for pages. A dead link's readers report the failure, and every open request

@@ -252,14 +252,16 @@ async fn run_in(
     });
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
+    let held = PreCopied::new(store.clone(), pages_local.clone());
+    let local = fault_requests::LocalAnswers {
+        held: held.clone(),
+        to_loop: handle.sender(),
+    };
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone(), local)?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
-        held: PreCopied {
-            store: store.clone(),
-            placed: pages_local.clone(),
-        },
+        held: held.clone(),
         recover_timeout: opts.recover_timeout,
         lazy: lazy_all,
         fault_port,
@@ -317,6 +319,7 @@ async fn run_in(
                 }
                 report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
                 report.pages_local = pages_local.load(Relaxed);
+                report.pages_taken_at_fault = held.taken_at_fault.load(Relaxed);
                 memory_whole(&mut post, &mut report, &stats).await;
             }
             Ok(Step::Event(Outbound::TaskGone { pid })) => {
@@ -402,12 +405,13 @@ async fn run_in(
 pub(crate) fn bridge(
     out_rx: crossbeam_channel::Receiver<Outbound>,
     answers: Arc<Mutex<AnswerWatch>>,
+    local: fault_requests::LocalAnswers,
 ) -> Result<(
     mpsc::UnboundedReceiver<Outbound>,
     mpsc::UnboundedSender<fault_requests::Cmd>,
 )> {
     let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    let requests = fault_requests::spawn(answers);
+    let requests = fault_requests::spawn(answers, local);
     let bridge_requests = requests.clone();
     std::thread::Builder::new()
         .name("uffd-outbound".into())

@@ -12,6 +12,7 @@ pub mod options;
 pub(crate) mod page_feed;
 pub mod page_store;
 pub(crate) mod post_copy;
+pub mod push_queue;
 pub mod receive_clock;
 pub mod regions;
 pub mod restore;

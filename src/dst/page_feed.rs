@@ -3,16 +3,22 @@
 //! frames go as they are, and every arrival answers the fault requests waiting for it
 //! ([`crate::dst::answer_watch`]). The fault thread's queues are bounded, so a fast source is held
 //! back by QUIC flow control, not by dst's memory.
+//!
+//! The push stream's frames are read off the stream as they arrive into
+//! [`crate::dst::push_queue`] and handed to the fault thread from there by a placer beside the
+//! reader, so a fault on a page that is already at dst is answered at once
+//! ([`crate::dst::fault_requests`]) instead of being asked of the source again.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, bail};
 
 use crate::dst::answer_watch::AnswerWatch;
 use crate::dst::page_store::PageStore;
+use crate::dst::push_queue::{Origin, Queued, SharedPushQueue};
 use crate::dst::uffd_loop::{Inbound, LoopSender};
-use crate::pages::PidRange;
+use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameReceiver;
 use crate::wire::Frame;
 
@@ -21,91 +27,201 @@ use crate::wire::Frame;
 pub(crate) struct PreCopied {
     pub store: Option<Arc<PageStore>>,
     pub placed: Arc<AtomicU64>,
+    /// Pushed frames read off the push stream and not placed yet.
+    pub queue: Arc<SharedPushQueue>,
+    /// Pushed pages a fault took out of `queue` before the placer got to them.
+    pub taken_at_fault: Arc<AtomicU64>,
+}
+
+impl PreCopied {
+    pub(crate) fn new(store: Option<Arc<PageStore>>, placed: Arc<AtomicU64>) -> Self {
+        Self {
+            store,
+            placed,
+            queue: Arc::new(SharedPushQueue::default()),
+            taken_at_fault: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 /// Runs `f`, which may block briefly: through `block_in_place` on the main runtime; directly on
 /// the fault lane (current-thread, where `block_in_place` is not allowed and only fault answers
 /// run).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
 }
 
+/// Where one stream's frames go, and what they answer.
+struct Feed<'a> {
+    to_loop: &'a LoopSender,
+    urgent: bool,
+    link: u64,
+    held: &'a PreCopied,
+    answers: &'a Mutex<AnswerWatch>,
+}
+
+impl Feed<'_> {
+    /// Pages that arrive answer the fault requests waiting for them (dst::answer_watch).
+    fn answered(&self, pid: u32, vaddr: u64, nr_pages: u64) {
+        if let Ok(mut w) = self.answers.lock() {
+            w.arrived(pid, vaddr, nr_pages);
+        }
+    }
+
+    /// Page data (or a zero run) for image pages `[vaddr, +nr_pages)` of `pid`.
+    async fn arrival(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+        data: Option<bytes::Bytes>,
+    ) -> Result<()> {
+        self.answered(pid, vaddr, nr_pages);
+        let at = PidRange::new(pid, vaddr, nr_pages);
+        // The loop's queues are bounded, so a fast source is held back by QUIC flow control,
+        // not by memory: pushed pages suspend this task (no runtime worker blocked), fault
+        // answers block the fault lane, which carries nothing else, briefly.
+        let msg = Inbound::arrived(at, data, self.urgent, self.link);
+        self.to_loop.send_async(msg).await?;
+        Ok(())
+    }
+
+    /// Places confirmed pre-copied pages from the store.
+    async fn place_valid(&self, pid: u32, vaddr: u64, nr_pages: u64, bitmap: &[u8]) -> Result<()> {
+        let Some(store) = &self.held.store else {
+            bail!("the source confirmed pre-copied pages, but it pre-copied none");
+        };
+        let runs = blocking(|| store.take_valid(pid, vaddr, nr_pages, bitmap))?;
+        for r in runs {
+            self.held.placed.fetch_add(r.nr_pages, Relaxed);
+            self.arrival(pid, r.vaddr, r.nr_pages, r.data).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the stream to its end. With `queue` (the push stream), frames are checked and
+    /// queued for the placer instead of handed to the fault thread here.
+    async fn read(&self, mut rx: FrameReceiver, queue: Option<&SharedPushQueue>) -> Result<()> {
+        while let Some(frame) = rx.next().await? {
+            let (pid, vaddr, nr_pages, origin, bitmap) = match frame {
+                // The source confirmed these pre-copied pages equal the frozen ones: only now may
+                // they be placed.
+                Frame::Valid {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    bitmap,
+                } => (pid, vaddr, nr_pages, Origin::Store, Some(bitmap)),
+                Frame::Pages {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    data,
+                } => (pid, vaddr, nr_pages, Origin::Data(data), None),
+                Frame::Zero {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                } => (pid, vaddr, nr_pages, Origin::Zero, None),
+                Frame::Refused {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    reason,
+                } => bail!(
+                    "the source refused pages 0x{vaddr:x}+{nr_pages} of pid {pid} (reason \
+                     {reason}): the images and the dump disagree"
+                ),
+                other => bail!("unexpected frame on a page stream: {other:?}"),
+            };
+            let n = u64::from(nr_pages);
+            let Some(q) = queue else {
+                match (origin, bitmap) {
+                    (Origin::Store, Some(b)) => self.place_valid(pid, vaddr, n, &b).await?,
+                    (Origin::Data(d), _) => self.arrival(pid, vaddr, n, Some(d)).await?,
+                    _ => self.arrival(pid, vaddr, n, None).await?,
+                }
+                continue;
+            };
+            let queued = match (origin, bitmap) {
+                (Origin::Store, Some(bitmap)) => {
+                    let Some(store) = &self.held.store else {
+                        bail!("the source confirmed pre-copied pages, but it pre-copied none");
+                    };
+                    store.check_valid(pid, vaddr, n, &bitmap)?;
+                    Queued {
+                        link: self.link,
+                        pid,
+                        vaddr,
+                        nr_pages,
+                        bitmap: bitmap.to_vec(),
+                        origin: Origin::Store,
+                    }
+                }
+                (origin, _) => Queued::whole(self.link, pid, vaddr, nr_pages, origin),
+            };
+            // Answered now: the placer places these pages, or a fault takes them first.
+            self.answered(pid, vaddr, n);
+            q.push(queued).await;
+        }
+        Ok(())
+    }
+
+    /// Hands one queued frame's remaining pages to the fault thread.
+    async fn place(&self, q: Queued) -> Result<()> {
+        if let Origin::Store = q.origin {
+            return self
+                .place_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap)
+                .await;
+        }
+        for (first, n) in q.runs() {
+            let data = match q.slice(first, n) {
+                Origin::Data(d) => Some(d),
+                _ => None,
+            };
+            self.arrival(q.pid, q.vaddr + first * PAGE_SIZE, n, data)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Feeds page frames from one stream of link generation `link` into the fault thread.
 pub(crate) async fn feed_pages(
-    mut rx: FrameReceiver,
+    rx: FrameReceiver,
     to_loop: LoopSender,
     (urgent, link): (bool, u64),
     held: PreCopied,
     answers: Arc<Mutex<AnswerWatch>>,
 ) -> Result<()> {
-    // Pages that arrive answer the fault requests waiting for them (dst::answer_watch).
-    let answered = |pid: u32, vaddr: u64, nr_pages: u64| {
-        if let Ok(mut w) = answers.lock() {
-            w.arrived(pid, vaddr, nr_pages);
-        }
+    let feed = Feed {
+        to_loop: &to_loop,
+        urgent,
+        link,
+        held: &held,
+        answers: &answers,
     };
-    // Page data (or a zero run) for image pages `[vaddr, +nr_pages)` of `pid`.
-    let arrival = |pid: u32, vaddr: u64, nr_pages: u32, data: Option<bytes::Bytes>| {
-        answered(pid, vaddr, nr_pages.into());
-        Inbound::arrived(
-            PidRange::new(pid, vaddr, nr_pages.into()),
-            data,
-            urgent,
-            link,
-        )
-    };
-    while let Some(frame) = rx.next().await? {
-        let inbound = match frame {
-            // The source confirmed these pre-copied pages equal the frozen ones: only now may
-            // they be placed.
-            Frame::Valid {
-                pid,
-                vaddr,
-                nr_pages,
-                bitmap,
-            } => {
-                let Some(store) = &held.store else {
-                    bail!("the source confirmed pre-copied pages, but it pre-copied none");
-                };
-                let runs = blocking(|| store.take_valid(pid, vaddr, nr_pages.into(), &bitmap))?;
-                for r in runs {
-                    answered(pid, r.vaddr, r.nr_pages);
-                    held.placed.fetch_add(r.nr_pages, Relaxed);
-                    let at = PidRange::new(pid, r.vaddr, r.nr_pages);
-                    let msg = Inbound::arrived(at, r.data, urgent, link);
-                    to_loop.send_async(msg).await?;
-                }
-                continue;
-            }
-            Frame::Pages {
-                pid,
-                vaddr,
-                nr_pages,
-                data,
-            } => arrival(pid, vaddr, nr_pages, Some(data)),
-            Frame::Zero {
-                pid,
-                vaddr,
-                nr_pages,
-            } => arrival(pid, vaddr, nr_pages, None),
-            Frame::Refused {
-                pid,
-                vaddr,
-                nr_pages,
-                reason,
-            } => bail!(
-                "the source refused pages 0x{vaddr:x}+{nr_pages} of pid {pid} (reason {reason}): \
-                 the images and the dump disagree"
-            ),
-            other => bail!("unexpected frame on a page stream: {other:?}"),
-        };
-        // The loop's queues are bounded, so a fast source is held back by QUIC flow control,
-        // not by memory: pushed pages suspend this task (no runtime worker blocked), fault
-        // answers block the fault lane, which carries nothing else, briefly.
-        to_loop.send_async(inbound).await?;
+    if urgent {
+        return feed.read(rx, None).await;
     }
+    // The push stream: the reader queues frames, the placer hands them to the fault thread.
+    let queue = &held.queue;
+    let read_all = AtomicBool::new(false);
+    let reader = async {
+        let r = feed.read(rx, Some(queue)).await;
+        read_all.store(true, SeqCst);
+        queue.queued.notify_waiters();
+        r
+    };
+    let placer = async {
+        while let Some(q) = queue.pop(link, || read_all.load(SeqCst)).await {
+            feed.place(q).await?;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::try_join!(reader, placer)?;
     Ok(())
 }

@@ -252,6 +252,28 @@ impl PageStore {
         Ok(())
     }
 
+    /// Checks, without reading any data, that every page a Valid frame names is held (what
+    /// [`PageStore::take_valid`] would refuse), so a confirmation can be queued and read later.
+    pub fn check_valid(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+        bitmap: &[u8],
+    ) -> Result<(), StoreError> {
+        Self::check(pid, vaddr, nr_pages)?;
+        for i in 0..nr_pages {
+            let set = bitmap
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0);
+            let at = vaddr + i * PAGE_SIZE;
+            if set && self.slot(pid, at) == EMPTY {
+                return Err(StoreError::NotHeld { pid, vaddr: at });
+            }
+        }
+        Ok(())
+    }
+
     /// Reads back the pages of `[vaddr, +nr_pages)` whose bit is set in `bitmap` (a Valid frame:
     /// bit `i` LSB first is page `i`), as runs of data or zero pages. Every named page must be
     /// held: a confirmation of a page dst never got is an error, never a guess.
@@ -395,6 +417,18 @@ mod tests {
         ));
         assert!(s.take_valid(1, 0x1001, 1, &[1]).is_err(), "unaligned");
         assert!(s.take_valid(1, base, 4, &[0]).unwrap().is_empty());
+        // The same verdicts without reading: a confirmation may be queued only if all is held.
+        assert!(s.check_valid(1, base, 4, &[0b0111]).is_ok());
+        assert!(
+            s.check_valid(1, base, 5, &[0b1_0000]).is_err(),
+            "page 4 never held"
+        );
+        assert!(s.check_valid(1, base, 5, &[0b0_1111]).is_ok());
+        assert!(matches!(
+            s.check_valid(2, base, 1, &[1]),
+            Err(StoreError::NotHeld { pid: 2, .. })
+        ));
+        assert!(s.check_valid(1, 0x1001, 1, &[1]).is_err(), "unaligned");
     }
 
     proptest! {

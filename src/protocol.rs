@@ -4,6 +4,7 @@
 //! imported here: `source`, `dst` and `stopcopy` all build on this module.
 
 pub mod images;
+pub mod lanes;
 
 use std::net::SocketAddr;
 

@@ -7,19 +7,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
-use crate::criu::page_server::writer::DirWriter;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
 use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::{delete_failed_runc, restore_command, runc_log_tail};
+use crate::dst::session_writer::SessionWriter;
 use crate::limits::{DstLimits, LimitHit, flag};
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
+use crate::protocol::lanes::{Merger, Next};
 use crate::protocol::{next_ctl, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{FrameReceiver, FrameSender};
@@ -48,7 +49,7 @@ pub async fn migrate_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let clock = ReceiveClock::start(&opts.limits);
-    let r = receive_session(ctl_rx, &images, &mut report, &opts.limits, &clock).await;
+    let r = receive_session(conn, ctl_rx, &images, &mut report, &opts.limits, &clock).await;
     let written = match r {
         Ok(w) => w,
         Err(e) => {
@@ -168,27 +169,61 @@ pub async fn migrate_in(
     Ok(report)
 }
 
-/// Writes the forwarded session until the source's PsSessionDone; returns the page bytes.
+/// Writes the forwarded session until the source's PsSessionDone; returns the page bytes. The
+/// session's frames arrive dealt over the lanes the source announces first (see
+/// [`crate::protocol::lanes`]); a writer thread puts the pages in the files.
 async fn receive_session(
-    rx: &mut FrameReceiver,
+    conn: &quinn::Connection,
+    ctl_rx: &mut FrameReceiver,
     images: &Path,
     report: &mut DstReport,
     limits: &DstLimits,
     clock: &ReceiveClock,
 ) -> Result<u64> {
-    let mut writer = DirWriter::new(images).with_max_bytes(limits.max_session_bytes);
+    const WHAT: &str = "the page-server session";
+    let lanes = match clock.next(ctl_rx, WHAT).await? {
+        Some(Frame::Control(Control {
+            msg: Some(Msg::PsLanes(l)),
+        })) => l.lanes,
+        Some(Frame::Control(Control {
+            msg: Some(Msg::Abort(a)),
+        })) => bail!("the source aborted: {}", a.reason),
+        Some(other) => bail!(
+            "expected the session's lanes (PsLanes) from the source, got {other:?}: is it an \
+             older pageserv src? Update it to this version"
+        ),
+        None => bail!("the source closed the control stream before the page-server session"),
+    };
+    let mut merger = Merger::new(lanes)?;
+    let mut rx: Vec<FrameReceiver> = Vec::with_capacity(lanes as usize);
+    let mut writer = SessionWriter::start(images, limits.max_session_bytes)?;
     // Pagemap files come as image chunks; a sink of their own keeps their count apart.
     let mut pagemaps = ImageSink::new(images, limits.max_images_bytes);
     let mut pagemaps_bytes = 0u64;
     // The session's size is not known ahead: the free space is checked as it is written.
     let mut checked_at = 0u64;
-    loop {
-        let frame = clock
-            .next(rx, "the page-server session")
-            .await?
-            .ok_or_else(|| {
-                anyhow!("the source closed the stream during the page-server session")
-            })?;
+    while let Next::Read(lane) = merger.next() {
+        // Lanes are accepted in stream order, each when its first frame (or end) is due.
+        while rx.len() <= lane {
+            let recv = clock
+                .within(conn.accept_uni(), WHAT)
+                .await?
+                .with_context(|| format!("waiting for lane {} of the session", rx.len()))?;
+            if recv.id().index() != rx.len() as u64 {
+                bail!(
+                    "the source opened stream {} as lane {} of its session: lanes must be its \
+                     first unidirectional streams, in order",
+                    recv.id(),
+                    rx.len()
+                );
+            }
+            rx.push(FrameReceiver::new(recv));
+        }
+        let Some(frame) = clock.next(&mut rx[lane], WHAT).await? else {
+            merger.on_end(lane)?;
+            continue;
+        };
+        merger.on_frame(lane)?;
         match frame {
             Frame::Pages {
                 pid: pages_id,
@@ -196,40 +231,47 @@ async fn receive_session(
                 nr_pages,
                 data,
             } => {
-                writer.append_pages(pages_id, vaddr, &data)?;
+                writer.append_pages(pages_id, vaddr, data).await?;
                 report.stop_and_copy_pages += u64::from(nr_pages);
-                if writer.page_bytes() - checked_at >= DISK_CHECK_EVERY {
-                    checked_at = writer.page_bytes();
+                if writer.queued_bytes() - checked_at >= DISK_CHECK_EVERY {
+                    checked_at = writer.queued_bytes();
                     check_free(images, limits.min_free_disk_bytes)?;
                 }
             }
             Frame::Control(Control { msg: Some(m) }) => match m {
-                Msg::PsCreatePages(c) => writer.create_pages(c.pages_id)?,
+                Msg::PsCreatePages(c) => writer.create_pages(c.pages_id).await?,
                 Msg::ImageChunk(c) if c.name.starts_with("pagemap-") => {
                     pagemaps_bytes += c.data.len() as u64;
                     pagemaps.chunk(&c.name, c.offset, &c.data, c.last)?;
                 }
-                Msg::PsSessionDone(d) => {
-                    pagemaps.finish(d.pagemap_files, d.pagemap_bytes)?;
-                    let w = writer.finish();
-                    if w.page_bytes != d.page_bytes || w.pages_files != u64::from(d.pages_files) {
-                        bail!(
-                            "the session's totals disagree: source sent {} page bytes in {} \
-                             files, {} bytes in {} files arrived",
-                            d.page_bytes,
-                            d.pages_files,
-                            w.page_bytes,
-                            w.pages_files
-                        );
-                    }
-                    report.images_bytes += pagemaps_bytes;
-                    return Ok(w.page_bytes);
-                }
-                Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
-                other => bail!("unexpected {other:?} during the page-server session"),
+                other => bail!("unexpected {other:?} on a lane of the page-server session"),
             },
             other => bail!("unexpected frame {other:?} during the page-server session"),
         }
+    }
+    let w = writer.finish().await?;
+    match clock.next(ctl_rx, WHAT).await? {
+        Some(Frame::Control(Control { msg: Some(m) })) => match m {
+            Msg::PsSessionDone(d) => {
+                pagemaps.finish(d.pagemap_files, d.pagemap_bytes)?;
+                if w.page_bytes != d.page_bytes || w.pages_files != u64::from(d.pages_files) {
+                    bail!(
+                        "the session's totals disagree: source sent {} page bytes in {} \
+                         files, {} bytes in {} files arrived",
+                        d.page_bytes,
+                        d.pages_files,
+                        w.page_bytes,
+                        w.pages_files
+                    );
+                }
+                report.images_bytes += pagemaps_bytes;
+                Ok(w.page_bytes)
+            }
+            Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
+            other => bail!("expected PsSessionDone after the session's lanes, got {other:?}"),
+        },
+        Some(other) => bail!("expected PsSessionDone after the session's lanes, got {other:?}"),
+        None => bail!("the source closed the control stream during the page-server session"),
     }
 }
 

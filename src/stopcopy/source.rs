@@ -23,17 +23,16 @@ use crate::criu::page_server::{
     ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
 };
 use crate::keys::Identity;
-use crate::pb::pageserv::{PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
-use crate::protocol::images::{send_image, ship_images};
+use crate::pb::pageserv::Control;
+use crate::pb::pageserv::{PsCreatePages, PsLanes, PsSessionDone, SourceReleased, control::Msg};
+use crate::protocol::images::{image_chunks, ship_images};
+use crate::protocol::lanes::{self, Striper};
 use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
 use crate::runc::Runc;
 use crate::stopcopy::dump::{self, StopCopyDump};
 use crate::stopcopy::runc_dump::{self, RuncCheckpoint};
 use crate::transport::{self, FrameReceiver, FrameSender};
-use crate::wire;
-
-/// Most pages in one Pages frame.
-const FRAME_PAGES: usize = wire::MAX_FRAME_PAGES as usize;
+use crate::wire::Frame;
 
 /// Where the dump comes from.
 #[derive(Debug, Clone)]
@@ -88,6 +87,8 @@ pub struct StopCopyOptions {
     pub criu: Criu,
     pub source: StopCopySource,
     pub transport: transport::TransportOptions,
+    /// Streams the session's frames are dealt over (see [`crate::protocol::lanes`]).
+    pub lanes: u32,
 }
 
 /// The source's report of a stop-and-copy migration.
@@ -185,6 +186,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let (r, dump) = migrate_own(
                 &mut ctl,
                 &mut ctl_rx,
+                (&conn, opts.lanes),
                 sock,
                 layout,
                 dump,
@@ -243,10 +245,21 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let _ = sock.set_nodelay(true);
             tracing::info!(%peer, "criu dump connected");
             let frozen_at = SystemTime::now();
-            migrate_external(&mut ctl, &mut ctl_rx, sock, layout, images_dir, frozen_at).await
+            let lanes = (&conn, opts.lanes);
+            migrate_external(
+                &mut ctl,
+                &mut ctl_rx,
+                lanes,
+                sock,
+                layout,
+                images_dir,
+                frozen_at,
+            )
+            .await
         }
         StopCopySource::Runc { runc, name } => {
-            migrate_runc(&mut ctl, &mut ctl_rx, layout, &opts, runc, name).await
+            let lanes = (&conn, opts.lanes);
+            migrate_runc(&mut ctl, &mut ctl_rx, lanes, layout, &opts, runc, name).await
         }
     };
     let mut report = match result {
@@ -289,6 +302,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
 async fn migrate_own(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     mut sock: tokio::net::UnixStream,
     layout: Layout,
     mut dump: StopCopyDump,
@@ -300,6 +314,7 @@ async fn migrate_own(
     let served = serve_session(
         ctl,
         ctl_rx,
+        lanes,
         &mut sock,
         layout,
         ParentSet::none(),
@@ -341,6 +356,7 @@ async fn migrate_own(
 async fn migrate_external(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     mut sock: tokio::net::TcpStream,
     layout: Layout,
     images_dir: &Path,
@@ -351,6 +367,7 @@ async fn migrate_external(
     let summary = serve_session(
         ctl,
         ctl_rx,
+        lanes,
         &mut sock,
         layout,
         ParentSet::none(),
@@ -381,6 +398,7 @@ async fn migrate_external(
 async fn migrate_runc(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     layout: Layout,
     opts: &StopCopyOptions,
     runc: &Runc,
@@ -400,7 +418,7 @@ async fn migrate_runc(
         runc_dump::start(&criu, &runc_c, &name_c, &work, page_server)
     })
     .await??;
-    let (r, ck) = runc_session(ctl, ctl_rx, listener, layout, ck).await;
+    let (r, ck) = runc_session(ctl, ctl_rx, lanes, listener, layout, ck).await;
     let restored = r.is_ok();
     // A checkpoint lost to a panicked watcher was resumed by its Drop.
     let ended = match ck {
@@ -427,6 +445,7 @@ async fn migrate_runc(
 async fn runc_session(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     listener: tokio::net::TcpListener,
     layout: Layout,
     mut ck: RuncCheckpoint,
@@ -466,6 +485,7 @@ async fn runc_session(
     let served = serve_session(
         ctl,
         ctl_rx,
+        lanes,
         &mut sock,
         layout,
         ParentSet::none(),
@@ -534,17 +554,66 @@ async fn finish_migration(
     }
 }
 
-/// Serves one page-server session on `sock`, forwarding its writes to dst. Answers CLOSE only
-/// after dst confirmed the session is written. Any error drops the socket unanswered, which
-/// makes the dump fail (and CRIU resume the tasks).
+/// The connection and lane count a session's frames are dealt over.
+type LaneSpec<'a> = (&'a quinn::Connection, u32);
+
+/// The session's outgoing lanes ([`crate::protocol::lanes`]): announced on the control stream,
+/// then one unidirectional stream each, frames dealt round-robin.
+struct LanesOut {
+    lanes: Vec<FrameSender>,
+    striper: Striper,
+}
+
+impl LanesOut {
+    async fn open(ctl: &mut FrameSender, (conn, n): LaneSpec<'_>) -> Result<Self> {
+        let striper = Striper::new(n)?;
+        send_ctl(ctl, Msg::PsLanes(PsLanes { lanes: n })).await?;
+        let mut lanes = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let s = conn
+                .open_uni()
+                .await
+                .with_context(|| format!("opening lane {i} of the page-server session"))?;
+            lanes.push(FrameSender::new(s));
+        }
+        Ok(LanesOut { lanes, striper })
+    }
+
+    /// The stream of the session's next frame.
+    fn next(&mut self) -> &mut FrameSender {
+        let lane = self.striper.next_lane();
+        &mut self.lanes[lane]
+    }
+
+    async fn control(&mut self, msg: Msg) -> Result<()> {
+        let frame = Frame::Control(Control { msg: Some(msg) });
+        self.next()
+            .send(&frame)
+            .await
+            .context("sending on a lane of the page-server session")
+    }
+
+    /// Finishes every lane: dst reads this as the end of the session's frames.
+    fn finish(&mut self) {
+        for l in &mut self.lanes {
+            l.finish();
+        }
+    }
+}
+
+/// Serves one page-server session on `sock`, forwarding its writes to dst over the lanes.
+/// Answers CLOSE only after dst confirmed the session is written. Any error drops the socket
+/// unanswered, which makes the dump fail (and CRIU resume the tasks).
 async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     sock: &mut S,
     layout: Layout,
     parent: ParentSet,
     report: &mut StopCopyReport,
 ) -> Result<SessionSummary> {
+    let mut out = LanesOut::open(ctl, lanes).await?;
     let mut dec = ServerDecoder::new(layout);
     let mut session = ImageSession::new(parent);
     let mut outs = Vec::new();
@@ -568,7 +637,8 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     Output::Reply(r) => sock.write_all(&r).await.context("answering the dump")?,
                     Output::CreatePages { pages_id } => {
                         pages_files += 1;
-                        send_ctl(ctl, Msg::PsCreatePages(PsCreatePages { pages_id })).await?;
+                        out.control(Msg::PsCreatePages(PsCreatePages { pages_id }))
+                            .await?;
                     }
                     Output::AppendPages {
                         pages_id,
@@ -576,26 +646,29 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                         data,
                     } => {
                         report.page_bytes += data.len() as u64;
-                        let page = crate::pages::PAGE_SIZE as usize;
-                        let mut off = 0;
-                        while off < data.len() {
-                            let end = (off + FRAME_PAGES * page).min(data.len());
-                            ctl.send_pages(
-                                pages_id,
-                                vaddr + off as u64,
-                                ((end - off) / page) as u32,
-                                data.slice(off..end),
-                            )
-                            .await?;
-                            off = end;
+                        let page = crate::pages::PAGE_SIZE;
+                        let nr = data.len() as u64 / page;
+                        for (first, len) in lanes::pieces(nr, lanes::STRIPE_PAGES) {
+                            let (off, end) = (first * page, (first + u64::from(len)) * page);
+                            out.next()
+                                .send_pages(
+                                    pages_id,
+                                    vaddr + off,
+                                    len,
+                                    data.slice(off as usize..end as usize),
+                                )
+                                .await?;
                         }
                     }
                     Output::Pagemap { name, bytes } => {
                         pagemap_files += 1;
                         pagemap_bytes += bytes.len() as u64;
-                        send_image(ctl, &name, bytes.into()).await?;
+                        for chunk in image_chunks(&name, bytes.into()) {
+                            out.control(Msg::ImageChunk(chunk)).await?;
+                        }
                     }
                     Output::Closed { force } => {
+                        out.finish();
                         send_ctl(
                             ctl,
                             Msg::PsSessionDone(PsSessionDone {

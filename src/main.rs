@@ -254,6 +254,11 @@ struct SrcArgs {
     #[arg(long, requires = "stop_and_copy", default_value_t = pageserv::protocol::lanes::DEFAULT_LANES,
           value_parser = clap::value_parser!(u32).range(1..=pageserv::protocol::lanes::MAX_LANES as i64))]
     lanes: u32,
+    /// Stop-and-copy: QUIC connections the lanes span (1-4), so that each end encrypts and
+    /// sends the session on that many cores.
+    #[arg(long, requires = "stop_and_copy", default_value_t = pageserv::protocol::lanes::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=pageserv::protocol::lanes::MAX_CONNECTIONS as i64))]
+    lane_connections: u32,
     /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
     /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
     #[arg(long, value_name = "N|auto")]
@@ -557,6 +562,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 lanes: a.lanes,
+                connections: a.lane_connections,
             };
             let report = run_async(pageserv::stopcopy::source::run(opts))?;
             eprint!("{}", report.render());

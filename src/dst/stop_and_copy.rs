@@ -8,19 +8,22 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
+use crate::dst::post_copy::Routed;
 use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::{delete_failed_runc, restore_command, runc_log_tail};
 use crate::dst::session_writer::SessionWriter;
 use crate::limits::{DstLimits, LimitHit, flag};
+use crate::pb::pageserv::PsLanes;
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
-use crate::protocol::lanes::{Merger, Next};
+use crate::protocol::lanes::{Merger, Next, Spread};
 use crate::protocol::{next_ctl, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{FrameReceiver, FrameSender};
@@ -32,11 +35,11 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Runs the rest of a stop-and-copy migration after the hellos; `dir` is this migration's
 /// fresh directory, `tag` its name in logs and in what the source is told of failures (short:
 /// the details stay in this host's log).
-pub async fn migrate_in(
+pub(crate) async fn migrate_in(
     opts: &DstOptions,
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
-    conn: &quinn::Connection,
+    (conn, mut routes): (&quinn::Connection, mpsc::Receiver<Routed>),
     dir: &Path,
     tag: &str,
 ) -> Result<DstReport> {
@@ -49,7 +52,15 @@ pub async fn migrate_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let clock = ReceiveClock::start(&opts.limits);
-    let r = receive_session(conn, ctl_rx, &images, &mut report, &opts.limits, &clock).await;
+    let r = receive_session(
+        (conn, &mut routes),
+        ctl_rx,
+        &images,
+        &mut report,
+        &opts.limits,
+        &clock,
+    )
+    .await;
     let written = match r {
         Ok(w) => w,
         Err(e) => {
@@ -173,7 +184,7 @@ pub async fn migrate_in(
 /// session's frames arrive dealt over the lanes the source announces first (see
 /// [`crate::protocol::lanes`]); a writer thread puts the pages in the files.
 async fn receive_session(
-    conn: &quinn::Connection,
+    (conn, routes): (&quinn::Connection, &mut mpsc::Receiver<Routed>),
     ctl_rx: &mut FrameReceiver,
     images: &Path,
     report: &mut DstReport,
@@ -181,10 +192,10 @@ async fn receive_session(
     clock: &ReceiveClock,
 ) -> Result<u64> {
     const WHAT: &str = "the page-server session";
-    let lanes = match clock.next(ctl_rx, WHAT).await? {
+    let announced = match clock.next(ctl_rx, WHAT).await? {
         Some(Frame::Control(Control {
             msg: Some(Msg::PsLanes(l)),
-        })) => l.lanes,
+        })) => l,
         Some(Frame::Control(Control {
             msg: Some(Msg::Abort(a)),
         })) => bail!("the source aborted: {}", a.reason),
@@ -194,8 +205,17 @@ async fn receive_session(
         ),
         None => bail!("the source closed the control stream before the page-server session"),
     };
-    let mut merger = Merger::new(lanes)?;
-    let mut rx: Vec<FrameReceiver> = Vec::with_capacity(lanes as usize);
+    let spread = Spread::new(announced.lanes, announced.connections.max(1))?;
+    if announced.index != 0 {
+        bail!(
+            "the source's control connection claims to be lane connection {}",
+            announced.index
+        );
+    }
+    let conns = lane_connections(conn, routes, &announced, spread, clock).await?;
+    let mut merger = Merger::new(spread.lanes())?;
+    // Per connection, its lanes' streams accepted so far (in stream order).
+    let mut rx: Vec<Vec<FrameReceiver>> = conns.iter().map(|_| Vec::new()).collect();
     let mut writer = SessionWriter::start(images, limits.max_session_bytes)?;
     // Pagemap files come as image chunks; a sink of their own keeps their count apart.
     let mut pagemaps = ImageSink::new(images, limits.max_images_bytes);
@@ -204,22 +224,23 @@ async fn receive_session(
     let mut checked_at = 0u64;
     while let Next::Read(lane) = merger.next() {
         // Lanes are accepted in stream order, each when its first frame (or end) is due.
-        while rx.len() <= lane {
+        let (c, index) = spread.place(lane);
+        while rx[c].len() as u64 <= index {
             let recv = clock
-                .within(conn.accept_uni(), WHAT)
+                .within(conns[c].0.accept_uni(), WHAT)
                 .await?
-                .with_context(|| format!("waiting for lane {} of the session", rx.len()))?;
-            if recv.id().index() != rx.len() as u64 {
+                .with_context(|| format!("waiting for lane {lane} of the session"))?;
+            if recv.id().index() != rx[c].len() as u64 {
                 bail!(
-                    "the source opened stream {} as lane {} of its session: lanes must be its \
-                     first unidirectional streams, in order",
+                    "the source opened stream {} as stream {} of its lane connection {c}: lanes \
+                     must be its first unidirectional streams, in order",
                     recv.id(),
-                    rx.len()
+                    rx[c].len()
                 );
             }
-            rx.push(FrameReceiver::new(recv));
+            rx[c].push(FrameReceiver::new(recv));
         }
-        let Some(frame) = clock.next(&mut rx[lane], WHAT).await? else {
+        let Some(frame) = clock.next(&mut rx[c][index as usize], WHAT).await? else {
             merger.on_end(lane)?;
             continue;
         };
@@ -274,6 +295,71 @@ async fn receive_session(
         None => bail!("the source closed the control stream during the page-server session"),
     }
 }
+
+/// The connections the session's lanes span: the control connection first, then each further
+/// one the source opened (routed here by the accept loop, its certificate already checked
+/// against the control connection's), in the order of their `index`. Their control streams are
+/// kept open with them.
+async fn lane_connections(
+    conn: &quinn::Connection,
+    routes: &mut mpsc::Receiver<Routed>,
+    announced: &PsLanes,
+    spread: Spread,
+    clock: &ReceiveClock,
+) -> Result<Vec<LaneConn>> {
+    let n = spread.connections() as usize;
+    let mut more: Vec<Option<crate::dst::post_copy::FaultConn>> = (1..n).map(|_| None).collect();
+    while more.iter().any(Option::is_none) {
+        let what = "the session's lane connections";
+        let Some(routed) = clock.within(routes.recv(), what).await? else {
+            bail!("the accept loop stopped before the source's lane connections arrived");
+        };
+        let (c, tx, mut crx) = match routed {
+            Routed::Lanes(lc) => lc,
+            other => {
+                bail!(
+                    "the stop-and-copy source opened a {} connection",
+                    other.kind()
+                )
+            }
+        };
+        let l = match clock.next(&mut crx, what).await? {
+            Some(Frame::Control(Control {
+                msg: Some(Msg::PsLanes(l)),
+            })) => l,
+            other => bail!("a lane connection opened with {other:?} instead of PsLanes"),
+        };
+        let slot = (l.index as usize)
+            .checked_sub(1)
+            .and_then(|i| more.get_mut(i))
+            .filter(|s| s.is_none());
+        match slot {
+            Some(s) if l.lanes == announced.lanes && l.connections == announced.connections => {
+                *s = Some((c, tx, crx));
+            }
+            _ => bail!(
+                "a lane connection announced index {} of {} connections, {} lanes (the control \
+                 connection: {} connections, {} lanes, indices 1.. each once)",
+                l.index,
+                l.connections,
+                l.lanes,
+                announced.connections,
+                announced.lanes
+            ),
+        }
+    }
+    let mut all: Vec<LaneConn> = Vec::with_capacity(n);
+    all.push((conn.clone(), None));
+    all.extend(
+        more.into_iter()
+            .flatten()
+            .map(|(c, tx, rx)| (c, Some((tx, rx)))),
+    );
+    Ok(all)
+}
+
+/// A connection carrying lanes, with its control stream (none for the control connection).
+type LaneConn = (quinn::Connection, Option<(FrameSender, FrameReceiver)>);
 
 /// Page bytes of a stop-and-copy session written between two free-space checks.
 const DISK_CHECK_EVERY: u64 = 64 << 20;

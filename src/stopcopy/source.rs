@@ -26,7 +26,7 @@ use crate::keys::Identity;
 use crate::pb::pageserv::Control;
 use crate::pb::pageserv::{PsCreatePages, PsLanes, PsSessionDone, SourceReleased, control::Msg};
 use crate::protocol::images::{image_chunks, ship_images};
-use crate::protocol::lanes::{self, Striper};
+use crate::protocol::lanes::{self, Spread, Striper};
 use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
 use crate::runc::Runc;
 use crate::stopcopy::dump::{self, StopCopyDump};
@@ -89,6 +89,8 @@ pub struct StopCopyOptions {
     pub transport: transport::TransportOptions,
     /// Streams the session's frames are dealt over (see [`crate::protocol::lanes`]).
     pub lanes: u32,
+    /// QUIC connections the lanes span (the control connection and `connections - 1` more).
+    pub connections: u32,
 }
 
 /// The source's report of a stop-and-copy migration.
@@ -156,7 +158,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
         Msg::Hello(protocol::hello(
             Role::SrcStopAndCopy,
             opts.criu.version.to_string(),
-            migration_id,
+            migration_id.clone(),
         )),
     )
     .await?;
@@ -167,6 +169,30 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     }
     std::fs::create_dir_all(&opts.work_dir)
         .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+    // The lane connections are set up before anything freezes.
+    let spread = Spread::new(opts.lanes, opts.connections)?;
+    let mut conns = vec![conn.clone()];
+    let mut lane_ctls = Vec::new();
+    for index in 1..spread.connections() {
+        let (c, mut c_ctl, c_rx) =
+            protocol::connect_control(&id, opts.to, &opts.dst_name, &opts.transport)
+                .await
+                .with_context(|| format!("opening lane connection {index}"))?;
+        let hello = protocol::hello(
+            Role::SrcLanes,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        );
+        send_ctl(&mut c_ctl, Msg::Hello(hello)).await?;
+        let lanes = PsLanes {
+            lanes: spread.lanes(),
+            connections: spread.connections(),
+            index,
+        };
+        send_ctl(&mut c_ctl, Msg::PsLanes(lanes)).await?;
+        conns.push(c);
+        lane_ctls.push((c_ctl, c_rx));
+    }
 
     let layout = opts.criu.layout();
     let result = match &opts.source {
@@ -186,7 +212,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let (r, dump) = migrate_own(
                 &mut ctl,
                 &mut ctl_rx,
-                (&conn, opts.lanes),
+                (&conns, spread),
                 sock,
                 layout,
                 dump,
@@ -245,7 +271,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let _ = sock.set_nodelay(true);
             tracing::info!(%peer, "criu dump connected");
             let frozen_at = SystemTime::now();
-            let lanes = (&conn, opts.lanes);
+            let lanes = (&conns[..], spread);
             migrate_external(
                 &mut ctl,
                 &mut ctl_rx,
@@ -258,7 +284,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             .await
         }
         StopCopySource::Runc { runc, name } => {
-            let lanes = (&conn, opts.lanes);
+            let lanes = (&conns[..], spread);
             migrate_runc(&mut ctl, &mut ctl_rx, lanes, layout, &opts, runc, name).await
         }
     };
@@ -285,7 +311,24 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     )
     .await?;
     ctl.finish();
-    report.wire_bytes = conn.stats().udp_tx.bytes;
+    report.wire_bytes = conns.iter().map(|c| c.stats().udp_tx.bytes).sum();
+    for (i, c) in conns.iter().enumerate() {
+        let s = c.stats();
+        tracing::info!(
+            connection = i,
+            datagrams = s.udp_tx.datagrams,
+            transmits = s.udp_tx.ios,
+            lost_packets = s.path.lost_packets,
+            congestion_events = s.path.congestion_events,
+            cwnd = s.path.cwnd,
+            rtt_us = s.path.rtt.as_micros() as u64,
+            "QUIC path of the session"
+        );
+    }
+    for (c, (mut c_ctl, _)) in conns.iter().skip(1).zip(lane_ctls) {
+        c_ctl.finish();
+        c.close(0u32.into(), b"done");
+    }
     if tokio::time::timeout(Duration::from_secs(10), conn.closed())
         .await
         .is_err()
@@ -555,7 +598,7 @@ async fn finish_migration(
 }
 
 /// The connection and lane count a session's frames are dealt over.
-type LaneSpec<'a> = (&'a quinn::Connection, u32);
+type LaneSpec<'a> = (&'a [quinn::Connection], Spread);
 
 /// The session's outgoing lanes ([`crate::protocol::lanes`]): announced on the control stream,
 /// then one unidirectional stream each, frames dealt round-robin.
@@ -565,12 +608,20 @@ struct LanesOut {
 }
 
 impl LanesOut {
-    async fn open(ctl: &mut FrameSender, (conn, n): LaneSpec<'_>) -> Result<Self> {
-        let striper = Striper::new(n)?;
-        send_ctl(ctl, Msg::PsLanes(PsLanes { lanes: n })).await?;
-        let mut lanes = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let s = conn
+    async fn open(ctl: &mut FrameSender, (conns, spread): LaneSpec<'_>) -> Result<Self> {
+        let striper = Striper::new(spread.lanes())?;
+        let announced = PsLanes {
+            lanes: spread.lanes(),
+            connections: spread.connections(),
+            index: 0,
+        };
+        send_ctl(ctl, Msg::PsLanes(announced)).await?;
+        let mut lanes = Vec::with_capacity(spread.lanes() as usize);
+        for i in 0..spread.lanes() as usize {
+            let (c, _) = spread.place(i);
+            let s = conns
+                .get(c)
+                .context("a lane connection is missing (internal error)")?
                 .open_uni()
                 .await
                 .with_context(|| format!("opening lane {i} of the page-server session"))?;

@@ -208,7 +208,6 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let (dump, sock) = dump::start(&opts.criu, *pid, &opts.work_dir, &extra)?;
             sock.set_nonblocking(true)?;
             let sock = tokio::net::UnixStream::from_std(sock)?;
-            let frozen_at = dump.started_at;
             let (r, dump) = migrate_own(
                 &mut ctl,
                 &mut ctl_rx,
@@ -216,7 +215,6 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
                 sock,
                 layout,
                 dump,
-                frozen_at,
                 carried,
             )
             .await;
@@ -349,9 +347,9 @@ async fn migrate_own(
     mut sock: tokio::net::UnixStream,
     layout: Layout,
     mut dump: StopCopyDump,
-    frozen_at: SystemTime,
     carried: Vec<String>,
 ) -> (Result<StopCopyReport>, Option<StopCopyDump>) {
+    let frozen_at = dump.started_at;
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
     let served = serve_session(

@@ -14,25 +14,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::BytesMut;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::criu::binary::Criu;
-use crate::criu::page_server::{
-    ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
-};
+use crate::criu::page_server::{Layout, ParentSet};
 use crate::keys::Identity;
-use crate::pb::pageserv::Control;
-use crate::pb::pageserv::{PsCreatePages, PsLanes, PsSessionDone, SourceReleased, control::Msg};
-use crate::protocol::images::{image_chunks, ship_images};
-use crate::protocol::lanes::{self, Spread, Striper};
+use crate::pb::pageserv::{PsLanes, SourceReleased, control::Msg};
+use crate::protocol::images::ship_images;
+use crate::protocol::lanes::Spread;
 use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
 use crate::runc::Runc;
 use crate::stopcopy::dump::{self, StopCopyDump};
 use crate::stopcopy::runc_dump::{self, RuncCheckpoint};
+use crate::stopcopy::session::{LaneSpec, Served, serve_session};
 use crate::transport::{self, FrameReceiver, FrameSender};
-use crate::wire::Frame;
 
 /// Where the dump comes from.
 #[derive(Debug, Clone)]
@@ -352,18 +347,9 @@ async fn migrate_own(
     let frozen_at = dump.started_at;
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let served = serve_session(
-        ctl,
-        ctl_rx,
-        lanes,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none()).await;
     drop(sock);
-    let summary = match served {
+    let served = match served {
         Ok(s) => s,
         Err(e) => {
             return (
@@ -373,7 +359,7 @@ async fn migrate_own(
         }
     };
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     // The images are complete once the dump runs its post-dump hook.
     let waited = tokio::task::spawn_blocking(move || {
         let r = dump.wait_images_ready(Duration::from_secs(300));
@@ -405,19 +391,11 @@ async fn migrate_external(
 ) -> Result<StopCopyReport> {
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let summary = serve_session(
-        ctl,
-        ctl_rx,
-        lanes,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await
-    .context("serving the dump's page-server session")?;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none())
+        .await
+        .context("serving the dump's page-server session")?;
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     // CRIU writes stats-dump last, only after a successful dump.
     let stats = images_dir.join("stats-dump");
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -523,19 +501,10 @@ async fn runc_session(
     };
     drop(listener);
     let _ = sock.set_nodelay(true);
-    let served = serve_session(
-        ctl,
-        ctl_rx,
-        lanes,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none()).await;
     // Dropped unanswered on an error: CRIU fails the dump and leaves the container paused.
     drop(sock);
-    let summary = match served {
+    let served = match served {
         Ok(s) => s,
         Err(e) => {
             let e = e.context("serving the container checkpoint's page-server session");
@@ -543,7 +512,7 @@ async fn runc_session(
         }
     };
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     let waited = tokio::task::spawn_blocking(move || (ck.wait_done(RUNC_STEP_TIMEOUT), ck)).await;
     let ck = match waited {
         Ok((Ok(()), ck)) => ck,
@@ -555,7 +524,10 @@ async fn runc_session(
     (r, Some(ck))
 }
 
-fn fill(report: &mut StopCopyReport, s: &SessionSummary) {
+fn fill(report: &mut StopCopyReport, served: &Served) {
+    report.page_bytes = served.page_bytes;
+    report.images_bytes += served.pagemap_bytes;
+    let s = &served.summary;
     report.pages_present = s.pages_present;
     report.pages_parent = s.pages_parent;
     report.pages_lazy_only = s.pages_lazy_only;
@@ -591,166 +563,6 @@ async fn finish_migration(
             }
             Msg::Abort(a) => bail!("dst aborted the migration: {}", a.reason),
             other => tracing::warn!("ignoring unexpected control message {other:?}"),
-        }
-    }
-}
-
-/// The connection and lane count a session's frames are dealt over.
-type LaneSpec<'a> = (&'a [quinn::Connection], Spread);
-
-/// The session's outgoing lanes ([`crate::protocol::lanes`]): announced on the control stream,
-/// then one unidirectional stream each, frames dealt round-robin.
-struct LanesOut {
-    lanes: Vec<FrameSender>,
-    striper: Striper,
-}
-
-impl LanesOut {
-    async fn open(ctl: &mut FrameSender, (conns, spread): LaneSpec<'_>) -> Result<Self> {
-        let striper = Striper::new(spread.lanes())?;
-        let announced = PsLanes {
-            lanes: spread.lanes(),
-            connections: spread.connections(),
-            index: 0,
-        };
-        send_ctl(ctl, Msg::PsLanes(announced)).await?;
-        let mut lanes = Vec::with_capacity(spread.lanes() as usize);
-        for i in 0..spread.lanes() as usize {
-            let (c, _) = spread.place(i);
-            let s = conns
-                .get(c)
-                .context("a lane connection is missing (internal error)")?
-                .open_uni()
-                .await
-                .with_context(|| format!("opening lane {i} of the page-server session"))?;
-            lanes.push(FrameSender::new(s));
-        }
-        Ok(LanesOut { lanes, striper })
-    }
-
-    /// The stream of the session's next frame.
-    fn next(&mut self) -> &mut FrameSender {
-        let lane = self.striper.next_lane();
-        &mut self.lanes[lane]
-    }
-
-    async fn control(&mut self, msg: Msg) -> Result<()> {
-        let frame = Frame::Control(Control { msg: Some(msg) });
-        self.next()
-            .send(&frame)
-            .await
-            .context("sending on a lane of the page-server session")
-    }
-
-    /// Finishes every lane: dst reads this as the end of the session's frames.
-    fn finish(&mut self) {
-        for l in &mut self.lanes {
-            l.finish();
-        }
-    }
-}
-
-/// Serves one page-server session on `sock`, forwarding its writes to dst over the lanes.
-/// Answers CLOSE only after dst confirmed the session is written. Any error drops the socket
-/// unanswered, which makes the dump fail (and CRIU resume the tasks).
-async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
-    ctl: &mut FrameSender,
-    ctl_rx: &mut FrameReceiver,
-    lanes: LaneSpec<'_>,
-    sock: &mut S,
-    layout: Layout,
-    parent: ParentSet,
-    report: &mut StopCopyReport,
-) -> Result<SessionSummary> {
-    let mut out = LanesOut::open(ctl, lanes).await?;
-    let mut dec = ServerDecoder::new(layout);
-    let mut session = ImageSession::new(parent);
-    let mut outs = Vec::new();
-    let mut pages_files = 0u32;
-    let mut pagemap_files = 0u32;
-    let mut pagemap_bytes = 0u64;
-    loop {
-        let n = sock
-            .read_buf(dec.read_buf())
-            .await
-            .context("reading from the dump")?;
-        if n == 0 {
-            dec.on_eof()?;
-            bail!("the dump closed the page-server session without CLOSE");
-        }
-        while let Some(ev) = dec.poll()? {
-            outs.clear();
-            session.handle(ev, &mut outs)?;
-            for o in outs.drain(..) {
-                match o {
-                    Output::Reply(r) => sock.write_all(&r).await.context("answering the dump")?,
-                    Output::CreatePages { pages_id } => {
-                        pages_files += 1;
-                        out.control(Msg::PsCreatePages(PsCreatePages { pages_id }))
-                            .await?;
-                    }
-                    Output::AppendPages {
-                        pages_id,
-                        vaddr,
-                        data,
-                    } => {
-                        report.page_bytes += data.len() as u64;
-                        let page = crate::pages::PAGE_SIZE;
-                        let nr = data.len() as u64 / page;
-                        for (first, len) in lanes::pieces(nr, lanes::STRIPE_PAGES) {
-                            let (off, end) = (first * page, (first + u64::from(len)) * page);
-                            out.next()
-                                .send_pages(
-                                    pages_id,
-                                    vaddr + off,
-                                    len,
-                                    data.slice(off as usize..end as usize),
-                                )
-                                .await?;
-                        }
-                    }
-                    Output::Pagemap { name, bytes } => {
-                        pagemap_files += 1;
-                        pagemap_bytes += bytes.len() as u64;
-                        for chunk in image_chunks(&name, bytes.into()) {
-                            out.control(Msg::ImageChunk(chunk)).await?;
-                        }
-                    }
-                    Output::Closed { force } => {
-                        out.finish();
-                        send_ctl(
-                            ctl,
-                            Msg::PsSessionDone(PsSessionDone {
-                                page_bytes: report.page_bytes,
-                                pages_files,
-                                pagemap_files,
-                                pagemap_bytes,
-                            }),
-                        )
-                        .await?;
-                        match next_ctl(ctl_rx).await? {
-                            Msg::PsSessionWritten(w) if w.page_bytes == report.page_bytes => {}
-                            Msg::PsSessionWritten(w) => bail!(
-                                "dst wrote {} page bytes, {} were sent",
-                                w.page_bytes,
-                                report.page_bytes
-                            ),
-                            Msg::Abort(a) => bail!("dst could not write the session: {}", a.reason),
-                            other => bail!("expected PsSessionWritten from dst, got {other:?}"),
-                        }
-                        report.images_bytes += pagemap_bytes;
-                        let mut reply = BytesMut::new();
-                        encode_close_reply(&mut reply);
-                        sock.write_all(&reply).await.context("answering CLOSE")?;
-                        tracing::info!(
-                            force,
-                            pages = session.summary().pages_present,
-                            "page-server session complete"
-                        );
-                        return Ok(session.summary().clone());
-                    }
-                }
-            }
         }
     }
 }

@@ -175,7 +175,8 @@ pub(crate) async fn migrate_in(
         Ok(_) => {}
         Err(e) => tracing::warn!("no release message from the source: {e:#}"),
     }
-    report.bytes_received = conn.stats().udp_rx.bytes;
+    // Plus the lane connections' bytes, counted when the session ended.
+    report.bytes_received += conn.stats().udp_rx.bytes;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }
@@ -271,6 +272,10 @@ async fn receive_session(
         }
     }
     let w = writer.finish().await?;
+    report.bytes_received += conns[1..]
+        .iter()
+        .map(|(c, _)| c.stats().udp_rx.bytes)
+        .sum::<u64>();
     match clock.next(ctl_rx, WHAT).await? {
         Some(Frame::Control(Control { msg: Some(m) })) => match m {
             Msg::PsSessionDone(d) => {

@@ -249,6 +249,16 @@ struct SrcArgs {
     /// beyond loopback; any other peer is refused).
     #[arg(long, requires = "listen_page_server")]
     page_server_peer: Option<std::net::IpAddr>,
+    /// Stop-and-copy: QUIC streams the page-server session is dealt over (1-16), so dst's
+    /// per-stream flow control never holds the transfer back.
+    #[arg(long, requires = "stop_and_copy", default_value_t = pageserv::protocol::lanes::DEFAULT_LANES,
+          value_parser = clap::value_parser!(u32).range(1..=pageserv::protocol::lanes::MAX_LANES as i64))]
+    lanes: u32,
+    /// Stop-and-copy: QUIC connections the lanes span (1-4), so that each end encrypts and
+    /// sends the session on that many cores.
+    #[arg(long, requires = "stop_and_copy", default_value_t = pageserv::protocol::lanes::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=pageserv::protocol::lanes::MAX_CONNECTIONS as i64))]
+    lane_connections: u32,
     /// Copy memory while the tree runs, in N rounds or until `auto` says the rounds stopped
     /// paying off; after the freeze only pages that changed since cross again. Needs --pid.
     #[arg(long, value_name = "N|auto")]
@@ -551,6 +561,8 @@ fn run(cli: Cli) -> Result<()> {
                     deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
                 },
+                lanes: a.lanes,
+                connections: a.lane_connections,
             };
             let report = run_async(pageserv::stopcopy::source::run(opts))?;
             eprint!("{}", report.render());

@@ -4,6 +4,7 @@
 //! imported here: `source`, `dst` and `stopcopy` all build on this module.
 
 pub mod images;
+pub mod lanes;
 
 use std::net::SocketAddr;
 
@@ -28,8 +29,11 @@ pub enum Role {
     SrcFaults,
     /// A lazy source reconnecting mid post-copy (see `source::recovery`).
     SrcResume,
-    /// A stop-and-copy source's only connection.
+    /// A stop-and-copy source's control connection.
     SrcStopAndCopy,
+    /// A stop-and-copy source's further connection, carrying only lanes of its session
+    /// ([`lanes`]).
+    SrcLanes,
 }
 
 impl Role {
@@ -41,6 +45,7 @@ impl Role {
             Role::SrcFaults => "src-faults",
             Role::SrcResume => "src-resume",
             Role::SrcStopAndCopy => "src-stop-and-copy",
+            Role::SrcLanes => "src-stop-and-copy-lanes",
         }
     }
 
@@ -52,6 +57,7 @@ impl Role {
             Role::SrcFaults,
             Role::SrcResume,
             Role::SrcStopAndCopy,
+            Role::SrcLanes,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -200,6 +206,7 @@ mod tests {
             (Role::SrcFaults, "src-faults"),
             (Role::SrcResume, "src-resume"),
             (Role::SrcStopAndCopy, "src-stop-and-copy"),
+            (Role::SrcLanes, "src-stop-and-copy-lanes"),
         ] {
             assert_eq!(role.as_str(), name);
             assert_eq!(Role::parse(name), Some(role));

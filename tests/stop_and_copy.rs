@@ -86,6 +86,31 @@ fn stop_and_copy_256_mib_writing_workload() {
     check_migrated("basic", &v, &stderr, 65_536);
 }
 
+/// The session dealt over 5 lanes on 3 QUIC connections (`--lanes`, `--lane-connections`):
+/// every page arrives once, in order, and the restored workload verifies its memory.
+#[test]
+fn stop_and_copy_over_lanes_on_three_connections() {
+    if !can_run() {
+        return;
+    }
+    let (v, stderr, _) = demo(
+        "lanes",
+        &[
+            "--mib",
+            "64",
+            "--write-rate",
+            "10",
+            "--after",
+            "4",
+            "--src-arg=--lanes",
+            "--src-arg=5",
+            "--src-arg=--lane-connections",
+            "--src-arg=3",
+        ],
+    );
+    check_migrated("lanes", &v, &stderr, 16_384);
+}
+
 #[test]
 fn stop_and_copy_a_process_tree() {
     if !can_run() {

@@ -425,6 +425,12 @@ async fn classify(conn: quinn::Connection, who: PeerIdentity) -> Result<Incoming
             what: Routed::Faults((conn, tx, rx)),
             who,
         }
+    } else if role == Some(Role::SrcLanes) {
+        Incoming::Routed {
+            migration_id: hello.migration_id.clone(),
+            what: Routed::Lanes((conn, tx, rx)),
+            who,
+        }
     } else if role == Some(Role::SrcResume) {
         Incoming::Routed {
             migration_id: hello.migration_id.clone(),
@@ -448,7 +454,9 @@ async fn classify(conn: quinn::Connection, who: PeerIdentity) -> Result<Incoming
 /// Refuses a fault or resume connection: a resume learns why (src then stops retrying).
 fn refuse_routed(what: Routed, reason: String) {
     match what {
-        Routed::Faults((conn, _, _)) => conn.close(2u32.into(), reason.as_bytes()),
+        Routed::Faults((conn, _, _)) | Routed::Lanes((conn, _, _)) => {
+            conn.close(2u32.into(), reason.as_bytes())
+        }
         Routed::Resume { conn, ctl, .. } => {
             tokio::spawn(refuse(conn, ctl, reason));
         }
@@ -515,9 +523,15 @@ async fn migrate_in(
     if Role::of(&hello) == Some(Role::SrcStopAndCopy) {
         let tag = id_tag(&hello.migration_id);
         let dir = fresh_dir(&opts.work_base, &tag)?;
-        let r =
-            crate::dst::stop_and_copy::migrate_in(opts, &mut ctl, &mut ctl_rx, conn, &dir, &tag)
-                .await;
+        let r = crate::dst::stop_and_copy::migrate_in(
+            opts,
+            &mut ctl,
+            &mut ctl_rx,
+            (conn, routes),
+            &dir,
+            &tag,
+        )
+        .await;
         return crate::dst::options::leave_dir(&dir, r, opts.keep_work);
     }
     migration::migrate_in(

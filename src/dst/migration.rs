@@ -61,6 +61,9 @@ pub(crate) async fn migrate_in(
         Ok(Some(Routed::Resume { .. })) => {
             bail!("the source tried to resume a migration that has not started")
         }
+        Ok(Some(Routed::Lanes(_))) => {
+            bail!("the source opened a stop-and-copy lanes connection for a post-copy migration")
+        }
         Ok(None) => bail!("the accept loop stopped before the fault connection arrived"),
         Err(_) => bail!(
             "the source did not open its fault connection within {} s",

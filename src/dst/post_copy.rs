@@ -39,6 +39,8 @@ pub(crate) type FaultConn = (quinn::Connection, FrameSender, FrameReceiver);
 /// Connections the accept loop (dst/endpoint.rs) routes to a running migration by its id.
 pub(crate) enum Routed {
     Faults(FaultConn),
+    /// A stop-and-copy source's further connection for its session's lanes (hello read).
+    Lanes(FaultConn),
     /// A source continuing this migration on a new link; its resume hello has been read.
     Resume {
         conn: quinn::Connection,
@@ -54,6 +56,7 @@ impl Routed {
         match self {
             Routed::Faults(_) => "fault",
             Routed::Resume { .. } => "resume",
+            Routed::Lanes(_) => "lanes",
         }
     }
 }
@@ -511,6 +514,12 @@ impl PostCopy {
                     requests: None,
                     fault_deadline: None,
                 };
+            }
+            Routed::Lanes(lc) => {
+                tracing::warn!(
+                    "a stop-and-copy lanes connection for a post-copy migration: closed"
+                );
+                lc.0.close(2u32.into(), b"not a stop-and-copy migration");
             }
             Routed::Faults(fc) => {
                 let ready = matches!(

@@ -32,10 +32,19 @@ impl ReceiveClock {
     /// The next frame of `rx` (`what` names the phase for the error), or a [`LimitHit`] if the
     /// source stays silent past the idle limit or the phase passes its deadline.
     pub async fn next(&self, rx: &mut FrameReceiver, what: &str) -> anyhow::Result<Option<Frame>> {
+        Ok(self.within(rx.next(), what).await??)
+    }
+
+    /// `fut`'s output, under the same two deadlines as [`ReceiveClock::next`].
+    pub async fn within<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+        what: &str,
+    ) -> anyhow::Result<T> {
         let now = Instant::now();
         let by = (now + self.idle).min(self.until);
-        match tokio::time::timeout_at(by, rx.next()).await {
-            Ok(r) => Ok(r?),
+        match tokio::time::timeout_at(by, fut).await {
+            Ok(r) => Ok(r),
             Err(_) if by >= self.until => Err(LimitHit::flag(
                 format!("receiving {what}: the source was not done"),
                 format!("{} s", self.total.as_secs()),

@@ -7,19 +7,23 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::criu::images::ImageDir;
-use crate::criu::page_server::writer::DirWriter;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
+use crate::dst::post_copy::Routed;
 use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::{delete_failed_runc, restore_command, runc_log_tail};
+use crate::dst::session_writer::SessionWriter;
 use crate::limits::{DstLimits, LimitHit, flag};
+use crate::pb::pageserv::PsLanes;
 use crate::pb::pageserv::{
     Abort, Control, PsSessionWritten, RestoreFailed, RestoreFinished, RestoreStarted, control::Msg,
 };
+use crate::protocol::lanes::{Merger, Next, Spread};
 use crate::protocol::{next_ctl, send_ctl};
 use crate::stats::DstReport;
 use crate::transport::{FrameReceiver, FrameSender};
@@ -31,11 +35,11 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Runs the rest of a stop-and-copy migration after the hellos; `dir` is this migration's
 /// fresh directory, `tag` its name in logs and in what the source is told of failures (short:
 /// the details stay in this host's log).
-pub async fn migrate_in(
+pub(crate) async fn migrate_in(
     opts: &DstOptions,
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
-    conn: &quinn::Connection,
+    (conn, mut routes): (&quinn::Connection, mpsc::Receiver<Routed>),
     dir: &Path,
     tag: &str,
 ) -> Result<DstReport> {
@@ -48,7 +52,15 @@ pub async fn migrate_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let clock = ReceiveClock::start(&opts.limits);
-    let r = receive_session(ctl_rx, &images, &mut report, &opts.limits, &clock).await;
+    let r = receive_session(
+        (conn, &mut routes),
+        ctl_rx,
+        &images,
+        &mut report,
+        &opts.limits,
+        &clock,
+    )
+    .await;
     let written = match r {
         Ok(w) => w,
         Err(e) => {
@@ -163,32 +175,77 @@ pub async fn migrate_in(
         Ok(_) => {}
         Err(e) => tracing::warn!("no release message from the source: {e:#}"),
     }
-    report.bytes_received = conn.stats().udp_rx.bytes;
+    // Plus the lane connections' bytes, counted when the session ended.
+    report.bytes_received += conn.stats().udp_rx.bytes;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }
 
-/// Writes the forwarded session until the source's PsSessionDone; returns the page bytes.
+/// Writes the forwarded session until the source's PsSessionDone; returns the page bytes. The
+/// session's frames arrive dealt over the lanes the source announces first (see
+/// [`crate::protocol::lanes`]); a writer thread puts the pages in the files.
 async fn receive_session(
-    rx: &mut FrameReceiver,
+    (conn, routes): (&quinn::Connection, &mut mpsc::Receiver<Routed>),
+    ctl_rx: &mut FrameReceiver,
     images: &Path,
     report: &mut DstReport,
     limits: &DstLimits,
     clock: &ReceiveClock,
 ) -> Result<u64> {
-    let mut writer = DirWriter::new(images).with_max_bytes(limits.max_session_bytes);
+    const WHAT: &str = "the page-server session";
+    let announced = match clock.next(ctl_rx, WHAT).await? {
+        Some(Frame::Control(Control {
+            msg: Some(Msg::PsLanes(l)),
+        })) => l,
+        Some(Frame::Control(Control {
+            msg: Some(Msg::Abort(a)),
+        })) => bail!("the source aborted: {}", a.reason),
+        Some(other) => bail!(
+            "expected the session's lanes (PsLanes) from the source, got {other:?}: is it an \
+             older pageserv src? Update it to this version"
+        ),
+        None => bail!("the source closed the control stream before the page-server session"),
+    };
+    let spread = Spread::new(announced.lanes, announced.connections.max(1))?;
+    if announced.index != 0 {
+        bail!(
+            "the source's control connection claims to be lane connection {}",
+            announced.index
+        );
+    }
+    let conns = lane_connections(conn, routes, &announced, spread, clock).await?;
+    let mut merger = Merger::new(spread.lanes())?;
+    // Per connection, its lanes' streams accepted so far (in stream order).
+    let mut rx: Vec<Vec<FrameReceiver>> = conns.iter().map(|_| Vec::new()).collect();
+    let mut writer = SessionWriter::start(images, limits.max_session_bytes)?;
     // Pagemap files come as image chunks; a sink of their own keeps their count apart.
     let mut pagemaps = ImageSink::new(images, limits.max_images_bytes);
     let mut pagemaps_bytes = 0u64;
     // The session's size is not known ahead: the free space is checked as it is written.
     let mut checked_at = 0u64;
-    loop {
-        let frame = clock
-            .next(rx, "the page-server session")
-            .await?
-            .ok_or_else(|| {
-                anyhow!("the source closed the stream during the page-server session")
-            })?;
+    while let Next::Read(lane) = merger.next() {
+        // Lanes are accepted in stream order, each when its first frame (or end) is due.
+        let (c, index) = spread.place(lane);
+        while rx[c].len() as u64 <= index {
+            let recv = clock
+                .within(conns[c].0.accept_uni(), WHAT)
+                .await?
+                .with_context(|| format!("waiting for lane {lane} of the session"))?;
+            if recv.id().index() != rx[c].len() as u64 {
+                bail!(
+                    "the source opened stream {} as stream {} of its lane connection {c}: lanes \
+                     must be its first unidirectional streams, in order",
+                    recv.id(),
+                    rx[c].len()
+                );
+            }
+            rx[c].push(FrameReceiver::new(recv));
+        }
+        let Some(frame) = clock.next(&mut rx[c][index as usize], WHAT).await? else {
+            merger.on_end(lane)?;
+            continue;
+        };
+        merger.on_frame(lane)?;
         match frame {
             Frame::Pages {
                 pid: pages_id,
@@ -196,42 +253,118 @@ async fn receive_session(
                 nr_pages,
                 data,
             } => {
-                writer.append_pages(pages_id, vaddr, &data)?;
+                writer.append_pages(pages_id, vaddr, data).await?;
                 report.stop_and_copy_pages += u64::from(nr_pages);
-                if writer.page_bytes() - checked_at >= DISK_CHECK_EVERY {
-                    checked_at = writer.page_bytes();
+                if writer.queued_bytes() - checked_at >= DISK_CHECK_EVERY {
+                    checked_at = writer.queued_bytes();
                     check_free(images, limits.min_free_disk_bytes)?;
                 }
             }
             Frame::Control(Control { msg: Some(m) }) => match m {
-                Msg::PsCreatePages(c) => writer.create_pages(c.pages_id)?,
+                Msg::PsCreatePages(c) => writer.create_pages(c.pages_id).await?,
                 Msg::ImageChunk(c) if c.name.starts_with("pagemap-") => {
                     pagemaps_bytes += c.data.len() as u64;
                     pagemaps.chunk(&c.name, c.offset, &c.data, c.last)?;
                 }
-                Msg::PsSessionDone(d) => {
-                    pagemaps.finish(d.pagemap_files, d.pagemap_bytes)?;
-                    let w = writer.finish();
-                    if w.page_bytes != d.page_bytes || w.pages_files != u64::from(d.pages_files) {
-                        bail!(
-                            "the session's totals disagree: source sent {} page bytes in {} \
-                             files, {} bytes in {} files arrived",
-                            d.page_bytes,
-                            d.pages_files,
-                            w.page_bytes,
-                            w.pages_files
-                        );
-                    }
-                    report.images_bytes += pagemaps_bytes;
-                    return Ok(w.page_bytes);
-                }
-                Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
-                other => bail!("unexpected {other:?} during the page-server session"),
+                other => bail!("unexpected {other:?} on a lane of the page-server session"),
             },
             other => bail!("unexpected frame {other:?} during the page-server session"),
         }
     }
+    let w = writer.finish().await?;
+    report.bytes_received += conns[1..]
+        .iter()
+        .map(|(c, _)| c.stats().udp_rx.bytes)
+        .sum::<u64>();
+    match clock.next(ctl_rx, WHAT).await? {
+        Some(Frame::Control(Control { msg: Some(m) })) => match m {
+            Msg::PsSessionDone(d) => {
+                pagemaps.finish(d.pagemap_files, d.pagemap_bytes)?;
+                if w.page_bytes != d.page_bytes || w.pages_files != u64::from(d.pages_files) {
+                    bail!(
+                        "the session's totals disagree: source sent {} page bytes in {} \
+                         files, {} bytes in {} files arrived",
+                        d.page_bytes,
+                        d.pages_files,
+                        w.page_bytes,
+                        w.pages_files
+                    );
+                }
+                report.images_bytes += pagemaps_bytes;
+                Ok(w.page_bytes)
+            }
+            Msg::Abort(a) => bail!("the source aborted: {}", a.reason),
+            other => bail!("expected PsSessionDone after the session's lanes, got {other:?}"),
+        },
+        Some(other) => bail!("expected PsSessionDone after the session's lanes, got {other:?}"),
+        None => bail!("the source closed the control stream during the page-server session"),
+    }
 }
+
+/// The connections the session's lanes span: the control connection first, then each further
+/// one the source opened (routed here by the accept loop, its certificate already checked
+/// against the control connection's), in the order of their `index`. Their control streams are
+/// kept open with them.
+async fn lane_connections(
+    conn: &quinn::Connection,
+    routes: &mut mpsc::Receiver<Routed>,
+    announced: &PsLanes,
+    spread: Spread,
+    clock: &ReceiveClock,
+) -> Result<Vec<LaneConn>> {
+    let n = spread.connections() as usize;
+    let mut more: Vec<Option<crate::dst::post_copy::FaultConn>> = (1..n).map(|_| None).collect();
+    while more.iter().any(Option::is_none) {
+        let what = "the session's lane connections";
+        let Some(routed) = clock.within(routes.recv(), what).await? else {
+            bail!("the accept loop stopped before the source's lane connections arrived");
+        };
+        let (c, tx, mut crx) = match routed {
+            Routed::Lanes(lc) => lc,
+            other => {
+                bail!(
+                    "the stop-and-copy source opened a {} connection",
+                    other.kind()
+                )
+            }
+        };
+        let l = match clock.next(&mut crx, what).await? {
+            Some(Frame::Control(Control {
+                msg: Some(Msg::PsLanes(l)),
+            })) => l,
+            other => bail!("a lane connection opened with {other:?} instead of PsLanes"),
+        };
+        let slot = (l.index as usize)
+            .checked_sub(1)
+            .and_then(|i| more.get_mut(i))
+            .filter(|s| s.is_none());
+        match slot {
+            Some(s) if l.lanes == announced.lanes && l.connections == announced.connections => {
+                *s = Some((c, tx, crx));
+            }
+            _ => bail!(
+                "a lane connection announced index {} of {} connections, {} lanes (the control \
+                 connection: {} connections, {} lanes, indices 1.. each once)",
+                l.index,
+                l.connections,
+                l.lanes,
+                announced.connections,
+                announced.lanes
+            ),
+        }
+    }
+    let mut all: Vec<LaneConn> = Vec::with_capacity(n);
+    all.push((conn.clone(), None));
+    all.extend(
+        more.into_iter()
+            .flatten()
+            .map(|(c, tx, rx)| (c, Some((tx, rx)))),
+    );
+    Ok(all)
+}
+
+/// A connection carrying lanes, with its control stream (none for the control connection).
+type LaneConn = (quinn::Connection, Option<(FrameSender, FrameReceiver)>);
 
 /// Page bytes of a stop-and-copy session written between two free-space checks.
 const DISK_CHECK_EVERY: u64 = 64 << 20;

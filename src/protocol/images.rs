@@ -15,29 +15,29 @@ use crate::transport::FrameSender;
 /// The largest image chunk sent in one frame.
 pub const IMAGE_CHUNK: usize = 1 << 20;
 
-/// Sends one image file to dst in chunks of at most [`IMAGE_CHUNK`] (an empty file is one empty
-/// last chunk).
-pub async fn send_image(ctl: &mut FrameSender, name: &str, data: Bytes) -> Result<()> {
-    let mut offset = 0usize;
-    loop {
+/// One image file as its chunks of at most [`IMAGE_CHUNK`] bytes (an empty file is one empty
+/// last chunk), uncopied.
+pub fn image_chunks(name: &str, data: Bytes) -> impl Iterator<Item = ImageChunk> + '_ {
+    let n = data.len().div_ceil(IMAGE_CHUNK).max(1);
+    (0..n).map(move |i| {
+        let offset = i * IMAGE_CHUNK;
         let end = (offset + IMAGE_CHUNK).min(data.len());
-        let last = end == data.len();
-        send_ctl(
-            ctl,
-            Msg::ImageChunk(ImageChunk {
-                name: name.to_string(),
-                offset: offset as u64,
-                data: data.slice(offset..end),
-                last,
-                mode: 0o600,
-            }),
-        )
-        .await?;
-        offset = end;
-        if last {
-            return Ok(());
+        ImageChunk {
+            name: name.to_string(),
+            offset: offset as u64,
+            data: data.slice(offset..end),
+            last: i + 1 == n,
+            mode: 0o600,
         }
+    })
+}
+
+/// Sends one image file to dst in chunks of at most [`IMAGE_CHUNK`] (see [`image_chunks`]).
+pub async fn send_image(ctl: &mut FrameSender, name: &str, data: Bytes) -> Result<()> {
+    for chunk in image_chunks(name, data) {
+        send_ctl(ctl, Msg::ImageChunk(chunk)).await?;
     }
+    Ok(())
 }
 
 /// Sends every image file except the lazy memory (which CRIU never wrote to disk);
@@ -94,4 +94,24 @@ pub async fn ship_images(
     )
     .await?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_a_file_and_only_the_last_is_last() {
+        let data = Bytes::from(vec![7u8; 2 * IMAGE_CHUNK + 5]);
+        let c: Vec<_> = image_chunks("core-1.img", data.clone()).collect();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.iter().filter(|c| c.last).count(), 1);
+        assert!(c[2].last && c[2].offset == 2 * IMAGE_CHUNK as u64 && c[2].data.len() == 5);
+        let empty: Vec<_> = image_chunks("e.img", Bytes::new()).collect();
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].last && empty[0].data.is_empty());
+        let exact: Vec<_> = image_chunks("x.img", data.slice(..IMAGE_CHUNK)).collect();
+        assert_eq!(exact.len(), 1);
+        assert!(exact[0].last);
+    }
 }

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::criu::binary::{Criu, log_tail, pass_fds};
 
+/// SO_SNDBUF of the dump's end of the page-server socketpair.
+const PS_SOCKET_BUF: usize = 16 << 20;
+
 const PS_SOCKET_FD: i32 = 3;
 /// How long the hook waits for the verdict before failing (CRIU then resumes the tasks).
 const HOOK_TIMEOUT_S: u64 = 600;
@@ -99,6 +102,22 @@ pub fn start(
         .map_err(setup("making the hook executable"))?;
 
     let (ours, theirs) = UnixStream::pair().map_err(setup("the page-server socketpair"))?;
+    // A unix stream socket holds only its sender's SO_SNDBUF (~200 KiB by default): the dump
+    // would stall every time pageserv is busy sending. Room for a few of CRIU's 4 MiB batches
+    // lets both run at once. Forcing needs CAP_NET_ADMIN; a smaller buffer only costs speed.
+    if nix::sys::socket::setsockopt(
+        &theirs,
+        nix::sys::socket::sockopt::SndBufForce,
+        &PS_SOCKET_BUF,
+    )
+    .is_err()
+    {
+        let _ = nix::sys::socket::setsockopt(
+            &theirs,
+            nix::sys::socket::sockopt::SndBuf,
+            &PS_SOCKET_BUF,
+        );
+    }
     let theirs = OwnedFd::from(theirs);
     let log = work.join("dump.log");
     let mut cmd = criu.command();

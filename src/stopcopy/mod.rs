@@ -9,4 +9,5 @@
 
 pub mod dump;
 pub mod runc_dump;
+pub mod session;
 pub mod source;

@@ -14,26 +14,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::BytesMut;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::criu::binary::Criu;
-use crate::criu::page_server::{
-    ImageSession, Layout, Output, ParentSet, ServerDecoder, SessionSummary, encode_close_reply,
-};
+use crate::criu::page_server::{Layout, ParentSet};
 use crate::keys::Identity;
-use crate::pb::pageserv::{PsCreatePages, PsSessionDone, SourceReleased, control::Msg};
-use crate::protocol::images::{send_image, ship_images};
+use crate::pb::pageserv::{PsLanes, SourceReleased, control::Msg};
+use crate::protocol::images::ship_images;
+use crate::protocol::lanes::Spread;
 use crate::protocol::{self, Role, is_dst_answer, next_ctl, send_ctl};
 use crate::runc::Runc;
 use crate::stopcopy::dump::{self, StopCopyDump};
 use crate::stopcopy::runc_dump::{self, RuncCheckpoint};
+use crate::stopcopy::session::{LaneSpec, Served, serve_session};
 use crate::transport::{self, FrameReceiver, FrameSender};
-use crate::wire;
-
-/// Most pages in one Pages frame.
-const FRAME_PAGES: usize = wire::MAX_FRAME_PAGES as usize;
 
 /// Where the dump comes from.
 #[derive(Debug, Clone)]
@@ -88,6 +82,10 @@ pub struct StopCopyOptions {
     pub criu: Criu,
     pub source: StopCopySource,
     pub transport: transport::TransportOptions,
+    /// Streams the session's frames are dealt over (see [`crate::protocol::lanes`]).
+    pub lanes: u32,
+    /// QUIC connections the lanes span (the control connection and `connections - 1` more).
+    pub connections: u32,
 }
 
 /// The source's report of a stop-and-copy migration.
@@ -155,7 +153,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
         Msg::Hello(protocol::hello(
             Role::SrcStopAndCopy,
             opts.criu.version.to_string(),
-            migration_id,
+            migration_id.clone(),
         )),
     )
     .await?;
@@ -166,6 +164,30 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     }
     std::fs::create_dir_all(&opts.work_dir)
         .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+    // The lane connections are set up before anything freezes.
+    let spread = Spread::new(opts.lanes, opts.connections)?;
+    let mut conns = vec![conn.clone()];
+    let mut lane_ctls = Vec::new();
+    for index in 1..spread.connections() {
+        let (c, mut c_ctl, c_rx) =
+            protocol::connect_control(&id, opts.to, &opts.dst_name, &opts.transport)
+                .await
+                .with_context(|| format!("opening lane connection {index}"))?;
+        let hello = protocol::hello(
+            Role::SrcLanes,
+            opts.criu.version.to_string(),
+            migration_id.clone(),
+        );
+        send_ctl(&mut c_ctl, Msg::Hello(hello)).await?;
+        let lanes = PsLanes {
+            lanes: spread.lanes(),
+            connections: spread.connections(),
+            index,
+        };
+        send_ctl(&mut c_ctl, Msg::PsLanes(lanes)).await?;
+        conns.push(c);
+        lane_ctls.push((c_ctl, c_rx));
+    }
 
     let layout = opts.criu.layout();
     let result = match &opts.source {
@@ -181,14 +203,13 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let (dump, sock) = dump::start(&opts.criu, *pid, &opts.work_dir, &extra)?;
             sock.set_nonblocking(true)?;
             let sock = tokio::net::UnixStream::from_std(sock)?;
-            let frozen_at = dump.started_at;
             let (r, dump) = migrate_own(
                 &mut ctl,
                 &mut ctl_rx,
+                (&conns, spread),
                 sock,
                 layout,
                 dump,
-                frozen_at,
                 carried,
             )
             .await;
@@ -243,10 +264,21 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             let _ = sock.set_nodelay(true);
             tracing::info!(%peer, "criu dump connected");
             let frozen_at = SystemTime::now();
-            migrate_external(&mut ctl, &mut ctl_rx, sock, layout, images_dir, frozen_at).await
+            let lanes = (&conns[..], spread);
+            migrate_external(
+                &mut ctl,
+                &mut ctl_rx,
+                lanes,
+                sock,
+                layout,
+                images_dir,
+                frozen_at,
+            )
+            .await
         }
         StopCopySource::Runc { runc, name } => {
-            migrate_runc(&mut ctl, &mut ctl_rx, layout, &opts, runc, name).await
+            let lanes = (&conns[..], spread);
+            migrate_runc(&mut ctl, &mut ctl_rx, lanes, layout, &opts, runc, name).await
         }
     };
     let mut report = match result {
@@ -272,7 +304,24 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     )
     .await?;
     ctl.finish();
-    report.wire_bytes = conn.stats().udp_tx.bytes;
+    report.wire_bytes = conns.iter().map(|c| c.stats().udp_tx.bytes).sum();
+    for (i, c) in conns.iter().enumerate() {
+        let s = c.stats();
+        tracing::info!(
+            connection = i,
+            datagrams = s.udp_tx.datagrams,
+            transmits = s.udp_tx.ios,
+            lost_packets = s.path.lost_packets,
+            congestion_events = s.path.congestion_events,
+            cwnd = s.path.cwnd,
+            rtt_us = s.path.rtt.as_micros() as u64,
+            "QUIC path of the session"
+        );
+    }
+    for (c, (mut c_ctl, _)) in conns.iter().skip(1).zip(lane_ctls) {
+        c_ctl.finish();
+        c.close(0u32.into(), b"done");
+    }
     if tokio::time::timeout(Duration::from_secs(10), conn.closed())
         .await
         .is_err()
@@ -289,25 +338,18 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
 async fn migrate_own(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     mut sock: tokio::net::UnixStream,
     layout: Layout,
     mut dump: StopCopyDump,
-    frozen_at: SystemTime,
     carried: Vec<String>,
 ) -> (Result<StopCopyReport>, Option<StopCopyDump>) {
+    let frozen_at = dump.started_at;
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let served = serve_session(
-        ctl,
-        ctl_rx,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none()).await;
     drop(sock);
-    let summary = match served {
+    let served = match served {
         Ok(s) => s,
         Err(e) => {
             return (
@@ -317,7 +359,7 @@ async fn migrate_own(
         }
     };
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     // The images are complete once the dump runs its post-dump hook.
     let waited = tokio::task::spawn_blocking(move || {
         let r = dump.wait_images_ready(Duration::from_secs(300));
@@ -341,6 +383,7 @@ async fn migrate_own(
 async fn migrate_external(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     mut sock: tokio::net::TcpStream,
     layout: Layout,
     images_dir: &Path,
@@ -348,18 +391,11 @@ async fn migrate_external(
 ) -> Result<StopCopyReport> {
     let mut report = StopCopyReport::default();
     let t0 = Instant::now();
-    let summary = serve_session(
-        ctl,
-        ctl_rx,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await
-    .context("serving the dump's page-server session")?;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none())
+        .await
+        .context("serving the dump's page-server session")?;
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     // CRIU writes stats-dump last, only after a successful dump.
     let stats = images_dir.join("stats-dump");
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -381,6 +417,7 @@ async fn migrate_external(
 async fn migrate_runc(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     layout: Layout,
     opts: &StopCopyOptions,
     runc: &Runc,
@@ -400,7 +437,7 @@ async fn migrate_runc(
         runc_dump::start(&criu, &runc_c, &name_c, &work, page_server)
     })
     .await??;
-    let (r, ck) = runc_session(ctl, ctl_rx, listener, layout, ck).await;
+    let (r, ck) = runc_session(ctl, ctl_rx, lanes, listener, layout, ck).await;
     let restored = r.is_ok();
     // A checkpoint lost to a panicked watcher was resumed by its Drop.
     let ended = match ck {
@@ -427,6 +464,7 @@ async fn migrate_runc(
 async fn runc_session(
     ctl: &mut FrameSender,
     ctl_rx: &mut FrameReceiver,
+    lanes: LaneSpec<'_>,
     listener: tokio::net::TcpListener,
     layout: Layout,
     mut ck: RuncCheckpoint,
@@ -463,18 +501,10 @@ async fn runc_session(
     };
     drop(listener);
     let _ = sock.set_nodelay(true);
-    let served = serve_session(
-        ctl,
-        ctl_rx,
-        &mut sock,
-        layout,
-        ParentSet::none(),
-        &mut report,
-    )
-    .await;
+    let served = serve_session(ctl, ctl_rx, lanes, &mut sock, layout, ParentSet::none()).await;
     // Dropped unanswered on an error: CRIU fails the dump and leaves the container paused.
     drop(sock);
-    let summary = match served {
+    let served = match served {
         Ok(s) => s,
         Err(e) => {
             let e = e.context("serving the container checkpoint's page-server session");
@@ -482,7 +512,7 @@ async fn runc_session(
         }
     };
     report.session_ms = t0.elapsed().as_secs_f64() * 1e3;
-    fill(&mut report, &summary);
+    fill(&mut report, &served);
     let waited = tokio::task::spawn_blocking(move || (ck.wait_done(RUNC_STEP_TIMEOUT), ck)).await;
     let ck = match waited {
         Ok((Ok(()), ck)) => ck,
@@ -494,7 +524,10 @@ async fn runc_session(
     (r, Some(ck))
 }
 
-fn fill(report: &mut StopCopyReport, s: &SessionSummary) {
+fn fill(report: &mut StopCopyReport, served: &Served) {
+    report.page_bytes = served.page_bytes;
+    report.images_bytes += served.pagemap_bytes;
+    let s = &served.summary;
     report.pages_present = s.pages_present;
     report.pages_parent = s.pages_parent;
     report.pages_lazy_only = s.pages_lazy_only;
@@ -530,105 +563,6 @@ async fn finish_migration(
             }
             Msg::Abort(a) => bail!("dst aborted the migration: {}", a.reason),
             other => tracing::warn!("ignoring unexpected control message {other:?}"),
-        }
-    }
-}
-
-/// Serves one page-server session on `sock`, forwarding its writes to dst. Answers CLOSE only
-/// after dst confirmed the session is written. Any error drops the socket unanswered, which
-/// makes the dump fail (and CRIU resume the tasks).
-async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
-    ctl: &mut FrameSender,
-    ctl_rx: &mut FrameReceiver,
-    sock: &mut S,
-    layout: Layout,
-    parent: ParentSet,
-    report: &mut StopCopyReport,
-) -> Result<SessionSummary> {
-    let mut dec = ServerDecoder::new(layout);
-    let mut session = ImageSession::new(parent);
-    let mut outs = Vec::new();
-    let mut pages_files = 0u32;
-    let mut pagemap_files = 0u32;
-    let mut pagemap_bytes = 0u64;
-    loop {
-        let n = sock
-            .read_buf(dec.read_buf())
-            .await
-            .context("reading from the dump")?;
-        if n == 0 {
-            dec.on_eof()?;
-            bail!("the dump closed the page-server session without CLOSE");
-        }
-        while let Some(ev) = dec.poll()? {
-            outs.clear();
-            session.handle(ev, &mut outs)?;
-            for o in outs.drain(..) {
-                match o {
-                    Output::Reply(r) => sock.write_all(&r).await.context("answering the dump")?,
-                    Output::CreatePages { pages_id } => {
-                        pages_files += 1;
-                        send_ctl(ctl, Msg::PsCreatePages(PsCreatePages { pages_id })).await?;
-                    }
-                    Output::AppendPages {
-                        pages_id,
-                        vaddr,
-                        data,
-                    } => {
-                        report.page_bytes += data.len() as u64;
-                        let page = crate::pages::PAGE_SIZE as usize;
-                        let mut off = 0;
-                        while off < data.len() {
-                            let end = (off + FRAME_PAGES * page).min(data.len());
-                            ctl.send_pages(
-                                pages_id,
-                                vaddr + off as u64,
-                                ((end - off) / page) as u32,
-                                data.slice(off..end),
-                            )
-                            .await?;
-                            off = end;
-                        }
-                    }
-                    Output::Pagemap { name, bytes } => {
-                        pagemap_files += 1;
-                        pagemap_bytes += bytes.len() as u64;
-                        send_image(ctl, &name, bytes.into()).await?;
-                    }
-                    Output::Closed { force } => {
-                        send_ctl(
-                            ctl,
-                            Msg::PsSessionDone(PsSessionDone {
-                                page_bytes: report.page_bytes,
-                                pages_files,
-                                pagemap_files,
-                                pagemap_bytes,
-                            }),
-                        )
-                        .await?;
-                        match next_ctl(ctl_rx).await? {
-                            Msg::PsSessionWritten(w) if w.page_bytes == report.page_bytes => {}
-                            Msg::PsSessionWritten(w) => bail!(
-                                "dst wrote {} page bytes, {} were sent",
-                                w.page_bytes,
-                                report.page_bytes
-                            ),
-                            Msg::Abort(a) => bail!("dst could not write the session: {}", a.reason),
-                            other => bail!("expected PsSessionWritten from dst, got {other:?}"),
-                        }
-                        report.images_bytes += pagemap_bytes;
-                        let mut reply = BytesMut::new();
-                        encode_close_reply(&mut reply);
-                        sock.write_all(&reply).await.context("answering CLOSE")?;
-                        tracing::info!(
-                            force,
-                            pages = session.summary().pages_present,
-                            "page-server session complete"
-                        );
-                        return Ok(session.summary().clone());
-                    }
-                }
-            }
         }
     }
 }

@@ -334,6 +334,9 @@ pub struct Matrix {
     /// The workload's heartbeat thread wrote the cell's pages itself (`--one-thread-workload`).
     #[serde(default)]
     pub one_thread_workload: bool,
+    /// criu-pageserver ran with CRIU's own TLS (`--criu-tls`).
+    #[serde(default)]
+    pub criu_tls: bool,
 }
 
 /// Named matrices: `default` is the full matrix, `short` fits in 10 minutes on a
@@ -381,6 +384,7 @@ impl Matrix {
             pageserv_src_args: Vec::new(),
             pageserv_dst_args: Vec::new(),
             one_thread_workload: false,
+            criu_tls: false,
         }
     }
 

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// from a heartbeat thread that touches no memory.
     #[arg(long)]
     pub one_thread_workload: bool,
+    /// criu-pageserver with CRIU's own TLS (`criu page-server --tls`, `criu dump --tls`, with
+    /// certificates of a CA the bench makes): CRIU's encrypted stop-and-copy, to set against
+    /// pageserv's QUIC + TLS.
+    #[arg(long)]
+    pub criu_tls: bool,
     /// Run nothing: re-render results.md and the plots into --out from this results.json.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
@@ -110,6 +115,7 @@ impl BenchArgs {
         };
         m.pageserv_dst_args = self.pageserv_dst_args.clone();
         m.one_thread_workload = self.one_thread_workload;
+        m.criu_tls = self.criu_tls;
         if let Some(t) = self.timeout {
             m.timeout_s = t.max(1);
         }
@@ -151,6 +157,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             });
             modes::set_step_timeout(matrix.timeout_s);
             modes::set_one_thread_workload(matrix.one_thread_workload);
+            modes::set_criu_tls(matrix.criu_tls);
             run::run(
                 &matrix,
                 &args.out,

@@ -273,6 +273,13 @@ pub fn markdown(r: &Results) -> String {
             r.matrix.pageserv_src_args.join(" ")
         );
     }
+    if r.matrix.criu_tls {
+        let _ = writeln!(
+            s,
+            "criu-pageserver ran with CRIU's own TLS (`--tls`, GnuTLS, certificates of the \
+             bench's CA; `--criu-tls`).\n"
+        );
+    }
     if !r.matrix.pageserv_dst_args.is_empty() {
         let _ = writeln!(
             s,

@@ -200,6 +200,21 @@ fn wait_ready(r: OwnedFd, what: &str, log: &Path) -> Result<()> {
     }
 }
 
+/// CRIU's TLS (GnuTLS) with the certificate and key in `certs` and the CA beside it (the
+/// bench's pageserv identities: `demo_identities`); the certificates name no address, so the
+/// name check is off.
+fn tls_args(cmd: &mut Command, certs: &Path) {
+    let ca = certs.with_file_name("ca").join(pageserv::keys::CA_CERT);
+    cmd.arg("--tls")
+        .arg("--tls-cacert")
+        .arg(ca)
+        .arg("--tls-cert")
+        .arg(certs.join(pageserv::keys::CERT))
+        .arg("--tls-key")
+        .arg(certs.join(pageserv::keys::KEY))
+        .arg("--tls-no-cn-verify");
+}
+
 impl Run<'_> {
     fn criu_cmd(&self, in_dst: bool) -> Command {
         let mut c = if in_dst {
@@ -311,6 +326,14 @@ impl Run<'_> {
             .arg(&dst_dir)
             .args(["--port", &port, "--address", &addr, "-o"])
             .arg(&ps_log);
+        let tls = if super::criu_tls() {
+            Some(pageserv::keys::demo_identities(&self.bed.dir.join("keys"))?)
+        } else {
+            None
+        };
+        if let Some((_, dst)) = &tls {
+            tls_args(&mut ps, dst);
+        }
         let server = self.start_ready("criu page-server (destination)", ps, &ps_log)?;
         let log = self.logs.join("dump.log");
         let mut dump = self.criu_cmd(false);
@@ -318,6 +341,9 @@ impl Run<'_> {
             .arg(&src_dir)
             .args(["--page-server", "--address", &addr, "--port", &port, "-o"])
             .arg(&log);
+        if let Some((src, _)) = &tls {
+            tls_args(&mut dump, src);
+        }
         self.step("criu dump --page-server", dump, &log)?;
         self.wait_child(server, "criu page-server", &ps_log)?;
         copy_missing(&src_dir, &dst_dir)?;

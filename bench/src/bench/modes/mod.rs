@@ -78,6 +78,18 @@ pub fn step_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(STEP_TIMEOUT_S.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+static CRIU_TLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs criu-pageserver with CRIU's own TLS (`--criu-tls`).
+pub fn set_criu_tls(on: bool) {
+    CRIU_TLS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether criu-pageserver runs with CRIU's TLS.
+pub fn criu_tls() -> bool {
+    CRIU_TLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static ONE_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Runs the one-thread workload (`--one-thread-workload`): its heartbeat thread itself writes

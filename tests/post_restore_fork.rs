@@ -252,19 +252,34 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
         dst2_log: std::fs::read_to_string(&dst2_log).unwrap_or_default(),
         foreign_resume,
     };
-    // Cleanup: the restored tree (a pid namespace: its init takes it down), the source tree, and
-    // whatever of ours still runs.
+    // Cleanup: the restored tree (a pid namespace: its init takes it down), whatever of ours
+    // still runs, the dump a keeper holds frozen past src's end (dst killed, no restart: the
+    // failure rule keeps the source frozen), and the source tree.
     kill(root);
-    holder.proc.kill();
     for p in [Some(&mut src), dst2.as_mut()].into_iter().flatten() {
         let _ = p.kill();
         let _ = p.wait();
     }
+    end_frozen_dumps(&scratch.sub("src"));
+    holder.proc.kill();
     eprintln!(
         "src log:\n{}",
         std::fs::read_to_string(&src_log).unwrap_or_default()
     );
     Some(run)
+}
+
+/// Ends every dump a keeper still holds frozen under the source work directory `src_work` (CRIU
+/// then kills the source tree), so neither the keeper nor `criu dump` outlives the test.
+fn end_frozen_dumps(src_work: &Path) {
+    let dirs = std::fs::read_dir(src_work).into_iter().flatten().flatten();
+    for dir in dirs.map(|e| e.path()) {
+        if dir.join(pageserv::source::keeper::KEEPER_SOCKET).exists()
+            && let Err(e) = pageserv::source::keeper::settle_frozen(&dir, false)
+        {
+            eprintln!("could not end the frozen dump in {}: {e}", dir.display());
+        }
+    }
 }
 
 /// Resumes the migration whose id src recorded under `src_work` from a second source

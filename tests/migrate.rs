@@ -26,7 +26,10 @@ use root::can_run;
 fn migrate(name: &str, args: &[&str]) -> Value {
     let mut v = migrate_once(name, args);
     for _ in 0..2 {
-        if v["src"]["eager_dump"] != Value::Bool(true) {
+        // An external dump (`--external-dump`) is not src's to re-dump or judge: there the sign
+        // is dst's count of lazy pages.
+        let eager = v["src"]["eager_dump"] == Value::Bool(true) || v["dst"]["lazy_pages"] == 0;
+        if !eager {
             break;
         }
         eprintln!("{name}: CRIU wrote the dump eagerly (its stack-page test); running it again");

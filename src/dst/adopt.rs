@@ -31,7 +31,7 @@ use crate::criu::images::ImageDir;
 use crate::dst::fault_requests::LocalAnswers;
 use crate::dst::migration::{bridge, memory_whole};
 use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE, read_opener};
-use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring};
+use crate::dst::post_copy::{End, LocalPages, PostCopy, Routed, Step, Wiring};
 use crate::dst::uffd_keeper::policy::Holding;
 use crate::dst::uffd_keeper::{self, Adoption, KEEPER_SOCKET, UffdKeeper};
 use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
@@ -283,7 +283,7 @@ pub(crate) async fn adopt_in(
     handle.send(Inbound::RestoreFinished)?;
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let held = PreCopied::new(None, Arc::new(AtomicU64::new(0)));
+    let held = LocalPages::new(None, Arc::new(AtomicU64::new(0)));
     let local = LocalAnswers {
         held: held.clone(),
         to_loop: handle.sender(),

@@ -27,8 +27,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::dst::answer_watch::AnswerWatch;
-use crate::dst::page_feed::PreCopied;
-use crate::dst::push_queue::Origin;
+use crate::dst::page_feed::LocalPages;
 use crate::dst::uffd_loop::{Inbound, LoopSender};
 use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameSender;
@@ -155,7 +154,7 @@ pub(crate) fn spawn(
 /// Answers from what is already at dst: pushed pages read off the push stream and not placed
 /// yet ([`crate::dst::push_queue`]), confirmed pre-copied pages among them.
 pub(crate) struct LocalAnswers {
-    pub held: PreCopied,
+    pub held: LocalPages,
     pub to_loop: LoopSender,
 }
 
@@ -163,51 +162,30 @@ impl LocalAnswers {
     /// Hands the queued pages of `r` to the fault thread as link `link`'s answer; returns the
     /// parts of `r` still to ask the source for.
     fn answer(&self, link: u64, r: PidRange) -> Vec<PidRange> {
-        let taken = self.held.queue.take(link, r.pid, r.start(), r.nr_pages());
-        if taken.is_empty() {
-            return vec![r];
-        }
         let mut rest = Vec::new();
         let mut at = r.start();
-        for t in taken {
-            if t.vaddr > at {
-                rest.push(PidRange::new(r.pid, at, (t.vaddr - at) / PAGE_SIZE));
+        for q in self.held.queue.take(link, r.pid, r.start(), r.nr_pages()) {
+            if q.vaddr > at {
+                rest.push(PidRange::new(r.pid, at, (q.vaddr - at) / PAGE_SIZE));
             }
-            at = t.vaddr + t.nr_pages * PAGE_SIZE;
-            let runs = match (t.origin, &self.held.store) {
-                (Origin::Data(d), _) => vec![(t.vaddr, t.nr_pages, Some(d))],
-                (Origin::Zero, _) => vec![(t.vaddr, t.nr_pages, None)],
-                (Origin::Store, Some(store)) => {
-                    let all = vec![0xffu8; t.nr_pages.div_ceil(8) as usize];
-                    match store.take_valid(r.pid, t.vaddr, t.nr_pages, &all) {
-                        Ok(runs) => {
-                            self.held.placed.fetch_add(t.nr_pages, Relaxed);
-                            runs.into_iter()
-                                .map(|s| (s.vaddr, s.nr_pages, s.data))
-                                .collect()
-                        }
-                        Err(e) => {
-                            // Checked when the frame was queued; if the store cannot be read now,
-                            // the source is asked instead.
-                            tracing::warn!(
-                                "a confirmed page could not be read from the page store: {e}"
-                            );
-                            rest.push(PidRange::new(r.pid, t.vaddr, t.nr_pages));
-                            continue;
-                        }
-                    }
-                }
-                (Origin::Store, None) => {
-                    rest.push(PidRange::new(r.pid, t.vaddr, t.nr_pages));
+            let n = u64::from(q.nr_pages);
+            at = q.vaddr + n * PAGE_SIZE;
+            let runs = match self.held.read_out(&q) {
+                Ok(runs) => runs,
+                Err(e) => {
+                    // Checked when the frame was queued; if the store cannot be read now, the
+                    // source is asked instead.
+                    tracing::warn!("queued pages could not be read out: {e:#}");
+                    rest.push(PidRange::new(r.pid, q.vaddr, n));
                     continue;
                 }
             };
-            self.held.taken_at_fault.fetch_add(t.nr_pages, Relaxed);
-            for (vaddr, n, data) in runs {
-                let at = PidRange::new(r.pid, vaddr, n);
+            self.held.taken_at_fault.fetch_add(n, Relaxed);
+            for s in runs {
+                let at = PidRange::new(r.pid, s.vaddr, s.nr_pages);
                 if self
                     .to_loop
-                    .send(Inbound::arrived(at, data, true, link))
+                    .send(Inbound::arrived(at, s.data, true, link))
                     .is_err()
                 {
                     return Vec::new();

@@ -24,7 +24,7 @@ use crate::dst::image_sink::ImageSink;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
-use crate::dst::post_copy::{End, PostCopy, PreCopied, Routed, Step, Wiring, unix_ns};
+use crate::dst::post_copy::{End, LocalPages, PostCopy, Routed, Step, Wiring, unix_ns};
 use crate::dst::receive_clock::ReceiveClock;
 use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
@@ -255,7 +255,7 @@ async fn run_in(
     });
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let held = PreCopied::new(store.clone(), pages_local.clone());
+    let held = LocalPages::new(store.clone(), pages_local.clone());
     let local = fault_requests::LocalAnswers {
         held: held.clone(),
         to_loop: handle.sender(),

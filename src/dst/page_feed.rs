@@ -15,16 +15,17 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Result, bail};
 
 use crate::dst::answer_watch::AnswerWatch;
-use crate::dst::page_store::PageStore;
+use crate::dst::page_store::{PageStore, Stored};
 use crate::dst::push_queue::{Origin, Queued, SharedPushQueue};
 use crate::dst::uffd_loop::{Inbound, LoopSender};
 use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameReceiver;
 use crate::wire::Frame;
 
-/// The pre-copied pages dst holds, and how many of them were confirmed and placed.
+/// The pages dst holds before they are placed: the pre-copy store (and how many of its pages were
+/// confirmed and placed), and the pushed frames read and not placed yet.
 #[derive(Clone)]
-pub(crate) struct PreCopied {
+pub(crate) struct LocalPages {
     pub store: Option<Arc<PageStore>>,
     pub placed: Arc<AtomicU64>,
     /// Pushed frames read off the push stream and not placed yet.
@@ -33,7 +34,7 @@ pub(crate) struct PreCopied {
     pub taken_at_fault: Arc<AtomicU64>,
 }
 
-impl PreCopied {
+impl LocalPages {
     pub(crate) fn new(store: Option<Arc<PageStore>>, placed: Arc<AtomicU64>) -> Self {
         Self {
             store,
@@ -42,12 +43,35 @@ impl PreCopied {
             taken_at_fault: Arc::new(AtomicU64::new(0)),
         }
     }
+
+    /// The page runs of a queued frame (or a fault's share of one) as the fault thread takes
+    /// them: data, zero runs, or confirmed pre-copied pages read from the store.
+    pub(crate) fn read_out(&self, q: &Queued) -> Result<Vec<Stored>> {
+        if q.origin == Origin::Store {
+            let Some(store) = &self.store else {
+                bail!("the source confirmed pre-copied pages, but it pre-copied none");
+            };
+            let runs = blocking(|| store.take_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap))?;
+            self.placed
+                .fetch_add(runs.iter().map(|r| r.nr_pages).sum(), Relaxed);
+            return Ok(runs);
+        }
+        let runs = q.runs().into_iter().map(|(first, n)| Stored {
+            vaddr: q.vaddr + first * PAGE_SIZE,
+            nr_pages: n,
+            data: match q.slice(first, n) {
+                Origin::Data(d) => Some(d),
+                _ => None,
+            },
+        });
+        Ok(runs.collect())
+    }
 }
 
 /// Runs `f`, which may block briefly: through `block_in_place` on the main runtime; directly on
 /// the fault lane (current-thread, where `block_in_place` is not allowed and only fault answers
 /// run).
-pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
@@ -59,7 +83,7 @@ struct Feed<'a> {
     to_loop: &'a LoopSender,
     urgent: bool,
     link: u64,
-    held: &'a PreCopied,
+    held: &'a LocalPages,
     answers: &'a Mutex<AnswerWatch>,
 }
 
@@ -89,24 +113,12 @@ impl Feed<'_> {
         Ok(())
     }
 
-    /// Places confirmed pre-copied pages from the store.
-    async fn place_valid(&self, pid: u32, vaddr: u64, nr_pages: u64, bitmap: &[u8]) -> Result<()> {
-        let Some(store) = &self.held.store else {
-            bail!("the source confirmed pre-copied pages, but it pre-copied none");
-        };
-        let runs = blocking(|| store.take_valid(pid, vaddr, nr_pages, bitmap))?;
-        for r in runs {
-            self.held.placed.fetch_add(r.nr_pages, Relaxed);
-            self.arrival(pid, r.vaddr, r.nr_pages, r.data).await?;
-        }
-        Ok(())
-    }
-
-    /// Reads the stream to its end. With `queue` (the push stream), frames are checked and
-    /// queued for the placer instead of handed to the fault thread here.
+    /// Reads the stream to its end. With `queue` (the push stream), frames are queued for the
+    /// placer (confirmations checked against the store first) instead of handed to the fault
+    /// thread here.
     async fn read(&self, mut rx: FrameReceiver, queue: Option<&SharedPushQueue>) -> Result<()> {
         while let Some(frame) = rx.next().await? {
-            let (pid, vaddr, nr_pages, origin, bitmap) = match frame {
+            let q = match frame {
                 // The source confirmed these pre-copied pages equal the frozen ones: only now may
                 // they be placed.
                 Frame::Valid {
@@ -114,18 +126,25 @@ impl Feed<'_> {
                     vaddr,
                     nr_pages,
                     bitmap,
-                } => (pid, vaddr, nr_pages, Origin::Store, Some(bitmap)),
+                } => Queued {
+                    link: self.link,
+                    pid,
+                    vaddr,
+                    nr_pages,
+                    bitmap: bitmap.to_vec(),
+                    origin: Origin::Store,
+                },
                 Frame::Pages {
                     pid,
                     vaddr,
                     nr_pages,
                     data,
-                } => (pid, vaddr, nr_pages, Origin::Data(data), None),
+                } => Queued::whole(self.link, pid, vaddr, nr_pages, Origin::Data(data)),
                 Frame::Zero {
                     pid,
                     vaddr,
                     nr_pages,
-                } => (pid, vaddr, nr_pages, Origin::Zero, None),
+                } => Queued::whole(self.link, pid, vaddr, nr_pages, Origin::Zero),
                 Frame::Refused {
                     pid,
                     vaddr,
@@ -137,53 +156,27 @@ impl Feed<'_> {
                 ),
                 other => bail!("unexpected frame on a page stream: {other:?}"),
             };
-            let n = u64::from(nr_pages);
-            let Some(q) = queue else {
-                match (origin, bitmap) {
-                    (Origin::Store, Some(b)) => self.place_valid(pid, vaddr, n, &b).await?,
-                    (Origin::Data(d), _) => self.arrival(pid, vaddr, n, Some(d)).await?,
-                    _ => self.arrival(pid, vaddr, n, None).await?,
-                }
+            let Some(queue) = queue else {
+                self.place(q).await?;
                 continue;
             };
-            let queued = match (origin, bitmap) {
-                (Origin::Store, Some(bitmap)) => {
-                    let Some(store) = &self.held.store else {
-                        bail!("the source confirmed pre-copied pages, but it pre-copied none");
-                    };
-                    store.check_valid(pid, vaddr, n, &bitmap)?;
-                    Queued {
-                        link: self.link,
-                        pid,
-                        vaddr,
-                        nr_pages,
-                        bitmap: bitmap.to_vec(),
-                        origin: Origin::Store,
-                    }
-                }
-                (origin, _) => Queued::whole(self.link, pid, vaddr, nr_pages, origin),
-            };
+            if q.origin == Origin::Store {
+                let Some(store) = &self.held.store else {
+                    bail!("the source confirmed pre-copied pages, but it pre-copied none");
+                };
+                store.check_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap)?;
+            }
             // Answered now: the placer places these pages, or a fault takes them first.
-            self.answered(pid, vaddr, n);
-            q.push(queued).await;
+            self.answered(q.pid, q.vaddr, q.nr_pages.into());
+            queue.push(q).await;
         }
         Ok(())
     }
 
-    /// Hands one queued frame's remaining pages to the fault thread.
+    /// Hands one frame's remaining pages to the fault thread.
     async fn place(&self, q: Queued) -> Result<()> {
-        if let Origin::Store = q.origin {
-            return self
-                .place_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap)
-                .await;
-        }
-        for (first, n) in q.runs() {
-            let data = match q.slice(first, n) {
-                Origin::Data(d) => Some(d),
-                _ => None,
-            };
-            self.arrival(q.pid, q.vaddr + first * PAGE_SIZE, n, data)
-                .await?;
+        for r in self.held.read_out(&q)? {
+            self.arrival(q.pid, r.vaddr, r.nr_pages, r.data).await?;
         }
         Ok(())
     }
@@ -194,7 +187,7 @@ pub(crate) async fn feed_pages(
     rx: FrameReceiver,
     to_loop: LoopSender,
     (urgent, link): (bool, u64),
-    held: PreCopied,
+    held: LocalPages,
     answers: Arc<Mutex<AnswerWatch>>,
 ) -> Result<()> {
     let feed = Feed {

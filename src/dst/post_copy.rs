@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::dst::answer_watch::{AnswerWatch, Verdict};
 use crate::dst::fault_requests;
-pub(crate) use crate::dst::page_feed::PreCopied;
+pub(crate) use crate::dst::page_feed::LocalPages;
 use crate::dst::page_feed::feed_pages;
 use crate::dst::uffd_loop::{Inbound, LoopSender, Outbound};
 use crate::pages::{PageRange, PidRange};
@@ -113,7 +113,7 @@ enum LinkState {
 /// The migration's side of the fault thread and the link.
 pub(crate) struct Wiring {
     pub to_loop: LoopSender,
-    pub held: PreCopied,
+    pub held: LocalPages,
     pub recover_timeout: Duration,
     /// Per image pid, every lazy range (for tasks not handed over yet at a resume).
     pub lazy: BTreeMap<u32, Vec<PageRange>>,

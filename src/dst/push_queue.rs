@@ -22,22 +22,26 @@
 //! - a fault takes only pages of its own link ([`PushQueue::take`] is given the link): the fault
 //!   thread drops pages of any other link, and a request it raised for the new link must be
 //!   answered on that link;
-//! - the queue holds at most `max_pages` pages and `max_data_bytes` of page data
-//!   ([`MAX_QUEUED_PAGES`], [`MAX_QUEUED_DATA_BYTES`]; one frame may go past each); the reader
-//!   waits while it is full, so QUIC flow control holds the source back and a lying source cannot
-//!   grow dst's memory.
+//! - the queue holds at most `max_pages` pages, `max_data_bytes` of page data and
+//!   [`MAX_QUEUED_FRAMES`] frames ([`MAX_QUEUED_PAGES`], [`MAX_QUEUED_DATA_BYTES`]; one frame may
+//!   go past the first two); the reader waits while it is full, so QUIC flow control holds the
+//!   source back and a lying source cannot grow dst's memory;
+//! - a fault's lookup is a range of an index by (link, pid, address), not a walk of the queue.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 
 use crate::pages::PAGE_SIZE;
 
-/// Pages queued at most (a bit each, plus ~100 bytes a frame): 1 Mi pages.
+/// Pages queued at most (a bit each): 1 Mi pages.
 pub const MAX_QUEUED_PAGES: u64 = 1 << 20;
 /// Page data queued at most (pushed Pages frames; Valid pages stay in the page store).
 pub const MAX_QUEUED_DATA_BYTES: u64 = 4 << 20;
+/// Frames queued at most (~150 bytes of bookkeeping each: ~2.5 MiB), so a source that sends
+/// one-page frames cannot make the bookkeeping outgrow the data bound.
+pub const MAX_QUEUED_FRAMES: usize = 16 << 10;
 
 /// Where a queued frame's pages come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +54,8 @@ pub enum Origin {
     Zero,
 }
 
-/// One frame of link `link`: pages `[vaddr, +nr_pages)` of image pid `pid` whose bit is set
-/// (bit `i`, LSB first, is page `i`) are still to be placed.
+/// One frame of link `link` (or the run of one a fault took): pages `[vaddr, +nr_pages)` of image
+/// pid `pid` whose bit is set (bit `i`, LSB first, is page `i`) are still to be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
     pub link: u64,
@@ -59,15 +63,6 @@ pub struct Queued {
     pub vaddr: u64,
     pub nr_pages: u32,
     pub bitmap: Vec<u8>,
-    pub origin: Origin,
-}
-
-/// A run of pages taken out of the queue for a fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Taken {
-    pub vaddr: u64,
-    pub nr_pages: u64,
-    /// `Data` holds exactly this run's bytes.
     pub origin: Origin,
 }
 
@@ -140,10 +135,17 @@ impl Queued {
     }
 }
 
+/// (link, pid, first page, arrival number): frames of one link never overlap, so a fault finds
+/// the frames holding its pages by a range of this key.
+type Key = (u64, u32, u64, u64);
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct PushQueue {
-    entries: VecDeque<Queued>,
+    frames: BTreeMap<Key, Queued>,
+    /// Arrival order, for the placer.
+    order: VecDeque<Key>,
+    next: u64,
     /// Pages the queued frames cover (taken or not), and their data bytes.
     pages: u64,
     data_bytes: u64,
@@ -154,7 +156,9 @@ pub struct PushQueue {
 impl PushQueue {
     pub fn new(max_pages: u64, max_data_bytes: u64) -> Self {
         Self {
-            entries: VecDeque::new(),
+            frames: BTreeMap::new(),
+            order: VecDeque::new(),
+            next: 0,
             pages: 0,
             data_bytes: 0,
             max_pages,
@@ -162,43 +166,38 @@ impl PushQueue {
         }
     }
 
-    /// Whether another frame may be queued (at most one frame past either bound).
+    /// Whether another frame may be queued (at most one frame past the page and data bounds).
     pub fn has_room(&self) -> bool {
-        self.pages < self.max_pages && self.data_bytes < self.max_data_bytes
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.pages < self.max_pages
+            && self.data_bytes < self.max_data_bytes
+            && self.order.len() < MAX_QUEUED_FRAMES
     }
 
     /// Queues a frame (the caller waits for [`PushQueue::has_room`] first).
     pub fn push(&mut self, q: Queued) {
         self.pages += u64::from(q.nr_pages);
         self.data_bytes += q.data_bytes();
-        self.entries.push_back(q);
-    }
-
-    fn pop_front(&mut self) -> Option<Queued> {
-        let q = self.entries.pop_front()?;
-        self.pages -= u64::from(q.nr_pages);
-        self.data_bytes -= q.data_bytes();
-        Some(q)
+        let key = (q.link, q.pid, q.vaddr, self.next);
+        self.next += 1;
+        self.order.push_back(key);
+        self.frames.insert(key, q);
     }
 
     /// The oldest frame of `link`, with the pages faults took out of it cleared; frames of older
     /// links are dropped on the way (a new link sends again what is missing), a newer link's
     /// are left for that link's placer.
     pub fn pop(&mut self, link: u64) -> Option<Queued> {
-        while let Some(front) = self.entries.front() {
-            if front.link > link {
+        while let Some(&key) = self.order.front() {
+            if key.0 > link {
                 return None;
             }
-            let q = self.pop_front()?;
-            if q.link == link {
+            self.order.pop_front();
+            let Some(q) = self.frames.remove(&key) else {
+                continue;
+            };
+            self.pages -= u64::from(q.nr_pages);
+            self.data_bytes -= q.data_bytes();
+            if key.0 == link {
                 return Some(q);
             }
         }
@@ -206,37 +205,43 @@ impl PushQueue {
     }
 
     /// Takes the queued pages of `[vaddr, +nr_pages)` of `pid` for `link` out of the queue, as
-    /// runs within one frame each.
-    pub fn take(&mut self, link: u64, pid: u32, vaddr: u64, nr_pages: u64) -> Vec<Taken> {
+    /// runs within one frame each (each a [`Queued`] whose pages are all set), in address order.
+    pub fn take(&mut self, link: u64, pid: u32, vaddr: u64, nr_pages: u64) -> Vec<Queued> {
         let end = vaddr.saturating_add(nr_pages.saturating_mul(PAGE_SIZE));
+        // A frame holds at most MAX_FRAME_PAGES pages, so one that reaches `vaddr` starts at
+        // most that far below it.
+        let reach = u64::from(crate::wire::MAX_FRAME_PAGES) * PAGE_SIZE;
+        let from = (link, pid, vaddr.saturating_sub(reach), 0);
+        let to = (link, pid, end, 0);
         let mut out = Vec::new();
-        for q in self
-            .entries
-            .iter_mut()
-            .filter(|q| q.link == link && q.pid == pid && q.vaddr < end && vaddr < q.end())
-        {
-            let from = (vaddr.max(q.vaddr) - q.vaddr) / PAGE_SIZE;
-            let to = (end.min(q.end()) - q.vaddr) / PAGE_SIZE;
-            let mut i = from;
-            while i < to {
+        for q in self.frames.range_mut(from..to).map(|(_, q)| q) {
+            if q.end() <= vaddr {
+                continue;
+            }
+            let first = (vaddr.max(q.vaddr) - q.vaddr) / PAGE_SIZE;
+            let last = (end.min(q.end()) - q.vaddr) / PAGE_SIZE;
+            let mut i = first;
+            while i < last {
                 if !q.bit(i) {
                     i += 1;
                     continue;
                 }
                 let mut n = 0;
-                while i + n < to && q.bit(i + n) {
+                while i + n < last && q.bit(i + n) {
                     q.clear(i + n);
                     n += 1;
                 }
-                out.push(Taken {
-                    vaddr: q.vaddr + i * PAGE_SIZE,
-                    nr_pages: n,
-                    origin: q.slice(i, n),
-                });
+                let origin = q.slice(i, n);
+                out.push(Queued::whole(
+                    q.link,
+                    q.pid,
+                    q.vaddr + i * PAGE_SIZE,
+                    n as u32,
+                    origin,
+                ));
                 i += n;
             }
         }
-        out.sort_by_key(|t| t.vaddr);
         out
     }
 }
@@ -320,7 +325,7 @@ impl SharedPushQueue {
     }
 
     /// Takes the queued pages of a fault request (see [`PushQueue::take`]).
-    pub fn take(&self, link: u64, pid: u32, vaddr: u64, nr_pages: u64) -> Vec<Taken> {
+    pub fn take(&self, link: u64, pid: u32, vaddr: u64, nr_pages: u64) -> Vec<Queued> {
         self.with(|q| q.take(link, pid, vaddr, nr_pages))
     }
 }
@@ -369,7 +374,7 @@ mod tests {
         assert!(q.take(0, 8, 10 * P, 1).is_empty(), "another pid");
         let c = q.pop(0).unwrap();
         assert_eq!(c.runs(), vec![(0, 1), (4, 1)]);
-        assert!(q.is_empty() && q.has_room());
+        assert!(q.order.is_empty() && q.has_room());
     }
 
     #[test]
@@ -391,6 +396,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fault_finds_the_far_end_of_the_largest_frame_and_frames_are_bounded() {
+        let mut q = PushQueue::new(u64::MAX, u64::MAX);
+        let max = crate::wire::MAX_FRAME_PAGES;
+        q.push(Queued::whole(0, 1, 0, max, Origin::Zero));
+        let t = q.take(0, 1, u64::from(max - 1) * P, 2);
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].vaddr, t[0].nr_pages), (u64::from(max - 1) * P, 1));
+        while q.has_room() {
+            q.push(Queued::whole(0, 1, 1 << 40, 1, Origin::Zero));
+        }
+        assert_eq!(q.order.len(), MAX_QUEUED_FRAMES);
+    }
+
+    #[test]
     fn whole_frames_have_exactly_their_pages() {
         for n in [1u32, 7, 8, 9, 64, 4096] {
             let q = Queued::whole(0, 1, 0, n, Origin::Zero);
@@ -405,7 +424,7 @@ mod tests {
         assert!(!q.has_room());
         q.push(store(1, 1, 8, &[true; 8]));
         assert_eq!(q.pop(2), None, "no frame of link 2; older ones dropped");
-        assert!(q.is_empty() && q.has_room());
+        assert!(q.order.is_empty() && q.has_room());
         q.push(store(1, 1, 0, &[true; 8]));
         q.push(store(2, 1, 8, &[true; 8]));
         assert_eq!(
@@ -413,13 +432,13 @@ mod tests {
             None,
             "a dead link's placer leaves newer links alone"
         );
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.order.len(), 2);
         assert_eq!(
             q.pop(2).unwrap().link,
             2,
             "link 1's frame dropped on the way"
         );
-        assert!(q.is_empty());
+        assert!(q.order.is_empty());
         let mut q = PushQueue::new(1 << 20, 4 * P);
         q.push(data(0, 0, 4));
         assert!(!q.has_room(), "data bytes are bounded too");
@@ -443,7 +462,7 @@ mod tests {
         });
         let mut got = 0;
         while let Some(c) = s.pop(0, || done.load(Ordering::SeqCst)).await {
-            assert!(s.with(|q| q.len()) <= 1, "the reader waited for room");
+            assert!(s.with(|q| q.order.len()) <= 1, "the reader waited for room");
             got += c.nr_pages;
         }
         reader.await.unwrap();
@@ -491,7 +510,7 @@ mod tests {
             };
             for (page, n, pops) in faults {
                 for t in q.take(3, 1, page * P, n) {
-                    handed.extend(check(t.vaddr, t.nr_pages, &t.origin));
+                    handed.extend(check(t.vaddr, t.nr_pages.into(), &t.origin));
                 }
                 prop_assert!(q.take(4, 1, page * P, n).is_empty(), "another link's fault");
                 for _ in 0..pops {

@@ -45,6 +45,9 @@ pub struct DstReport {
     pub stop_and_copy_pages: u64,
     /// Pre-copied pages in the page store at the freeze (data and zero).
     pub precopy_pages_held: u64,
+    /// Of those, pages dropped unused: their task's memory came whole in the images (an eager
+    /// dump, see source::eager_dump).
+    pub precopy_pages_unused: u64,
     /// Of those, pages the source confirmed after the freeze, placed from the store (no page
     /// data crossed the network for them after the freeze).
     pub pages_local: u64,
@@ -105,7 +108,7 @@ impl DstReport {
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
              {}\
              \x20 bytes received {} (images {})\n\
-             \x20 pre-copied pages held {}, placed from the page store {} (store {:.1} MiB)\n\
+             \x20 pre-copied pages held {}, placed from the page store {}, unused {} (store {:.1} MiB)\n\
              \x20 pushed pages a fault took before they were placed {}\n\
              {}",
             self.downtime_ms,
@@ -130,6 +133,7 @@ impl DstReport {
             self.images_bytes,
             self.precopy_pages_held,
             self.pages_local,
+            self.precopy_pages_unused,
             self.page_store_bytes as f64 / (1 << 20) as f64,
             self.pages_taken_at_fault,
             self.usage.render(),

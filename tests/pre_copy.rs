@@ -164,3 +164,57 @@ fn auto_pre_copy_of_a_tree_sends_only_what_changed() {
         "bytes after the freeze {bytes} vs changed data {data}: {sweep}"
     );
 }
+
+/// A pre-copy whose lazy dump comes out eager for one task (CRIU's stack-page test; the
+/// workload's root parks a thread on a page-aligned stack, so every dump of it is eager): that
+/// task's memory comes whole in the images, dst drops its pre-copied pages unused, and the
+/// child's memory is still placed from the store. Before, dst refused the migration without
+/// telling the source, which kept the tree frozen although nothing had been restored.
+#[test]
+fn a_pre_copy_whose_dump_comes_out_eager_still_migrates() {
+    if !can_run() {
+        return;
+    }
+    let v = migrate(
+        "pre-copy-eager",
+        &[
+            "--mib",
+            "64",
+            "--children",
+            "1",
+            "--write-rate",
+            "1",
+            "--workload-arg=--park-on-aligned-stack",
+            "--src-arg=--pre-copy=1",
+        ],
+    );
+    assert_eq!(v["src_exit"], 0);
+    assert_eq!(v["dst_exit"], 0);
+    assert_eq!(v["workload_alive_at_dst"], true);
+    assert_eq!(v["checks_failed"], 0);
+    let (src, dst) = (&v["src"], &v["dst"]);
+    assert_eq!(
+        src["eager_dump"], true,
+        "the root's dump must be eager: {src}"
+    );
+    assert_eq!(dst["tasks"], 2);
+    let (held, unused) = (
+        u(&dst["precopy_pages_held"]),
+        u(&dst["precopy_pages_unused"]),
+    );
+    // The root's 64 MiB (16k pages) were dropped; the child's were kept and used.
+    assert!(
+        unused >= 16_000 && unused < held,
+        "held {held}, unused {unused}: {dst}"
+    );
+    assert!(
+        u(&dst["lazy_pages"]) >= 16_000,
+        "the child's memory is lazy: {dst}"
+    );
+    assert!(
+        u(&dst["pages_local"]) > 0,
+        "the child's pages from the store: {dst}"
+    );
+    let placed = u(&dst["pages_on_demand"]) + u(&dst["pages_pushed"]) + u(&dst["pages_zero_lazy"]);
+    assert_eq!(placed, u(&dst["lazy_pages"]), "{dst}");
+}

@@ -63,6 +63,9 @@ pub struct DemoArgs {
     /// Extra `pageserv dst` arguments (repeatable).
     #[arg(long = "dst-arg", allow_hyphen_values = true)]
     pub dst_args: Vec<String>,
+    /// Extra argument for the workload (repeatable), e.g. `--workload-arg=--park-on-aligned-stack`.
+    #[arg(long = "workload-arg", allow_hyphen_values = true)]
+    pub workload_args: Vec<String>,
     /// Failure test: take the veth down for this many seconds mid post-copy.
     #[arg(long, default_value_t = 0.0)]
     pub cut_link: f64,
@@ -149,6 +152,7 @@ pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Resu
     if args.hb_writes > 0 {
         cmd.args(["--hb-writes", &args.hb_writes.to_string()]);
     }
+    cmd.args(&args.workload_args);
     let child = cmd.spawn().context("starting the workload with unshare")?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

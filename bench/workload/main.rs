@@ -7,6 +7,7 @@
 //! memory, no sockets or special fds. SIGTERM (or SIGINT) ends it: exit status 0 if every check
 //! passed, 1 if any failed, 2 if it could not start.
 
+mod aligned_stack;
 mod checker;
 mod churn;
 mod heartbeat;
@@ -69,6 +70,11 @@ struct Args {
     /// Seed of the page content and of the writers' page choice.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
+    /// Park one more thread of the root on a page-aligned stack pointer, which makes every
+    /// `criu dump --lazy-pages` of the root come out eager (CRIU's stack-page test; tests use it
+    /// to check what pageserv does with such a dump).
+    #[arg(long)]
+    park_on_aligned_stack: bool,
     /// Write the root's pid (as it sees it: 1 when it is a pid namespace's init) here when ready.
     #[arg(long)]
     pidfile: Option<PathBuf>,
@@ -160,6 +166,9 @@ fn start(args: &Args) -> anyhow::Result<u8> {
         None => Memory::new(args.mib, args.seed)
             .with_context(|| format!("mapping {} MiB of workload memory", args.mib))?,
     };
+    if args.park_on_aligned_stack {
+        aligned_stack::spawn()?;
+    }
     Ok(run_process(
         args,
         Shared::new("r".into(), mem, log()?, writer_count(args)),

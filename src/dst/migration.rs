@@ -122,17 +122,8 @@ async fn run_in(
     let (frozen_at_ns, images_bytes, carried) = match received {
         Ok(r) => r,
         Err(e) => {
-            // The source learns why (and resumes its tree: nothing was restored).
-            send_ctl(
-                &mut ctl,
-                Msg::Abort(Abort {
-                    reason: format!("{e:#}"),
-                }),
-            )
-            .await
-            .ok();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-            return Err(e);
+            let reason = format!("{e:#}");
+            return Err(abort_before_restore(&mut ctl, conn, reason, e).await);
         }
     };
     if !carried.is_empty() {
@@ -148,61 +139,46 @@ async fn run_in(
             "pre-copied pages held in the page store"
         );
     }
+    let (lazy, nr_tasks) = match check_images(&images_dir, &mut store, &mut report) {
+        Ok(r) => r,
+        Err(e) => {
+            // The source resumes its tree. It learns why if its own data disagrees; image errors
+            // name this host's paths, which stay in its log.
+            tracing::error!("checking the received images: {e:#}");
+            let reason = match e.downcast_ref::<PreCopyMismatch>() {
+                Some(m) => m.to_string(),
+                None => peer_error("the destination refused the images", &hello.migration_id),
+            };
+            return Err(abort_before_restore(&mut ctl, conn, reason, e).await);
+        }
+    };
+    let lazy_all = lazy.clone();
     let store = store.map(Arc::new);
     let pages_local = Arc::new(AtomicU64::new(0));
     let images_at = Instant::now();
 
-    let images = ImageDir::open(&images_dir)?;
-    let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
-    let tasks = images.pstree()?;
-    for t in &tasks {
-        let ranges = images.lazy_ranges(t.pid)?;
-        report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
-        lazy.insert(t.pid, ranges);
-    }
-    report.tasks = tasks.len() as u64;
-    if let Some(s) = &store {
-        let held = s.pages_data() + s.pages_zero();
-        if !crate::limits::page_store_fits_lazy(held, report.lazy_pages) {
-            bail!(
-                "the source pre-copied {held} pages, more than the dump's {} lazy pages allow: \
-                 the pre-copy and the images disagree (is it the same migration?)",
-                report.lazy_pages
+    let started_restore = start_restore(opts, dir, &images_dir, &work, &carried, &lazy);
+    let Started {
+        keeper,
+        handle,
+        out_rx,
+        stats,
+        socket,
+        mut restore,
+    } = match started_restore {
+        Ok(s) => s,
+        Err(e) => {
+            // This host's paths and state stay in its log; the source learns only that it failed.
+            tracing::error!("could not start the restore: {e:#}");
+            let reason = peer_error(
+                "the destination could not start the restore",
+                &hello.migration_id,
             );
+            return Err(abort_before_restore(&mut ctl, conn, reason, e).await);
         }
-    }
-    let lazy_all = lazy.clone();
-
-    // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
-    // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
-    let keeper = Arc::new(
-        UffdKeeper::spawn(
-            &std::env::current_exe().context("locating the pageserv binary")?,
-            dir,
-            opts.recover_timeout,
-        )
-        .context("starting the uffd keeper")?,
-    );
-    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
-    let stats = Arc::new(UffdStats::default());
-    let config = uffd_loop::LoopConfig {
-        readahead_pages: opts.readahead_pages,
-        sequential_readahead: opts.sequential_readahead,
-        image_pids: Some(lazy.keys().copied().collect()),
-        fork_holder: Some(keeper.clone()),
-        ..Default::default()
     };
-    let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
-        .context("starting the fault thread")?;
     let held = keeper.clone();
     let mut keeper = Some(keeper);
-    let socket = LazySocket::bind(&work).context("listening on lazy-pages.socket")?;
-    let mut restore = Restore::start(
-        &opts.criu,
-        &images_dir,
-        &work,
-        &opts.restore.with_carried(&carried),
-    )?;
     send_ctl(
         &mut ctl,
         Msg::RestoreStarted(RestoreStarted { root_pid: 0 }),
@@ -210,7 +186,6 @@ async fn run_in(
     .await?;
 
     // Hand the restore's uffds to the fault thread as they arrive.
-    let nr_tasks = tasks.len();
     let to_loop = handle.sender();
     let mut restore_side = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut rc = socket.accept_restore_within(nr_tasks, Duration::from_secs(120))?;
@@ -399,6 +374,147 @@ async fn run_in(
     report.restored_pid = restore.root_pid();
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
+}
+
+/// Tells the source that the migration failed before any restore started (it resumes its tree:
+/// nothing was restored), waits briefly for it to close, and returns `e`.
+async fn abort_before_restore(
+    ctl: &mut FrameSender,
+    conn: &quinn::Connection,
+    reason: String,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    send_ctl(ctl, Msg::Abort(Abort { reason })).await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    e
+}
+
+/// Reads the lazy ranges of every task from the images (into `report`) and checks the page store
+/// against them. A task whose memory the dump wrote whole into the images (CRIU's stack-page
+/// test, see source::eager_dump) has no lazy page: its pre-copied pages can never be confirmed,
+/// so they are dropped from the store; the rest must fit the dump's lazy pages.
+fn check_images(
+    images_dir: &Path,
+    store: &mut Option<PageStore>,
+    report: &mut DstReport,
+) -> Result<(BTreeMap<u32, Vec<PageRange>>, usize)> {
+    let images = ImageDir::open(images_dir)?;
+    let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
+    let tasks = images.pstree()?;
+    for t in &tasks {
+        let ranges = images.lazy_ranges(t.pid)?;
+        report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
+        lazy.insert(t.pid, ranges);
+    }
+    report.tasks = tasks.len() as u64;
+    if let Some(s) = store {
+        for (&pid, ranges) in &lazy {
+            if ranges.is_empty() && s.pages_of(pid) > 0 {
+                let dropped = s.forget(pid)?;
+                report.precopy_pages_unused += dropped;
+                tracing::warn!(
+                    pid,
+                    dropped,
+                    "the dump wrote this task's memory whole into the images (no lazy page): \
+                     its pre-copied pages are not needed and were dropped"
+                );
+            }
+        }
+        let held = s.pages_data() + s.pages_zero();
+        if !crate::limits::page_store_fits_lazy(held, report.lazy_pages) {
+            return Err(PreCopyMismatch {
+                held,
+                lazy: report.lazy_pages,
+            }
+            .into());
+        }
+    }
+    Ok((lazy, tasks.len()))
+}
+
+/// The page store holds more pages than the dump's lazy pages allow.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the source pre-copied {held} pages, more than the dump's {lazy} lazy pages allow: the \
+     pre-copy and the images disagree (is it the same migration?)"
+)]
+struct PreCopyMismatch {
+    held: u64,
+    lazy: u64,
+}
+
+/// What [`start_restore`] started.
+struct Started {
+    keeper: Arc<UffdKeeper>,
+    handle: uffd_loop::LoopHandle,
+    out_rx: crossbeam_channel::Receiver<Outbound>,
+    stats: Arc<UffdStats>,
+    socket: LazySocket,
+    restore: Restore,
+}
+
+/// Starts the uffd keeper, the fault thread, the lazy-pages socket and `criu restore`; on a
+/// failure, stops what it had started.
+fn start_restore(
+    opts: &DstOptions,
+    dir: &Path,
+    images_dir: &Path,
+    work: &Path,
+    carried: &[String],
+    lazy: &BTreeMap<u32, Vec<PageRange>>,
+) -> Result<Started> {
+    // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
+    // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
+    let keeper = Arc::new(
+        UffdKeeper::spawn(
+            &std::env::current_exe().context("locating the pageserv binary")?,
+            dir,
+            opts.recover_timeout,
+        )
+        .context("starting the uffd keeper")?,
+    );
+    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
+    let stats = Arc::new(UffdStats::default());
+    let config = uffd_loop::LoopConfig {
+        readahead_pages: opts.readahead_pages,
+        sequential_readahead: opts.sequential_readahead,
+        image_pids: Some(lazy.keys().copied().collect()),
+        fork_holder: Some(keeper.clone()),
+        ..Default::default()
+    };
+    let handle = match uffd_loop::spawn_with(config, out_tx, stats.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            keeper.release();
+            return Err(anyhow::Error::new(e).context("starting the fault thread"));
+        }
+    };
+    let started = LazySocket::bind(work)
+        .context("listening on lazy-pages.socket")
+        .and_then(|socket| {
+            let restore = Restore::start(
+                &opts.criu,
+                images_dir,
+                work,
+                &opts.restore.with_carried(carried),
+            )?;
+            Ok((socket, restore))
+        });
+    match started {
+        Ok((socket, restore)) => Ok(Started {
+            keeper,
+            handle,
+            out_rx,
+            stats,
+            socket,
+            restore,
+        }),
+        Err(e) => {
+            let _ = handle.shutdown(false);
+            keeper.release();
+            Err(e)
+        }
+    }
 }
 
 /// Bridges the fault thread's outbound events into async. Fault requests go straight to their

@@ -41,6 +41,12 @@ pub enum StoreError {
         slot: u32,
         source: std::io::Error,
     },
+    #[error("giving back page store slots {slot}.. of pid {pid} to the host: {source}")]
+    Punch {
+        pid: u32,
+        slot: u32,
+        source: std::io::Error,
+    },
     #[error("refusing more pre-copied pages: {0}")]
     Full(crate::limits::LimitHit),
     #[error(
@@ -327,6 +333,66 @@ impl PageStore {
         Ok(out)
     }
 
+    /// Pages of `pid` held (data or zero).
+    pub fn pages_of(&self, pid: u32) -> u64 {
+        self.index
+            .range((pid, 0)..=(pid, u64::MAX))
+            .flat_map(|(_, b)| b.iter())
+            .filter(|&&s| s != EMPTY)
+            .count() as u64
+    }
+
+    /// Drops every page held for `pid` and gives its data back to the host (the arena's slots are
+    /// punched out); returns how many pages were dropped. For a task whose memory came whole in
+    /// the images (an eager dump): none of its pages can be confirmed, so none is kept.
+    pub fn forget(&mut self, pid: u32) -> Result<u64, StoreError> {
+        let keys: Vec<_> = self
+            .index
+            .range((pid, 0)..=(pid, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut dropped = 0;
+        let mut data_slots = Vec::new();
+        for key in keys {
+            let Some(block) = self.index.remove(&key) else {
+                continue;
+            };
+            for &slot in block.iter().filter(|&&s| s != EMPTY) {
+                dropped += 1;
+                if slot == ZERO {
+                    self.pages_zero -= 1;
+                } else {
+                    data_slots.push(slot);
+                }
+            }
+        }
+        self.slots_dropped += data_slots.len() as u64;
+        data_slots.sort_unstable();
+        // Consecutive slots are punched out at once.
+        let mut i = 0;
+        while i < data_slots.len() {
+            let first = data_slots[i];
+            let mut n = 1;
+            while i + n < data_slots.len() && data_slots[i + n] == first + n as u32 {
+                n += 1;
+            }
+            nix::fcntl::fallocate(
+                &self.arena,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                (u64::from(first) * PAGE_SIZE) as i64,
+                (n as u64 * PAGE_SIZE) as i64,
+            )
+            .map_err(|e| StoreError::Punch {
+                pid,
+                slot: first,
+                source: e.into(),
+            })?;
+            i += n;
+        }
+        Ok(dropped)
+    }
+
     /// The data of `n` held data pages from `vaddr`, reading consecutive slots at once.
     fn read_run(&self, pid: u32, vaddr: u64, n: u64) -> Result<Bytes, StoreError> {
         let page = PAGE_SIZE as usize;
@@ -462,6 +528,42 @@ mod tests {
                 match &got[0].data {
                     None => prop_assert_eq!(want, 0),
                     Some(d) => { prop_assert_eq!(d.len(), P as usize); prop_assert!(d.iter().all(|b| *b == want)); }
+                }
+            }
+        }
+
+        /// Forgetting one task drops all of its pages and gives their data back, and leaves every
+        /// page of another task as it was.
+        #[test]
+        fn forgetting_a_task_keeps_the_others(ops in prop::collection::vec((1u32..3, 0u64..600, 1u64..6, any::<u8>()), 1..60)) {
+            let mut s = PageStore::new().unwrap();
+            let mut model: HashMap<(u32, u64), u8> = HashMap::new();
+            for (pid, first, n, v) in ops {
+                let vaddr = first * P;
+                if v % 4 == 0 {
+                    s.put_zero(pid, vaddr, n).unwrap();
+                    for i in 0..n { model.insert((pid, first + i), 0); }
+                } else {
+                    s.put(pid, vaddr, &(0..n).flat_map(|_| page(v)).collect::<Vec<_>>()).unwrap();
+                    for i in 0..n { model.insert((pid, first + i), v); }
+                }
+            }
+            let held = |pid| model.keys().filter(|k| k.0 == pid).count() as u64;
+            prop_assert_eq!(s.pages_of(1), held(1));
+            prop_assert_eq!(s.forget(1).unwrap(), held(1));
+            prop_assert_eq!(s.pages_of(1), 0);
+            prop_assert_eq!(s.pages_data() + s.pages_zero(), held(2));
+            for (&(pid, page_no), &want) in &model {
+                let got = s.take_valid(pid, page_no * P, 1, &[1]);
+                if pid == 1 {
+                    let not_held = matches!(got, Err(StoreError::NotHeld { .. }));
+                    prop_assert!(not_held);
+                    continue;
+                }
+                let got = got.unwrap();
+                match &got[0].data {
+                    None => prop_assert_eq!(want, 0),
+                    Some(d) => prop_assert!(d.iter().all(|b| *b == want)),
                 }
             }
         }

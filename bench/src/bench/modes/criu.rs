@@ -68,6 +68,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         json: None,
         src_args: Vec::new(),
         dst_args: Vec::new(),
+        workload_args: Vec::new(),
         cut_link: 0.0,
         kill: None,
         fault_after_ms: 0,

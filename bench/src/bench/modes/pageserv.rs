@@ -39,6 +39,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         json: None,
         src_args: src_args(cell.mode, &extra.src),
         dst_args: extra.dst,
+        workload_args: Vec::new(),
         cut_link: 0.0,
         kill: None,
         fault_after_ms: 0,

@@ -390,6 +390,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         Ok((src_status, dst_status))
     })?;
     let src_failed = !src_status.is_some_and(|s| s.success());
+    if fault.is_none() && src_failed && faults::proc_state(pid) == "t" {
+        // An unplanned failure left the source frozen (the failure rule): the demo started it,
+        // so it ends it rather than leave a frozen tree, its dump and keeper behind.
+        let src_work = bed.dir.join("src").join(src_id.to_string());
+        if let Err(e) = pageserv::source::keeper::settle_frozen(&src_work, false) {
+            eprintln!("cannot settle the frozen source: {e}");
+        }
+    }
     if fault.is_some() && src_failed {
         // The state the failure left, before anything retries.
         std::thread::sleep(Duration::from_millis(500));

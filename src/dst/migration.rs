@@ -7,7 +7,6 @@
 //! page is in place → tell the source → it ends the dump → close the uffds and exit.
 //! From the restore on, dst::post_copy drives the link (and its recovery).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -17,20 +16,16 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
-use crate::criu::images::ImageDir;
 use crate::dst::answer_watch::AnswerWatch;
 use crate::dst::fault_requests;
 use crate::dst::image_sink::ImageSink;
-use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
 use crate::dst::post_copy::{End, LocalPages, PostCopy, Routed, Step, Wiring, unix_ns};
 use crate::dst::receive_clock::ReceiveClock;
-use crate::dst::restore::Restore;
-use crate::dst::uffd_keeper::UffdKeeper;
-use crate::dst::uffd_loop::{self, Inbound, Outbound, UffdStats};
+use crate::dst::restore_start::{PreCopyMismatch, Started, check_images, start_restore};
+use crate::dst::uffd_loop::{Inbound, Outbound, UffdStats};
 use crate::limits::DstLimits;
-use crate::pages::PageRange;
 use crate::pb::pageserv::{
     Abort, Control, Hello, MemoryWhole, RestoreFailed, RestoreFinished, RestoreStarted,
     control::Msg,
@@ -387,134 +382,6 @@ async fn abort_before_restore(
     send_ctl(ctl, Msg::Abort(Abort { reason })).await.ok();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     e
-}
-
-/// Reads the lazy ranges of every task from the images (into `report`) and checks the page store
-/// against them. A task whose memory the dump wrote whole into the images (CRIU's stack-page
-/// test, see source::eager_dump) has no lazy page: its pre-copied pages can never be confirmed,
-/// so they are dropped from the store; the rest must fit the dump's lazy pages.
-fn check_images(
-    images_dir: &Path,
-    store: &mut Option<PageStore>,
-    report: &mut DstReport,
-) -> Result<(BTreeMap<u32, Vec<PageRange>>, usize)> {
-    let images = ImageDir::open(images_dir)?;
-    let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
-    let tasks = images.pstree()?;
-    for t in &tasks {
-        let ranges = images.lazy_ranges(t.pid)?;
-        report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
-        lazy.insert(t.pid, ranges);
-    }
-    report.tasks = tasks.len() as u64;
-    if let Some(s) = store {
-        for (&pid, ranges) in &lazy {
-            if ranges.is_empty() && s.pages_of(pid) > 0 {
-                let dropped = s.forget(pid)?;
-                report.precopy_pages_unused += dropped;
-                tracing::warn!(
-                    pid,
-                    dropped,
-                    "the dump wrote this task's memory whole into the images (no lazy page): \
-                     its pre-copied pages are not needed and were dropped"
-                );
-            }
-        }
-        let held = s.pages_data() + s.pages_zero();
-        if !crate::limits::page_store_fits_lazy(held, report.lazy_pages) {
-            return Err(PreCopyMismatch {
-                held,
-                lazy: report.lazy_pages,
-            }
-            .into());
-        }
-    }
-    Ok((lazy, tasks.len()))
-}
-
-/// The page store holds more pages than the dump's lazy pages allow.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the source pre-copied {held} pages, more than the dump's {lazy} lazy pages allow: the \
-     pre-copy and the images disagree (is it the same migration?)"
-)]
-struct PreCopyMismatch {
-    held: u64,
-    lazy: u64,
-}
-
-/// What [`start_restore`] started.
-struct Started {
-    keeper: Arc<UffdKeeper>,
-    handle: uffd_loop::LoopHandle,
-    out_rx: crossbeam_channel::Receiver<Outbound>,
-    stats: Arc<UffdStats>,
-    socket: LazySocket,
-    restore: Restore,
-}
-
-/// Starts the uffd keeper, the fault thread, the lazy-pages socket and `criu restore`; on a
-/// failure, stops what it had started.
-fn start_restore(
-    opts: &DstOptions,
-    dir: &Path,
-    images_dir: &Path,
-    work: &Path,
-    carried: &[String],
-    lazy: &BTreeMap<u32, Vec<PageRange>>,
-) -> Result<Started> {
-    // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
-    // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
-    let keeper = Arc::new(
-        UffdKeeper::spawn(
-            &std::env::current_exe().context("locating the pageserv binary")?,
-            dir,
-            opts.recover_timeout,
-        )
-        .context("starting the uffd keeper")?,
-    );
-    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
-    let stats = Arc::new(UffdStats::default());
-    let config = uffd_loop::LoopConfig {
-        readahead_pages: opts.readahead_pages,
-        sequential_readahead: opts.sequential_readahead,
-        image_pids: Some(lazy.keys().copied().collect()),
-        fork_holder: Some(keeper.clone()),
-        ..Default::default()
-    };
-    let handle = match uffd_loop::spawn_with(config, out_tx, stats.clone()) {
-        Ok(h) => h,
-        Err(e) => {
-            keeper.release();
-            return Err(anyhow::Error::new(e).context("starting the fault thread"));
-        }
-    };
-    let started = LazySocket::bind(work)
-        .context("listening on lazy-pages.socket")
-        .and_then(|socket| {
-            let restore = Restore::start(
-                &opts.criu,
-                images_dir,
-                work,
-                &opts.restore.with_carried(carried),
-            )?;
-            Ok((socket, restore))
-        });
-    match started {
-        Ok((socket, restore)) => Ok(Started {
-            keeper,
-            handle,
-            out_rx,
-            stats,
-            socket,
-            restore,
-        }),
-        Err(e) => {
-            let _ = handle.shutdown(false);
-            keeper.release();
-            Err(e)
-        }
-    }
 }
 
 /// Bridges the fault thread's outbound events into async. Fault requests go straight to their

@@ -16,6 +16,7 @@ pub mod push_queue;
 pub mod receive_clock;
 pub mod regions;
 pub mod restore;
+pub mod restore_start;
 pub mod session_writer;
 pub mod stop_and_copy;
 pub mod uffd_keeper;

@@ -5,7 +5,9 @@
 //! two processes as `pageserv dst` and `pageserv src` are, each with pageserv's own transport
 //! (mutual TLS, the push connection's settings and congestion controller), and sends `--mib`
 //! MiB on one stream. The receiver times from its first byte to its last and prints the rate:
-//! what quinn alone moves here, with no CRIU, no userfaultfd and no page handling.
+//! what quinn alone moves here, with no CRIU, no userfaultfd and no page handling. Each side also
+//! reports its own CPU time (`getrusage`), so the CPU a service spends per byte can be set
+//! against quinn's own floor; `--link` shapes the veth as the bench does (e.g. `1gbit`: tbf).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -16,8 +18,11 @@ use bytes::Bytes;
 use pageserv::keys::Identity;
 use pageserv::transport::{self, Congestion, TransportOptions};
 
+use pageserv::usage::{Rusage, Who, core_pct};
+use serde::{Deserialize, Serialize};
+
+use crate::bench::matrix::Link;
 use crate::testbed::Testbed;
-use crate::testbed::link::LinkShape;
 
 #[derive(clap::Args, Debug)]
 pub struct QuinnBulkArgs {
@@ -27,6 +32,9 @@ pub struct QuinnBulkArgs {
     /// Congestion controller: cubic, bbr or newreno (the bench gives pageserv the kernel TCP's).
     #[arg(long, default_value = "bbr")]
     pub congestion: String,
+    /// The link, as the bench's `--links` takes it (`unlimited`, `1gbit`, ...).
+    #[arg(long, default_value = "unlimited")]
+    pub link: String,
     /// Internal: run one side (receiver or sender) in the current namespace.
     #[arg(long, hide = true)]
     pub side: Option<String>,
@@ -45,19 +53,43 @@ fn congestion(name: &str) -> Result<Congestion> {
     })
 }
 
-/// The receiver's rate in MiB/s over the testbed's bare veth.
-pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
+/// One side's report, printed as one JSON line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SideReport {
+    /// The receiver's: first byte to last.
+    transfer_ms: f64,
+    bytes: u64,
+    cpu: Rusage,
+}
+
+/// What one bulk transfer measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuinnBulk {
+    pub mib_s: f64,
+    pub transfer_ms: f64,
+    /// CPU of each whole side process (handshake included).
+    pub sender_cpu_ms: f64,
+    pub receiver_cpu_ms: f64,
+}
+
+impl QuinnBulk {
+    /// Percent of a core each side used over the transfer: (sender, receiver).
+    pub fn core_pct(&self) -> (f64, f64) {
+        let pct = |ms| core_pct(ms, self.transfer_ms).unwrap_or(0.0);
+        (pct(self.sender_cpu_ms), pct(self.receiver_cpu_ms))
+    }
+}
+
+fn side_report(out: &[u8], side: &str) -> Result<SideReport> {
+    let text = String::from_utf8_lossy(out);
+    serde_json::from_str(text.trim())
+        .with_context(|| format!("the {side} printed {text:?}, not its report"))
+}
+
+/// quinn's bulk rate (and each side's CPU) over the testbed's veth, shaped as `link`.
+pub fn measure(mib: u64, congestion_name: &str, link: &Link) -> Result<QuinnBulk> {
     let linkem = std::env::current_exe()?.with_file_name("linkem");
-    let bed = Testbed::pair(
-        3,
-        &LinkShape {
-            rate_bps: None,
-            delay_us: 0,
-            loss: 0.0,
-        },
-        &linkem,
-    )
-    .context("building the testbed")?;
+    let bed = Testbed::pair(3, &link.shape(), &linkem).context("building the testbed")?;
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let exe = std::env::current_exe()?;
     let addr = SocketAddr::new(bed.dst_addr.into(), 47_000);
@@ -74,27 +106,40 @@ pub fn measure(mib: u64, congestion_name: &str) -> Result<f64> {
         .arg("--addr")
         .arg(addr.to_string())
         .arg("--certs")
-        .arg(certs);
+        .arg(certs)
+        .stdout(std::process::Stdio::piped());
         cmd
     };
     let receiver = side(bed.in_dst(&exe), "receiver", &dst_certs)
-        .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the receiver")?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sender = side(bed.in_src(&exe), "sender", &src_certs)
-        .status()
+        .output()
         .context("running the sender")?;
     let out = receiver
         .wait_with_output()
         .context("waiting for the receiver")?;
-    if !sender.success() || !out.status.success() {
-        bail!("quinn-bulk: sender {sender}, receiver {}", out.status);
+    if !sender.status.success() || !out.status.success() {
+        bail!(
+            "quinn-bulk: sender {}, receiver {}",
+            sender.status,
+            out.status
+        );
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse::<f64>()
-        .with_context(|| format!("the receiver printed {text:?}, not a rate"))
+    let (rx, tx) = (
+        side_report(&out.stdout, "receiver")?,
+        side_report(&sender.stdout, "sender")?,
+    );
+    if rx.transfer_ms <= 0.0 {
+        bail!("quinn-bulk: the receiver got nothing");
+    }
+    Ok(QuinnBulk {
+        mib_s: rx.bytes as f64 / (1u64 << 20) as f64 / (rx.transfer_ms / 1e3),
+        transfer_ms: rx.transfer_ms,
+        sender_cpu_ms: tx.cpu.cpu_ms(),
+        receiver_cpu_ms: rx.cpu.cpu_ms(),
+    })
 }
 
 pub fn run(a: QuinnBulkArgs) -> Result<()> {
@@ -105,10 +150,19 @@ pub fn run(a: QuinnBulkArgs) -> Result<()> {
     };
     match a.side.as_deref() {
         None => {
-            let rate = measure(a.mib, &a.congestion)?;
+            let link = Link::parse(&a.link).map_err(anyhow::Error::msg)?;
+            let q = measure(a.mib, &a.congestion, &link)?;
+            let (tx, rx) = q.core_pct();
             println!(
-                "quinn bulk rate: {rate:.0} MiB/s ({} MiB, {})",
-                a.mib, a.congestion
+                "quinn bulk rate: {:.0} MiB/s ({} MiB, {}, link {}); CPU: sender {:.0} ms \
+                 ({tx:.0}% of a core), receiver {:.0} ms ({rx:.0}% of a core) over {:.0} ms",
+                q.mib_s,
+                a.mib,
+                a.congestion,
+                link.label(),
+                q.sender_cpu_ms,
+                q.receiver_cpu_ms,
+                q.transfer_ms
             );
             Ok(())
         }
@@ -143,9 +197,8 @@ async fn receive(addr: SocketAddr, id: &Identity, opts: &TransportOptions) -> Re
     if secs <= 0.0 {
         bail!("nothing received");
     }
-    println!("{:.1}", got as f64 / (1u64 << 20) as f64 / secs);
     conn.close(0u32.into(), b"done");
-    Ok(())
+    print_report(secs * 1e3, got)
 }
 
 async fn send(addr: SocketAddr, id: &Identity, opts: &TransportOptions, mib: u64) -> Result<()> {
@@ -160,5 +213,15 @@ async fn send(addr: SocketAddr, id: &Identity, opts: &TransportOptions, mib: u64
     s.finish()?;
     s.stopped().await.ok();
     conn.closed().await;
+    print_report(0.0, mib << 20)
+}
+
+fn print_report(transfer_ms: f64, bytes: u64) -> Result<()> {
+    let r = SideReport {
+        transfer_ms,
+        bytes,
+        cpu: Rusage::of(Who::Own),
+    };
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

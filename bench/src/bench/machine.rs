@@ -26,6 +26,20 @@ pub struct Machine {
     /// ([`crate::quinn_bulk`]): the yardstick of the post-copy's goodput.
     #[serde(default)]
     pub quinn_bulk_mib_s: Option<f64>,
+    /// quinn alone over each link of the run that has only a rate (and the bare veth): its rate
+    /// and each side's CPU, the floor under the services' CPU on that link.
+    #[serde(default)]
+    pub quinn_floor: Vec<QuinnFloor>,
+}
+
+/// One bulk transfer of quinn alone ([`crate::quinn_bulk`]) on one link.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QuinnFloor {
+    pub link: String,
+    pub mib_s: f64,
+    /// Percent of a core over the transfer.
+    pub sender_core_pct: f64,
+    pub receiver_core_pct: f64,
 }
 
 impl Machine {
@@ -61,6 +75,7 @@ impl Machine {
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
                 .unwrap_or_default(),
             quinn_bulk_mib_s: None,
+            quinn_floor: Vec::new(),
         }
     }
 }

@@ -331,6 +331,7 @@ pub fn markdown(r: &Results) -> String {
     }
     ratio_tables(&mut s, r);
     s += &usage_table(&r.runs);
+    s += &quinn_floor(&r.machine.quinn_floor);
     let _ = writeln!(s, "\n## Not benchmarked\n");
     for u in &r.unavailable {
         let _ = writeln!(s, "- {}: {}", u.mode.name(), u.reason);
@@ -448,6 +449,29 @@ fn fmt_usage(s: Option<Stat>, digits: usize) -> String {
             digits, s.median, digits, s.min, digits, s.max
         ),
     }
+}
+
+/// quinn alone on the run's links: the floor under the services' CPU per link.
+fn quinn_floor(floor: &[super::machine::QuinnFloor]) -> String {
+    let mut s = String::new();
+    if floor.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "\nquinn alone in this run (`pageserv-lab quinn-bulk --link L`: pageserv's transport and \
+         congestion controller, one stream, no CRIU, no userfaultfd): the CPU the services cannot \
+         go below on that link with quinn.\n\n| link | MiB/s | sender CPU % | receiver CPU % |\n\
+         |---|---|---|---|"
+    );
+    for q in floor {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.0} |",
+            q.link, q.mib_s, q.sender_core_pct, q.receiver_core_pct
+        );
+    }
+    s
 }
 
 /// The results.md section: per cell (verified runs, median (min–max)), each side's CPU in % of
@@ -704,5 +728,27 @@ mod tests {
         );
         // No pageserv run on the plain link: no table for it.
         assert!(!md.contains("### unlimited"), "{md}");
+    }
+
+    #[test]
+    fn quinn_floor_lists_each_link_measured() {
+        use super::super::machine::QuinnFloor;
+        assert!(quinn_floor(&[]).is_empty());
+        let t = quinn_floor(&[
+            QuinnFloor {
+                link: "unlimited".into(),
+                mib_s: 402.4,
+                sender_core_pct: 75.2,
+                receiver_core_pct: 72.0,
+            },
+            QuinnFloor {
+                link: "1gbit".into(),
+                mib_s: 112.6,
+                sender_core_pct: 33.4,
+                receiver_core_pct: 44.6,
+            },
+        ]);
+        assert!(t.contains("| unlimited | 402 | 75 | 72 |"), "{t}");
+        assert!(t.contains("| 1gbit | 113 | 33 | 45 |"), "{t}");
     }
 }

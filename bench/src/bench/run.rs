@@ -62,12 +62,39 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
         c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
         _ => "cubic".to_string(),
     };
-    match crate::quinn_bulk::measure(1024, &cc) {
-        Ok(rate) => {
-            eprintln!("[bench] quinn bulk rate over the bare veth: {rate:.0} MiB/s ({cc})");
-            machine.quinn_bulk_mib_s = Some(rate);
+    // quinn alone on the bare veth and on each rate-only link of the run: the floor under the
+    // services' CPU there (256 MiB on a shaped link: a few seconds at 1 Gbit/s).
+    let mut links = vec![crate::bench::matrix::Link::UNLIMITED];
+    links.extend(
+        matrix
+            .links
+            .iter()
+            .filter(|l| l.rate_bps.is_some() && l.rtt_us == 0 && l.loss_ppm == 0)
+            .cloned(),
+    );
+    for link in links {
+        let mib = if link.rate_bps.is_some() { 256 } else { 1024 };
+        match crate::quinn_bulk::measure(mib, &cc, &link) {
+            Ok(q) => {
+                let (tx, rx) = q.core_pct();
+                eprintln!(
+                    "[bench] quinn alone over {}: {:.0} MiB/s ({cc}), sender {tx:.0}%, receiver \
+                     {rx:.0}% of a core",
+                    link.label(),
+                    q.mib_s
+                );
+                if link.rate_bps.is_none() {
+                    machine.quinn_bulk_mib_s = Some(q.mib_s);
+                }
+                machine.quinn_floor.push(crate::bench::machine::QuinnFloor {
+                    link: link.label(),
+                    mib_s: q.mib_s,
+                    sender_core_pct: tx,
+                    receiver_core_pct: rx,
+                });
+            }
+            Err(e) => eprintln!("[bench] quinn over {} not measured: {e:#}", link.label()),
         }
-        Err(e) => eprintln!("[bench] quinn bulk rate not measured: {e:#}"),
     }
     let cells = matrix.cells();
     let total = cells.len() * matrix.runs as usize;

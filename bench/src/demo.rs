@@ -36,6 +36,11 @@ pub struct DemoArgs {
     /// `--threads 0 --write-rate 0`, one thread both writes memory and heartbeats.
     #[arg(long, default_value_t = 0)]
     pub hb_writes: u64,
+    /// Random pages the workload's heartbeat thread reads (and spot-checks) per beat, after its
+    /// `--hb-writes`: with `--threads 0 --write-rate 0` a thread that only reads memory and
+    /// heartbeats, so its gaps include the post-copy faults of a workload with no writes.
+    #[arg(long, default_value_t = 0)]
+    pub hb_reads: u64,
     /// Child processes, each with its own memory (a process tree).
     #[arg(long, default_value_t = 0)]
     pub children: u32,
@@ -148,6 +153,9 @@ pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Resu
     }
     if args.hb_writes > 0 {
         cmd.args(["--hb-writes", &args.hb_writes.to_string()]);
+    }
+    if args.hb_reads > 0 {
+        cmd.args(["--hb-reads", &args.hb_reads.to_string()]);
     }
     let child = cmd.spawn().context("starting the workload with unshare")?;
     let deadline = Instant::now() + Duration::from_secs(60);

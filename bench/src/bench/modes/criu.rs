@@ -53,12 +53,13 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let logs = bed.dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = bed.dir.join("workload.log");
-    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
+    let shape = super::workload_shape(cell.write_rate);
     let args = DemoArgs {
         mib: cell.mib,
-        threads,
-        write_rate,
-        hb_writes,
+        threads: shape.threads,
+        write_rate: shape.write_rate,
+        hb_writes: shape.hb_writes,
+        hb_reads: shape.hb_reads,
         children: 0,
         churn: false,
         rate: None,

@@ -109,6 +109,9 @@ pub struct DemoResult {
     /// either was not reaped here (killed, or restarted by a fault).
     pub src_rusage: Option<pageserv::usage::Rusage>,
     pub dst_rusage: Option<pageserv::usage::Rusage>,
+    /// When the migration began (just before `pageserv src`, or the external dump, started),
+    /// Unix ns: the workload's speed before the migration is measured up to here.
+    pub started_unix_ns: u64,
     /// When the migration ended (both services exited), Unix ns.
     pub migrated_unix_ns: u64,
     /// The workload's whole log, for callers that measure more than the demo prints (the bench).
@@ -330,6 +333,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         .arg(&src_json)
         .args(&args.src_args)
         .stdin(Stdio::null());
+    let started_ns = unix_ns();
     let mut external = None;
     if args.external_dump {
         external = Some(start_external_dump(bed, pid, &mut src_cmd)?);
@@ -537,6 +541,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         fault: fault_report,
         src_rusage,
         dst_rusage,
+        started_unix_ns: started_ns,
         migrated_unix_ns: migrated_ns,
         workload_log: text,
     })

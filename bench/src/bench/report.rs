@@ -268,16 +268,17 @@ pub fn markdown(r: &Results) -> String {
         "Workload: bench/workload, {shape}, heartbeat every 1 ms, full self-check every \
          1 s. Downtime = largest heartbeat gap (from the workload's log). Speed during post-copy \
          = {speed} from when it ran again to the end of the post-copy, in % of the same in the \
-         second before the freeze, the same way for every mode. Degraded = time the speed \
-         stayed below 50% of its pre-migration speed after it ran again ({} ms windows). A run \
-         counts only if the workload verified its memory at the destination (>= {} checks ok, \
-         none failed); failed runs are listed, never aggregated. Median (min–max) over verified runs. Source and destination each run in a \
-         network namespace of their own (the workload, `criu dump` and `pageserv src` in the \
-         source's; page server, lazy-pages daemon, `pageserv dst` and the restore in the \
-         destination's), joined by the link; rtt is the round trip the link adds, loss applies \
-         to each direction. MiB on the wire = bytes through the source's interface, both ways, \
-         headers included. criu-disk copies through local disk: its bytes are the image bytes, \
-         the link does not apply and it runs once per size and rate, standing for every link.\n",
+         second before the migration began (before any pre-copy round), the same way for every \
+         mode. Degraded = time the speed stayed below 50% of that after it ran again ({} ms \
+         windows). A run counts only if the workload verified its memory at the destination \
+         (>= {} checks ok, none failed); failed runs are listed, never aggregated. Median \
+         (min–max) over verified runs. Source and destination each run in a network namespace \
+         of their own (the workload, `criu dump` and `pageserv src` in the source's; page \
+         server, lazy-pages daemon, `pageserv dst` and the restore in the destination's), joined \
+         by the link; rtt is the round trip the link adds, loss applies to each direction. MiB \
+         on the wire = bytes through the source's interface, both ways, headers included. \
+         criu-disk copies through local disk: its bytes are the image bytes, the link does not \
+         apply and it runs once per size and rate, standing for every link.\n",
         super::modes::RATE_WINDOW_MS,
         super::modes::MIN_CHECKS_AFTER
     );

@@ -319,18 +319,19 @@ impl TagSummary {
 
     /// "Workload speed during the post-copy": the mean rate of `what` from `resumed_ns` (the
     /// heartbeat that ended the freeze) to `end_ns` (the last page at the destination), in
-    /// percent of its mean rate over the second before `frozen_ns` (the heartbeat the freeze
-    /// began after). None when the rate before was 0 (nothing to compare with) or when less
-    /// than `min_ns` of post-copy was left after the freeze (too short to be a rate).
+    /// percent of its mean rate over the second before `before_ns` (when the migration began:
+    /// pre-copy rounds already slow the workload, so the second before the freeze is not
+    /// "before"). None when the rate before was 0 (nothing to compare with) or when less than
+    /// `min_ns` of post-copy was left after the freeze (too short to be a rate).
     pub fn speed_pct(
         &self,
         what: Count,
-        frozen_ns: u64,
+        before_ns: u64,
         resumed_ns: u64,
         end_ns: u64,
         min_ns: u64,
     ) -> Option<f64> {
-        let normal = self.mean_rate_of(what, frozen_ns.saturating_sub(NS_PER_S), frozen_ns)?;
+        let normal = self.mean_rate_of(what, before_ns.saturating_sub(NS_PER_S), before_ns)?;
         if normal <= 0.0 || end_ns <= resumed_ns.saturating_add(min_ns) {
             return None;
         }
@@ -339,15 +340,15 @@ impl TagSummary {
     }
 
     /// Milliseconds after `resumed_ns` in windows of `window_ms` where the rate of `what` was
-    /// below half its mean over the second before `frozen_ns`; None when that mean was 0.
+    /// below half its mean over the second before `before_ns`; None when that mean was 0.
     pub fn degraded_ms(
         &self,
         what: Count,
-        frozen_ns: u64,
+        before_ns: u64,
         resumed_ns: u64,
         window_ms: u64,
     ) -> Option<u64> {
-        let normal = self.mean_rate_of(what, frozen_ns.saturating_sub(NS_PER_S), frozen_ns)?;
+        let normal = self.mean_rate_of(what, before_ns.saturating_sub(NS_PER_S), before_ns)?;
         (normal > 0.0).then(|| self.time_below(what, resumed_ns, 0.5, normal, window_ms))
     }
 }
@@ -581,6 +582,44 @@ mod tests {
                 50 * NS_PER_MS
             ),
             None
+        );
+    }
+
+    #[test]
+    fn before_is_the_second_before_the_migration_not_the_slowed_pre_copy() {
+        // 1 ms beats, then 2 ms beats during 1 s of pre-copy rounds, a freeze, 4 ms beats for
+        // 2 s of post-copy.
+        let (mut log, mut t) = (String::new(), T0);
+        let mut seq = 0;
+        let mut beat = |log: &mut String, t: &mut u64, dt_ms: u64| {
+            *log += &format!("hb r {seq} {t} 0 reads={}\n", seq * 100);
+            seq += 1;
+            *t += dt_ms * NS_PER_MS;
+        };
+        (0..2000).for_each(|_| beat(&mut log, &mut t, 1));
+        let started = t;
+        (0..499).for_each(|_| beat(&mut log, &mut t, 2));
+        let frozen = t;
+        beat(&mut log, &mut t, 300);
+        let resumed = t;
+        (0..500).for_each(|_| beat(&mut log, &mut t, 4));
+        let end = t;
+        (0..500).for_each(|_| beat(&mut log, &mut t, 1));
+        let s = Summary::parse(&log);
+        let r = s.tag("r").unwrap();
+        let min = 50 * NS_PER_MS;
+        let from_start = r
+            .speed_pct(Count::Beats, started, resumed, end, min)
+            .unwrap();
+        assert!((from_start - 25.0).abs() < 1e-6, "{from_start}");
+        // Against the second before the freeze (pre-copy already at half speed) it would be 50%.
+        let from_freeze = r
+            .speed_pct(Count::Beats, frozen, resumed, end, min)
+            .unwrap();
+        assert!((from_freeze - 50.0).abs() < 0.2, "{from_freeze}");
+        assert_eq!(
+            r.degraded_ms(Count::Beats, started, resumed, 10),
+            Some(2000)
         );
     }
 

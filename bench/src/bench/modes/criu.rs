@@ -86,6 +86,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         usage: Vec::new(),
     };
     let started = Instant::now();
+    let started_ns = demo::unix_ns();
     let migrated = match cell.mode {
         Mode::CriuDisk => run.disk(pid),
         Mode::CriuPageserver => run.page_server(pid),
@@ -128,6 +129,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     }
     let usage = crate::bench::usage::RunUsage::from_criu(total_ms, std::mem::take(&mut run.usage));
     Ok(ModeOutcome {
+        started_ns,
         migrated_ns,
         total_ms: migrated.is_ok().then_some(total_ms),
         wire_bytes,

@@ -205,11 +205,12 @@ pub struct RunRecord {
     pub wire_bytes: Option<u64>,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
-    /// Time the root process ran below 50% of its pre-migration speed after it ran again (the
-    /// speed counted as for `speed_pct`).
+    /// Time the root process ran below 50% of its speed before the migration after it ran
+    /// again (the speed counted and "before" taken as for `speed_pct`).
     pub degraded_ms: Option<f64>,
     /// The root process's speed from when it ran again to the end of the post-copy, in percent
-    /// of its speed in the second before the freeze ("workload speed during the post-copy"):
+    /// of its speed in the second before the migration began ("workload speed during the
+    /// post-copy"; pre-copy rounds already slow it before the freeze):
     /// heartbeats per second with the one-thread workload (its thread writes or reads its
     /// pages, then beats), page writes per second with writer threads; none when nothing was
     /// left to copy after it ran again, or when nothing counted ran before (no writes).
@@ -235,6 +236,9 @@ pub struct RunRecord {
 /// What a mode reports besides the workload log.
 #[derive(Debug, Default)]
 pub struct ModeOutcome {
+    /// Unix ns when the migration began (the dump or the first pre-copy round started); 0 if
+    /// the mode does not say (then "before" is the second before the freeze).
+    pub started_ns: u64,
     /// Unix ns when the last page was at the destination (checks after it count).
     pub migrated_ns: u64,
     pub total_ms: Option<f64>,
@@ -321,14 +325,21 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
     // Heartbeats per second when the heartbeat thread touches the memory (the one-thread
     // workload, writes or reads), page writes per second otherwise; the same for every mode.
     let count = workload_shape(cell.write_rate).speed_count();
+    // "Before" is the second before the migration began, or before the freeze if earlier.
+    let before = |g: &crate::workload_log::Gap| match o.started_ns {
+        0 => g.from_ns,
+        t => t.min(g.from_ns),
+    };
     let degraded_ms = gap.zip(wl.tag("r")).and_then(|(g, r)| {
-        r.degraded_ms(count, g.from_ns, g.to_ns, RATE_WINDOW_MS)
+        r.degraded_ms(count, before(&g), g.to_ns, RATE_WINDOW_MS)
             .map(|ms| ms as f64)
     });
     let speed_pct = gap
         .zip(wl.tag("r"))
         .filter(|_| !cell.mode.is_stop_and_copy())
-        .and_then(|(g, r)| r.speed_pct(count, g.from_ns, g.to_ns, o.migrated_ns, MIN_POST_COPY_NS));
+        .and_then(|(g, r)| {
+            r.speed_pct(count, before(&g), g.to_ns, o.migrated_ns, MIN_POST_COPY_NS)
+        });
     RunRecord {
         cell: cell.clone(),
         run,

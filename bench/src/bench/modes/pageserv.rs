@@ -61,6 +61,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         r.dst_rusage,
     );
     Ok(ModeOutcome {
+        started_ns: r.started_unix_ns,
         migrated_ns: r.migrated_unix_ns,
         total_ms,
         wire_bytes: None,

@@ -112,6 +112,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     std::thread::sleep(Duration::from_secs(1));
 
     let started = Instant::now();
+    let started_ns = demo::unix_ns();
     let migrated = match cell.mode {
         Mode::RuncLazy => c.runc_lazy().map(|()| (None, None)),
         Mode::RuncPageserver => c.runc_page_server().map(|()| (None, None)),
@@ -140,6 +141,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let ok = problems.is_empty();
     c.cleanup();
     Ok(ModeOutcome {
+        started_ns,
         migrated_ns,
         total_ms: ok.then_some(total_ms),
         wire_bytes: None,

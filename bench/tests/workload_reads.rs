@@ -204,6 +204,46 @@ fn criu_path() -> Option<PathBuf> {
     installed.exists().then_some(installed)
 }
 
+/// A network namespace of this test whose loopback is limited by tbf, so that CRIU's page
+/// transfer (dump page server to lazy-pages daemon, both on its 127.0.0.1) takes seconds, not
+/// the ~50 ms that loopback takes: otherwise the daemon's background transfer may finish
+/// before the restored thread runs, and nothing is left to fault on. Deleted on drop.
+struct SlowLoopback(String);
+
+impl SlowLoopback {
+    fn new(tag: &str, rate: &str) -> Self {
+        let name = format!("psr{}{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ns = SlowLoopback(name);
+        let run = |args: &[&str]| {
+            let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+            assert!(st.success(), "{args:?}: {st:?}");
+        };
+        run(&["ip", "netns", "add", &ns.0]);
+        run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+        run(&[
+            "tc", "-n", &ns.0, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate,
+            "burst", "256kb", "latency", "50ms",
+        ]);
+        ns
+    }
+
+    /// `program` run in the namespace (`nsenter` execs it in place: same pid).
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/var/run/netns/{}", self.0))
+            .arg("--")
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for SlowLoopback {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 /// Starts `cmd` with a pipe on fd 3 as CRIU's `--status-fd` and waits for its ready byte.
 fn start_ready(mut cmd: Command, what: &str, log: &Path) -> Reaped {
     let mut fds = [0; 2];
@@ -240,6 +280,8 @@ struct Lazy {
     /// `#PF` lines of the lazy-pages daemon at addresses inside the workload's page chunks.
     faults_in_pages: usize,
     restore_end: u64,
+    /// Its files: kept for inspection if the test then fails.
+    _dir: Scratch,
 }
 
 fn unix_ns() -> u64 {
@@ -268,8 +310,12 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
     fs::create_dir_all(&dst).unwrap();
     let log = dir.0.join("log");
     let reads = hb_reads.to_string();
-    // Init of its own pid namespace, so its pids are free at the restore on this host.
-    let mut unshare = Command::new("unshare")
+    // 64 MiB at 200 Mbit/s: about 3 s of transfer.
+    let net = SlowLoopback::new(if hb_reads > 0 { "r" } else { "i" }, "200mbit");
+    // Init of its own pid namespace, so its pids are free at the restore on this host; in the
+    // slow loopback's network namespace, with CRIU (which then has no namespace to dump).
+    let mut unshare = net
+        .command("unshare")
         .args(["-p", "-f", "setsid", WORKLOAD])
         .args(["--mib", "64", "--threads", "0", "--write-rate", "0"])
         .args(["--hb-reads", &reads, "--check-every-ms", "0", "--log"])
@@ -289,7 +335,7 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
     let port = (31000 + std::process::id() % 20000).to_string();
 
     let dump_log = dir.0.join("dump.log");
-    let mut dump = Command::new(&criu);
+    let mut dump = net.command(&criu);
     dump.args(["dump", "-t", &pid.to_string(), "-D"])
         .arg(&src)
         .args(["--lazy-pages", "--address", "127.0.0.1", "--port", &port])
@@ -301,7 +347,7 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
         fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
     let lp_log = dir.0.join("lazy-pages.log");
-    let mut lp = Command::new(&criu);
+    let mut lp = net.command(&criu);
     lp.args(["lazy-pages", "--page-server", "--address", "127.0.0.1"])
         .args(["--port", &port, "-D"])
         .arg(&dst)
@@ -310,7 +356,8 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
     let daemon = start_ready(lp, "criu lazy-pages", &lp_log);
     let pidfile = dir.0.join("restored.pid");
     let restore_log = dir.0.join("restore.log");
-    let st = Command::new(&criu)
+    let st = net
+        .command(&criu)
         .args(["restore", "-D"])
         .arg(&dst)
         .args(["--lazy-pages", "-d", "--pidfile"])
@@ -363,6 +410,7 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
         faults_in_pages,
         restore_end,
         summary,
+        _dir: dir,
     })
 }
 

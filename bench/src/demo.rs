@@ -36,6 +36,11 @@ pub struct DemoArgs {
     /// `--threads 0 --write-rate 0`, one thread both writes memory and heartbeats.
     #[arg(long, default_value_t = 0)]
     pub hb_writes: u64,
+    /// Random pages the workload's heartbeat thread reads (and spot-checks) per beat, after its
+    /// `--hb-writes`: with `--threads 0 --write-rate 0` a thread that only reads memory and
+    /// heartbeats, so its gaps include the post-copy faults of a workload with no writes.
+    #[arg(long, default_value_t = 0)]
+    pub hb_reads: u64,
     /// Child processes, each with its own memory (a process tree).
     #[arg(long, default_value_t = 0)]
     pub children: u32,
@@ -107,6 +112,9 @@ pub struct DemoResult {
     /// either was not reaped here (killed, or restarted by a fault).
     pub src_rusage: Option<pageserv::usage::Rusage>,
     pub dst_rusage: Option<pageserv::usage::Rusage>,
+    /// When the migration began (just before `pageserv src`, or the external dump, started),
+    /// Unix ns: the workload's speed before the migration is measured up to here.
+    pub started_unix_ns: u64,
     /// When the migration ended (both services exited), Unix ns.
     pub migrated_unix_ns: u64,
     /// The workload's whole log, for callers that measure more than the demo prints (the bench).
@@ -151,6 +159,9 @@ pub(crate) fn start_workload(bed: &Testbed, args: &DemoArgs, log: &Path) -> Resu
     }
     if args.hb_writes > 0 {
         cmd.args(["--hb-writes", &args.hb_writes.to_string()]);
+    }
+    if args.hb_reads > 0 {
+        cmd.args(["--hb-reads", &args.hb_reads.to_string()]);
     }
     cmd.args(&args.workload_args);
     let child = cmd.spawn().context("starting the workload with unshare")?;
@@ -326,6 +337,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         .arg(&src_json)
         .args(&args.src_args)
         .stdin(Stdio::null());
+    let started_ns = unix_ns();
     let mut external = None;
     if args.external_dump {
         external = Some(start_external_dump(bed, pid, &mut src_cmd)?);
@@ -541,6 +553,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         fault: fault_report,
         src_rusage,
         dst_rusage,
+        started_unix_ns: started_ns,
         migrated_unix_ns: migrated_ns,
         workload_log: text,
     })

@@ -8,16 +8,17 @@
 //! ```text
 //! chunk <tag> <i> addr=0x.. first=<page> pages=<n>
 //! ready <tag> pid=<pid> mib=<N> pages=<n> chunks=<c> threads=<T> unix_ns=<t>
-//! hb <tag> <seq> <unix_ns> <writes_total>
+//! hb <tag> <seq> <unix_ns> <writes_total> reads=<reads_total>
 //! check <tag> ok pages=<n> ms=<t> cpu_ms=<t> skipped=<k> zero=<z> unix_ns=<t>
 //! check <tag> FAIL page=<i> reason=<r> <details k=v...> bad=<n> pages=<n> ms=<t> cpu_ms=<t> unix_ns=<t>
+//! check <tag> FAIL page=<i> reason=<r> <details k=v...> bad=<n> pages=<n> ms=<t> by=hb unix_ns=<t>   (a heartbeat read)
 //! churn <tag> fork ok|FAIL pid=<p> chunk=<c> ... unix_ns=<t>
 //! churn <tag> forkchild FAIL chunk=<c> page=<i> reason=<r> ...   (from the forked child)
 //! churn <tag> dontneed|reinit first=<i> count=<n> unix_ns=<t>
 //! churn <tag> mremap chunk=<c> from=0x.. to=0x.. pages=<n> unix_ns=<t>
 //! churn <tag> <what> FAIL error="..." unix_ns=<t>
 //! child <tag> <child-tag> pid=<p> status=<code> unix_ns=<t>
-//! exit <tag> checks_ok=<n> checks_failed=<m> churn_failed=<k> children_failed=<j> writes=<w> unix_ns=<t>
+//! exit <tag> checks_ok=<n> checks_failed=<m> churn_failed=<k> children_failed=<j> writes=<w> reads=<r> unix_ns=<t>
 //! error <tag> <free text>
 //! ```
 //!
@@ -26,7 +27,7 @@
 
 mod summary;
 
-pub use summary::{Gap, Summary, TagSummary, Verification};
+pub use summary::{Count, Gap, Summary, TagSummary, Verification};
 
 /// Lines longer than this are rejected (the workload writes < 300 bytes).
 pub const MAX_LINE: usize = 4096;
@@ -90,12 +91,14 @@ pub struct Ready {
     pub unix_ns: u64,
 }
 
-/// `hb`: the process was running at `unix_ns`, having done `writes` page writes.
+/// `hb`: the process was running at `unix_ns`, having done `writes` page writes and its
+/// heartbeat thread `reads` page reads (`--hb-reads`; 0 in logs of workloads before it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     pub seq: u64,
     pub unix_ns: u64,
     pub writes: u64,
+    pub reads: u64,
 }
 
 /// One full self-check.
@@ -156,6 +159,8 @@ pub struct Exit {
     pub churn_failed: u64,
     pub children_failed: u64,
     pub writes: u64,
+    /// Pages the heartbeat thread read (`--hb-reads`).
+    pub reads: u64,
     pub unix_ns: u64,
 }
 
@@ -356,6 +361,7 @@ pub fn parse_line(line: &str) -> Result<Event, LineError> {
                 seq: f.pos_num(1, "seq")?,
                 unix_ns: f.pos_num(2, "unix_ns")?,
                 writes: f.pos_num(3, "writes_total")?,
+                reads: f.opt_num("reads")?.unwrap_or(0),
             },
         },
         "check" => {
@@ -410,6 +416,7 @@ pub fn parse_line(line: &str) -> Result<Event, LineError> {
             churn_failed: f.opt_num("churn_failed")?.unwrap_or(0),
             children_failed: f.opt_num("children_failed")?.unwrap_or(0),
             writes: f.opt_num("writes")?.unwrap_or(0),
+            reads: f.opt_num("reads")?.unwrap_or(0),
             unix_ns: f.key_num("unix_ns")?,
         }),
         _ => Event::Error {

@@ -67,6 +67,13 @@ struct Args {
     /// period: 100 random page writes per ms).
     #[arg(long, default_value_t = 0)]
     hb_writes: u64,
+    /// Random pages the heartbeat thread reads before each beat (after its `--hb-writes`): it
+    /// loads each page's header and one random word and checks them against the version table
+    /// (a failure is logged as a failed check). With `--threads 0 --write-rate 0` a thread that
+    /// only reads still waits on every post-copy fault it takes: its beat rate is the speed of
+    /// a workload with no writes.
+    #[arg(long, default_value_t = 0)]
+    hb_reads: u64,
     /// Seed of the page content and of the writers' page choice.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
@@ -238,7 +245,10 @@ fn run_process(args: &Args, sh: Shared, children: &[(String, libc::pid_t)]) -> u
             heartbeat::run(
                 hb_sh,
                 Duration::from_micros(args.heartbeat_us),
-                args.hb_writes,
+                heartbeat::PerBeat {
+                    writes: args.hb_writes,
+                    reads: args.hb_reads,
+                },
                 hb_seed,
             )
         });
@@ -272,9 +282,10 @@ fn run_process(args: &Args, sh: Shared, children: &[(String, libc::pid_t)]) -> u
     let children_failed = child_status.iter().filter(|st| **st != Some(0)).count();
     logline!(
         sh.log,
-        "exit {} checks_ok={ok} checks_failed={failed} churn_failed={churn_failed} children_failed={children_failed} writes={} unix_ns={}",
+        "exit {} checks_ok={ok} checks_failed={failed} churn_failed={churn_failed} children_failed={children_failed} writes={} reads={} unix_ns={}",
         sh.tag,
         sh.writes_total(),
+        sh.hb_reads.0.load(Ordering::Relaxed),
         unix_ns()
     );
     u8::from(failed + churn_failed > 0 || children_failed > 0)

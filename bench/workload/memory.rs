@@ -102,6 +102,22 @@ impl PageGuard<'_> {
         page::verify(self.words(), salt, index, e.version, e.zero)
     }
 
+    /// Reads the page's header and word `word` and checks them against the table (see
+    /// [`page::spot_check`]): a read of the page, not a write. The loads feed the comparison,
+    /// so the compiler cannot drop them; on a page not yet at the destination they fault.
+    pub fn spot_check(&mut self, word: usize) -> Result<(), Fault> {
+        let (salt, index, e) = (self.mem.salt, self.index as u64, self.entry);
+        let words: &[u64; PAGE_WORDS] = self.words();
+        page::spot_check(
+            std::hint::black_box(words),
+            salt,
+            index,
+            e.version,
+            e.zero,
+            word,
+        )
+    }
+
     /// Writes version `entry.version + 1` (zero or not as the content function decides) and
     /// releases the page with it.
     pub fn rewrite(mut self) {

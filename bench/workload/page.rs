@@ -150,6 +150,55 @@ pub fn verify(
     })
 }
 
+/// Spot-checks one word of `page` against version `version` of page `index`: the three header
+/// words and payload word `word` (a zero page: word 0 and `word` must be zero). A few loads and
+/// one mix, so a reader can afford it on every page it touches; [`verify`] checks all 512.
+/// `word` is taken modulo [`PAGE_WORDS`]; a header index checks the header only.
+pub fn spot_check(
+    page: &[u64; PAGE_WORDS],
+    salt: u64,
+    index: u64,
+    version: u64,
+    zero: bool,
+    word: usize,
+) -> Result<(), Fault> {
+    let word = word % PAGE_WORDS;
+    if zero {
+        return match [0, word].into_iter().find(|&w| page[w] != 0) {
+            None => Ok(()),
+            Some(w) => Err(Fault::NonZero {
+                word: w,
+                found: page[w],
+            }),
+        };
+    }
+    if page[0] != MAGIC {
+        return Err(Fault::Magic { found: page[0] });
+    }
+    if page[1] != index {
+        return Err(Fault::Index { found: page[1] });
+    }
+    if page[2] != version {
+        return Err(Fault::Version {
+            header: page[2],
+            table: version,
+        });
+    }
+    if word < HEADER_WORDS {
+        return Ok(());
+    }
+    let expected = payload_word(page_seed(salt, index, version), word);
+    if page[word] == expected {
+        Ok(())
+    } else {
+        Err(Fault::Payload {
+            word,
+            expected,
+            found: page[word],
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +274,66 @@ mod tests {
         assert_eq!(
             f.to_string(),
             "reason=payload word=4 expected=0x1 found=0x2"
+        );
+    }
+
+    #[test]
+    fn spot_check_passes_good_pages_and_catches_the_words_it_reads() {
+        let p = page(7, 123, 9);
+        for word in 0..PAGE_WORDS {
+            assert_eq!(spot_check(&p, 7, 123, 9, false, word), Ok(()));
+            let mut q = p.clone();
+            q[word] ^= 1 << 40;
+            let got = spot_check(&q, 7, 123, 9, false, word);
+            assert!(got.is_err(), "flip of the checked word {word} missed");
+            // A flip elsewhere in the payload is the full check's job, not the spot check's.
+            if word >= HEADER_WORDS {
+                let other = if word == PAGE_WORDS - 1 {
+                    HEADER_WORDS
+                } else {
+                    word + 1
+                };
+                let mut r = p.clone();
+                r[other] ^= 1;
+                assert_eq!(spot_check(&r, 7, 123, 9, false, word), Ok(()));
+            }
+        }
+        assert_eq!(
+            spot_check(&p, 7, 123, 10, false, 100),
+            Err(Fault::Version {
+                header: 9,
+                table: 10
+            })
+        );
+        assert!(matches!(
+            spot_check(&p, 8, 123, 9, false, 100),
+            Err(Fault::Payload { word: 100, .. })
+        ));
+        assert_eq!(spot_check(&p, 7, 123, 9, false, PAGE_WORDS + 100), Ok(()));
+    }
+
+    #[test]
+    fn spot_check_of_a_zero_page_reads_word_zero_and_the_chosen_word() {
+        let mut z = Box::new([0u64; PAGE_WORDS]);
+        assert_eq!(spot_check(&z, 1, 5, 3, true, 77), Ok(()));
+        z[77] = 4;
+        assert_eq!(
+            spot_check(&z, 1, 5, 3, true, 77),
+            Err(Fault::NonZero { word: 77, found: 4 })
+        );
+        z[77] = 0;
+        z[0] = 1;
+        assert_eq!(
+            spot_check(&z, 1, 5, 3, true, 77),
+            Err(Fault::NonZero { word: 0, found: 1 })
+        );
+        let p = page(1, 5, 3);
+        assert_eq!(
+            spot_check(&p, 1, 5, 3, true, 9),
+            Err(Fault::NonZero {
+                word: 0,
+                found: MAGIC
+            })
         );
     }
 }

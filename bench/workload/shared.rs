@@ -17,6 +17,8 @@ pub struct Shared {
     pub writes: Vec<Counter>,
     /// Pages the heartbeat thread rewrote (`--hb-writes`).
     pub hb_writes: Counter,
+    /// Pages the heartbeat thread read and spot-checked (`--hb-reads`).
+    pub hb_reads: Counter,
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,
     pub churn_failed: AtomicU64,
@@ -31,6 +33,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             writes: (0..writers).map(|_| Counter::default()).collect(),
             hb_writes: Counter::default(),
+            hb_reads: Counter::default(),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             churn_failed: AtomicU64::new(0),

@@ -8,6 +8,11 @@ use crate::testbed::link::LinkShape;
 /// restore, the lazy transfer) longer than this and the run counts as failed (it did not
 /// finish), named so in the report.
 pub const DEFAULT_STEP_TIMEOUT_S: u64 = 300;
+/// Pages the one-thread workload's heartbeat thread reads per beat in cells with no writes
+/// unless `--hb-reads` says otherwise: 100 random pages per 1 ms beat, as many as a 100
+/// pages/ms write cell touches, so a 0-write cell has a thread that touches migrated memory and
+/// a speed figure.
+pub const DEFAULT_HB_READS: u64 = 100;
 
 /// A way to migrate the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -334,6 +339,10 @@ pub struct Matrix {
     /// The workload's heartbeat thread wrote the cell's pages itself (`--one-thread-workload`).
     #[serde(default)]
     pub one_thread_workload: bool,
+    /// Pages the one-thread workload's heartbeat thread read per beat in cells with no writes
+    /// (`--hb-reads`; 0 in results from before it: those cells had no thread touching memory).
+    #[serde(default)]
+    pub hb_reads: u64,
     /// criu-pageserver ran with CRIU's own TLS (`--criu-tls`).
     #[serde(default)]
     pub criu_tls: bool,
@@ -384,6 +393,7 @@ impl Matrix {
             pageserv_src_args: Vec::new(),
             pageserv_dst_args: Vec::new(),
             one_thread_workload: false,
+            hb_reads: 0,
             criu_tls: false,
         }
     }

@@ -73,6 +73,12 @@ pub struct BenchArgs {
     /// from a heartbeat thread that touches no memory.
     #[arg(long)]
     pub one_thread_workload: bool,
+    /// With `--one-thread-workload`: random pages its thread reads (and spot-checks) per 1 ms
+    /// beat in cells with no writes (rate 0), so those cells too have a thread that touches
+    /// migrated memory, and a speed during the post-copy (heartbeats/s against before). 0: the
+    /// thread touches nothing in those cells.
+    #[arg(long, default_value_t = matrix::DEFAULT_HB_READS)]
+    pub hb_reads: u64,
     /// criu-pageserver with CRIU's own TLS (`criu page-server --tls`, `criu dump --tls`, with
     /// certificates of a CA the bench makes): CRIU's encrypted stop-and-copy, to set against
     /// pageserv's QUIC + TLS.
@@ -115,6 +121,11 @@ impl BenchArgs {
         };
         m.pageserv_dst_args = self.pageserv_dst_args.clone();
         m.one_thread_workload = self.one_thread_workload;
+        m.hb_reads = if self.one_thread_workload {
+            self.hb_reads
+        } else {
+            0
+        };
         m.criu_tls = self.criu_tls;
         if let Some(t) = self.timeout {
             m.timeout_s = t.max(1);
@@ -156,7 +167,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 dst: matrix.pageserv_dst_args.clone(),
             });
             modes::set_step_timeout(matrix.timeout_s);
-            modes::set_one_thread_workload(matrix.one_thread_workload);
+            modes::set_one_thread_workload(matrix.one_thread_workload, matrix.hb_reads);
             modes::set_criu_tls(matrix.criu_tls);
             run::run(
                 &matrix,

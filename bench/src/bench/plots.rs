@@ -370,7 +370,7 @@ fn link_plots(r: &Results, link: &Link, out: &Path) -> Result<()> {
     both(
         out,
         &format!("degraded-{slug}"),
-        &format!("Time below 50% of the normal write rate after the restore, link {l}"),
+        &format!("Time below 50% of the workload's normal speed after the restore, link {l}"),
         "time (ms)",
         &series(cells, link, all, |c| c.degraded_ms, "", 1.0, Line::ByRate),
         Scale::Linear,

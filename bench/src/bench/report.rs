@@ -237,10 +237,20 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let shape = if r.matrix.one_thread_workload {
-        "one thread that both writes the cell's random pages and heartbeats \
-         (`--one-thread-workload`), so its largest heartbeat gap is the felt downtime, first \
-         post-copy faults included; in every mode, containers too"
-            .to_string()
+        let reads = if r.matrix.hb_reads > 0 {
+            format!(
+                "; in cells with no writes it reads {} random pages per beat instead (a header \
+                 and a word of each, checked; `--hb-reads`)",
+                r.matrix.hb_reads
+            )
+        } else {
+            "; in cells with no writes it touches nothing".to_string()
+        };
+        format!(
+            "one thread that both writes the cell's random pages and heartbeats \
+             (`--one-thread-workload`), so its largest heartbeat gap is the felt downtime, first \
+             post-copy faults included, in every mode, containers too{reads}"
+        )
     } else {
         format!(
             "{} writer threads and a heartbeat thread that touches no migrated memory (its gaps \
@@ -248,20 +258,27 @@ pub fn markdown(r: &Results) -> String {
             super::modes::criu::WORKLOAD_THREADS
         )
     };
+    let speed = if r.matrix.one_thread_workload {
+        "its heartbeats per second (each beat follows its page writes or reads)"
+    } else {
+        "the write rate (none at 0 pages/ms)"
+    };
     let _ = writeln!(
         s,
         "Workload: bench/workload, {shape}, heartbeat every 1 ms, full self-check every \
-         1 s. Downtime = largest heartbeat gap (from the workload's log). Degraded = time the \
-         write rate stayed below 50% of its pre-migration rate after it ran again ({} ms \
-         windows; none at 0 pages/ms). A run counts only if the workload verified its memory at \
-         the destination (>= {} checks ok, none failed); failed runs are listed, never \
-         aggregated. Median (min–max) over verified runs. Source and destination each run in a \
-         network namespace of their own (the workload, `criu dump` and `pageserv src` in the \
-         source's; page server, lazy-pages daemon, `pageserv dst` and the restore in the \
-         destination's), joined by the link; rtt is the round trip the link adds, loss applies \
-         to each direction. MiB on the wire = bytes through the source's interface, both ways, \
-         headers included. criu-disk copies through local disk: its bytes are the image bytes, \
-         the link does not apply and it runs once per size and rate, standing for every link.\n",
+         1 s. Downtime = largest heartbeat gap (from the workload's log). Speed during post-copy \
+         = {speed} from when it ran again to the end of the post-copy, in % of the same in the \
+         second before the migration began (before any pre-copy round), the same way for every \
+         mode. Degraded = time the speed stayed below 50% of that after it ran again ({} ms \
+         windows). A run counts only if the workload verified its memory at the destination \
+         (>= {} checks ok, none failed); failed runs are listed, never aggregated. Median \
+         (min–max) over verified runs. Source and destination each run in a network namespace \
+         of their own (the workload, `criu dump` and `pageserv src` in the source's; page \
+         server, lazy-pages daemon, `pageserv dst` and the restore in the destination's), joined \
+         by the link; rtt is the round trip the link adds, loss applies to each direction. MiB \
+         on the wire = bytes through the source's interface, both ways, headers included. \
+         criu-disk copies through local disk: its bytes are the image bytes, the link does not \
+         apply and it runs once per size and rate, standing for every link.\n",
         super::modes::RATE_WINDOW_MS,
         super::modes::MIN_CHECKS_AFTER
     );

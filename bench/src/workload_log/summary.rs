@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 /// At most this many windows per rate query, whatever the timestamps claim.
 const MAX_WINDOWS: u64 = 1_000_000;
 const NS_PER_MS: u64 = 1_000_000;
+const NS_PER_S: u64 = 1_000_000_000;
 
 /// The time between two consecutive heartbeats of one process.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -215,12 +216,12 @@ impl TagSummary {
             .max_by(|a, b| a.ms.total_cmp(&b.ms))
     }
 
-    /// Heartbeat samples (unix_ns, writes) sorted by time for interpolation.
-    fn samples(&self) -> Vec<(u64, u64)> {
+    /// Heartbeat samples (unix_ns, count) sorted by time for interpolation.
+    fn samples(&self, what: Count) -> Vec<(u64, u64)> {
         let mut s: Vec<(u64, u64)> = self
             .heartbeats
             .iter()
-            .map(|h| (h.unix_ns, h.writes))
+            .map(|h| (h.unix_ns, what.of(h)))
             .collect();
         s.sort_by_key(|&(t, _)| t);
         s
@@ -228,7 +229,7 @@ impl TagSummary {
 
     /// Total writes at `t_ns`, interpolated linearly between heartbeats; None outside them.
     pub fn writes_at(&self, t_ns: u64) -> Option<f64> {
-        writes_at(&self.samples(), t_ns)
+        count_at(&self.samples(Count::Writes), t_ns)
     }
 
     /// Write rate over consecutive windows of `window_ms` from the first heartbeat: (window
@@ -242,7 +243,13 @@ impl TagSummary {
 
     /// As [`Self::write_rate`], windows starting at `start_ns`.
     pub fn write_rate_from(&self, start_ns: u64, window_ms: u64) -> Vec<(u64, f64)> {
-        let samples = self.samples();
+        self.rate_from(Count::Writes, start_ns, window_ms)
+    }
+
+    /// Rate of `what` (per second) over consecutive windows of `window_ms` starting at
+    /// `start_ns`: (window start unix_ns, rate). Only whole windows inside the heartbeats.
+    pub fn rate_from(&self, what: Count, start_ns: u64, window_ms: u64) -> Vec<(u64, f64)> {
+        let samples = self.samples(what);
         let (Some(&(first, _)), Some(&(last, _))) = (samples.first(), samples.last()) else {
             return Vec::new();
         };
@@ -254,8 +261,8 @@ impl TagSummary {
         (0..n)
             .filter_map(|k| {
                 let a = start_ns + k * window_ns;
-                let wa = writes_at(&samples, a)?;
-                let wb = writes_at(&samples, a + window_ns)?;
+                let wa = count_at(&samples, a)?;
+                let wb = count_at(&samples, a + window_ns)?;
                 Some((a, ((wb - wa) / window_ms as f64 * 1e3).max(0.0)))
             })
             .collect()
@@ -263,13 +270,20 @@ impl TagSummary {
 
     /// Mean write rate (writes per second) over `[from_ns, to_ns]`, clamped to the heartbeats.
     pub fn mean_rate(&self, from_ns: u64, to_ns: u64) -> Option<f64> {
-        let samples = self.samples();
+        self.mean_rate_of(Count::Writes, from_ns, to_ns)
+    }
+
+    /// Mean rate of `what` (per second) over `[from_ns, to_ns]`, clamped to the heartbeats;
+    /// None when less than no time is left. `Count::Beats` is heartbeats per second: the speed
+    /// of the one-thread workload, whose thread touches its pages and then beats.
+    pub fn mean_rate_of(&self, what: Count, from_ns: u64, to_ns: u64) -> Option<f64> {
+        let samples = self.samples(what);
         let a = from_ns.max(samples.first()?.0);
         let b = to_ns.min(samples.last()?.0);
         if b <= a {
             return None;
         }
-        let dw = writes_at(&samples, b)? - writes_at(&samples, a)?;
+        let dw = count_at(&samples, b)? - count_at(&samples, a)?;
         Some((dw / ((b - a) as f64 / 1e9)).max(0.0))
     }
 
@@ -282,17 +296,83 @@ impl TagSummary {
         normal_per_s: f64,
         window_ms: u64,
     ) -> u64 {
+        self.time_below(Count::Writes, after_ns, fraction, normal_per_s, window_ms)
+    }
+
+    /// As [`Self::time_below_rate`] for the rate of `what`.
+    pub fn time_below(
+        &self,
+        what: Count,
+        after_ns: u64,
+        fraction: f64,
+        normal_per_s: f64,
+        window_ms: u64,
+    ) -> u64 {
         let floor = fraction * normal_per_s;
         let below = self
-            .write_rate_from(after_ns, window_ms)
+            .rate_from(what, after_ns, window_ms)
             .iter()
             .filter(|(_, r)| *r < floor)
             .count() as u64;
         below * window_ms
     }
+
+    /// "Workload speed during the post-copy": the mean rate of `what` from `resumed_ns` (the
+    /// heartbeat that ended the freeze) to `end_ns` (the last page at the destination), in
+    /// percent of its mean rate over the second before `before_ns` (when the migration began:
+    /// pre-copy rounds already slow the workload, so the second before the freeze is not
+    /// "before"). None when the rate before was 0 (nothing to compare with) or when less than
+    /// `min_ns` of post-copy was left after the freeze (too short to be a rate).
+    pub fn speed_pct(
+        &self,
+        what: Count,
+        before_ns: u64,
+        resumed_ns: u64,
+        end_ns: u64,
+        min_ns: u64,
+    ) -> Option<f64> {
+        let normal = self.mean_rate_of(what, before_ns.saturating_sub(NS_PER_S), before_ns)?;
+        if normal <= 0.0 || end_ns <= resumed_ns.saturating_add(min_ns) {
+            return None;
+        }
+        let during = self.mean_rate_of(what, resumed_ns, end_ns)?;
+        Some(100.0 * during / normal)
+    }
+
+    /// Milliseconds after `resumed_ns` in windows of `window_ms` where the rate of `what` was
+    /// below half its mean over the second before `before_ns`; None when that mean was 0.
+    pub fn degraded_ms(
+        &self,
+        what: Count,
+        before_ns: u64,
+        resumed_ns: u64,
+        window_ms: u64,
+    ) -> Option<u64> {
+        let normal = self.mean_rate_of(what, before_ns.saturating_sub(NS_PER_S), before_ns)?;
+        (normal > 0.0).then(|| self.time_below(what, resumed_ns, 0.5, normal, window_ms))
+    }
 }
 
-fn writes_at(samples: &[(u64, u64)], t: u64) -> Option<f64> {
+/// What a rate counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Page writes (`writes_total`): all writer threads and the heartbeat thread's.
+    Writes,
+    /// Heartbeats (their sequence numbers): with the one-thread workload every beat follows
+    /// its page writes or reads, so beats per second is how fast that thread works.
+    Beats,
+}
+
+impl Count {
+    fn of(self, h: &Heartbeat) -> u64 {
+        match self {
+            Count::Writes => h.writes,
+            Count::Beats => h.seq,
+        }
+    }
+}
+
+fn count_at(samples: &[(u64, u64)], t: u64) -> Option<f64> {
     let i = samples.partition_point(|&(ts, _)| ts < t);
     let &(tb, wb) = samples.get(i)?;
     if tb == t {
@@ -438,6 +518,129 @@ mod tests {
         );
     }
 
+    /// A one-thread workload's log: a beat every `period_ms` with `per_beat` writes and
+    /// `reads` reads before it; the freeze is a gap of `freeze_ms` after beat `freeze_at`, then
+    /// beats every `slow_ms` for `slow_beats` beats (the post-copy), then every `period_ms`.
+    fn one_thread(
+        per_beat: u64,
+        reads: u64,
+        (period_ms, freeze_at, freeze_ms): (u64, u64, u64),
+        (slow_ms, slow_beats): (u64, u64),
+        n: u64,
+    ) -> (String, u64, u64, u64) {
+        let (mut log, mut t) = (String::new(), T0);
+        let (mut frozen, mut resumed, mut end) = (0, 0, 0);
+        for seq in 0..n {
+            log += &format!("hb r {seq} {t} {} reads={}\n", seq * per_beat, seq * reads);
+            let dt = if seq == freeze_at {
+                frozen = t;
+                freeze_ms
+            } else if seq > freeze_at && seq <= freeze_at + slow_beats {
+                slow_ms
+            } else {
+                period_ms
+            };
+            if seq == freeze_at + 1 {
+                resumed = t;
+            }
+            if seq == freeze_at + slow_beats + 1 {
+                end = t;
+            }
+            t += dt * NS_PER_MS;
+        }
+        (log, frozen, resumed, end)
+    }
+
+    #[test]
+    fn speed_of_a_reading_thread_is_its_beat_rate_against_before() {
+        // 0 writes, 100 reads a beat; 1 ms beats, a 200 ms freeze, then 4 ms beats for 500
+        // beats (2 s of post-copy): 25% of the speed before.
+        let (log, frozen, resumed, end) = one_thread(0, 100, (1, 1500, 200), (4, 500), 3000);
+        let s = Summary::parse(&log);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let r = s.tag("r").unwrap();
+        assert_eq!(r.heartbeats[10].reads, 1000);
+        let beats = r
+            .speed_pct(Count::Beats, frozen, resumed, end, 50 * NS_PER_MS)
+            .unwrap();
+        assert!((beats - 25.0).abs() < 1e-9, "{beats}");
+        // No writes: the write rate has nothing to compare.
+        assert_eq!(
+            r.speed_pct(Count::Writes, frozen, resumed, end, 50 * NS_PER_MS),
+            None
+        );
+        assert_eq!(r.degraded_ms(Count::Writes, frozen, resumed, 10), None);
+        // Every 10 ms window of the 2 s post-copy is below half speed, nothing after it.
+        assert_eq!(r.degraded_ms(Count::Beats, frozen, resumed, 10), Some(2000));
+        // A post-copy shorter than the minimum is no rate.
+        assert_eq!(
+            r.speed_pct(
+                Count::Beats,
+                frozen,
+                resumed,
+                resumed + NS_PER_MS,
+                50 * NS_PER_MS
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn before_is_the_second_before_the_migration_not_the_slowed_pre_copy() {
+        // 1 ms beats, then 2 ms beats during 1 s of pre-copy rounds, a freeze, 4 ms beats for
+        // 2 s of post-copy.
+        let (mut log, mut t) = (String::new(), T0);
+        let mut seq = 0;
+        let mut beat = |log: &mut String, t: &mut u64, dt_ms: u64| {
+            *log += &format!("hb r {seq} {t} 0 reads={}\n", seq * 100);
+            seq += 1;
+            *t += dt_ms * NS_PER_MS;
+        };
+        (0..2000).for_each(|_| beat(&mut log, &mut t, 1));
+        let started = t;
+        (0..499).for_each(|_| beat(&mut log, &mut t, 2));
+        let frozen = t;
+        beat(&mut log, &mut t, 300);
+        let resumed = t;
+        (0..500).for_each(|_| beat(&mut log, &mut t, 4));
+        let end = t;
+        (0..500).for_each(|_| beat(&mut log, &mut t, 1));
+        let s = Summary::parse(&log);
+        let r = s.tag("r").unwrap();
+        let min = 50 * NS_PER_MS;
+        let from_start = r
+            .speed_pct(Count::Beats, started, resumed, end, min)
+            .unwrap();
+        assert!((from_start - 25.0).abs() < 1e-6, "{from_start}");
+        // Against the second before the freeze (pre-copy already at half speed) it would be 50%.
+        let from_freeze = r
+            .speed_pct(Count::Beats, frozen, resumed, end, min)
+            .unwrap();
+        assert!((from_freeze - 50.0).abs() < 0.2, "{from_freeze}");
+        assert_eq!(
+            r.degraded_ms(Count::Beats, started, resumed, 10),
+            Some(2000)
+        );
+    }
+
+    #[test]
+    fn logs_without_reads_parse_with_zero_reads() {
+        let s = Summary::parse(&synthetic(20, 1, 5, 100, 1));
+        assert!(s.tag("r").unwrap().heartbeats.iter().all(|h| h.reads == 0));
+        let e =
+            parse_line("exit r checks_ok=1 checks_failed=0 writes=3 reads=7 unix_ns=9").unwrap();
+        assert!(matches!(e, crate::workload_log::Event::Exit(x) if (x.writes, x.reads) == (3, 7)));
+        let e = parse_line(
+            "check r FAIL page=9 reason=payload word=4 expected=0x1 found=0x2 bad=1 pages=100 ms=0.250 by=hb unix_ns=5",
+        )
+        .unwrap();
+        let crate::workload_log::Event::Check(c) = e else {
+            panic!("{e:?}")
+        };
+        assert!(!c.ok && c.cpu_ms.is_none() && c.pages == 100);
+        assert_eq!(c.fail.unwrap().page, 9);
+    }
+
     proptest! {
         #[test]
         fn parser_never_panics(line in "\\PC{0,200}") {
@@ -459,6 +662,45 @@ mod tests {
             let want = *gaps.iter().max().unwrap();
             prop_assert_eq!(g.ms, (want * 1000) as f64 / 1e6);
             prop_assert_eq!(g.to_ns - g.from_ns, want * 1000);
+        }
+
+        /// With a fixed number of writes per beat, the write rate is that many times the beat
+        /// rate, so a write cell's speed is the same figure counted either way.
+        #[test]
+        fn beat_speed_equals_write_speed_of_the_one_thread_workload(
+            per_beat in 1u64..200,
+            period_ms in 1u64..4,
+            freeze_ms in 5u64..500,
+            slow_ms in 1u64..30,
+            slow_beats in 20u64..400,
+        ) {
+            let (log, frozen, resumed, end) =
+                one_thread(per_beat, 0, (period_ms, 1200, freeze_ms), (slow_ms, slow_beats), 2000);
+            let s = Summary::parse(&log);
+            let r = s.tag("r").unwrap();
+            let min = 10 * NS_PER_MS;
+            let beats = r.speed_pct(Count::Beats, frozen, resumed, end, min).unwrap();
+            let writes = r.speed_pct(Count::Writes, frozen, resumed, end, min).unwrap();
+            prop_assert!((beats - writes).abs() < 1e-6, "{} vs {}", beats, writes);
+            let want = 100.0 * period_ms as f64 / slow_ms as f64;
+            prop_assert!((beats - want).abs() < 1e-6 * want, "{} vs {}", beats, want);
+        }
+
+        /// The speed is a ratio of rates: never negative, and a log whose beats keep their
+        /// period through the "post-copy" runs at 100%.
+        #[test]
+        fn an_unchanged_beat_period_is_full_speed(
+            period_ms in 1u64..5,
+            freeze_ms in 1u64..300,
+            beats in 20u64..300,
+        ) {
+            let (log, frozen, resumed, end) =
+                one_thread(0, 10, (period_ms, 1100, freeze_ms), (period_ms, beats), 1600);
+            let s = Summary::parse(&log);
+            let r = s.tag("r").unwrap();
+            let v = r.speed_pct(Count::Beats, frozen, resumed, end, 0).unwrap();
+            prop_assert!((v - 100.0).abs() < 1e-6, "{}", v);
+            prop_assert_eq!(r.degraded_ms(Count::Beats, frozen, resumed, 10), Some(0));
         }
 
         #[test]

@@ -53,12 +53,13 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let logs = bed.dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = bed.dir.join("workload.log");
-    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
+    let shape = super::workload_shape(cell.write_rate);
     let args = DemoArgs {
         mib: cell.mib,
-        threads,
-        write_rate,
-        hb_writes,
+        threads: shape.threads,
+        write_rate: shape.write_rate,
+        hb_writes: shape.hb_writes,
+        hb_reads: shape.hb_reads,
         children: 0,
         churn: false,
         rate: None,
@@ -86,6 +87,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         usage: Vec::new(),
     };
     let started = Instant::now();
+    let started_ns = demo::unix_ns();
     let migrated = match cell.mode {
         Mode::CriuDisk => run.disk(pid),
         Mode::CriuPageserver => run.page_server(pid),
@@ -128,6 +130,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     }
     let usage = crate::bench::usage::RunUsage::from_criu(total_ms, std::mem::take(&mut run.usage));
     Ok(ModeOutcome {
+        started_ns,
         migrated_ns,
         total_ms: migrated.is_ok().then_some(total_ms),
         wire_bytes,

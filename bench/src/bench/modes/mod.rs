@@ -14,10 +14,10 @@ pub mod runc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::matrix::{Cell, DEFAULT_STEP_TIMEOUT_S, Mode};
+use super::matrix::{Cell, DEFAULT_HB_READS, DEFAULT_STEP_TIMEOUT_S, Mode};
 use crate::testbed::Testbed;
 use crate::testbed::link::Emulator;
-use crate::workload_log::Summary;
+use crate::workload_log::{Count, Summary};
 
 /// Runs one mode once on a prepared testbed.
 pub type Runner = fn(&Cell, &Testbed) -> Result<ModeOutcome>;
@@ -91,20 +91,91 @@ pub fn criu_tls() -> bool {
 }
 
 static ONE_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static HB_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEFAULT_HB_READS);
 
 /// Runs the one-thread workload (`--one-thread-workload`): its heartbeat thread itself writes
-/// the cell's pages per ms, and no other thread writes.
-pub fn set_one_thread_workload(on: bool) {
+/// the cell's pages per ms, and no other thread writes; in cells with no writes it reads
+/// `hb_reads` random pages per beat instead (`--hb-reads`).
+pub fn set_one_thread_workload(on: bool, hb_reads: u64) {
     ONE_THREAD.store(on, std::sync::atomic::Ordering::Relaxed);
+    HB_READS.store(hb_reads, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The workload's (threads, --write-rate, --hb-writes) for a cell's write rate.
-pub fn workload_shape(write_rate: u64) -> (u32, String, u64) {
-    if ONE_THREAD.load(std::sync::atomic::Ordering::Relaxed) {
-        (0, "0".into(), write_rate)
-    } else {
-        (criu::WORKLOAD_THREADS, write_rate.to_string(), 0)
+/// Whether the runs use the one-thread workload.
+pub fn one_thread_workload() -> bool {
+    ONE_THREAD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The workload a cell runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadShape {
+    /// Writer threads (`--threads`).
+    pub threads: u32,
+    /// `--write-rate`, pages per ms of the writer threads.
+    pub write_rate: String,
+    /// Pages the heartbeat thread writes per beat (`--hb-writes`).
+    pub hb_writes: u64,
+    /// Pages the heartbeat thread reads per beat (`--hb-reads`).
+    pub hb_reads: u64,
+}
+
+impl WorkloadShape {
+    /// The shape for a cell's write rate: with the one-thread workload the heartbeat thread
+    /// writes the cell's pages per beat, or reads `hb_reads` pages per beat in a cell with no
+    /// writes; otherwise writer threads write them and the heartbeat thread touches nothing.
+    pub fn for_cell(one_thread: bool, write_rate: u64, hb_reads: u64) -> Self {
+        if one_thread {
+            WorkloadShape {
+                threads: 0,
+                write_rate: "0".into(),
+                hb_writes: write_rate,
+                hb_reads: if write_rate == 0 { hb_reads } else { 0 },
+            }
+        } else {
+            WorkloadShape {
+                threads: criu::WORKLOAD_THREADS,
+                write_rate: write_rate.to_string(),
+                hb_writes: 0,
+                hb_reads: 0,
+            }
+        }
     }
+
+    /// The workload's arguments beyond `--mib` and `--log` for this shape.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--threads".into(),
+            self.threads.to_string(),
+            "--write-rate".into(),
+            self.write_rate.clone(),
+        ];
+        if self.hb_writes > 0 {
+            a.extend(["--hb-writes".into(), self.hb_writes.to_string()]);
+        }
+        if self.hb_reads > 0 {
+            a.extend(["--hb-reads".into(), self.hb_reads.to_string()]);
+        }
+        a
+    }
+
+    /// What the workload's speed counts: heartbeats when its heartbeat thread does the
+    /// touching (each beat follows its page writes or reads), else the writers' page writes.
+    pub fn speed_count(&self) -> Count {
+        if self.hb_writes > 0 || self.hb_reads > 0 {
+            Count::Beats
+        } else {
+            Count::Writes
+        }
+    }
+}
+
+/// The workload of a cell with `write_rate` pages/ms under the bench's settings.
+pub fn workload_shape(write_rate: u64) -> WorkloadShape {
+    WorkloadShape::for_cell(
+        one_thread_workload(),
+        write_rate,
+        HB_READS.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 /// Seconds the workload runs at the destination after the migration ended, checking itself.
@@ -113,6 +184,8 @@ pub const AFTER_S: u64 = 3;
 pub const MIN_CHECKS_AFTER: usize = 2;
 /// Rate windows for the post-copy degradation.
 pub const RATE_WINDOW_MS: u64 = 10;
+/// A post-copy shorter than this after the freeze gets no speed figure (too short for a rate).
+pub const MIN_POST_COPY_NS: u64 = 50_000_000;
 
 /// What one run of one cell measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,11 +205,15 @@ pub struct RunRecord {
     pub wire_bytes: Option<u64>,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
-    /// Time the root process wrote below 50% of its pre-migration rate after it ran again.
+    /// Time the root process ran below 50% of its speed before the migration after it ran
+    /// again (the speed counted and "before" taken as for `speed_pct`).
     pub degraded_ms: Option<f64>,
-    /// The root process's write rate from when it ran again to the end of the post-copy, in
-    /// percent of its rate in the second before the freeze ("workload speed during the
-    /// post-copy"); none when nothing was left to copy after it ran again.
+    /// The root process's speed from when it ran again to the end of the post-copy, in percent
+    /// of its speed in the second before the migration began ("workload speed during the
+    /// post-copy"; pre-copy rounds already slow it before the freeze):
+    /// heartbeats per second with the one-thread workload (its thread writes or reads its
+    /// pages, then beats), page writes per second with writer threads; none when nothing was
+    /// left to copy after it ran again, or when nothing counted ran before (no writes).
     #[serde(default)]
     pub speed_pct: Option<f64>,
     pub checks_ok_after: u64,
@@ -159,6 +236,9 @@ pub struct RunRecord {
 /// What a mode reports besides the workload log.
 #[derive(Debug, Default)]
 pub struct ModeOutcome {
+    /// Unix ns when the migration began (the dump or the first pre-copy round started); 0 if
+    /// the mode does not say (then "before" is the second before the freeze).
+    pub started_ns: u64,
     /// Unix ns when the last page was at the destination (checks after it count).
     pub migrated_ns: u64,
     pub total_ms: Option<f64>,
@@ -242,18 +322,24 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
     problems.extend(verified.problems);
     let checks_ok_after = verified.checks_ok_after;
     let gap = wl.max_gap();
+    // Heartbeats per second when the heartbeat thread touches the memory (the one-thread
+    // workload, writes or reads), page writes per second otherwise; the same for every mode.
+    let count = workload_shape(cell.write_rate).speed_count();
+    // "Before" is the second before the migration began, or before the freeze if earlier.
+    let before = |g: &crate::workload_log::Gap| match o.started_ns {
+        0 => g.from_ns,
+        t => t.min(g.from_ns),
+    };
     let degraded_ms = gap.zip(wl.tag("r")).and_then(|(g, r)| {
-        let before = g.from_ns.saturating_sub(1_000_000_000);
-        let normal = r.mean_rate(before, g.from_ns)?;
-        (normal > 0.0).then(|| r.time_below_rate(g.to_ns, 0.5, normal, RATE_WINDOW_MS) as f64)
+        r.degraded_ms(count, before(&g), g.to_ns, RATE_WINDOW_MS)
+            .map(|ms| ms as f64)
     });
-    let speed_pct = gap.zip(wl.tag("r")).and_then(|(g, r)| {
-        let normal = r.mean_rate(g.from_ns.saturating_sub(1_000_000_000), g.from_ns)?;
-        (normal > 0.0 && !cell.mode.is_stop_and_copy() && o.migrated_ns > g.to_ns + 50_000_000)
-            .then(|| r.mean_rate(g.to_ns, o.migrated_ns))
-            .flatten()
-            .map(|during| 100.0 * during / normal)
-    });
+    let speed_pct = gap
+        .zip(wl.tag("r"))
+        .filter(|_| !cell.mode.is_stop_and_copy())
+        .and_then(|(g, r)| {
+            r.speed_pct(count, before(&g), g.to_ns, o.migrated_ns, MIN_POST_COPY_NS)
+        });
     RunRecord {
         cell: cell.clone(),
         run,
@@ -272,5 +358,40 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         wall_s: None,
         link_counters: None,
         usage: o.usage,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_cells_read_only_when_they_do_not_write() {
+        let read = WorkloadShape::for_cell(true, 0, 100);
+        assert_eq!((read.threads, read.hb_writes, read.hb_reads), (0, 0, 100));
+        assert_eq!(
+            read.args(),
+            ["--threads", "0", "--write-rate", "0", "--hb-reads", "100"]
+        );
+        assert_eq!(read.speed_count(), Count::Beats);
+        let write = WorkloadShape::for_cell(true, 100, 100);
+        assert_eq!((write.hb_writes, write.hb_reads), (100, 0));
+        assert_eq!(
+            write.args(),
+            ["--threads", "0", "--write-rate", "0", "--hb-writes", "100"]
+        );
+        assert_eq!(write.speed_count(), Count::Beats);
+        // --hb-reads 0: the 0-write cell's thread touches nothing, and no writes count.
+        let idle = WorkloadShape::for_cell(true, 0, 0);
+        assert_eq!(idle.args(), ["--threads", "0", "--write-rate", "0"]);
+        assert_eq!(idle.speed_count(), Count::Writes);
+        // Writer threads: the heartbeat thread touches nothing, the writes are the speed.
+        let threads = WorkloadShape::for_cell(false, 0, 100);
+        assert_eq!((threads.hb_writes, threads.hb_reads), (0, 0));
+        assert_eq!(threads.speed_count(), Count::Writes);
+        assert_eq!(
+            WorkloadShape::for_cell(false, 100, 100).write_rate,
+            "100".to_string()
+        );
     }
 }

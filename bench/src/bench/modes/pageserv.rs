@@ -24,12 +24,13 @@ fn src_args(mode: Mode, extra: &[String]) -> Vec<String> {
 /// `src` on the source side, `dst` in the destination namespace.
 pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let extra = super::pageserv_args();
-    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
+    let shape = super::workload_shape(cell.write_rate);
     let args = DemoArgs {
         mib: cell.mib,
-        threads,
-        write_rate,
-        hb_writes,
+        threads: shape.threads,
+        write_rate: shape.write_rate,
+        hb_writes: shape.hb_writes,
+        hb_reads: shape.hb_reads,
         children: 0,
         churn: false,
         rate: None,
@@ -61,6 +62,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         r.dst_rusage,
     );
     Ok(ModeOutcome {
+        started_ns: r.started_unix_ns,
         migrated_ns: r.migrated_unix_ns,
         total_ms,
         wire_bytes: None,

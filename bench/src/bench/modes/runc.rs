@@ -55,21 +55,11 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let rootfs = container::make_rootfs(&bed.dir.join("rootfs"), &demo::sibling("workload")?)?;
     let name = format!("psb{}", std::process::id());
     // The same shape as the bare-process modes: with `--one-thread-workload` the heartbeat
-    // thread itself writes the cell's pages, so its gaps include the first post-copy faults.
-    let (threads, write_rate, hb_writes) = super::workload_shape(cell.write_rate);
-    let mut args = vec![
-        "--mib".to_string(),
-        cell.mib.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--write-rate".into(),
-        write_rate,
-        "--log".into(),
-        "/log/workload.log".into(),
-    ];
-    if hb_writes > 0 {
-        args.extend(["--hb-writes".into(), hb_writes.to_string()]);
-    }
+    // thread itself writes (or in 0-write cells reads) the cell's pages, so its gaps include the
+    // first post-copy faults.
+    let mut args = vec!["--mib".to_string(), cell.mib.to_string()];
+    args.extend(super::workload_shape(cell.write_rate).args());
+    args.extend(["--log".into(), "/log/workload.log".into()]);
     let src_bundle = container::write_bundle(
         &runc,
         &bed.dir.join("bundle-src"),
@@ -122,6 +112,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     std::thread::sleep(Duration::from_secs(1));
 
     let started = Instant::now();
+    let started_ns = demo::unix_ns();
     let migrated = match cell.mode {
         Mode::RuncLazy => c.runc_lazy().map(|()| (None, None)),
         Mode::RuncPageserver => c.runc_page_server().map(|()| (None, None)),
@@ -150,6 +141,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
     let ok = problems.is_empty();
     c.cleanup();
     Ok(ModeOutcome {
+        started_ns,
         migrated_ns,
         total_ms: ok.then_some(total_ms),
         wire_bytes: None,

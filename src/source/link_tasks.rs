@@ -237,6 +237,11 @@ async fn push_pages(
             b.inc(bytes);
         }
     }
+    tracing::info!(
+        frames = counters.frames.load(Relaxed),
+        bytes = counters.bytes.load(Relaxed),
+        "every lazy page judged and pushed: push stream finished"
+    );
     tx.finish();
     Ok(())
 }

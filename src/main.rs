@@ -146,6 +146,12 @@ struct Common {
     /// An extra option for CRIU (repeatable), e.g. --criu-opt=--tcp-established.
     #[arg(long = "criu-opt", allow_hyphen_values = true)]
     criu_opts: Vec<String>,
+    /// CRIU's log level (`-vN`) for the dumps and restores pageserv starts: 0 none, 1 errors,
+    /// 2 warnings, 3 info, 4 debug. Default: no -v, CRIU's own default (2), which holds every
+    /// line pageserv reads; 4 writes a line per VMA and page pipe, costing the frozen dump time.
+    /// runc paths log at runc's level (4) whatever this says.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=4))]
+    criu_verbosity: Option<u8>,
     /// Run pageserv's threads and the `criu dump` it starts under SCHED_FIFO, so each hop of a
     /// page fault preempts ordinary tasks instead of queueing behind them (needs CAP_SYS_NICE;
     /// processes pageserv starts, the restored tasks among them, keep the normal policy). See
@@ -155,6 +161,19 @@ struct Common {
     /// Write the final report as JSON here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+}
+
+impl Common {
+    /// The CRIU to run, logging at `--criu-verbosity` (`runc`: runc starts it, at its own level).
+    fn criu(&self, runc: bool) -> Result<Criu> {
+        if runc && let Some(v) = self.criu_verbosity {
+            tracing::warn!(
+                "--criu-verbosity {v} does not reach CRIU under runc: runc sets CRIU's log level \
+                 itself (4, debug); its log is in runc's work directory"
+            );
+        }
+        Ok(Criu::locate(self.criu.as_deref())?.with_verbosity(self.criu_verbosity))
+    }
 }
 
 /// How the two services treat a dead link (post-copy only: a stop-and-copy source refuses
@@ -525,7 +544,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Cmd::Src(a) if a.stop_and_copy => {
-            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let criu = a.common.criu(a.runc.is_some())?;
             let source = match (a.pid, a.listen_page_server) {
                 _ if a.runc.is_some() => StopCopySource::Runc {
                     runc: a.runc_opts.runc()?,
@@ -570,7 +589,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Src(a) => {
             a.measure.allowed(pageserv::child::started_by_lab())?;
-            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let criu = a.common.criu(a.runc.is_some())?;
             if a.pre_copy.is_some() && a.pid.is_none() && a.runc.is_none() {
                 anyhow::bail!(
                     "--pre-copy needs --pid or --runc: pageserv reads the tree's memory before it dumps it"
@@ -631,7 +650,7 @@ fn run(cli: Cli) -> Result<()> {
             write_json(&a.common.stats_json, &report)
         }
         Cmd::Dst(a) => {
-            let criu = Criu::locate(a.common.criu.as_deref())?;
+            let criu = a.common.criu(a.runc_bundle.is_some())?;
             let runc = match &a.runc_bundle {
                 Some(bundle) => Some(runc_cli::restore(&a.runc_opts, bundle, a.name.as_deref())?),
                 None => None,

@@ -84,3 +84,44 @@ fn the_directory_of_a_failed_migration_is_kept_and_named() {
             .exists()
     );
 }
+
+/// A restore that CRIU itself refuses, at CRIU's default log level (pageserv passes no `-v`):
+/// dst's error still quotes CRIU's own `Error` line from restore.log (`pr_err`, level 1), and
+/// the log holds no debug lines. The option asks for an AppArmor profile that does not exist:
+/// CRIU fails before it restores anything, whether or not the kernel has AppArmor.
+#[test]
+fn a_failed_criu_restore_quotes_criu_errors_at_the_default_level() {
+    if !root::can_run() {
+        return;
+    }
+    let dir = criu::TestDir::new("workdirs-criu-error");
+    let bed = netmig::testbed(75);
+    let mut started = Started::default();
+    let pid = server(&dir, &mut started);
+    let out = netmig::migrate(
+        &bed,
+        pid,
+        &[],
+        &["--criu-opt=--lsm-profile=apparmor:pageserv-no-such-profile".into()],
+        Duration::from_secs(120),
+    );
+    assert!(!out.ok(), "a refused restore must fail the migration");
+    assert!(alive(pid), "the source must be resumed: {}", out.explain());
+    assert_eq!(out.dst_dirs_left.len(), 1, "{:?}", out.dst_dirs_left);
+    let log = std::fs::read_to_string(out.dst_dirs_left[0].join("work").join("restore.log"))
+        .expect("restore.log kept");
+    let last_error = log
+        .lines()
+        .rfind(|l| l.contains("Error ("))
+        .unwrap_or_else(|| panic!("restore.log has no Error line:\n{log}"));
+    assert!(
+        out.dst_log.contains(last_error.trim()),
+        "dst's error does not quote CRIU's last Error line {last_error:?}:\n{}",
+        out.dst_log
+    );
+    // CRIU's default level writes no timestamps and no info/debug lines ("(00.000123) ...").
+    assert!(
+        !log.lines().any(|l| l.starts_with('(')),
+        "restore.log has info/debug lines, so it did not run at CRIU's default level:\n{log}"
+    );
+}

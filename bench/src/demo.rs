@@ -560,7 +560,8 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
 }
 
 /// Starts `criu dump --lazy-pages` as runc would: its own page server on loopback and a status
-/// FIFO, then points `pageserv src` at both.
+/// FIFO, then points `pageserv src` at both. At `-v4`, the level runc gives CRIU: this dump is
+/// the user's (runc's), not one pageserv starts, so `--criu-verbosity` does not apply to it.
 fn start_external_dump(bed: &Testbed, pid: i32, src: &mut Command) -> Result<Child> {
     let dir = &bed.dir;
     let criu = pageserv::criu::binary::Criu::locate(None)?;

@@ -67,11 +67,20 @@ impl Version {
     }
 }
 
+/// The highest CRIU log level (`-v4`, debug: every VMA, page pipe and restore step).
+pub const MAX_VERBOSITY: u8 = 4;
+
 /// A located, version-checked CRIU.
 #[derive(Debug, Clone)]
 pub struct Criu {
     pub path: PathBuf,
     pub version: Version,
+    /// CRIU's log level for the dumps and restores pageserv starts (`-vN`, 0..=4); `None` passes
+    /// no `-v`, so CRIU logs at its own default (2: errors and warnings), as a user's CRIU does.
+    /// Everything pageserv reads from CRIU's logs (its `Error` lines and the tail an error
+    /// message carries) is there at the default; 3 and 4 are for debugging CRIU itself, and 4
+    /// writes a line per VMA and page pipe, which costs the frozen dump time.
+    pub verbosity: Option<u8>,
 }
 
 impl Criu {
@@ -129,7 +138,25 @@ impl Criu {
         Ok(Criu {
             path: path.to_path_buf(),
             version,
+            verbosity: None,
         })
+    }
+
+    /// This CRIU logging at `verbosity` (see [`Criu::verbosity`]; above
+    /// [`MAX_VERBOSITY`] counts as it).
+    pub fn with_verbosity(mut self, verbosity: Option<u8>) -> Criu {
+        self.verbosity = verbosity.map(|v| v.min(MAX_VERBOSITY));
+        self
+    }
+
+    /// CRIU's logging options for one invocation: `-o LOG`, then `-vN` if a level was asked
+    /// for. The one place pageserv sets CRIU's log level.
+    pub fn log_args(&self, log: &Path) -> Vec<std::ffi::OsString> {
+        let mut args = vec!["-o".into(), log.as_os_str().to_owned()];
+        if let Some(v) = self.verbosity {
+            args.push(format!("-v{v}").into());
+        }
+        args
     }
 
     /// The page-server header layout this CRIU speaks (it has no version field on the wire).
@@ -223,6 +250,24 @@ mod tests {
         assert!(e[0].contains("has bad size"), "{e:?}");
         assert_eq!(error_lines(log, 1).len(), 1);
         assert!(error_lines("all good\n", 3).is_empty());
+    }
+
+    #[test]
+    fn log_level_is_criu_default_unless_asked() {
+        let c = Criu {
+            path: PathBuf::from("/x/criu"),
+            version: Version {
+                major: 4,
+                minor: 2,
+                patch: 1,
+            },
+            verbosity: None,
+        };
+        let log = Path::new("/w/dump.log");
+        assert_eq!(c.log_args(log), ["-o", "/w/dump.log"]);
+        let c = c.with_verbosity(Some(4));
+        assert_eq!(c.log_args(log), ["-o", "/w/dump.log", "-v4"]);
+        assert_eq!(c.with_verbosity(Some(9)).verbosity, Some(MAX_VERBOSITY));
     }
 
     #[test]

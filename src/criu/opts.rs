@@ -142,10 +142,10 @@ mod tests {
         ));
         assert_eq!(
             merge(
-                &s(&["--tcp-established", "-v4"]),
+                &s(&["--tcp-established", "--shell-job"]),
                 &s(&["--tcp-established", "--ext-unix-sk"])
             ),
-            ["--tcp-established", "-v4", "--ext-unix-sk"]
+            ["--tcp-established", "--shell-job", "--ext-unix-sk"]
         );
     }
 

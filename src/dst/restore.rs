@@ -102,9 +102,7 @@ pub(crate) fn restore_command(
                 .arg(images)
                 .arg("-W")
                 .arg(work)
-                .arg("-o")
-                .arg(work.join("restore.log"))
-                .arg("-v4");
+                .args(criu.log_args(&work.join("restore.log")));
             if lazy {
                 c.arg("--lazy-pages");
             }

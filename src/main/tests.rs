@@ -152,3 +152,22 @@ fn lab_subcommands_take_their_arguments_as_they_are() {
         assert_eq!(args, ["--help", "--mib", "64"], "{cmd}");
     }
 }
+
+#[test]
+fn criu_verbosity_is_criu_default_unless_given_and_at_most_4() {
+    let common = |cli: Cli| match cli.cmd {
+        Cmd::Src(a) => a.common.criu_verbosity,
+        Cmd::Dst(a) => a.common.criu_verbosity,
+        _ => panic!("not src or dst"),
+    };
+    let mut src = SRC.to_vec();
+    src.extend(["1", "--lazy"]);
+    assert_eq!(common(parse(&src).unwrap()), None);
+    src.extend(["--criu-verbosity", "4"]);
+    assert_eq!(common(parse(&src).unwrap()), Some(4));
+    let dst = |v: &str| parse(&["dst", "--listen", "127.0.0.1:7070", "--criu-verbosity", v]);
+    assert_eq!(common(dst("0").unwrap()), Some(0));
+    for bad in ["5", "-1", "debug"] {
+        assert!(dst(bad).is_err(), "{bad} accepted");
+    }
+}

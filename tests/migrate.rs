@@ -152,6 +152,33 @@ fn migrates_a_process_tree() {
     assert_eq!(v["dst"]["tasks"], 3, "parent + 2 children");
 }
 
+/// A tree holding a zombie (a child that exited and was never reaped): CRIU dumps it with no mm
+/// or pagemap image and restores it as a zombie. Before, src read every task's pagemap and the
+/// migration failed before it began (seen with the churn workload's short-lived children).
+#[test]
+fn migrates_a_tree_holding_a_zombie() {
+    if !can_run() {
+        return;
+    }
+    let args = [
+        "--mib",
+        "64",
+        "--children",
+        "1",
+        "--write-rate",
+        "10",
+        "--workload-arg=--zombie-child",
+    ];
+    let v = migrate("zombie", &args);
+    check_common("zombie", &v);
+    check_accounting("zombie", &v);
+    assert_eq!(
+        v["dst"]["tasks"], 3,
+        "parent, a child and a zombie: {}",
+        v["dst"]
+    );
+}
+
 /// The fault-latency options: pageserv's threads and the dump under SCHED_FIFO, the push under
 /// the scavenger controller. The restored tree must still verify and account for every page.
 #[test]

@@ -82,6 +82,10 @@ struct Args {
     /// to check what pageserv does with such a dump).
     #[arg(long)]
     park_on_aligned_stack: bool,
+    /// Leave one more child of the root a zombie (it exits at once and is never reaped), so the
+    /// tree is dumped with a task that has no memory.
+    #[arg(long)]
+    zombie_child: bool,
     /// Write the root's pid (as it sees it: 1 when it is a pid namespace's init) here when ready.
     #[arg(long)]
     pidfile: Option<PathBuf>,
@@ -167,6 +171,17 @@ fn start(args: &Args) -> anyhow::Result<u8> {
             std::process::exit(i32::from(code));
         }
         children.push((format!("c{k}"), pid));
+    }
+    if args.zombie_child {
+        // SAFETY: still single-threaded; the child only calls _exit.
+        match unsafe { libc::fork() } {
+            0 => unsafe { libc::_exit(0) },
+            pid if pid < 0 => bail!(
+                "fork of the zombie child: {}",
+                std::io::Error::last_os_error()
+            ),
+            _ => {}
+        }
     }
     let mem = match root_mem {
         Some(m) => m,

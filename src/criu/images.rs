@@ -174,9 +174,18 @@ impl ImageDir {
         decode_task_state(&file, &bytes)
     }
 
+    /// Whether `pid` was dumped as a zombie: CRIU writes no mm or pagemap image for it
+    /// (`dump_one_zombie()` in criu/cr-dump.c), and a lazy restore sends no uffd for it.
+    pub fn is_zombie(&self, pid: u32) -> Result<bool> {
+        Ok(self.task_state(pid)? == TaskState::Dead)
+    }
+
     /// The ranges a lazy-pages daemon would serve for `pid`: its PE_LAZY entries split at VMA
-    /// ends, as CRIU's `collect_iovs()` does.
+    /// ends, as CRIU's `collect_iovs()` does. None for a zombie.
     pub fn lazy_ranges(&self, pid: u32) -> Result<Vec<PageRange>> {
+        if self.is_zombie(pid)? {
+            return Ok(Vec::new());
+        }
         let pm = self.pagemap(pid)?;
         let vmas = self.vmas(pid)?;
         lazy_ranges(

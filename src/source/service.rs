@@ -264,6 +264,11 @@ async fn migrate(
     // dump, and GETs that start at an entry's first page are the cheap ones.
     let mut tasks = Vec::new();
     for t in images.pstree()? {
+        // A zombie has no memory (and no pagemap image).
+        if images.is_zombie(t.pid)? {
+            tasks.push((t.pid, Vec::new()));
+            continue;
+        }
         let entries = images.pagemap(t.pid)?.entries;
         let lazy = entries
             .iter()
@@ -332,7 +337,12 @@ async fn migrate(
     // dump (it knows the tree and the tracer to verify); else through CRIU's connection.
     let frozen = match (&opts.dump, dump.child.as_ref()) {
         (DumpSource::Pid { pid, .. }, Some(child)) if opts.pump.read_frozen => {
-            let image_pids: Vec<u32> = tasks.iter().map(|(p, _)| *p).collect();
+            // Tasks with lazy memory (a zombie has none, and is not ptrace-stopped).
+            let image_pids: Vec<u32> = tasks
+                .iter()
+                .filter(|(_, lazy)| !lazy.is_empty())
+                .map(|(p, _)| *p)
+                .collect();
             match frozen::prepare(*pid, child.id(), &image_pids, plan, opts.pump.batch_pages) {
                 Ok(f) => Some(f),
                 Err(e) => {

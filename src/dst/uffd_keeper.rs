@@ -73,6 +73,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KeeperError {
 pub struct UffdKeeper {
     ctl: Mutex<UnixStream>,
     child: Mutex<Option<Child>>,
+    /// Released: every lazy page is in place and the keeper has exited.
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl UffdKeeper {
@@ -108,6 +110,7 @@ impl UffdKeeper {
         Ok(UffdKeeper {
             ctl: Mutex::new(ours),
             child: Mutex::new(Some(child)),
+            released: Default::default(),
         })
     }
 
@@ -137,6 +140,8 @@ impl UffdKeeper {
     /// Every lazy page is in place: the keeper drops its copies and exits (waited for, so no
     /// stale uffd copy outlives this call and leaves a later fault unanswered). Once only.
     pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.send(Record::Release, None) {
             tracing::warn!("cannot release the uffd keeper: {e}");
         }
@@ -159,6 +164,11 @@ impl UffdKeeper {
 
 impl ForkHolder for UffdKeeper {
     fn hold_child(&self, root_host_pid: i32, uffd: BorrowedFd<'_>) -> std::io::Result<()> {
+        // After the release every page is in place: a child forked since needs no keeping (and
+        // the keeper is gone).
+        if self.released.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         self.send(Record::Hold(Holding::Child { root_host_pid }), Some(uffd))
     }
 }
@@ -241,6 +251,7 @@ pub fn adopt(dir: &Path) -> Result<Adoption, KeeperError> {
         keeper: UffdKeeper {
             ctl: Mutex::new(ctl),
             child: Mutex::new(None),
+            released: Default::default(),
         },
         held,
     })

@@ -11,54 +11,8 @@ use std::time::{Duration, Instant};
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
 const PAGE: u64 = 4096;
 
-/// A scratch directory, removed when the test passes (kept for inspection when it fails).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("pageserv-workload-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-fn summary(log: &Path) -> Summary {
-    Summary::parse(&fs::read_to_string(log).unwrap_or_default())
-}
-
-/// Polls the log until `done` holds; panics with the log's tail after `timeout`.
-fn wait_for(log: &Path, timeout: Duration, what: &str, done: impl Fn(&Summary) -> bool) -> Summary {
-    let t0 = Instant::now();
-    loop {
-        let s = summary(log);
-        if done(&s) {
-            return s;
-        }
-        if t0.elapsed() > timeout {
-            let text = fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().filter(|l| !l.starts_with("hb ")).collect();
-            panic!(
-                "timed out waiting for {what}; log without heartbeats:\n{}",
-                tail.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod support;
+use support::{scratch, summary, wait_for};
 
 /// A workload process killed (SIGKILL) if the test fails before terminating it.
 struct Running {
@@ -117,7 +71,7 @@ fn assert_clean(s: &Summary) {
 
 #[test]
 fn runs_checks_ok_and_exits_cleanly() {
-    let dir = scratch("basic");
+    let dir = scratch("workload", "basic");
     let log = dir.join("log");
     let w = Running::start(&[
         "--mib",
@@ -168,7 +122,7 @@ fn runs_checks_ok_and_exits_cleanly() {
 
 #[test]
 fn checks_stay_consistent_under_max_rate_writers() {
-    let dir = scratch("max");
+    let dir = scratch("workload", "max");
     let log = dir.join("log");
     let w = Running::start(&[
         "--mib",
@@ -230,7 +184,7 @@ fn corrupt(pid: i32, s: &Summary, page: u64, word: u64, xor: u8) -> u8 {
 
 #[test]
 fn corruption_is_detected() {
-    let dir = scratch("corrupt");
+    let dir = scratch("workload", "corrupt");
     let log = dir.join("log");
     // No writers: nothing rewrites the corrupted pages behind the test's back.
     let w = Running::start(&[
@@ -302,7 +256,7 @@ fn corruption_is_detected() {
 
 #[test]
 fn children_and_churn_keep_checks_ok() {
-    let dir = scratch("tree");
+    let dir = scratch("workload", "tree");
     let log = dir.join("log");
     let w = Running::start(&[
         "--mib",
@@ -457,7 +411,7 @@ fn criu_round_trip(name: &str, args: &[&str], tags: &[&str], checks: usize) -> O
         println!("SKIP {name}: no CRIU ($PAGESERV_CRIU, /opt/pageserv/criu/bin/criu, PATH)");
         return None;
     };
-    let dir = scratch(name);
+    let dir = scratch("workload", name);
     let images = dir.join("images");
     fs::create_dir_all(&images).unwrap();
     let log = dir.join("log");

@@ -14,47 +14,8 @@ use std::time::{Duration, Instant};
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
 const PAGE: u64 = 4096;
 
-/// A scratch directory, removed when the test passes (kept for inspection when it fails).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("pageserv-reads-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-fn summary(log: &Path) -> Summary {
-    Summary::parse(&fs::read_to_string(log).unwrap_or_default())
-}
-
-/// Polls the log until `done` holds; panics with the log's tail after `timeout`.
-fn wait_for(log: &Path, timeout: Duration, what: &str, done: impl Fn(&Summary) -> bool) -> Summary {
-    let t0 = Instant::now();
-    loop {
-        let s = summary(log);
-        if done(&s) {
-            return s;
-        }
-        if t0.elapsed() > timeout {
-            let text = fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().filter(|l| !l.starts_with("hb ")).collect();
-            panic!(
-                "timed out waiting for {what}; log without heartbeats:\n{}",
-                tail.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod support;
+use support::{Scratch, scratch, summary, wait_for};
 
 fn alive(pid: i32) -> bool {
     // A zombie counts as gone.
@@ -119,8 +80,8 @@ fn tail(log: &Path) -> String {
 
 #[test]
 fn heartbeat_reads_report_a_corrupted_page() {
-    let dir = scratch("corrupt");
-    let log = dir.0.join("log");
+    let dir = scratch("reads", "corrupt");
+    let log = dir.join("log");
     // 1 MiB (256 pages) read at 200 pages per beat and nothing else touching memory (no
     // writers, no full checks): only the heartbeat's reads can see the corruption.
     let mut w = Command::new(WORKLOAD)
@@ -304,11 +265,11 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
         println!("SKIP {name}: no CRIU ($PAGESERV_CRIU, /opt/pageserv/criu/bin/criu)");
         return None;
     };
-    let dir = scratch(name);
-    let (src, dst) = (dir.0.join("src"), dir.0.join("dst"));
+    let dir = scratch("reads", name);
+    let (src, dst) = (dir.join("src"), dir.join("dst"));
     fs::create_dir_all(&src).unwrap();
     fs::create_dir_all(&dst).unwrap();
-    let log = dir.0.join("log");
+    let log = dir.join("log");
     let reads = hb_reads.to_string();
     // 64 MiB at 200 Mbit/s: about 3 s of transfer.
     let net = SlowLoopback::new(if hb_reads > 0 { "r" } else { "i" }, "200mbit");
@@ -334,7 +295,7 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
     let mut src_guard = KillOnDrop(pid);
     let port = (31000 + std::process::id() % 20000).to_string();
 
-    let dump_log = dir.0.join("dump.log");
+    let dump_log = dir.join("dump.log");
     let mut dump = net.command(&criu);
     dump.args(["dump", "-t", &pid.to_string(), "-D"])
         .arg(&src)
@@ -346,7 +307,7 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
         let e = e.unwrap();
         fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
-    let lp_log = dir.0.join("lazy-pages.log");
+    let lp_log = dir.join("lazy-pages.log");
     let mut lp = net.command(&criu);
     lp.args(["lazy-pages", "--page-server", "--address", "127.0.0.1"])
         .args(["--port", &port, "-D"])
@@ -354,8 +315,8 @@ fn lazy_migrate(name: &str, hb_reads: u64) -> Option<Lazy> {
         .args(["-v4", "-o"])
         .arg(&lp_log);
     let daemon = start_ready(lp, "criu lazy-pages", &lp_log);
-    let pidfile = dir.0.join("restored.pid");
-    let restore_log = dir.0.join("restore.log");
+    let pidfile = dir.join("restored.pid");
+    let restore_log = dir.join("restore.log");
     let st = net
         .command(&criu)
         .args(["restore", "-D"])

@@ -119,18 +119,7 @@ pub fn verify(
             found: page[word],
         });
     }
-    if page[0] != MAGIC {
-        return Err(Fault::Magic { found: page[0] });
-    }
-    if page[1] != index {
-        return Err(Fault::Index { found: page[1] });
-    }
-    if page[2] != version {
-        return Err(Fault::Version {
-            header: page[2],
-            table: version,
-        });
-    }
+    check_header(page, index, version)?;
     let seed = page_seed(salt, index, version);
     let diff = page
         .iter()
@@ -148,6 +137,23 @@ pub fn verify(
         expected: payload_word(seed, word),
         found: page[word],
     })
+}
+
+/// The three header words of a data page: magic, index and version.
+fn check_header(page: &[u64; PAGE_WORDS], index: u64, version: u64) -> Result<(), Fault> {
+    if page[0] != MAGIC {
+        return Err(Fault::Magic { found: page[0] });
+    }
+    if page[1] != index {
+        return Err(Fault::Index { found: page[1] });
+    }
+    if page[2] != version {
+        return Err(Fault::Version {
+            header: page[2],
+            table: version,
+        });
+    }
+    Ok(())
 }
 
 /// Spot-checks one word of `page` against version `version` of page `index`: the three header
@@ -172,18 +178,7 @@ pub fn spot_check(
             }),
         };
     }
-    if page[0] != MAGIC {
-        return Err(Fault::Magic { found: page[0] });
-    }
-    if page[1] != index {
-        return Err(Fault::Index { found: page[1] });
-    }
-    if page[2] != version {
-        return Err(Fault::Version {
-            header: page[2],
-            table: version,
-        });
-    }
+    check_header(page, index, version)?;
     if word < HEADER_WORDS {
         return Ok(());
     }

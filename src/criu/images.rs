@@ -180,10 +180,17 @@ impl ImageDir {
         Ok(self.task_state(pid)? == TaskState::Dead)
     }
 
+    /// Whether `pid` has memory images: false only for a zombie, which has no pagemap image
+    /// (a pagemap image missing for any other task is the error reading it gives).
+    pub fn has_memory(&self, pid: u32) -> Result<bool> {
+        let pagemap = self.file(&PagemapId::Pid(pid).file_name());
+        Ok(pagemap.exists() || !self.is_zombie(pid)?)
+    }
+
     /// The ranges a lazy-pages daemon would serve for `pid`: its PE_LAZY entries split at VMA
     /// ends, as CRIU's `collect_iovs()` does. None for a zombie.
     pub fn lazy_ranges(&self, pid: u32) -> Result<Vec<PageRange>> {
-        if self.is_zombie(pid)? {
+        if !self.has_memory(pid)? {
             return Ok(Vec::new());
         }
         let pm = self.pagemap(pid)?;

@@ -33,7 +33,7 @@ pub fn eager_tasks(images: &ImageDir) -> Result<Vec<u32>> {
     let mut eager = Vec::new();
     for task in images.pstree()? {
         // A zombie has no memory (and no pagemap image).
-        if images.is_zombie(task.pid)? {
+        if !images.has_memory(task.pid)? {
             continue;
         }
         let entries = images.pagemap(task.pid)?.entries;

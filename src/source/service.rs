@@ -265,7 +265,7 @@ async fn migrate(
     let mut tasks = Vec::new();
     for t in images.pstree()? {
         // A zombie has no memory (and no pagemap image).
-        if images.is_zombie(t.pid)? {
+        if !images.has_memory(t.pid)? {
             tasks.push((t.pid, Vec::new()));
             continue;
         }

@@ -12,7 +12,7 @@ const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
 const PAGE: u64 = 4096;
 
 mod support;
-use support::{scratch, summary, wait_for};
+use support::{alive, scratch, summary, wait_for};
 
 /// A workload process killed (SIGKILL) if the test fails before terminating it.
 struct Running {
@@ -377,17 +377,6 @@ fn run_criu(criu: &Path, args: &[&str], dir: &Path, log_name: &str) {
     }
 }
 
-fn proc_alive(pid: i32) -> bool {
-    // A zombie counts as gone.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// What a dump/restore round trip observed.
 struct RoundTrip {
     summary: Summary,
@@ -507,7 +496,7 @@ fn criu_round_trip(name: &str, args: &[&str], tags: &[&str], checks: usize) -> O
         .unwrap();
     let _kill_restored = KillOnDrop(restored);
     assert!(
-        proc_alive(restored),
+        alive(restored),
         "restored workload {restored} is not running"
     );
 
@@ -652,7 +641,7 @@ impl KillOnDrop {
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if self.0 > 0 && proc_alive(self.0) {
+        if self.0 > 0 && alive(self.0) {
             // SAFETY: a process this test started (directly or through CRIU).
             unsafe { libc::kill(self.0, libc::SIGKILL) };
         }

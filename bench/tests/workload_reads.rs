@@ -15,18 +15,7 @@ const WORKLOAD: &str = env!("CARGO_BIN_EXE_workload");
 const PAGE: u64 = 4096;
 
 mod support;
-use support::{Scratch, scratch, summary, wait_for};
-
-fn alive(pid: i32) -> bool {
-    // A zombie counts as gone.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
+use support::{Scratch, alive, scratch, summary, wait_for};
 
 /// SIGKILLs a process this test started (directly or through CRIU) when the test ends.
 struct KillOnDrop(i32);

@@ -61,3 +61,14 @@ pub fn wait_for(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Whether process `pid` runs (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}

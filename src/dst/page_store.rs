@@ -334,6 +334,7 @@ impl PageStore {
     }
 
     /// Pages of `pid` held (data or zero).
+    #[cfg(test)]
     pub fn pages_of(&self, pid: u32) -> u64 {
         self.index
             .range((pid, 0)..=(pid, u64::MAX))

@@ -38,9 +38,9 @@ pub(crate) fn check_images(
     }
     report.tasks = tasks.len() as u64;
     if let Some(s) = store {
-        for (&pid, ranges) in &lazy {
-            if ranges.is_empty() && s.pages_of(pid) > 0 {
-                let dropped = s.forget(pid)?;
+        for (&pid, _) in lazy.iter().filter(|(_, ranges)| ranges.is_empty()) {
+            let dropped = s.forget(pid)?;
+            if dropped > 0 {
                 report.precopy_pages_unused += dropped;
                 tracing::warn!(
                     pid,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use pageserv::dst::lazy_socket::{LazySocket, LazySocketError, RESTORE_FINISHED};
 use pageserv::dst::uffd_loop::{
-    self, Inbound, LoopConfig, LoopHandle, LoopSender, Outbound, UffdStats,
+    self, HeldAnswer, HeldPages, Inbound, LoopConfig, LoopHandle, LoopSender, Outbound, UffdStats,
 };
 use pageserv::pages::{PAGE_SIZE, PageRange, PidRange};
 
@@ -367,6 +367,112 @@ fn serves_faults_and_pushes_until_complete() {
     let report = h.handle.shutdown(false).unwrap();
     assert!(report.incomplete.is_empty() && report.killed.is_empty());
     assert!(h.source.join().unwrap() > 0);
+}
+
+// ---- (a2) pages already held here answer faults on the fault thread ----
+
+/// Holds the image pages of `[base, base + held_pages)`, each handed out once.
+#[derive(Debug)]
+struct Held {
+    base: u64,
+    img: Bytes,
+    left: Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl HeldPages for Held {
+    fn take(&self, link: u64, r: PidRange) -> HeldAnswer {
+        assert_eq!(link, 0, "the fault thread's only link");
+        let mut left = self.left.lock().unwrap();
+        let mut answer = HeldAnswer::default();
+        for pg in 0..r.nr_pages() {
+            let at = PidRange::new(r.pid, r.start() + pg * P, 1);
+            if left.remove(&at.start()) {
+                let off = (at.start() - self.base) as usize;
+                let data = self.img.slice(off..off + P as usize);
+                answer.found.push((at, Some(data)));
+            } else {
+                answer.rest.push(at);
+            }
+        }
+        answer
+    }
+}
+
+#[test]
+fn held_pages_answer_faults_without_asking_the_source() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(16 * MIB);
+    let (base, pages) = (region.addr, region.pages());
+    let held_pages = pages / 2;
+    let img = image(base, pages);
+    let held = Arc::new(Held {
+        base,
+        img: img.clone(),
+        left: Mutex::new((0..held_pages).map(|pg| base + pg * P).collect()),
+    });
+    let config = LoopConfig {
+        readahead_pages: 3,
+        held: Some(held.clone()),
+        ..LoopConfig::default()
+    };
+    let stats = Arc::new(UffdStats::default());
+    let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    let handle = uffd_loop::spawn_with(config, out_tx, stats.clone()).unwrap();
+    let tx = handle.sender();
+    // The source answers what it is asked and records it.
+    let src_tx = handle.sender();
+    let source = std::thread::spawn(move || {
+        let mut asked = Vec::new();
+        for msg in out_rx {
+            if let Outbound::Fault(at) = msg {
+                asked.push(at);
+                let off = (at.start() - base) as usize;
+                let data = img.slice(off..off + (at.nr_pages() * P) as usize);
+                let _ = src_tx.send(Inbound::Pages {
+                    at,
+                    data,
+                    urgent: true,
+                    link: 0,
+                });
+            }
+        }
+        asked
+    });
+    tx.send(Inbound::Task {
+        pid: 1000,
+        uffd: new_uffd(base, region.len),
+        lazy: region.lazy(),
+        host_pid: None,
+    })
+    .unwrap();
+    tx.send(Inbound::RestoreFinished).unwrap();
+    let mut order: Vec<u64> = (0..pages).collect();
+    Rng(11).shuffle(&mut order);
+    for pg in order {
+        expect_page(base + pg * P, base + pg * P);
+    }
+    let c = stats.counters();
+    eprintln!("(a2) {c:?}");
+    let report = handle.shutdown(false).unwrap();
+    assert!(report.incomplete.is_empty());
+    drop(tx);
+    let asked = source.join().unwrap();
+    // Every held page was taken here, and the source was asked only for the others.
+    assert!(
+        held.left.lock().unwrap().is_empty(),
+        "every held page taken"
+    );
+    assert!(!asked.is_empty(), "the pages not held were asked for");
+    for at in &asked {
+        assert!(
+            at.start() >= base + held_pages * P,
+            "the source was asked for held page(s) {at:?}"
+        );
+    }
+    let asked_pages: u64 = asked.iter().map(|a| a.nr_pages()).sum();
+    assert_eq!(asked_pages + held_pages, pages, "each page came once");
+    assert_eq!(c.pages_copied_urgent, pages, "every page answered a fault");
 }
 
 // ---- (b) madvise(DONTNEED) while pending ----

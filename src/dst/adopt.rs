@@ -28,7 +28,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
 use crate::criu::images::ImageDir;
-use crate::dst::fault_requests::LocalAnswers;
 use crate::dst::migration::{bridge, memory_whole};
 use crate::dst::options::{DstOptions, MIGRATION_ID_FILE, RESTORE_FINISHED_FILE, read_opener};
 use crate::dst::post_copy::{End, LocalPages, PostCopy, Routed, Step, Wiring};
@@ -199,10 +198,12 @@ pub(crate) async fn adopt_in(
     let keeper: Arc<UffdKeeper> = Arc::new(adoption.keeper);
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
+    let held = LocalPages::new(None, Arc::new(AtomicU64::new(0)));
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
         sequential_readahead: opts.sequential_readahead,
         fork_holder: Some(keeper.clone()),
+        held: Some(Arc::new(held.clone())),
         ..Default::default()
     };
     let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
@@ -283,12 +284,7 @@ pub(crate) async fn adopt_in(
     handle.send(Inbound::RestoreFinished)?;
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let held = LocalPages::new(None, Arc::new(AtomicU64::new(0)));
-    let local = LocalAnswers {
-        held: held.clone(),
-        to_loop: handle.sender(),
-    };
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone(), local)?;
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
     let wiring = Wiring {
         to_loop: handle.sender(),
         held,

@@ -13,23 +13,17 @@
 //!
 //! [`Gate`] is that rule, pure; [`spawn`] is the thin writer around it.
 //!
-//! On a live link, a request's pages that were pushed and are already at dst, not placed yet
-//! ([`crate::dst::push_queue`]: page data, zero runs, confirmed pre-copied pages), are not asked
-//! for: they are handed to the fault thread as this link's answer at once; only the rest goes
-//! to the source.
-//! (Only on a live link: its number is the fault thread's link then, so the answer is not
-//! dropped as another link's.)
+//! A request's pages that were pushed and are already at dst, not placed yet
+//! ([`crate::dst::push_queue`]), never reach this writer: the fault thread takes them itself
+//! ([`crate::dst::uffd_loop::HeldPages`]) and asks only for the rest.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::dst::answer_watch::AnswerWatch;
-use crate::dst::page_feed::LocalPages;
-use crate::dst::uffd_loop::{Inbound, LoopSender};
-use crate::pages::{PAGE_SIZE, PidRange};
+use crate::pages::PidRange;
 use crate::transport::FrameSender;
 use crate::wire::Frame;
 
@@ -41,12 +35,10 @@ pub(crate) enum Cmd {
     Queue,
     /// The link is down: drop requests (the resume answer lists them).
     Void,
-    /// A live link (the fault thread's link generation `link`): send `again` and the queued
-    /// requests on `tx`, then every new one.
+    /// A live link: send `again` and the queued requests on `tx`, then every new one.
     Link {
         tx: FrameSender,
         again: Vec<PidRange>,
-        link: u64,
     },
 }
 
@@ -100,22 +92,16 @@ impl Gate {
 
 /// Starts the writer on the fault lane; it ends when every sender is dropped. Each request sent
 /// on a live link is recorded in `answers` (and forgotten there when the link goes).
-pub(crate) fn spawn(
-    answers: Arc<Mutex<AnswerWatch>>,
-    local: LocalAnswers,
-) -> mpsc::UnboundedSender<Cmd> {
+pub(crate) fn spawn(answers: Arc<Mutex<AnswerWatch>>) -> mpsc::UnboundedSender<Cmd> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
     crate::fault_lane::spawn(async move {
         let mut gate = Gate::new();
         let mut stream: Option<FrameSender> = None;
-        let mut live_link = 0;
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Cmd::Fault(r) => {
                     if let (Some(r), Some(s)) = (gate.fault(r), stream.as_mut()) {
-                        for r in local.answer(live_link, r) {
-                            request(s, r, &answers).await;
-                        }
+                        request(s, r, &answers).await;
                     }
                 }
                 Cmd::Queue => gate.queue(),
@@ -126,12 +112,7 @@ pub(crate) fn spawn(
                         w.link_down();
                     }
                 }
-                Cmd::Link {
-                    mut tx,
-                    again,
-                    link,
-                } => {
-                    live_link = link;
+                Cmd::Link { mut tx, again } => {
                     let first = gate.link(again);
                     let n = first.len();
                     if let Ok(mut w) = answers.lock() {
@@ -149,55 +130,6 @@ pub(crate) fn spawn(
         }
     });
     tx
-}
-
-/// Answers from what is already at dst: pushed pages read off the push stream and not placed
-/// yet ([`crate::dst::push_queue`]), confirmed pre-copied pages among them.
-pub(crate) struct LocalAnswers {
-    pub held: LocalPages,
-    pub to_loop: LoopSender,
-}
-
-impl LocalAnswers {
-    /// Hands the queued pages of `r` to the fault thread as link `link`'s answer; returns the
-    /// parts of `r` still to ask the source for.
-    fn answer(&self, link: u64, r: PidRange) -> Vec<PidRange> {
-        let mut rest = Vec::new();
-        let mut at = r.start();
-        for q in self.held.queue.take(link, r.pid, r.start(), r.nr_pages()) {
-            if q.vaddr > at {
-                rest.push(PidRange::new(r.pid, at, (q.vaddr - at) / PAGE_SIZE));
-            }
-            let n = u64::from(q.nr_pages);
-            at = q.vaddr + n * PAGE_SIZE;
-            let runs = match self.held.read_out(&q) {
-                Ok(runs) => runs,
-                Err(e) => {
-                    // Checked when the frame was queued; if the store cannot be read now, the
-                    // source is asked instead.
-                    tracing::warn!("queued pages could not be read out: {e:#}");
-                    rest.push(PidRange::new(r.pid, q.vaddr, n));
-                    continue;
-                }
-            };
-            self.held.taken_at_fault.fetch_add(n, Relaxed);
-            for s in runs {
-                let at = PidRange::new(r.pid, s.vaddr, s.nr_pages);
-                if self
-                    .to_loop
-                    .send(Inbound::arrived(at, s.data, true, link))
-                    .is_err()
-                {
-                    return Vec::new();
-                }
-            }
-        }
-        let end = r.start() + r.nr_pages() * PAGE_SIZE;
-        if at < end {
-            rest.push(PidRange::new(r.pid, at, (end - at) / PAGE_SIZE));
-        }
-        rest
-    }
 }
 
 /// Asks the source for pages. A dead link's readers report the failure, and every open request

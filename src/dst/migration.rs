@@ -152,7 +152,16 @@ async fn run_in(
     let pages_local = Arc::new(AtomicU64::new(0));
     let images_at = Instant::now();
 
-    let started_restore = start_restore(opts, dir, &images_dir, &work, &carried, &lazy);
+    let held_pages = LocalPages::new(store.clone(), pages_local.clone());
+    let started_restore = start_restore(
+        opts,
+        dir,
+        &images_dir,
+        &work,
+        &carried,
+        &lazy,
+        Arc::new(held_pages.clone()),
+    );
     let Started {
         keeper,
         handle,
@@ -225,12 +234,8 @@ async fn run_in(
     });
 
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let held = LocalPages::new(store.clone(), pages_local.clone());
-    let local = fault_requests::LocalAnswers {
-        held: held.clone(),
-        to_loop: handle.sender(),
-    };
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone(), local)?;
+    let held = held_pages;
+    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
@@ -391,13 +396,12 @@ async fn abort_before_restore(
 pub(crate) fn bridge(
     out_rx: crossbeam_channel::Receiver<Outbound>,
     answers: Arc<Mutex<AnswerWatch>>,
-    local: fault_requests::LocalAnswers,
 ) -> Result<(
     mpsc::UnboundedReceiver<Outbound>,
     mpsc::UnboundedSender<fault_requests::Cmd>,
 )> {
     let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
-    let requests = fault_requests::spawn(answers, local);
+    let requests = fault_requests::spawn(answers);
     let bridge_requests = requests.clone();
     std::thread::Builder::new()
         .name("uffd-outbound".into())

@@ -6,8 +6,8 @@
 //!
 //! The push stream's frames are read off the stream as they arrive into
 //! [`crate::dst::push_queue`] and handed to the fault thread from there by a placer beside the
-//! reader, so a fault on a page that is already at dst is answered at once
-//! ([`crate::dst::fault_requests`]) instead of being asked of the source again.
+//! reader, so a fault on a page that is already at dst is answered at once by the fault thread
+//! itself ([`LocalPages`] is its [`HeldPages`]) instead of being asked of the source again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use crate::dst::answer_watch::AnswerWatch;
 use crate::dst::page_store::{PageStore, Stored};
 use crate::dst::push_queue::{Origin, Queued, SharedPushQueue};
-use crate::dst::uffd_loop::{Inbound, LoopSender};
+use crate::dst::uffd_loop::{HeldAnswer, HeldPages, Inbound, LoopSender};
 use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameReceiver;
 use crate::wire::Frame;
@@ -65,6 +65,55 @@ impl LocalPages {
             },
         });
         Ok(runs.collect())
+    }
+}
+
+impl std::fmt::Debug for LocalPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPages")
+            .field("store", &self.store.is_some())
+            .field("taken_at_fault", &self.taken_at_fault.load(Relaxed))
+            .finish()
+    }
+}
+
+/// A fault's pages that were pushed and are still queued here (page data, zero runs, confirmed
+/// pre-copied pages read from the store) answer it on the fault thread.
+impl HeldPages for LocalPages {
+    fn take(&self, link: u64, r: PidRange) -> HeldAnswer {
+        let mut answer = HeldAnswer::default();
+        let mut at = r.start();
+        for q in self.queue.take(link, r.pid, r.start(), r.nr_pages()) {
+            if q.vaddr > at {
+                answer
+                    .rest
+                    .push(PidRange::new(r.pid, at, (q.vaddr - at) / PAGE_SIZE));
+            }
+            let n = u64::from(q.nr_pages);
+            at = q.vaddr + n * PAGE_SIZE;
+            match self.read_out(&q) {
+                Ok(runs) => {
+                    self.taken_at_fault.fetch_add(n, Relaxed);
+                    answer.found.extend(
+                        runs.into_iter()
+                            .map(|s| (PidRange::new(r.pid, s.vaddr, s.nr_pages), s.data)),
+                    );
+                }
+                Err(e) => {
+                    // Checked when the frame was queued; if the store cannot be read now, the
+                    // source is asked instead.
+                    tracing::warn!("queued pages could not be read out: {e:#}");
+                    answer.rest.push(PidRange::new(r.pid, q.vaddr, n));
+                }
+            }
+        }
+        let end = r.start() + r.nr_pages() * PAGE_SIZE;
+        if at < end {
+            answer
+                .rest
+                .push(PidRange::new(r.pid, at, (end - at) / PAGE_SIZE));
+        }
+        answer
     }
 }
 

@@ -291,7 +291,6 @@ impl PostCopy {
         let _ = self.wiring.requests.send(fault_requests::Cmd::Link {
             tx: fault_tx,
             again,
-            link,
         });
         let push_conn = conn.clone();
         let push_reader = tokio::spawn(async move {

@@ -92,6 +92,7 @@ pub(crate) fn start_restore(
     work: &Path,
     carried: &[String],
     lazy: &BTreeMap<u32, Vec<PageRange>>,
+    held: Arc<dyn uffd_loop::HeldPages>,
 ) -> Result<Started> {
     // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
     // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
@@ -110,6 +111,7 @@ pub(crate) fn start_restore(
         sequential_readahead: opts.sequential_readahead,
         image_pids: Some(lazy.keys().copied().collect()),
         fork_holder: Some(keeper.clone()),
+        held: Some(held),
         ..Default::default()
     };
     let handle = match uffd_loop::spawn_with(config, out_tx, stats.clone()) {

@@ -134,6 +134,28 @@ pub trait ForkHolder: Send + Sync + std::fmt::Debug {
     ) -> std::io::Result<()>;
 }
 
+/// Pages already at this host and not placed yet (dst: pushed frames read off the push stream,
+/// confirmed pre-copied pages in the page store), which the fault thread takes for a fault itself
+/// instead of asking the source: no thread hop, no round trip.
+///
+/// Called on the fault thread, so it may block only briefly (a lock, a pread of the page store),
+/// never on the network. Each page is handed out at most once (to a fault here, or to the
+/// placer), so a taken page is never also pushed.
+pub trait HeldPages: Send + Sync + std::fmt::Debug {
+    /// Takes the held pages of `r` that link `link` delivered (the fault thread's current link,
+    /// so the answer is not dropped as another link's).
+    fn take(&self, link: u64, r: PidRange) -> HeldAnswer;
+}
+
+/// What [`HeldPages::take`] found for one request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeldAnswer {
+    /// Pages found here: their data, or `None` for a zero run.
+    pub found: Vec<(PidRange, Option<bytes::Bytes>)>,
+    /// The parts of the request not held here: still to ask the source for.
+    pub rest: Vec<PidRange>,
+}
+
 /// Tuning of the fault thread.
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -149,6 +171,8 @@ pub struct LoopConfig {
     pub image_pids: Option<std::collections::BTreeSet<u32>>,
     /// Where fork children's uffds are copied to as they appear (none: nowhere).
     pub fork_holder: Option<Arc<dyn ForkHolder>>,
+    /// Pages already here that a fault takes before asking the source (none: always ask).
+    pub held: Option<Arc<dyn HeldPages>>,
 }
 
 impl Default for LoopConfig {
@@ -159,6 +183,7 @@ impl Default for LoopConfig {
             kill_wait: Duration::from_secs(5),
             image_pids: None,
             fork_holder: None,
+            held: None,
         }
     }
 }

@@ -378,13 +378,46 @@ impl Driver {
         Next::Go
     }
 
-    /// Sends what the core produced to the service.
+    /// Sends what the core produced to the service. A fault request's pages already held here
+    /// ([`LoopConfig::held`]) answer it at once, on this thread; only the rest is sent.
     fn flush(&mut self) {
-        for msg in self.engine.take_output() {
-            if self.out.send(msg).is_err() && !self.out_closed {
-                self.out_closed = true;
-                warn!("nobody listens to the fault thread any more: faults cannot be requested");
+        loop {
+            let out = self.engine.take_output();
+            if out.is_empty() {
+                return;
             }
+            let mut found = Vec::new();
+            for msg in out {
+                match (msg, &self.config.held) {
+                    (Outbound::Fault(r), Some(held)) => {
+                        let answer = held.take(self.engine.link(), r);
+                        found.extend(answer.found);
+                        for r in answer.rest {
+                            self.deliver(Outbound::Fault(r));
+                        }
+                    }
+                    (msg, _) => self.deliver(msg),
+                }
+            }
+            // Placing may raise more output (completion, further requests): loop until none.
+            let link = self.engine.link();
+            for (at, data) in found {
+                let arrived = Arrived {
+                    at,
+                    data,
+                    urgent: true,
+                    link,
+                };
+                self.engine
+                    .handle(&mut self.kernel, Input::Arrived(arrived));
+            }
+        }
+    }
+
+    fn deliver(&mut self, msg: Outbound) {
+        if self.out.send(msg).is_err() && !self.out_closed {
+            self.out_closed = true;
+            warn!("nobody listens to the fault thread any more: faults cannot be requested");
         }
     }
 

@@ -192,6 +192,11 @@ impl Engine {
         std::mem::take(&mut self.out)
     }
 
+    /// The current link generation: only pages of this link are placed.
+    pub(super) fn link(&self) -> u64 {
+        self.link
+    }
+
     /// Refused work waits for a retry ([`Engine::retry`] in about a millisecond).
     pub(super) fn wants_retry(&self) -> bool {
         !self.backlog.zero_again.is_empty() || !self.backlog.refused.is_empty()

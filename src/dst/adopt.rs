@@ -196,7 +196,8 @@ pub(crate) async fn adopt_in(
     }
     report.tasks = lazy.len() as u64;
     let keeper: Arc<UffdKeeper> = Arc::new(adoption.keeper);
-    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
+    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
+    let (sink, mut ev_rx, requests) = bridge(answers.clone());
     let stats = Arc::new(UffdStats::default());
     let held = LocalPages::new(None, Arc::new(AtomicU64::new(0)));
     let config = uffd_loop::LoopConfig {
@@ -206,8 +207,8 @@ pub(crate) async fn adopt_in(
         held: Some(Arc::new(held.clone())),
         ..Default::default()
     };
-    let handle = uffd_loop::spawn_with(config, out_tx, stats.clone())
-        .context("starting the fault thread")?;
+    let handle =
+        uffd_loop::spawn_with(config, sink, stats.clone()).context("starting the fault thread")?;
 
     // Restored tasks first (their children need their missing lists), then fork children.
     let mut missing_of: BTreeMap<i32, (i32, Vec<PageRange>)> = BTreeMap::new();
@@ -283,8 +284,6 @@ pub(crate) async fn adopt_in(
     }
     handle.send(Inbound::RestoreFinished)?;
 
-    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
     let wiring = Wiring {
         to_loop: handle.sender(),
         held,

@@ -23,7 +23,9 @@ use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
 use crate::dst::post_copy::{End, LocalPages, PostCopy, Routed, Step, Wiring, unix_ns};
 use crate::dst::receive_clock::ReceiveClock;
-use crate::dst::restore_start::{PreCopyMismatch, Started, check_images, start_restore};
+use crate::dst::restore_start::{
+    FaultThreadIo, PreCopyMismatch, Started, check_images, start_restore,
+};
 use crate::dst::uffd_loop::{Inbound, Outbound, UffdStats};
 use crate::limits::DstLimits;
 use crate::pb::pageserv::{
@@ -153,6 +155,8 @@ async fn run_in(
     let images_at = Instant::now();
 
     let held_pages = LocalPages::new(store.clone(), pages_local.clone());
+    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
+    let (sink, mut ev_rx, requests) = bridge(answers.clone());
     let started_restore = start_restore(
         opts,
         dir,
@@ -160,12 +164,14 @@ async fn run_in(
         &work,
         &carried,
         &lazy,
-        Arc::new(held_pages.clone()),
+        FaultThreadIo {
+            held: Arc::new(held_pages.clone()),
+            sink,
+        },
     );
     let Started {
         keeper,
         handle,
-        out_rx,
         stats,
         socket,
         mut restore,
@@ -233,9 +239,7 @@ async fn run_in(
         Ok(())
     });
 
-    let answers = crate::dst::post_copy::answer_watch(&opts.limits);
     let held = held_pages;
-    let (mut ev_rx, requests) = bridge(out_rx, answers.clone())?;
 
     let wiring = Wiring {
         to_loop: handle.sender(),
@@ -389,41 +393,45 @@ async fn abort_before_restore(
     e
 }
 
-/// Bridges the fault thread's outbound events into async. Fault requests go straight to their
+/// The fault thread's outbound events, handed into async from the fault thread itself (no
+/// thread in between: each hop through one cost a context switch per fault, and crossbeam's
+/// blocking receive spins and yields before it parks). Fault requests go straight to their
 /// writer on the fault lane, in the order the fault thread raised them relative to its resume
-/// answers (see dst::fault_requests).
-#[allow(clippy::type_complexity)]
+/// answers (see dst::fault_requests); everything else to the migration's event receiver.
+pub(crate) struct Bridge {
+    requests: mpsc::UnboundedSender<fault_requests::Cmd>,
+    events: mpsc::UnboundedSender<Outbound>,
+}
+
+impl crate::dst::uffd_loop::OutboundSink for Bridge {
+    fn deliver(&mut self, ev: Outbound) -> bool {
+        match ev {
+            Outbound::Fault(r) => self.requests.send(fault_requests::Cmd::Fault(r)).is_ok(),
+            Outbound::Resumed { .. } => {
+                let _ = self.requests.send(fault_requests::Cmd::Queue);
+                self.events.send(ev).is_ok()
+            }
+            ev => self.events.send(ev).is_ok(),
+        }
+    }
+}
+
+/// The fault thread's sink ([`Bridge`]), the migration's receiver of its other events, and the
+/// fault requests' command channel.
 pub(crate) fn bridge(
-    out_rx: crossbeam_channel::Receiver<Outbound>,
     answers: Arc<Mutex<AnswerWatch>>,
-) -> Result<(
+) -> (
+    Bridge,
     mpsc::UnboundedReceiver<Outbound>,
     mpsc::UnboundedSender<fault_requests::Cmd>,
-)> {
-    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Outbound>();
+) {
+    let (events, ev_rx) = mpsc::unbounded_channel::<Outbound>();
     let requests = fault_requests::spawn(answers);
-    let bridge_requests = requests.clone();
-    std::thread::Builder::new()
-        .name("uffd-outbound".into())
-        .spawn(move || {
-            crate::sched::favour_this_thread();
-            while let Ok(ev) = out_rx.recv() {
-                let sent = match ev {
-                    Outbound::Fault(r) => {
-                        bridge_requests.send(fault_requests::Cmd::Fault(r)).is_ok()
-                    }
-                    Outbound::Resumed { .. } => {
-                        let _ = bridge_requests.send(fault_requests::Cmd::Queue);
-                        ev_tx.send(ev).is_ok()
-                    }
-                    ev => ev_tx.send(ev).is_ok(),
-                };
-                if !sent {
-                    break;
-                }
-            }
-        })?;
-    Ok((ev_rx, requests))
+    let sink = Bridge {
+        requests: requests.clone(),
+        events,
+    };
+    (sink, ev_rx, requests)
 }
 
 /// A failed restore's error with CRIU's own last `Error` lines (the cause is usually there,

@@ -15,7 +15,7 @@ use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
 use crate::dst::restore::Restore;
 use crate::dst::uffd_keeper::UffdKeeper;
-use crate::dst::uffd_loop::{self, Outbound, UffdStats};
+use crate::dst::uffd_loop::{self, UffdStats};
 use crate::pages::PageRange;
 use crate::stats::DstReport;
 
@@ -77,10 +77,16 @@ pub(crate) struct PreCopyMismatch {
 pub(crate) struct Started {
     pub keeper: Arc<UffdKeeper>,
     pub handle: uffd_loop::LoopHandle,
-    pub out_rx: crossbeam_channel::Receiver<Outbound>,
     pub stats: Arc<UffdStats>,
     pub socket: LazySocket,
     pub restore: Restore,
+}
+
+/// What the fault thread is connected to: the pages already here it answers faults from, and
+/// where its events go.
+pub(crate) struct FaultThreadIo<S> {
+    pub held: Arc<dyn uffd_loop::HeldPages>,
+    pub sink: S,
 }
 
 /// Starts the uffd keeper, the fault thread, the lazy-pages socket and `criu restore`; on a
@@ -92,8 +98,9 @@ pub(crate) fn start_restore(
     work: &Path,
     carried: &[String],
     lazy: &BTreeMap<u32, Vec<PageRange>>,
-    held: Arc<dyn uffd_loop::HeldPages>,
+    io: FaultThreadIo<impl uffd_loop::OutboundSink>,
 ) -> Result<Started> {
+    let FaultThreadIo { held, sink } = io;
     // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
     // this process dying cannot zero-fill; a dst restarted on the same --work adopts them.
     let keeper = Arc::new(
@@ -104,7 +111,6 @@ pub(crate) fn start_restore(
         )
         .context("starting the uffd keeper")?,
     );
-    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outbound>();
     let stats = Arc::new(UffdStats::default());
     let config = uffd_loop::LoopConfig {
         readahead_pages: opts.readahead_pages,
@@ -114,7 +120,7 @@ pub(crate) fn start_restore(
         held: Some(held),
         ..Default::default()
     };
-    let handle = match uffd_loop::spawn_with(config, out_tx, stats.clone()) {
+    let handle = match uffd_loop::spawn_with(config, sink, stats.clone()) {
         Ok(h) => h,
         Err(e) => {
             keeper.release();
@@ -136,7 +142,6 @@ pub(crate) fn start_restore(
         Ok((socket, restore)) => Ok(Started {
             keeper,
             handle,
-            out_rx,
             stats,
             socket,
             restore,

@@ -378,15 +378,29 @@ impl LoopHandle {
     }
 }
 
+/// Where the fault thread's outbound events go. `deliver` runs on the fault thread, so it must
+/// not block: a channel's non-blocking send (a crossbeam `Sender`, as the tests use, or tokio's
+/// unbounded channels, as dst does: [`crate::dst::migration::bridge`]).
+pub trait OutboundSink: Send + 'static {
+    /// Hands `ev` on; false when nobody listens any more.
+    fn deliver(&mut self, ev: Outbound) -> bool;
+}
+
+impl OutboundSink for Sender<Outbound> {
+    fn deliver(&mut self, ev: Outbound) -> bool {
+        self.send(ev).is_ok()
+    }
+}
+
 /// Starts the fault thread with the default [`LoopConfig`].
-pub fn spawn(out: Sender<Outbound>, stats: Arc<UffdStats>) -> Result<LoopHandle, LoopError> {
+pub fn spawn(out: impl OutboundSink, stats: Arc<UffdStats>) -> Result<LoopHandle, LoopError> {
     spawn_with(LoopConfig::default(), out, stats)
 }
 
 /// Starts the fault thread.
 pub fn spawn_with(
     config: LoopConfig,
-    out: Sender<Outbound>,
+    out: impl OutboundSink,
     stats: Arc<UffdStats>,
 ) -> Result<LoopHandle, LoopError> {
     let setup = |what| {
@@ -412,7 +426,7 @@ pub fn spawn_with(
         bulk: bulk_rx,
         room: room.clone(),
     };
-    let engine = driver::Driver::new(config, out, stats, queues, wake.clone())
+    let engine = driver::Driver::new(config, Box::new(out), stats, queues, wake.clone())
         .map_err(setup("epoll instance"))?;
     let thread = std::thread::Builder::new()
         .name("uffd-loop".into())

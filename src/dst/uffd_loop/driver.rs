@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -20,7 +20,7 @@ use super::engine::{Arrived, Engine, Input};
 use super::ioctl::{self, Fill};
 use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
 use super::kill::{self, KillTarget, Process};
-use super::{Inbound, LoopConfig, Outbound, ShutdownReport, UffdStats};
+use super::{Inbound, LoopConfig, Outbound, OutboundSink, ShutdownReport, UffdStats};
 use crate::pages::PAGE_SIZE;
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -193,7 +193,7 @@ pub(super) struct Driver {
     kernel: UffdKernel,
     config: LoopConfig,
     stats: Arc<UffdStats>,
-    out: Sender<Outbound>,
+    out: Box<dyn OutboundSink>,
     out_closed: bool,
     urgent: Receiver<Inbound>,
     bulk: Receiver<Inbound>,
@@ -210,7 +210,7 @@ enum Next {
 impl Driver {
     pub(super) fn new(
         config: LoopConfig,
-        out: Sender<Outbound>,
+        out: Box<dyn OutboundSink>,
         stats: Arc<UffdStats>,
         Queues { urgent, bulk, room }: Queues,
         wake: Arc<EventFd>,
@@ -415,7 +415,7 @@ impl Driver {
     }
 
     fn deliver(&mut self, msg: Outbound) {
-        if self.out.send(msg).is_err() && !self.out_closed {
+        if !self.out.deliver(msg) && !self.out_closed {
             self.out_closed = true;
             warn!("nobody listens to the fault thread any more: faults cannot be requested");
         }

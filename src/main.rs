@@ -257,11 +257,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Runs a service to its end. Blocking helpers still waiting (e.g. for a restore that will never
-/// connect after a failure) must not keep the process alive, so the runtime gets one second.
+/// Runs a service to its end, then lets its closed connections tell their peers (at most one
+/// second: `transport::flush_client_closes`). Blocking helpers still waiting (e.g. for a restore
+/// that will never connect after a failure) must not keep the process alive, so the runtime gets
+/// one second more.
 fn run_async<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     let rt = runtime()?;
-    let result = rt.block_on(fut);
+    let result = rt.block_on(async {
+        let result = fut.await;
+        pageserv::transport::flush_client_closes(std::time::Duration::from_secs(1)).await;
+        result
+    });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
 }

@@ -12,7 +12,7 @@ mod framed;
 pub mod scavenger;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -429,6 +429,36 @@ pub async fn admit_checked(
     Ok((conn, who))
 }
 
+/// The endpoints of this process's client connections that may still have something to send
+/// (a CONNECTION_CLOSE), for [`flush_client_closes`]. Pruned of endpoints with no open
+/// connection at each new one, so it holds at most the live ones and one more.
+static CLIENT_ENDPOINTS: Mutex<Vec<Endpoint>> = Mutex::new(Vec::new());
+
+fn remember_client(ep: &Endpoint) {
+    if let Ok(mut eps) = CLIENT_ENDPOINTS.lock() {
+        eps.retain(|e| e.open_connections() > 0);
+        eps.push(ep.clone());
+    }
+}
+
+/// Before the process exits: gives every client connection closed so far up to `within` to
+/// deliver its CONNECTION_CLOSE and drain. A closed connection's close frame goes out only when
+/// the endpoint's driver runs, and a runtime that stops right after `close` drops that driver:
+/// the peer then learns of the end only at its idle timeout (dst waited 30 s for a source that
+/// had failed after the freeze). Connections still open are not waited for past `within`.
+pub async fn flush_client_closes(within: Duration) {
+    let eps: Vec<Endpoint> = match CLIENT_ENDPOINTS.lock() {
+        Ok(mut eps) => std::mem::take(&mut *eps),
+        Err(_) => return,
+    };
+    let idle = async {
+        for ep in &eps {
+            ep.wait_idle().await;
+        }
+    };
+    let _ = tokio::time::timeout(within, idle).await;
+}
+
 /// Connects from `local_bind` (e.g. `0.0.0.0:0`) to the server at `remote` with default options,
 /// returning once both sides have verified each other. The server's certificate must carry
 /// `name` (see [`crate::keys::trust::dst_name`]).
@@ -453,6 +483,7 @@ pub async fn connect_with(
     let mut config = quinn::ClientConfig::new(Arc::new(tls));
     config.transport_config(opts.transport_config()?);
     let ep = endpoint(local_bind, None, opts)?;
+    remember_client(&ep);
     let idle = opts.idle_timeout;
     let conn = ep
         .connect_with(config, remote, name)

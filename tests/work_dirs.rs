@@ -125,3 +125,45 @@ fn a_failed_criu_restore_quotes_criu_errors_at_the_default_level() {
         "restore.log has info/debug lines, so it did not run at CRIU's default level:\n{log}"
     );
 }
+
+/// A source that fails after it reached dst (here its `criu dump` refuses an option) tells dst
+/// before it exits: dst ends the migration at once, not at its idle timeout (30 s), because src
+/// lets QUIC send its CONNECTION_CLOSE before the process ends
+/// (`transport::flush_client_closes`).
+#[test]
+fn a_source_that_fails_ends_the_migration_at_dst_at_once() {
+    if !root::can_run() {
+        return;
+    }
+    let dir = criu::TestDir::new("workdirs-src-fails");
+    let bed = netmig::testbed(76);
+    let mut started = Started::default();
+    let pid = server(&dir, &mut started);
+    let out = netmig::migrate(
+        &bed,
+        pid,
+        &["--criu-opt=--pageserv-no-such-criu-option".into()],
+        &[],
+        Duration::from_secs(120),
+    );
+    assert!(!out.ok(), "a failed dump must fail the migration");
+    assert!(
+        alive(pid),
+        "the source must keep running: {}",
+        out.explain()
+    );
+    // migrate() gives dst 10 s after a failed src, then kills it (status None).
+    let dst = out.dst.unwrap_or_else(|| {
+        panic!(
+            "dst was still waiting 10 s after the source failed: {}",
+            out.explain()
+        )
+    });
+    assert!(!dst.success(), "dst must report the failed migration");
+    assert!(
+        out.elapsed < Duration::from_secs(20),
+        "took {:?}: {}",
+        out.elapsed,
+        out.explain()
+    );
+}

@@ -3,6 +3,7 @@
 pub mod binary;
 pub mod image;
 pub mod images;
+pub mod kdat;
 pub mod opts;
 pub mod page_server;
 

@@ -118,6 +118,9 @@ pub async fn serve(
         max_concurrent = limits.max_concurrent,
         "pageserv dst ready"
     );
+    if let Some(w) = crate::criu::kdat::probe().and_then(crate::criu::kdat::warning) {
+        tracing::warn!("{w}");
+    }
     // Fault connections get an endpoint (a UDP socket) of their own, driven on the fault lane:
     // on the main socket a fault reply would queue behind every pushed packet the kernel holds
     // for it, and its connection's driver behind the push's tasks.

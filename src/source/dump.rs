@@ -104,6 +104,9 @@ pub struct ReadyDump {
     pub log: Option<PathBuf>,
     /// When the dump started: an upper bound for the moment the tasks froze.
     pub started_at: SystemTime,
+    /// When the root task was seen in its ptrace stop ([`crate::source::freeze_watch`]), for
+    /// dumps pageserv starts itself.
+    pub frozen_seen_at: Option<SystemTime>,
     /// Dumps pageserv made fail and repeated because they came out eager
     /// ([`crate::source::eager_dump`]), and whether this one still is.
     pub redumps: u32,
@@ -177,6 +180,7 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
         .args(&opts.extra);
     pass_fds(&mut cmd, &[(&theirs, PS_SOCKET_FD), (&status_w, STATUS_FD)]);
     let started_at = SystemTime::now();
+    let watch = crate::source::freeze_watch::FreezeWatch::start(opts.pid);
     let mut child = cmd.spawn().map_err(|source| DumpError::Spawn {
         criu: criu.path.clone(),
         pid: opts.pid,
@@ -197,6 +201,7 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
                 child: Some(child),
                 log: Some(log.clone()),
                 started_at,
+                frozen_seen_at: watch.finish(),
                 redumps: 0,
                 eager: false,
                 freezer: None,
@@ -255,6 +260,7 @@ pub fn join_after_status(
         child: None,
         log: None,
         started_at,
+        frozen_seen_at: None,
         redumps: 0,
         eager: false,
         freezer: None,

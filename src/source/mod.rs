@@ -2,6 +2,7 @@
 
 pub mod dump;
 pub mod eager_dump;
+pub mod freeze_watch;
 pub mod frozen;
 pub mod keeper;
 mod link_tasks;

@@ -112,6 +112,7 @@ fn open_dump_blocking(
                     child: None,
                     log: Some(work.join("dump.log")),
                     started_at: SystemTime::now(),
+                    frozen_seen_at: None,
                     redumps: 0,
                     eager: false,
                     freezer: None,

@@ -11,8 +11,12 @@ use crate::stats::LatencySummary;
 /// The source's final report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SourceReport {
-    /// Dump start to restore finished at dst (an upper bound of the freeze).
+    /// The freeze (the root seen in its ptrace stop; else the dump's start, an upper bound) to
+    /// restore finished at dst.
     pub downtime_ms: f64,
+    /// How the dump's time before the restore split, when the freeze was seen
+    /// ([`crate::source::freeze_watch`]).
+    pub dump_phases: Option<DumpPhases>,
     pub total_ms: f64,
     pub lazy_pages: u64,
     pub images_bytes: u64,
@@ -45,6 +49,16 @@ pub struct SourceReport {
     pub usage: crate::usage::ServiceUsage,
 }
 
+/// A lazy dump's time up to its page server being ready.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DumpPhases {
+    /// `criu dump` started to the root seen frozen: CRIU's start-up, the tasks still running.
+    pub before_freeze_ms: f64,
+    /// Frozen to the dump ready (status-fd): CRIU's freeze (parasite, memory into its pipes,
+    /// images), inside the downtime.
+    pub criu_freeze_ms: f64,
+}
+
 impl SourceReport {
     pub fn render(&self) -> String {
         let mut s = self.render_post_copy();
@@ -74,9 +88,21 @@ impl SourceReport {
     }
 
     fn render_post_copy(&self) -> String {
+        let (from, phases) = match &self.dump_phases {
+            Some(p) => (
+                "freeze",
+                format!(
+                    "  criu dump: {:.1} ms before the freeze, {:.1} ms frozen until ready\n",
+                    p.before_freeze_ms, p.criu_freeze_ms
+                ),
+            ),
+            None => ("dump start", String::new()),
+        };
+        let downtime = format!("downtime ({from} → restore finished)");
         format!(
             "pageserv src report\n\
-             \x20 downtime (dump start → restore finished)  {:>10.1} ms\n\
+             \x20 {downtime:<42}{:>10.1} ms\n\
+             {phases}\
              \x20 total                                     {:>10.1} ms\n\
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\

@@ -32,7 +32,7 @@ use crate::source::pre_copy::{PreCopyReport, Validator};
 use crate::source::pump::{FaultReply, PumpControl, PumpInput, Served, Tagged};
 use crate::source::push_plan::PushPlan;
 use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
-use crate::source::report::SourceReport;
+use crate::source::report::{DumpPhases, SourceReport};
 use crate::source::serving::{Serving, spawn_serving};
 use crate::transport::{FrameReceiver, FrameSender};
 
@@ -143,9 +143,12 @@ async fn drive(
     // From here on the tasks are frozen: every failure path must resume or keep them.
     let (mut dump, mut keeper) = open_dump(&opts.criu, &opts.dump, &opts.work_dir).await?;
     let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
-    let frozen_at = dump.started_at;
+    // The downtime is counted from the freeze when it was seen, else from the dump's start.
+    let frozen_at = dump.frozen_seen_at.unwrap_or(dump.started_at);
+    let dump_phases = dump_phases(&dump, SystemTime::now());
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        criu_freeze_ms = dump_phases.map(|p| p.criu_freeze_ms),
         "dump ready, tasks frozen"
     );
     tracing::info!(
@@ -202,6 +205,7 @@ async fn drive(
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             report.redumps = dump.redumps;
             report.eager_dump = dump.eager;
+            report.dump_phases = dump_phases;
             report.wire_bytes_after_freeze = wire_after_freeze;
             report.peak_rss_bytes = peak_rss_bytes();
             report.usage = crate::usage::ServiceUsage::measure(
@@ -223,6 +227,16 @@ async fn drive(
             Err(e)
         }
     }
+}
+
+/// How the dump's time up to `ready_at` split, if its freeze was seen.
+fn dump_phases(dump: &ReadyDump, ready_at: SystemTime) -> Option<DumpPhases> {
+    let seen = dump.frozen_seen_at?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    Some(DumpPhases {
+        before_freeze_ms: ms(seen.duration_since(dump.started_at).unwrap_or_default()),
+        criu_freeze_ms: ms(ready_at.duration_since(seen).unwrap_or_default()),
+    })
 }
 
 /// This process's peak resident memory (VmHWM), 0 if unknown.

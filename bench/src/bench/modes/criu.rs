@@ -44,6 +44,8 @@ struct Run<'a> {
     /// `wait4` of each CRIU process reaped, by name ("criu dump", "criu restore", ...).
     usage: Vec<(String, pageserv::usage::Rusage)>,
     pidfile: PathBuf,
+    /// The lazy dump's freeze (root seen stopped -> dump ready).
+    criu_freeze_ms: Option<f64>,
 }
 
 /// Runs one CRIU mode on `bed` with a fresh workload: the workload and `criu dump` on the
@@ -85,6 +87,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         logs,
         children: Vec::new(),
         usage: Vec::new(),
+        criu_freeze_ms: None,
     };
     let started = Instant::now();
     let started_ns = demo::unix_ns();
@@ -136,6 +139,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         wire_bytes,
         fault_p50_us: None,
         fault_p99_us: None,
+        criu_freeze_ms: run.criu_freeze_ms,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
         usage: Some(usage),
@@ -369,7 +373,13 @@ impl Run<'_> {
             .arg(&src_dir)
             .args(["--lazy-pages", "--address", &addr, "--port", &port, "-o"])
             .arg(&log);
+        let watch = pageserv::source::freeze_watch::FreezeWatch::start(pid);
         let dumper = self.start_ready("criu dump --lazy-pages", dump, &log)?;
+        let ready = std::time::SystemTime::now();
+        self.criu_freeze_ms = watch
+            .finish()
+            .and_then(|seen| ready.duration_since(seen).ok())
+            .map(|d| d.as_secs_f64() * 1e3);
         copy_missing(&src_dir, &dst_dir)?;
         let lp_log = self.logs.join("lazy-pages.log");
         let mut lp = self.criu_cmd(true);

@@ -198,6 +198,11 @@ pub struct RunRecord {
     pub problems: Vec<String>,
     /// Largest heartbeat gap across the migration.
     pub downtime_ms: Option<f64>,
+    /// CRIU's freeze of a lazy dump: the root seen in its ptrace stop to the dump ready (its
+    /// status-fd byte), the part of the downtime CRIU spends at the source before anything can
+    /// be restored (`pageserv::source::freeze_watch`).
+    #[serde(default)]
+    pub criu_freeze_ms: Option<f64>,
     /// From the start of the dump to the last page at the destination.
     pub total_ms: Option<f64>,
     /// Bytes that crossed the link (both ways, headers included), or for criu-disk the image
@@ -247,6 +252,8 @@ pub struct ModeOutcome {
     pub wire_bytes: Option<u64>,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
+    /// See [`RunRecord::criu_freeze_ms`].
+    pub criu_freeze_ms: Option<f64>,
     pub problems: Vec<String>,
     pub log: String,
     pub usage: Option<super::usage::RunUsage>,
@@ -272,6 +279,7 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
             verified: false,
             problems: vec![format!("{e:#}")],
             downtime_ms: None,
+            criu_freeze_ms: None,
             total_ms: None,
             wire_bytes: None,
             fault_p50_us: None,
@@ -345,6 +353,7 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         run,
         verified: problems.is_empty(),
         problems,
+        criu_freeze_ms: o.criu_freeze_ms,
         downtime_ms: gap.map(|g| g.ms),
         total_ms: o.total_ms,
         wire_bytes: o.wire_bytes,

@@ -72,6 +72,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         fault_p99_us: lazy
             .then(|| f(&r.dst, &["fault_latency", "p99_us"]))
             .flatten(),
+        criu_freeze_ms: f(&r.src, &["dump_phases", "criu_freeze_ms"]),
         problems: r.problems,
         log: r.workload_log,
         usage: Some(usage),

@@ -147,6 +147,8 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         wire_bytes: None,
         fault_p50_us: p50,
         fault_p99_us: p99,
+        // runc freezes the container through its cgroup before CRIU seizes it: not watched.
+        criu_freeze_ms: None,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
         usage: None,

@@ -11,47 +11,55 @@
 //! freeze (at most one poll interval plus a read later); without one, callers fall back to the
 //! dump's start, an upper bound of the downtime.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::source::frozen::tasks::parse_state;
 
 const POLL: Duration = Duration::from_millis(1);
 
-/// Watches one task for its ptrace stop until [`FreezeWatch::finish`].
+/// Watches one task for its ptrace stop until [`FreezeWatch::finish`]. The thread ends by
+/// itself at the stop, or at the next poll after `finish`; `finish` never waits for it (the
+/// dump's ready moment is on the downtime's path).
 pub struct FreezeWatch {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Option<SystemTime>>>,
+    /// Unix ns when the stop was seen; 0 until then.
+    seen_ns: Arc<AtomicU64>,
 }
 
 impl FreezeWatch {
-    /// Starts watching host pid `pid` (None if no thread could be started: no figure, no harm).
+    /// Starts watching host pid `pid` (if no thread can be started there is no figure, no harm).
     pub fn start(pid: i32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let seen_ns = Arc::new(AtomicU64::new(0));
+        let (flag, seen) = (stop.clone(), seen_ns.clone());
         let path = format!("/proc/{pid}/stat");
-        let thread = std::thread::Builder::new()
+        let _ = std::thread::Builder::new()
             .name("freeze-watch".into())
             .spawn(move || {
                 while !flag.load(Relaxed) {
-                    let text = std::fs::read_to_string(&path).ok()?;
+                    let Ok(text) = std::fs::read_to_string(&path) else {
+                        return;
+                    };
                     if parse_state(&text) == Some('t') {
-                        return Some(SystemTime::now());
+                        let now = SystemTime::now().duration_since(UNIX_EPOCH);
+                        seen.store(now.map_or(0, |d| d.as_nanos() as u64), Relaxed);
+                        return;
                     }
                     std::thread::sleep(POLL);
                 }
-                None
-            })
-            .ok();
-        Self { stop, thread }
+            });
+        Self { stop, seen_ns }
     }
 
     /// Stops watching; the moment the stop was seen, if it was.
-    pub fn finish(mut self) -> Option<SystemTime> {
+    pub fn finish(self) -> Option<SystemTime> {
         self.stop.store(true, Relaxed);
-        self.thread.take()?.join().ok().flatten()
+        match self.seen_ns.load(Relaxed) {
+            0 => None,
+            ns => Some(UNIX_EPOCH + Duration::from_nanos(ns)),
+        }
     }
 }
 

@@ -11,8 +11,8 @@
 //! freeze (at most one poll interval plus a read later); without one, callers fall back to the
 //! dump's start, an upper bound of the downtime.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::source::frozen::tasks::parse_state;

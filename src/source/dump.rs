@@ -107,6 +107,8 @@ pub struct ReadyDump {
     /// When the root task was seen in its ptrace stop ([`crate::source::freeze_watch`]), for
     /// dumps pageserv starts itself.
     pub frozen_seen_at: Option<SystemTime>,
+    /// When pageserv read the dump's ready byte (its page server answers from then on).
+    pub ready_at: SystemTime,
     /// Dumps pageserv made fail and repeated because they came out eager
     /// ([`crate::source::eager_dump`]), and whether this one still is.
     pub redumps: u32,
@@ -192,6 +194,7 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
     let status_path = PathBuf::from("(status pipe)");
     match read_status(std::fs::File::from(status_r), &status_path) {
         Ok(()) => {
+            let ready_at = SystemTime::now();
             // From now on its page server answers every fault request. The dump itself (freeze,
             // parasite, images) stays at the normal policy, as without --realtime.
             crate::sched::raise_child(child.id());
@@ -202,6 +205,7 @@ pub fn start_lazy_dump(criu: &Criu, opts: &DumpOptions) -> Result<ReadyDump, Dum
                 log: Some(log.clone()),
                 started_at,
                 frozen_seen_at: watch.finish(),
+                ready_at,
                 redumps: 0,
                 eager: false,
                 freezer: None,
@@ -261,6 +265,7 @@ pub fn join_after_status(
         log: None,
         started_at,
         frozen_seen_at: None,
+        ready_at: SystemTime::now(),
         redumps: 0,
         eager: false,
         freezer: None,

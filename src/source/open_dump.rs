@@ -113,6 +113,7 @@ fn open_dump_blocking(
                     log: Some(work.join("dump.log")),
                     started_at: SystemTime::now(),
                     frozen_seen_at: None,
+                    ready_at: SystemTime::now(),
                     redumps: 0,
                     eager: false,
                     freezer: None,

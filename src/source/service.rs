@@ -145,7 +145,7 @@ async fn drive(
     let earlier_attempt = matches!(opts.dump, DumpSource::Resume { .. });
     // The downtime is counted from the freeze when it was seen, else from the dump's start.
     let frozen_at = dump.frozen_seen_at.unwrap_or(dump.started_at);
-    let dump_phases = dump_phases(&dump, SystemTime::now());
+    let dump_phases = dump_phases(&dump);
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         criu_freeze_ms = dump_phases.map(|p| p.criu_freeze_ms),
@@ -229,9 +229,9 @@ async fn drive(
     }
 }
 
-/// How the dump's time up to `ready_at` split, if its freeze was seen.
-fn dump_phases(dump: &ReadyDump, ready_at: SystemTime) -> Option<DumpPhases> {
-    let seen = dump.frozen_seen_at?;
+/// How the dump's time up to its ready byte split, if its freeze was seen.
+fn dump_phases(dump: &ReadyDump) -> Option<DumpPhases> {
+    let (seen, ready_at) = (dump.frozen_seen_at?, dump.ready_at);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     Some(DumpPhases {
         before_freeze_ms: ms(seen.duration_since(dump.started_at).unwrap_or_default()),
@@ -440,7 +440,12 @@ async fn migrate(
             }
         };
         match msg {
-            Ok(Msg::RestoreStarted(_)) => tracing::info!("dst started the restore"),
+            Ok(Msg::RestoreStarted(_)) => tracing::info!(
+                ms_after_dump_ready = SystemTime::now()
+                    .duration_since(dump.ready_at)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                "dst started the restore"
+            ),
             Ok(Msg::RestoreFinished(f)) => {
                 restore_finished(
                     &mut knows,

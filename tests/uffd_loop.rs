@@ -197,7 +197,8 @@ struct Harness {
     stats: Arc<UffdStats>,
     /// Every outbound message except faults.
     events: Receiver<Outbound>,
-    source: JoinHandle<u64>,
+    /// The requests the fake source answered, in order.
+    source: JoinHandle<Vec<PidRange>>,
 }
 
 /// Starts the loop and a source thread that answers every fault of `pid` from `img` (based at
@@ -231,8 +232,8 @@ fn fake_source(
     base: u64,
     img: Bytes,
     refuse: fn(u64, u64) -> bool,
-) -> u64 {
-    let mut answered = 0;
+) -> Vec<PidRange> {
+    let mut answered = Vec::new();
     for msg in out {
         match msg {
             Outbound::Fault(at) => {
@@ -249,7 +250,7 @@ fn fake_source(
                     urgent: true,
                     link: 0,
                 });
-                answered += 1;
+                answered.push(at);
             }
             other => {
                 let _ = events.send(other);
@@ -366,7 +367,7 @@ fn serves_faults_and_pushes_until_complete() {
     assert!(lat.count > 0);
     let report = h.handle.shutdown(false).unwrap();
     assert!(report.incomplete.is_empty() && report.killed.is_empty());
-    assert!(h.source.join().unwrap() > 0);
+    assert!(!h.source.join().unwrap().is_empty());
 }
 
 // ---- (a2) pages already held here answer faults on the fault thread ----
@@ -416,29 +417,8 @@ fn held_pages_answer_faults_without_asking_the_source() {
         held: Some(held.clone()),
         ..LoopConfig::default()
     };
-    let stats = Arc::new(UffdStats::default());
-    let (out_tx, out_rx) = crossbeam_channel::unbounded();
-    let handle = uffd_loop::spawn_with(config, out_tx, stats.clone()).unwrap();
-    let tx = handle.sender();
-    // The source answers what it is asked and records it.
-    let src_tx = handle.sender();
-    let source = std::thread::spawn(move || {
-        let mut asked = Vec::new();
-        for msg in out_rx {
-            if let Outbound::Fault(at) = msg {
-                asked.push(at);
-                let off = (at.start() - base) as usize;
-                let data = img.slice(off..off + (at.nr_pages() * P) as usize);
-                let _ = src_tx.send(Inbound::Pages {
-                    at,
-                    data,
-                    urgent: true,
-                    link: 0,
-                });
-            }
-        }
-        asked
-    });
+    let h = start(config, 1000, base, img, never);
+    let tx = h.handle.sender();
     tx.send(Inbound::Task {
         pid: 1000,
         uffd: new_uffd(base, region.len),
@@ -452,12 +432,12 @@ fn held_pages_answer_faults_without_asking_the_source() {
     for pg in order {
         expect_page(base + pg * P, base + pg * P);
     }
-    let c = stats.counters();
+    let c = h.stats.counters();
     eprintln!("(a2) {c:?}");
-    let report = handle.shutdown(false).unwrap();
+    let report = h.handle.shutdown(false).unwrap();
     assert!(report.incomplete.is_empty());
     drop(tx);
-    let asked = source.join().unwrap();
+    let asked = h.source.join().unwrap();
     // Every held page was taken here, and the source was asked only for the others.
     assert!(
         held.left.lock().unwrap().is_empty(),

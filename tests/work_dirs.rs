@@ -15,6 +15,7 @@ mod root;
 mod sockserv;
 
 use netmig::{Started, alive};
+use pageserv_lab::testbed::Testbed;
 
 /// Re-executed as the server by the tests below; a no-op in a normal run.
 #[test]
@@ -29,21 +30,45 @@ fn server(dir: &criu::TestDir, started: &mut Started) -> i32 {
     netmig::start_init(cmd, Some(&dir.path().join("server.ready")), started)
 }
 
+/// One test's run: a socket server in its own scratch directory and testbed, migrated with
+/// these extra `pageserv src` / `pageserv dst` arguments. Everything it started is ended when
+/// the run is dropped.
+struct Run {
+    _dir: criu::TestDir,
+    _bed: Testbed,
+    started: Started,
+    /// The source server.
+    pid: i32,
+    out: netmig::Outcome,
+}
+
+fn migrate_server(tag: &str, bed: u8, src_args: &[String], dst_args: &[String]) -> Run {
+    let dir = criu::TestDir::new(tag);
+    let bed = netmig::testbed(bed);
+    let mut started = Started::default();
+    let pid = server(&dir, &mut started);
+    let out = netmig::migrate(&bed, pid, src_args, dst_args, Duration::from_secs(120));
+    Run {
+        _dir: dir,
+        _bed: bed,
+        started,
+        pid,
+        out,
+    }
+}
+
 #[test]
 fn the_directory_of_a_successful_migration_is_removed() {
     if !root::can_run() {
         return;
     }
-    let dir = criu::TestDir::new("workdirs-ok");
-    let bed = netmig::testbed(73);
-    let mut started = Started::default();
-    let pid = server(&dir, &mut started);
-    let out = netmig::migrate(&bed, pid, &[], &[], Duration::from_secs(120));
+    let mut run = migrate_server("workdirs-ok", 73, &[], &[]);
+    let out = &run.out;
     assert!(out.ok(), "migration failed: {}", out.explain());
     let restored = out
         .restored_pid
         .expect("dst's report names the restored pid");
-    started.pids.push(restored);
+    run.started.pids.push(restored);
     assert!(alive(restored), "the restored server is not running");
     assert!(
         out.dst_dirs_left.is_empty(),
@@ -57,17 +82,13 @@ fn the_directory_of_a_failed_migration_is_kept_and_named() {
     if !root::can_run() {
         return;
     }
-    let dir = criu::TestDir::new("workdirs-fail");
-    let bed = netmig::testbed(74);
-    let mut started = Started::default();
-    let pid = server(&dir, &mut started);
-    let out = netmig::migrate(
-        &bed,
-        pid,
+    let run = migrate_server(
+        "workdirs-fail",
+        74,
         &[],
         &["--restore-cmd".into(), "exit 3".into()],
-        Duration::from_secs(120),
     );
+    let (out, pid) = (&run.out, run.pid);
     assert!(!out.ok(), "a failed restore must fail the migration");
     assert!(alive(pid), "the source must be resumed: {}", out.explain());
     assert_eq!(out.dst_dirs_left.len(), 1, "{:?}", out.dst_dirs_left);
@@ -94,17 +115,13 @@ fn a_failed_criu_restore_quotes_criu_errors_at_the_default_level() {
     if !root::can_run() {
         return;
     }
-    let dir = criu::TestDir::new("workdirs-criu-error");
-    let bed = netmig::testbed(75);
-    let mut started = Started::default();
-    let pid = server(&dir, &mut started);
-    let out = netmig::migrate(
-        &bed,
-        pid,
+    let run = migrate_server(
+        "workdirs-criu-error",
+        75,
         &[],
         &["--criu-opt=--lsm-profile=apparmor:pageserv-no-such-profile".into()],
-        Duration::from_secs(120),
     );
+    let (out, pid) = (&run.out, run.pid);
     assert!(!out.ok(), "a refused restore must fail the migration");
     assert!(alive(pid), "the source must be resumed: {}", out.explain());
     assert_eq!(out.dst_dirs_left.len(), 1, "{:?}", out.dst_dirs_left);
@@ -135,17 +152,13 @@ fn a_source_that_fails_ends_the_migration_at_dst_at_once() {
     if !root::can_run() {
         return;
     }
-    let dir = criu::TestDir::new("workdirs-src-fails");
-    let bed = netmig::testbed(76);
-    let mut started = Started::default();
-    let pid = server(&dir, &mut started);
-    let out = netmig::migrate(
-        &bed,
-        pid,
+    let run = migrate_server(
+        "workdirs-src-fails",
+        76,
         &["--criu-opt=--pageserv-no-such-criu-option".into()],
         &[],
-        Duration::from_secs(120),
     );
+    let (out, pid) = (&run.out, run.pid);
     assert!(!out.ok(), "a failed dump must fail the migration");
     assert!(
         alive(pid),

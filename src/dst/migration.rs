@@ -154,7 +154,7 @@ async fn run_in(
     let pages_local = Arc::new(AtomicU64::new(0));
     let images_at = Instant::now();
 
-    let held_pages = LocalPages::new(store.clone(), pages_local.clone());
+    let held = LocalPages::new(store.clone(), pages_local.clone());
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
     let (sink, mut ev_rx, requests) = bridge(answers.clone());
     let started_restore = start_restore(
@@ -165,7 +165,7 @@ async fn run_in(
         &carried,
         &lazy,
         FaultThreadIo {
-            held: Arc::new(held_pages.clone()),
+            held: Arc::new(held.clone()),
             sink,
         },
     );
@@ -187,7 +187,7 @@ async fn run_in(
             return Err(abort_before_restore(&mut ctl, conn, reason, e).await);
         }
     };
-    let held = keeper.clone();
+    let keeper_copy = keeper.clone();
     let mut keeper = Some(keeper);
     send_ctl(
         &mut ctl,
@@ -207,7 +207,8 @@ async fn run_in(
                     let host = t
                         .sender_pid
                         .context("the restore sent a uffd without credentials")?;
-                    held.hold(t.pid, host, std::os::fd::AsFd::as_fd(&uffd))
+                    keeper_copy
+                        .hold(t.pid, host, std::os::fd::AsFd::as_fd(&uffd))
                         .context("handing a uffd to the keeper")?;
                     // A task the images do not have would get no lazy ranges: every fault
                     // zero-filled. Never serve it (the failure rule kills what was restored).
@@ -238,8 +239,6 @@ async fn run_in(
         to_loop.send(Inbound::RestoreFinished)?;
         Ok(())
     });
-
-    let held = held_pages;
 
     let wiring = Wiring {
         to_loop: handle.sender(),

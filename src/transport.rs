@@ -61,6 +61,16 @@ pub enum Congestion {
 /// 16 MiB windows, 137 ms with 64 MiB). Give page faults their own connection (the faulting
 /// side calls [`connect`] a second time, which binds a second UDP socket) and they no longer
 /// queue behind pushed pages (p50 0.32 ms under the same push).
+/// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
+/// packets (a 4 KiB answer is three) before an ACK must go out on its own. Kept below quinn's
+/// initial congestion window (~10 packets), so a source with several answers in flight is
+/// never held by its window while dst, all of whose threads wait, has no request to carry the
+/// ACK.
+pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
+/// The longest a peer asked for sparse ACKs holds one back when no packet of its own carries it
+/// (a quiet fault connection): also part of the sender's loss timeout, so it stays short.
+pub const FAULT_MAX_ACK_DELAY: Duration = Duration::from_millis(5);
+
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// A connection with no packets for this long is dead. Keep-alives keep a quiet but healthy
@@ -87,6 +97,13 @@ pub struct TransportOptions {
     pub send_window: u64,
     /// Streams of each direction the peer may open at once.
     pub max_concurrent_streams: u32,
+    /// Ack-eliciting packets the peer may receive before it must acknowledge them at once
+    /// (QUIC's ACK-frequency extension; quinn's default is 1: an ACK for every second packet).
+    /// `None` leaves quinn's behaviour. The fault connection raises it
+    /// ([`FAULT_ACK_ELICITING_THRESHOLD`]): a 4 KiB fault answer is three packets, so the default
+    /// sends a stand-alone ACK for every fault, waking the source's fault lane on the fault's
+    /// path, while the next fault request carries that ACK anyway.
+    pub ack_eliciting_threshold: Option<u32>,
     /// SO_RCVBUF of the UDP socket (forced past net.core.rmem_max when running as root); 0 leaves
     /// the kernel default. A large one absorbs receiver CPU hiccups without loss (bulk
     /// throughput), but every byte queued there delays whatever arrives after it on that socket:
@@ -116,6 +133,7 @@ impl Default for TransportOptions {
             receive_window: 16 << 20,
             send_window: 12 << 20,
             max_concurrent_streams: 64,
+            ack_eliciting_threshold: None,
             udp_recv_buffer: 8 << 20,
             udp_send_buffer: 0,
             admit_timeout: Duration::from_secs(10),
@@ -165,6 +183,12 @@ impl TransportOptions {
             .max_concurrent_uni_streams(self.max_concurrent_streams.into())
             .datagram_receive_buffer_size(None)
             .enable_segmentation_offload(true);
+        if let Some(threshold) = self.ack_eliciting_threshold {
+            let mut acks = quinn::AckFrequencyConfig::default();
+            acks.ack_eliciting_threshold(threshold.into())
+                .max_ack_delay(Some(FAULT_MAX_ACK_DELAY));
+            t.ack_frequency_config(Some(acks));
+        }
         match self.congestion {
             Congestion::Cubic => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))

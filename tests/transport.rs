@@ -576,3 +576,82 @@ async fn a_certificate_acting_as_the_other_role_is_refused() {
     })
     .await
 }
+
+/// Packets the requesting side sends for `n` request/answer round trips on one stream, each
+/// answer one page (three packets on loopback's 1452-byte datagrams), with both ends on `opts`.
+async fn requester_packets(opts: &TransportOptions, n: u64) -> u64 {
+    let t = TempDir::new();
+    let (dst, src) = pair(&t.0, "ca");
+    let ep = transport::server_with(any_port(), &dst, opts).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let answerer = tokio::spawn(async move {
+        let (conn, _) = transport::accept(&ep, &dst).await.unwrap();
+        let (send, recv) = conn.accept_bi().await.unwrap();
+        let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
+        let mut rx = FrameReceiver::new(recv);
+        let page = pages(1, 7);
+        while let Some(Frame::PageRequest { pid, vaddr, .. }) = rx.next().await.unwrap() {
+            tx.send_pages(pid, vaddr, 1, page.clone()).await.unwrap();
+        }
+        tx.finish();
+        let _ = tx.stream().stopped().await;
+        conn.closed().await;
+    });
+    let conn = transport::connect_with(any_port(), addr, "dst", &src, opts)
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut req = FrameSender::with_priority(send, FAULT_PRIORITY);
+    let mut rep = FrameReceiver::new(recv);
+    let mut round_trip = async |i: u64| {
+        let f = Frame::PageRequest {
+            pid: 1,
+            vaddr: 0x1000 * i,
+            nr_pages: 1,
+        };
+        req.send(&f).await.unwrap();
+        match rep.next().await.unwrap() {
+            Some(Frame::Pages { nr_pages: 1, .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    for i in 0..10 {
+        round_trip(i).await; // handshake and MTU probes settle
+    }
+    let before = conn.stats().path.sent_packets;
+    for i in 0..n {
+        round_trip(i).await;
+    }
+    let sent = conn.stats().path.sent_packets - before;
+    req.finish();
+    while rep.next().await.unwrap().is_some() {}
+    conn.close(0u32.into(), b"done");
+    answerer.await.unwrap();
+    sent
+}
+
+/// The fault connection asks its peer for sparse ACKs (QUIC ACK frequency): the side waiting
+/// for pages sends one packet per request, the ACK of the last answer riding on it, instead of
+/// a stand-alone ACK for every answer that wakes the answering side on the fault's path.
+#[tokio::test]
+async fn fault_connection_acks_ride_on_the_next_request() {
+    with_timeout(async {
+        let n = 200;
+        let default = requester_packets(&TransportOptions::default(), n).await;
+        let fault = TransportOptions {
+            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
+            ..Default::default()
+        };
+        let sparse = requester_packets(&fault, n).await;
+        eprintln!("requester packets for {n} round trips: quinn's ACKs {default}, sparse {sparse}");
+        assert!(
+            default >= n * 3 / 2,
+            "quinn's default should ACK every answer on its own: {default} packets"
+        );
+        assert!(
+            sparse <= n * 11 / 10,
+            "with sparse ACKs the requester should send about one packet per request: {sparse}"
+        );
+    })
+    .await
+}

@@ -129,6 +129,7 @@ pub async fn serve(
         &id,
         &transport::TransportOptions {
             fault_lane: true,
+            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
             ..opts.transport.clone()
         },
     )

@@ -41,6 +41,7 @@ impl SourceOptions {
             idle_timeout: self.push_transport.idle_timeout,
             keep_alive: self.push_transport.keep_alive,
             fault_lane: true,
+            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
             deny: self.push_transport.deny.clone(),
             ..Default::default()
         }

@@ -29,13 +29,6 @@ use nix::unistd::Pid;
 use crate::pages::PAGE_SIZE;
 use crate::source::pre_copy::tree;
 
-/// Bytes one process_vm_readv copies at most (~0.15 ms here). On a kernel that does not preempt
-/// kernel code (PREEMPT_NONE, as on these VMs, and the server default of several distributions) a
-/// syscall keeps its CPU until it returns: one 4 MiB push read held a core for 2.7 ms while the
-/// restore's last step at dst (CRIU) and the restored threads' first faults waited behind it.
-/// Returning to user space between slices lets a woken thread run.
-pub const READ_SLICE: usize = 256 << 10;
-
 /// Why a task's memory cannot be read (it is served from CRIU instead).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotReadable {
@@ -236,30 +229,26 @@ impl FrozenTasks {
         let task = self.tasks.get(&pid).ok_or(NotReadable::NoHostPid(pid))?;
         let len = (nr_pages * PAGE_SIZE) as usize;
         let mut buf = vec![0u8; len];
-        for (i, slice) in buf.chunks_mut(READ_SLICE).enumerate() {
-            let at = vaddr + (i * READ_SLICE) as u64;
-            let want = slice.len();
-            let remote = [RemoteIoVec {
-                base: at as usize,
-                len: want,
-            }];
-            let got = process_vm_readv(
-                Pid::from_raw(task.host_pid),
-                &mut [IoSliceMut::new(slice)],
-                &remote,
-            )
-            .map_err(|e| NotReadable::Read {
+        let remote = [RemoteIoVec {
+            base: vaddr as usize,
+            len,
+        }];
+        let got = process_vm_readv(
+            Pid::from_raw(task.host_pid),
+            &mut [IoSliceMut::new(&mut buf)],
+            &remote,
+        )
+        .map_err(|e| NotReadable::Read {
+            pid: task.host_pid,
+            vaddr,
+            why: e.to_string(),
+        })?;
+        if got != len {
+            return Err(NotReadable::Read {
                 pid: task.host_pid,
-                vaddr: at,
-                why: e.to_string(),
-            })?;
-            if got != want {
-                return Err(NotReadable::Read {
-                    pid: task.host_pid,
-                    vaddr: at,
-                    why: format!("short read: {got} of {want} bytes"),
-                });
-            }
+                vaddr,
+                why: format!("short read: {got} of {len} bytes"),
+            });
         }
         self.check_frozen(pid)?;
         Ok(Bytes::from(buf))

@@ -586,15 +586,7 @@ async fn requester_packets(opts: &TransportOptions, n: u64) -> u64 {
     let addr = ep.local_addr().unwrap();
     let answerer = tokio::spawn(async move {
         let (conn, _) = transport::accept(&ep, &dst).await.unwrap();
-        let (send, recv) = conn.accept_bi().await.unwrap();
-        let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
-        let mut rx = FrameReceiver::new(recv);
-        let page = pages(1, 7);
-        while let Some(Frame::PageRequest { pid, vaddr, .. }) = rx.next().await.unwrap() {
-            tx.send_pages(pid, vaddr, 1, page.clone()).await.unwrap();
-        }
-        tx.finish();
-        let _ = tx.stream().stopped().await;
+        measure::serve_faults(conn.clone()).await;
         conn.closed().await;
     });
     let conn = transport::connect_with(any_port(), addr, "dst", &src, opts)

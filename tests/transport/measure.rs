@@ -39,7 +39,7 @@ fn summary(samples: &mut [Duration]) -> String {
 }
 
 /// Answers each PageRequest on the next bidirectional stream of `conn` with one page.
-async fn serve_faults(conn: quinn::Connection) {
+pub(super) async fn serve_faults(conn: quinn::Connection) {
     let (send, recv) = conn.accept_bi().await.unwrap();
     let mut tx = FrameSender::with_priority(send, FAULT_PRIORITY);
     let mut rx = FrameReceiver::new(recv);

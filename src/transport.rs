@@ -52,6 +52,17 @@ pub enum Congestion {
     Scavenger,
 }
 
+/// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
+/// packets (a 4 KiB answer is three) before an ACK must go out on its own. Kept below quinn's
+/// initial congestion window (~10 packets), so a source with several answers in flight is
+/// never held by its window while dst, all of whose threads wait, has no request to carry the
+/// ACK.
+pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
+/// The longest a peer asked for sparse ACKs ([`TransportOptions::ack_eliciting_threshold`])
+/// holds one back when no packet of its own carries it (a quiet fault connection): also part
+/// of the sender's loss timeout, so it stays short.
+pub const SPARSE_ACK_MAX_DELAY: Duration = Duration::from_millis(5);
+
 /// Transport tuning; `Default` is pageserv's measured choice (see the field docs).
 ///
 /// Stream priorities only order data still waiting in the sender. Bulk data already in flight
@@ -61,16 +72,6 @@ pub enum Congestion {
 /// 16 MiB windows, 137 ms with 64 MiB). Give page faults their own connection (the faulting
 /// side calls [`connect`] a second time, which binds a second UDP socket) and they no longer
 /// queue behind pushed pages (p50 0.32 ms under the same push).
-/// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
-/// packets (a 4 KiB answer is three) before an ACK must go out on its own. Kept below quinn's
-/// initial congestion window (~10 packets), so a source with several answers in flight is
-/// never held by its window while dst, all of whose threads wait, has no request to carry the
-/// ACK.
-pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
-/// The longest a peer asked for sparse ACKs holds one back when no packet of its own carries it
-/// (a quiet fault connection): also part of the sender's loss timeout, so it stays short.
-pub const FAULT_MAX_ACK_DELAY: Duration = Duration::from_millis(5);
-
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// A connection with no packets for this long is dead. Keep-alives keep a quiet but healthy
@@ -158,6 +159,16 @@ impl TransportOptions {
         }
     }
 
+    /// The fault connection's settings on top of these: driven on the fault lane, with sparse
+    /// ACKs. Both ends of the fault connection (src's client, dst's fault endpoint) use this.
+    pub fn for_faults(self) -> Self {
+        TransportOptions {
+            fault_lane: true,
+            ack_eliciting_threshold: Some(FAULT_ACK_ELICITING_THRESHOLD),
+            ..self
+        }
+    }
+
     /// The quinn transport configuration these options describe.
     pub fn transport_config(&self) -> Result<Arc<TransportConfig>, TransportError> {
         let varint = |what, v: u64| {
@@ -186,7 +197,7 @@ impl TransportOptions {
         if let Some(threshold) = self.ack_eliciting_threshold {
             let mut acks = quinn::AckFrequencyConfig::default();
             acks.ack_eliciting_threshold(threshold.into())
-                .max_ack_delay(Some(FAULT_MAX_ACK_DELAY));
+                .max_ack_delay(Some(SPARSE_ACK_MAX_DELAY));
             t.ack_frequency_config(Some(acks));
         }
         match self.congestion {

@@ -592,37 +592,23 @@ async fn requester_packets(opts: &TransportOptions, n: u64) -> u64 {
     let conn = transport::connect_with(any_port(), addr, "dst", &src, opts)
         .await
         .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let mut req = FrameSender::with_priority(send, FAULT_PRIORITY);
-    let mut rep = FrameReceiver::new(recv);
-    let mut round_trip = async |i: u64| {
-        let f = Frame::PageRequest {
-            pid: 1,
-            vaddr: 0x1000 * i,
-            nr_pages: 1,
-        };
-        req.send(&f).await.unwrap();
-        match rep.next().await.unwrap() {
-            Some(Frame::Pages { nr_pages: 1, .. }) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let mut requester = measure::Requester::open(&conn).await;
     for i in 0..10 {
-        round_trip(i).await; // handshake and MTU probes settle
+        requester.round_trip(i).await; // handshake and MTU probes settle
     }
     let before = conn.stats().path.sent_packets;
     for i in 0..n {
-        round_trip(i).await;
+        requester.round_trip(i).await;
     }
     let sent = conn.stats().path.sent_packets - before;
-    req.finish();
-    while rep.next().await.unwrap().is_some() {}
+    requester.finish().await;
     conn.close(0u32.into(), b"done");
     answerer.await.unwrap();
     sent
 }
 
-/// The fault connection asks its peer for sparse ACKs (QUIC ACK frequency): the side waiting
+/// The fault connection (`TransportOptions::for_faults`, both ends' settings) asks its peer for
+/// sparse ACKs (QUIC ACK frequency): the side waiting
 /// for pages sends one packet per request, the ACK of the last answer riding on it, instead of
 /// a stand-alone ACK for every answer that wakes the answering side on the fault's path.
 #[tokio::test]
@@ -630,11 +616,7 @@ async fn fault_connection_acks_ride_on_the_next_request() {
     with_timeout(async {
         let n = 200;
         let default = requester_packets(&TransportOptions::default(), n).await;
-        let fault = TransportOptions {
-            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
-            ..Default::default()
-        };
-        let sparse = requester_packets(&fault, n).await;
+        let sparse = requester_packets(&TransportOptions::default().for_faults(), n).await;
         eprintln!("requester packets for {n} round trips: quinn's ACKs {default}, sparse {sparse}");
         assert!(
             default >= n * 3 / 2,

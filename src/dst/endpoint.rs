@@ -127,11 +127,7 @@ pub async fn serve(
     let fault_endpoint = transport::server_with(
         SocketAddr::new(endpoint.local_addr()?.ip(), 0),
         &id,
-        &transport::TransportOptions {
-            fault_lane: true,
-            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
-            ..opts.transport.clone()
-        },
+        &opts.transport.clone().for_faults(),
     )
     .context("opening the fault endpoint")?;
     let fault_port = fault_endpoint.local_addr()?.port();

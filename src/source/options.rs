@@ -40,10 +40,9 @@ impl SourceOptions {
         transport::TransportOptions {
             idle_timeout: self.push_transport.idle_timeout,
             keep_alive: self.push_transport.keep_alive,
-            fault_lane: true,
-            ack_eliciting_threshold: Some(transport::FAULT_ACK_ELICITING_THRESHOLD),
             deny: self.push_transport.deny.clone(),
             ..Default::default()
         }
+        .for_faults()
     }
 }

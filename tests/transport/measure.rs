@@ -51,6 +51,43 @@ pub(super) async fn serve_faults(conn: quinn::Connection) {
     let _ = tx.stream().stopped().await;
 }
 
+/// The faulting side of one FAULT stream: one-page PageRequests, each awaited.
+pub(super) struct Requester {
+    req: FrameSender,
+    rep: FrameReceiver,
+}
+
+impl Requester {
+    pub(super) async fn open(conn: &quinn::Connection) -> Requester {
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Requester {
+            req: FrameSender::with_priority(send, FAULT_PRIORITY),
+            rep: FrameReceiver::new(recv),
+        }
+    }
+
+    /// Asks for page `i` (of 1000) and waits for it: the round trip.
+    pub(super) async fn round_trip(&mut self, i: u64) -> Duration {
+        let f = Frame::PageRequest {
+            pid: 1,
+            vaddr: 0x1000 * (i % 1000),
+            nr_pages: 1,
+        };
+        let t0 = Instant::now();
+        self.req.send(&f).await.unwrap();
+        match self.rep.next().await.unwrap() {
+            Some(Frame::Pages { nr_pages: 1, .. }) => t0.elapsed(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Ends the stream and reads it to its end.
+    pub(super) async fn finish(mut self) {
+        self.req.finish();
+        while self.rep.next().await.unwrap().is_some() {}
+    }
+}
+
 /// Pushes `bytes` of 1 MiB Pages frames on a new PUSH-priority stream of `conn`, at most
 /// `mib_s` MiB/s if given.
 async fn push(conn: quinn::Connection, bytes: u64, mib_s: Option<u64>) {
@@ -132,24 +169,9 @@ async fn measure(
             .unwrap(),
         false => bulk.clone(),
     };
-    let (send, recv) = faults.open_bi().await.unwrap();
-    let mut req = FrameSender::with_priority(send, FAULT_PRIORITY);
-    let mut rep = FrameReceiver::new(recv);
-    let mut round_trip = async |i: u64| {
-        let f = Frame::PageRequest {
-            pid: 1,
-            vaddr: 0x1000 * (i % 1000),
-            nr_pages: 1,
-        };
-        let t0 = Instant::now();
-        req.send(&f).await.unwrap();
-        match rep.next().await.unwrap() {
-            Some(Frame::Pages { nr_pages: 1, .. }) => t0.elapsed(),
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let mut requester = Requester::open(&faults).await;
     for i in 0..20 {
-        round_trip(i).await; // warm up
+        requester.round_trip(i).await; // warm up
     }
     let push_done = std::sync::atomic::AtomicBool::new(false);
     let probe = async {
@@ -161,7 +183,7 @@ async fn measure(
         };
         while more(rtts.len()) {
             i += 1;
-            rtts.push(round_trip(i).await);
+            rtts.push(requester.round_trip(i).await);
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_millis(2)).await;
             wake_delays.push(t0.elapsed().saturating_sub(Duration::from_millis(2)));
@@ -177,8 +199,7 @@ async fn measure(
         r
     };
     let (push_mib_s, (rtts, wake_delays)) = tokio::join!(pushed, probe);
-    req.finish();
-    while rep.next().await.unwrap().is_some() {}
+    requester.finish().await;
     bulk.close(0u32.into(), b"done");
     faults.close(0u32.into(), b"done");
     let sender = server.await.unwrap();

@@ -577,9 +577,9 @@ async fn a_certificate_acting_as_the_other_role_is_refused() {
     .await
 }
 
-/// Packets the requesting side sends for `n` request/answer round trips on one stream, each
-/// answer one page (three packets on loopback's 1452-byte datagrams), with both ends on `opts`.
-async fn requester_packets(opts: &TransportOptions, n: u64) -> u64 {
+/// Packets each side sends for `n` request/answer round trips on one stream, each answer one
+/// page, with both ends on `opts`: (the requester's, the answerer's).
+async fn round_trip_packets(opts: &TransportOptions, n: u64) -> (u64, u64) {
     let t = TempDir::new();
     let (dst, src) = pair(&t.0, "ca");
     let ep = transport::server_with(any_port(), &dst, opts).unwrap();
@@ -593,30 +593,45 @@ async fn requester_packets(opts: &TransportOptions, n: u64) -> u64 {
         .await
         .unwrap();
     let mut requester = measure::Requester::open(&conn).await;
-    for i in 0..10 {
-        requester.round_trip(i).await; // handshake and MTU probes settle
+    // The handshake and both ends' MTU discovery settle (a probe's ACK may wait out the
+    // sparse-ACK delay).
+    for i in 0..20 {
+        requester.round_trip(i).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let before = conn.stats().path.sent_packets;
+    let (sent, received) = (
+        conn.stats().path.sent_packets,
+        conn.stats().udp_rx.datagrams,
+    );
     for i in 0..n {
         requester.round_trip(i).await;
     }
-    let sent = conn.stats().path.sent_packets - before;
+    let stats = conn.stats();
+    let counts = (
+        stats.path.sent_packets - sent,
+        stats.udp_rx.datagrams - received,
+    );
     requester.finish().await;
     conn.close(0u32.into(), b"done");
     answerer.await.unwrap();
-    sent
+    counts
 }
 
 /// The fault connection (`TransportOptions::for_faults`, both ends' settings) asks its peer for
 /// sparse ACKs (QUIC ACK frequency): the side waiting
 /// for pages sends one packet per request, the ACK of the last answer riding on it, instead of
-/// a stand-alone ACK for every answer that wakes the answering side on the fault's path.
+/// a stand-alone ACK for every answer that wakes the answering side on the fault's path. Shown
+/// on 1,472-byte datagrams (a 1,500-byte path), where an answer is three packets.
 #[tokio::test]
 async fn fault_connection_acks_ride_on_the_next_request() {
     with_timeout(async {
         let n = 200;
-        let default = requester_packets(&TransportOptions::default(), n).await;
-        let sparse = requester_packets(&TransportOptions::default().for_faults(), n).await;
+        let ethernet = TransportOptions {
+            max_datagram: transport::QUINN_MAX_DATAGRAM,
+            ..TransportOptions::default()
+        };
+        let (default, _) = round_trip_packets(&ethernet, n).await;
+        let (sparse, _) = round_trip_packets(&ethernet.clone().for_faults(), n).await;
         eprintln!("requester packets for {n} round trips: quinn's ACKs {default}, sparse {sparse}");
         assert!(
             default >= n * 3 / 2,
@@ -628,4 +643,53 @@ async fn fault_connection_acks_ride_on_the_next_request() {
         );
     })
     .await
+}
+
+/// MTU discovery finds the largest datagram the path carries up to `max_datagram`: on loopback
+/// (MTU 65536) a fault answer of one page is one datagram with pageserv's default, and three
+/// with quinn's 1,472 bytes, the Ethernet default that would otherwise cap it.
+#[tokio::test]
+async fn datagrams_grow_to_what_the_path_carries() {
+    with_timeout(async {
+        let n = 100;
+        let ethernet = TransportOptions {
+            max_datagram: transport::QUINN_MAX_DATAGRAM,
+            ..TransportOptions::default()
+        }
+        .for_faults();
+        let (_, small) = round_trip_packets(&ethernet, n).await;
+        let (_, large) = round_trip_packets(&TransportOptions::default().for_faults(), n).await;
+        eprintln!("answer datagrams for {n} pages: 1,472-byte limit {small}, default {large}");
+        assert!(
+            small >= n * 5 / 2,
+            "a 4 KiB answer should take three 1,472-byte datagrams: {small}"
+        );
+        assert!(
+            large <= n * 11 / 10,
+            "with MTU discovery up to {} bytes an answer should be one datagram: {large}",
+            transport::MAX_DATAGRAM
+        );
+    })
+    .await
+}
+
+/// A `max_datagram` outside what UDP and QUIC allow is refused with the option's name, not
+/// clamped in silence.
+#[test]
+fn an_impossible_datagram_size_is_refused() {
+    for bad in [0u16, 1_199, 65_528] {
+        let opts = TransportOptions {
+            max_datagram: bad,
+            ..TransportOptions::default()
+        };
+        let e = opts.transport_config().unwrap_err().to_string();
+        assert!(e.contains("max_datagram"), "{e}");
+        let e = opts.endpoint_config().unwrap_err().to_string();
+        assert!(e.contains("max_datagram"), "{e}");
+    }
+    let ok = TransportOptions::default();
+    assert_eq!(
+        ok.endpoint_config().unwrap().get_max_udp_payload_size(),
+        u64::from(transport::MAX_DATAGRAM)
+    );
 }

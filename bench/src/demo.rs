@@ -50,6 +50,10 @@ pub struct DemoArgs {
     /// Limit the link (tbf on the veth), e.g. 1gbit.
     #[arg(long)]
     pub rate: Option<String>,
+    /// The veth's MTU at both ends, e.g. 9000 (jumbo frames, as on a migration network); the
+    /// kernel's 1500 if not given. QUIC's MTU discovery finds it and sends larger datagrams.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub mtu: Option<u32>,
     /// Start the dump by hand as runc does (--page-server, --status-fd) and let pageserv join it.
     #[arg(long)]
     pub external_dump: bool,
@@ -261,6 +265,9 @@ pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     interrupt::testbed(&bed.netns, &bed.host_if);
     if let Some(rate) = &args.rate {
         bed.limit_rate(rate)?;
+    }
+    if let Some(mtu) = args.mtu {
+        bed.set_mtu(mtu)?;
     }
     migrate_on(&bed, args, None)
 }

@@ -129,9 +129,20 @@ impl Testbed {
                         sh(Command::new("tc").args(&args))?;
                     }
                 }
+                if let Some(mtu) = shape.mtu {
+                    bed.set_mtu(mtu)?;
+                }
                 if let (Emulator::Tbf, Some(bps)) = (bed.emulator, shape.rate_bps) {
                     bed.limit_rate(&format!("{bps}bit"))?;
                 }
+            }
+            Emulator::Linkem if shape.mtu.is_some() => {
+                return Err(TestbedError::Command {
+                    cmd: "testbed".into(),
+                    detail: "an MTU is set on veth links only (bare, tbf or netem), and this \
+                             link needs linkem: drop the MTU or the delay and loss"
+                        .into(),
+                });
             }
             Emulator::Linkem => {
                 // One TUN device per side, with the same name in both namespaces.
@@ -259,6 +270,17 @@ impl Testbed {
             None => tbf(&[], &self.host_if)?,
         };
         tbf(&["-n", &self.netns], &self.ns_if)?;
+        Ok(())
+    }
+
+    /// Sets the MTU of both ends of the veth (e.g. 9000 for jumbo frames).
+    pub fn set_mtu(&self, mtu: u32) -> Result<(), TestbedError> {
+        let mtu = mtu.to_string();
+        match &self.src_netns {
+            Some(ns) => ip(&["-n", ns, "link", "set", &self.host_if, "mtu", &mtu])?,
+            None => ip(&["link", "set", &self.host_if, "mtu", &mtu])?,
+        };
+        ip(&["-n", &self.netns, "link", "set", &self.ns_if, "mtu", &mtu])?;
         Ok(())
     }
 

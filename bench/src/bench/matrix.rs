@@ -153,8 +153,9 @@ impl Mode {
 
 /// The link between the source and destination namespaces: rate, round-trip time and random
 /// loss, the same in each direction. Written as its label: `unlimited`, or parts joined by `+`:
-/// a rate (`100mbit`, `1gbit`, or `unlimited`), a round-trip time (`40ms`, `500us`) and a loss
-/// per direction (`0.5%`), e.g. `100mbit+40ms+0.5%`.
+/// a rate (`100mbit`, `1gbit`, or `unlimited`), a round-trip time (`40ms`, `500us`), a loss
+/// per direction (`0.5%`) and an MTU (`mtu9000`, jumbo frames; veth links only), e.g.
+/// `100mbit+40ms+0.5%` or `unlimited+mtu9000`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Link {
@@ -164,11 +165,15 @@ pub struct Link {
     pub rtt_us: u64,
     /// Loss per direction in parts per million (5000 is 0.5%).
     pub loss_ppm: u32,
+    /// The interfaces' MTU; `None` is the kernel's default (1500).
+    pub mtu: Option<u32>,
 }
 
 /// A link slower than 1 kbit/s, a round trip over 10 s or loss over 50% is a typo, not a link.
 const MAX_RTT_US: u64 = 10_000_000;
 const MAX_LOSS_PPM: u32 = 500_000;
+/// IPv6's smallest MTU to a veth's largest.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 1_280..=65_535;
 
 impl Link {
     /// The bare veth.
@@ -176,6 +181,7 @@ impl Link {
         rate_bps: None,
         rtt_us: 0,
         loss_ppm: 0,
+        mtu: None,
     };
 
     pub fn new(rate_bps: Option<u64>, rtt_us: u64, loss_ppm: u32) -> Link {
@@ -183,6 +189,7 @@ impl Link {
             rate_bps,
             rtt_us,
             loss_ppm,
+            mtu: None,
         }
     }
 
@@ -211,6 +218,9 @@ impl Link {
         if self.loss_ppm > 0 {
             parts.push(format!("{}%", f64::from(self.loss_ppm) / 1e4));
         }
+        if let Some(mtu) = self.mtu {
+            parts.push(format!("mtu{mtu}"));
+        }
         parts.join("+")
     }
 
@@ -223,8 +233,8 @@ impl Link {
     pub fn parse(s: &str) -> Result<Link, String> {
         let bad = |why: &str| {
             format!(
-                "link {s:?}: {why}; give `unlimited` or rate+rtt+loss such as 1gbit+2ms or \
-                 100mbit+40ms+0.5%"
+                "link {s:?}: {why}; give `unlimited` or rate+rtt+loss+mtu such as 1gbit+2ms, \
+                 100mbit+40ms+0.5% or unlimited+mtu9000"
             )
         };
         let mut parts = s.split('+');
@@ -254,7 +264,15 @@ impl Link {
         let mut link = Link::new(rate_bps, 0, 0);
         let (mut rtt_seen, mut loss_seen) = (false, false);
         for p in parts {
-            if let Some(pct) = p.strip_suffix('%') {
+            if let Some(mtu) = p.strip_prefix("mtu") {
+                let v: u32 = mtu
+                    .parse()
+                    .map_err(|_| bad("the MTU is a number of bytes"))?;
+                if link.mtu.is_some() || !MTU_RANGE.contains(&v) {
+                    return Err(bad("one MTU between 1280 and 65535 bytes"));
+                }
+                link.mtu = Some(v);
+            } else if let Some(pct) = p.strip_suffix('%') {
                 let v: f64 = pct.parse().map_err(|_| bad("loss is a percentage"))?;
                 let ppm = (v * 1e4).round();
                 if loss_seen || !(0.0..=f64::from(MAX_LOSS_PPM)).contains(&ppm) {
@@ -292,6 +310,7 @@ impl Link {
             rate_bps: self.rate_bps,
             delay_us: self.rtt_us / 2,
             loss: f64::from(self.loss_ppm) / 1e6,
+            mtu: self.mtu,
         }
     }
 }
@@ -484,6 +503,13 @@ mod tests {
             Link::parse("unlimited+0.5%+500us"),
             Ok(Link::new(None, 500, 5_000))
         );
+        let jumbo = Link::parse("1gbit+mtu9000").unwrap();
+        assert_eq!(
+            (jumbo.rate_bps, jumbo.mtu),
+            (Some(1_000_000_000), Some(9000))
+        );
+        assert_eq!(jumbo.label(), "1gbit+mtu9000");
+        assert_eq!(jumbo.shape().mtu, Some(9000));
         for l in Matrix::default_links() {
             assert_eq!(Link::parse(&l.label()), Ok(l.clone()), "{}", l.label());
         }
@@ -511,6 +537,10 @@ mod tests {
             "1gbit+x",
             "1gbit+20s",
             "10bit",
+            "unlimited+mtu",
+            "unlimited+mtu1000",
+            "unlimited+mtu70000",
+            "unlimited+mtu9000+mtu1500",
         ] {
             assert!(Link::parse(bad).is_err(), "{bad}");
         }

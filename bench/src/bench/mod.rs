@@ -40,8 +40,8 @@ pub struct BenchArgs {
     /// Workload sizes in MiB (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<u64>,
-    /// Links (comma-separated): `unlimited`, or rate+rtt+loss such as 1gbit+2ms or
-    /// 100mbit+40ms+0.5% (loss per direction).
+    /// Links (comma-separated): `unlimited`, or rate+rtt+loss+mtu such as 1gbit+2ms,
+    /// 100mbit+40ms+0.5% (loss per direction) or unlimited+mtu9000 (jumbo frames on the veth).
     #[arg(long, value_delimiter = ',', value_parser = Link::parse)]
     pub links: Vec<Link>,
     /// Workload dirty rates in pages per millisecond (comma-separated).

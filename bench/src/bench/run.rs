@@ -62,14 +62,16 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
         c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
         _ => "cubic".to_string(),
     };
-    // quinn alone on the bare veth and on each rate-only link of the run: the floor under the
-    // services' CPU there (256 MiB on a shaped link: a few seconds at 1 Gbit/s).
+    // quinn alone on the bare veth and on each other veth link of the run with a rate or an
+    // MTU only: the floor under the services' CPU there (256 MiB on a shaped link: a few
+    // seconds at 1 Gbit/s).
     let mut links = vec![crate::bench::matrix::Link::UNLIMITED];
     links.extend(
         matrix
             .links
             .iter()
-            .filter(|l| l.rate_bps.is_some() && l.rtt_us == 0 && l.loss_ppm == 0)
+            .filter(|l| **l != crate::bench::matrix::Link::UNLIMITED)
+            .filter(|l| l.rtt_us == 0 && l.loss_ppm == 0)
             .cloned(),
     );
     for link in links {
@@ -83,7 +85,7 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
                     link.label(),
                     q.mib_s
                 );
-                if link.rate_bps.is_none() {
+                if link == crate::bench::matrix::Link::UNLIMITED {
                     machine.quinn_bulk_mib_s = Some(q.mib_s);
                 }
                 machine.quinn_floor.push(crate::bench::machine::QuinnFloor {

@@ -23,6 +23,8 @@ pub struct LinkShape {
     pub delay_us: u64,
     /// Probability that a packet is dropped, per packet and direction (0.005 is 0.5%).
     pub loss: f64,
+    /// The MTU of both ends of the veth; `None` leaves the kernel's 1500. Not for linkem.
+    pub mtu: Option<u32>,
 }
 
 impl LinkShape {
@@ -274,6 +276,7 @@ mod tests {
             rate_bps: Some(100_000_000),
             delay_us: 20_000,
             loss: 0.005,
+            mtu: None,
         };
         assert_eq!(
             netem_args("v0", &shape).join(" "),

@@ -34,6 +34,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         children: 0,
         churn: false,
         rate: None,
+        mtu: None,
         external_dump: false,
         stop_and_copy: cell.mode == Mode::PageservStopAndCopy,
         after: AFTER_S,

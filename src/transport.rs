@@ -53,10 +53,10 @@ pub enum Congestion {
 }
 
 /// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
-/// packets on a 1,500-byte path (a 4 KiB answer is three there, one with jumbo frames) before an ACK must go out on its own. Kept below quinn's
-/// initial congestion window (~10 packets), so a source with several answers in flight is
-/// never held by its window while dst, all of whose threads wait, has no request to carry the
-/// ACK.
+/// packets on a 1,500-byte path (a 4 KiB answer is three there, one with jumbo frames) before
+/// an ACK must go out on its own. Kept below quinn's initial congestion window (~10 packets),
+/// so a source with several answers in flight is never held by its window while dst, all of
+/// whose threads wait, has no request to carry the ACK.
 pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
 /// The longest a peer asked for sparse ACKs ([`TransportOptions::ack_eliciting_threshold`])
 /// holds one back when no packet of its own carries it (a quiet fault connection): also part
@@ -269,8 +269,8 @@ impl TransportOptions {
     }
 }
 
-/// quinn's own largest datagram (its `EndpointConfig` and MTU discovery defaults): Ethernet's
-/// 1,500-byte MTU less the IP and UDP headers.
+/// quinn's own largest datagram, its `EndpointConfig` default: Ethernet's 1,500-byte MTU less
+/// the IP and UDP headers (its MTU discovery stops at 1,452 by default).
 pub const QUINN_MAX_DATAGRAM: u16 = 1_472;
 
 /// Who is on the other end of an accepted connection.

@@ -246,25 +246,27 @@ impl TransportOptions {
     /// the peer's MTU discovery there).
     pub fn endpoint_config(&self) -> Result<EndpointConfig, TransportError> {
         let mut e = EndpointConfig::default();
-        e.max_udp_payload_size(self.checked_max_datagram()?)
-            .map_err(|e| TransportError::Config {
-                what: "max_datagram",
-                why: e.to_string(),
-            })?;
+        e.max_udp_payload_size(self.max_datagram)
+            .map_err(|_| self.datagram_out_of_range())?;
         Ok(e)
     }
 
+    /// `max_datagram`, if QUIC can use it: quinn's MTU discovery would clamp it in silence.
     fn checked_max_datagram(&self) -> Result<u16, TransportError> {
         if (1_200..=65_527).contains(&self.max_datagram) {
             Ok(self.max_datagram)
         } else {
-            Err(TransportError::Config {
-                what: "max_datagram",
-                why: format!(
-                    "{} bytes is outside UDP's 1,200 to 65,527 a QUIC datagram may carry",
-                    self.max_datagram
-                ),
-            })
+            Err(self.datagram_out_of_range())
+        }
+    }
+
+    fn datagram_out_of_range(&self) -> TransportError {
+        TransportError::Config {
+            what: "max_datagram",
+            why: format!(
+                "{} bytes is outside the 1,200 to 65,527 a QUIC datagram may carry",
+                self.max_datagram
+            ),
         }
     }
 }

@@ -577,8 +577,8 @@ async fn a_certificate_acting_as_the_other_role_is_refused() {
     .await
 }
 
-/// Packets each side sends for `n` request/answer round trips on one stream, each answer one
-/// page, with both ends on `opts`: (the requester's, the answerer's).
+/// For `n` request/answer round trips on one stream, each answer one page, with both ends on
+/// `opts`: (packets the requester sent, datagrams it received: the answers and any ACKs).
 async fn round_trip_packets(opts: &TransportOptions, n: u64) -> (u64, u64) {
     let t = TempDir::new();
     let (dst, src) = pair(&t.0, "ca");
@@ -617,21 +617,26 @@ async fn round_trip_packets(opts: &TransportOptions, n: u64) -> (u64, u64) {
     counts
 }
 
+/// The transport's defaults with quinn's largest datagram (1,472 bytes: a 1,500-byte path),
+/// where a one-page answer is three packets.
+fn ethernet() -> TransportOptions {
+    TransportOptions {
+        max_datagram: transport::QUINN_MAX_DATAGRAM,
+        ..TransportOptions::default()
+    }
+}
+
 /// The fault connection (`TransportOptions::for_faults`, both ends' settings) asks its peer for
-/// sparse ACKs (QUIC ACK frequency): the side waiting
-/// for pages sends one packet per request, the ACK of the last answer riding on it, instead of
-/// a stand-alone ACK for every answer that wakes the answering side on the fault's path. Shown
-/// on 1,472-byte datagrams (a 1,500-byte path), where an answer is three packets.
+/// sparse ACKs (QUIC ACK frequency): the side waiting for pages sends one packet per request,
+/// the ACK of the last answer riding on it, instead of a stand-alone ACK for every answer that
+/// wakes the answering side on the fault's path. Shown on 1,472-byte datagrams ([`ethernet`]),
+/// where an answer is three packets.
 #[tokio::test]
 async fn fault_connection_acks_ride_on_the_next_request() {
     with_timeout(async {
         let n = 200;
-        let ethernet = TransportOptions {
-            max_datagram: transport::QUINN_MAX_DATAGRAM,
-            ..TransportOptions::default()
-        };
-        let (default, _) = round_trip_packets(&ethernet, n).await;
-        let (sparse, _) = round_trip_packets(&ethernet.clone().for_faults(), n).await;
+        let (default, _) = round_trip_packets(&ethernet(), n).await;
+        let (sparse, _) = round_trip_packets(&ethernet().for_faults(), n).await;
         eprintln!("requester packets for {n} round trips: quinn's ACKs {default}, sparse {sparse}");
         assert!(
             default >= n * 3 / 2,
@@ -652,12 +657,7 @@ async fn fault_connection_acks_ride_on_the_next_request() {
 async fn datagrams_grow_to_what_the_path_carries() {
     with_timeout(async {
         let n = 100;
-        let ethernet = TransportOptions {
-            max_datagram: transport::QUINN_MAX_DATAGRAM,
-            ..TransportOptions::default()
-        }
-        .for_faults();
-        let (_, small) = round_trip_packets(&ethernet, n).await;
+        let (_, small) = round_trip_packets(&ethernet().for_faults(), n).await;
         let (_, large) = round_trip_packets(&TransportOptions::default().for_faults(), n).await;
         eprintln!("answer datagrams for {n} pages: 1,472-byte limit {small}, default {large}");
         assert!(

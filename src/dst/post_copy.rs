@@ -102,7 +102,8 @@ enum LinkState {
     Resuming {
         conn: quinn::Connection,
         ctl: FrameSender,
-        ctl_rx: FrameReceiver,
+        /// Boxed: the state is moved on every transition, and a receiver is large.
+        ctl_rx: Box<FrameReceiver>,
         serial: u64,
         /// Once the fault thread answered: the fault requests to send again.
         requests: Option<Vec<PidRange>>,
@@ -508,7 +509,7 @@ impl PostCopy {
                 self.state = LinkState::Resuming {
                     conn,
                     ctl,
-                    ctl_rx,
+                    ctl_rx: Box::new(ctl_rx),
                     serial,
                     requests: None,
                     fault_deadline: None,
@@ -547,7 +548,7 @@ impl PostCopy {
                 self.reconnects += 1;
                 let again = requests.unwrap_or_default();
                 let n = again.len();
-                let link = self.start_link(conn, ctl, ctl_rx, fc, again);
+                let link = self.start_link(conn, ctl, *ctl_rx, fc, again);
                 tracing::info!(
                     generation = self.generation,
                     requests_again = n,

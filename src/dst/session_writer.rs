@@ -15,8 +15,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::criu::page_server::writer::{DirWriter, WriterError, WrittenSummary};
 
-/// Page bytes queued for the writer thread at most (a frame is at most 16 MiB).
-pub const MAX_QUEUED_BYTES: u32 = 32 << 20;
+/// Page bytes queued for the writer thread at most (a frame is at most 16 MiB; the source's
+/// lanes send 256 KiB ones). With the 16 MiB of QUIC's connection window in front of it, dst
+/// buffers 32 MiB of the session, ~50 ms at the bare veth's rate, within its 64 MiB bound
+/// when the writer is slower than the link (measured: a `sync`-mounted image directory).
+pub const MAX_QUEUED_BYTES: u32 = 16 << 20;
 
 enum Cmd {
     Create(u32),

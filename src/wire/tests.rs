@@ -449,3 +449,44 @@ fn valid_bitmaps_are_checked_both_ways() {
         other => panic!("expected a payload_len error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_payload_owns_no_room_grown_for_the_frames_after_it() {
+    // Two 256 KiB Pages frames fed in QUIC-sized chunks, one chunk carrying the end of the first
+    // and the start of the second: the first payload's allocation must end where the payload
+    // does (before the fix it was doubled to 512 KiB, twice the memory a queue of frames
+    // was sized for).
+    let frames: Vec<Frame> = (0..2u8)
+        .map(|i| Frame::Pages {
+            pid: 1,
+            vaddr: u64::from(i) * 64 * PAGE_SIZE,
+            nr_pages: 64,
+            data: page_data(64, i),
+        })
+        .collect();
+    let bytes = encode_all(&frames);
+    let mut d = FrameDecoder::new();
+    let mut got = Vec::new();
+    for chunk in bytes.chunks(1_400) {
+        d.feed(chunk);
+        while let Some(f) = d.poll().unwrap() {
+            got.push(f);
+        }
+    }
+    d.finish().unwrap();
+    assert_eq!(got, frames);
+    let Some(Frame::Pages { data, .. }) = got.into_iter().next() else {
+        unreachable!()
+    };
+    let len = data.len();
+    // The decoder has moved on to a buffer of its own, so the payload is its allocation's
+    // only owner.
+    let owned = data
+        .try_into_mut()
+        .expect("the decoder still shares the first payload's allocation");
+    assert!(
+        owned.capacity() - len < HEADER_LEN + 1_400,
+        "{} bytes of room after a {len}-byte payload",
+        owned.capacity() - len
+    );
+}

@@ -30,6 +30,9 @@ pub struct SourceReport {
     /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
     /// validity frames, QUIC overhead).
     pub wire_bytes_after_freeze: u64,
+    /// Largest UDP payload the push connection's MTU discovery settled on: 1,466 or so on a
+    /// 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
+    pub path_mtu: u16,
     /// The source's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
     /// Times the link to dst died mid post-copy and came back (see source::recovery).
@@ -106,7 +109,7 @@ impl SourceReport {
              \x20 total                                     {:>10.1} ms\n\
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
-             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}\n\
+             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}, QUIC datagrams up to {} bytes\n\
              {}{}{}",
             self.downtime_ms,
             self.total_ms,
@@ -119,6 +122,7 @@ impl SourceReport {
             self.pump.gets,
             self.pump.bytes_from_dump,
             self.push_bytes,
+            self.path_mtu,
             self.serving(),
             self.fault_service(),
             self.usage.render(),
@@ -157,5 +161,24 @@ impl SourceReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_says_how_large_the_datagrams_grew() {
+        let r = SourceReport {
+            path_mtu: 6_500,
+            push_bytes: 42,
+            ..SourceReport::default()
+        };
+        let text = r.render();
+        assert!(
+            text.contains("push bytes 42, QUIC datagrams up to 6500 bytes"),
+            "{text}"
+        );
     }
 }

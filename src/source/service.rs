@@ -195,6 +195,7 @@ async fn drive(
     )
     .await;
     let link_tx_bytes = link.tx_bytes();
+    let path_mtu = link.conn.stats().path.current_mtu;
     let wire_after_freeze = (wire_dead_links + link_tx_bytes).saturating_sub(wire_at_freeze);
     let DstConnections {
         conn, fault_conn, ..
@@ -207,6 +208,7 @@ async fn drive(
             report.eager_dump = dump.eager;
             report.dump_phases = dump_phases;
             report.wire_bytes_after_freeze = wire_after_freeze;
+            report.path_mtu = path_mtu;
             report.peak_rss_bytes = peak_rss_bytes();
             report.usage = crate::usage::ServiceUsage::measure(
                 report.total_ms,

@@ -106,6 +106,9 @@ pub struct StopCopyReport {
     pub images_bytes: u64,
     /// UDP bytes sent on the QUIC connection.
     pub wire_bytes: u64,
+    /// Largest UDP payload the control connection's MTU discovery settled on: 1,466 or so on
+    /// a 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
+    pub path_mtu: u16,
     pub dump_ok: bool,
     /// The service's CPU time and peak RSS (its own and its reaped children's, CRIU's dump
     /// among them, apart).
@@ -120,7 +123,7 @@ impl StopCopyReport {
              \x20 memory session (dump start → CLOSE)       {:>10.1} ms\n\
              \x20 total                                     {:>10.1} ms\n\
              \x20 pagemaps {}, pages present {} ({:.1} MiB), in parent {}, lazy-only {}\n\
-             \x20 images {} bytes, wire {} bytes\n\
+             \x20 images {} bytes, wire {} bytes, QUIC datagrams up to {} bytes\n\
              {}",
             self.downtime_ms,
             self.session_ms,
@@ -132,6 +135,7 @@ impl StopCopyReport {
             self.pages_lazy_only,
             self.images_bytes,
             self.wire_bytes,
+            self.path_mtu,
             self.usage.render(),
         )
     }
@@ -305,6 +309,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     .await?;
     ctl.finish();
     report.wire_bytes = conns.iter().map(|c| c.stats().udp_tx.bytes).sum();
+    report.path_mtu = conn.stats().path.current_mtu;
     for (i, c) in conns.iter().enumerate() {
         let s = c.stats();
         tracing::info!(
@@ -315,6 +320,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             congestion_events = s.path.congestion_events,
             cwnd = s.path.cwnd,
             rtt_us = s.path.rtt.as_micros() as u64,
+            mtu = s.path.current_mtu,
             "QUIC path of the session"
         );
     }

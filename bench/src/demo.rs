@@ -223,6 +223,42 @@ fn wait_for_line(
         .context("pageserv dst did not start listening in time")
 }
 
+/// The source workload (`pid`, in the pid namespace of its `unshare` parent): ended when
+/// dropped unless the migration ended it itself, so that a migration that fails early (a
+/// service that does not start, a bad argument) leaves no workload running behind it.
+struct SourceWorkload {
+    unshare: Child,
+    pid: i32,
+    ended: bool,
+}
+
+impl SourceWorkload {
+    /// Ends the `unshare` parent once the migration has dealt with the workload itself.
+    fn end_unshare(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+        self.ended = true;
+    }
+}
+
+impl Drop for SourceWorkload {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        // While `unshare` runs, the workload (its child, the init of its pid namespace) has
+        // not been reaped, so the pid is still the workload's.
+        let parent_running = matches!(self.unshare.try_wait(), Ok(None));
+        if parent_running && alive(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.end_unshare();
+    }
+}
+
 pub(crate) fn alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie is not alive: its memory is gone.
@@ -279,9 +315,14 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     let pageserv = sibling("pageserv")?;
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
-    let (mut unshare, pid) = start_workload(bed, args, &log)?;
+    let (unshare, pid) = start_workload(bed, args, &log)?;
     interrupt::started(unshare.id() as i32);
     interrupt::started(pid);
+    let mut workload = SourceWorkload {
+        unshare,
+        pid,
+        ended: false,
+    };
     eprintln!("workload pid {pid} ready; letting it run 1 s before the migration");
     std::thread::sleep(Duration::from_secs(1));
 
@@ -501,8 +542,7 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     if !live.is_empty() {
         std::thread::sleep(Duration::from_millis(300));
     }
-    let _ = unshare.kill();
-    let _ = unshare.wait();
+    workload.end_unshare();
 
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let wl = Summary::parse(&text);

@@ -17,9 +17,11 @@ use crate::criu::page_server::writer::{DirWriter, WriterError, WrittenSummary};
 
 /// Page bytes queued for the writer thread at most (a frame is at most 16 MiB; the source's
 /// lanes send 256 KiB ones). With the 16 MiB of QUIC's connection window in front of it, dst
-/// buffers 32 MiB of the session, ~50 ms at the bare veth's rate, within its 64 MiB bound
-/// when the writer is slower than the link (measured: a `sync`-mounted image directory).
-pub const MAX_QUEUED_BYTES: u32 = 16 << 20;
+/// buffers 24 MiB of the session, ~40 ms at the bare veth's rate: enough, as 8, 16 and 32 MiB
+/// made no measurable difference to the session's time there, and within dst's 64 MiB bound
+/// when the writer is slower than the link (measured with a `sync`-mounted image directory:
+/// 48-49 MiB peak at 8 MiB, 57-65 MiB at 16; README, Status).
+pub const MAX_QUEUED_BYTES: u32 = 8 << 20;
 
 enum Cmd {
     Create(u32),

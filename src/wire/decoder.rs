@@ -28,7 +28,8 @@ pub struct FrameDecoder {
     /// Validated header of the frame whose payload is still arriving, with the frame's offset.
     pending: Option<(FrameHeader, u64)>,
     /// Frames whose bytes have all arrived, split off `buf`, in stream order, not yet polled:
-    /// header, offset, payload. At most what one [`feed`](Self::feed) call carried.
+    /// header, offset, payload. At most what was fed since the last poll that returned
+    /// `Ok(None)` (for [`crate::transport::FrameReceiver`], one read of the stream).
     ready: VecDeque<(FrameHeader, u64, Bytes)>,
     /// Once the stream is found corrupt, every later poll (after the frames before the fault)
     /// repeats the error, and nothing more is buffered.

@@ -351,7 +351,8 @@ fn run(cli: Cli) -> Result<()> {
                     congestion: a.congestion.into(),
                     deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
-                },
+                }
+                .with_sparse_bulk_acks(),
                 lanes: a.lanes,
                 connections: a.lane_connections,
             };

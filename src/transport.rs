@@ -52,12 +52,45 @@ pub enum Congestion {
     Scavenger,
 }
 
+impl Congestion {
+    /// The ACK threshold a bulk connection under this controller asks for
+    /// ([`TransportOptions::ack_eliciting_threshold`]): [`BULK_ACK_ELICITING_THRESHOLD`] for the
+    /// loss-based ones, whose window grows far past it; quinn's own (`None`) for BBR and the
+    /// scavenger, whose window stays near the path's BDP, on a LAN a few packets, fewer than
+    /// the threshold: the receiver then acknowledges only after [`SPARSE_ACK_MAX_DELAY`], and
+    /// BBR's ProbeRTT (0.75 BDP for 200 ms every 10 s) crawls. Measured with quinn-bulk over the
+    /// 1 Gbit/s tbf: BBR lost 5% of its goodput with 64 (104-106 against 109-110 MiB/s), Cubic
+    /// none (110-112).
+    pub fn bulk_ack_threshold(self) -> Option<u32> {
+        match self {
+            Congestion::Cubic | Congestion::NewReno => Some(BULK_ACK_ELICITING_THRESHOLD),
+            Congestion::Bbr | Congestion::Scavenger => None,
+        }
+    }
+}
+
 /// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
 /// packets on a 1,500-byte path (a 4 KiB answer is three there, one with jumbo frames) before
 /// an ACK must go out on its own. Kept below quinn's initial congestion window (~10 packets),
 /// so a source with several answers in flight is never held by its window while dst, all of
 /// whose threads wait, has no request to carry the ACK.
 pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
+/// [`TransportOptions::ack_eliciting_threshold`] of the stop-and-copy session's connections
+/// under a loss-based controller ([`TransportOptions::with_sparse_bulk_acks`]): the receiver
+/// acknowledges every 65th packet instead of every second.
+/// Each stand-alone ACK is a packet the receiver builds, encrypts and sends and the sender
+/// receives, decrypts and processes; at 1 Gbit/s that is ~40,000 of them a second each way.
+/// Measured with `pageserv-lab quinn-bulk --congestion cubic` over the bench's 1 Gbit/s tbf (2
+/// runs each, 512 MiB, same goodput): quinn's ACKs 45-47% (sender) and 55-56% (receiver) of a
+/// core; 32: 40-43% and 44-46%; 64: 38-41% and 40-43%; 128: 36-40% and 38-42%. On the bare veth
+/// the rate did not drop (532-548 MiB/s with quinn's ACKs, 556-570 at 32). A 1 GiB stop-and-copy
+/// at 1 Gbit/s (bench, cubic): 4.5 / 4.7 s of CPU (src / dst) with quinn's ACKs, 3.3 / 3.3 s
+/// with 64 (README, "Stop-and-copy"). Not higher: the sender's window must hold more
+/// packets than this for ACKs to come back before [`SPARSE_ACK_MAX_DELAY`], so while slow start
+/// opens the window (~10 packets at first) the first round trips each wait that delay; at 64
+/// that is three doublings, ~15 ms once per connection. A lost or reordered packet is still
+/// acknowledged at once (quinn's reordering threshold).
+pub const BULK_ACK_ELICITING_THRESHOLD: u32 = 64;
 /// The longest a peer asked for sparse ACKs ([`TransportOptions::ack_eliciting_threshold`])
 /// holds one back when no packet of its own carries it (a quiet fault connection): also part
 /// of the sender's loss timeout, so it stays short.
@@ -114,10 +147,12 @@ pub struct TransportOptions {
     pub max_concurrent_streams: u32,
     /// Ack-eliciting packets the peer may receive before it must acknowledge them at once
     /// (QUIC's ACK-frequency extension; quinn's default is 1: an ACK for every second packet).
-    /// `None` leaves quinn's behaviour. The fault connection raises it
-    /// ([`FAULT_ACK_ELICITING_THRESHOLD`]): a 4 KiB fault answer is three packets, so the default
-    /// sends a stand-alone ACK for every fault, waking the source's fault lane on the fault's
-    /// path, while the next fault request carries that ACK anyway.
+    /// `None` (the default) leaves quinn's behaviour. Stop-and-copy asks for sparse ACKs
+    /// ([`TransportOptions::with_sparse_bulk_acks`]). The fault connection uses
+    /// [`FAULT_ACK_ELICITING_THRESHOLD`]: a 4 KiB fault answer is three packets, so quinn's
+    /// default sends a stand-alone ACK for every fault, waking the source's fault lane on the
+    /// fault's path, while the next fault request carries that ACK anyway. The side that sends
+    /// the data is the one whose setting counts: it asks its peer to acknowledge this sparsely.
     pub ack_eliciting_threshold: Option<u32>,
     /// SO_RCVBUF of the UDP socket (forced past net.core.rmem_max when running as root); 0 leaves
     /// the kernel default. A large one absorbs receiver CPU hiccups without loss (bulk
@@ -176,7 +211,22 @@ impl TransportOptions {
             udp_recv_buffer: 0,
             udp_send_buffer: 0,
             max_datagram: QUINN_MAX_DATAGRAM,
+            ack_eliciting_threshold: None,
             ..Self::default()
+        }
+    }
+
+    /// These options with sparse ACKs as their controller suits them
+    /// ([`Congestion::bulk_ack_threshold`]): for the stop-and-copy session, whose connections
+    /// carry nothing but the dump. Not for the post-copy's push connection: it also carries the
+    /// images on the downtime's critical path, right after the handshake, while the window is
+    /// ~10 packets; with sparse ACKs each of slow start's first round trips waited for
+    /// [`SPARSE_ACK_MAX_DELAY`] (measured: ~40 ms more from the freeze to the workload's first
+    /// beat at dst, 2 runs each way, bare veth and 1 Gbit/s).
+    pub fn with_sparse_bulk_acks(self) -> Self {
+        TransportOptions {
+            ack_eliciting_threshold: self.congestion.bulk_ack_threshold(),
+            ..self
         }
     }
 

@@ -693,3 +693,80 @@ fn an_impossible_datagram_size_is_refused() {
         u64::from(transport::MAX_DATAGRAM)
     );
 }
+
+/// Sends `packets` small writes (1,000 bytes, ~one packet each) on one stream from a client to
+/// a server, both with `opts`, from a thread that sleeps 50 us between writes, so the packets
+/// arrive spread out as on a paced link (back to back, quinn acknowledges a whole received batch
+/// at once whatever its policy). Returns the packets the server received and the packets it
+/// sent back (its ACKs, flow-control credit and the like) while it read them.
+async fn spread_packets(opts: &TransportOptions, packets: usize) -> (u64, u64) {
+    const WRITE: usize = 1_000;
+    let t = TempDir::new();
+    let (dst, src) = pair(&t.0, "ca");
+    let ep = transport::server_with(any_port(), &dst, opts).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let receiver = tokio::spawn(async move {
+        let (conn, _) = transport::accept(&ep, &dst).await.unwrap();
+        let mut stream = conn.accept_uni().await.unwrap();
+        let (sent, received) = (
+            conn.stats().path.sent_packets,
+            conn.stats().udp_rx.datagrams,
+        );
+        let mut got = 0;
+        while let Some(chunk) = stream.read_chunk(1 << 20, true).await.unwrap() {
+            got += chunk.bytes.len();
+        }
+        assert_eq!(got, packets * WRITE, "the stream's bytes");
+        let stats = conn.stats();
+        conn.close(0u32.into(), b"done");
+        (
+            stats.udp_rx.datagrams - received,
+            stats.path.sent_packets - sent,
+        )
+    });
+    let conn = transport::connect_with(any_port(), addr, "dst", &src, opts)
+        .await
+        .unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    let rt = tokio::runtime::Handle::current();
+    let sender = std::thread::spawn(move || {
+        let data = [0x5a; WRITE];
+        for _ in 0..packets {
+            rt.block_on(s.write_all(&data)).unwrap();
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        s.finish().unwrap();
+    });
+    let counts = receiver.await.unwrap();
+    sender.join().unwrap();
+    conn.closed().await;
+    counts
+}
+
+/// The stop-and-copy session's connections (`with_sparse_bulk_acks`, Cubic) ask the receiver to
+/// acknowledge about every [`transport::BULK_ACK_ELICITING_THRESHOLD`]th packet instead of every
+/// second: the receiver sends a small fraction of the packets quinn's own policy makes it send
+/// (the default's, the push connection's), each of which the sender would receive and decrypt
+/// too. Packet counts, not timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_receivers_acknowledge_sparsely() {
+    with_timeout(async {
+        let n = 4_000;
+        let (data, quinn_sent) = spread_packets(&ethernet(), n).await;
+        let sparse = ethernet().with_sparse_bulk_acks();
+        let (sparse_data, sparse_sent) = spread_packets(&sparse, n).await;
+        eprintln!(
+            "{n} writes: quinn's ACKs {quinn_sent} packets back for {data}; \
+             sparse {sparse_sent} for {sparse_data}"
+        );
+        assert!(
+            quinn_sent >= data / 4,
+            "quinn's policy should acknowledge every second packet: {quinn_sent} for {data}"
+        );
+        assert!(
+            sparse_sent <= sparse_data / 20,
+            "stop-and-copy's setting should acknowledge sparsely: {sparse_sent} for {sparse_data}"
+        );
+    })
+    .await
+}

@@ -35,6 +35,11 @@ pub struct QuinnBulkArgs {
     /// The link, as the bench's `--links` takes it (`unlimited`, `1gbit`, ...).
     #[arg(long, default_value = "unlimited")]
     pub link: String,
+    /// Ack-eliciting packets the receiver may take before it must acknowledge them (QUIC's
+    /// ACK-frequency extension); unset leaves the push connection's (quinn's own), 64 is
+    /// stop-and-copy's under Cubic (`TransportOptions::with_sparse_bulk_acks`).
+    #[arg(long)]
+    pub ack_threshold: Option<u32>,
     /// Internal: run one side (receiver or sender) in the current namespace.
     #[arg(long, hide = true)]
     pub side: Option<String>,
@@ -88,6 +93,16 @@ fn side_report(out: &[u8], side: &str) -> Result<SideReport> {
 
 /// quinn's bulk rate (and each side's CPU) over the testbed's veth, shaped as `link`.
 pub fn measure(mib: u64, congestion_name: &str, link: &Link) -> Result<QuinnBulk> {
+    measure_with(mib, congestion_name, link, None)
+}
+
+/// [`measure`] with the receiver's ACK threshold set (`--ack-threshold`).
+pub fn measure_with(
+    mib: u64,
+    congestion_name: &str,
+    link: &Link,
+    ack_threshold: Option<u32>,
+) -> Result<QuinnBulk> {
     let linkem = std::env::current_exe()?.with_file_name("linkem");
     let bed = Testbed::pair(3, &link.shape(), &linkem).context("building the testbed")?;
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
@@ -106,8 +121,11 @@ pub fn measure(mib: u64, congestion_name: &str, link: &Link) -> Result<QuinnBulk
         .arg("--addr")
         .arg(addr.to_string())
         .arg("--certs")
-        .arg(certs)
-        .stdout(std::process::Stdio::piped());
+        .arg(certs);
+        if let Some(t) = ack_threshold {
+            cmd.arg("--ack-threshold").arg(t.to_string());
+        }
+        cmd.stdout(std::process::Stdio::piped());
         cmd
     };
     let receiver = side(bed.in_dst(&exe), "receiver", &dst_certs)
@@ -144,14 +162,17 @@ pub fn measure(mib: u64, congestion_name: &str, link: &Link) -> Result<QuinnBulk
 
 pub fn run(a: QuinnBulkArgs) -> Result<()> {
     let cc = congestion(&a.congestion)?;
-    let opts = TransportOptions {
+    let mut opts = TransportOptions {
         congestion: cc,
         ..Default::default()
     };
+    if a.ack_threshold.is_some() {
+        opts.ack_eliciting_threshold = a.ack_threshold;
+    }
     match a.side.as_deref() {
         None => {
             let link = Link::parse(&a.link).map_err(anyhow::Error::msg)?;
-            let q = measure(a.mib, &a.congestion, &link)?;
+            let q = measure_with(a.mib, &a.congestion, &link, a.ack_threshold)?;
             let (tx, rx) = q.core_pct();
             println!(
                 "quinn bulk rate: {:.0} MiB/s ({} MiB, {}, link {}); CPU: sender {:.0} ms \
@@ -198,6 +219,11 @@ async fn receive(addr: SocketAddr, id: &Identity, opts: &TransportOptions) -> Re
         bail!("nothing received");
     }
     conn.close(0u32.into(), b"done");
+    // Let the close reach the sender: a process that exits first leaves it waiting out its
+    // idle timeout (30 s).
+    tokio::time::timeout(std::time::Duration::from_secs(2), ep.wait_idle())
+        .await
+        .ok();
     print_report(secs * 1e3, got)
 }
 

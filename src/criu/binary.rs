@@ -279,15 +279,33 @@ mod tests {
         assert!(Version::parse_criu_output("criu: command not found").is_none());
     }
 
-    /// A fake `criu` that prints `version_line` for `--version`.
-    fn fake_criu(name: &str, version_line: &str) -> PathBuf {
+    /// A fake `criu` that prints `version_line` for `--version` (CRIU 3.x cannot be installed
+    /// here); its directory is removed on drop.
+    struct FakeCriu(PathBuf);
+
+    impl std::ops::Deref for FakeCriu {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for FakeCriu {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn fake_criu(name: &str, version_line: &str) -> FakeCriu {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("fake-criu-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("criu");
         std::fs::write(&path, format!("#!/bin/sh\necho '{version_line}'\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        FakeCriu(path)
     }
 
     #[test]

@@ -413,7 +413,8 @@ fn run(cli: Cli) -> Result<()> {
                     idle_timeout: a.link.idle_timeout,
                     deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
                     ..Default::default()
-                },
+                }
+                .with_sparse_bulk_acks(),
                 progress: true,
                 pre_copy: a.pre_copy.map(PreCopyConfig::new),
                 recover_timeout: a.link.recover_timeout,

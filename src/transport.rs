@@ -53,49 +53,93 @@ pub enum Congestion {
 }
 
 impl Congestion {
-    /// The ACK threshold a bulk connection under this controller asks for
-    /// ([`TransportOptions::ack_eliciting_threshold`]): [`BULK_ACK_ELICITING_THRESHOLD`] for the
-    /// loss-based ones, whose window grows far past it; quinn's own (`None`) for BBR and the
-    /// scavenger, whose window stays near the path's BDP, on a LAN a few packets, fewer than
-    /// the threshold: the receiver then acknowledges only after [`SPARSE_ACK_MAX_DELAY`], and
-    /// BBR's ProbeRTT (0.75 BDP for 200 ms every 10 s) crawls. Measured with quinn-bulk over the
-    /// 1 Gbit/s tbf: BBR lost 5% of its goodput with 64 (104-106 against 109-110 MiB/s), Cubic
-    /// none (110-112). The scavenger was not measured: it is left out because its window is held
-    /// near BDP + its 1 ms target by design.
-    pub fn bulk_ack_threshold(self) -> Option<u32> {
+    /// The sparse ACKs a bulk connection under this controller asks for
+    /// ([`TransportOptions::sparse_acks`]): [`BULK_SPARSE_ACKS`] for the loss-based ones, whose
+    /// window grows far past the threshold; quinn's own (`None`) for BBR and the scavenger,
+    /// whose window stays near the path's BDP, on a LAN a few packets, fewer than the
+    /// threshold, so their ACKs would come only after [`SparseAcks::max_delay`]. Measured with
+    /// quinn-bulk over the 1 Gbit/s tbf (512 MiB, 2 runs each): BBR lost 3-5% of its goodput at
+    /// every setting tried (threshold 16 or 64, 1 or 5 ms: 107-108 against 110-111 MiB/s in
+    /// session 22; 104-106 against 109-110 in session 21), Cubic none (112). The scavenger was
+    /// not measured: it is left out because its window is held near BDP + its 1 ms target by
+    /// design.
+    pub fn bulk_sparse_acks(self) -> Option<SparseAcks> {
         match self {
-            Congestion::Cubic | Congestion::NewReno => Some(BULK_ACK_ELICITING_THRESHOLD),
+            Congestion::Cubic | Congestion::NewReno => Some(BULK_SPARSE_ACKS),
             Congestion::Bbr | Congestion::Scavenger => None,
         }
     }
 }
 
-/// [`TransportOptions::ack_eliciting_threshold`] of the fault connection: two fault answers'
-/// packets on a 1,500-byte path (a 4 KiB answer is three there, one with jumbo frames) before
-/// an ACK must go out on its own. Kept below quinn's initial congestion window (~10 packets),
-/// so a source with several answers in flight is never held by its window while dst, all of
-/// whose threads wait, has no request to carry the ACK.
-pub const FAULT_ACK_ELICITING_THRESHOLD: u32 = 6;
-/// [`TransportOptions::ack_eliciting_threshold`] of the stop-and-copy session's connections
-/// under a loss-based controller ([`TransportOptions::with_sparse_bulk_acks`]): the receiver
-/// acknowledges every 65th packet instead of every second.
+/// How sparsely a connection asks its peer to acknowledge (QUIC's ACK-frequency extension,
+/// draft-ietf-quic-ack-frequency; quinn's default without it is an ACK for every second
+/// packet). The side that sends the data is the one whose setting counts: it asks its peer to
+/// acknowledge this sparsely. A gap in the packet numbers is still acknowledged at once
+/// (quinn's reordering threshold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseAcks {
+    /// Ack-eliciting packets the peer may receive before it must acknowledge them at once.
+    pub threshold: u32,
+    /// The longest the peer holds an ACK back when fewer packets came (quinn asks for at most
+    /// this, and at most the path's RTT or 25 ms, whichever is larger). Also part of the
+    /// sender's loss timeout, so it stays short.
+    pub max_delay: Duration,
+}
+
+impl SparseAcks {
+    /// The congestion window a connection asking for these ACKs starts with: room for
+    /// [`SparseAcks::threshold`] full-size packets on a 1,500-byte path, and never less than
+    /// quinn's own ([`QUINN_INITIAL_WINDOW`]). While the window holds fewer packets than the
+    /// threshold, the receiver acknowledges only after [`SparseAcks::max_delay`], so each of
+    /// slow start's round trips would wait that long; the post-copy's push connection carries
+    /// the images at the freeze in its first round trips. Measured with [`BULK_SPARSE_ACKS`]
+    /// and quinn's window (8 packets of 1,466 bytes): dst started the restore a median 3.4 ms
+    /// later after the dump was ready (10.8 against 7.4 ms, 9 runs each, 1 Gbit/s, cubic,
+    /// session 22). The window is paced: quinn spreads it over the RTT on a long path.
+    pub fn initial_window(self) -> u64 {
+        (u64::from(self.threshold) * 1_500).max(QUINN_INITIAL_WINDOW)
+    }
+}
+
+/// quinn's initial congestion window (RFC 9002's 10 packets of 1,200 bytes, at most 14,720
+/// bytes): what a connection without sparse ACKs starts with.
+pub const QUINN_INITIAL_WINDOW: u64 = 12_000;
+
+/// [`TransportOptions::sparse_acks`] of the fault connection: two fault answers' packets on a
+/// 1,500-byte path (a 4 KiB answer is three there, one with jumbo frames) before an ACK must go
+/// out on its own. Kept below quinn's initial congestion window (~10 packets), so a source with
+/// several answers in flight is never held by its window while dst, all of whose threads wait,
+/// has no request to carry the ACK. A quiet fault connection's last answer is acknowledged
+/// after 5 ms, unless a request carries the ACK first.
+pub const FAULT_SPARSE_ACKS: SparseAcks = SparseAcks {
+    threshold: 6,
+    max_delay: Duration::from_millis(5),
+};
+
+/// [`TransportOptions::sparse_acks`] of the connections that carry the bulk of the pages
+/// under a loss-based controller ([`TransportOptions::with_sparse_bulk_acks`]: the post-copy's
+/// push connection and the stop-and-copy session's connections): the receiver acknowledges
+/// every 65th packet, or 1 ms after the first it has not acknowledged, instead of every second.
+///
 /// Each stand-alone ACK is a packet the receiver builds, encrypts and sends and the sender
 /// receives, decrypts and processes; at 1 Gbit/s that is ~40,000 of them a second each way.
 /// Measured with `pageserv-lab quinn-bulk --congestion cubic` over the bench's 1 Gbit/s tbf (2
-/// runs each, 512 MiB, same goodput): quinn's ACKs 45-47% (sender) and 55-56% (receiver) of a
-/// core; 32: 40-43% and 44-46%; 64: 38-41% and 40-43%; 128: 36-40% and 38-42%. On the bare veth
-/// the rate did not drop (532-548 MiB/s with quinn's ACKs, 556-570 at 32). A 1 GiB stop-and-copy
-/// at 1 Gbit/s (bench, cubic): 4.5 / 4.7 s of CPU (src / dst) with quinn's ACKs, 3.3 / 3.3 s
-/// with 64 (README, "Stop-and-copy"). Not higher: the sender's window must hold more
-/// packets than this for ACKs to come back before [`SPARSE_ACK_MAX_DELAY`], so while slow start
-/// opens the window (~10 packets at first) the first round trips each wait that delay; at 64
-/// that is three doublings, ~15 ms once per connection (estimated, not measured apart). A gap
-/// in the packet numbers is still acknowledged at once (quinn's reordering threshold).
-pub const BULK_ACK_ELICITING_THRESHOLD: u32 = 64;
-/// The longest a peer asked for sparse ACKs ([`TransportOptions::ack_eliciting_threshold`])
-/// holds one back when no packet of its own carries it (a quiet fault connection): also part
-/// of the sender's loss timeout, so it stays short.
-pub const SPARSE_ACK_MAX_DELAY: Duration = Duration::from_millis(5);
+/// runs each, 512 MiB, the same 112 MiB/s), sender / receiver CPU: quinn's ACKs 42-45% / 53-54%
+/// of a core; 64 and 1 ms 29-35% / 32-38%; 16 and 1 ms 41-45% / 47-50% (session 22); in
+/// session 21, 32: 40-43% / 44-46%, 128: 36-40% / 38-42% (with 5 ms). On the bare veth the rate
+/// did not drop (532-548 MiB/s with quinn's ACKs, 556-570 at 32).
+///
+/// The delay is 1 ms, not longer, for slow start: while the window holds fewer packets than
+/// the threshold (~10 at first), every round trip waits for the delay, and the post-copy's push
+/// connection carries the images at the freeze, on the downtime's critical path, in its first
+/// round trips. With 5 ms that cost a median +16 ms from CRIU's freeze to the workload's first
+/// beat (bbr, 6 runs each way, session 21). With 1 ms and [`SparseAcks::initial_window`] the
+/// restore started 2-3 ms earlier to 2 ms later than with quinn's ACKs across session 22's
+/// rounds, the felt downtime unchanged (README, "Stop-and-copy").
+pub const BULK_SPARSE_ACKS: SparseAcks = SparseAcks {
+    threshold: 64,
+    max_delay: Duration::from_millis(1),
+};
 
 /// [`TransportOptions::max_datagram`]'s default: the largest UDP payload MTU discovery looks
 /// for. quinn hands the kernel up to ten datagrams in one UDP GSO send
@@ -146,15 +190,13 @@ pub struct TransportOptions {
     pub send_window: u64,
     /// Streams of each direction the peer may open at once.
     pub max_concurrent_streams: u32,
-    /// Ack-eliciting packets the peer may receive before it must acknowledge them at once
-    /// (QUIC's ACK-frequency extension; quinn's default is 1: an ACK for every second packet).
-    /// `None` (the default) leaves quinn's behaviour. Stop-and-copy asks for sparse ACKs
-    /// ([`TransportOptions::with_sparse_bulk_acks`]). The fault connection uses
-    /// [`FAULT_ACK_ELICITING_THRESHOLD`]: a 4 KiB fault answer is three packets, so quinn's
+    /// How sparsely the peer acknowledges what this end sends; `None` (the default) leaves
+    /// quinn's ACK for every second packet. The bulk connections ask for [`BULK_SPARSE_ACKS`]
+    /// under a loss-based controller ([`TransportOptions::with_sparse_bulk_acks`]), the fault
+    /// connection for [`FAULT_SPARSE_ACKS`]: a 4 KiB fault answer is three packets, so quinn's
     /// default sends a stand-alone ACK for every fault, waking the source's fault lane on the
-    /// fault's path, while the next fault request carries that ACK anyway. The side that sends
-    /// the data is the one whose setting counts: it asks its peer to acknowledge this sparsely.
-    pub ack_eliciting_threshold: Option<u32>,
+    /// fault's path, while the next fault request carries that ACK anyway.
+    pub sparse_acks: Option<SparseAcks>,
     /// SO_RCVBUF of the UDP socket (forced past net.core.rmem_max when running as root); 0 leaves
     /// the kernel default. A large one absorbs receiver CPU hiccups without loss (bulk
     /// throughput), but every byte queued there delays whatever arrives after it on that socket:
@@ -189,7 +231,7 @@ impl Default for TransportOptions {
             receive_window: 16 << 20,
             send_window: 12 << 20,
             max_concurrent_streams: 64,
-            ack_eliciting_threshold: None,
+            sparse_acks: None,
             udp_recv_buffer: 8 << 20,
             udp_send_buffer: 0,
             max_datagram: MAX_DATAGRAM,
@@ -217,16 +259,11 @@ impl TransportOptions {
     }
 
     /// These options with sparse ACKs as their controller suits them
-    /// ([`Congestion::bulk_ack_threshold`]): for the stop-and-copy session, whose connections
-    /// carry nothing but the dump. Not for the post-copy's push connection: it also carries the
-    /// images on the downtime's critical path, right after the handshake, while the window is
-    /// ~10 packets; with sparse ACKs each of slow start's first round trips waits for
-    /// [`SPARSE_ACK_MAX_DELAY`]. Measured with them on the push connection, from CRIU's freeze
-    /// to the workload's first beat at dst, 1 Gbit/s: median +16 ms under bbr (6 runs each
-    /// way), +40 ms under cubic (2 runs each way, with a receive moderation then tried too).
+    /// ([`Congestion::bulk_sparse_acks`]): for the connections that carry the bulk of the
+    /// pages, the post-copy's push connection and the stop-and-copy session's.
     pub fn with_sparse_bulk_acks(self) -> Self {
         TransportOptions {
-            ack_eliciting_threshold: self.congestion.bulk_ack_threshold(),
+            sparse_acks: self.congestion.bulk_sparse_acks(),
             ..self
         }
     }
@@ -236,7 +273,7 @@ impl TransportOptions {
     pub fn for_faults(self) -> Self {
         TransportOptions {
             fault_lane: true,
-            ack_eliciting_threshold: Some(FAULT_ACK_ELICITING_THRESHOLD),
+            sparse_acks: Some(FAULT_SPARSE_ACKS),
             ..self
         }
     }
@@ -269,22 +306,31 @@ impl TransportOptions {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.checked_max_datagram()?);
         t.mtu_discovery_config(Some(mtu));
-        if let Some(threshold) = self.ack_eliciting_threshold {
+        if let Some(sparse) = self.sparse_acks {
             let mut acks = quinn::AckFrequencyConfig::default();
-            acks.ack_eliciting_threshold(threshold.into())
-                .max_ack_delay(Some(SPARSE_ACK_MAX_DELAY));
+            acks.ack_eliciting_threshold(sparse.threshold.into())
+                .max_ack_delay(Some(sparse.max_delay));
             t.ack_frequency_config(Some(acks));
         }
+        let initial_window = self
+            .sparse_acks
+            .map_or(QUINN_INITIAL_WINDOW, |s| s.initial_window());
         match self.congestion {
             Congestion::Cubic => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+                let mut c = quinn::congestion::CubicConfig::default();
+                c.initial_window(initial_window);
+                t.congestion_controller_factory(Arc::new(c))
             }
             Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+                let mut c = quinn::congestion::BbrConfig::default();
+                c.initial_window(initial_window);
+                t.congestion_controller_factory(Arc::new(c))
             }
-            Congestion::NewReno => t.congestion_controller_factory(Arc::new(
-                quinn::congestion::NewRenoConfig::default(),
-            )),
+            Congestion::NewReno => {
+                let mut c = quinn::congestion::NewRenoConfig::default();
+                c.initial_window(initial_window);
+                t.congestion_controller_factory(Arc::new(c))
+            }
             Congestion::Scavenger => {
                 t.congestion_controller_factory(Arc::new(self.scavenger.clone()))
             }

@@ -743,17 +743,24 @@ async fn spread_packets(opts: &TransportOptions, packets: usize) -> (u64, u64) {
     counts
 }
 
-/// The stop-and-copy session's connections (`with_sparse_bulk_acks`, Cubic) ask the receiver to
-/// acknowledge about every [`transport::BULK_ACK_ELICITING_THRESHOLD`]th packet instead of every
-/// second: the receiver sends a small fraction of the packets quinn's own policy makes it send
-/// (the default's, the push connection's), each of which the sender would receive and decrypt
-/// too. Packet counts, not timings.
+/// A connection that asks for [`transport::BULK_SPARSE_ACKS`]'s threshold gets about one ACK
+/// per that many packets instead of one per two: the receiver sends a small fraction of the
+/// packets quinn's own policy makes it send, each of which the sender would receive and decrypt
+/// too. Packet counts, not timings: the test holds ACKs back for up to 25 ms rather than the
+/// bulk connections' 1 ms, so that a slow machine spacing the writes further apart still sees
+/// the threshold, not the delay, decide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_receivers_acknowledge_sparsely() {
     with_timeout(async {
         let n = 4_000;
         let (data, quinn_sent) = spread_packets(&ethernet(), n).await;
-        let sparse = ethernet().with_sparse_bulk_acks();
+        let sparse = TransportOptions {
+            sparse_acks: Some(transport::SparseAcks {
+                max_delay: Duration::from_millis(25),
+                ..transport::BULK_SPARSE_ACKS
+            }),
+            ..ethernet()
+        };
         let (sparse_data, sparse_sent) = spread_packets(&sparse, n).await;
         eprintln!(
             "{n} writes: quinn's ACKs {quinn_sent} packets back for {data}; \
@@ -765,8 +772,77 @@ async fn bulk_receivers_acknowledge_sparsely() {
         );
         assert!(
             sparse_sent <= sparse_data / 20,
-            "stop-and-copy's setting should acknowledge sparsely: {sparse_sent} for {sparse_data}"
+            "the bulk threshold should acknowledge sparsely: {sparse_sent} for {sparse_data}"
         );
+    })
+    .await
+}
+
+/// The bulk connections (the post-copy's push, stop-and-copy) ask for sparse ACKs only under a
+/// loss-based controller; BBR and the scavenger keep quinn's, as does every other connection.
+#[test]
+fn sparse_bulk_acks_follow_the_congestion_controller() {
+    use pageserv::transport::{BULK_SPARSE_ACKS, FAULT_SPARSE_ACKS};
+    let bulk = |congestion| {
+        TransportOptions {
+            congestion,
+            ..TransportOptions::default()
+        }
+        .with_sparse_bulk_acks()
+        .sparse_acks
+    };
+    assert_eq!(bulk(Congestion::Cubic), Some(BULK_SPARSE_ACKS));
+    assert_eq!(bulk(Congestion::NewReno), Some(BULK_SPARSE_ACKS));
+    assert_eq!(bulk(Congestion::Bbr), None);
+    assert_eq!(bulk(Congestion::Scavenger), None);
+    assert_eq!(TransportOptions::default().sparse_acks, None);
+    assert_eq!(
+        TransportOptions::default().for_faults().sparse_acks,
+        Some(FAULT_SPARSE_ACKS)
+    );
+}
+
+/// A connection that asks for sparse ACKs starts with a congestion window of at least the
+/// threshold's packets (`SparseAcks::initial_window`), so slow start's first round trips do not
+/// each wait for the delayed ACK; every other connection keeps quinn's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_ack_connections_start_with_a_window_past_the_threshold() {
+    use pageserv::transport::{BULK_SPARSE_ACKS, QUINN_INITIAL_WINDOW};
+    assert!(BULK_SPARSE_ACKS.initial_window() >= u64::from(BULK_SPARSE_ACKS.threshold) * 1_466);
+    with_timeout(async {
+        let cases = [
+            ("bulk", ethernet().with_sparse_bulk_acks(), true),
+            ("default", ethernet(), false),
+            ("faults", ethernet().for_faults(), false),
+        ];
+        for (name, opts, large) in cases {
+            let t = TempDir::new();
+            let (dst, src) = pair(&t.0, "ca");
+            let ep = transport::server_with(any_port(), &dst, &opts).unwrap();
+            let addr = ep.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (conn, _) = transport::accept(&ep, &dst).await.unwrap();
+                conn.closed().await;
+            });
+            let conn = transport::connect_with(any_port(), addr, "dst", &src, &opts)
+                .await
+                .unwrap();
+            // Slow start has grown the window by the handshake's acknowledged bytes (a few KB).
+            let cwnd = conn.stats().path.cwnd;
+            conn.close(0u32.into(), b"done");
+            server.await.unwrap();
+            if large {
+                assert!(
+                    cwnd >= BULK_SPARSE_ACKS.initial_window(),
+                    "{name}: window {cwnd}"
+                );
+            } else {
+                assert!(
+                    (QUINN_INITIAL_WINDOW..BULK_SPARSE_ACKS.initial_window() / 2).contains(&cwnd),
+                    "{name}: window {cwnd}"
+                );
+            }
+        }
     })
     .await
 }

@@ -36,10 +36,15 @@ pub struct QuinnBulkArgs {
     #[arg(long, default_value = "unlimited")]
     pub link: String,
     /// Ack-eliciting packets the receiver may take before it must acknowledge them (QUIC's
-    /// ACK-frequency extension); unset leaves the push connection's (quinn's own), 64 is
-    /// stop-and-copy's under Cubic (`TransportOptions::with_sparse_bulk_acks`).
+    /// ACK-frequency extension), with `transport::BULK_SPARSE_ACKS`'s delay unless
+    /// `--ack-max-delay-us` says otherwise; 0 is quinn's own (an ACK for every second packet);
+    /// unset leaves the push connection's (`TransportOptions::with_sparse_bulk_acks`: sparse
+    /// under cubic and newreno, quinn's own under bbr).
     #[arg(long)]
     pub ack_threshold: Option<u32>,
+    /// With `--ack-threshold N` (N > 0): the longest the receiver holds an ACK back, in µs.
+    #[arg(long, requires = "ack_threshold")]
+    pub ack_max_delay_us: Option<u64>,
     /// Internal: run one side (receiver or sender) in the current namespace.
     #[arg(long, hide = true)]
     pub side: Option<String>,
@@ -93,15 +98,15 @@ fn side_report(out: &[u8], side: &str) -> Result<SideReport> {
 
 /// quinn's bulk rate (and each side's CPU) over the testbed's veth, shaped as `link`.
 pub fn measure(mib: u64, congestion_name: &str, link: &Link) -> Result<QuinnBulk> {
-    measure_with(mib, congestion_name, link, None)
+    measure_with(mib, congestion_name, link, &[])
 }
 
-/// [`measure`] with the receiver's ACK threshold set (`--ack-threshold`).
+/// [`measure`] with extra arguments for both sides (`--ack-threshold`, `--ack-max-delay-us`).
 pub fn measure_with(
     mib: u64,
     congestion_name: &str,
     link: &Link,
-    ack_threshold: Option<u32>,
+    side_args: &[String],
 ) -> Result<QuinnBulk> {
     let linkem = std::env::current_exe()?.with_file_name("linkem");
     let bed = Testbed::pair(3, &link.shape(), &linkem).context("building the testbed")?;
@@ -122,9 +127,7 @@ pub fn measure_with(
         .arg(addr.to_string())
         .arg("--certs")
         .arg(certs);
-        if let Some(t) = ack_threshold {
-            cmd.arg("--ack-threshold").arg(t.to_string());
-        }
+        cmd.args(side_args);
         cmd.stdout(std::process::Stdio::piped());
         cmd
     };
@@ -165,14 +168,28 @@ pub fn run(a: QuinnBulkArgs) -> Result<()> {
     let mut opts = TransportOptions {
         congestion: cc,
         ..Default::default()
-    };
-    if a.ack_threshold.is_some() {
-        opts.ack_eliciting_threshold = a.ack_threshold;
+    }
+    .with_sparse_bulk_acks();
+    let mut side_args = Vec::new();
+    if let Some(threshold) = a.ack_threshold {
+        let max_delay = a.ack_max_delay_us.map_or(
+            transport::BULK_SPARSE_ACKS.max_delay,
+            std::time::Duration::from_micros,
+        );
+        opts.sparse_acks = (threshold > 0).then_some(transport::SparseAcks {
+            threshold,
+            max_delay,
+        });
+        side_args.extend(["--ack-threshold".to_string(), threshold.to_string()]);
+        side_args.extend([
+            "--ack-max-delay-us".to_string(),
+            max_delay.as_micros().to_string(),
+        ]);
     }
     match a.side.as_deref() {
         None => {
             let link = Link::parse(&a.link).map_err(anyhow::Error::msg)?;
-            let q = measure_with(a.mib, &a.congestion, &link, a.ack_threshold)?;
+            let q = measure_with(a.mib, &a.congestion, &link, &side_args)?;
             let (tx, rx) = q.core_pct();
             println!(
                 "quinn bulk rate: {:.0} MiB/s ({} MiB, {}, link {}); CPU: sender {:.0} ms \

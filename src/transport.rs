@@ -312,24 +312,26 @@ impl TransportOptions {
                 .max_ack_delay(Some(sparse.max_delay));
             t.ack_frequency_config(Some(acks));
         }
-        let initial_window = self
-            .sparse_acks
-            .map_or(QUINN_INITIAL_WINDOW, |s| s.initial_window());
+        // Only the loss-based controllers ever ask for sparse ACKs (bulk_sparse_acks, and the
+        // fault connection runs cubic); every other connection keeps quinn's initial window.
+        let initial_window = self.sparse_acks.map(SparseAcks::initial_window);
         match self.congestion {
             Congestion::Cubic => {
                 let mut c = quinn::congestion::CubicConfig::default();
-                c.initial_window(initial_window);
-                t.congestion_controller_factory(Arc::new(c))
-            }
-            Congestion::Bbr => {
-                let mut c = quinn::congestion::BbrConfig::default();
-                c.initial_window(initial_window);
+                if let Some(w) = initial_window {
+                    c.initial_window(w);
+                }
                 t.congestion_controller_factory(Arc::new(c))
             }
             Congestion::NewReno => {
                 let mut c = quinn::congestion::NewRenoConfig::default();
-                c.initial_window(initial_window);
+                if let Some(w) = initial_window {
+                    c.initial_window(w);
+                }
                 t.congestion_controller_factory(Arc::new(c))
+            }
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
             }
             Congestion::Scavenger => {
                 t.congestion_controller_factory(Arc::new(self.scavenger.clone()))

@@ -3,11 +3,12 @@
 //! QUIC endpoint and connection drivers (through [`LaneRuntime`]), the fault stream's reader and
 //! writer, the source's serving core.
 //!
-//! Why a lane of its own: the bulk push keeps the main (multi-thread) runtime busy, decrypting,
-//! encrypting and copying. A task there that another thread wakes (the uffd thread asking for a
-//! page, a reader thread that read one) goes to the runtime's injection queue, which a busy worker
-//! looks at only every few dozen task polls: that wait, one per hop, was most of a fault's p99
-//! during the push. The lane is idle between faults, so its thread sleeps in epoll and a wakeup
+//! Why a lane of its own: the bulk push keeps the main runtime busy, decrypting, encrypting and
+//! copying. A task there that another thread wakes (the uffd thread asking for a page, a reader
+//! thread that read one) goes to the runtime's injection queue, which a busy thread looks at
+//! only every few dozen task polls (on the multi-thread runtime this was measured; the
+//! current-thread runtime a one-migration service now runs on, [`crate::async_runtime`], works
+//! the same way): that wait, one per hop, was most of a fault's p99 during the push. The lane is idle between faults, so its thread sleeps in epoll and a wakeup
 //! runs at once; its priority lets it preempt the bulk threads on a full core
 //! ([`crate::sched::favour_this_thread`]).
 //!

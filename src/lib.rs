@@ -7,6 +7,7 @@
 //!   [`dst::uffd_loop`] (userfaultfd), [`dst::lazy_socket`], [`source::pump`] (CRIU's page
 //!   server socket), [`criu::binary`] (running CRIU), [`child`].
 
+pub mod async_runtime;
 pub mod child;
 pub mod criu;
 pub mod dst;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use pageserv::async_runtime::Flavor;
 use pageserv::criu::binary::Criu;
 use pageserv::dst::endpoint;
 use pageserv::dst::options::DstOptions;
@@ -249,20 +250,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .on_thread_start(pageserv::sched::raise_this_thread)
-        .build()
-        .context("starting the async runtime")
+fn runtime(flavor: Flavor) -> Result<tokio::runtime::Runtime> {
+    pageserv::async_runtime::build(flavor)
+        .with_context(|| format!("starting the async runtime ({flavor:?})"))
 }
 
 /// Runs a service to its end, then lets its closed connections tell their peers (at most one
 /// second: `transport::flush_client_closes`). Blocking helpers still waiting (e.g. for a restore
 /// that will never connect after a failure) must not keep the process alive, so the runtime gets
 /// one second more.
-fn run_async<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    let rt = runtime()?;
+fn run_async<T>(flavor: Flavor, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = runtime(flavor)?;
     let result = rt.block_on(async {
         let result = fut.await;
         pageserv::transport::flush_client_closes(std::time::Duration::from_secs(1)).await;
@@ -287,20 +285,30 @@ fn dst_many(
     stats_json: &Option<PathBuf>,
 ) -> Result<()> {
     let mut all = Vec::new();
-    let outcomes = run_async(endpoint::serve(opts, limits, |o| {
-        match &o.report {
-            Some(r) => eprint!("migration {}:\n{}", o.migration_id, r.render()),
-            None => eprintln!(
-                "migration {} failed: {}",
-                o.migration_id,
-                o.error.as_deref().unwrap_or("?")
-            ),
-        }
-        all.push(o.clone());
-        if let Err(e) = write_json(stats_json, &all) {
-            eprintln!("pageserv: {e:#}");
-        }
-    }))?;
+    let flavor = Flavor::for_migrations_at_once(
+        limits
+            .max_migrations
+            .map_or(limits.max_concurrent as u64, |m| {
+                m.min(limits.max_concurrent as u64)
+            }),
+    );
+    let outcomes = run_async(
+        flavor,
+        endpoint::serve(opts, limits, |o| {
+            match &o.report {
+                Some(r) => eprint!("migration {}:\n{}", o.migration_id, r.render()),
+                None => eprintln!(
+                    "migration {} failed: {}",
+                    o.migration_id,
+                    o.error.as_deref().unwrap_or("?")
+                ),
+            }
+            all.push(o.clone());
+            if let Err(e) = write_json(stats_json, &all) {
+                eprintln!("pageserv: {e:#}");
+            }
+        }),
+    )?;
     let failed = outcomes.iter().filter(|o| !o.ok).count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} migrations failed", outcomes.len());
@@ -356,7 +364,7 @@ fn run(cli: Cli) -> Result<()> {
                 lanes: a.lanes,
                 connections: a.lane_connections,
             };
-            let report = run_async(pageserv::stopcopy::source::run(opts))?;
+            let report = run_async(Flavor::OneThread, pageserv::stopcopy::source::run(opts))?;
             eprint!("{}", report.render());
             write_json(&a.common.stats_json, &report)
         }
@@ -419,7 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                 pre_copy: a.pre_copy.map(PreCopyConfig::new),
                 recover_timeout: a.link.recover_timeout,
             };
-            let report = run_async(src_service::run(opts))?;
+            let report = run_async(Flavor::OneThread, src_service::run(opts))?;
             eprint!("{}", report.render());
             write_json(&a.common.stats_json, &report)
         }
@@ -455,7 +463,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep_work: a.keep_work,
             };
             if a.max_migrations.is_none() && !a.keep_serving {
-                let report = run_async(endpoint::run(opts))?;
+                let report = run_async(Flavor::OneThread, endpoint::run(opts))?;
                 eprint!("{}", report.render());
                 return write_json(&a.common.stats_json, &report);
             }

@@ -209,7 +209,8 @@ pub fn run(a: QuinnBulkArgs) -> Result<()> {
                 bail!("--side needs --addr and --certs");
             };
             let id = Identity::load(&certs)?;
-            let rt = tokio::runtime::Runtime::new()?;
+            // The runtime pageserv's services run a migration on (see `async_runtime`).
+            let rt = pageserv::async_runtime::build(pageserv::async_runtime::Flavor::OneThread)?;
             rt.block_on(async {
                 match side {
                     "receiver" => receive(addr, &id, &opts).await,

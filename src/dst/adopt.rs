@@ -243,7 +243,7 @@ pub(crate) async fn adopt_in(
                 dir.display()
             )
         })?;
-        let (missing, present) = tokio::task::block_in_place(|| rebuild(host_pid, &ranges))
+        let (missing, present) = crate::async_runtime::blocking(|| rebuild(host_pid, &ranges))
             .with_context(|| format!("rebuilding what task {image_pid} (pid {host_pid}) lacks"))?;
         report.pages_adopted += present;
         tracing::info!(

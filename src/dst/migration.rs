@@ -521,7 +521,7 @@ async fn receive_images(
                 pid, vaddr, data, ..
             }) => {
                 let s = open_store(store, limits)?;
-                tokio::task::block_in_place(|| s.put(pid, vaddr, &data))?;
+                crate::async_runtime::blocking(|| s.put(pid, vaddr, &data))?;
                 continue;
             }
             Some(Frame::PreCopyZero {

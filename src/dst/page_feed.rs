@@ -51,7 +51,9 @@ impl LocalPages {
             let Some(store) = &self.store else {
                 bail!("the source confirmed pre-copied pages, but it pre-copied none");
             };
-            let runs = blocking(|| store.take_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap))?;
+            let runs = crate::async_runtime::blocking(|| {
+                store.take_valid(q.pid, q.vaddr, q.nr_pages.into(), &q.bitmap)
+            })?;
             self.placed
                 .fetch_add(runs.iter().map(|r| r.nr_pages).sum(), Relaxed);
             return Ok(runs);
@@ -114,16 +116,6 @@ impl HeldPages for LocalPages {
                 .push(PidRange::new(r.pid, at, (end - at) / PAGE_SIZE));
         }
         answer
-    }
-}
-
-/// Runs `f`, which may block briefly: through `block_in_place` on the main runtime; directly on
-/// the fault lane (current-thread, where `block_in_place` is not allowed and only fault answers
-/// run).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 

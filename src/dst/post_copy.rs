@@ -504,7 +504,7 @@ impl PostCopy {
                 }
                 self.serial += 1;
                 let (to_loop, serial) = (self.wiring.to_loop.clone(), self.serial);
-                tokio::task::block_in_place(|| to_loop.send(Inbound::Resume { serial }))
+                crate::async_runtime::blocking(|| to_loop.send(Inbound::Resume { serial }))
                     .context("asking the fault thread what is missing")?;
                 self.state = LinkState::Resuming {
                     conn,

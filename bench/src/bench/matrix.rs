@@ -592,4 +592,31 @@ mod tests {
         );
         assert!(crate::bench::matching_congestion("vegas").is_empty());
     }
+
+    #[test]
+    fn quinn_alone_runs_with_the_controller_pageserv_src_was_given() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cc = crate::bench::src_congestion;
+        assert_eq!(cc(&args(&["--congestion=cubic"])).as_deref(), Some("cubic"));
+        assert_eq!(
+            cc(&args(&["--congestion", "newreno"])).as_deref(),
+            Some("newreno")
+        );
+        assert_eq!(
+            cc(&args(&[
+                "--congestion",
+                "bbr",
+                "--lanes",
+                "2",
+                "--congestion=cubic"
+            ]))
+            .as_deref(),
+            Some("cubic")
+        );
+        // The scavenger has no quinn-alone twin; the machine's controller is used then.
+        assert_eq!(cc(&args(&["--congestion=scavenger"])), None);
+        assert_eq!(cc(&args(&["--congestion"])), None);
+        assert_eq!(cc(&args(&["--congestion-window", "9"])), None);
+        assert_eq!(cc(&[]), None);
+    }
 }

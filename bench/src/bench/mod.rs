@@ -146,6 +146,28 @@ pub fn matching_congestion(tcp: &str) -> Vec<String> {
     vec!["--congestion".into(), quic.into()]
 }
 
+/// The congestion controller `pageserv src` runs its QUIC with under `args`
+/// (`--congestion X` or `--congestion=X`; the last one given wins, as clap takes it), if the
+/// bench's yardstick (`pageserv-lab quinn-bulk`) can run with the same one: quinn alone is
+/// measured with the controller the migrations use.
+pub fn src_congestion(args: &[String]) -> Option<String> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = match a.strip_prefix("--congestion") {
+            Some("") => it.next().map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => None,
+        };
+        if let Some(v) = value {
+            found = Some(v);
+        }
+    }
+    found
+        .filter(|c| matches!(*c, "bbr" | "cubic" | "newreno"))
+        .map(String::from)
+}
+
 /// Runs the bench and writes its results.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     use anyhow::Context;

@@ -57,11 +57,16 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
     remove_stale_namespaces();
     let linkem = crate::demo::sibling("linkem")?;
     let mut machine = Machine::probe(&criu, &linkem);
-    // The yardstick of the post-copy's goodput, measured in the same run (about 5 s).
-    let cc = match machine.tcp_congestion.as_str() {
-        c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
-        _ => "cubic".to_string(),
-    };
+    // The yardstick of the post-copy's goodput, measured in the same run (about 5 s), with the
+    // congestion controller pageserv src runs with (`--pageserv-src-arg=--congestion=X`, else
+    // the kernel TCP's, which the bench gives pageserv by default).
+    let cc =
+        crate::bench::src_congestion(&matrix.pageserv_src_args).unwrap_or_else(|| {
+            match machine.tcp_congestion.as_str() {
+                c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
+                _ => "cubic".to_string(),
+            }
+        });
     // quinn alone on the bare veth and on each other veth link of the run with a rate or an
     // MTU only: the floor under the services' CPU there (256 MiB on a shaped link: a few
     // seconds at 1 Gbit/s).

@@ -57,6 +57,9 @@ pub struct CellSummary {
     /// See `RunRecord::criu_freeze_ms`.
     #[serde(default)]
     pub criu_freeze_ms: Option<Stat>,
+    /// See `RunRecord::restore_ms`.
+    #[serde(default)]
+    pub restore_ms: Option<Stat>,
     pub total_ms: Option<Stat>,
     pub wire_bytes: Option<Stat>,
     pub fault_p50_us: Option<Stat>,
@@ -150,6 +153,7 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<CellSummary> {
                 verified: ok.len(),
                 downtime_ms: stat(&|r| r.downtime_ms),
                 criu_freeze_ms: stat(&|r| r.criu_freeze_ms),
+                restore_ms: stat(&|r| r.restore_ms),
                 total_ms: stat(&|r| r.total_ms),
                 wire_bytes: stat(&|r| r.wire_bytes.map(|b| b as f64)),
                 fault_p50_us: stat(&|r| r.fault_p50_us),
@@ -276,7 +280,9 @@ pub fn markdown(r: &Results) -> String {
          1 s. Downtime = largest heartbeat gap (from the workload's log); of it CRIU's freeze = a \
          lazy dump's root task seen in its ptrace stop to the dump's ready byte (pageserv's \
          and CRIU's lazy modes), the source-side part of the downtime neither can start a \
-         restore in. Speed during post-copy \
+         restore in; of it the restore = the restore at the destination, from its images there \
+         to the restored tasks running (`criu restore -d` timed by the bench for CRIU's modes, \
+         pageserv dst's own figure for pageserv's; not for runc). Speed during post-copy \
          = {speed} from when it ran again to the end of the post-copy, in % of the same in the \
          second before the migration began (before any pre-copy round), the same way for every \
          mode. Degraded = time the speed stayed below 50% of that after it ran again ({} ms \
@@ -323,11 +329,11 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | of it CRIU's freeze ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms | speed during post-copy % | s per run |"
+        "| mode | MiB | link | dirty pages/ms | verified | downtime ms | of it CRIU's freeze ms | of it the restore ms | total ms | MiB on the wire | fault p50 us | fault p99 us | degraded ms | speed during post-copy % | s per run |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in &r.cells {
         let verified = if c.verified == 0 {
@@ -339,7 +345,7 @@ pub fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.cell.mode.name(),
             c.cell.mib,
             if c.cell.mode.uses_link() {
@@ -351,6 +357,7 @@ pub fn markdown(r: &Results) -> String {
             verified,
             fmt_stat(c.downtime_ms, 1.0, 1),
             fmt_stat(c.criu_freeze_ms, 1.0, 1),
+            fmt_stat(c.restore_ms, 1.0, 1),
             fmt_stat(c.total_ms, 1.0, 0),
             fmt_stat(c.wire_bytes, 1048576.0, 1),
             fmt_stat(c.fault_p50_us, 1.0, 0),
@@ -492,6 +499,7 @@ mod tests {
             },
             downtime_ms: Some(downtime),
             criu_freeze_ms: None,
+            restore_ms: None,
             total_ms: Some(downtime * 2.0),
             wire_bytes: None,
             fault_p50_us: None,

@@ -46,6 +46,8 @@ struct Run<'a> {
     pidfile: PathBuf,
     /// The lazy dump's freeze (root seen stopped -> dump ready).
     criu_freeze_ms: Option<f64>,
+    /// `criu restore` from its start to its exit (`-d`: the restored tasks run).
+    restore_ms: Option<f64>,
 }
 
 /// Runs one CRIU mode on `bed` with a fresh workload: the workload and `criu dump` on the
@@ -89,6 +91,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         children: Vec::new(),
         usage: Vec::new(),
         criu_freeze_ms: None,
+        restore_ms: None,
     };
     let started = Instant::now();
     let started_ns = demo::unix_ns();
@@ -141,6 +144,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         fault_p50_us: None,
         fault_p99_us: None,
         criu_freeze_ms: run.criu_freeze_ms,
+        restore_ms: run.restore_ms,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
         usage: Some(usage),
@@ -302,7 +306,10 @@ impl Run<'_> {
         if lazy {
             cmd.arg("--lazy-pages");
         }
-        self.step("criu restore (in the destination netns)", cmd, &log)
+        let started = Instant::now();
+        self.step("criu restore (in the destination netns)", cmd, &log)?;
+        self.restore_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        Ok(())
     }
 
     /// Dump to a local directory, restore from it. Returns the image bytes (the copy).

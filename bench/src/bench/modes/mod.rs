@@ -203,6 +203,11 @@ pub struct RunRecord {
     /// be restored (`pageserv::source::freeze_watch`).
     #[serde(default)]
     pub criu_freeze_ms: Option<f64>,
+    /// The restore at the destination: from the images there to the restored tasks running
+    /// (`criu restore` for CRIU's modes, timed by the bench; pageserv dst's own `restore_ms`).
+    /// Part of every mode's downtime: it runs while the tasks are stopped at both ends.
+    #[serde(default)]
+    pub restore_ms: Option<f64>,
     /// From the start of the dump to the last page at the destination.
     pub total_ms: Option<f64>,
     /// Bytes that crossed the link (both ways, headers included), or for criu-disk the image
@@ -254,6 +259,8 @@ pub struct ModeOutcome {
     pub fault_p99_us: Option<f64>,
     /// See [`RunRecord::criu_freeze_ms`].
     pub criu_freeze_ms: Option<f64>,
+    /// See [`RunRecord::restore_ms`].
+    pub restore_ms: Option<f64>,
     pub problems: Vec<String>,
     pub log: String,
     pub usage: Option<super::usage::RunUsage>,
@@ -280,6 +287,7 @@ pub fn run_once(cell: &Cell, run: u32) -> RunRecord {
             problems: vec![format!("{e:#}")],
             downtime_ms: None,
             criu_freeze_ms: None,
+            restore_ms: None,
             total_ms: None,
             wire_bytes: None,
             fault_p50_us: None,
@@ -354,6 +362,7 @@ pub fn measure(cell: &Cell, run: u32, o: ModeOutcome) -> RunRecord {
         verified: problems.is_empty(),
         problems,
         criu_freeze_ms: o.criu_freeze_ms,
+        restore_ms: o.restore_ms,
         downtime_ms: gap.map(|g| g.ms),
         total_ms: o.total_ms,
         wire_bytes: o.wire_bytes,

@@ -74,6 +74,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
             .then(|| f(&r.dst, &["fault_latency", "p99_us"]))
             .flatten(),
         criu_freeze_ms: f(&r.src, &["dump_phases", "criu_freeze_ms"]),
+        restore_ms: f(&r.dst, &["restore_ms"]),
         problems: r.problems,
         log: r.workload_log,
         usage: Some(usage),

@@ -149,6 +149,7 @@ pub fn run(cell: &Cell, bed: &Testbed) -> Result<ModeOutcome> {
         fault_p99_us: p99,
         // runc freezes the container through its cgroup before CRIU seizes it: not watched.
         criu_freeze_ms: None,
+        restore_ms: None,
         problems,
         log: std::fs::read_to_string(&log).unwrap_or_default(),
         usage: None,

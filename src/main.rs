@@ -285,13 +285,8 @@ fn dst_many(
     stats_json: &Option<PathBuf>,
 ) -> Result<()> {
     let mut all = Vec::new();
-    let flavor = Flavor::for_migrations_at_once(
-        limits
-            .max_migrations
-            .map_or(limits.max_concurrent as u64, |m| {
-                m.min(limits.max_concurrent as u64)
-            }),
-    );
+    let at_once = (limits.max_concurrent as u64).min(limits.max_migrations.unwrap_or(u64::MAX));
+    let flavor = Flavor::for_migrations_at_once(at_once);
     let outcomes = run_async(
         flavor,
         endpoint::serve(opts, limits, |o| {

@@ -504,7 +504,11 @@ impl PostCopy {
                 }
                 self.serial += 1;
                 let (to_loop, serial) = (self.wiring.to_loop.clone(), self.serial);
-                crate::async_runtime::blocking(|| to_loop.send(Inbound::Resume { serial }))
+                // Behind every page queued before it, like a pushed frame: a full queue suspends
+                // this task instead of blocking the runtime's thread.
+                to_loop
+                    .send_async(Inbound::Resume { serial })
+                    .await
                     .context("asking the fault thread what is missing")?;
                 self.state = LinkState::Resuming {
                     conn,

@@ -596,27 +596,15 @@ mod tests {
     #[test]
     fn quinn_alone_runs_with_the_controller_pageserv_src_was_given() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let cc = crate::bench::src_congestion;
-        assert_eq!(cc(&args(&["--congestion=cubic"])).as_deref(), Some("cubic"));
-        assert_eq!(
-            cc(&args(&["--congestion", "newreno"])).as_deref(),
-            Some("newreno")
-        );
-        assert_eq!(
-            cc(&args(&[
-                "--congestion",
-                "bbr",
-                "--lanes",
-                "2",
-                "--congestion=cubic"
-            ]))
-            .as_deref(),
-            Some("cubic")
-        );
-        // The scavenger has no quinn-alone twin; the machine's controller is used then.
-        assert_eq!(cc(&args(&["--congestion=scavenger"])), None);
-        assert_eq!(cc(&args(&["--congestion"])), None);
-        assert_eq!(cc(&args(&["--congestion-window", "9"])), None);
-        assert_eq!(cc(&[]), None);
+        let cc = crate::bench::quinn_alone_congestion;
+        assert_eq!(cc(&args(&["--congestion=cubic"]), "bbr"), "cubic");
+        assert_eq!(cc(&args(&["--congestion", "newreno"]), "bbr"), "newreno");
+        let both = args(&["--congestion", "bbr", "--lanes", "2", "--congestion=cubic"]);
+        assert_eq!(cc(&both, "reno"), "cubic");
+        // The scavenger has no quinn-alone twin: the kernel TCP's controller, else cubic.
+        assert_eq!(cc(&args(&["--congestion=scavenger"]), "bbr"), "bbr");
+        assert_eq!(cc(&args(&["--congestion"]), "vegas"), "cubic");
+        assert_eq!(cc(&args(&["--congestion-window", "9"]), "bbr"), "bbr");
+        assert_eq!(cc(&[], "cubic"), "cubic");
     }
 }

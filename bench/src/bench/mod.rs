@@ -146,26 +146,30 @@ pub fn matching_congestion(tcp: &str) -> Vec<String> {
     vec!["--congestion".into(), quic.into()]
 }
 
-/// The congestion controller `pageserv src` runs its QUIC with under `args`
-/// (`--congestion X` or `--congestion=X`; the last one given wins, as clap takes it), if the
-/// bench's yardstick (`pageserv-lab quinn-bulk`) can run with the same one: quinn alone is
-/// measured with the controller the migrations use.
-pub fn src_congestion(args: &[String]) -> Option<String> {
-    let mut found = None;
-    let mut it = args.iter();
+/// The congestion controller the bench's yardstick (`pageserv-lab quinn-bulk`) runs with: the
+/// one `pageserv src` runs its QUIC with under `src_args` (`--congestion X` or `--congestion=X`;
+/// the last one given wins, as clap takes it), else the kernel TCP's (`tcp`, which the bench
+/// gives pageserv by default), else cubic: quinn alone is measured with the controller the
+/// migrations use, as far as quinn-bulk has it (not the scavenger).
+pub fn quinn_alone_congestion(src_args: &[String], tcp: &str) -> String {
+    let mut given = None;
+    let mut it = src_args.iter();
     while let Some(a) = it.next() {
         let value = match a.strip_prefix("--congestion") {
             Some("") => it.next().map(String::as_str),
             Some(rest) => rest.strip_prefix('='),
             None => None,
         };
-        if let Some(v) = value {
-            found = Some(v);
+        if value.is_some() {
+            given = value;
         }
     }
-    found
-        .filter(|c| matches!(*c, "bbr" | "cubic" | "newreno"))
-        .map(String::from)
+    [given, Some(tcp)]
+        .into_iter()
+        .flatten()
+        .find(|c| matches!(*c, "bbr" | "cubic" | "newreno"))
+        .unwrap_or("cubic")
+        .to_string()
 }
 
 /// Runs the bench and writes its results.

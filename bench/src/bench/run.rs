@@ -61,12 +61,7 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
     // congestion controller pageserv src runs with (`--pageserv-src-arg=--congestion=X`, else
     // the kernel TCP's, which the bench gives pageserv by default).
     let cc =
-        crate::bench::src_congestion(&matrix.pageserv_src_args).unwrap_or_else(|| {
-            match machine.tcp_congestion.as_str() {
-                c @ ("bbr" | "cubic" | "newreno") => c.to_string(),
-                _ => "cubic".to_string(),
-            }
-        });
+        crate::bench::quinn_alone_congestion(&matrix.pageserv_src_args, &machine.tcp_congestion);
     // quinn alone on the bare veth and on each other veth link of the run with a rate or an
     // MTU only: the floor under the services' CPU there (256 MiB on a shaped link: a few
     // seconds at 1 Gbit/s).

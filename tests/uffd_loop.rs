@@ -1087,6 +1087,79 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
     h.source.join().unwrap();
 }
 
+// ---- several arrivals in one message (the push placer's batches) ----
+
+/// `Inbound::Arrivals` places its runs as separate messages would: every 16th page a zero run
+/// between data runs (the bench workload's layout), while threads fault; a Shutdown sent right
+/// behind the last batch finds every page placed.
+#[test]
+fn arrivals_in_one_message_place_data_and_zero_runs() {
+    require_root!();
+    let _g = serial();
+    let region = Region::new(8 * MIB);
+    let (base, pages) = (region.addr, region.pages());
+    let img = image(base, pages);
+    let uffd = new_uffd(base, region.len);
+    let h = start(LoopConfig::default(), 41, base, img.clone(), never);
+    let tx = h.handle.sender();
+    tx.send(Inbound::Task {
+        pid: 41,
+        uffd,
+        lazy: region.lazy(),
+        host_pid: None,
+    })
+    .unwrap();
+    tx.send(Inbound::RestoreFinished).unwrap();
+    let is_zero = |pg: u64| pg % 16 == 15;
+    let readers: Vec<_> = (0..2u64)
+        .map(|r| {
+            std::thread::spawn(move || {
+                // Data pages only: the fake source answers a fault with the image's data.
+                let mut order: Vec<u64> =
+                    (0..pages).filter(|p| p % 2 == r && !is_zero(*p)).collect();
+                Rng(r + 11).shuffle(&mut order);
+                for pg in order.into_iter().take(300) {
+                    expect_page(base + pg * P, base + pg * P);
+                }
+            })
+        })
+        .collect();
+    // Batches of 64 pages: 4 data runs of 15 pages and 4 zero pages each.
+    for batch in 0..pages / 64 {
+        let mut runs = Vec::new();
+        for k in 0..4 {
+            let first = batch * 64 + k * 16;
+            let data = img.slice((first * P) as usize..((first + 15) * P) as usize);
+            runs.push((PidRange::new(41, base + first * P, 15), Some(data)));
+            runs.push((PidRange::new(41, base + (first + 15) * P, 1), None));
+        }
+        tx.send(Inbound::Arrivals { runs, link: 0 }).unwrap();
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    wait_complete(&h.events, Duration::from_secs(60));
+    for pg in 0..pages {
+        if is_zero(pg) {
+            assert!(is_zero_page(base + pg * P), "page {pg} should read zero");
+        } else {
+            expect_page(base + pg * P, base + pg * P);
+        }
+    }
+    let c = h.stats.counters();
+    eprintln!("(arrivals) {c:?}");
+    assert_eq!(c.lazy_zero_pages, pages / 16, "every zero run placed");
+    assert_eq!(
+        c.pages_copied_urgent + c.pages_copied_pushed + c.lazy_zero_pages,
+        pages,
+        "each page placed exactly once"
+    );
+    assert!(c.faults > 0 && c.pages_copied_pushed > 0);
+    let report = h.handle.shutdown(false).unwrap();
+    assert!(report.incomplete.is_empty() && report.killed.is_empty());
+    h.source.join().unwrap();
+}
+
 // ---- EAGAIN: copies racing with mremap events ----
 
 #[test]

@@ -221,7 +221,41 @@ impl Feed<'_> {
         }
         Ok(())
     }
+
+    /// Hands `first` and the frames queued right behind it (up to [`ARRIVALS_MAX_PAGES`] in all,
+    /// never waiting for more) to the fault thread as one message: one wakeup of that thread
+    /// for what one read of the push stream brought, instead of one per run.
+    async fn place_queued(&self, first: Queued, queue: &SharedPushQueue) -> Result<()> {
+        let mut pages = u64::from(first.nr_pages);
+        let mut runs = Vec::new();
+        let mut next = Some(first);
+        while let Some(q) = next.take() {
+            for r in self.held.read_out(&q)? {
+                self.answered(q.pid, r.vaddr, r.nr_pages);
+                runs.push((PidRange::new(q.pid, r.vaddr, r.nr_pages), r.data));
+            }
+            next = queue.try_pop_within(self.link, ARRIVALS_MAX_PAGES.saturating_sub(pages));
+            pages += next.as_ref().map_or(0, |q| u64::from(q.nr_pages));
+        }
+        let msg = match runs.len() {
+            0 => return Ok(()),
+            1 => {
+                let (at, data) = runs.remove(0);
+                Inbound::arrived(at, data, false, self.link)
+            }
+            _ => Inbound::Arrivals {
+                runs,
+                link: self.link,
+            },
+        };
+        self.to_loop.send_async(msg).await?;
+        Ok(())
+    }
 }
+
+/// The most pages one message to the fault thread carries from the push queue (4 MiB of data,
+/// the bound of one message on its bulk queue).
+const ARRIVALS_MAX_PAGES: u64 = 1024;
 
 /// Feeds page frames from one stream of link generation `link` into the fault thread.
 pub(crate) async fn feed_pages(
@@ -252,7 +286,7 @@ pub(crate) async fn feed_pages(
     };
     let placer = async {
         while let Some(q) = queue.pop(link, || read_all.load(SeqCst)).await {
-            feed.place(q).await?;
+            feed.place_queued(q, queue).await?;
         }
         Ok::<(), anyhow::Error>(())
     };

@@ -187,9 +187,19 @@ impl PushQueue {
     /// links are dropped on the way (a new link sends again what is missing), a newer link's
     /// are left for that link's placer.
     pub fn pop(&mut self, link: u64) -> Option<Queued> {
+        self.pop_within(link, u64::MAX)
+    }
+
+    /// As [`PushQueue::pop`], but only a frame of at most `max_pages` pages: a larger oldest
+    /// frame of `link` stays queued (and `None` is returned).
+    pub fn pop_within(&mut self, link: u64, max_pages: u64) -> Option<Queued> {
         while let Some(&key) = self.order.front() {
             if key.0 > link {
                 return None;
+            }
+            match self.frames.get(&key) {
+                Some(q) if key.0 == link && u64::from(q.nr_pages) > max_pages => return None,
+                _ => {}
             }
             self.order.pop_front();
             let Some(q) = self.frames.remove(&key) else {
@@ -324,6 +334,14 @@ impl SharedPushQueue {
         }
     }
 
+    /// The oldest frame of `link` if one of at most `max_pages` pages is queued now, without
+    /// waiting (see [`PushQueue::pop_within`]).
+    pub fn try_pop_within(&self, link: u64, max_pages: u64) -> Option<Queued> {
+        let q = self.with(|queue| queue.pop_within(link, max_pages))?;
+        self.room.notify_waiters();
+        Some(q)
+    }
+
     /// Takes the queued pages of a fault request (see [`PushQueue::take`]).
     pub fn take(&self, link: u64, pid: u32, vaddr: u64, nr_pages: u64) -> Vec<Queued> {
         self.with(|q| q.take(link, pid, vaddr, nr_pages))
@@ -446,6 +464,25 @@ mod tests {
         assert!(q.has_room());
     }
 
+    #[test]
+    fn pop_within_leaves_a_larger_oldest_frame_queued() {
+        let mut q = PushQueue::new(1 << 20, 1 << 30);
+        q.push(data(1, 0, 4));
+        q.push(data(2, 100, 8));
+        q.push(data(2, 200, 2));
+        assert_eq!(
+            q.pop_within(2, 7),
+            None,
+            "link 2's oldest frame has 8 pages"
+        );
+        assert_eq!(q.order.len(), 2, "link 1's frame dropped on the way");
+        let c = q.pop_within(2, 8).unwrap();
+        assert_eq!((c.vaddr, c.nr_pages), (100 * P, 8));
+        assert_eq!(q.pop_within(2, 1), None);
+        assert_eq!(q.pop_within(2, 2).unwrap().vaddr, 200 * P);
+        assert!(q.order.is_empty() && q.pages == 0 && q.data_bytes == 0);
+    }
+
     #[tokio::test]
     async fn the_shared_queue_waits_for_room_and_ends_when_done() {
         use std::sync::Arc;
@@ -514,7 +551,8 @@ mod tests {
                 }
                 prop_assert!(q.take(4, 1, page * P, n).is_empty(), "another link's fault");
                 for _ in 0..pops {
-                    if let Some(c) = q.pop(3) {
+                    // The placer's batching pops only frames that fit what is left of a batch.
+                    if let Some(c) = q.pop_within(3, 1 + page % 40) {
                         placer(c, &mut handed);
                     }
                 }

@@ -73,6 +73,14 @@ pub enum Inbound {
         urgent: bool,
         link: u64,
     },
+    /// Several background arrivals (page data, or `None` for a zero run) of link `link` in one
+    /// message, handled as that many `Pages`/`Zero` messages in order: one queue slot and one
+    /// wakeup of the fault thread for what one read of the push stream delivered (a frame of
+    /// data and the zero run after it, say), instead of one per run.
+    Arrivals {
+        runs: Vec<(PidRange, Option<bytes::Bytes>)>,
+        link: u64,
+    },
     /// Every task is restored (the restore sent 0x52535446): completion can now be judged.
     RestoreFinished,
     /// The link to the source was re-established as generation `serial`: from here on only
@@ -298,7 +306,7 @@ impl LoopSender {
         match msg {
             Inbound::Pages { urgent, .. } => *urgent,
             // Behind every page the old link queued.
-            Inbound::Shutdown { .. } | Inbound::Resume { .. } => false,
+            Inbound::Shutdown { .. } | Inbound::Resume { .. } | Inbound::Arrivals { .. } => false,
             _ => true,
         }
     }

@@ -3,7 +3,7 @@
 //! what the kernel refused, take control messages and fault answers, then a bounded amount of
 //! background pages, and again. Every decision is the core's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -197,6 +197,9 @@ pub(super) struct Driver {
     out_closed: bool,
     urgent: Receiver<Inbound>,
     bulk: Receiver<Inbound>,
+    /// The rest of an [`Inbound::Arrivals`] taken off `bulk`, one arrival per message, handled
+    /// before the next message of `bulk`.
+    unpacked: VecDeque<Inbound>,
     room: Arc<tokio::sync::Notify>,
     wake: Arc<EventFd>,
 }
@@ -234,6 +237,7 @@ impl Driver {
             out_closed: false,
             urgent,
             bulk,
+            unpacked: VecDeque::new(),
             room,
             wake,
         })
@@ -244,14 +248,17 @@ impl Driver {
         loop {
             // Refused copies are retried every millisecond: the event that blocks them is
             // usually readable by then.
-            let timeout =
-                if !self.urgent.is_empty() || !self.bulk.is_empty() || self.engine.has_pieces() {
-                    EpollTimeout::ZERO
-                } else if self.engine.wants_retry() {
-                    EpollTimeout::from(1u8)
-                } else {
-                    EpollTimeout::NONE
-                };
+            let timeout = if !self.urgent.is_empty()
+                || !self.bulk.is_empty()
+                || !self.unpacked.is_empty()
+                || self.engine.has_pieces()
+            {
+                EpollTimeout::ZERO
+            } else if self.engine.wants_retry() {
+                EpollTimeout::from(1u8)
+            } else {
+                EpollTimeout::NONE
+            };
             let n = match self.kernel.epoll.wait(&mut ready, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
@@ -292,7 +299,21 @@ impl Driver {
                     budget = budget.saturating_sub(bytes.max(PAGE_SIZE));
                     continue;
                 }
+                if let Some(msg) = self.unpacked.pop_front() {
+                    budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
+                    if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
+                        return self.shutdown(kill_incomplete);
+                    }
+                    continue;
+                }
                 match self.bulk.try_recv() {
+                    Ok(Inbound::Arrivals { runs, link }) => {
+                        self.room.notify_waiters();
+                        self.unpacked.extend(
+                            runs.into_iter()
+                                .map(|(at, data)| Inbound::arrived(at, data, false, link)),
+                        );
+                    }
                     Ok(msg) => {
                         self.room.notify_waiters();
                         budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
@@ -360,6 +381,15 @@ impl Driver {
                 urgent,
                 link,
             }),
+            // Unpacked where it is taken off the bulk queue; one that got here anyway is handled
+            // as its arrivals in order.
+            Inbound::Arrivals { runs, link } => {
+                for (at, data) in runs {
+                    // An arrival is never a shutdown: the answer is always Go.
+                    self.handle(Inbound::arrived(at, data, false, link));
+                }
+                return Next::Go;
+            }
             Inbound::RestoreFinished => Input::RestoreFinished,
             Inbound::Resume { serial } => {
                 // Fault answers of the old link still queued go first: after the reset they

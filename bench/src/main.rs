@@ -28,6 +28,12 @@ fn main() -> std::process::ExitCode {
     // Every `pageserv` the lab starts takes the measurement knobs (see `pageserv::child::LAB_ENV`).
     // SAFETY: the first statement of main, before any thread exists.
     unsafe { std::env::set_var(pageserv::child::LAB_ENV, "1") };
+    // Next, before any other thread: the signal mask every later thread inherits.
+    if let Err(e) = pageserv_lab::interrupt::install() {
+        eprintln!(
+            "pageserv: cannot watch for Ctrl-C ({e}): an interrupted run leaves its processes"
+        );
+    }
     pageserv::logging::init();
     let result = match Cli::parse().cmd {
         Cmd::Demo(d) => pageserv_lab::demo::run(d),

@@ -120,6 +120,16 @@ fn sigterm_mid_migration_leaves_no_process_namespace_or_directory() {
         .spawn()
         .expect("start pageserv demo");
     let pid = lab.id();
+    // A failed assertion before the SIGTERM below must not leave the demo running: the guard
+    // sends it (and so exercises the cleanup) when the test unwinds.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: our child's pid; a no-op once it has exited and been reaped.
+            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        }
+    }
+    let _stop = Stop(pid);
     // Wait until the destination's namespace holds pageserv dst and the restored workload
     // (3 processes or more: dst, its keeper or criu restore, the workload).
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -147,6 +157,26 @@ fn sigterm_mid_migration_leaves_no_process_namespace_or_directory() {
         "the demo should have started the workload, pageserv src and dst: {:?}",
         below.iter().map(|(p, _)| p).collect::<Vec<_>>()
     );
+    // Nothing the lab starts inherits a blocked SIGINT/SIGTERM/SIGHUP (a blocked mask in the lab
+    // once did: the workloads then ignored the bench's SIGTERM and outlived their runs).
+    for (p, _) in &below {
+        // The workload itself (`unshare -f`, its parent, blocks SIGINT and SIGTERM by design).
+        let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        if comm.trim() != "workload" {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        if let Some(blk) = status.lines().find_map(|l| l.strip_prefix("SigBlk:")) {
+            let mask = u64::from_str_radix(blk.trim(), 16).expect("SigBlk is hex");
+            let ours =
+                (1 << (libc::SIGHUP - 1)) | (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+            assert_eq!(
+                mask & ours,
+                0,
+                "workload {p} blocks SIGHUP/SIGINT/SIGTERM: {blk}"
+            );
+        }
+    }
     watched.extend(below);
     // SAFETY: signalling our own child by its pid; it has not been reaped (try_wait said so).
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);

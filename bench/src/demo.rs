@@ -18,7 +18,6 @@ use serde::Serialize;
 use crate::testbed::Testbed;
 
 pub mod faults;
-mod interrupt;
 use crate::workload_log::Summary;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -266,7 +265,6 @@ pub(crate) fn alive(pid: i32) -> bool {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    interrupt::install();
     let result = migrate(&args)?;
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&result)?)?;
@@ -298,7 +296,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
 /// Runs one migration on a fresh testbed.
 pub fn migrate(args: &DemoArgs) -> Result<DemoResult> {
     let bed = Testbed::new(0)?;
-    interrupt::testbed(&bed.netns, &bed.host_if);
     if let Some(rate) = &args.rate {
         bed.limit_rate(rate)?;
     }
@@ -316,8 +313,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
     let (src_certs, dst_certs) = pageserv::keys::demo_identities(&bed.dir.join("keys"))?;
     let log = bed.dir.join("workload.log");
     let (unshare, pid) = start_workload(bed, args, &log)?;
-    interrupt::started(unshare.id() as i32);
-    interrupt::started(pid);
     let mut workload = SourceWorkload {
         unshare,
         pid,
@@ -357,7 +352,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pageserv dst")?;
-        interrupt::started(dst.id() as i32);
         wait_for_line(
             &mut dst,
             "pageserv dst ready",
@@ -393,7 +387,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         src_cmd.args(["--pid", &pid.to_string()]);
     }
     let mut src = src_cmd.spawn().context("running pageserv src")?;
-    interrupt::started(src.id() as i32);
     let mut fault_report = faults::FaultReport::default();
     let (src_id, dst_id) = (src.id() as i32, dst.id() as i32);
     let restart = args
@@ -425,7 +418,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         let mut dst_wait = Duration::from_secs(90);
         if let Some(restarted) = injector.and_then(|h| h.join().ok()).flatten() {
             dst = restarted?;
-            interrupt::started(dst.id() as i32);
             if !src_status.is_some_and(|s| s.success()) {
                 // src gave up: the restarted dst has nothing to finish (it waits for a new
                 // migration); end it soon.
@@ -503,7 +495,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
                 .stdin(Stdio::null())
                 .spawn()
                 .context("running pageserv src --resume")?;
-            interrupt::started(src2.id() as i32);
             src_status = Some(src2.wait()?);
             dst_status = pageserv::child::wait_timeout(&mut dst, Duration::from_secs(60))?;
             fault_report.retry_src_exit = src_status.and_then(|s| s.code());
@@ -519,9 +510,6 @@ pub fn migrate_on(bed: &Testbed, args: &DemoArgs, timeout: Option<Duration>) -> 
         args.after
     );
     let restored_pid: Option<i32> = find_restore_pid(&dst_work);
-    if let Some(p) = restored_pid {
-        interrupt::started(p);
-    }
     fault_report.restored_after = restored_identity(&dst_work);
     std::thread::sleep(Duration::from_secs(args.after));
 

@@ -2,9 +2,8 @@
 //! started goes with it, instead of a frozen source, a restored copy, a `criu dump` or
 //! `lazy-pages`, network namespaces and a testbed directory left behind.
 //!
-//! [`install`] blocks those signals in the process (every thread started later inherits the
-//! mask; `std::process::Command` gives children an empty one) and waits for them on a thread of
-//! its own, which then:
+//! [`install`] catches those signals (a handler that writes to a pipe) and waits for them on a
+//! thread of its own, which then:
 //! 1. SIGSTOPs, then SIGKILLs, by pidfd, every process the lab started that is still around:
 //!    its descendants (the `/proc` parent chain) and every process inside a network namespace
 //!    it made (named `psv<its pid>-*`, [`crate::testbed`]), which catches what daemonized out
@@ -31,21 +30,52 @@ use nix::sys::signal::{SigSet, Signal};
 /// Stop passes: a process may start another before it is stopped.
 pub const PASSES: usize = 5;
 
-/// Blocks SIGINT, SIGTERM and SIGHUP and starts the thread that cleans up on one of them. Call
-/// it first in `main`, before any other thread exists.
+/// The write end of the pipe the signal handler reports on (-1 before [`install`]).
+static PIPE_WRITE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = PIPE_WRITE.load(std::sync::atomic::Ordering::Relaxed);
+    let byte = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; one byte from a local; a full pipe only drops it.
+    let _ = unsafe { libc::write(fd, (&raw const byte).cast(), 1) };
+}
+
+/// Catches SIGINT, SIGTERM and SIGHUP with a handler that reports them on a pipe, and starts the
+/// thread that cleans up when one arrives. A handler, not a blocked mask with `sigwait`: the
+/// mask would be inherited by every process the lab starts (it was: the workloads then ignored
+/// the bench's SIGTERM and outlived their runs), while exec resets handlers.
 pub fn install() -> std::io::Result<()> {
-    let mut set = SigSet::empty();
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    PIPE_WRITE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(w),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_signal),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
+        // SAFETY: the handler only does an async-signal-safe write to a pipe.
+        unsafe { nix::sys::signal::sigaction(s, &action) }.map_err(std::io::Error::from)?;
     }
-    set.thread_block().map_err(std::io::Error::from)?;
     std::thread::Builder::new()
         .name("lab-interrupt".into())
         .spawn(move || {
-            let Ok(sig) = set.wait() else { return };
-            eprintln!("pageserv: {sig}: stopping what this run started");
+            let mut byte = [0u8; 1];
+            let mut pipe = std::fs::File::from(r);
+            if std::io::Read::read_exact(&mut pipe, &mut byte).is_err() {
+                return;
+            }
+            let sig = Signal::try_from(i32::from(byte[0])).unwrap_or(Signal::SIGTERM);
+            // Not eprintln!: it panics when stderr is gone (a closed terminal, a dead reader),
+            // and the cleanup must run all the same.
+            let say = |text: String| {
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+            };
+            say(format!("pageserv: {sig}: stopping what this run started\n"));
             let summary = clean_up(std::process::id());
-            eprintln!("pageserv: {summary}");
+            say(format!("pageserv: {summary}\n"));
             std::process::exit(128 + sig as i32);
         })?;
     Ok(())

@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
     // Every `pageserv` the lab starts takes the measurement knobs (see `pageserv::child::LAB_ENV`).
     // SAFETY: the first statement of main, before any thread exists.
     unsafe { std::env::set_var(pageserv::child::LAB_ENV, "1") };
-    // Next, before any other thread: the signal mask every later thread inherits.
+    // Next: Ctrl-C and SIGTERM stop what the lab starts (see `interrupt`).
     if let Err(e) = pageserv_lab::interrupt::install() {
         eprintln!(
             "pageserv: cannot watch for Ctrl-C ({e}): an interrupted run leaves its processes"

@@ -16,6 +16,7 @@ mod engine;
 mod ioctl;
 mod kernel;
 pub mod kill;
+mod piece_size;
 mod place;
 
 use std::os::fd::OwnedFd;

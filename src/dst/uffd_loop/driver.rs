@@ -29,6 +29,9 @@ const WAKE_TOKEN: u64 = u64::MAX;
 /// behind it waits that long; background batches are therefore placed in pieces of this size
 /// (~70 us each), with a new round (epoll, fault answers) between pieces.
 const BULK_BUDGET: u64 = 256 << 10;
+/// And at most this long: where placing a page costs ~16 us (memory the host backs on first
+/// touch, see `piece_size`), 256 KiB would hold a fault ~1 ms.
+const BULK_ROUND_TIME: Duration = Duration::from_micros(150);
 /// Control messages and fault answers handled per round.
 const URGENT_BUDGET: usize = 256;
 
@@ -291,7 +294,8 @@ impl Driver {
                 }
             }
             let mut budget = BULK_BUDGET;
-            while budget > 0 {
+            let round = Instant::now();
+            while budget > 0 && round.elapsed() < BULK_ROUND_TIME {
                 // A message's pieces go before the next message: Shutdown and Resume stay behind
                 // every page queued before them.
                 if let Some(bytes) = self.engine.place_next_piece(&mut self.kernel) {

@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::ioctl::Fill;
 use super::kernel::ViewFills;
 pub(super) use super::kernel::{Kernel, Owner, UffdEvent, ViewId};
+use super::piece_size::PieceSize;
 use super::place::{self, PageBytes, Placement, Tally};
 use super::{LoopConfig, Outbound, UffdStats};
 use crate::dst::arrival_guard::ArrivalGuard;
@@ -43,8 +44,6 @@ const INLINE_RETRIES: u32 = 16;
 /// An arrival still refused after this long is given up (pages stay missing) with an error.
 const GIVE_UP: Duration = Duration::from_secs(60);
 use crate::limits::{HELD_MESSAGE_COST, LimitHit, MAX_EARLY_HELD_BYTES};
-/// Pages of one background piece (see the driver's BULK_BUDGET).
-const PIECE_PAGES: u64 = 64;
 
 /// Pages (`data`) or a zero run (`None`) from the source, and how they came: as a fault's
 /// answer (`urgent`) or pushed, on link generation `link` (0 the first link, then the serial of
@@ -142,8 +141,11 @@ struct Backlog {
     zero_again: Vec<(ViewId, u64, Instant)>,
     /// Arrivals the kernel refused with EAGAIN.
     refused: Vec<Placing>,
-    /// Pieces of background arrivals not placed yet, one per driver round.
+    /// Background arrivals not placed yet, cut into pieces as they are placed, one piece per
+    /// driver round ([`Engine::place_next_piece`]).
     pieces: VecDeque<Placing>,
+    /// How many pages a piece carries ([`PieceSize`]).
+    piece_size: PieceSize,
 }
 
 /// The fault engine's state; see the module docs.
@@ -522,11 +524,34 @@ impl Engine {
         }
     }
 
-    /// Places the next background piece, if any; returns its data bytes.
+    /// Places the next background piece, if any (the front of the oldest arrival waiting, sized
+    /// by [`PieceSize`]; the rest of it stays first in line); returns its data bytes.
     pub(super) fn place_next_piece<K: Kernel>(&mut self, k: &mut K) -> Option<u64> {
-        let piece = self.backlog.pieces.pop_front()?;
+        let mut piece = self.backlog.pieces.pop_front()?;
+        let (nr, size) = (piece.at.nr_pages(), self.backlog.piece_size.pages());
+        if nr > size {
+            // Each piece is an arrival of its own: a fork between two pieces gets the later ones.
+            let rest = Placing {
+                at: PidRange::new(piece.at.pid, piece.at.start() + size * PAGE_SIZE, nr - size),
+                data: piece
+                    .data
+                    .as_ref()
+                    .map(|d| d.slice((size * PAGE_SIZE) as usize..)),
+                urgent: false,
+                finished: BTreeSet::new(),
+                since: piece.since,
+            };
+            piece.at = PidRange::new(piece.at.pid, piece.at.start(), size);
+            piece.data = piece.data.map(|d| d.slice(..(size * PAGE_SIZE) as usize));
+            self.backlog.pieces.push_front(rest);
+        }
         let bytes = piece.bytes();
+        let started = k.now();
         self.place_or_keep(k, piece);
+        if bytes > 0 {
+            let took = k.now().saturating_duration_since(started);
+            self.backlog.piece_size.observe(bytes / PAGE_SIZE, took);
+        }
         Some(bytes)
     }
 
@@ -622,25 +647,15 @@ impl Engine {
             return;
         }
         let since = k.now();
-        if !a.urgent && nr > PIECE_PAGES {
+        if !a.urgent && nr > self.backlog.piece_size.pages() {
             // Placed a piece per driver round, so faults are not kept waiting (see BULK_BUDGET).
-            // Each piece is an arrival of its own: a fork between two pieces gets the later ones.
-            let mut at = 0;
-            while at < nr {
-                let n = PIECE_PAGES.min(nr - at);
-                let data = a
-                    .data
-                    .as_ref()
-                    .map(|d| d.slice((at * PAGE_SIZE) as usize..((at + n) * PAGE_SIZE) as usize));
-                self.backlog.pieces.push_back(Placing {
-                    at: PidRange::new(pid, img + at * PAGE_SIZE, n),
-                    data,
-                    urgent: false,
-                    finished: BTreeSet::new(),
-                    since,
-                });
-                at += n;
-            }
+            self.backlog.pieces.push_back(Placing {
+                at: a.at,
+                data: a.data,
+                urgent: false,
+                finished: BTreeSet::new(),
+                since,
+            });
             return;
         }
         let placing = Placing {

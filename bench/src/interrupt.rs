@@ -2,8 +2,9 @@
 //! started goes with it, instead of a frozen source, a restored copy, a `criu dump` or
 //! `lazy-pages`, network namespaces and a testbed directory left behind.
 //!
-//! [`install`] catches those signals (a handler that writes to a pipe) and waits for them on a
-//! thread of its own, which then:
+//! [`install`] catches those signals (a handler that writes to a pipe; one the lab was started
+//! ignoring, as `nohup` does SIGHUP, stays ignored) and waits for them on a thread of its own,
+//! which then:
 //! 1. SIGSTOPs, then SIGKILLs, by pidfd, every process the lab started that is still around:
 //!    its descendants (the `/proc` parent chain) and every process inside a network namespace
 //!    it made (named `psv<its pid>-*`, [`crate::testbed`]), which catches what daemonized out
@@ -57,7 +58,12 @@ pub fn install() -> std::io::Result<()> {
     );
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only does an async-signal-safe write to a pipe.
-        unsafe { nix::sys::signal::sigaction(s, &action) }.map_err(std::io::Error::from)?;
+        let old = unsafe { nix::sys::signal::sigaction(s, &action) }?;
+        if matches!(old.handler(), nix::sys::signal::SigHandler::SigIgn) {
+            // Ignored by whoever started the lab (`nohup` ignores SIGHUP): it stays ignored.
+            // SAFETY: restores the disposition the process started with.
+            unsafe { nix::sys::signal::sigaction(s, &old) }?;
+        }
     }
     std::thread::Builder::new()
         .name("lab-interrupt".into())

@@ -230,8 +230,8 @@ impl Feed<'_> {
         let mut runs = Vec::new();
         let mut next = Some(first);
         while let Some(q) = next.take() {
+            // Already answered when the reader queued it (`Feed::read`).
             for r in self.held.read_out(&q)? {
-                self.answered(q.pid, r.vaddr, r.nr_pages);
                 runs.push((PidRange::new(q.pid, r.vaddr, r.nr_pages), r.data));
             }
             next = queue.try_pop_within(self.link, ARRIVALS_MAX_PAGES.saturating_sub(pages));

@@ -311,13 +311,6 @@ impl Driver {
                     continue;
                 }
                 match self.bulk.try_recv() {
-                    Ok(Inbound::Arrivals { runs, link }) => {
-                        self.room.notify_waiters();
-                        self.unpacked.extend(
-                            runs.into_iter()
-                                .map(|(at, data)| Inbound::arrived(at, data, false, link)),
-                        );
-                    }
                     Ok(msg) => {
                         self.room.notify_waiters();
                         budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
@@ -385,13 +378,12 @@ impl Driver {
                 urgent,
                 link,
             }),
-            // Unpacked where it is taken off the bulk queue; one that got here anyway is handled
-            // as its arrivals in order.
+            // Unpacked, to be handled one arrival per message before the next bulk message.
             Inbound::Arrivals { runs, link } => {
-                for (at, data) in runs {
-                    // An arrival is never a shutdown: the answer is always Go.
-                    self.handle(Inbound::arrived(at, data, false, link));
-                }
+                let arrivals = runs
+                    .into_iter()
+                    .map(|(at, data)| Inbound::arrived(at, data, false, link));
+                self.unpacked.extend(arrivals);
                 return Next::Go;
             }
             Inbound::RestoreFinished => Input::RestoreFinished,

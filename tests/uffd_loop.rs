@@ -194,6 +194,8 @@ fn is_zero_page(addr: u64) -> bool {
 
 struct Harness {
     handle: LoopHandle,
+    /// The loop's input.
+    tx: LoopSender,
     stats: Arc<UffdStats>,
     /// Every outbound message except faults.
     events: Receiver<Outbound>,
@@ -215,13 +217,57 @@ fn start(
     let handle = uffd_loop::spawn_with(config, out_tx, stats.clone()).unwrap();
     let (ev_tx, events) = crossbeam_channel::unbounded();
     let tx = handle.sender();
-    let source = std::thread::spawn(move || fake_source(out_rx, tx, ev_tx, pid, base, img, refuse));
+    let source = {
+        let tx = tx.clone();
+        std::thread::spawn(move || fake_source(out_rx, tx, ev_tx, pid, base, img, refuse))
+    };
     Harness {
         handle,
+        tx,
         stats,
         events,
         source,
     }
+}
+
+impl Harness {
+    /// Hands the loop task `pid` with its uffd and lazy ranges, then says the restore finished,
+    /// as the lazy-pages socket does for a one-task restore.
+    fn restored(&self, pid: i32, uffd: OwnedFd, lazy: Vec<PageRange>, host_pid: Option<i32>) {
+        self.tx
+            .send(Inbound::Task {
+                pid,
+                uffd,
+                lazy,
+                host_pid,
+            })
+            .unwrap();
+        self.tx.send(Inbound::RestoreFinished).unwrap();
+    }
+
+    /// Shuts the loop down (nothing killed) and joins the fake source.
+    fn finish(self) {
+        self.handle.shutdown(false).unwrap();
+        drop(self.tx);
+        self.source.join().unwrap();
+    }
+}
+
+/// A region of `len` bytes, all lazy, restored as task `pid`: the loop serves its faults from
+/// the region's image (returned) through a fake source that answers every fault.
+fn serve_region(len: u64, config: LoopConfig, pid: u32) -> (Region, Bytes, Harness) {
+    let region = Region::new(len);
+    let img = image(region.addr, region.pages());
+    let uffd = new_uffd(region.addr, region.len);
+    let h = start(config, pid, region.addr, img.clone(), never);
+    h.restored(i32::try_from(pid).unwrap(), uffd, region.lazy(), None);
+    (region, img, h)
+}
+
+/// Asserts that every byte of `region` equals the image.
+fn assert_whole(region: &Region, img: &Bytes) {
+    let all = unsafe { std::slice::from_raw_parts(region.addr as *const u8, region.len as usize) };
+    assert!(all == &img[..], "region content differs from the image");
 }
 
 fn fake_source(
@@ -314,24 +360,12 @@ impl Rng {
 fn serves_faults_and_pushes_until_complete() {
     require_root!();
     let _g = serial();
-    let region = Region::new(64 * MIB);
-    let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
     let config = LoopConfig {
         readahead_pages: 3,
         ..LoopConfig::default()
     };
-    let h = start(config, 1000, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 1000,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
+    let (region, img, h) = serve_region(64 * MIB, config, 1000);
+    let (base, pages) = (region.addr, region.pages());
 
     let readers: Vec<_> = (0..4u64)
         .map(|r| {
@@ -346,14 +380,13 @@ fn serves_faults_and_pushes_until_complete() {
         .collect();
     // The background push starts while the readers fault.
     std::thread::sleep(Duration::from_millis(20));
-    push_all(&tx, 1000, base, &img, pages, 1024);
+    push_all(&h.tx, 1000, base, &img, pages, 1024);
     for r in readers {
         r.join().unwrap();
     }
     wait_complete(&h.events, Duration::from_secs(60));
     // Every page holds its data (nothing zero), compared in full.
-    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
-    assert!(all == &img[..], "region content differs from the image");
+    assert_whole(&region, &img);
     let c = h.stats.counters();
     eprintln!("(a) {c:?}");
     assert_eq!(
@@ -367,6 +400,7 @@ fn serves_faults_and_pushes_until_complete() {
     assert!(lat.count > 0);
     let report = h.handle.shutdown(false).unwrap();
     assert!(report.incomplete.is_empty() && report.killed.is_empty());
+    drop(h.tx);
     assert!(!h.source.join().unwrap().is_empty());
 }
 
@@ -418,15 +452,7 @@ fn held_pages_answer_faults_without_asking_the_source() {
         ..LoopConfig::default()
     };
     let h = start(config, 1000, base, img, never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 1000,
-        uffd: new_uffd(base, region.len),
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
+    h.restored(1000, new_uffd(base, region.len), region.lazy(), None);
     let mut order: Vec<u64> = (0..pages).collect();
     Rng(11).shuffle(&mut order);
     for pg in order {
@@ -436,7 +462,7 @@ fn held_pages_answer_faults_without_asking_the_source() {
     eprintln!("(a2) {c:?}");
     let report = h.handle.shutdown(false).unwrap();
     assert!(report.incomplete.is_empty());
-    drop(tx);
+    drop(h.tx);
     let asked = h.source.join().unwrap();
     // Every held page was taken here, and the source was asked only for the others.
     assert!(
@@ -461,20 +487,8 @@ fn held_pages_answer_faults_without_asking_the_source() {
 fn removed_pages_are_never_copied() {
     require_root!();
     let _g = serial();
-    let region = Region::new(8 * MIB);
+    let (region, img, h) = serve_region(8 * MIB, LoopConfig::default(), 7);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 7, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 7,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
 
     expect_page(base, base);
     let (rm_start, rm_len) = (base + MIB, MIB);
@@ -492,7 +506,7 @@ fn removed_pages_are_never_copied() {
     for pg in (0..rm_len / P).step_by(17) {
         assert!(is_zero_page(rm_start + pg * P), "removed page reads zero");
     }
-    push_all(&tx, 7, base, &img, pages, 1024);
+    push_all(&h.tx, 7, base, &img, pages, 1024);
     wait_complete(&h.events, Duration::from_secs(30));
     for pg in 0..pages {
         let a = base + pg * P;
@@ -512,8 +526,7 @@ fn removed_pages_are_never_copied() {
         c.pages_copied_urgent + c.pages_copied_pushed,
         pages - rm_len / P
     );
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- (c) mremap while pending ----
@@ -522,20 +535,8 @@ fn removed_pages_are_never_copied() {
 fn remapped_pages_get_their_image_data() {
     require_root!();
     let _g = serial();
-    let region = Region::new(8 * MIB);
+    let (region, img, h) = serve_region(8 * MIB, LoopConfig::default(), 9);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 9, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 9,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
 
     // Move image [base+2M, base+3M) to a fresh place (a placeholder we own).
     let target = Region::new(MIB);
@@ -559,7 +560,7 @@ fn remapped_pages_get_their_image_data() {
     for pg in [0, 5, 255, 100] {
         expect_page(target.addr + pg * P, from + pg * P);
     }
-    push_all(&tx, 9, base, &img, pages, 1024);
+    push_all(&h.tx, 9, base, &img, pages, 1024);
     wait_complete(&h.events, Duration::from_secs(30));
     for pg in 0..pages {
         let a = base + pg * P;
@@ -572,8 +573,7 @@ fn remapped_pages_get_their_image_data() {
     let c = h.stats.counters();
     eprintln!("(c) {c:?}");
     assert_eq!(c.pages_copied_urgent + c.pages_copied_pushed, pages);
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
     // Region's munmap covers the hole; target unmaps the moved part.
     drop(target);
 }
@@ -605,20 +605,8 @@ fn expected_checksum(base: u64, first: u64, pages: u64) -> u64 {
 fn fork_child_gets_its_pages() {
     require_root!();
     let _g = serial();
-    let region = Region::new(8 * MIB);
+    let (region, img, h) = serve_region(8 * MIB, LoopConfig::default(), 11);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 11, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 11,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
     expect_page(base + 1000 * P, base + 1000 * P);
 
     let (first, n) = (100u64, 64u64);
@@ -653,18 +641,16 @@ fn fork_child_gets_its_pages() {
     assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
 
-    push_all(&tx, 11, base, &img, pages, 1024);
+    push_all(&h.tx, 11, base, &img, pages, 1024);
     wait_complete(&h.events, Duration::from_secs(30));
-    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
-    assert!(all == &img[..]);
+    assert_whole(&region, &img);
     let c = h.stats.counters();
     eprintln!("(d) {c:?}");
     assert!(
         c.pages_copied_urgent >= 2 * n,
         "the child's pages go to parent and child"
     );
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- (e) lazy-pages.socket with a fake restore ----
@@ -804,10 +790,9 @@ fn accept_times_out_without_a_restore() {
 
 // ---- (f) a separate process whose memory is incomplete at shutdown is killed ----
 
-/// Child side of a "restored process": creates its own uffd, registers `addr`, sends it over
-/// `sock`, closes it, reads page 0 (served), reports a checksum, then reads page 100 (never
-/// served). Async-signal-safe only.
-fn restored_child(sock: RawFd, pipe: RawFd, addr: u64, len: u64) -> ! {
+/// What a restored child does first: creates its own uffd, registers `[addr, addr + len)`,
+/// sends the uffd over `sock` and closes its copy. Async-signal-safe; exits 10 or 11 on failure.
+fn uffd_handed_over(sock: RawFd, addr: u64, len: u64) {
     unsafe {
         let fd = raw_uffd();
         if fd < 0 || !raw_register(fd, addr, len) {
@@ -833,6 +818,15 @@ fn restored_child(sock: RawFd, pipe: RawFd, addr: u64, len: u64) -> ! {
             libc::_exit(11);
         }
         libc::close(fd);
+    }
+}
+
+/// Child side of a "restored process": creates its own uffd, registers `addr`, sends it over
+/// `sock`, closes it, reads page 0 (served), reports a checksum, then reads page 100 (never
+/// served). Async-signal-safe only.
+fn restored_child(sock: RawFd, pipe: RawFd, addr: u64, len: u64) -> ! {
+    unsafe {
+        uffd_handed_over(sock, addr, len);
         let sum = checksum(addr, 1);
         libc::write(pipe, (&sum as *const u64).cast(), 8);
         let _ = std::ptr::read_volatile((addr + 100 * P) as *const u8);
@@ -860,6 +854,25 @@ fn recv_fd(sock: &UnixStream) -> OwnedFd {
     panic!("no fd from the child");
 }
 
+/// Forks a "restored process" running `child` on `region`; returns its pid, the read end of
+/// its report pipe and the uffd it handed over.
+fn restored_process(
+    region: &Region,
+    child: fn(RawFd, RawFd, u64, u64) -> !,
+) -> (libc::pid_t, std::fs::File, OwnedFd) {
+    let (parent_sock, child_sock) = UnixStream::pair().unwrap();
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        child(child_sock.as_raw_fd(), fds[1], region.addr, region.len);
+    }
+    assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fds[1]) };
+    let pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    (pid, pipe, recv_fd(&parent_sock))
+}
+
 fn refuse_beyond_first_page(base: u64, img: u64) -> bool {
     img != base
 }
@@ -871,15 +884,7 @@ fn incomplete_processes_are_killed_at_shutdown() {
     let region = Region::new(MIB);
     let (base, pages) = (region.addr, region.pages());
     let img = image(base, pages);
-    let (parent_sock, child_sock) = UnixStream::pair().unwrap();
-    let mut fds = [0; 2];
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        restored_child(child_sock.as_raw_fd(), fds[1], base, region.len);
-    }
-    unsafe { libc::close(fds[1]) };
-    let uffd = recv_fd(&parent_sock);
+    let (child, mut pipe, uffd) = restored_process(&region, restored_child);
     let h = start(
         LoopConfig::default(),
         2000,
@@ -887,17 +892,8 @@ fn incomplete_processes_are_killed_at_shutdown() {
         img,
         refuse_beyond_first_page,
     );
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 2000,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: Some(child),
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
+    h.restored(2000, uffd, region.lazy(), Some(child));
     // Cross-process copy: the child saw page 0's image data.
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
     let mut buf = [0u8; 8];
     pipe.read_exact(&mut buf).unwrap();
     assert_eq!(u64::from_ne_bytes(buf), expected_checksum(base, 0, 1));
@@ -954,21 +950,9 @@ fn measure_copy_throughput() {
     drop(region);
 
     // The same through the loop: 4 MiB background pushes until Complete.
-    let region = Region::new(256 * MIB);
-    let img = image(region.addr, region.pages());
-    let uffd = new_uffd(region.addr, region.len);
-    let h = start(LoopConfig::default(), 3, region.addr, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 3,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
+    let (region, img, h) = serve_region(256 * MIB, LoopConfig::default(), 3);
     let t = Instant::now();
-    push_all(&tx, 3, region.addr, &img, region.pages(), batch / P);
+    push_all(&h.tx, 3, region.addr, &img, region.pages(), batch / P);
     wait_complete(&h.events, Duration::from_secs(60));
     let through_loop = region.len as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64;
     assert_eq!(h.stats.counters().pages_copied_pushed, region.pages());
@@ -976,28 +960,15 @@ fn measure_copy_throughput() {
     eprintln!(
         "MEASURE UFFDIO_COPY 4 MiB batches: raw {raw:.2} GiB/s, through the loop {through_loop:.2} GiB/s"
     );
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 #[test]
 fn measure_fault_round_trip() {
     require_root!();
     let _g = serial();
-    let region = Region::new(16 * MIB);
+    let (region, _img, h) = serve_region(16 * MIB, LoopConfig::default(), 4);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 4, base, img, never);
-    h.handle
-        .send(Inbound::Task {
-            pid: 4,
-            uffd,
-            lazy: region.lazy(),
-            host_pid: None,
-        })
-        .unwrap();
-    h.handle.send(Inbound::RestoreFinished).unwrap();
     let mut order: Vec<u64> = (0..pages).collect();
     Rng(99).shuffle(&mut order);
     let mut samples = Vec::with_capacity(pages as usize);
@@ -1024,8 +995,7 @@ fn measure_fault_round_trip() {
     );
     assert_eq!(lat.count, pages);
     assert_eq!(h.stats.counters().pages_copied_urgent, pages);
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- zero pages: faults outside the lazy set, `Inbound::Zero`, and pages before their task ----
@@ -1040,31 +1010,22 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
     let img = image(base, lazy_pages);
     let uffd = new_uffd(base, region.len);
     let h = start(LoopConfig::default(), 21, base, img.clone(), never);
-    let tx = h.handle.sender();
     // Pages before the task: kept until it arrives.
     push_all(
-        &tx,
+        &h.tx,
         21,
         base + 16 * P,
         &img.slice((16 * P) as usize..),
         lazy_pages - 16,
         100,
     );
-    tx.send(Inbound::Zero {
+    h.tx.send(Inbound::Zero {
         at: PidRange::new(21, base, 16),
         urgent: false,
         link: 0,
     })
     .unwrap();
-    let lazy = vec![PageRange::new(base, lazy_pages)];
-    tx.send(Inbound::Task {
-        pid: 21,
-        uffd,
-        lazy,
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
+    h.restored(21, uffd, vec![PageRange::new(base, lazy_pages)], None);
     wait_complete(&h.events, Duration::from_secs(30));
     for pg in 0..16 {
         assert!(is_zero_page(base + pg * P));
@@ -1083,8 +1044,7 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
     eprintln!("(zero) {c:?}");
     assert_eq!((c.lazy_zero_pages, c.zero_pages), (16, 1));
     assert_eq!((c.requests, c.pages_copied_pushed), (0, lazy_pages - 16));
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- several arrivals in one message (the push placer's batches) ----
@@ -1096,20 +1056,8 @@ fn zero_runs_non_lazy_faults_and_early_pages() {
 fn arrivals_in_one_message_place_data_and_zero_runs() {
     require_root!();
     let _g = serial();
-    let region = Region::new(8 * MIB);
+    let (region, img, h) = serve_region(8 * MIB, LoopConfig::default(), 41);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 41, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 41,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
     let is_zero = |pg: u64| pg % 16 == 15;
     let readers: Vec<_> = (0..2u64)
         .map(|r| {
@@ -1133,7 +1081,7 @@ fn arrivals_in_one_message_place_data_and_zero_runs() {
             runs.push((PidRange::new(41, base + first * P, 15), Some(data)));
             runs.push((PidRange::new(41, base + (first + 15) * P, 1), None));
         }
-        tx.send(Inbound::Arrivals { runs, link: 0 }).unwrap();
+        h.tx.send(Inbound::Arrivals { runs, link: 0 }).unwrap();
     }
     // Right behind the last batch, before anything said Complete: every run of every batch is
     // placed before the Shutdown is handled.
@@ -1167,20 +1115,8 @@ fn arrivals_in_one_message_place_data_and_zero_runs() {
 fn copies_survive_concurrent_remaps() {
     require_root!();
     let _g = serial();
-    let region = Region::new(32 * MIB);
+    let (region, img, h) = serve_region(32 * MIB, LoopConfig::default(), 31);
     let (base, pages) = (region.addr, region.pages());
-    let img = image(base, pages);
-    let uffd = new_uffd(base, region.len);
-    let h = start(LoopConfig::default(), 31, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 31,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
     // One page goes back and forth while every page is pushed; each mremap holds the
     // process's uffd "changing" until the loop reads the event, so copies meet EAGAIN.
     let parking = Region::new(P);
@@ -1202,16 +1138,14 @@ fn copies_survive_concurrent_remaps() {
         }
     });
     std::thread::sleep(Duration::from_millis(2));
-    push_all(&tx, 31, base, &img, pages, 1024);
+    push_all(&h.tx, 31, base, &img, pages, 1024);
     mover.join().unwrap();
     wait_complete(&h.events, Duration::from_secs(60));
-    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
-    assert!(all == &img[..]);
+    assert_whole(&region, &img);
     let c = h.stats.counters();
     eprintln!("(eagain) {c:?}");
     assert_eq!(c.pages_copied_pushed, pages);
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- ENOENT: a VMA split after the dump (mprotect, no event) inside one pushed run ----
@@ -1230,24 +1164,14 @@ fn runs_across_a_vma_split_are_placed_page_by_page() {
         0
     );
     let h = start(LoopConfig::default(), 33, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 33,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: None,
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
-    push_all(&tx, 33, base, &img, pages, 1024);
+    h.restored(33, uffd, region.lazy(), None);
+    push_all(&h.tx, 33, base, &img, pages, 1024);
     wait_complete(&h.events, Duration::from_secs(30));
-    let all = unsafe { std::slice::from_raw_parts(base as *const u8, region.len as usize) };
-    assert!(all == &img[..]);
+    assert_whole(&region, &img);
     let c = h.stats.counters();
     eprintln!("(enoent) {c:?}");
     assert_eq!((c.pages_copied_pushed, c.pages_dropped), (pages, 0));
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }
 
 // ---- a restored process's fork child is killed too ----
@@ -1256,30 +1180,7 @@ fn runs_across_a_vma_split_are_placed_page_by_page() {
 /// pages the source never sends.
 fn forking_child(sock: RawFd, pipe: RawFd, addr: u64, len: u64) -> ! {
     unsafe {
-        let fd = raw_uffd();
-        if fd < 0 || !raw_register(fd, addr, len) {
-            libc::_exit(10);
-        }
-        let mut byte = 0u8;
-        let mut iov = libc::iovec {
-            iov_base: (&mut byte as *mut u8).cast(),
-            iov_len: 1,
-        };
-        let mut cbuf = [0u64; 4];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-        if libc::sendmsg(sock, &msg, 0) != 1 {
-            libc::_exit(11);
-        }
-        libc::close(fd);
+        uffd_handed_over(sock, addr, len);
         let g = libc::fork();
         if g == 0 {
             let _ = std::ptr::read_volatile((addr + 100 * P) as *const u8);
@@ -1298,26 +1199,9 @@ fn fork_children_of_incomplete_processes_are_killed() {
     let region = Region::new(MIB);
     let (base, pages) = (region.addr, region.pages());
     let img = image(base, pages);
-    let (parent_sock, child_sock) = UnixStream::pair().unwrap();
-    let mut fds = [0; 2];
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        forking_child(child_sock.as_raw_fd(), fds[1], base, region.len);
-    }
-    unsafe { libc::close(fds[1]) };
-    let uffd = recv_fd(&parent_sock);
+    let (child, mut pipe, uffd) = restored_process(&region, forking_child);
     let h = start(LoopConfig::default(), 2100, base, img, |_, _| true);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
-        pid: 2100,
-        uffd,
-        lazy: region.lazy(),
-        host_pid: Some(child),
-    })
-    .unwrap();
-    tx.send(Inbound::RestoreFinished).unwrap();
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    h.restored(2100, uffd, region.lazy(), Some(child));
     let mut buf = [0u8; 4];
     pipe.read_exact(&mut buf).unwrap();
     let grandchild = i32::from_ne_bytes(buf);
@@ -1374,15 +1258,14 @@ fn pushes_before_the_ranges_are_registered_wait_for_the_restore() {
     // The uffd exists but nothing is registered yet, as right after CRIU's handover.
     let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
     let h = start(LoopConfig::default(), 22, base, img.clone(), never);
-    let tx = h.handle.sender();
-    tx.send(Inbound::Task {
+    h.tx.send(Inbound::Task {
         pid: 22,
         uffd,
         lazy: vec![PageRange::new(base, lazy_pages)],
         host_pid: None,
     })
     .unwrap();
-    push_all(&tx, 22, base, &img, lazy_pages, 64);
+    push_all(&h.tx, 22, base, &img, lazy_pages, 64);
     std::thread::sleep(Duration::from_millis(100));
     // Now the "restorer" registers the range, and the restore finishes.
     assert!(
@@ -1390,7 +1273,7 @@ fn pushes_before_the_ranges_are_registered_wait_for_the_restore() {
         "UFFDIO_REGISTER: {}",
         std::io::Error::last_os_error()
     );
-    tx.send(Inbound::RestoreFinished).unwrap();
+    h.tx.send(Inbound::RestoreFinished).unwrap();
     wait_complete(&h.events, Duration::from_secs(30));
     for pg in 0..lazy_pages {
         expect_page(base + pg * P, base + pg * P);
@@ -1401,6 +1284,5 @@ fn pushes_before_the_ranges_are_registered_wait_for_the_restore() {
         (lazy_pages, 0),
         "{c:?}"
     );
-    h.handle.shutdown(false).unwrap();
-    h.source.join().unwrap();
+    h.finish();
 }

@@ -184,6 +184,10 @@ fn frozen_memory_equals_criu_page_by_page() {
         "every task is frozen by the dump: {:?}",
         tasks.unreadable()
     );
+    // This kernel keeps run counts (CONFIG_SCHED_INFO), so the checks below compare them.
+    for pid in s.image_pids() {
+        assert!(tasks.checked_by_run_count(pid), "image pid {pid}");
+    }
     let (mut pages, mut holder_pages) = (0u64, 0u64);
     for (pid, ranges) in s.lazy.clone() {
         assert_eq!(

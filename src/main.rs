@@ -241,7 +241,14 @@ struct KeygenArgs {
 
 fn main() -> std::process::ExitCode {
     pageserv::logging::init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Cmd::Dst(_) = &cli.cmd {
+        // First, while this process is one thread (see the module).
+        if let Err(e) = pageserv::dst::uffd_keeper::table_guard::start() {
+            tracing::warn!("{e}");
+        }
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pageserv: error: {e:#}");

@@ -3,11 +3,13 @@
 //! `pageserv src --lazy --pid` (background push held back, so the memory stays lazy) and the
 //! real `pageserv dst` restoring it on loopback. Once restored, the holder forks a child that
 //! waits a moment and then reads every pattern page of its (still lazy) memory, checking each
-//! against the pattern. `pageserv dst` is SIGKILLed as soon as the child exists. The child's
-//! uffd was handed to the uffd keeper as the fork event was read, so it is not closed with dst:
-//! the child's reads wait, and either the keeper kills the tree at `--recover-timeout` (nothing
-//! read zeros), or a dst restarted on the same `--work` adopts it and the child reads correct
-//! bytes. Needs root and CRIU; skips otherwise.
+//! against the pattern. `pageserv dst` is SIGKILLed as soon as the child exists, which is while
+//! its fault thread holds the child's uffd and has not yet handed it to the uffd keeper (a lab
+//! pause makes that window 2 s long; unpaused it is microseconds, and CI once hit it). dst's
+//! table guard shares its descriptor table, so the uffd is not closed with dst and reaches the
+//! keeper: the child's reads wait, and either the keeper kills the tree at `--recover-timeout`
+//! (nothing read zeros), or a dst restarted on the same `--work` adopts it and the child reads
+//! correct bytes. Needs root and CRIU; skips otherwise.
 
 #[path = "common/criu.rs"]
 mod criu;
@@ -61,6 +63,13 @@ fn start_dst(
     recover_timeout: &str,
 ) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_pageserv"))
+        // The fault thread holds a fork child's uffd this long before it hands it to the keeper:
+        // the kill below lands inside that window every time.
+        .env(pageserv::child::LAB_ENV, "1")
+        .env(
+            pageserv::dst::uffd_loop::FORK_HANDOVER_PAUSE_ENV,
+            FORK_HANDOVER_PAUSE_MS,
+        )
         .args(["dst", "--listen", addr, "--certs"])
         .arg(certs)
         .arg("--work")
@@ -82,6 +91,14 @@ fn start_dst(
 
 /// dst's recover timeout: how long its keeper holds the restored tasks after dst died.
 const RECOVER_TIMEOUT: &str = "3s";
+
+/// How long dst's fault thread waits between reading a fork event and handing the child's uffd
+/// to the keeper: only the table guard (dst::uffd_keeper::table_guard) saves a child whose dst
+/// is killed in that window.
+const FORK_HANDOVER_PAUSE_MS: &str = "2000";
+
+/// What the table guard logs when it sent a dead dst's uffds to the keeper.
+const GUARD_SENT: &str = "went to the uffd keeper";
 
 /// The restored root's host pid (dst's pidfile in its migration directory).
 fn restored_root(work: &Path) -> Option<i32> {
@@ -325,6 +342,24 @@ fn foreign_resume(scratch: &Path, addr: &str, src_work: &Path) -> String {
     })
 }
 
+/// `log` without its terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Nobody adopts: the keeper holds the child's uffd, the child's reads wait, and at dst's
 /// recover timeout the keeper kills the restored root and the child. No zero is ever read.
 #[test]
@@ -341,6 +376,11 @@ fn a_dst_killed_after_a_post_restore_fork_leaves_no_child_reading_zeros() {
     assert_eq!(
         run.verdict, None,
         "the child got its memory though no dst was left"
+    );
+    assert!(
+        run.dst_log.contains(GUARD_SENT),
+        "the table guard did not hand the dead dst's uffds to the keeper:\n{}",
+        run.dst_log
     );
     assert!(!alive(run.child), "the forked child still runs");
     assert!(!alive(run.root), "the restored root still runs");
@@ -368,9 +408,19 @@ fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
         run.dst2_log
     );
     assert!(
-        run.dst2_log.contains("adopted the restored tasks"),
-        "{}",
-        run.dst2_log
+        run.dst_log.contains(GUARD_SENT),
+        "the table guard did not hand the dead dst's uffds to the keeper:\n{}",
+        run.dst_log
+    );
+    // The restored task's and the child's: the guard sent the task's uffd again with the
+    // child's, and the keeper kept only one copy of it.
+    let log = plain(&run.dst2_log);
+    let adopted = log
+        .lines()
+        .find(|l| l.contains("adopted the restored tasks"));
+    assert!(
+        adopted.is_some_and(|l| l.contains("uffds=2")),
+        "not the task and its child alone: {adopted:?}\n{log}"
     );
     // The adopted migration stays bound to the certificate that opened it.
     let foreign = run.foreign_resume.as_deref().unwrap_or("");

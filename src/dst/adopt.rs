@@ -196,6 +196,8 @@ pub(crate) async fn adopt_in(
     }
     report.tasks = lazy.len() as u64;
     let keeper: Arc<UffdKeeper> = Arc::new(adoption.keeper);
+    // Every uffd here came from the keeper, so it holds them all.
+    keeper.tasks_held();
     let answers = crate::dst::post_copy::answer_watch(&opts.limits);
     let (sink, mut ev_rx, requests) = bridge(answers.clone());
     let stats = Arc::new(UffdStats::default());

@@ -235,6 +235,8 @@ async fn run_in(
                 None => to_loop.send(Inbound::Zombie { pid: t.pid })?,
             }
         }
+        // The tasks run only once the restore has handed over every uffd.
+        keeper_copy.tasks_held();
         rc.wait_restore_finished()?;
         to_loop.send(Inbound::RestoreFinished)?;
         Ok(())

@@ -16,6 +16,7 @@
 //! decisions are [`policy`] (pure); this file is the sockets, pidfds and signals.
 
 pub mod policy;
+pub mod table_guard;
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt};
 
 use self::policy::{Action, Holding, Peer, Phase, Policy, RECORD_LEN, Record};
+use self::table_guard::SlotHandle;
 use crate::criu::binary::pass_fds;
 use crate::dst::uffd_loop::ForkHolder;
 use crate::dst::uffd_loop::kill::{Process, descendants, wait_exited};
@@ -75,6 +77,8 @@ pub struct UffdKeeper {
     child: Mutex<Option<Child>>,
     /// Released: every lazy page is in place and the keeper has exited.
     released: std::sync::atomic::AtomicBool,
+    /// This migration's entry for the table guard (none outside `pageserv dst`).
+    slot: Option<SlotHandle>,
 }
 
 impl UffdKeeper {
@@ -108,6 +112,7 @@ impl UffdKeeper {
         let child = cmd.spawn()?;
         tracing::info!(pid = child.id(), "uffd keeper started");
         Ok(UffdKeeper {
+            slot: SlotHandle::claim(ours.as_raw_fd()),
             ctl: Mutex::new(ours),
             child: Mutex::new(Some(child)),
             released: Default::default(),
@@ -119,9 +124,23 @@ impl UffdKeeper {
             .ctl
             .lock()
             .map_err(|_| std::io::Error::other("the keeper's socket lock is poisoned"))?;
-        match fd {
+        let res = match fd {
             Some(fd) => fdpass::send_fd(&ctl, &rec.encode(), fd.as_raw_fd()),
             None => std::io::Write::write_all(&mut &*ctl, &rec.encode()),
+        };
+        if res.is_err()
+            && matches!(rec, Record::Hold(_))
+            && let Some(slot) = &self.slot
+        {
+            slot.poison();
+        }
+        res
+    }
+
+    /// Every restored task's uffd is held (the table guard may attribute a fork child now).
+    pub fn tasks_held(&self) {
+        if let Some(slot) = &self.slot {
+            slot.tasks_held();
         }
     }
 
@@ -142,6 +161,9 @@ impl UffdKeeper {
     pub fn release(&self) {
         self.released
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(slot) = &self.slot {
+            slot.released();
+        }
         if let Err(e) = self.send(Record::Release, None) {
             tracing::warn!("cannot release the uffd keeper: {e}");
         }
@@ -170,6 +192,18 @@ impl ForkHolder for UffdKeeper {
             return Ok(());
         }
         self.send(Record::Hold(Holding::Child { root_host_pid }), Some(uffd))
+    }
+
+    fn reading(&self, root_host_pid: Option<i32>) {
+        if let Some(slot) = &self.slot {
+            slot.reading(root_host_pid.unwrap_or(-1));
+        }
+    }
+
+    fn read_done(&self) {
+        if let Some(slot) = &self.slot {
+            slot.read_done();
+        }
     }
 }
 
@@ -249,6 +283,7 @@ pub fn adopt(dir: &Path) -> Result<Adoption, KeeperError> {
         .map_err(io("clearing a timeout"))?;
     Ok(Adoption {
         keeper: UffdKeeper {
+            slot: SlotHandle::claim(ctl.as_raw_fd()),
             ctl: Mutex::new(ctl),
             child: Mutex::new(None),
             released: Default::default(),
@@ -335,6 +370,9 @@ fn follow(ctl: &UnixStream, policy: &mut Policy, kept: &mut Vec<Kept>) -> Action
                             None
                         }
                     },
+                    // The table guard sends every uffd of a dead dst's table: keep only the
+                    // ones not held yet (the fork children dst could not hand over).
+                    Holding::Child { .. } if already_kept(kept, &uffd) => continue,
                     Holding::Child { .. } => None,
                 };
                 if policy.hold(holding).is_some() {
@@ -350,6 +388,29 @@ fn follow(ctl: &UnixStream, policy: &mut Policy, kept: &mut Vec<Kept>) -> Action
             }
         }
     }
+}
+
+/// Whether `uffd` is the same open file as one already kept (kcmp(2) KCMP_FILE; CRIU needs
+/// kcmp, so it is there wherever a restore ran). If kcmp fails, it is kept again: a second copy
+/// of a uffd only delays its close.
+fn already_kept(kept: &[Kept], uffd: &OwnedFd) -> bool {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: getpid(2) cannot fail.
+    let me = unsafe { libc::getpid() };
+    kept.iter().any(|k| {
+        // SAFETY: kcmp(2) compares two descriptors of this process; it reads nothing of ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_kcmp,
+                me,
+                me,
+                KCMP_FILE,
+                uffd.as_raw_fd(),
+                k.uffd.as_raw_fd(),
+            )
+        };
+        r == 0
+    })
 }
 
 /// Marks entries whose task has exited.

@@ -19,6 +19,8 @@ pub mod kill;
 mod piece_size;
 mod place;
 
+pub use driver::FORK_HANDOVER_PAUSE_ENV;
+
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -141,6 +143,14 @@ pub trait ForkHolder: Send + Sync + std::fmt::Debug {
         root_host_pid: i32,
         uffd: std::os::fd::BorrowedFd<'_>,
     ) -> std::io::Result<()>;
+
+    /// A read of a uffd starts; its fork children descend from restored task `root_host_pid`
+    /// (none: not known). Until [`ForkHolder::read_done`], a fork child's uffd may be in this
+    /// process and not yet held (dst::uffd_keeper::table_guard).
+    fn reading(&self, _root_host_pid: Option<i32>) {}
+
+    /// Every fork child's uffd from the read was passed to [`ForkHolder::hold_child`].
+    fn read_done(&self) {}
 }
 
 /// Pages already at this host and not placed yet (dst: pushed frames read off the push stream,

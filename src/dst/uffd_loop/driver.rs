@@ -88,29 +88,11 @@ impl Kernel for UffdKernel {
             },
             Owner::Host(None) => KillTarget::Unknown,
             Owner::DescendantOf(root) => KillTarget::DescendantOf(root),
-            Owner::ChildOf(parent) => {
-                let target = self
-                    .uffds
-                    .get(&parent)
-                    .map_or(KillTarget::Unknown, |h| h.target.for_child());
-                // The keeper's copy first: from here on a dying dst cannot zero-fill the child.
-                match (&self.fork_holder, &target) {
-                    (Some(holder), KillTarget::DescendantOf(root)) => {
-                        if let Err(e) = holder.hold_child(*root, uffd.as_fd()) {
-                            warn!(
-                                view = id,
-                                "cannot hand a fork child's uffd to the keeper: {e}"
-                            );
-                        }
-                    }
-                    (Some(_), _) => warn!(
-                        view = id,
-                        "a fork child of a task with no known host pid: the keeper cannot hold it"
-                    ),
-                    (None, _) => {}
-                }
-                target
-            }
+            // Its uffd went to the keeper as the fork event was read (`read_events`).
+            Owner::ChildOf(parent) => self
+                .uffds
+                .get(&parent)
+                .map_or(KillTarget::Unknown, |h| h.target.for_child()),
         };
         let res = if poll {
             self.epoll
@@ -139,17 +121,75 @@ impl Kernel for UffdKernel {
         let Some(h) = self.uffds.get(&id) else {
             return Ok(Vec::new());
         };
+        let root = match h.target.for_child() {
+            KillTarget::DescendantOf(root) => Some(root),
+            _ => None,
+        };
+        // Marked before the read: a fork child's uffd lands in this process's table inside
+        // read(2), and until the keeper has it only the table guard can save it.
+        if let Some(holder) = &self.fork_holder {
+            holder.reading(root);
+        }
         let events = h
             .uffd
             .read_events(&mut self.evbuf)
-            .map_err(|e| e.to_string())?;
+            .map(|events| events.collect::<Vec<_>>());
+        lab_fork_handover_pause(&events);
+        let events = events.map_err(|e| e.to_string());
+        let out = events.map(|events| self.convert(id, root, events));
+        if let Some(holder) = &self.fork_holder {
+            holder.read_done();
+        }
+        out
+    }
+
+    fn copy(&mut self, id: ViewId, addr: u64, data: &[u8]) -> Result<Fill, Errno> {
+        ioctl::copy(self.fd(id)?, addr, data)
+    }
+
+    fn zeropage(&mut self, id: ViewId, addr: u64, pages: u64) -> Result<Fill, Errno> {
+        ioctl::zeropage(self.fd(id)?, addr, pages)
+    }
+
+    fn unregister(&mut self, id: ViewId, start: u64, len: u64) -> Result<(), Errno> {
+        ioctl::unregister(self.fd(id)?, start, len)
+    }
+}
+
+impl UffdKernel {
+    /// The events of one read as the core sees them; each fork child's uffd is handed to the
+    /// keeper first (from here on a dying dst cannot zero-fill the child).
+    fn convert(
+        &self,
+        id: ViewId,
+        root: Option<i32>,
+        events: Vec<userfaultfd::Result<Event>>,
+    ) -> Vec<UffdEvent<Uffd>> {
         let mut out = Vec::new();
         for ev in events {
             match ev {
                 Ok(Event::Pagefault { addr, .. }) => {
                     out.push(UffdEvent::Fault { addr: addr as u64 })
                 }
-                Ok(Event::Fork { uffd }) => out.push(UffdEvent::Fork { uffd }),
+                Ok(Event::Fork { uffd }) => {
+                    match (&self.fork_holder, root) {
+                        (Some(holder), Some(root)) => {
+                            if let Err(e) = holder.hold_child(root, uffd.as_fd()) {
+                                warn!(
+                                    view = id,
+                                    "cannot hand a fork child's uffd to the keeper: {e}"
+                                );
+                            }
+                        }
+                        (Some(_), None) => warn!(
+                            view = id,
+                            "a fork child of a task with no known host pid: the keeper cannot \
+                             hold it"
+                        ),
+                        (None, _) => {}
+                    }
+                    out.push(UffdEvent::Fork { uffd })
+                }
                 Ok(Event::Remap { from, to, len }) => out.push(UffdEvent::Remap {
                     from: from as u64,
                     to: to as u64,
@@ -166,21 +206,31 @@ impl Kernel for UffdKernel {
                 Err(e) => warn!("unreadable uffd event: {e}"),
             }
         }
-        Ok(out)
-    }
-
-    fn copy(&mut self, id: ViewId, addr: u64, data: &[u8]) -> Result<Fill, Errno> {
-        ioctl::copy(self.fd(id)?, addr, data)
-    }
-
-    fn zeropage(&mut self, id: ViewId, addr: u64, pages: u64) -> Result<Fill, Errno> {
-        ioctl::zeropage(self.fd(id)?, addr, pages)
-    }
-
-    fn unregister(&mut self, id: ViewId, start: u64, len: u64) -> Result<(), Errno> {
-        ioctl::unregister(self.fd(id)?, start, len)
+        out
     }
 }
+
+/// A test's hook (only with `pageserv::child::LAB_ENV` set): after a read that returned a fork
+/// event, wait `PAGESERV_LAB_FORK_HANDOVER_PAUSE_MS` before the child's uffd goes to the keeper,
+/// so a test can kill dst inside that window on purpose.
+fn lab_fork_handover_pause(events: &userfaultfd::Result<Vec<userfaultfd::Result<Event>>>) {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        if !crate::child::started_by_lab() {
+            return None;
+        }
+        let ms = std::env::var(FORK_HANDOVER_PAUSE_ENV).ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    });
+    if let (Some(pause), Ok(events)) = (pause, events)
+        && events.iter().any(|e| matches!(e, Ok(Event::Fork { .. })))
+    {
+        std::thread::sleep(*pause);
+    }
+}
+
+/// See [`lab_fork_handover_pause`].
+pub const FORK_HANDOVER_PAUSE_ENV: &str = "PAGESERV_LAB_FORK_HANDOVER_PAUSE_MS";
 
 /// The fault thread's inbound queues.
 pub(super) struct Queues {

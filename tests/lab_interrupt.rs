@@ -160,7 +160,8 @@ fn sigterm_mid_migration_leaves_no_process_namespace_or_directory() {
     // Nothing the lab starts inherits a blocked SIGINT/SIGTERM/SIGHUP (a blocked mask in the lab
     // once did: the workloads then ignored the bench's SIGTERM and outlived their runs).
     for (p, _) in &below {
-        // The workload itself (`unshare -f`, its parent, blocks SIGINT and SIGTERM by design).
+        // Only the workloads: `unshare -f`, their parent, blocks SIGINT and SIGTERM by design
+        // and is skipped.
         let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
         if comm.trim() != "workload" {
             continue;

@@ -115,6 +115,17 @@ struct Placing {
 }
 
 impl Placing {
+    /// A piece no view has taken yet.
+    fn new(at: PidRange, data: Option<Bytes>, urgent: bool, since: Instant) -> Placing {
+        Placing {
+            at,
+            data,
+            urgent,
+            finished: BTreeSet::new(),
+            since,
+        }
+    }
+
     fn bytes(&self) -> u64 {
         self.data.as_ref().map_or(0, |d| d.len() as u64)
     }
@@ -531,16 +542,15 @@ impl Engine {
         let (nr, size) = (piece.at.nr_pages(), self.backlog.piece_size.pages());
         if nr > size {
             // Each piece is an arrival of its own: a fork between two pieces gets the later ones.
-            let rest = Placing {
-                at: PidRange::new(piece.at.pid, piece.at.start() + size * PAGE_SIZE, nr - size),
-                data: piece
+            let rest = Placing::new(
+                PidRange::new(piece.at.pid, piece.at.start() + size * PAGE_SIZE, nr - size),
+                piece
                     .data
                     .as_ref()
                     .map(|d| d.slice((size * PAGE_SIZE) as usize..)),
-                urgent: false,
-                finished: BTreeSet::new(),
-                since: piece.since,
-            };
+                false,
+                piece.since,
+            );
             piece.at = PidRange::new(piece.at.pid, piece.at.start(), size);
             piece.data = piece.data.map(|d| d.slice(..(size * PAGE_SIZE) as usize));
             self.backlog.pieces.push_front(rest);
@@ -649,23 +659,12 @@ impl Engine {
         let since = k.now();
         if !a.urgent && nr > self.backlog.piece_size.pages() {
             // Placed a piece per driver round, so faults are not kept waiting (see BULK_BUDGET).
-            self.backlog.pieces.push_back(Placing {
-                at: a.at,
-                data: a.data,
-                urgent: false,
-                finished: BTreeSet::new(),
-                since,
-            });
+            self.backlog
+                .pieces
+                .push_back(Placing::new(a.at, a.data, false, since));
             return;
         }
-        let placing = Placing {
-            at: a.at,
-            data: a.data,
-            urgent: a.urgent,
-            finished: BTreeSet::new(),
-            since,
-        };
-        self.place_or_keep(k, placing);
+        self.place_or_keep(k, Placing::new(a.at, a.data, a.urgent, since));
     }
 
     /// Places an admitted arrival (or one piece of it), keeping what the kernel refused.

@@ -61,15 +61,18 @@ fn start_dst(
     work: &Path,
     log: &Path,
     recover_timeout: &str,
+    pause: bool,
 ) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_pageserv"))
-        // The fault thread holds a fork child's uffd this long before it hands it to the keeper:
-        // the kill below lands inside that window every time.
-        .env(pageserv::child::LAB_ENV, "1")
-        .env(
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pageserv"));
+    if pause {
+        // The fault thread holds a fork child's uffd this long before it hands it to the
+        // keeper: the kill lands inside that window every time.
+        cmd.env(pageserv::child::LAB_ENV, "1").env(
             pageserv::dst::uffd_loop::FORK_HANDOVER_PAUSE_ENV,
             FORK_HANDOVER_PAUSE_MS,
-        )
+        );
+    }
+    let child = cmd
         .args(["dst", "--listen", addr, "--certs"])
         .arg(certs)
         .arg("--work")
@@ -127,7 +130,7 @@ struct Run {
 /// Migrates a fork-after-restore holder, kills dst as soon as the child exists, then (with
 /// `restart`) starts a dst again on the same `--work` 500 ms later; waits until the child has
 /// either written its verdict or is gone.
-fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
+fn fork_then_kill_dst(tag: &str, restart: bool, pause: bool) -> Option<Run> {
     let c = criu::require(tag)?;
     criu::ensure_pipe_max_size().expect("pipe-max-size");
     let scratch = criu::TestDir::new(tag);
@@ -148,7 +151,15 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
     let addr = format!("127.0.0.1:{port}");
     let dst_work = scratch.sub("dst");
     let dst_log = scratch.path().join("dst.log");
-    let mut dst = start_dst(&c, &dst_certs, &addr, &dst_work, &dst_log, RECOVER_TIMEOUT);
+    let mut dst = start_dst(
+        &c,
+        &dst_certs,
+        &addr,
+        &dst_work,
+        &dst_log,
+        RECOVER_TIMEOUT,
+        pause,
+    );
     let src_log = scratch.path().join("src.log");
     let mut src = Command::new(env!("CARGO_BIN_EXE_pageserv"))
         .env(pageserv::child::LAB_ENV, "1")
@@ -217,7 +228,7 @@ fn fork_then_kill_dst(tag: &str, restart: bool) -> Option<Run> {
         std::thread::sleep(Duration::from_millis(500));
         let log = scratch.path().join("dst2.log");
         // This one waits long enough for src to notice the dead link and reconnect.
-        let dst2 = start_dst(&c, &dst_certs, &addr, &dst_work, &log, "60s");
+        let dst2 = start_dst(&c, &dst_certs, &addr, &dst_work, &log, "60s", false);
         (Some(dst2), log)
     } else {
         (None, PathBuf::new())
@@ -364,7 +375,7 @@ fn plain(log: &str) -> String {
 /// recover timeout the keeper kills the restored root and the child. No zero is ever read.
 #[test]
 fn a_dst_killed_after_a_post_restore_fork_leaves_no_child_reading_zeros() {
-    let Some(run) = fork_then_kill_dst("fork-kill", false) else {
+    let Some(run) = fork_then_kill_dst("fork-kill", false, true) else {
         return;
     };
     assert!(
@@ -391,13 +402,24 @@ fn a_dst_killed_after_a_post_restore_fork_leaves_no_child_reading_zeros() {
     );
 }
 
-/// A dst restarted on the same `--work` adopts the restored root and the forked child from the
-/// keeper; a resume from another source certificate of the CA is refused (the adopted migration
+/// Killed inside the window, a dst restarted on the same `--work` adopts the restored root and
+/// the forked child (whose uffd only the table guard got to the keeper) from the keeper; a resume from another source certificate of the CA is refused (the adopted migration
 /// is still bound to the certificate that opened it, recorded in its directory); src resumes
 /// into it and the child reads every page right.
 #[test]
 fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
-    let Some(run) = fork_then_kill_dst("fork-adopt", true) else {
+    restarted_dst_serves_the_child("fork-adopt", true);
+}
+
+/// The same with no pause: the fault thread handed the child's uffd to the keeper itself, as it
+/// read the fork event, before the kill.
+#[test]
+fn a_dst_restarted_after_a_post_restore_fork_it_handed_over_serves_the_child() {
+    restarted_dst_serves_the_child("fork-adopt-own", false);
+}
+
+fn restarted_dst_serves_the_child(tag: &str, pause: bool) {
+    let Some(run) = fork_then_kill_dst(tag, true, pause) else {
         return;
     };
     assert_eq!(
@@ -408,12 +430,12 @@ fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
         run.dst2_log
     );
     assert!(
-        run.dst_log.contains(GUARD_SENT),
+        !pause || run.dst_log.contains(GUARD_SENT),
         "the table guard did not hand the dead dst's uffds to the keeper:\n{}",
         run.dst_log
     );
-    // The restored task's and the child's: the guard sent the task's uffd again with the
-    // child's, and the keeper kept only one copy of it.
+    // The restored task's and the child's, once each: a guard that sends (always when paused)
+    // sends the task's uffd again with the child's, and the keeper keeps one copy of it.
     let log = plain(&run.dst2_log);
     let adopted = log
         .lines()

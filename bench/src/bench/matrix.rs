@@ -365,6 +365,10 @@ pub struct Matrix {
     /// criu-pageserver ran with CRIU's own TLS (`--criu-tls`).
     #[serde(default)]
     pub criu_tls: bool,
+    /// CRIU's stop-and-copy kept its source stopped until the restore finished
+    /// (`--criu-keep-source`).
+    #[serde(default)]
+    pub criu_keep_source: bool,
 }
 
 /// Named matrices: `default` is the full matrix, `short` fits in 10 minutes on a
@@ -414,6 +418,7 @@ impl Matrix {
             one_thread_workload: false,
             hb_reads: 0,
             criu_tls: false,
+            criu_keep_source: false,
         }
     }
 

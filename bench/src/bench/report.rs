@@ -313,6 +313,15 @@ pub fn markdown(r: &Results) -> String {
              bench's CA; `--criu-tls`).\n"
         );
     }
+    if r.matrix.criu_keep_source {
+        let _ = writeln!(
+            s,
+            "CRIU's stop-and-copy dumped with `--leave-stopped` and its source was killed once \
+             the restore finished, as pageserv keeps its source frozen until then \
+             (`--criu-keep-source`): its restore cannot reuse the memory the dump freed on this \
+             one-VM testbed.\n"
+        );
+    }
     if !r.matrix.pageserv_dst_args.is_empty() {
         let _ = writeln!(
             s,

@@ -322,8 +322,12 @@ impl Run<'_> {
             .arg(&dir)
             .arg("-o")
             .arg(&log);
+        if super::criu_keep_source() {
+            cmd.arg("--leave-stopped");
+        }
         self.step("criu dump", cmd, &log)?;
         self.restore(&dir, false)?;
+        end_kept_source(pid);
         Ok(Some(dir_bytes(&dir)))
     }
 
@@ -360,10 +364,14 @@ impl Run<'_> {
         if let Some((src, _)) = &tls {
             tls_args(&mut dump, src);
         }
+        if super::criu_keep_source() {
+            dump.arg("--leave-stopped");
+        }
         self.step("criu dump --page-server", dump, &log)?;
         self.wait_child(server, "criu page-server", &ps_log)?;
         copy_missing(&src_dir, &dst_dir)?;
         self.restore(&dst_dir, false)?;
+        end_kept_source(pid);
         Ok(None)
     }
 
@@ -408,5 +416,17 @@ impl Run<'_> {
         self.wait_child(dumper, "criu dump --lazy-pages", &log)?;
         self.wait_child(daemon, "criu lazy-pages", &lp_log)?;
         Ok(None)
+    }
+}
+
+/// With `--criu-keep-source`: the source CRIU left stopped ends now that the restore finished
+/// (with it, pageserv's stop-and-copy kills its frozen source at this point too).
+fn end_kept_source(pid: i32) {
+    if super::criu_keep_source() && demo::alive(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while demo::alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -85,6 +85,19 @@ pub fn set_criu_tls(on: bool) {
     CRIU_TLS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+static CRIU_KEEP_SOURCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// CRIU's stop-and-copy keeps its source stopped until the restore finished
+/// (`--criu-keep-source`).
+pub fn set_criu_keep_source(on: bool) {
+    CRIU_KEEP_SOURCE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether CRIU's stop-and-copy keeps its source until the restore finished.
+pub fn criu_keep_source() -> bool {
+    CRIU_KEEP_SOURCE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether criu-pageserver runs with CRIU's TLS.
 pub fn criu_tls() -> bool {
     CRIU_TLS.load(std::sync::atomic::Ordering::Relaxed)

@@ -33,11 +33,12 @@
 //!   or a fork child of the marked read. With several migrations at once it attributes nothing
 //!   and says so: such a child is lost as before (zero-filled), never given to the wrong tree.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
 
 use super::policy::{Holding, Record};
+use crate::dst::uffd_loop::kill::Process;
 
 /// Migrations one dst can guard (its `--max-concurrent` beyond this go unguarded, with a
 /// warning).
@@ -163,13 +164,8 @@ pub fn start() -> Result<i32, GuardError> {
         }
         &*(p as *const Slots)
     };
-    // SAFETY: pidfd_open(2) on our own pid; the result is a new descriptor we own.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if pidfd < 0 {
-        return Err(os("pidfd_open of dst")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: just opened, owned here (and, the table being shared, by the guard too).
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: getpid(2) cannot fail.
+    let dst = Process::open(unsafe { libc::getpid() }).map_err(os("pidfd_open of dst"))?;
     // SAFETY: clone(2) without CLONE_VM, like fork(2) but sharing the descriptor table. The
     // process is one thread (checked above), so the child's copy of memory has no lock held by
     // a thread it lacks, and it may allocate.
@@ -185,10 +181,10 @@ pub fn start() -> Result<i32, GuardError> {
     };
     match pid {
         p if p < 0 => Err(os("clone(CLONE_FILES)")(std::io::Error::last_os_error())),
-        0 => guard_main(&pidfd, slots),
+        0 => guard_main(&dst, slots),
         p => {
             // Open for dst's whole life: closing it would close the guard's too (one table).
-            let _ = pidfd.into_raw_fd();
+            std::mem::forget(dst);
             let _ = GUARD.set(slots);
             tracing::debug!(pid = p, "table guard started");
             Ok(p as i32)
@@ -197,7 +193,7 @@ pub fn start() -> Result<i32, GuardError> {
 }
 
 /// The guard process: waits for dst to end, then rescues. Never returns.
-fn guard_main(pidfd: &OwnedFd, slots: &'static Slots) -> ! {
+fn guard_main(dst: &Process, slots: &'static Slots) -> ! {
     // SAFETY: plain syscalls on this process; no memory is handed to the kernel but a static
     // name.
     unsafe {
@@ -220,27 +216,12 @@ fn guard_main(pidfd: &OwnedFd, slots: &'static Slots) -> ! {
             0,
         );
     }
-    // SAFETY: getppid(2) cannot fail.
-    let dst = unsafe { libc::getppid() };
-    loop {
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
-        if r > 0 && p.revents & libc::POLLNVAL == 0 {
-            break;
-        }
-        if r > 0 {
-            // The pidfd was closed under us (dst closed descriptors it did not open): watch
-            // for the reparenting dst's death causes instead.
-            // SAFETY: getppid(2) cannot fail.
-            while unsafe { libc::getppid() } == dst {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            break;
+    if dst.wait_exited().is_err() {
+        // The pidfd was closed under us (dst closed descriptors it did not open): watch for
+        // the reparenting dst's death causes instead.
+        // SAFETY: getppid(2) cannot fail.
+        while unsafe { libc::getppid() } == dst.pid {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
     let views: Vec<SlotView> = slots.0.iter().map(Slot::view).collect();

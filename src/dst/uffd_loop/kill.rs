@@ -39,6 +39,28 @@ impl Process {
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
+    /// Blocks until the process has exited. An error if the pidfd was closed meanwhile (by
+    /// another sharer of this descriptor table) or cannot be polled.
+    pub fn wait_exited(&self) -> io::Result<()> {
+        loop {
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(n) if n > 0 => {
+                    let nval = fds[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLNVAL));
+                    return if nval {
+                        Err(io::Error::from_raw_os_error(libc::EBADF))
+                    } else {
+                        Ok(())
+                    };
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// SIGKILL. ESRCH (already exited) counts as success.
     pub fn kill(&self) -> io::Result<()> {
         // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.

@@ -127,17 +127,16 @@ impl Kernel for UffdKernel {
         };
         // Marked before the read: a fork child's uffd lands in this process's table inside
         // read(2), and until the keeper has it only the table guard can save it.
-        if let Some(holder) = &self.fork_holder {
+        let holder = self.fork_holder.as_deref();
+        if let Some(holder) = holder {
             holder.reading(root);
         }
-        let events = h
+        let out = h
             .uffd
             .read_events(&mut self.evbuf)
-            .map(|events| events.collect::<Vec<_>>());
-        lab_fork_handover_pause(&events);
-        let events = events.map_err(|e| e.to_string());
-        let out = events.map(|events| self.convert(id, root, events));
-        if let Some(holder) = &self.fork_holder {
+            .map(|events| convert(holder, id, root, events))
+            .map_err(|e| e.to_string());
+        if let Some(holder) = holder {
             holder.read_done();
         }
         out
@@ -156,64 +155,61 @@ impl Kernel for UffdKernel {
     }
 }
 
-impl UffdKernel {
-    /// The events of one read as the core sees them; each fork child's uffd is handed to the
-    /// keeper first (from here on a dying dst cannot zero-fill the child).
-    fn convert(
-        &self,
-        id: ViewId,
-        root: Option<i32>,
-        events: Vec<userfaultfd::Result<Event>>,
-    ) -> Vec<UffdEvent<Uffd>> {
-        let mut out = Vec::new();
-        for ev in events {
-            match ev {
-                Ok(Event::Pagefault { addr, .. }) => {
-                    out.push(UffdEvent::Fault { addr: addr as u64 })
-                }
-                Ok(Event::Fork { uffd }) => {
-                    match (&self.fork_holder, root) {
-                        (Some(holder), Some(root)) => {
-                            if let Err(e) = holder.hold_child(root, uffd.as_fd()) {
-                                warn!(
-                                    view = id,
-                                    "cannot hand a fork child's uffd to the keeper: {e}"
-                                );
-                            }
+/// The events of one read as the core sees them; each fork child's uffd is handed to the keeper
+/// first (from here on a dying dst cannot zero-fill the child).
+fn convert(
+    holder: Option<&dyn super::ForkHolder>,
+    id: ViewId,
+    root: Option<i32>,
+    events: impl Iterator<Item = userfaultfd::Result<Event>>,
+) -> Vec<UffdEvent<Uffd>> {
+    let mut out = Vec::new();
+    for ev in events {
+        match ev {
+            Ok(Event::Pagefault { addr, .. }) => out.push(UffdEvent::Fault { addr: addr as u64 }),
+            Ok(Event::Fork { uffd }) => {
+                lab_fork_handover_pause();
+                match (holder, root) {
+                    (Some(holder), Some(root)) => {
+                        if let Err(e) = holder.hold_child(root, uffd.as_fd()) {
+                            warn!(
+                                view = id,
+                                "cannot hand a fork child's uffd to the keeper: {e}"
+                            );
                         }
-                        (Some(_), None) => warn!(
-                            view = id,
-                            "a fork child of a task with no known host pid: the keeper cannot \
-                             hold it"
-                        ),
-                        (None, _) => {}
                     }
-                    out.push(UffdEvent::Fork { uffd })
+                    (Some(_), None) => warn!(
+                        view = id,
+                        "a fork child of a task with no known host pid: the keeper cannot \
+                             hold it"
+                    ),
+                    (None, _) => {}
                 }
-                Ok(Event::Remap { from, to, len }) => out.push(UffdEvent::Remap {
-                    from: from as u64,
-                    to: to as u64,
-                    len: len as u64,
-                }),
-                Ok(Event::Remove { start, end }) => out.push(UffdEvent::Remove {
-                    start: start as u64,
-                    end: end as u64,
-                }),
-                Ok(Event::Unmap { start, end }) => out.push(UffdEvent::Unmap {
-                    start: start as u64,
-                    end: end as u64,
-                }),
-                Err(e) => warn!("unreadable uffd event: {e}"),
+                out.push(UffdEvent::Fork { uffd })
             }
+            Ok(Event::Remap { from, to, len }) => out.push(UffdEvent::Remap {
+                from: from as u64,
+                to: to as u64,
+                len: len as u64,
+            }),
+            Ok(Event::Remove { start, end }) => out.push(UffdEvent::Remove {
+                start: start as u64,
+                end: end as u64,
+            }),
+            Ok(Event::Unmap { start, end }) => out.push(UffdEvent::Unmap {
+                start: start as u64,
+                end: end as u64,
+            }),
+            Err(e) => warn!("unreadable uffd event: {e}"),
         }
-        out
     }
+    out
 }
 
-/// A test's hook (only with `pageserv::child::LAB_ENV` set): after a read that returned a fork
-/// event, wait `PAGESERV_LAB_FORK_HANDOVER_PAUSE_MS` before the child's uffd goes to the keeper,
-/// so a test can kill dst inside that window on purpose.
-fn lab_fork_handover_pause(events: &userfaultfd::Result<Vec<userfaultfd::Result<Event>>>) {
+/// A test's hook (only with `pageserv::child::LAB_ENV` set): for each fork event read, wait
+/// `PAGESERV_LAB_FORK_HANDOVER_PAUSE_MS` before the child's uffd goes to the keeper, so a test
+/// can kill dst inside that window on purpose.
+fn lab_fork_handover_pause() {
     static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     let pause = PAUSE.get_or_init(|| {
         if !crate::child::started_by_lab() {
@@ -222,9 +218,7 @@ fn lab_fork_handover_pause(events: &userfaultfd::Result<Vec<userfaultfd::Result<
         let ms = std::env::var(FORK_HANDOVER_PAUSE_ENV).ok()?.parse().ok()?;
         Some(Duration::from_millis(ms))
     });
-    if let (Some(pause), Ok(events)) = (pause, events)
-        && events.iter().any(|e| matches!(e, Ok(Event::Fork { .. })))
-    {
+    if let Some(pause) = pause {
         std::thread::sleep(*pause);
     }
 }

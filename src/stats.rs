@@ -37,6 +37,10 @@ pub struct DstReport {
     pub fault_latency_before_push: LatencySummary,
     /// Faults answered after the first background page arrived (the push sharing the link).
     pub fault_latency_during_push: LatencySummary,
+    /// Faults that sent their own request to the source: the round trip.
+    pub fault_latency_asked: LatencySummary,
+    /// Faults on a page already asked for by another fault (read-ahead on its way).
+    pub fault_latency_already_asked: LatencySummary,
     pub bytes_received: u64,
     /// Times the source came back after the link died mid post-copy.
     pub reconnects: u64,
@@ -96,6 +100,19 @@ impl DstReport {
         )
     }
 
+    /// Fault latency of faults that asked the source and of faults that waited on a request
+    /// already out, when both happened (read-ahead on).
+    fn asked_split(&self) -> String {
+        let (a, w) = (&self.fault_latency_asked, &self.fault_latency_already_asked);
+        if a.count == 0 || w.count == 0 {
+            return String::new();
+        }
+        format!(
+            "  asked the source {}: p50 {:.0} us, p99 {:.0} us; waited on a request already out {}: p50 {:.0} us, p99 {:.0} us\n",
+            a.count, a.p50_us, a.p99_us, w.count, w.p50_us, w.p99_us
+        )
+    }
+
     pub fn render(&self) -> String {
         format!(
             "pageserv dst report\n\
@@ -106,6 +123,7 @@ impl DstReport {
              \x20 tasks {}, lazy pages {} ({:.1} MiB)\n\
              \x20 pages on demand {}, pushed {}, zero (lazy) {}, zero (not lazy) {}\n\
              \x20 faults {}: latency p50 {:.0} us, p99 {:.0} us, max {:.0} us, blocked {:.1} ms\n\
+             {}\
              {}\
              \x20 bytes received {} (images {})\n\
              \x20 pre-copied pages held {}, placed from the page store {}, unused {} (store {:.1} MiB)\n\
@@ -129,6 +147,7 @@ impl DstReport {
             self.fault_latency.max_us,
             self.fault_latency.total_ms,
             self.push_split(),
+            self.asked_split(),
             self.bytes_received,
             self.images_bytes,
             self.precopy_pages_held,

@@ -462,6 +462,8 @@ pub(crate) async fn memory_whole(post: &mut PostCopy, report: &mut DstReport, st
     report.fault_latency = stats.fault_latency.summary(c.blocktime_ns);
     report.fault_latency_before_push = stats.fault_latency_before_push.summary(0);
     report.fault_latency_during_push = stats.fault_latency_during_push.summary(0);
+    report.fault_latency_asked = stats.fault_latency_asked.summary(0);
+    report.fault_latency_already_asked = stats.fault_latency_already_asked.summary(0);
     post.memory_whole(MemoryWhole {
         pages_on_demand: report.pages_on_demand,
         pages_pushed: report.pages_pushed,

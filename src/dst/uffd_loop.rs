@@ -236,6 +236,11 @@ pub struct UffdStats {
     /// The same, for faults answered after the first background page was placed: the fault
     /// latency while the push competes for the link.
     pub fault_latency_during_push: LatencyHistogram,
+    /// The same, for faults that sent their own request to the source (a round trip).
+    pub fault_latency_asked: LatencyHistogram,
+    /// The same, for faults on a page another fault had already asked for (its read-ahead, or
+    /// two threads on one page): they wait for an answer already on its way.
+    pub fault_latency_already_asked: LatencyHistogram,
     /// Sum of those latencies: thread-time spent blocked on missing pages.
     pub blocktime_ns: AtomicU64,
 }

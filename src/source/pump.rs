@@ -306,7 +306,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Some(PumpInput::Fault(req)) => match plan.split_request(req.pid, req.vaddr, u64::from(req.nr_pages)) {
                     Ok(pieces) => {
-                        plan.note_fault(req.pid, req.vaddr);
+                        plan.note_fault(req.pid, req.vaddr, u64::from(req.nr_pages));
                         for (vaddr, n) in pieces {
                             plan.mark_sent(req.pid, vaddr, n);
                             waiting.push_back(UrgentRequest { pid: req.pid, vaddr, nr_pages: n as u32, at: req.at });

@@ -175,8 +175,9 @@ pub(super) struct Engine {
     /// Which source data may be placed at all.
     guard: ArrivalGuard,
     held: Deferred,
-    /// Faulting threads waiting for (view, image page), since when.
-    waiting: BTreeMap<(ViewId, u64), Vec<Instant>>,
+    /// Faulting threads waiting for (view, image page): since when, and whether the fault sent
+    /// the request itself (false: it found the page already requested, e.g. read-ahead).
+    waiting: BTreeMap<(ViewId, u64), Vec<(Instant, bool)>>,
     backlog: Backlog,
     out: Vec<Outbound>,
 }
@@ -504,7 +505,10 @@ impl Engine {
                 )),
             },
             FaultAction::AlreadyRequested { img_vaddr } => {
-                self.waiting.entry((id, img_vaddr)).or_default().push(at);
+                self.waiting
+                    .entry((id, img_vaddr))
+                    .or_default()
+                    .push((at, false));
             }
             FaultAction::Request {
                 img_vaddr,
@@ -516,7 +520,10 @@ impl Engine {
                 self.stats.pages_requested.fetch_add(nr_pages, Relaxed);
                 self.guard.requested(pid, img_vaddr, nr_pages);
                 self.out.push(Outbound::Fault(request));
-                self.waiting.entry((id, img_vaddr)).or_default().push(at);
+                self.waiting
+                    .entry((id, img_vaddr))
+                    .or_default()
+                    .push((at, true));
             }
         }
     }
@@ -758,10 +765,15 @@ impl Engine {
                 .map(|(k, _)| *k)
                 .collect();
             for key in keys {
-                for t in self.waiting.remove(&key).unwrap_or_default() {
+                for (t, asked) in self.waiting.remove(&key).unwrap_or_default() {
                     let ns = u64::try_from(now.saturating_duration_since(t).as_nanos())
                         .unwrap_or(u64::MAX);
                     s.fault_latency.record(ns);
+                    if asked {
+                        s.fault_latency_asked.record(ns);
+                    } else {
+                        s.fault_latency_already_asked.record(ns);
+                    }
                     if s.pages_copied_pushed.load(Relaxed) == 0 {
                         s.fault_latency_before_push.record(ns);
                     } else {

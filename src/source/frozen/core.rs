@@ -245,7 +245,8 @@ impl Core {
             .split_request(req.pid, req.vaddr, u64::from(req.nr_pages))
         {
             Ok(pieces) => {
-                self.plan.note_fault(req.pid, req.vaddr);
+                self.plan
+                    .note_fault(req.pid, req.vaddr, u64::from(req.nr_pages));
                 for (vaddr, n) in pieces {
                     self.plan.mark_sent(req.pid, vaddr, n);
                     self.start(Lane::Fault, req.pid, vaddr, n, Some(req.at));

@@ -532,3 +532,24 @@ proptest! {
         w.nothing_stale()?;
     }
 }
+
+/// A fault that asks the source and a fault on a page it already asked for (its read-ahead)
+/// are counted apart, and both in the overall latency.
+#[test]
+fn fault_latency_splits_asked_from_already_asked() {
+    let mut w = World::new(vec![16], 3);
+    w.step(&Op::Fault { task: 0, page: 0 });
+    w.step(&Op::Fault { task: 0, page: 1 });
+    w.step(&Op::Fault { task: 0, page: 2 });
+    assert_eq!(
+        w.src.open.len(),
+        1,
+        "one request: page 0 and its read-ahead"
+    );
+    w.step(&Op::Answer { pick: 0 });
+    let s = &w.engine.stats;
+    let count = |h: &crate::latency::LatencyHistogram| h.summary(0).count;
+    assert_eq!(count(&s.fault_latency), 3);
+    assert_eq!(count(&s.fault_latency_asked), 1);
+    assert_eq!(count(&s.fault_latency_already_asked), 2);
+}

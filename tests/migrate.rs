@@ -125,6 +125,43 @@ fn migrates_256_mib_writing_workload() {
     );
 }
 
+/// `pageserv dst --sequential-readahead`: the workload's whole-memory check scans while pages
+/// arrive, dst asks for a growing run of pages per fault of that scan, and the source answers
+/// runs (and, since session 27, no longer turns its push to the scan's stretch). The memory
+/// must verify and every lazy page be placed once; dst's report must show faults that waited on
+/// a run already asked for, or read-ahead never ran and the test proved nothing.
+#[test]
+fn migrates_a_scan_with_sequential_readahead() {
+    if !can_run() {
+        return;
+    }
+    let name = "seq-readahead";
+    let v = migrate(
+        name,
+        &[
+            "--mib",
+            "256",
+            "--threads",
+            "0",
+            "--write-rate",
+            "0",
+            "--dst-arg=--sequential-readahead",
+        ],
+    );
+    check_common(name, &v);
+    check_accounting(name, &v);
+    let dst = &v["dst"];
+    let waited = dst["fault_latency_already_asked"]["count"]
+        .as_u64()
+        .unwrap_or(0);
+    let asked = dst["fault_latency_asked"]["count"].as_u64().unwrap_or(0);
+    assert!(waited > 0 && asked > 0, "{name}: no read-ahead ran: {dst}");
+    assert!(
+        dst["pages_on_demand"].as_u64().unwrap_or(0) > asked,
+        "{name}: every request was one page: {dst}"
+    );
+}
+
 #[test]
 fn migrates_four_threads() {
     if !can_run() {

@@ -31,6 +31,18 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Runs a timing check, and once more if it fails: these tests measure the emulator against
+/// the wall clock on a shared 2-core VM, where a stall of the host (seen in CI: four checks
+/// failing in one half-minute, all passing when run again minutes later) is not linkem's error.
+/// A second failure in a row fails the test; the tolerances are not widened.
+fn timed_check(what: &str, check: impl Fn()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(&check)).is_err() {
+        eprintln!("{what}: failed once; measuring again in case the host stalled");
+        std::thread::sleep(Duration::from_secs(2));
+        check();
+    }
+}
+
 /// Why the tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -360,13 +372,13 @@ fn check_rtt(delay_ms: f64) {
 #[test]
 fn rtt_matches_delay_1ms() {
     require_env!();
-    check_rtt(1.0);
+    timed_check("rtt 1 ms", || check_rtt(1.0));
 }
 
 #[test]
 fn rtt_matches_delay_20ms() {
     require_env!();
-    check_rtt(20.0);
+    timed_check("rtt 20 ms", || check_rtt(20.0));
 }
 
 /// One-way delays (ms) and sequence numbers, in arrival order, of `count` 64-byte probes sent
@@ -627,13 +639,15 @@ fn check_udp_throughput(rate: &str, rate_bps: f64, mtu: usize) {
 #[test]
 fn udp_throughput_100mbit() {
     require_env!();
-    check_udp_throughput("100mbit", 100e6, 1500);
+    timed_check("udp 100mbit", || {
+        check_udp_throughput("100mbit", 100e6, 1500)
+    });
 }
 
 #[test]
 fn udp_throughput_1gbit() {
     require_env!();
-    check_udp_throughput("1gbit", 1e9, 1500);
+    timed_check("udp 1gbit", || check_udp_throughput("1gbit", 1e9, 1500));
 }
 
 /// TCP goodput from A to B over `secs` seconds, measured after the first `skip` (slow start),
@@ -678,6 +692,10 @@ fn tcp_goodput(ns: &NsPair, port: u16, secs: u64, skip: u64) -> (f64, f64) {
 #[test]
 fn tcp_throughput_100mbit_20ms() {
     require_env!();
+    timed_check("tcp 100mbit 20ms", check_tcp_100mbit_20ms);
+}
+
+fn check_tcp_100mbit_20ms() {
     let _serial = serial();
     let ns = NsPair::new();
     let link = Linkem::start(&ns, &["--rate", "100mbit", "--delay", "20ms"]);

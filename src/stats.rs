@@ -84,32 +84,18 @@ impl DstReport {
             / (self.post_copy_ms / 1e3)
     }
 
-    /// Fault latency before and during the push, when the migration had faults in both (a
-    /// delayed push: the hidden `pageserv src --push-after`).
-    fn push_split(&self) -> String {
-        let (b, d) = (
-            &self.fault_latency_before_push,
-            &self.fault_latency_during_push,
-        );
-        if b.count == 0 || d.count == 0 {
+    /// One report line setting two parts of the fault latency side by side, when the
+    /// migration had faults in both (else empty): before and during the push (a delayed push:
+    /// the hidden `pageserv src --push-after`), and faults that asked the source against faults
+    /// on a page already asked for (read-ahead on).
+    fn split_line(a: (&str, &LatencySummary), b: (&str, &LatencySummary)) -> String {
+        let ((na, a), (nb, b)) = (a, b);
+        if a.count == 0 || b.count == 0 {
             return String::new();
         }
         format!(
-            "  before the push {}: p50 {:.0} us, p99 {:.0} us; during it {}: p50 {:.0} us, p99 {:.0} us\n",
-            b.count, b.p50_us, b.p99_us, d.count, d.p50_us, d.p99_us
-        )
-    }
-
-    /// Fault latency of faults that asked the source and of faults that waited on a request
-    /// already out, when both happened (read-ahead on).
-    fn asked_split(&self) -> String {
-        let (a, w) = (&self.fault_latency_asked, &self.fault_latency_already_asked);
-        if a.count == 0 || w.count == 0 {
-            return String::new();
-        }
-        format!(
-            "  asked the source {}: p50 {:.0} us, p99 {:.0} us; waited on a request already out {}: p50 {:.0} us, p99 {:.0} us\n",
-            a.count, a.p50_us, a.p99_us, w.count, w.p50_us, w.p99_us
+            "  {na} {}: p50 {:.0} us, p99 {:.0} us; {nb} {}: p50 {:.0} us, p99 {:.0} us\n",
+            a.count, a.p50_us, a.p99_us, b.count, b.p50_us, b.p99_us
         )
     }
 
@@ -146,8 +132,17 @@ impl DstReport {
             self.fault_latency.p99_us,
             self.fault_latency.max_us,
             self.fault_latency.total_ms,
-            self.push_split(),
-            self.asked_split(),
+            Self::split_line(
+                ("before the push", &self.fault_latency_before_push),
+                ("during it", &self.fault_latency_during_push),
+            ),
+            Self::split_line(
+                ("asked the source", &self.fault_latency_asked),
+                (
+                    "waited on a request already out",
+                    &self.fault_latency_already_asked
+                ),
+            ),
             self.bytes_received,
             self.images_bytes,
             self.precopy_pages_held,

@@ -130,6 +130,10 @@ fn migrates_256_mib_writing_workload() {
 /// runs (and, since session 27, no longer turns its push to the scan's stretch). The memory
 /// must verify and every lazy page be placed once; dst's report must show faults that waited on
 /// a run already asked for, or read-ahead never ran and the test proved nothing.
+///
+/// The push starts 2 s after the restore (`--push-after`): the check runs every second, so at
+/// least one scan faults before the push can take its pages. Without the delay a fast host
+/// pushed all 256 MiB before the first check began (CI on 92eb488: 10 faults, none read ahead).
 #[test]
 fn migrates_a_scan_with_sequential_readahead() {
     if !can_run() {
@@ -146,6 +150,7 @@ fn migrates_a_scan_with_sequential_readahead() {
             "--write-rate",
             "0",
             "--dst-arg=--sequential-readahead",
+            "--src-arg=--push-after=2s",
         ],
     );
     check_common(name, &v);

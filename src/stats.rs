@@ -69,6 +69,9 @@ pub struct DstReport {
     /// Peak memory of the pre-copy page store (arena and index), 0 without a pre-copy: dst's
     /// memory bound is 64 MiB plus this.
     pub page_store_bytes: u64,
+    /// Of the store, page data given back to the host as those pages were placed
+    /// (`dst::store_release`): at the end, about the store's data less what never got placed.
+    pub page_store_released_bytes: u64,
     /// The service's CPU time and peak RSS (its own and its reaped children's, apart).
     pub usage: crate::usage::ServiceUsage,
 }
@@ -112,7 +115,8 @@ impl DstReport {
              {}\
              {}\
              \x20 bytes received {} (images {})\n\
-             \x20 pre-copied pages held {}, placed from the page store {}, unused {} (store {:.1} MiB)\n\
+             \x20 pre-copied pages held {}, placed from the page store {}, unused {} (store {:.1} MiB, \
+             {:.1} MiB of it given back as placed)\n\
              \x20 pushed pages a fault took before they were placed {}\n\
              {}",
             self.downtime_ms,
@@ -149,6 +153,7 @@ impl DstReport {
             self.pages_local,
             self.precopy_pages_unused,
             self.page_store_bytes as f64 / (1 << 20) as f64,
+            self.page_store_released_bytes as f64 / (1 << 20) as f64,
             self.pages_taken_at_fault,
             self.usage.render(),
         )

@@ -93,6 +93,14 @@ fn check(name: &str, v: &Value) -> (u64, u64) {
     // Nothing lost, nothing invented.
     let placed = u(&dst["pages_on_demand"]) + u(&dst["pages_pushed"]) + u(&dst["pages_zero_lazy"]);
     assert_eq!(placed, u(&dst["lazy_pages"]), "{name}: {dst}");
+    // As pages were placed, their copies in dst's store were given back (dst::store_release);
+    // the memory verified above shows no released copy was ever read.
+    let released = u(&dst["page_store_released_bytes"]) / 4096;
+    let held = u(&dst["precopy_pages_held"]);
+    assert!(
+        released > 0 && released <= held,
+        "{name}: {released} of {held} stored pages given back: {dst}"
+    );
     (valid, changed)
 }
 

@@ -302,6 +302,7 @@ async fn run_in(
                 }
                 report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
                 report.pages_local = pages_local.load(Relaxed);
+                report.page_store_released_bytes = held.release_now() * crate::pages::PAGE_SIZE;
                 report.pages_taken_at_fault = held.taken_at_fault.load(Relaxed);
                 memory_whole(&mut post, &mut report, &stats).await;
             }

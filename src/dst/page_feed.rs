@@ -17,6 +17,7 @@ use anyhow::{Result, bail};
 use crate::dst::answer_watch::AnswerWatch;
 use crate::dst::page_store::{PageStore, Stored};
 use crate::dst::push_queue::{Origin, Queued, SharedPushQueue};
+use crate::dst::store_release::StoreRelease;
 use crate::dst::uffd_loop::{HeldAnswer, HeldPages, Inbound, LoopSender};
 use crate::pages::{PAGE_SIZE, PidRange};
 use crate::transport::FrameReceiver;
@@ -32,15 +33,41 @@ pub(crate) struct LocalPages {
     pub queue: Arc<SharedPushQueue>,
     /// Pushed pages a fault took out of `queue` before the placer got to them.
     pub taken_at_fault: Arc<AtomicU64>,
+    /// Gives the store's slots back as their pages are placed (with a store only).
+    release: Option<Arc<StoreRelease>>,
 }
 
 impl LocalPages {
     pub(crate) fn new(store: Option<Arc<PageStore>>, placed: Arc<AtomicU64>) -> Self {
+        // Without the releaser the store keeps its pages until dst ends, as it did before it.
+        let release = store.clone().and_then(|s| {
+            StoreRelease::start(s)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "cannot start the page store's releaser thread ({e}): the store keeps \
+                         its memory until this migration ends"
+                    )
+                })
+                .ok()
+        });
         Self {
             store,
             placed,
             queue: Arc::new(SharedPushQueue::default()),
             taken_at_fault: Arc::new(AtomicU64::new(0)),
+            release,
+        }
+    }
+
+    /// Releases what the fault thread reported placed so far, here and now (without waiting
+    /// for the releaser's next round); returns the store's pages released in all.
+    pub(crate) fn release_now(&self) -> u64 {
+        match (&self.store, &self.release) {
+            (Some(s), Some(r)) => {
+                r.release_pending(s);
+                s.released_pages()
+            }
+            _ => 0,
         }
     }
 
@@ -116,6 +143,12 @@ impl HeldPages for LocalPages {
                 .push(PidRange::new(r.pid, at, (end - at) / PAGE_SIZE));
         }
         answer
+    }
+
+    fn placed(&self, at: PidRange) {
+        if let Some(r) = &self.release {
+            r.placed(at);
+        }
     }
 }
 

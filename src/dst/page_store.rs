@@ -5,10 +5,18 @@
 //! numbers (2 KiB per 2 MiB of memory, no allocation per page); all-zero pages take no slot.
 //! Nothing here is ever placed into a process unless a Valid frame names it: see
 //! [`PageStore::take_valid`].
+//!
+//! After the freeze the store only shrinks: once the fault thread has put a page into every
+//! process of its pid (from here, as data or as a zero run), its slot is punched out of the arena
+//! ([`PageStore::release`], fed by `dst::store_release`), so dst does not hold a 1 GiB store and
+//! the 1 GiB it placed at once. A released slot is never read again: `take_valid` skips it (that
+//! page is in place already, so nothing waits for it); a read that raced a release reads zeros
+//! for a page already in place, which the fault thread never places over (see `take_valid`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -19,6 +27,8 @@ const BLOCK_PAGES: u64 = 512;
 const BLOCK_BYTES: u64 = BLOCK_PAGES * PAGE_SIZE;
 const EMPTY: u32 = u32::MAX;
 const ZERO: u32 = u32::MAX - 1;
+/// Most slots one punch of [`PageStore::release`] gives back (256 KiB).
+const PUNCH_PAGES: usize = 64;
 /// Most data slots the store can address (1 TiB); [`PageStore::with_limit`] sets the real bound.
 pub const MAX_SLOTS: u32 = 1 << 28;
 
@@ -84,6 +94,38 @@ pub struct PageStore {
     slots_dropped: u64,
     /// Bytes the arena and the index may use (`pageserv dst --max-page-store-mib`).
     max_bytes: u64,
+    /// Data slots given back after their page was placed (see the module docs).
+    released: Mutex<Released>,
+}
+
+/// Which data slots are punched out: one bit per slot, grown on the first release.
+#[derive(Debug, Default)]
+struct Released {
+    bits: Vec<u64>,
+    pages: u64,
+}
+
+impl Released {
+    fn has(&self, slot: u32) -> bool {
+        self.bits
+            .get(slot as usize / 64)
+            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    /// Marks `slot`; false if it was marked already.
+    fn mark(&mut self, slot: u32, slots: u32) -> bool {
+        if self.bits.is_empty() {
+            self.bits = vec![0; (slots as usize).div_ceil(64)];
+        }
+        let Some(w) = self.bits.get_mut(slot as usize / 64) else {
+            return false;
+        };
+        let bit = 1u64 << (slot % 64);
+        let new = *w & bit == 0;
+        *w |= bit;
+        self.pages += u64::from(new);
+        new
+    }
 }
 
 impl PageStore {
@@ -97,6 +139,7 @@ impl PageStore {
             pages_zero: 0,
             slots_dropped: 0,
             max_bytes: crate::limits::page_store_bytes(u64::from(MAX_SLOTS), 0),
+            released: Mutex::new(Released::default()),
         })
     }
 
@@ -296,6 +339,40 @@ impl PageStore {
                 .get((i / 8) as usize)
                 .is_some_and(|b| b & (1 << (i % 8)) != 0)
         };
+        // The runs are cut under the lock, and read after it is dropped, so a fault's read of a
+        // page never waits behind the placer's read of a whole frame (or a release). A slot
+        // released in between reads as zeros, for a page already in every process of its pid:
+        // the fault thread never places over a page in place (UFFDIO_COPY: EEXIST).
+        let runs: Vec<(u64, u64, bool)> = {
+            let released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+            self.valid_runs(pid, vaddr, nr_pages, &bit, |s| s != ZERO && released.has(s))?
+        };
+        let mut out = Vec::with_capacity(runs.len());
+        for (at, n, zero) in runs {
+            let data = if zero {
+                None
+            } else {
+                Some(self.read_run(pid, at, n)?)
+            };
+            out.push(Stored {
+                vaddr: at,
+                nr_pages: n,
+                data,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The runs (address, pages, all zero) of held pages named in `bitmap`, released ones
+    /// (`gone`) left out; an error for a named page not held.
+    fn valid_runs(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+        bit: &impl Fn(u64) -> bool,
+        gone: impl Fn(u32) -> bool,
+    ) -> Result<Vec<(u64, u64, bool)>, StoreError> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < nr_pages {
@@ -308,26 +385,22 @@ impl PageStore {
             if first == EMPTY {
                 return Err(StoreError::NotHeld { pid, vaddr: at });
             }
+            if gone(first) {
+                // Placed already: nothing waits for it.
+                i += 1;
+                continue;
+            }
             let zero = first == ZERO;
             // The run: consecutive set bits of the same kind.
             let mut n = 1;
             while i + n < nr_pages && bit(i + n) {
                 let s = self.slot(pid, at + n * PAGE_SIZE);
-                if s == EMPTY || (s == ZERO) != zero {
+                if s == EMPTY || (s == ZERO) != zero || gone(s) {
                     break;
                 }
                 n += 1;
             }
-            let data = if zero {
-                None
-            } else {
-                Some(self.read_run(pid, at, n)?)
-            };
-            out.push(Stored {
-                vaddr: at,
-                nr_pages: n,
-                data,
-            });
+            out.push((at, n, zero));
             i += n;
         }
         Ok(out)
@@ -341,6 +414,65 @@ impl PageStore {
             .flat_map(|(_, b)| b.iter())
             .filter(|&&s| s != EMPTY)
             .count() as u64
+    }
+
+    /// Gives back the data slots of `[vaddr, +nr_pages)` of `pid`: the fault thread has put those
+    /// pages into every process of `pid`, so no copy here is needed again. Pages not held, zero
+    /// pages and slots released before are skipped; returns how many slots this call released.
+    pub fn release(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<u64, StoreError> {
+        Self::check(pid, vaddr, nr_pages)?;
+        // Marked under the lock, under which readers cut their runs: no read that starts after
+        // this reaches these slots. The punch (freeing the pages) runs without it.
+        let mut slots: Vec<u32> = {
+            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+            (0..nr_pages)
+                .map(|i| self.slot(pid, vaddr + i * PAGE_SIZE))
+                .filter(|&s| s != EMPTY && s != ZERO)
+                .filter(|&s| released.mark(s, self.next_slot))
+                .collect()
+        };
+        slots.sort_unstable();
+        let newly = slots.len() as u64;
+        // In small punches: each frees its pages at once, and a fault's copy allocating at the
+        // same time should not wait behind thousands of them.
+        for chunk in slots.chunks(PUNCH_PAGES) {
+            self.punch(pid, chunk)?;
+        }
+        Ok(newly)
+    }
+
+    /// Data slots given back with [`PageStore::release`].
+    pub fn released_pages(&self) -> u64 {
+        self.released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pages
+    }
+
+    /// Punches sorted data slots out of the arena, consecutive ones at once.
+    fn punch(&self, pid: u32, slots: &[u32]) -> Result<(), StoreError> {
+        let mut i = 0;
+        while i < slots.len() {
+            let first = slots[i];
+            let mut n = 1;
+            while i + n < slots.len() && slots[i + n] == first + n as u32 {
+                n += 1;
+            }
+            nix::fcntl::fallocate(
+                &self.arena,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                (u64::from(first) * PAGE_SIZE) as i64,
+                (n as u64 * PAGE_SIZE) as i64,
+            )
+            .map_err(|e| StoreError::Punch {
+                pid,
+                slot: first,
+                source: e.into(),
+            })?;
+            i += n;
+        }
+        Ok(())
     }
 
     /// Drops every page held for `pid` and gives its data back to the host (the arena's slots are
@@ -369,28 +501,7 @@ impl PageStore {
         }
         self.slots_dropped += data_slots.len() as u64;
         data_slots.sort_unstable();
-        // Consecutive slots are punched out at once.
-        let mut i = 0;
-        while i < data_slots.len() {
-            let first = data_slots[i];
-            let mut n = 1;
-            while i + n < data_slots.len() && data_slots[i + n] == first + n as u32 {
-                n += 1;
-            }
-            nix::fcntl::fallocate(
-                &self.arena,
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                (u64::from(first) * PAGE_SIZE) as i64,
-                (n as u64 * PAGE_SIZE) as i64,
-            )
-            .map_err(|e| StoreError::Punch {
-                pid,
-                slot: first,
-                source: e.into(),
-            })?;
-            i += n;
-        }
+        self.punch(pid, &data_slots)?;
         Ok(dropped)
     }
 
@@ -430,6 +541,50 @@ mod tests {
     }
 
     const P: u64 = PAGE_SIZE;
+
+    /// Bytes of the arena the kernel holds (st_blocks, 512-byte units).
+    fn arena_held(s: &PageStore) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        s.arena.metadata().unwrap().blocks() * 512
+    }
+
+    /// A released page's slot is punched out of the arena (the memory goes back), counted once,
+    /// and never read again: take_valid skips it and still reads its neighbours.
+    #[test]
+    fn a_released_page_gives_its_slot_back_and_is_never_read_again() {
+        let mut s = PageStore::new().unwrap();
+        let base = 0x7f00_0000_0000;
+        let pages: Vec<u8> = (1..=8).flat_map(page).collect();
+        s.put(1, base, &pages).unwrap();
+        s.put_zero(1, base + 8 * P, 1).unwrap();
+        let held = arena_held(&s);
+        assert!(held >= 8 * P, "the arena holds the 8 pages: {held}");
+        // Pages 2..5 and the zero page 8 were placed.
+        assert_eq!(s.release(1, base + 2 * P, 4).unwrap(), 4);
+        assert_eq!(
+            s.release(1, base + 8 * P, 1).unwrap(),
+            0,
+            "a zero page has no slot"
+        );
+        assert_eq!(s.release(1, base + 3 * P, 2).unwrap(), 0, "released twice");
+        assert_eq!(s.release(2, base, 4).unwrap(), 0, "nothing held for pid 2");
+        assert_eq!(s.released_pages(), 4);
+        assert_eq!(arena_held(&s), held - 4 * P, "4 slots punched out");
+        let got = s.take_valid(1, base, 9, &[0xff, 0x01]).unwrap();
+        let runs: Vec<(u64, u64, Option<u8>)> = got
+            .iter()
+            .map(|r| {
+                let first = r.data.as_ref().map(|d| d[0]);
+                ((r.vaddr - base) / P, r.nr_pages, first)
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            vec![(0, 2, Some(1)), (6, 2, Some(7)), (8, 1, None)],
+            "released pages 2..5 skipped, the rest read as stored"
+        );
+        assert_eq!(got[1].data.as_ref().unwrap()[P as usize], 8);
+    }
 
     #[test]
     fn the_limit_counts_data_and_the_index_of_zero_pages() {

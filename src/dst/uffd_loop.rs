@@ -164,6 +164,11 @@ pub trait HeldPages: Send + Sync + std::fmt::Debug {
     /// Takes the held pages of `r` that link `link` delivered (the fault thread's current link,
     /// so the answer is not dropped as another link's).
     fn take(&self, link: u64, r: PidRange) -> HeldAnswer;
+
+    /// The pages of `at` are in place in every process of its pid (from any source: pushed,
+    /// answered or taken here): a copy held for them is not needed again. Called on the fault
+    /// thread for each such arrival, never for pages of a replaced link or a failed copy.
+    fn placed(&self, _at: PidRange) {}
 }
 
 /// What [`HeldPages::take`] found for one request.

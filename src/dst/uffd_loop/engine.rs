@@ -35,6 +35,7 @@ use crate::dst::arrival_guard::ArrivalGuard;
 use crate::dst::regions::{FaultAction, PageState, TaskMemory};
 use crate::pages::{PAGE_SIZE, PageRange, PidRange, merge_ranges, page_floor};
 
+mod accounting;
 #[cfg(test)]
 mod tests;
 
@@ -112,6 +113,8 @@ struct Placing {
     /// Views done with it; fork children created meanwhile are not, and get it too.
     finished: BTreeSet<ViewId>,
     since: Instant,
+    /// Some view could not take it (a failed copy, or EAGAIN past [`GIVE_UP`]).
+    failed: bool,
 }
 
 impl Placing {
@@ -123,6 +126,7 @@ impl Placing {
             urgent,
             finished: BTreeSet::new(),
             since,
+            failed: false,
         }
     }
 
@@ -725,6 +729,7 @@ impl Engine {
                             p.at.pid,
                             p.at.start()
                         ));
+                        p.failed = true;
                         p.finished.insert(id);
                     }
                 }
@@ -736,53 +741,18 @@ impl Engine {
                         p.at.start(),
                         p.at.pid
                     ));
+                    p.failed = true;
                     p.finished.insert(id);
                 }
             }
         }
+        // Every view took it whole (or no longer needs it): a copy held at dst may go.
+        if !p.failed
+            && let Some(h) = &self.config.held
+        {
+            h.placed(p.at);
+        }
         None
-    }
-
-    /// Stats for what was placed, and the fault latency of every thread it woke.
-    fn account<K: Kernel>(&mut self, k: &K, id: ViewId, tally: &Tally, data: bool, urgent: bool) {
-        let s = &self.stats;
-        let counter = match (data, urgent) {
-            (false, _) => &s.lazy_zero_pages,
-            (true, true) => &s.pages_copied_urgent,
-            (true, false) => &s.pages_copied_pushed,
-        };
-        counter.fetch_add(tally.pages, Relaxed);
-        s.copy_retries.fetch_add(tally.retries, Relaxed);
-        s.pages_dropped.fetch_add(tally.dropped, Relaxed);
-        if self.waiting.is_empty() {
-            return;
-        }
-        let now = k.now();
-        for &(img, n) in &tally.runs {
-            let keys: Vec<(ViewId, u64)> = self
-                .waiting
-                .range((id, img)..(id, img + n * PAGE_SIZE))
-                .map(|(k, _)| *k)
-                .collect();
-            for key in keys {
-                for (t, asked) in self.waiting.remove(&key).unwrap_or_default() {
-                    let ns = u64::try_from(now.saturating_duration_since(t).as_nanos())
-                        .unwrap_or(u64::MAX);
-                    s.fault_latency.record(ns);
-                    if asked {
-                        s.fault_latency_asked.record(ns);
-                    } else {
-                        s.fault_latency_already_asked.record(ns);
-                    }
-                    if s.pages_copied_pushed.load(Relaxed) == 0 {
-                        s.fault_latency_before_push.record(ns);
-                    } else {
-                        s.fault_latency_during_push.record(ns);
-                    }
-                    s.blocktime_ns.fetch_add(ns, Relaxed);
-                }
-            }
-        }
     }
 
     /// (pid, image page) of every thread waiting for a page (for tests).

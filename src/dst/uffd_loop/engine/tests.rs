@@ -17,7 +17,7 @@ use proptest::prelude::*;
 
 use super::{Arrived, Engine, Input, Kernel, Owner, UffdEvent, ViewId};
 use crate::dst::uffd_loop::ioctl::Fill;
-use crate::dst::uffd_loop::{LoopConfig, Outbound, UffdStats};
+use crate::dst::uffd_loop::{HeldAnswer, HeldPages, LoopConfig, Outbound, UffdStats};
 use crate::pages::{PAGE_SIZE, PageRange, PidRange};
 
 const P: u64 = PAGE_SIZE;
@@ -222,8 +222,27 @@ fn op(tasks: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Records what the engine reports placed ([`HeldPages::placed`], on which dst gives its page
+/// store's copies back); holds no pages itself.
+#[derive(Debug, Default)]
+struct PlacedLog(std::sync::Mutex<Vec<PidRange>>);
+
+impl HeldPages for PlacedLog {
+    fn take(&self, _: u64, r: PidRange) -> HeldAnswer {
+        HeldAnswer {
+            found: Vec::new(),
+            rest: vec![r],
+        }
+    }
+
+    fn placed(&self, at: PidRange) {
+        self.0.lock().expect("placed log").push(at);
+    }
+}
+
 struct World {
     engine: Engine,
+    placed: Arc<PlacedLog>,
     sim: Sim,
     src: Source,
     /// Task t's lazy pages: `[base(t), +sizes[t])`.
@@ -233,14 +252,17 @@ struct World {
 
 impl World {
     fn new(sizes: Vec<u64>, readahead: u64) -> World {
+        let placed = Arc::new(PlacedLog::default());
         let config = LoopConfig {
             readahead_pages: readahead,
             // The invariants must hold with adaptive read-ahead too (`--sequential-readahead`).
             sequential_readahead: true,
+            held: Some(placed.clone()),
             ..Default::default()
         };
         let mut w = World {
             engine: Engine::new(config, Arc::new(UffdStats::default())),
+            placed,
             sim: Sim {
                 now: Some(Instant::now()),
                 ..Sim::default()
@@ -453,6 +475,43 @@ impl World {
         Ok(())
     }
 
+    /// Every range reported placed is in its process with the source's data (so a copy dst holds
+    /// of it may go); with `whole`, every lazy page was reported.
+    fn reported_placed_only_in_place(&self, whole: bool) -> Result<(), TestCaseError> {
+        let log = self.placed.0.lock().expect("placed log");
+        let mut reported = BTreeSet::new();
+        for r in log.iter() {
+            let t = (r.pid - 100) as usize;
+            let id = self.view(t).expect("view");
+            let v = &self.sim.views[&id];
+            for i in 0..r.nr_pages() {
+                let page = r.start() + i * P;
+                prop_assert_eq!(
+                    v.present.get(&page).copied(),
+                    Some(content(r.pid, page)),
+                    "page {:#x} of pid {} reported placed, but not in place with its data",
+                    page,
+                    r.pid
+                );
+                reported.insert((r.pid, page));
+            }
+        }
+        if whole {
+            for t in 0..self.sizes.len() {
+                for i in 0..self.sizes[t] {
+                    let page = base(t) + i * P;
+                    prop_assert!(
+                        reported.contains(&(pid(t), page)),
+                        "task {} page {:#x} placed but never reported",
+                        t,
+                        page
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every lazy page is present with its content, filled exactly once; the engine said so.
     fn all_placed_once(&self) -> Result<(), TestCaseError> {
         prop_assert!(
@@ -518,6 +577,19 @@ proptest! {
             w.step(op);
             w.asked_before_waiting()?;
         }
+    }
+
+    /// What the engine reports placed is in place with the source's data, and in the end
+    /// every lazy page is reported: dst's page store gives back exactly what is no longer needed.
+    #[test]
+    fn only_pages_in_place_are_reported_placed((sizes, readahead, ops) in scenario()) {
+        let mut w = World::new(sizes, readahead);
+        for op in &ops {
+            w.step(op);
+            w.reported_placed_only_in_place(false)?;
+        }
+        w.finish();
+        w.reported_placed_only_in_place(true)?;
     }
 
     /// Pages a replaced link delivers late never reach a process.

@@ -102,7 +102,6 @@ pub struct PageStore {
 #[derive(Debug, Default)]
 struct Released {
     bits: Vec<u64>,
-    pages: u64,
 }
 
 impl Released {
@@ -123,8 +122,11 @@ impl Released {
         let bit = 1u64 << (slot % 64);
         let new = *w & bit == 0;
         *w |= bit;
-        self.pages += u64::from(new);
         new
+    }
+
+    fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 }
 
@@ -446,7 +448,7 @@ impl PageStore {
         self.released
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pages
+            .count()
     }
 
     /// Punches sorted data slots out of the arena, consecutive ones at once.

@@ -54,22 +54,19 @@ impl StoreRelease {
         p.push(at);
     }
 
-    /// Releases every range reported so far; false if a punch failed (logged once).
-    pub(crate) fn release_pending(&self, store: &PageStore) -> bool {
+    /// Releases every range reported so far (a failed punch is logged once per migration).
+    pub(crate) fn release_pending(&self, store: &PageStore) {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut ok = true;
         for r in taken {
-            if let Err(e) = store.release(r.pid, r.start(), r.nr_pages()) {
-                if ok && !self.warned.swap(true, Relaxed) {
-                    tracing::warn!(
-                        "{e}; the page store keeps that memory until this migration ends \
-                         (further failures are not logged)"
-                    );
-                }
-                ok = false;
+            if let Err(e) = store.release(r.pid, r.start(), r.nr_pages())
+                && !self.warned.swap(true, Relaxed)
+            {
+                tracing::warn!(
+                    "{e}; the page store keeps that memory until this migration ends (further \
+                     failures are not logged)"
+                );
             }
         }
-        ok
     }
 }
 

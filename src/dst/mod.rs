@@ -19,6 +19,7 @@ pub mod restore;
 pub mod restore_start;
 pub mod session_writer;
 pub mod stop_and_copy;
+pub mod store_arena;
 pub(crate) mod store_release;
 pub mod uffd_keeper;
 pub mod uffd_loop;

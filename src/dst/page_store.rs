@@ -1,7 +1,8 @@
 //! dst's page store: the pre-copied pages, kept until the source confirms them after the freeze.
 //!
-//! Page data lives in one memfd arena, one 4 KiB slot per page, written in large runs; a page
-//! that changes between rounds overwrites its slot. The index maps (pid, 2 MiB block) to 512 slot
+//! Page data lives in one memfd arena ([`crate::dst::store_arena`]), one 4 KiB slot per page,
+//! written in large runs; a page that changes between rounds overwrites its slot. A confirmed run
+//! is read back as a view of the arena's mapping, not copied. The index maps (pid, 2 MiB block) to 512 slot
 //! numbers (2 KiB per 2 MiB of memory, no allocation per page); all-zero pages take no slot.
 //! Nothing here is ever placed into a process unless a Valid frame names it: see
 //! [`PageStore::take_valid`].
@@ -14,13 +15,11 @@
 //! for a page already in place, which the fault thread never places over (see `take_valid`).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
-use nix::sys::memfd::{MFdFlags, memfd_create};
+use bytes::Bytes;
 
+use crate::dst::store_arena::Arena;
 use crate::pages::PAGE_SIZE;
 
 const BLOCK_PAGES: u64 = 512;
@@ -34,8 +33,12 @@ pub const MAX_SLOTS: u32 = 1 << 28;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the pre-copy page store (memfd): {0}")]
-    Create(std::io::Error),
+    #[error(
+        "cannot create the pre-copy page store (a memfd of {mib} MiB, sized but not filled, \
+         mapped read-only): {source}; an address-space limit (ulimit -v) counts the mapping, or \
+         lower --max-page-store-mib"
+    )]
+    Create { mib: u64, source: std::io::Error },
     #[error(
         "writing {pages} pre-copied pages at {vaddr:#x} of pid {pid} into the page store: {source}"
     )]
@@ -86,7 +89,7 @@ type Index = BTreeMap<(u32, u64), Box<[u32; BLOCK_PAGES as usize]>>;
 
 /// See the module docs.
 pub struct PageStore {
-    arena: File,
+    arena: Arena,
     index: Index,
     next_slot: u32,
     pages_zero: u64,
@@ -131,25 +134,27 @@ impl Released {
 }
 
 impl PageStore {
+    /// A store as large as it can address ([`MAX_SLOTS`]).
     pub fn new() -> Result<Self, StoreError> {
-        let fd = memfd_create("pageserv-precopy", MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| StoreError::Create(e.into()))?;
+        Self::with_limit(crate::limits::page_store_bytes(u64::from(MAX_SLOTS), 0))
+    }
+
+    /// A store of at most `max_bytes` (arena and index: [`crate::limits::page_store_bytes`]).
+    /// The arena is sized (not filled) for that many pages at once.
+    pub fn with_limit(max_bytes: u64) -> Result<Self, StoreError> {
+        let slots = (max_bytes / PAGE_SIZE).min(u64::from(MAX_SLOTS)) as u32;
         Ok(Self {
-            arena: File::from(fd),
+            arena: Arena::new(slots).map_err(|source| StoreError::Create {
+                mib: crate::limits::mib(u64::from(slots) * PAGE_SIZE),
+                source,
+            })?,
             index: BTreeMap::new(),
             next_slot: 0,
             pages_zero: 0,
             slots_dropped: 0,
-            max_bytes: crate::limits::page_store_bytes(u64::from(MAX_SLOTS), 0),
+            max_bytes,
             released: Mutex::new(Released::default()),
         })
-    }
-
-    /// A store of at most `max_bytes` (arena and index: [`crate::limits::page_store_bytes`]).
-    pub fn with_limit(max_bytes: u64) -> Result<Self, StoreError> {
-        let mut s = Self::new()?;
-        s.max_bytes = max_bytes;
-        Ok(s)
     }
 
     /// Memory the store uses: its arena and its index.
@@ -277,7 +282,7 @@ impl PageStore {
 
     fn write(&self, pid: u32, vaddr: u64, slot: u32, bytes: &[u8]) -> Result<(), StoreError> {
         self.arena
-            .write_all_at(bytes, u64::from(slot) * PAGE_SIZE)
+            .write(slot, bytes)
             .map_err(|source| StoreError::Write {
                 pid,
                 vaddr,
@@ -354,7 +359,16 @@ impl PageStore {
             let data = if zero {
                 None
             } else {
-                Some(self.read_run(pid, at, n)?)
+                let first = self.slot(pid, at);
+                Some(
+                    self.arena
+                        .view(first, n)
+                        .map_err(|source| StoreError::Read {
+                            pid,
+                            slot: first,
+                            source,
+                        })?,
+                )
             };
             out.push(Stored {
                 vaddr: at,
@@ -393,11 +407,15 @@ impl PageStore {
                 continue;
             }
             let zero = first == ZERO;
-            // The run: consecutive set bits of the same kind.
+            // The run: consecutive set bits of the same kind, data in consecutive slots (one
+            // view of the arena).
             let mut n = 1;
             while i + n < nr_pages && bit(i + n) {
                 let s = self.slot(pid, at + n * PAGE_SIZE);
                 if s == EMPTY || (s == ZERO) != zero || gone(s) {
+                    break;
+                }
+                if !zero && u64::from(s) != u64::from(first) + n {
                     break;
                 }
                 n += 1;
@@ -424,21 +442,25 @@ impl PageStore {
     pub fn release(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<u64, StoreError> {
         Self::check(pid, vaddr, nr_pages)?;
         // Marked under the lock, under which readers cut their runs: no read that starts after
-        // this reaches these slots. The punch (freeing the pages) runs without it.
-        let mut slots: Vec<u32> = {
-            let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
-            (0..nr_pages)
-                .map(|i| self.slot(pid, vaddr + i * PAGE_SIZE))
-                .filter(|&s| s != EMPTY && s != ZERO)
-                .filter(|&s| released.mark(s, self.next_slot))
-                .collect()
-        };
-        slots.sort_unstable();
-        let newly = slots.len() as u64;
-        // In small punches: each frees its pages at once, and a fault's copy allocating at the
-        // same time should not wait behind thousands of them.
-        for chunk in slots.chunks(PUNCH_PAGES) {
-            self.punch(pid, chunk)?;
+        // this reaches these slots. The punch (freeing the pages) runs without it. A piece of at
+        // most PUNCH_PAGES pages at a time, so a fault's read of the store never waits behind
+        // the marking of a whole round (thousands of index lookups) nor a punch of many pages.
+        let mut newly = 0;
+        let mut i = 0;
+        while i < nr_pages {
+            let n = (nr_pages - i).min(PUNCH_PAGES as u64);
+            let mut slots: Vec<u32> = {
+                let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+                (i..i + n)
+                    .map(|k| self.slot(pid, vaddr + k * PAGE_SIZE))
+                    .filter(|&s| s != EMPTY && s != ZERO)
+                    .filter(|&s| released.mark(s, self.next_slot))
+                    .collect()
+            };
+            slots.sort_unstable();
+            newly += slots.len() as u64;
+            self.punch(pid, &slots)?;
+            i += n;
         }
         Ok(newly)
     }
@@ -460,18 +482,13 @@ impl PageStore {
             while i + n < slots.len() && slots[i + n] == first + n as u32 {
                 n += 1;
             }
-            nix::fcntl::fallocate(
-                &self.arena,
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                (u64::from(first) * PAGE_SIZE) as i64,
-                (n as u64 * PAGE_SIZE) as i64,
-            )
-            .map_err(|e| StoreError::Punch {
-                pid,
-                slot: first,
-                source: e.into(),
-            })?;
+            self.arena
+                .punch(first, n as u64)
+                .map_err(|source| StoreError::Punch {
+                    pid,
+                    slot: first,
+                    source,
+                })?;
             i += n;
         }
         Ok(())
@@ -506,30 +523,6 @@ impl PageStore {
         self.punch(pid, &data_slots)?;
         Ok(dropped)
     }
-
-    /// The data of `n` held data pages from `vaddr`, reading consecutive slots at once.
-    fn read_run(&self, pid: u32, vaddr: u64, n: u64) -> Result<Bytes, StoreError> {
-        let page = PAGE_SIZE as usize;
-        let mut buf = BytesMut::zeroed(n as usize * page);
-        let mut i = 0;
-        while i < n {
-            let first = self.slot(pid, vaddr + i * PAGE_SIZE);
-            let mut k = 1;
-            while i + k < n && self.slot(pid, vaddr + (i + k) * PAGE_SIZE) == first + k as u32 {
-                k += 1;
-            }
-            let dst = &mut buf[i as usize * page..(i + k) as usize * page];
-            self.arena
-                .read_exact_at(dst, u64::from(first) * PAGE_SIZE)
-                .map_err(|source| StoreError::Read {
-                    pid,
-                    slot: first,
-                    source,
-                })?;
-            i += k;
-        }
-        Ok(buf.freeze())
-    }
 }
 
 #[cfg(test)]
@@ -546,8 +539,7 @@ mod tests {
 
     /// Bytes of the arena the kernel holds (st_blocks, 512-byte units).
     fn arena_held(s: &PageStore) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        s.arena.metadata().unwrap().blocks() * 512
+        s.arena.held_bytes().unwrap()
     }
 
     /// A released page's slot is punched out of the arena (the memory goes back), counted once,

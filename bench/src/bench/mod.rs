@@ -9,6 +9,7 @@
 //! - [`report`]: aggregation (median, min, max over verified runs), JSON and Markdown.
 //! - [`plots`]: the charts.
 
+pub mod clock_step;
 pub mod machine;
 pub mod matrix;
 pub mod modes;

@@ -287,7 +287,8 @@ pub fn markdown(r: &Results) -> String {
          second before the migration began (before any pre-copy round), the same way for every \
          mode. Degraded = time the speed stayed below 50% of that after it ran again ({} ms \
          windows). A run counts only if the workload verified its memory at the destination \
-         (>= {} checks ok, none failed); failed runs are listed, never aggregated. Median \
+         (>= {} checks ok, none failed) and this host's wall clock did not step during the run \
+         (heartbeats are wall-clock times); failed runs are listed, never aggregated. Median \
          (min–max) over verified runs. Source and destination each run in a network namespace \
          of their own (the workload, `criu dump` and `pageserv src` in the source's; page \
          server, lazy-pages daemon, `pageserv dst` and the restore in the destination's), joined \

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use super::clock_step;
 use super::machine::Machine;
 use super::matrix::Matrix;
 use super::modes::{self, RunRecord};
@@ -115,8 +116,16 @@ pub fn run(matrix: &Matrix, out: &Path, quick: bool) -> Result<()> {
                 cell.write_rate,
                 run + 1
             );
+            let clock_before = clock_step::offset_ns();
             let mut rec = modes::run_once(cell, run);
             rec.wall_s = Some(t.elapsed().as_secs_f64());
+            let elapsed_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if let Some(step) =
+                clock_step::stepped(clock_before, clock_step::offset_ns(), elapsed_ns)
+            {
+                rec.verified = false;
+                rec.problems.push(clock_step::problem(step));
+            }
             eprintln!(
                 "[bench] {} in {:.1} s: downtime {:?} ms, total {:?} ms{}",
                 if rec.verified { "verified" } else { "FAILED" },

@@ -26,6 +26,10 @@ pub const PERIOD: Duration = Duration::from_millis(20);
 #[derive(Debug, Default)]
 pub(crate) struct StoreRelease {
     pending: Mutex<Vec<PidRange>>,
+    /// Held for a whole round of releases, so [`StoreRelease::release_pending`] called from
+    /// outside returns only once a round the releaser had under way is done too (the count dst
+    /// reports at memory-whole then has every range reported placed before it).
+    round: Mutex<()>,
     warned: AtomicBool,
 }
 
@@ -54,8 +58,10 @@ impl StoreRelease {
         p.push(at);
     }
 
-    /// Releases every range reported so far (a failed punch is logged once per migration).
+    /// Releases every range reported so far, after any round under way (a failed punch is
+    /// logged once per migration).
     pub(crate) fn release_pending(&self, store: &PageStore) {
+        let _round = self.round.lock().unwrap_or_else(|e| e.into_inner());
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         for r in taken {
             if let Err(e) = store.release(r.pid, r.start(), r.nr_pages())

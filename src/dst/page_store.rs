@@ -2,8 +2,9 @@
 //!
 //! Page data lives in one memfd arena ([`crate::dst::store_arena`]), one 4 KiB slot per page,
 //! written in large runs; a page that changes between rounds overwrites its slot. A confirmed run
-//! is read back as a view of the arena's mapping, not copied. The index maps (pid, 2 MiB block) to 512 slot
-//! numbers (2 KiB per 2 MiB of memory, no allocation per page); all-zero pages take no slot.
+//! is read back as a view of the arena's mapping, not copied. The index maps (pid, 2 MiB block)
+//! to 512 slot numbers (2 KiB per 2 MiB of memory, no allocation per page); all-zero pages take
+//! no slot.
 //! Nothing here is ever placed into a process unless a Valid frame names it: see
 //! [`PageStore::take_valid`].
 //!

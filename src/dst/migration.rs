@@ -302,9 +302,11 @@ async fn run_in(
                 }
                 report.post_copy_ms = post_copy_start.elapsed().as_secs_f64() * 1e3;
                 report.pages_local = pages_local.load(Relaxed);
-                report.page_store_released_bytes = held.release_now() * crate::pages::PAGE_SIZE;
                 report.pages_taken_at_fault = held.taken_at_fault.load(Relaxed);
                 memory_whole(&mut post, &mut report, &stats).await;
+                // After the source knows: giving the rest of the store back (and waiting for a
+                // release round under way) must not hold up the end of its dump.
+                report.page_store_released_bytes = held.release_now() * crate::pages::PAGE_SIZE;
             }
             Ok(Step::Event(Outbound::TaskGone { pid })) => {
                 tracing::info!(pid, "restored task exited")

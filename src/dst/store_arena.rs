@@ -98,7 +98,8 @@ impl Arena {
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
         let len = usize::try_from(len).map_err(std::io::Error::other)?;
-        let size = std::num::NonZeroUsize::new(len).ok_or_else(|| beyond(0, 1, 0))?;
+        let size = std::num::NonZeroUsize::new(len)
+            .ok_or_else(|| std::io::Error::other("an arena of no slots"))?;
         // SAFETY: a new shared read-only mapping of our own memfd at an address the kernel picks;
         // it overlaps nothing and is unmapped only by `Mapping::drop`.
         let at = unsafe {
@@ -160,6 +161,7 @@ impl Arena {
     }
 
     /// Bytes of the arena the kernel holds (allocated blocks).
+    #[cfg(test)]
     pub fn held_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)

@@ -29,7 +29,7 @@ use pageserv::pages::{PAGE_SIZE, PageRange};
 use pageserv::source::dump::{DumpOptions, PageServerConn, ReadyDump, start_lazy_dump};
 use pageserv::source::frozen::FrozenTasks;
 use pageserv::source::frozen::core::{Action, Core, CoreConfig, FaultRequest, Origin};
-use pageserv::source::frozen::tasks::NotReadable;
+use pageserv::source::frozen::tasks::{Checks, NotReadable};
 use pageserv::source::push_plan::PushPlan;
 
 #[test]
@@ -184,9 +184,9 @@ fn frozen_memory_equals_criu_page_by_page() {
         "every task is frozen by the dump: {:?}",
         tasks.unreadable()
     );
-    // This kernel keeps run counts (CONFIG_SCHED_INFO), so the checks below compare them.
+    // This kernel gives perf switch watches, so the checks below load them (no /proc read).
     for pid in s.image_pids() {
-        assert!(tasks.checked_by_run_count(pid), "image pid {pid}");
+        assert!(tasks.checked_by_switch_watch(pid), "image pid {pid}");
     }
     let (mut pages, mut holder_pages) = (0u64, 0u64);
     for (pid, ranges) in s.lazy.clone() {
@@ -260,17 +260,7 @@ fn not_frozen_is_not_read() {
     let t = FrozenTasks::discover(holder.proc.pid, me0, &[77]).expect("discover");
     assert_eq!(t.unreadable(), &[(77, NotReadable::NoHostPid(77))]);
     // Stopped (every thread) by a tracer that is not the dump: this test's thread. Not read.
-    let threads: Vec<nix::unistd::Pid> =
-        std::fs::read_dir(format!("/proc/{}/task", holder.proc.pid))
-            .expect("threads")
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .map(nix::unistd::Pid::from_raw)
-            .collect();
-    for &tid in &threads {
-        nix::sys::ptrace::seize(tid, nix::sys::ptrace::Options::empty()).expect("seize");
-        nix::sys::ptrace::interrupt(tid).expect("interrupt");
-        let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
-    }
+    let threads = stop_all_threads(holder.proc.pid);
     // TracerPid names the tracing thread.
     let me = nix::unistd::gettid().as_raw() as u32;
     let t = FrozenTasks::discover(holder.proc.pid, 1, &[1]).expect("discover");
@@ -278,9 +268,20 @@ fn not_frozen_is_not_read() {
         t.readable().next().is_none(),
         "traced by this test, not by the dump (pid 1)"
     );
-    // Stopped by the tracer named as the dump: read, and the bytes are the holder's.
+    // Stopped by the tracer named as the dump: read, and the bytes are the holder's. Checked
+    // both ways: by perf switch watches, and by /proc alone (the fallback, run counts here).
     let t = FrozenTasks::discover(holder.proc.pid, me, &[1]).expect("discover");
     assert_eq!(t.readable().collect::<Vec<_>>(), vec![1]);
+    assert!(t.checked_by_switch_watch(1));
+    let by_proc = FrozenTasks::discover_checked(holder.proc.pid, me, &[1], Checks::Proc)
+        .expect("discover by /proc");
+    assert!(by_proc.checked_by_run_count(1) && !by_proc.checked_by_switch_watch(1));
+    std::thread::sleep(Duration::from_millis(100));
+    t.check_frozen(1)
+        .expect("still stopped: no switch recorded");
+    by_proc
+        .check_frozen(1)
+        .expect("still stopped: run count unchanged");
     let data = t.read(1, holder.addr, 3).expect("read the stopped holder");
     for i in 0..3u64 {
         let page = &data[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
@@ -294,6 +295,10 @@ fn not_frozen_is_not_read() {
         t.check_frozen(1).is_err()
     });
     assert!(t.read(1, holder.addr, 1).is_err());
+    wait_until("the /proc check to see it", || {
+        by_proc.check_frozen(1).is_err()
+    });
+    assert!(by_proc.read(1, holder.addr, 1).is_err());
 }
 
 #[test]
@@ -357,4 +362,99 @@ fn a_task_killed_during_post_copy_fails_over_to_criu() {
     let ended = s.dump.wait(Duration::from_secs(30));
     eprintln!("criu dump after its task was killed: {ended:?}");
     assert!(ended.is_some(), "the dump ends after the close");
+}
+
+/// Seizes and stops every thread of `pid` with this test's thread as the tracer; returns them.
+fn stop_all_threads(pid: i32) -> Vec<nix::unistd::Pid> {
+    let threads: Vec<nix::unistd::Pid> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("threads")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    for &tid in &threads {
+        nix::sys::ptrace::seize(tid, nix::sys::ptrace::Options::empty()).expect("seize");
+        nix::sys::ptrace::interrupt(tid).expect("interrupt");
+        let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    }
+    threads
+}
+
+/// A task with many threads: releasing only its last thread is seen by both kinds of check, so
+/// no thread is skipped; the task's memory is not read after that.
+#[test]
+fn one_released_thread_of_many_is_seen() {
+    let Some(_c) = criu::require("one_released_thread_of_many_is_seen") else {
+        return;
+    };
+    let scratch = criu::TestDir::new("one_released_thread_of_many_is_seen");
+    let holder = holder::spawn_with(
+        "memory_holder",
+        scratch.path(),
+        &[(holder::THREADS_ENV, "15")],
+    )
+    .expect("holder");
+    let mut threads = stop_all_threads(holder.proc.pid);
+    assert!(threads.len() >= 16, "the holder has its 15 more threads");
+    threads.sort();
+    let me = nix::unistd::gettid().as_raw() as u32;
+    let watched = FrozenTasks::discover(holder.proc.pid, me, &[1]).expect("discover");
+    let by_proc = FrozenTasks::discover_checked(holder.proc.pid, me, &[1], Checks::Proc)
+        .expect("discover by /proc");
+    assert!(watched.checked_by_switch_watch(1));
+    assert!(by_proc.checked_by_run_count(1));
+    std::thread::sleep(Duration::from_millis(100));
+    watched.check_frozen(1).expect("all stopped");
+    by_proc.check_frozen(1).expect("all stopped");
+    let last = *threads.last().expect("a thread");
+    nix::sys::ptrace::detach(last, None).expect("detach the last thread");
+    wait_until("the watch to see the last thread run", || {
+        watched.check_frozen(1).is_err()
+    });
+    wait_until("the /proc check to see it", || {
+        by_proc.check_frozen(1).is_err()
+    });
+    assert!(watched.read(1, holder.addr, 1).is_err());
+    let err = watched.check_frozen(1).expect_err("released");
+    assert!(
+        matches!(err, NotReadable::NotFrozen { tid, .. } if tid == last.as_raw()),
+        "the released thread is named: {err}"
+    );
+}
+
+/// Measurement (run with `--ignored --nocapture`): what one check after a read costs, by the
+/// task's thread count, with switch watches and with /proc reads. No bound is asserted here.
+#[test]
+#[ignore]
+fn measure_check_cost_by_thread_count() {
+    let Some(_c) = criu::require("measure_check_cost_by_thread_count") else {
+        return;
+    };
+    for extra in [0usize, 7, 31, 127] {
+        let scratch = criu::TestDir::new("measure_check_cost_by_thread_count");
+        let n = extra.to_string();
+        let holder = holder::spawn_with(
+            "memory_holder",
+            scratch.path(),
+            &[(holder::THREADS_ENV, n.as_str())],
+        )
+        .expect("holder");
+        let threads = stop_all_threads(holder.proc.pid);
+        let me = nix::unistd::gettid().as_raw() as u32;
+        let mut line = format!("{} threads:", threads.len());
+        for checks in [Checks::SwitchWatch, Checks::Proc] {
+            let t =
+                FrozenTasks::discover_checked(holder.proc.pid, me, &[1], checks).expect("discover");
+            let rounds = 2000u32;
+            let start = Instant::now();
+            for _ in 0..rounds {
+                t.check_frozen(1).expect("stopped");
+            }
+            let per = start.elapsed() / rounds;
+            line += &format!(" {checks:?} {:.1} us;", per.as_secs_f64() * 1e6);
+        }
+        eprintln!("{line}");
+        for &tid in &threads {
+            let _ = nix::sys::ptrace::detach(tid, None);
+        }
+    }
 }

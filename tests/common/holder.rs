@@ -20,6 +20,8 @@ use super::criu::{self, PidnsProcess};
 
 /// Set to the ready-file path in the re-executed test binary to make it a holder.
 pub const HOLDER_ENV: &str = "PAGESERV_TEST_HOLDER";
+/// Set to N: the holder starts N more threads, each asleep, before it is ready.
+pub const THREADS_ENV: &str = "PAGESERV_TEST_HOLDER_THREADS";
 /// Size of the holder's mapping: 64 MiB of 4 KiB pages.
 pub const HOLDER_PAGES: u64 = 16384;
 pub const PAGE: u64 = 4096;
@@ -114,6 +116,18 @@ pub fn run_if_requested() {
                 PageKind::Untouched => {}
             }
         }
+    }
+    // More threads, each asleep, when asked for (tests of checks that go thread by thread).
+    let extra: usize = std::env::var(THREADS_ENV)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for _ in 0..extra {
+        std::thread::spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        });
     }
     let ready = std::path::PathBuf::from(ready);
     let tmp = ready.with_extension("tmp");

@@ -16,6 +16,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod switch_watch;
 pub mod tasks;
 
 use std::collections::BTreeSet;

@@ -375,8 +375,7 @@ impl PageStore {
     }
 
     /// The runs (address, pages, first data slot or None for zero pages) of held pages named in
-    /// `bitmap`, released ones
-    /// (`gone`) left out; an error for a named page not held.
+    /// `bitmap`, released ones (`gone`) left out; an error for a named page not held.
     fn valid_runs(
         &self,
         pid: u32,

@@ -168,10 +168,10 @@ mod tests {
     fn a_stopped_thread_reads_not_run_until_it_runs() {
         use nix::sys::signal::{Signal, kill};
         use nix::sys::wait::{WaitPidFlag, waitpid};
-        let mut child = match std::process::Command::new("sleep").arg("30").spawn() {
-            Ok(c) => c,
-            Err(e) => panic!("spawning sleep: {e}"),
-        };
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawning sleep");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         kill(pid, Signal::SIGSTOP).expect("SIGSTOP the child");
         waitpid(pid, Some(WaitPidFlag::WUNTRACED)).expect("child stopped");

@@ -24,8 +24,8 @@
 //!
 //! Where the kernel refuses the perf event, (2) is checked by the thread's run count
 //! (`schedstat`'s third field, `pcount`: the kernel adds one each time it puts the thread on a
-//! CPU, in `sched_info_arrive()`). The count is read before the freeze check (state `t`, TracerPid = the dump) and must be the same after each
-//! read: then the thread has not executed an instruction since it was seen stopped, in user or
+//! CPU, in `sched_info_arrive()`). The count is read before the freeze check (state `t`,
+//! TracerPid = the dump) and must be the same after each read: then the thread has not executed an instruction since it was seen stopped, in user or
 //! kernel mode (leaving a stop, even to die, means running), so it is still in that stop. This
 //! is at least as strong as re-reading the state letter (it also catches a thread that ran and
 //! stopped again) and cheaper: a `schedstat` read costs ~0.6 us against ~3 us for `stat`, which
@@ -67,15 +67,20 @@ pub enum NotReadable {
 #[derive(Debug)]
 struct FrozenThread {
     tid: i32,
-    /// Its context switches, watched from before its stop was verified: the check wherever the
-    /// kernel gives the perf event (then `ran` is not kept).
-    watch: Option<SwitchWatch>,
-    /// Its `stat`, whose state letter must stay `t` (the check when `ran` is `None`).
-    stat: File,
+    /// How it is checked after each read; set up before its stop was verified.
+    check: ThreadCheck,
+}
+
+/// The one check a frozen thread gets, the cheapest the kernel gives.
+#[derive(Debug)]
+enum ThreadCheck {
+    /// Its context switches ([`SwitchWatch`]): no record since the freeze.
+    Watch(SwitchWatch),
     /// Its `schedstat` and the run count read there before its stop was verified: an unchanged
-    /// count means it has not been on a CPU since. `None` where the kernel keeps no run count
-    /// (no `CONFIG_SCHED_INFO`: no file, or it reads 0).
-    ran: Option<(File, u64)>,
+    /// count means it has not been on a CPU since.
+    RunCount(File, u64),
+    /// Its `stat`, whose state letter must stay `t` (no run count kept by this kernel).
+    State(File),
 }
 
 /// One task: its host pid and its threads, opened at the freeze.
@@ -246,21 +251,18 @@ impl FrozenTasks {
             // The watch (or else the run count) first: unchanged later, it proves the thread
             // has not run since before the checks below found it stopped.
             let watch = match checks {
-                Checks::SwitchWatch => match SwitchWatch::open(tid) {
-                    Ok(w) => Some(w),
-                    Err(e) => {
-                        tracing::debug!(tid, "no perf switch watch ({e}); checking /proc");
-                        None
-                    }
-                },
+                Checks::SwitchWatch => SwitchWatch::open(tid)
+                    .inspect_err(|e| {
+                        tracing::debug!(tid, "no perf switch watch ({e}); checking /proc")
+                    })
+                    .ok(),
                 Checks::Proc => None,
             };
-            let ran = if watch.is_some() {
-                None
-            } else {
-                File::open(entry.path().join("schedstat"))
+            let ran = match watch {
+                Some(_) => None,
+                None => File::open(entry.path().join("schedstat"))
                     .ok()
-                    .and_then(|f| run_count(&f).ok().filter(|n| *n > 0).map(|n| (f, n)))
+                    .and_then(|f| run_count(&f).ok().filter(|n| *n > 0).map(|n| (f, n))),
             };
             let stat =
                 File::open(entry.path().join("stat")).map_err(|e| not(tid, e.to_string()))?;
@@ -276,12 +278,13 @@ impl FrozenTasks {
                 }
             }
             stopped(&stat).map_err(|why| not(tid, why))?;
-            threads.push(FrozenThread {
-                tid,
-                watch,
-                stat,
-                ran,
-            });
+            // `stat` is kept only where it is the check.
+            let check = match (watch, ran) {
+                (Some(w), _) => ThreadCheck::Watch(w),
+                (None, Some((f, n))) => ThreadCheck::RunCount(f, n),
+                (None, None) => ThreadCheck::State(stat),
+            };
+            threads.push(FrozenThread { tid, check });
         }
         if threads.is_empty() {
             return Err(not(host_pid, "no threads".into()));
@@ -304,16 +307,20 @@ impl FrozenTasks {
 
     /// True when every thread of `pid` is checked by its run count (not its state letter).
     pub fn checked_by_run_count(&self, pid: u32) -> bool {
-        self.tasks
-            .get(&pid)
-            .is_some_and(|t| t.threads.iter().all(|th| th.ran.is_some()))
+        self.tasks.get(&pid).is_some_and(|t| {
+            t.threads
+                .iter()
+                .all(|th| matches!(th.check, ThreadCheck::RunCount(..)))
+        })
     }
 
     /// True when every thread of `pid` is checked by its perf switch watch (no `/proc` read).
     pub fn checked_by_switch_watch(&self, pid: u32) -> bool {
-        self.tasks
-            .get(&pid)
-            .is_some_and(|t| t.threads.iter().all(|th| th.watch.is_some()))
+        self.tasks.get(&pid).is_some_and(|t| {
+            t.threads
+                .iter()
+                .all(|th| matches!(th.check, ThreadCheck::Watch(_)))
+        })
     }
 
     /// Checks, now, that the dump is alive and every thread of `pid` is still in its ptrace stop:
@@ -322,21 +329,23 @@ impl FrozenTasks {
     pub fn check_frozen(&self, pid: u32) -> Result<(), NotReadable> {
         let task = self.tasks.get(&pid).ok_or(NotReadable::NoHostPid(pid))?;
         for t in &task.threads {
-            let still = match (&t.watch, &t.ran) {
-                (Some(w), _) if w.ran() => {
+            let still = match &t.check {
+                ThreadCheck::Watch(w) if w.ran() => {
                     Err("it was put on a CPU since the freeze (perf switch record)".into())
                 }
-                (Some(_), _) => Ok(()),
-                (None, Some((schedstat, at_freeze))) => run_count(schedstat).and_then(|now| {
-                    if now == *at_freeze {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "it ran since the freeze (run count {at_freeze} -> {now})"
-                        ))
-                    }
-                }),
-                (None, None) => stopped(&t.stat),
+                ThreadCheck::Watch(_) => Ok(()),
+                ThreadCheck::RunCount(schedstat, at_freeze) => {
+                    run_count(schedstat).and_then(|now| {
+                        if now == *at_freeze {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "it ran since the freeze (run count {at_freeze} -> {now})"
+                            ))
+                        }
+                    })
+                }
+                ThreadCheck::State(stat) => stopped(stat),
             };
             still.map_err(|why| NotReadable::NotFrozen {
                 pid: task.host_pid,

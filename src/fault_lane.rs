@@ -12,8 +12,15 @@
 //! The lane is idle between faults, so its thread sleeps in epoll and a wakeup runs at once; its
 //! priority lets it preempt the bulk threads on a full core ([`crate::sched::favour_this_thread`]).
 //!
-//! Invariants: the lane never runs bulk work (a push stream, image files, CRIU's in-order page
-//! server queue); nothing on it blocks (no `block_in_place`: the runtime is current-thread).
+//! At dst the fault loop ([`crate::dst::uffd_loop`]) runs here too, as a task: a fault's request
+//! and its answer then cross no thread at dst. It places the push's pages as well, but in
+//! rounds of at most 256 KiB or 150 us with a yield between them, so a fault answer or a
+//! datagram waits at most one such piece (as it did on the loop's own thread).
+//!
+//! Invariants: the lane never reads bulk data (a push stream, image files, CRIU's in-order page
+//! server queue), and places it only in the fault loop's bounded pieces; nothing on it blocks
+//! (no `block_in_place`: the runtime is current-thread; what waits long, such as the fault
+//! loop's shutdown, goes to the lane's blocking pool).
 
 use std::future::Future;
 use std::pin::Pin;

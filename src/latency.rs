@@ -1,4 +1,4 @@
-//! A lock-free log-linear latency histogram: one side records (dst's fault thread, src's fault
+//! A lock-free log-linear latency histogram: one side records (dst's fault loop, src's fault
 //! server), anyone reads.
 //!
 //! Values are nanoseconds. Buckets are powers of two split into 16 linear steps, so any

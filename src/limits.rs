@@ -101,7 +101,7 @@ pub const MAX_SESSION_PAGES_FILES: usize = 4096;
 pub const MAX_EARLY_HELD_BYTES: u64 = 64 << 20;
 /// What one held message costs besides its data (its bookkeeping), for [`MAX_EARLY_HELD_BYTES`].
 pub const HELD_MESSAGE_COST: u64 = 128;
-/// Fault answers and zero runs queued for dst's fault thread (each at most 4 MiB): a full queue
+/// Fault answers and zero runs queued for dst's fault loop (each at most 4 MiB): a full queue
 /// stops the reading of the source's stream, so QUIC flow control holds back the rest.
 pub const URGENT_QUEUE: usize = 64;
 /// Pages dst asked for on one link that pageserv src has not answered yet (1 GiB): an honest

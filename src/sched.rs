@@ -2,7 +2,7 @@
 //!
 //! A task that faults on a lazy page is blocked until pageserv has fetched and placed it; for
 //! that task pageserv stands in for the kernel's own page-fault path, which never waits for the
-//! CPU. Under the normal policy every hop of a fault (uffd thread, QUIC task, CRIU's page
+//! CPU. Under the normal policy every hop of a fault (uffd loop, QUIC task, CRIU's page
 //! server, the reply) may wait behind ordinary tasks on a busy core: with both hosts on one
 //! 2-core VM that run-queue wait, not the link, was most of the fault p99's growth under a full
 //! push (README, "Sharing the bottleneck"). Two things were in the way: the hops crossed the busy
@@ -15,12 +15,12 @@
 //! The policy is set with SCHED_RESET_ON_FORK, so every process pageserv starts (`criu restore`
 //! and the tasks it restores, keepers, a runc restore) begins at the normal policy. The kernel
 //! resets new threads too, so each of pageserv's threads raises itself at start
-//! ([`raise_this_thread`]): the tokio runtime's threads, the uffd thread and its bridge. A thread
-//! that does not (the pre-copy reader, which competes with the still running workload) stays
-//! normal. `criu dump` is raised only once it is ready to serve pages (its status byte): the
-//! dump itself (freeze, parasite, images) runs as it would without `--realtime`. pageserv's
-//! threads block whenever they wait, and the kernel keeps 5% of each second
-//! for ordinary tasks (sched_rt_runtime_us), so a fault in pageserv cannot lock a host up.
+//! ([`raise_this_thread`]): the tokio runtime's threads and the fault lane (where dst's uffd loop
+//! runs). A thread that does not (the pre-copy reader, which competes with the still running
+//! workload) stays normal. `criu dump` is raised only once it is ready to serve pages (its
+//! status byte): the dump itself (freeze, parasite, images) runs as it would without
+//! `--realtime`. pageserv's threads block whenever they wait, and the kernel keeps 5% of each
+//! second for ordinary tasks (sched_rt_runtime_us), so a fault in pageserv cannot lock a host up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -63,10 +63,10 @@ pub fn raise_this_thread() {
 /// The nice value of the threads on a fault's path at the normal policy ([`favour_this_thread`]).
 pub const FAULT_PATH_NICE: i32 = -10;
 
-/// Called first in a thread on a fault's path (the fault lane, the uffd thread, the source's
-/// fault reader): under `--realtime` it is raised like every thread; otherwise it gets
-/// [`FAULT_PATH_NICE`], so at a wakeup it preempts the bulk threads (push, placement of pushed
-/// pages) that otherwise share its core as equals. Those threads block whenever they wait (no
+/// Called first in a thread on a fault's path (the fault lane, with dst's uffd loop; the
+/// source's fault reader): under `--realtime` it is raised like every thread; otherwise it gets
+/// [`FAULT_PATH_NICE`], so at a wakeup it preempts the bulk threads (the push) that otherwise
+/// share its core as equals. Those threads block whenever they wait (no
 /// busy polling), so this costs the bulk work only the CPU the faults really use. Failing to
 /// change the nice value (no CAP_SYS_NICE) is logged and harmless.
 pub fn favour_this_thread() {

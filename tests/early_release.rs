@@ -235,10 +235,10 @@ impl Drop for HandMade {
     }
 }
 
-/// Whether the fault thread's shutdown killed an incomplete task (its log line).
+/// Whether the fault loop's shutdown killed an incomplete task (its log line).
 fn killed_some(log: &str) -> bool {
     log.lines()
-        .filter(|l| l.contains("stopped the fault thread after a failure"))
+        .filter(|l| l.contains("stopped the fault loop after a failure"))
         .any(|l| {
             l.split("killed: [")
                 .nth(1)
@@ -304,7 +304,7 @@ fn an_early_source_release_is_not_success() {
         dead,
         "a restored task with missing memory still runs:\n{log}"
     );
-    // The fault thread's shutdown killed the incomplete task (pidfd), whether or not the
+    // The fault loop's shutdown killed the incomplete task (pidfd), whether or not the
     // restore got as far as its pidfile.
     assert!(killed_some(&log), "no incomplete task was killed:\n{log}");
 }

@@ -1,4 +1,4 @@
-//! A lying source against the real fault thread and a real userfaultfd (needs root): page data
+//! A lying source against the real fault loop and a real userfaultfd (needs root): page data
 //! for an unknown pid, outside the lazy ranges, for a fault nobody had, or pushed twice is
 //! refused with an error naming the rule, and none of it reaches the process's memory.
 //! The rule itself is `pageserv::dst::arrival_guard` (unit tests there).
@@ -394,7 +394,7 @@ fn endless_zero_runs_before_the_restore_finished_hit_the_held_limit() {
 fn an_unknown_pid_s_pages_are_not_stashed_without_limit() {
     require_root!();
     let mut task = Task::new();
-    // Without the images' pids (as in a bare fault thread), pages of a pid not handed over yet
+    // Without the images' pids (as in a bare fault loop), pages of a pid not handed over yet
     // are held for it, but only up to the limit.
     let l = start_restoring(&mut task, LoopConfig::default());
     let per = 1024 * 1024 / P; // 1 MiB a message

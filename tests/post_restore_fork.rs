@@ -4,7 +4,7 @@
 //! real `pageserv dst` restoring it on loopback. Once restored, the holder forks a child that
 //! waits a moment and then reads every pattern page of its (still lazy) memory, checking each
 //! against the pattern. `pageserv dst` is SIGKILLed as soon as the child exists, which is while
-//! its fault thread holds the child's uffd and has not yet handed it to the uffd keeper (a lab
+//! its fault loop holds the child's uffd and has not yet handed it to the uffd keeper (a lab
 //! pause makes that window 2 s long; unpaused it is microseconds, and CI once hit it). dst's
 //! table guard shares its descriptor table, so the uffd is not closed with dst and reaches the
 //! keeper: the child's reads wait, and either the keeper kills the tree at `--recover-timeout`
@@ -65,7 +65,7 @@ fn start_dst(
 ) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pageserv"));
     if pause {
-        // The fault thread holds a fork child's uffd this long before it hands it to the
+        // The fault loop holds a fork child's uffd this long before it hands it to the
         // keeper: the kill lands inside that window every time.
         cmd.env(pageserv::child::LAB_ENV, "1").env(
             pageserv::dst::uffd_loop::FORK_HANDOVER_PAUSE_ENV,
@@ -95,7 +95,7 @@ fn start_dst(
 /// dst's recover timeout: how long its keeper holds the restored tasks after dst died.
 const RECOVER_TIMEOUT: &str = "3s";
 
-/// How long dst's fault thread waits between reading a fork event and handing the child's uffd
+/// How long dst's fault loop waits between reading a fork event and handing the child's uffd
 /// to the keeper: only the table guard (dst::uffd_keeper::table_guard) saves a child whose dst
 /// is killed in that window.
 const FORK_HANDOVER_PAUSE_MS: &str = "2000";
@@ -411,7 +411,7 @@ fn a_dst_restarted_after_a_post_restore_fork_serves_the_child() {
     restarted_dst_serves_the_child("fork-adopt", true);
 }
 
-/// The same with no pause: the fault thread handed the child's uffd to the keeper itself, as it
+/// The same with no pause: the fault loop handed the child's uffd to the keeper itself, as it
 /// read the fork event, before the kill.
 #[test]
 fn a_dst_restarted_after_a_post_restore_fork_it_handed_over_serves_the_child() {

@@ -210,7 +210,7 @@ pub(crate) async fn adopt_in(
         ..Default::default()
     };
     let handle =
-        uffd_loop::spawn_with(config, sink, stats.clone()).context("starting the fault thread")?;
+        uffd_loop::spawn_with(config, sink, stats.clone()).context("starting the fault loop")?;
 
     // Restored tasks first (their children need their missing lists), then fork children.
     let mut missing_of: BTreeMap<i32, (i32, Vec<PageRange>)> = BTreeMap::new();
@@ -316,8 +316,8 @@ pub(crate) async fn adopt_in(
             Ok(Step::Event(Outbound::TaskGone { pid })) => {
                 tracing::info!(pid, "restored task exited")
             }
-            Ok(Step::Event(Outbound::Error(e))) => break Err(anyhow!("fault thread: {e}")),
-            Ok(Step::Event(other)) => tracing::debug!("fault thread: {other:?}"),
+            Ok(Step::Event(Outbound::Error(e))) => break Err(anyhow!("fault loop: {e}")),
+            Ok(Step::Event(other)) => tracing::debug!("fault loop: {other:?}"),
         }
     };
     report.reconnects = post.reconnects;
@@ -340,7 +340,7 @@ pub(crate) async fn adopt_in(
             // As in any failed post-copy: incomplete tasks die before their uffds close (the
             // keeper, still attached, sees this dst go and holds nothing alive any more).
             let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
-            tracing::warn!(?shut, "stopped the fault thread after a failure");
+            tracing::warn!(?shut, "stopped the fault loop after a failure");
             post.close(1, format!("{e:#}").as_bytes());
             bail!("the adopted migration in {} failed: {e:#}", dir.display());
         }

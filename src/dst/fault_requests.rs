@@ -1,20 +1,20 @@
 //! dst's fault requests to the source, written on the fault lane ([`crate::fault_lane`]).
 //!
-//! The fault thread's requests reach the writer straight from its outbound bridge, in the order
+//! The fault loop's requests reach the writer straight from its outbound bridge, in the order
 //! the thread raised them, without passing through the migration's task on the busy main
 //! runtime. What the writer does with a request depends on the link, which the migration's
 //! post-copy loop ([`crate::dst::post_copy`]) tells it:
 //!
 //! - live: send it on the link's fault stream;
-//! - void (the link is down, or a resume is answered but the fault thread has not yet listed what
-//!   is open): drop it, since the fault thread's resume answer lists every open request;
-//! - queue (the fault thread has listed what is open, the new fault connection is not there yet):
+//! - void (the link is down, or a resume is answered but the fault loop has not yet listed what
+//!   is open): drop it, since the fault loop's resume answer lists every open request;
+//! - queue (the fault loop has listed what is open, the new fault connection is not there yet):
 //!   keep it, and send it after that list once the new link is live.
 //!
 //! [`Gate`] is that rule, pure; [`spawn`] is the thin writer around it.
 //!
 //! A request's pages that were pushed and are already at dst, not placed yet
-//! ([`crate::dst::push_queue`]), never reach this writer: the fault thread takes them itself
+//! ([`crate::dst::push_queue`]), never reach this writer: the fault loop takes them itself
 //! ([`crate::dst::uffd_loop::HeldPages`]) and asks only for the rest.
 
 use std::sync::{Arc, Mutex};
@@ -29,9 +29,9 @@ use crate::wire::Frame;
 
 /// What the writer is told, in order.
 pub(crate) enum Cmd {
-    /// The fault thread asks for these pages.
+    /// The fault loop asks for these pages.
     Fault(PidRange),
-    /// The fault thread has listed the open requests for a resume: keep new ones until the link.
+    /// The fault loop has listed the open requests for a resume: keep new ones until the link.
     Queue,
     /// The link is down: drop requests (the resume answer lists them).
     Void,

@@ -195,7 +195,7 @@ async fn run_in(
     )
     .await?;
 
-    // Hand the restore's uffds to the fault thread as they arrive.
+    // Hand the restore's uffds to the fault loop as they arrive.
     let to_loop = handle.sender();
     let mut restore_side = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut rc = socket.accept_restore_within(nr_tasks, Duration::from_secs(120))?;
@@ -282,7 +282,7 @@ async fn run_in(
                     break Err(e.into());
                 }
             }
-            // The fault thread judges completion only after the restore finished, but the
+            // The fault loop judges completion only after the restore finished, but the
             // restore side may not have been polled yet: join it first.
             Ok(Step::Event(Outbound::Complete)) => {
                 if !restored {
@@ -311,8 +311,8 @@ async fn run_in(
             Ok(Step::Event(Outbound::TaskGone { pid })) => {
                 tracing::info!(pid, "restored task exited")
             }
-            Ok(Step::Event(Outbound::Error(e))) => break Err(anyhow!("fault thread: {e}")),
-            Ok(Step::Event(other)) => tracing::debug!("fault thread: {other:?}"),
+            Ok(Step::Event(Outbound::Error(e))) => break Err(anyhow!("fault loop: {e}")),
+            Ok(Step::Event(other)) => tracing::debug!("fault loop: {other:?}"),
         }
     };
     report.reconnects = post.reconnects;
@@ -322,7 +322,7 @@ async fn run_in(
         Err(e) => {
             // Never let the kernel zero-fill what has not arrived: kill incomplete tasks first.
             let shut = tokio::task::spawn_blocking(move || handle.shutdown(true)).await;
-            tracing::warn!(?shut, "stopped the fault thread after a failure");
+            tracing::warn!(?shut, "stopped the fault loop after a failure");
             let e = if restored {
                 restore.delete_stopped_container();
                 e
@@ -397,10 +397,10 @@ async fn abort_before_restore(
     e
 }
 
-/// The fault thread's outbound events, handed into async from the fault thread itself (no
+/// The fault loop's outbound events, handed into async from the fault loop itself (no
 /// thread in between: each hop through one cost a context switch per fault, and crossbeam's
 /// blocking receive spins and yields before it parks). Fault requests go straight to their
-/// writer on the fault lane, in the order the fault thread raised them relative to its resume
+/// writer on the fault lane, in the order the fault loop raised them relative to its resume
 /// answers (see dst::fault_requests); everything else to the migration's event receiver.
 pub(crate) struct Bridge {
     requests: mpsc::UnboundedSender<fault_requests::Cmd>,
@@ -420,7 +420,7 @@ impl crate::dst::uffd_loop::OutboundSink for Bridge {
     }
 }
 
-/// The fault thread's sink ([`Bridge`]), the migration's receiver of its other events, and the
+/// The fault loop's sink ([`Bridge`]), the migration's receiver of its other events, and the
 /// fault requests' command channel.
 pub(crate) fn bridge(
     answers: Arc<Mutex<AnswerWatch>>,
@@ -453,7 +453,7 @@ fn with_criu_errors(e: anyhow::Error, log: &Path) -> anyhow::Error {
     ))
 }
 
-/// Every lazy page is in place: the report's counters from the fault thread's, and the source
+/// Every lazy page is in place: the report's counters from the fault loop's, and the source
 /// is told (now, or when it comes back).
 pub(crate) async fn memory_whole(post: &mut PostCopy, report: &mut DstReport, stats: &UffdStats) {
     let c = stats.counters();

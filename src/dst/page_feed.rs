@@ -1,12 +1,12 @@
-//! Page frames from one stream of the source (fault answers or the push) into the fault thread:
+//! Page frames from one stream of the source (fault answers or the push) into the fault loop:
 //! pre-copied pages the source confirmed (Valid) are taken from the page store, Pages and Zero
 //! frames go as they are, and every arrival answers the fault requests waiting for it
-//! ([`crate::dst::answer_watch`]). The fault thread's queues are bounded, so a fast source is held
+//! ([`crate::dst::answer_watch`]). The fault loop's queues are bounded, so a fast source is held
 //! back by QUIC flow control, not by dst's memory.
 //!
 //! The push stream's frames are read off the stream as they arrive into
-//! [`crate::dst::push_queue`] and handed to the fault thread from there by a placer beside the
-//! reader, so a fault on a page that is already at dst is answered at once by the fault thread
+//! [`crate::dst::push_queue`] and handed to the fault loop from there by a placer beside the
+//! reader, so a fault on a page that is already at dst is answered at once by the fault loop
 //! itself ([`LocalPages`] is its [`HeldPages`]) instead of being asked of the source again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -59,7 +59,7 @@ impl LocalPages {
         }
     }
 
-    /// Releases what the fault thread reported placed so far, here and now (without waiting
+    /// Releases what the fault loop reported placed so far, here and now (without waiting
     /// for the releaser's next round); returns the store's pages released in all.
     pub(crate) fn release_now(&self) -> u64 {
         match (&self.store, &self.release) {
@@ -71,7 +71,7 @@ impl LocalPages {
         }
     }
 
-    /// The page runs of a queued frame (or a fault's share of one) as the fault thread takes
+    /// The page runs of a queued frame (or a fault's share of one) as the fault loop takes
     /// them: data, zero runs, or confirmed pre-copied pages read from the store.
     pub(crate) fn read_out(&self, q: &Queued) -> Result<Vec<Stored>> {
         if q.origin == Origin::Store {
@@ -107,7 +107,7 @@ impl std::fmt::Debug for LocalPages {
 }
 
 /// A fault's pages that were pushed and are still queued here (page data, zero runs, confirmed
-/// pre-copied pages read from the store) answer it on the fault thread.
+/// pre-copied pages read from the store) answer it on the fault loop.
 impl HeldPages for LocalPages {
     fn take(&self, link: u64, r: PidRange) -> HeldAnswer {
         let mut answer = HeldAnswer::default();
@@ -247,7 +247,7 @@ impl Feed<'_> {
         Ok(())
     }
 
-    /// Hands one frame's remaining pages to the fault thread.
+    /// Hands one frame's remaining pages to the fault loop.
     async fn place(&self, q: Queued) -> Result<()> {
         for r in self.held.read_out(&q)? {
             self.arrival(q.pid, r.vaddr, r.nr_pages, r.data).await?;
@@ -256,7 +256,7 @@ impl Feed<'_> {
     }
 
     /// Hands `first` and the frames queued right behind it (up to [`ARRIVALS_MAX_PAGES`] in all,
-    /// never waiting for more) to the fault thread as one message: one wakeup of that thread
+    /// never waiting for more) to the fault loop as one message: one wakeup of that thread
     /// for what one read of the push stream brought, instead of one per run.
     async fn place_queued(&self, first: Queued, queue: &SharedPushQueue) -> Result<()> {
         let mut pages = u64::from(first.nr_pages);
@@ -286,11 +286,11 @@ impl Feed<'_> {
     }
 }
 
-/// The most pages one message to the fault thread carries from the push queue (4 MiB of data,
+/// The most pages one message to the fault loop carries from the push queue (4 MiB of data,
 /// the bound of one message on its bulk queue).
 const ARRIVALS_MAX_PAGES: u64 = 1024;
 
-/// Feeds page frames from one stream of link generation `link` into the fault thread.
+/// Feeds page frames from one stream of link generation `link` into the fault loop.
 pub(crate) async fn feed_pages(
     rx: FrameReceiver,
     to_loop: LoopSender,
@@ -308,7 +308,7 @@ pub(crate) async fn feed_pages(
     if urgent {
         return feed.read(rx, None).await;
     }
-    // The push stream: the reader queues frames, the placer hands them to the fault thread.
+    // The push stream: the reader queues frames, the placer hands them to the fault loop.
     let queue = &held.queue;
     let read_all = AtomicBool::new(false);
     let reader = async {

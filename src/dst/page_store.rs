@@ -8,12 +8,12 @@
 //! Nothing here is ever placed into a process unless a Valid frame names it: see
 //! [`PageStore::take_valid`].
 //!
-//! After the freeze the store only shrinks: once the fault thread has put a page into every
+//! After the freeze the store only shrinks: once the fault loop has put a page into every
 //! process of its pid (from here, as data or as a zero run), its slot is punched out of the arena
 //! ([`PageStore::release`], fed by `dst::store_release`), so dst does not hold a 1 GiB store and
 //! the 1 GiB it placed at once. A released slot is never read again: `take_valid` skips it (that
 //! page is in place already, so nothing waits for it); a read that raced a release reads zeros
-//! for a page already in place, which the fault thread never places over (see `take_valid`).
+//! for a page already in place, which the fault loop never places over (see `take_valid`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -350,7 +350,7 @@ impl PageStore {
         };
         // The runs are cut under the lock (a release marks its slots under it). A slot released
         // after that reads as zeros through its view, for a page already in every process of its
-        // pid: the fault thread never places over a page in place (UFFDIO_COPY: EEXIST).
+        // pid: the fault loop never places over a page in place (UFFDIO_COPY: EEXIST).
         let runs = {
             let released = self.released.lock().unwrap_or_else(|e| e.into_inner());
             self.valid_runs(pid, vaddr, nr_pages, &bit, |s| s != ZERO && released.has(s))?
@@ -431,7 +431,7 @@ impl PageStore {
             .count() as u64
     }
 
-    /// Gives back the data slots of `[vaddr, +nr_pages)` of `pid`: the fault thread has put those
+    /// Gives back the data slots of `[vaddr, +nr_pages)` of `pid`: the fault loop has put those
     /// pages into every process of `pid`, so no copy here is needed again. Pages not held, zero
     /// pages and slots released before are skipped; returns how many slots this call released.
     pub fn release(&self, pid: u32, vaddr: u64, nr_pages: u64) -> Result<u64, StoreError> {

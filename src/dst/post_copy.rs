@@ -1,10 +1,10 @@
 //! dst from the restore's start to the end of the migration: forward faults to the source, feed
-//! its pages to the fault thread, tell it when the memory is whole, and survive the link dying.
+//! its pages to the fault loop, tell it when the memory is whole, and survive the link dying.
 //!
 //! The link (control, fault and push streams of one pair of QUIC connections) may die at any
 //! time after the images arrived. Then the restored tasks simply wait on their faults (never a
 //! zero page), and this loop waits up to the recover timeout for the source to come back with a
-//! resume connection (source::recovery). On resume: the fault thread voids what the old link owed
+//! resume connection (source::recovery). On resume: the fault loop voids what the old link owed
 //! and reports what is still missing ([`Inbound::Resume`]); the source gets that list and pushes
 //! it again; dst re-sends every fault request still open. Past the timeout the migration fails:
 //! incomplete tasks are killed, and the source (frozen) can be retried.
@@ -98,20 +98,20 @@ enum LinkState {
     Up(SourceLink),
     /// Lost; waiting for a resume connection.
     Down,
-    /// A resume connection arrived and the fault thread was asked what is missing.
+    /// A resume connection arrived and the fault loop was asked what is missing.
     Resuming {
         conn: quinn::Connection,
         ctl: FrameSender,
         /// Boxed: the state is moved on every transition, and a receiver is large.
         ctl_rx: Box<FrameReceiver>,
         serial: u64,
-        /// Once the fault thread answered: the fault requests to send again.
+        /// Once the fault loop answered: the fault requests to send again.
         requests: Option<Vec<PidRange>>,
         fault_deadline: Option<tokio::time::Instant>,
     },
 }
 
-/// The migration's side of the fault thread and the link.
+/// The migration's side of the fault loop and the link.
 pub(crate) struct Wiring {
     pub to_loop: LoopSender,
     pub held: LocalPages,
@@ -120,7 +120,7 @@ pub(crate) struct Wiring {
     pub lazy: BTreeMap<u32, Vec<PageRange>>,
     /// The fault endpoint's port, named in the answer to a resume.
     pub fault_port: u16,
-    /// The fault-request writer on the fault lane ([`fault_requests`]); the fault thread's
+    /// The fault-request writer on the fault lane ([`fault_requests`]); the fault loop's
     /// bridge sends it the requests, this loop the state of the link.
     pub requests: mpsc::UnboundedSender<fault_requests::Cmd>,
     /// The open fault requests of the live link (the writer records them, the page readers
@@ -248,7 +248,7 @@ impl PostCopy {
         again: Vec<PidRange>,
     ) -> SourceLink {
         let g = self.generation;
-        // The fault thread's link generation: the serial of the resume this link answers (0 for
+        // The fault loop's link generation: the serial of the resume this link answers (0 for
         // the first link); it drops pages of any other.
         let link = self.serial;
         let ev = self.events_tx.clone();
@@ -352,7 +352,7 @@ impl PostCopy {
     }
 
     /// Waits for the next thing the service must act on, handling link events, faults and
-    /// resumes itself. `ev_rx` is the fault thread's outbound queue; `routes` the accept loop's.
+    /// resumes itself. `ev_rx` is the fault loop's outbound queue; `routes` the accept loop's.
     pub(crate) async fn next(
         &mut self,
         ev_rx: &mut mpsc::UnboundedReceiver<Outbound>,
@@ -371,7 +371,7 @@ impl PostCopy {
                         self.resumed(serial, missing, requests).await;
                     }
                     Some(other) => return Ok(Step::Event(other)),
-                    None => bail!("the fault thread stopped unexpectedly"),
+                    None => bail!("the fault loop stopped unexpectedly"),
                 },
                 Some(r) = routes.recv() => self.routed(r).await?,
                 Some((g, ev)) = self.events_rx.recv() => {
@@ -466,7 +466,7 @@ impl PostCopy {
         let _ = self.wiring.requests.send(fault_requests::Cmd::Fault(r));
     }
 
-    /// The link is down: the writer drops requests until the fault thread lists them.
+    /// The link is down: the writer drops requests until the fault loop lists them.
     fn void_requests(&self) {
         let _ = self.wiring.requests.send(fault_requests::Cmd::Void);
     }
@@ -509,7 +509,7 @@ impl PostCopy {
                 to_loop
                     .send_async(Inbound::Resume { serial })
                     .await
-                    .context("asking the fault thread what is missing")?;
+                    .context("asking the fault loop what is missing")?;
                 self.state = LinkState::Resuming {
                     conn,
                     ctl,

@@ -3,17 +3,17 @@
 //!
 //! The push stream carries page data, zero runs and, after a pre-copy, Valid frames (a few bytes
 //! per 1024 pages confirming dst's stored copies). dst places pushed pages at the pace of the
-//! fault thread's copies, so frames wait at dst before they are placed; Valid frames, which cost
+//! fault loop's copies, so frames wait at dst before they are placed; Valid frames, which cost
 //! the source almost nothing to send, pile up by the thousand. Before this queue they waited
-//! unread in the push stream or in the fault thread's queue, and a thread that faulted on one of
+//! unread in the push stream or in the fault loop's queue, and a thread that faulted on one of
 //! those pages asked the source for it: a round trip for a page dst already had, and the page
 //! judged and sent twice (measured: half the faults of a sequential reader after a pre-copy, 40–150
 //! ms after the source had confirmed the page).
 //!
 //! Now the push reader takes frames off the stream as they arrive and queues them here; a placer
-//! takes them in order and hands them to the fault thread; the fault writer
+//! takes them in order and hands them to the fault loop; the fault writer
 //! ([`crate::dst::fault_requests`]) first takes a faulting page out of the queue, if it is there,
-//! and hands it to the fault thread as the fault's answer at once, asking the source only for the
+//! and hands it to the fault loop as the fault's answer at once, asking the source only for the
 //! rest.
 //!
 //! Invariants (property-tested below):

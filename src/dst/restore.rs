@@ -201,7 +201,7 @@ impl Restore {
         delete_failed_runc(self.runc.as_ref());
     }
 
-    /// After a failure once the restore had finished (the fault thread killed the incomplete
+    /// After a failure once the restore had finished (the fault loop killed the incomplete
     /// tasks): deletes the container runc now lists as stopped, so nothing is left behind. A
     /// container still running (its memory was whole) is left alone.
     pub fn delete_stopped_container(&self) {

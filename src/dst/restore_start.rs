@@ -1,6 +1,6 @@
 //! What must succeed between the images' arrival at dst and a running `criu restore`: the
 //! images' lazy ranges checked against the pre-copied page store, then the uffd keeper, the
-//! fault thread, the lazy-pages socket and the restore command started. A failure here leaves
+//! fault loop, the lazy-pages socket and the restore command started. A failure here leaves
 //! nothing restored, so dst::migration tells the source to resume its tree (`Abort`).
 
 use std::collections::BTreeMap;
@@ -82,14 +82,14 @@ pub(crate) struct Started {
     pub restore: Restore,
 }
 
-/// What the fault thread is connected to: the pages already here it answers faults from, and
+/// What the fault loop is connected to: the pages already here it answers faults from, and
 /// where its events go.
 pub(crate) struct FaultThreadIo<S> {
     pub held: Arc<dyn uffd_loop::HeldPages>,
     pub sink: S,
 }
 
-/// Starts the uffd keeper, the fault thread, the lazy-pages socket and `criu restore`; on a
+/// Starts the uffd keeper, the fault loop, the lazy-pages socket and `criu restore`; on a
 /// failure, stops what it had started.
 pub(crate) fn start_restore(
     opts: &DstOptions,
@@ -124,7 +124,7 @@ pub(crate) fn start_restore(
         Ok(h) => h,
         Err(e) => {
             keeper.release();
-            return Err(anyhow::Error::new(e).context("starting the fault thread"));
+            return Err(anyhow::Error::new(e).context("starting the fault loop"));
         }
     };
     let started = LazySocket::bind(work)

@@ -1,6 +1,6 @@
 //! The page store's arena: one memfd, a 4 KiB slot per page, mapped read-only into dst, so a
-//! confirmed run is handed to the fault thread as a view of the mapping ([`Arena::view`]): no
-//! buffer to allocate and zero, no copy out of the memfd. The fault thread's UFFDIO_COPY reads
+//! confirmed run is handed to the fault loop as a view of the mapping ([`Arena::view`]): no
+//! buffer to allocate and zero, no copy out of the memfd. The fault loop's UFFDIO_COPY reads
 //! the slots themselves, which was a third of what dst did per page besides the copy into the
 //! process (the `pread` into a fresh buffer).
 //!

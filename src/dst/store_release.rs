@@ -1,12 +1,12 @@
-//! Gives the page store's slots back as their pages are placed, off the fault thread.
+//! Gives the page store's slots back as their pages are placed, off the fault loop.
 //!
-//! The fault thread reports each arrival it has put into every process of its pid
+//! The fault loop reports each arrival it has put into every process of its pid
 //! ([`crate::dst::uffd_loop::HeldPages::placed`]); that costs it a lock and a push onto a list.
 //! A thread of its own (`ps-store-release`) takes the list every [`PERIOD`] and punches those
 //! pages' slots out of the store's arena ([`PageStore::release`]), so a post-copy after a pre-copy
 //! holds about one copy of the memory at dst, not the store and the placed memory both.
 //!
-//! Invariant: only ranges the fault thread has placed in every view of their pid are released
+//! Invariant: only ranges the fault loop has placed in every view of their pid are released
 //! (never pages of a replaced link, never pages whose copy failed); the store skips a released
 //! slot on every later read. A failed punch is logged once and leaves the slot's memory held
 //! until dst ends, as before this module existed.
@@ -22,7 +22,7 @@ use crate::pages::PidRange;
 /// gives back at most some tens of MiB.
 pub const PERIOD: Duration = Duration::from_millis(20);
 
-/// Placed ranges waiting to be released (shared by the fault thread and the releaser).
+/// Placed ranges waiting to be released (shared by the fault loop and the releaser).
 #[derive(Debug, Default)]
 pub(crate) struct StoreRelease {
     pending: Mutex<Vec<PidRange>>,

@@ -6,7 +6,7 @@
 //! read zeros (criu-protocols.md §2.9). With the keeper's copy the uffds outlive dst: a task that
 //! faults simply waits (nothing reads its fault), and so does one that forks or remaps (its
 //! event waits to be read). dst hands the keeper each restored task's uffd before the task can
-//! run, and each fork child's uffd as the fault thread reads its UFFD_EVENT_FORK.
+//! run, and each fork child's uffd as the fault loop reads its UFFD_EVENT_FORK.
 //!
 //! If dst's control connection closes without a release, the keeper holds everything for the
 //! recover timeout and listens on `<migration dir>/uffd-keeper.sock`: a `pageserv dst` restarted

@@ -63,7 +63,7 @@ fn serves_faults_and_pushes_until_complete() {
     assert!(!h.source.join().unwrap().is_empty());
 }
 
-// ---- (a2) pages already held here answer faults on the fault thread ----
+// ---- (a2) pages already held here answer faults on the fault loop ----
 
 /// Holds the image pages of `[base, base + held_pages)`, each handed out once.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ struct Held {
 
 impl HeldPages for Held {
     fn take(&self, link: u64, r: PidRange) -> HeldAnswer {
-        assert_eq!(link, 0, "the fault thread's only link");
+        assert_eq!(link, 0, "the fault loop's only link");
         let mut left = self.left.lock().unwrap();
         let mut answer = HeldAnswer::default();
         for pg in 0..r.nr_pages() {

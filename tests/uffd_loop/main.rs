@@ -1,4 +1,4 @@
-//! The fault thread and lazy-pages.socket against the real kernel (needs root: uffds with
+//! The fault loop and lazy-pages.socket against the real kernel (needs root: uffds with
 //! EVENT_FORK need CAP_SYS_PTRACE). Run `cargo test --release --test uffd_loop -- --nocapture`
 //! for the throughput and latency numbers.
 //!
@@ -11,6 +11,7 @@
 //! - `killed_at_shutdown`: restored processes (and their fork children) whose memory is
 //!   incomplete at shutdown are killed;
 //! - `measure`: UFFDIO_COPY throughput and the fault round trip;
+//! - `on_the_lane`: a sender on the fault lane, where the loop runs, never blocks it;
 //! - `support`: what they share (raw userfaultfd setup, regions, page content, the loop around a
 //!   fake source).
 
@@ -28,4 +29,5 @@ mod faults_and_pushes;
 mod killed_at_shutdown;
 mod lazy_socket;
 mod measure;
+mod on_the_lane;
 mod support;

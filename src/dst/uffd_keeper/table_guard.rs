@@ -2,9 +2,9 @@
 //! child's uffd the kernel put into that table, but which dst had not yet handed to its uffd
 //! keeper, survives dst's death and still reaches the keeper.
 //!
-//! Why: the kernel installs a fork child's uffd in the reader's table as the fault thread reads
+//! Why: the kernel installs a fork child's uffd in the reader's table as the fault loop reads
 //! the UFFD_EVENT_FORK (`resolve_userfault_fork()`), and the parent's fork() returns only then,
-//! so the child may run at once. The fault thread hands the uffd to the keeper microseconds
+//! so the child may run at once. The fault loop hands the uffd to the keeper microseconds
 //! later; a dst killed in between closed the only copy, and the child read zeros where its
 //! pages were missing (`userfaultfd_release()` unregisters the ranges). No ordering inside dst
 //! can close that window: SIGKILL lands on the read's return.
@@ -18,14 +18,14 @@
 //!
 //! What the guard knows comes from a page shared with dst ([`Slots`]): for each migration with
 //! a keeper, the keeper's control descriptor, whether every restored task's uffd is held,
-//! whether that migration's fault thread is inside a read (and the restored root the read's
+//! whether that migration's fault loop is inside a read (and the restored root the read's
 //! fork children descend from), and whether a hand-over to the keeper ever failed.
 //!
 //! Invariants (what makes an attribution right):
-//! - a fault thread marks a read before the read(2) and clears the mark only after every fork
+//! - a fault loop marks a read before the read(2) and clears the mark only after every fork
 //!   child's uffd from that read was sent to the keeper, so an unheld fork uffd exists in the
 //!   table only while its thread's read is marked;
-//! - a migration's slot lives as long as its keeper handle, which the fault thread holds until
+//! - a migration's slot lives as long as its keeper handle, which the fault loop holds until
 //!   it ends, so a migration's uffds are never in the table without its slot;
 //! - the guard attributes only if exactly one slot is registered (one migration in this dst),
 //!   all its task uffds were held, nothing failed and the keeper was not released. Then every uffd
@@ -228,7 +228,7 @@ fn guard_main(dst: &Process, slots: &'static Slots) -> ! {
     match rescue_target(&views) {
         Rescue::Nothing => {}
         Rescue::Unattributable(why) => tracing::error!(
-            "pageserv dst died while its fault thread was reading a uffd, and {why}: a fork \
+            "pageserv dst died while its fault loop was reading a uffd, and {why}: a fork \
              child whose uffd was in that read is not held and reads zeros where its pages are \
              missing"
         ),

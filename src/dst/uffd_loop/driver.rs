@@ -1,12 +1,17 @@
-//! The fault thread's IO: epoll over the uffds and a wake-up eventfd, the inbound channels, and
+//! The fault loop's IO: epoll over the uffds and a wake-up eventfd, the inbound channels, and
 //! the real [`Kernel`] the [`Engine`] drives. One round: read the uffds that are ready, retry
 //! what the kernel refused, take control messages and fault answers, then a bounded amount of
-//! background pages, and again. Every decision is the core's.
+//! background pages. Rounds run as a task on the fault lane, which yields between them and,
+//! when there is nothing to do, waits for the epoll instance to become readable in the lane's
+//! reactor. Every decision is the core's.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use nix::errno::Errno;
@@ -226,7 +231,7 @@ fn lab_fork_handover_pause() {
 /// See [`lab_fork_handover_pause`].
 pub const FORK_HANDOVER_PAUSE_ENV: &str = "PAGESERV_LAB_FORK_HANDOVER_PAUSE_MS";
 
-/// The fault thread's inbound queues.
+/// The fault loop's inbound queues.
 pub(super) struct Queues {
     pub(super) urgent: Receiver<Inbound>,
     pub(super) bulk: Receiver<Inbound>,
@@ -234,7 +239,7 @@ pub(super) struct Queues {
     pub(super) room: Arc<tokio::sync::Notify>,
 }
 
-/// The fault thread: the core, the real kernel and the channels.
+/// The fault loop: the core, the real kernel and the channels.
 pub(super) struct Driver {
     engine: Engine,
     kernel: UffdKernel,
@@ -249,6 +254,30 @@ pub(super) struct Driver {
     unpacked: VecDeque<Inbound>,
     room: Arc<tokio::sync::Notify>,
     wake: Arc<EventFd>,
+}
+
+/// What a round leaves to do.
+enum Step {
+    /// More work is queued or a uffd was ready: another round after the lane's other tasks.
+    Again,
+    /// Nothing to do: wait for a uffd or the eventfd, at most this long (none: no limit).
+    Wait(Option<Duration>),
+    Shutdown {
+        kill_incomplete: bool,
+    },
+    /// The uffds cannot be polled: keep them open until told what to do.
+    Fatal,
+}
+
+/// Runs `f` on the lane's blocking pool: a shutdown may wait seconds for killed processes.
+async fn blocking(f: impl FnOnce() -> ShutdownReport + Send + 'static) -> ShutdownReport {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(report) => report,
+        Err(e) => {
+            error!("the fault loop's shutdown did not finish: {e}");
+            ShutdownReport::default()
+        }
+    }
 }
 
 /// What one inbound message asks of the driver.
@@ -290,90 +319,160 @@ impl Driver {
         })
     }
 
-    pub(super) fn run(mut self) -> ShutdownReport {
+    /// Runs the loop on the fault lane until a shutdown: rounds while there is work, yielding
+    /// to the lane's other tasks (the fault connection, its reader and writer) between rounds,
+    /// and waits on the epoll instance (which watches the uffds and the wake eventfd) when idle.
+    /// What may block for long (a shutdown's kills and waits) runs on a blocking thread.
+    pub(super) async fn run(mut self) -> ShutdownReport {
+        // The lane's reactor watches a duplicate of the epoll descriptor, which it owns.
+        let watched = self.kernel.epoll.0.try_clone().and_then(|fd| {
+            // SAFETY: `fd` is an open descriptor the AsyncFd owns, so it stays open and the same
+            // for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(std::io::Error::other)
+        });
+        let watched = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                self.engine.error(format!(
+                    "the fault loop cannot watch its uffds on the fault lane: {e}"
+                ));
+                return blocking(move || self.wait_for_shutdown()).await;
+            }
+        };
         let mut ready = vec![EpollEvent::empty(); 64];
         loop {
-            // Refused copies are retried every millisecond: the event that blocks them is
-            // usually readable by then.
-            let timeout = if !self.urgent.is_empty()
-                || !self.bulk.is_empty()
-                || !self.unpacked.is_empty()
-                || self.engine.has_pieces()
-            {
-                EpollTimeout::ZERO
-            } else if self.engine.wants_retry() {
-                EpollTimeout::from(1u8)
-            } else {
-                EpollTimeout::NONE
-            };
-            let n = match self.kernel.epoll.wait(&mut ready, timeout) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => 0,
-                Err(e) => {
-                    self.engine.error(format!(
-                        "the fault thread cannot wait on its uffds: epoll_wait: {e}"
-                    ));
-                    return self.wait_for_shutdown();
-                }
-            };
-            for ev in &ready[..n] {
-                match ev.data() {
-                    WAKE_TOKEN => {
-                        let _ = self.wake.read();
-                    }
-                    id => {
-                        self.engine.read_events(&mut self.kernel, id);
-                        self.flush();
-                    }
-                }
-            }
-            self.engine.retry(&mut self.kernel);
-            self.flush();
-            for _ in 0..URGENT_BUDGET {
-                let Ok(msg) = self.urgent.try_recv() else {
-                    break;
-                };
-                if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
-                    return self.shutdown(kill_incomplete);
-                }
-            }
-            let mut budget = BULK_BUDGET;
-            let round = Instant::now();
-            while budget > 0 && round.elapsed() < BULK_ROUND_TIME {
-                // A message's pieces go before the next message: Shutdown and Resume stay behind
-                // every page queued before them.
-                if let Some(bytes) = self.engine.place_next_piece(&mut self.kernel) {
-                    self.flush();
-                    budget = budget.saturating_sub(bytes.max(PAGE_SIZE));
+            let wait = match self.round(&mut ready) {
+                Step::Again => {
+                    tokio::task::yield_now().await;
                     continue;
                 }
-                if let Some(msg) = self.unpacked.pop_front() {
+                Step::Wait(wait) => wait,
+                Step::Shutdown { kill_incomplete } => {
+                    drop(watched);
+                    return blocking(move || self.shutdown(kill_incomplete)).await;
+                }
+                Step::Fatal => {
+                    drop(watched);
+                    return blocking(move || self.wait_for_shutdown()).await;
+                }
+            };
+            // The epoll instance is readable once any uffd or the eventfd is: tokio's
+            // registration is edge-triggered, and each event queued on the instance is an
+            // edge. Readiness is cleared before the next round's epoll_wait, so an event after
+            // that wait wakes the next one.
+            let readable = watched.readable();
+            let guard = match wait {
+                Some(t) => tokio::time::timeout(t, readable).await.ok(),
+                None => Some(readable.await),
+            };
+            match guard {
+                Some(Ok(mut g)) => g.clear_ready(),
+                Some(Err(e)) => {
+                    self.engine.error(format!(
+                        "the fault loop cannot wait on its uffds on the fault lane: {e}"
+                    ));
+                    drop(watched);
+                    return blocking(move || self.wait_for_shutdown()).await;
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// One round: read the uffds that are ready, retry what the kernel refused, take control
+    /// messages and fault answers, then a bounded amount of background pages. Never blocks.
+    fn round(&mut self, ready: &mut [EpollEvent]) -> Step {
+        let n = match self.kernel.epoll.wait(ready, EpollTimeout::ZERO) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => {
+                self.engine.error(format!(
+                    "the fault loop cannot poll its uffds: epoll_wait: {e}"
+                ));
+                return Step::Fatal;
+            }
+        };
+        for ev in &ready[..n] {
+            match ev.data() {
+                WAKE_TOKEN => {
+                    let _ = self.wake.read();
+                }
+                id => {
+                    self.engine.read_events(&mut self.kernel, id);
+                    self.flush();
+                }
+            }
+        }
+        self.engine.retry(&mut self.kernel);
+        self.flush();
+        let mut took_urgent = false;
+        for _ in 0..URGENT_BUDGET {
+            let Ok(msg) = self.urgent.try_recv() else {
+                break;
+            };
+            took_urgent = true;
+            if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
+                return Step::Shutdown { kill_incomplete };
+            }
+        }
+        if took_urgent {
+            self.room.notify_waiters();
+        }
+        let mut budget = BULK_BUDGET;
+        let round = Instant::now();
+        while budget > 0 && round.elapsed() < BULK_ROUND_TIME {
+            // A message's pieces go before the next message: Shutdown and Resume stay behind
+            // every page queued before them.
+            if let Some(bytes) = self.engine.place_next_piece(&mut self.kernel) {
+                self.flush();
+                budget = budget.saturating_sub(bytes.max(PAGE_SIZE));
+                continue;
+            }
+            if let Some(msg) = self.unpacked.pop_front() {
+                budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
+                if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
+                    return Step::Shutdown { kill_incomplete };
+                }
+                continue;
+            }
+            match self.bulk.try_recv() {
+                Ok(msg) => {
+                    self.room.notify_waiters();
                     budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
                     if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
-                        return self.shutdown(kill_incomplete);
+                        return Step::Shutdown { kill_incomplete };
                     }
-                    continue;
                 }
-                match self.bulk.try_recv() {
-                    Ok(msg) => {
-                        self.room.notify_waiters();
-                        budget = budget.saturating_sub(msg_bytes(&msg).max(PAGE_SIZE));
-                        if let Next::Shutdown { kill_incomplete } = self.handle(msg) {
-                            return self.shutdown(kill_incomplete);
-                        }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if self.urgent.is_empty() {
+                        error!("every sender to the fault loop is gone without a Shutdown");
+                        return Step::Shutdown {
+                            kill_incomplete: true,
+                        };
                     }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        if self.urgent.is_empty() {
-                            error!("every sender to the fault thread is gone without a Shutdown");
-                            return self.shutdown(true);
-                        }
-                        break;
-                    }
+                    break;
                 }
             }
-            self.engine.check_complete();
-            self.flush();
+        }
+        self.engine.check_complete();
+        self.flush();
+        // A ready uffd is reported again only by the next epoll_wait (level-triggered inside),
+        // not as a new edge to the lane: a round that saw events is followed by another.
+        if n > 0
+            || !self.urgent.is_empty()
+            || !self.bulk.is_empty()
+            || !self.unpacked.is_empty()
+            || self.engine.has_pieces()
+        {
+            Step::Again
+        } else if self.engine.wants_retry() {
+            // Refused copies are retried every millisecond: the event that blocks them is
+            // usually readable by then.
+            Step::Wait(Some(Duration::from_millis(1)))
+        } else {
+            Step::Wait(None)
         }
     }
 
@@ -439,6 +538,8 @@ impl Driver {
                         warn!("a shutdown on the urgent queue during a resume is ignored");
                     }
                 }
+                // A sender on the lane may wait for room in the queue just emptied.
+                self.room.notify_waiters();
                 Input::Resume { serial }
             }
             Inbound::Shutdown { kill_incomplete } => return Next::Shutdown { kill_incomplete },
@@ -487,7 +588,7 @@ impl Driver {
     fn deliver(&mut self, msg: Outbound) {
         if !self.out.deliver(msg) && !self.out_closed {
             self.out_closed = true;
-            warn!("nobody listens to the fault thread any more: faults cannot be requested");
+            warn!("nobody listens to the fault loop any more: faults cannot be requested");
         }
     }
 
@@ -496,7 +597,10 @@ impl Driver {
         self.flush();
         loop {
             let msg = match self.urgent.try_recv() {
-                Ok(m) => m,
+                Ok(m) => {
+                    self.room.notify_waiters();
+                    m
+                }
                 Err(_) => match self.bulk.recv_timeout(Duration::from_millis(50)) {
                     Ok(m) => {
                         self.room.notify_waiters();
@@ -560,7 +664,7 @@ impl Driver {
                 "shutting down with lazy memory missing: those pages will read as zeros"
             );
         }
-        info!(stats = ?self.stats.counters(), ?report, "fault thread done");
+        info!(stats = ?self.stats.counters(), ?report, "fault loop done");
         // Only now do the uffds close.
         drop(self.kernel);
         report

@@ -1,4 +1,4 @@
-//! The fault engine's core, sans-IO: every decision of the fault thread, and no file descriptor.
+//! The fault engine's core, sans-IO: every decision of the fault loop, and no file descriptor.
 //!
 //! It takes the thread's inputs (tasks handed over, pages and zero runs from the source, the
 //! restore finishing, a new link) and the uffd events of its views, and answers with

@@ -1,12 +1,12 @@
 //! How many pages one background piece carries, from what placing pages has been costing.
 //!
-//! The fault thread places pushed pages a piece per round, so a fault read or answered in
+//! The fault loop places pushed pages a piece per round, so a fault read or answered in
 //! between waits for at most one piece (driver's `BULK_BUDGET`). What a page costs to place is
 //! not fixed: UFFDIO_COPY allocates the destination page, and on a VM whose memory the host
 //! backs on first touch (this testbed beyond ~3 GiB of recently used memory, or after free-page
 //! reporting gave memory back) the first write to it takes ~16 us instead of under 1 us. A fixed
 //! 64-page piece then holds the thread ~1 ms, which every fault behind it waits (measured: fault
-//! p50 0.8-0.95 ms, p99 3.3-5 ms in a 4 GiB post-copy whose fault thread spent 88% of its time in
+//! p50 0.8-0.95 ms, p99 3.3-5 ms in a 4 GiB post-copy whose fault loop spent 88% of its time in
 //! that first write). So the piece is sized by time: [`PIECE_TARGET`] at the cost measured so far
 //! (an exponential average of time per page over data pieces), between 1 and [`MAX_PIECE_PAGES`].
 //!

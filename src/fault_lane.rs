@@ -31,16 +31,36 @@ use tokio::runtime::Handle;
 
 /// The process's fault lane, started on first use.
 pub fn handle() -> &'static Handle {
-    static LANE: OnceLock<Handle> = OnceLock::new();
+    &lane().0
+}
+
+/// Whether the lane runs on a thread of its own (false only if that thread could not start,
+/// when its work shares the caller's runtime). dst's fault loop needs it: on a shared runtime a
+/// blocking sender to the loop could wait for a loop that cannot run.
+pub fn has_thread() -> bool {
+    lane().1
+}
+
+thread_local! {
+    static ON_LANE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is the fault lane's: code that may block checks it.
+pub fn on_lane() -> bool {
+    ON_LANE.get()
+}
+
+fn lane() -> &'static (Handle, bool) {
+    static LANE: OnceLock<(Handle, bool)> = OnceLock::new();
     LANE.get_or_init(|| match start() {
-        Ok(h) => h,
+        Ok(h) => (h, true),
         // Without a thread of its own the lane's work runs on the main runtime: slower faults
-        // under load, nothing wrong.
+        // under load, nothing wrong (dst refuses to start its fault loop there).
         Err(e) => {
             tracing::warn!(
                 "cannot start the fault lane thread ({e}); faults share the main runtime"
             );
-            Handle::current()
+            (Handle::current(), false)
         }
     })
 }
@@ -63,6 +83,7 @@ fn start() -> std::io::Result<Handle> {
         .name("ps-fault-lane".into())
         .spawn(move || {
             crate::sched::favour_this_thread();
+            ON_LANE.set(true);
             // Runs until the process exits.
             rt.block_on(std::future::pending::<()>());
         })?;
@@ -110,5 +131,8 @@ mod tests {
                 .expect("lane task")
         });
         assert_eq!(name.as_deref(), Some("ps-fault-lane"));
+        let on = rt.block_on(async { spawn(async { on_lane() }).await.expect("lane task") });
+        assert!(on, "the lane thread knows it is the lane");
+        assert!(!on_lane(), "a test thread is not the lane");
     }
 }

@@ -307,6 +307,11 @@ pub enum LoopError {
         "the fault loop is gone (it panicked or already shut down); restored memory may be incomplete"
     )]
     Gone,
+    #[error(
+        "the fault loop's queue is full and the sender is on the fault lane, where blocking would \
+         stop the loop it waits for (a bug in pageserv: that sender must use send_async)"
+    )]
+    WouldBlockLane,
 }
 
 /// What a shutdown did.
@@ -345,15 +350,25 @@ impl LoopSender {
 
     /// Queues `msg` and wakes the loop, blocking while its queue is full. Fault answers, tasks
     /// and zero runs go ahead of queued background pages; `Shutdown` goes behind everything sent
-    /// before it. Never call it on the fault lane, where the loop runs (use
-    /// [`LoopSender::send_async`]): blocking there could wait for a loop that cannot run.
+    /// before it. Not for the fault lane, where the loop runs (use [`LoopSender::send_async`]):
+    /// there a full queue is [`LoopError::WouldBlockLane`], since blocking would wait for a loop
+    /// that cannot run.
     pub fn send(&self, msg: Inbound) -> Result<(), LoopError> {
         let tx = if Self::is_urgent(&msg) {
             &self.urgent
         } else {
             &self.bulk
         };
-        tx.send(msg).map_err(|_| LoopError::Gone)?;
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) if crate::fault_lane::on_lane() => {
+                return Err(LoopError::WouldBlockLane);
+            }
+            Err(crossbeam_channel::TrySendError::Full(msg)) => {
+                tx.send(msg).map_err(|_| LoopError::Gone)?;
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(LoopError::Gone),
+        }
         self.wake.write(1).map_err(|_| LoopError::Gone)?;
         Ok(())
     }
@@ -472,6 +487,15 @@ pub fn spawn_with(
     };
     let engine = driver::Driver::new(config, Box::new(out), stats, queues, wake.clone())
         .map_err(setup("epoll instance"))?;
+    if !crate::fault_lane::has_thread() {
+        return Err(LoopError::Setup {
+            what: "fault lane",
+            source: std::io::Error::other(
+                "the fault lane thread could not start (see the warning before this); free a \
+                 thread (RLIMIT_NPROC, memory) and start dst again",
+            ),
+        });
+    }
     let (report_tx, done) = std::sync::mpsc::sync_channel(1);
     crate::fault_lane::spawn(async move {
         let report = engine.run().await;

@@ -1,11 +1,11 @@
 #!/bin/bash
-# ab.sh TAG ROUNDS "BINS" [extra bench args]: pageserv-lazy 1 GiB alternating; per-thread perf stat in a 2 s window 0.5 s after the restore
+# ab.sh TAG ROUNDS "BINS" [extra bench args]: pageserv-lazy 1 GiB alternating (LINK, SIZE, RATE from the environment; one-gbit/ ran with LINK=1gbit); per-thread perf stat in a 2 s window 0.5 s after the restore
 tag=$1; rounds=$2; bins=$3; shift 3
 export PAGESERV_CRIU=/opt/pageserv/criu/bin/criu
 for i in $(seq 1 $rounds); do for b in $bins; do
   out=/work/notes/s31/$tag/$b$i; mkdir -p $(dirname $out)
   /work/notes/s31/pstat.sh $out.pstat 0.5 2 & w=$!
-  flock -o /tmp/pageserv-e2e.lock /work/bin$b/pageserv-lab bench --runs 1 --one-thread-workload --modes pageserv-lazy --pageserv-src-arg=--congestion=cubic --sizes ${SIZE:-1024} --links unlimited --rates ${RATE:-0} "$@" --out $out > $out.log 2>&1
+  flock -o /tmp/pageserv-e2e.lock /work/bin$b/pageserv-lab bench --runs 1 --one-thread-workload --modes pageserv-lazy --pageserv-src-arg=--congestion=cubic --sizes ${SIZE:-1024} --links ${LINK:-unlimited} --rates ${RATE:-0} "$@" --out $out > $out.log 2>&1
   wait $w
   srcl=$(grep -E "ps-fault-lane" $out.pstat | grep task-clock | awk '{print $1, $2}' | tr '\n' ' ')
   sends=$(grep -E "sys_enter_sendmsg" $out.pstat | grep ps-fault-lane | awk '{print $1, $2}' | tr '\n' ' ')

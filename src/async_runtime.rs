@@ -5,8 +5,8 @@
 //! endpoint and connection drivers and the tasks that read and write its streams take turns on
 //! one thread, so each hop between them (a datagram handed from the endpoint to its connection,
 //! stream data to its reader, a write to the driver) is a function call instead of a wakeup of
-//! another thread. The fault lane ([`crate::fault_lane`]), the uffd thread, the source's readers
-//! and the blocking pool keep threads of their own. Measured on this project's 2-core VM
+//! another thread. The fault lane ([`crate::fault_lane`], with dst's fault loop), the source's
+//! readers and the blocking pool keep threads of their own. Measured on this project's 2-core VM
 //! (session 23, `pageserv-lab quinn-bulk`, 512 MiB, cubic, 2 runs each): 710-792 MiB/s over the
 //! bare veth on one thread against 511-589 MiB/s on tokio's two workers, and at 1 Gbit/s (tbf)
 //! 38-39% / 34% of a core (sender / receiver) against 43-50% / 46-53%; in the bench a 1 GiB

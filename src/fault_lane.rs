@@ -4,11 +4,12 @@
 //! writer, the source's serving core.
 //!
 //! Why a lane of its own: the bulk push keeps the main runtime busy, decrypting, encrypting and
-//! copying. A task there that another thread wakes (the uffd thread asking for a page, a reader
-//! thread that read one) goes to the runtime's injection queue, which a busy thread looks at
-//! only every few dozen task polls: that wait, one per hop, was most of a fault's p99 during
-//! the push (measured on the multi-thread runtime; a one-migration service's main runtime is
-//! now current-thread, [`crate::async_runtime`], which polls its injection queue the same way).
+//! copying. A task there that another thread wakes (the uffd thread, as it was then, asking for
+//! a page, a reader thread that read one) goes to the runtime's injection queue, which a busy
+//! thread looks at only every few dozen task polls: that wait, one per hop, was most of a fault's
+//! p99 during the push (measured on the multi-thread runtime; a one-migration service's main
+//! runtime is now current-thread, [`crate::async_runtime`], which polls its injection queue the
+//! same way).
 //! The lane is idle between faults, so its thread sleeps in epoll and a wakeup runs at once; its
 //! priority lets it preempt the bulk threads on a full core ([`crate::sched::favour_this_thread`]).
 //!

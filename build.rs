@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mm.proto",
         "inventory.proto",
         "core.proto",
+        "img-streamer.proto",
     ];
     let files: Vec<String> = criu
         .iter()

@@ -450,6 +450,7 @@ fn run(cli: Cli) -> Result<()> {
                     extra: a.common.criu_opts.clone(),
                     template: a.restore_cmd.clone(),
                     runc,
+                    early: !a.late_restore,
                 },
                 transport: pageserv::transport::TransportOptions {
                     idle_timeout: a.link.idle_timeout,

@@ -78,6 +78,7 @@ pub fn hello(role: Role, criu_version: String, migration_id: String) -> Hello {
         criu_version,
         migration_id,
         fault_port: 0,
+        restore_criu_opts: Vec::new(),
     }
 }
 

@@ -20,6 +20,9 @@ pub struct DstReport {
     pub downtime_ms: f64,
     /// Images received to restore finished.
     pub restore_ms: f64,
+    /// The restore was started with the migration and waited for the images
+    /// (dst::early_restore), so `restore_ms` holds no CRIU start-up.
+    pub restore_early: bool,
     /// Restore finished to memory whole.
     pub post_copy_ms: f64,
     pub total_ms: f64,
@@ -106,7 +109,7 @@ impl DstReport {
         format!(
             "pageserv dst report\n\
              \x20 downtime (freeze → restore finished)  {:>10.1} ms\n\
-             \x20 restore                               {:>10.1} ms\n\
+             \x20 restore                               {:>10.1} ms{}\n\
              \x20 post-copy                             {:>10.1} ms   ({:.0} MiB/s)\n\
              \x20 total                                 {:>10.1} ms\n\
              \x20 tasks {}, lazy pages {} ({:.1} MiB)\n\
@@ -121,6 +124,11 @@ impl DstReport {
              {}",
             self.downtime_ms,
             self.restore_ms,
+            if self.restore_early {
+                "   (criu restore started with the migration)"
+            } else {
+                ""
+            },
             self.post_copy_ms,
             self.goodput_mib_s(),
             self.total_ms,

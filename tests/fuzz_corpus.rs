@@ -112,6 +112,7 @@ fn write_seeds() {
             criu_version: "4.1.1".into(),
             migration_id: "m-1".into(),
             fault_port: 0,
+            restore_criu_opts: Vec::new(),
         })),
         control(control::Msg::ImageChunk(ImageChunk {
             name: "pagemap-1.img".into(),

@@ -132,6 +132,9 @@ fn plain_dump_holds_touched_pages() {
             h.addr + i * PAGE
         );
     }
+    // So their data is in the pages file, which a lazy restore skips: a streamed one cannot
+    // (dst::early_restore), and dst restores such images the usual way.
+    assert!(images.lazy_pages_with_data(1).unwrap() >= dumped);
     // Their data reads back as written, run by run (the 1 MiB run in one read).
     let reader = images.page_reader(PagemapId::Pid(1)).unwrap();
     for (start, n) in dumped_runs() {
@@ -185,33 +188,17 @@ fn lazy_dump_marks_touched_pages_lazy() {
     let dir = criu::TestDir::new("images-lazy");
     let img = dir.sub("img");
     let mut h = holder::spawn("memory_holder", dir.path()).unwrap();
-    let pid = h.proc.pid.to_string();
-    let port = criu::free_tcp_port().unwrap().to_string();
-    let mut dump = criu
-        .spawn(
-            &[
-                "dump",
-                "-t",
-                &pid,
-                "-D",
-                img.to_str().unwrap(),
-                "--lazy-pages",
-                "--address",
-                "127.0.0.1",
-                "--port",
-                &port,
-            ],
-            &dir.path().join("dump.log"),
-            true,
-        )
+    let (mut dump, port) = criu
+        .lazy_dump(h.proc.pid, &img, &dir.path().join("dump.log"))
         .unwrap();
-    dump.wait_ready(Duration::from_secs(120)).unwrap();
 
     // The images are complete once the lazy dump serves pages.
     let images = ImageDir::open(&img).unwrap();
     let s = check_summary(&images);
     let dumped = (0..HOLDER_PAGES).filter(|&i| holder::is_dumped(i)).count() as u64;
     assert!(s.tasks[0].memory.lazy.pages >= dumped);
+    // A lazy dump keeps lazy pages' data out of the pages file: a streamed restore may read it.
+    assert_eq!(images.lazy_pages_with_data(1).unwrap(), 0);
 
     let pm = images.pagemap(1).unwrap();
     let flags = flags_in_region(&pm, h.addr);

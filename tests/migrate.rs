@@ -118,6 +118,8 @@ fn migrates_256_mib_writing_workload() {
     );
     check_common("basic", &v);
     check_accounting("basic", &v);
+    // dst started `criu restore` with the migration and streamed the images to it.
+    assert_eq!(v["dst"]["restore_early"], true, "{}", v["dst"]);
     assert!(
         v["dst"]["lazy_pages"].as_u64().unwrap() >= 60_000,
         "{}",
@@ -308,16 +310,26 @@ fn served_pages_equal_criu_s_copies_page_by_page() {
 }
 
 /// `--serve-from page-server`: every page through the dump's page-server connection, as before
-/// (what external dumps use).
+/// (what external dumps use), into a restore started once the images are in.
 #[test]
 fn page_server_path_still_migrates() {
     if !can_run() {
         return;
     }
     let name = "page-server";
-    let v = migrate(name, &["--mib", "64", "--src-arg=--serve-from=page-server"]);
+    let v = migrate(
+        name,
+        &[
+            "--mib",
+            "64",
+            "--src-arg=--serve-from=page-server",
+            "--dst-arg=--late-restore",
+        ],
+    );
     check_common(name, &v);
     check_accounting(name, &v);
+    // And the restore started once the images were in, as before (`--late-restore`).
+    assert_eq!(v["dst"]["restore_early"], false, "{}", v["dst"]);
     assert_eq!(v["src"]["pump"]["serving"], "page-server");
     assert_eq!(v["src"]["pump"]["memory_pages"], 0);
 }

@@ -206,6 +206,25 @@ impl ImageDir {
         )
     }
 
+    /// Pages `pid`'s pagemap marks both lazy and present: their data is in the pages file, and
+    /// a lazy restore skips over it (`restore_priv_vma_content` -> `skip_pages` in criu/mem.c).
+    /// CRIU's plain dumps mark every lazy-capable page so; `criu dump --lazy-pages` never does
+    /// (`ppb_xfer_flags` with `transfer_lazy` off: lazy pages are PE_LAZY alone, no data).
+    /// `criu restore --stream` cannot skip data (`skip_pagemap_pages` moves a file offset, which a
+    /// pipe does not have), so dst streams a lazy restore only when this is 0 for every task.
+    pub fn lazy_pages_with_data(&self, pid: u32) -> Result<u64> {
+        if !self.has_memory(pid)? {
+            return Ok(0);
+        }
+        Ok(self
+            .pagemap(pid)?
+            .entries
+            .iter()
+            .filter(|e| e.flags.is_lazy() && e.flags.is_present())
+            .map(|e| e.nr_pages)
+            .sum())
+    }
+
     /// Path of `pages-<pages_id>.img`.
     pub fn pages_file(&self, pages_id: u32) -> PathBuf {
         self.file(&format!("pages-{pages_id}.img"))

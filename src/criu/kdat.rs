@@ -1,8 +1,10 @@
 //! Whether CRIU can keep its kernel-facts cache on this host.
 //!
 //! Every `criu` run starts by probing the kernel (`criu/kerndat.c: kerndat_init()`): ~30 ms here,
-//! most of a `criu restore` of a small tree, and inside the migration's downtime, since the
-//! restore starts only once the images are in. CRIU skips the probing when `/run/criu.kdat` holds
+//! most of a `criu restore` of a small tree, and inside the migration's downtime when the
+//! restore starts only once the images are in (stop-and-copy; post-copy with `--late-restore`,
+//! `--restore-cmd` or `--runc-bundle`). A post-copy restore by default starts with the migration
+//! and probes before the freeze ([`crate::dst::early_restore`]). CRIU skips the probing when `/run/criu.kdat` holds
 //! the facts of an earlier run, and writes that file (`kerndat_save_cache()`) only if `/run` is a
 //! tmpfs, so that a reboot drops it: it creates `/run/criu.kdat.tmp` with O_EXCL, checks the file
 //! system, and renames the file into place. On a `/run` that is not a tmpfs, CRIU 4.x then unlinks
@@ -62,17 +64,24 @@ pub fn probe() -> Option<KdatCache> {
 }
 
 /// The warning for a host where every `criu restore` probes the kernel again, if it is one.
-pub fn warning(state: KdatCache) -> Option<String> {
+/// `early`: post-copy restores start with the migration, so only the others pay the probe.
+pub fn warning(state: KdatCache, early: bool) -> Option<String> {
+    let who = if early {
+        "each stop-and-copy migration (a post-copy one starts its restore early and does not \
+         pay it)"
+    } else {
+        "each migration"
+    };
     match state {
         KdatCache::Works => None,
         KdatCache::RunNotTmpfs => Some(format!(
             "/run is not a tmpfs, so CRIU cannot cache its kernel probe ({KDAT_FILE}) and \
-             probes again in every restore: about 30 ms more downtime per migration. Mount a \
+             probes again in every restore: about 30 ms more downtime for {who}. Mount a \
              tmpfs on /run (as systemd does) and remove {KDAT_TMP_FILE} if it is there"
         )),
         KdatCache::StaleTmp => Some(format!(
             "a leftover {KDAT_TMP_FILE} stops CRIU from caching its kernel probe, so it probes \
-             again in every restore: about 30 ms more downtime per migration. Remove the file \
+             again in every restore: about 30 ms more downtime for {who}. Remove the file \
              (no criu may be running)"
         )),
     }
@@ -99,11 +108,16 @@ mod tests {
         // An existing cache is read wherever it is.
         assert_eq!(run(false, true, true), KdatCache::Works);
         assert_eq!(run(true, true, true), KdatCache::Works);
-        assert!(warning(KdatCache::Works).is_none());
+        assert!(warning(KdatCache::Works, false).is_none());
         assert!(
-            warning(KdatCache::StaleTmp)
+            warning(KdatCache::StaleTmp, false)
                 .unwrap()
                 .contains(KDAT_TMP_FILE)
+        );
+        assert!(
+            warning(KdatCache::RunNotTmpfs, true)
+                .unwrap()
+                .contains("stop-and-copy")
         );
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod binary;
 pub mod image;
+pub mod image_streamer;
 pub mod images;
 pub mod kdat;
 pub mod opts;

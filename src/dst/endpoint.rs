@@ -118,7 +118,9 @@ pub async fn serve(
         max_concurrent = limits.max_concurrent,
         "pageserv dst ready"
     );
-    if let Some(w) = crate::criu::kdat::probe().and_then(crate::criu::kdat::warning) {
+    let early =
+        opts.restore.early && opts.restore.template.is_none() && opts.restore.runc.is_none();
+    if let Some(w) = crate::criu::kdat::probe().and_then(|s| crate::criu::kdat::warning(s, early)) {
         tracing::warn!("{w}");
     }
     // Fault connections get an endpoint (a UDP socket) of their own, driven on the fault lane:

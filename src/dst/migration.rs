@@ -1,10 +1,12 @@
 //! `pageserv dst`: the destination side of one post-copy migration, once
 //! [`crate::dst::endpoint`] has accepted it and answered its hello.
 //!
-//! Order of events: the source's fault connection → receive the images → listen on
-//! `lazy-pages.socket` → start the restore → take each restored task's userfaultfd → the restore
-//! finishes (the tasks run from here) → serve faults and take the pushed pages until every lazy
-//! page is in place → tell the source → it ends the dump → close the uffds and exit.
+//! Order of events: the source's fault connection → start `criu restore --stream`, which waits
+//! for its images (unless `--late-restore`; [`crate::dst::early_restore`]) → receive the images →
+//! listen on `lazy-pages.socket` → send the restore on (or start it) → take each restored task's
+//! userfaultfd → the restore finishes (the tasks run from here) → serve faults and take the
+//! pushed pages until every lazy page is in place → tell the source → it ends the dump → close
+//! the uffds and exit.
 //! From the restore on, dst::post_copy drives the link (and its recovery).
 
 use std::path::Path;
@@ -17,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::criu::binary::log_tail;
 use crate::dst::answer_watch::AnswerWatch;
+use crate::dst::early_restore::EarlyRestore;
 use crate::dst::fault_requests;
 use crate::dst::image_sink::ImageSink;
 use crate::dst::options::DstOptions;
@@ -85,6 +88,37 @@ pub(crate) async fn migrate_in(
     crate::dst::options::leave_dir(&dir, r, opts.keep_work)
 }
 
+/// `criu restore` started now, before the source freezes, when dst's options allow it
+/// ([`crate::dst::early_restore`]), with the restore options the source's `hello` announced.
+/// `None` (the restore starts once the images are in) if they do not, or if it cannot start.
+fn start_early(opts: &DstOptions, dir: &Path, work: &Path, hello: &Hello) -> Option<EarlyRestore> {
+    if !opts.restore.early {
+        return None;
+    }
+    let carried = match crate::criu::opts::accept(&hello.restore_criu_opts) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("not starting the restore early: {e}");
+            return None;
+        }
+    };
+    match EarlyRestore::start(
+        &opts.criu,
+        &dir.join("stream"),
+        work,
+        &opts.restore,
+        carried,
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(
+                "not starting the restore early (it starts once the images are in): {e}"
+            );
+            None
+        }
+    }
+}
+
 /// [`migrate_in`] once the fault connection arrived, in the migration's directory `dir`.
 #[allow(clippy::too_many_arguments)]
 async fn run_in(
@@ -114,6 +148,8 @@ async fn run_in(
     for d in [&images_dir, &work] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    // Dropped on every early return below, which kills it: nothing was restored.
+    let early = start_early(opts, dir, &work, &hello);
     let mut store = None;
     let received = receive_images(&mut ctl_rx, &images_dir, &mut store, &opts.limits, &clock).await;
     let (frozen_at_ns, images_bytes, carried) = match received {
@@ -136,8 +172,8 @@ async fn run_in(
             "pre-copied pages held in the page store"
         );
     }
-    let (lazy, nr_tasks) = match check_images(&images_dir, &mut store, &mut report) {
-        Ok(r) => r,
+    let (lazy, nr_tasks, streamable) = match check_images(&images_dir, &mut store, &mut report) {
+        Ok(c) => (c.lazy, c.nr_tasks, c.streamable),
         Err(e) => {
             // The source resumes its tree. It learns why if its own data disagrees; image errors
             // name this host's paths, which stay in its log.
@@ -168,6 +204,7 @@ async fn run_in(
             held: Arc::new(held.clone()),
             sink,
         },
+        (early, streamable),
     );
     let Started {
         keeper,
@@ -175,6 +212,7 @@ async fn run_in(
         stats,
         socket,
         mut restore,
+        early,
     } = match started_restore {
         Ok(s) => s,
         Err(e) => {
@@ -187,6 +225,7 @@ async fn run_in(
             return Err(abort_before_restore(&mut ctl, conn, reason, e).await);
         }
     };
+    report.restore_early = early;
     let keeper_copy = keeper.clone();
     let mut keeper = Some(keeper);
     send_ctl(

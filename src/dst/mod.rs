@@ -3,6 +3,7 @@
 pub(crate) mod adopt;
 pub mod answer_watch;
 pub mod arrival_guard;
+pub mod early_restore;
 pub mod endpoint;
 pub(crate) mod fault_requests;
 pub mod image_sink;

@@ -1,7 +1,9 @@
 //! Running the restore at the destination.
 //!
 //! The default is `criu restore --lazy-pages -d`, run in the work directory where pageserv's
-//! lazy-pages socket already listens (CRIU resolves `lazy-pages.socket` relative to `-W`).
+//! lazy-pages socket already listens (CRIU resolves `lazy-pages.socket` relative to `-W`); by
+//! default a post-copy starts it with `--stream` when the migration begins
+//! ([`Restore::start_streamed`], driven by [`crate::dst::early_restore`]).
 //! `--restore-cmd` replaces it for runc/podman-style restores: a shell command in which
 //! `{images}` and `{work}` are replaced by the directories (e.g.
 //! `runc restore --image-path {images} --work-path {work} --lazy-pages --detach ctr`).
@@ -56,6 +58,9 @@ pub struct RestoreOptions {
     /// restore deletes what runc left of it, so the next attempt finds no half-made container
     /// or cgroup.
     pub runc: Option<RuncRestore>,
+    /// Start `criu restore` when a post-copy migration begins, before the freeze, and feed it
+    /// the images when they are in ([`crate::dst::early_restore`]); the default command only.
+    pub early: bool,
 }
 
 impl RestoreOptions {
@@ -65,6 +70,7 @@ impl RestoreOptions {
             extra: crate::criu::opts::merge(&self.extra, carried),
             template: self.template.clone(),
             runc: self.runc.clone(),
+            early: self.early,
         }
     }
 }
@@ -130,9 +136,33 @@ impl Restore {
         work: &Path,
         opts: &RestoreOptions,
     ) -> Result<Restore, RestoreError> {
+        Restore::spawn(restore_command(criu, images, work, opts, true), work, opts)
+    }
+
+    /// Starts `criu restore --stream` with `stream_dir` as its images directory: it connects
+    /// to the image streamer listening there and reads every image through it
+    /// ([`crate::dst::early_restore`]). The default command only: `None` for a template or runc.
+    pub fn start_streamed(
+        criu: &Criu,
+        stream_dir: &Path,
+        work: &Path,
+        opts: &RestoreOptions,
+    ) -> Option<Result<Restore, RestoreError>> {
+        if opts.template.is_some() || opts.runc.is_some() {
+            return None;
+        }
+        let mut cmd = restore_command(criu, stream_dir, work, opts, true);
+        cmd.arg("--stream");
+        Some(Restore::spawn(cmd, work, opts))
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        work: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<Restore, RestoreError> {
         let log = work.join("restore.log");
         let pidfile = work.join("restore.pid");
-        let mut cmd = restore_command(criu, images, work, opts, true);
         let child = cmd.spawn().map_err(|source| RestoreError::Spawn {
             what: format!("{cmd:?}"),
             source,
@@ -143,6 +173,11 @@ impl Restore {
             pidfile,
             runc: opts.runc.clone(),
         })
+    }
+
+    /// The restore command's pid (the leader of its process group).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Non-blocking: the restore command's exit status, once it has ended.

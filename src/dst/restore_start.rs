@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use crate::criu::images::ImageDir;
+use crate::dst::early_restore::EarlyRestore;
 use crate::dst::lazy_socket::LazySocket;
 use crate::dst::options::DstOptions;
 use crate::dst::page_store::PageStore;
@@ -19,6 +20,16 @@ use crate::dst::uffd_loop::{self, UffdStats};
 use crate::pages::PageRange;
 use crate::stats::DstReport;
 
+/// What [`check_images`] found.
+pub(crate) struct Checked {
+    /// Each task's lazy ranges, by image pid.
+    pub lazy: BTreeMap<u32, Vec<PageRange>>,
+    pub nr_tasks: usize,
+    /// No page is both lazy and in the pages file, so a streamed restore reads the images right
+    /// (see [`ImageDir::lazy_pages_with_data`]).
+    pub streamable: bool,
+}
+
 /// Reads the lazy ranges of every task from the images (into `report`) and checks the page store
 /// against them. A task whose memory the dump wrote whole into the images (CRIU's stack-page
 /// test, see source::eager_dump) has no lazy page: its pre-copied pages can never be confirmed,
@@ -27,11 +38,13 @@ pub(crate) fn check_images(
     images_dir: &Path,
     store: &mut Option<PageStore>,
     report: &mut DstReport,
-) -> Result<(BTreeMap<u32, Vec<PageRange>>, usize)> {
+) -> Result<Checked> {
     let images = ImageDir::open(images_dir)?;
     let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
     let tasks = images.pstree()?;
+    let mut streamable = true;
     for t in &tasks {
+        streamable &= images.lazy_pages_with_data(t.pid)? == 0;
         let ranges = images.lazy_ranges(t.pid)?;
         report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
         lazy.insert(t.pid, ranges);
@@ -59,7 +72,11 @@ pub(crate) fn check_images(
             .into());
         }
     }
-    Ok((lazy, tasks.len()))
+    Ok(Checked {
+        lazy,
+        nr_tasks: tasks.len(),
+        streamable,
+    })
 }
 
 /// The page store holds more pages than the dump's lazy pages allow.
@@ -80,6 +97,8 @@ pub(crate) struct Started {
     pub stats: Arc<UffdStats>,
     pub socket: LazySocket,
     pub restore: Restore,
+    /// The restore is the one started with the migration (`criu restore --stream`).
+    pub early: bool,
 }
 
 /// What the fault loop is connected to: the pages already here it answers faults from, and
@@ -89,8 +108,10 @@ pub(crate) struct FaultThreadIo<S> {
     pub sink: S,
 }
 
-/// Starts the uffd keeper, the fault loop, the lazy-pages socket and `criu restore`; on a
-/// failure, stops what it had started.
+/// Starts the uffd keeper, the fault loop, the lazy-pages socket and `criu restore` (sends on
+/// `early`, the restore started with the migration, if its options are the dump's; see
+/// [`crate::dst::early_restore`]); on a failure, stops what it had started.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_restore(
     opts: &DstOptions,
     dir: &Path,
@@ -99,6 +120,7 @@ pub(crate) fn start_restore(
     carried: &[String],
     lazy: &BTreeMap<u32, Vec<PageRange>>,
     io: FaultThreadIo<impl uffd_loop::OutboundSink>,
+    (early, streamable): (Option<EarlyRestore>, bool),
 ) -> Result<Started> {
     let FaultThreadIo { held, sink } = io;
     // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
@@ -127,15 +149,41 @@ pub(crate) fn start_restore(
             return Err(anyhow::Error::new(e).context("starting the fault loop"));
         }
     };
+    let mut used_early = false;
     let started = LazySocket::bind(work)
         .context("listening on lazy-pages.socket")
         .and_then(|socket| {
-            let restore = Restore::start(
-                &opts.criu,
-                images_dir,
-                work,
-                &opts.restore.with_carried(carried),
-            )?;
+            let restore = match early {
+                Some(e) if e.carried() == carried && streamable => {
+                    used_early = true;
+                    e.go(images_dir)
+                }
+                other => {
+                    if let Some(e) = other {
+                        if streamable {
+                            tracing::info!(
+                                announced = ?e.carried(),
+                                dump = ?carried,
+                                "the dump calls for other restore options than the source \
+                                 announced: the early restore is stopped and a new one started"
+                            );
+                        } else {
+                            tracing::warn!(
+                                "the images hold data of lazy pages (not a `criu dump \
+                                 --lazy-pages` dump?), which a streamed restore cannot skip: the \
+                                 early restore is stopped and a new one started"
+                            );
+                        }
+                        drop(e);
+                    }
+                    Restore::start(
+                        &opts.criu,
+                        images_dir,
+                        work,
+                        &opts.restore.with_carried(carried),
+                    )?
+                }
+            };
             Ok((socket, restore))
         });
     match started {
@@ -145,6 +193,7 @@ pub(crate) fn start_restore(
             stats,
             socket,
             restore,
+            early: used_early,
         }),
         Err(e) => {
             let _ = handle.shutdown(false);

@@ -199,6 +199,12 @@ pub(crate) struct DstArgs {
     /// replaced by the directories (e.g. a runc or podman restore with --lazy-pages).
     #[arg(long)]
     pub(crate) restore_cmd: Option<String>,
+    /// Start `criu restore` only once the images are in, not when the migration begins: by
+    /// default it starts with the migration (`criu restore --stream`, its images fed
+    /// through CRIU's image-streamer socket), so CRIU's start-up and kernel probing are not
+    /// downtime. Never early with --restore-cmd or --runc-bundle.
+    #[arg(long)]
+    pub(crate) late_restore: bool,
     /// Restore a container migrated with `pageserv src --runc` with `runc restore --lazy-pages`
     /// from this OCI bundle (config.json and rootfs must exist here, as at the source).
     #[arg(long, value_name = "DIR", conflicts_with = "restore_cmd")]

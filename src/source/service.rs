@@ -7,7 +7,7 @@
 //! Any failure before dst reports the restore finished makes the dump fail instead, so CRIU
 //! resumes the source tasks.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,7 +42,9 @@ const PUSH_SLOTS: usize = 4;
 pub use crate::source::open_dump::DumpSource;
 pub use crate::source::options::SourceOptions;
 pub use crate::source::start::{CARRIED_OPTS_FILE, MIGRATION_ID_FILE, write_private};
-use crate::source::start::{Start, read_carried_opts, rejoin, start_fresh, warn_rollback};
+use crate::source::start::{
+    Start, dump_work_dir, read_carried_opts, rejoin, start_fresh, warn_rollback,
+};
 
 /// Runs one migration out of this host.
 pub async fn run(mut opts: SourceOptions) -> Result<SourceReport> {
@@ -122,15 +124,6 @@ fn dump_died_error(dump: &ReadyDump, status: &std::process::ExitStatus) -> anyho
             .map(|l| format!(" (dump log: {})", l.display()))
             .unwrap_or_default()
     )
-}
-
-/// The dump's work directory (where its keeper listens), if pageserv has one.
-fn dump_work_dir(opts: &SourceOptions) -> Option<PathBuf> {
-    match &opts.dump {
-        DumpSource::Pid { .. } => Some(opts.work_dir.clone()),
-        DumpSource::Resume { work } => Some(work.clone()),
-        DumpSource::External { .. } | DumpSource::Runc(_) => None,
-    }
 }
 
 /// From the freeze to the end: opens (or takes over) the dump and runs the migration.

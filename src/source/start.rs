@@ -3,7 +3,7 @@
 //! src died); the migration id and the files a dump's work directory keeps for a retry.
 
 use crate::keys::Identity;
-use crate::pb::pageserv::{ResumeReady, control::Msg};
+use crate::pb::pageserv::{Hello, ResumeReady, control::Msg};
 use crate::protocol::{self, Role, any_addr, connect_control, is_dst_answer, next_ctl, send_ctl};
 use crate::source::open_dump::DumpSource;
 use crate::source::options::SourceOptions;
@@ -12,7 +12,7 @@ use crate::source::pre_copy::{self, PreCopyReport};
 use crate::source::recovery::{self, DstConnections, MissingList, Reconnect};
 use crate::transport::{self, FrameReceiver, FrameSender};
 use anyhow::{Context, Result, bail};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A migration id nobody can guess: with it, a reconnecting source continues the migration at
@@ -63,6 +63,15 @@ pub(super) fn read_carried_opts(work: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The dump's work directory (where its keeper listens), if pageserv has one.
+pub(super) fn dump_work_dir(opts: &SourceOptions) -> Option<PathBuf> {
+    match &opts.dump {
+        DumpSource::Pid { .. } => Some(opts.work_dir.clone()),
+        DumpSource::Resume { work } => Some(work.clone()),
+        DumpSource::External { .. } | DumpSource::Runc(_) => None,
+    }
 }
 
 /// How a migration's first link came about.
@@ -145,13 +154,20 @@ pub(super) async fn start_fresh(opts: &SourceOptions, id: &Identity) -> Result<S
         connect_control(id, opts.to, &opts.dst_name, &opts.push_transport).await?;
 
     let migration_id = new_migration_id()?;
+    // The restore options the dump will call for, so dst can start its restore now.
+    let announced = dump_work_dir(opts)
+        .map(|d| read_carried_opts(&d))
+        .unwrap_or_default();
     send_ctl(
         &mut ctl,
-        Msg::Hello(protocol::hello(
-            Role::Src,
-            opts.criu.version.to_string(),
-            migration_id.clone(),
-        )),
+        Msg::Hello(Hello {
+            restore_criu_opts: announced,
+            ..protocol::hello(
+                Role::Src,
+                opts.criu.version.to_string(),
+                migration_id.clone(),
+            )
+        }),
     )
     .await?;
     let fault_at = match next_ctl(&mut ctl_rx).await? {

@@ -62,6 +62,7 @@ fn arb_control() -> impl Strategy<Value = Frame> {
                 criu_version: "4.1.1".into(),
                 migration_id: String::new(),
                 fault_port: 0,
+                restore_criu_opts: vec!["--tcp-established".into()],
             }
         ))),
         (

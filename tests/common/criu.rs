@@ -178,6 +178,39 @@ impl Criu {
     }
 }
 
+impl Criu {
+    /// `criu dump --lazy-pages` of `pid` into `img`, its page server on 127.0.0.1 at a free
+    /// port, once it is ready (the images complete, the tree frozen): the dump and the port.
+    pub fn lazy_dump(
+        &self,
+        pid: i32,
+        img: &Path,
+        log: &Path,
+    ) -> Result<(CriuChild, String), String> {
+        let port = free_tcp_port()?.to_string();
+        let img = img.to_str().ok_or("non-UTF-8 image path")?;
+        let pid = pid.to_string();
+        let mut dump = self.spawn(
+            &[
+                "dump",
+                "-t",
+                &pid,
+                "-D",
+                img,
+                "--lazy-pages",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port,
+            ],
+            log,
+            true,
+        )?;
+        dump.wait_ready(Duration::from_secs(120))?;
+        Ok((dump, port))
+    }
+}
+
 /// A CRIU process started by [`Criu::spawn`]; killed on drop if still running.
 pub struct CriuChild {
     child: Option<Child>,

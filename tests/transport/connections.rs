@@ -68,6 +68,7 @@ async fn good_identities_exchange_frames_both_ways() {
                 criu_version: "4.1.1".into(),
                 migration_id: "m1".into(),
                 fault_port: 0,
+                restore_criu_opts: Vec::new(),
             })),
             Frame::PageRequest {
                 pid: 7,

@@ -1,0 +1,166 @@
+//! dst's early restore (`dst::early_restore`) against real CRIU: `criu restore --stream` started
+//! before any image exists reads nothing until it is sent on, a dropped one is killed and
+//! reaped, and one sent on restores a real lazy dump through the image streamer, its lazy pages
+//! served by CRIU's own lazy-pages daemon from the dump's page server. Needs root and CRIU
+//! (skips with a message otherwise).
+
+#[path = "common/criu.rs"]
+mod criu;
+#[path = "common/holder.rs"]
+mod holder;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use pageserv::dst::early_restore::EarlyRestore;
+use pageserv::dst::restore::RestoreOptions;
+
+use holder::{HOLDER_PAGES, PAGE};
+
+/// The holder's entry point when the binary is re-executed (a no-op in a normal run).
+#[test]
+fn memory_holder() {
+    holder::run_if_requested();
+}
+
+fn early(criu: &criu::Criu, dir: &criu::TestDir) -> EarlyRestore {
+    let criu = pageserv::criu::binary::Criu::at(&criu.bin).expect("CRIU's version");
+    let opts = RestoreOptions {
+        early: true,
+        ..Default::default()
+    };
+    EarlyRestore::start(
+        &criu,
+        &dir.sub("stream"),
+        &dir.sub("work"),
+        &opts,
+        Vec::new(),
+    )
+    .expect("starting criu restore --stream")
+    .expect("the default restore command starts early")
+}
+
+/// `/proc/PID/stat`'s state letter; `None` once the pid is gone.
+fn state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim_start().chars().next()
+}
+
+#[test]
+fn an_early_restore_reads_nothing_until_sent_on_and_dies_with_its_guard() {
+    let Some(c) =
+        criu::require("an_early_restore_reads_nothing_until_sent_on_and_dies_with_its_guard")
+    else {
+        return;
+    };
+    let dir = criu::TestDir::new("early-restore-drop");
+    let e = early(&c, &dir);
+    let pid = e.pid().expect("a waiting restore has a pid");
+    let log = dir.path().join("work/restore.log");
+    // CRIU opens its log after connecting to the streamer, then probes the kernel, then asks for
+    // inventory.img, which no one answers.
+    criu::wait_for(Duration::from_secs(20), "criu restore's log", || {
+        log.exists()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        matches!(state(pid), Some(s) if s != 'Z'),
+        "criu restore (pid {pid}) must still wait for its images: {:?}\n{}",
+        state(pid),
+        criu::log_tail(&log, 20)
+    );
+    assert!(
+        !dir.path().join("work/restore.pid").exists(),
+        "nothing may be restored before go"
+    );
+    drop(e);
+    criu::wait_for(
+        Duration::from_secs(5),
+        "the dropped restore to be gone",
+        || state(pid).is_none(),
+    )
+    .unwrap_or_else(|err| panic!("{err}: pid {pid} is {:?}", state(pid)));
+}
+
+#[test]
+fn an_early_restore_sent_on_restores_a_lazy_dump() {
+    let Some(c) = criu::require("an_early_restore_sent_on_restores_a_lazy_dump") else {
+        return;
+    };
+    criu::ensure_pipe_max_size().unwrap();
+    let dir = criu::TestDir::new("early-restore-go");
+    let img = dir.sub("img");
+    let work = dir.sub("work");
+    // As in a migration: the restore starts before the tree is even dumped.
+    let e = early(&c, &dir);
+    let mut h = holder::spawn("memory_holder", dir.path()).unwrap();
+    let (mut dump, port) = c
+        .lazy_dump(h.proc.pid, &img, &dir.path().join("dump.log"))
+        .unwrap();
+    let img_s = img.to_str().unwrap();
+    h.proc.wait_gone(Duration::from_secs(1)).ok();
+    // CRIU's own lazy-pages daemon, on the restore's work directory's lazy-pages.socket.
+    let mut daemon = c
+        .spawn(
+            &[
+                "lazy-pages",
+                "-D",
+                img_s,
+                "-W",
+                work.to_str().unwrap(),
+                "--page-server",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port,
+            ],
+            &dir.path().join("lazy-pages.log"),
+            false,
+        )
+        .unwrap();
+    criu::wait_for(Duration::from_secs(20), "lazy-pages.socket", || {
+        work.join("lazy-pages.socket").exists()
+    })
+    .unwrap();
+
+    let mut restore = e.go(&img);
+    let status = criu::wait_for(Duration::from_secs(60), "the restore to finish", || {
+        matches!(restore.try_wait(), Ok(Some(_)))
+    });
+    let log = work.join("restore.log");
+    status.unwrap_or_else(|err| panic!("{err}\n{}", criu::log_tail(&log, 30)));
+    let restored: u32 = restore
+        .root_pid()
+        .unwrap_or_else(|| panic!("no pidfile\n{}", criu::log_tail(&log, 30)))
+        as u32;
+    // The daemon ends once it has placed every lazy page (a page still missing cannot be read
+    // from another process: userfaultfd serves only the faults of the tasks themselves).
+    daemon.wait(Duration::from_secs(60)).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            criu::log_tail(&dir.path().join("lazy-pages.log"), 20)
+        )
+    });
+    // Every page the holder wrote reads back as it wrote it: the images came through the
+    // streamer, in the order CRIU asked for them, and the restore placed the rest right.
+    let mem = std::fs::File::open(format!("/proc/{restored}/mem")).unwrap();
+    let mut page = vec![0u8; PAGE as usize];
+    let mut checked = 0;
+    for i in (0..HOLDER_PAGES)
+        .filter(|&i| holder::is_dumped(i))
+        .step_by(7)
+    {
+        mem.read_exact_at(&mut page, h.addr + i * PAGE).unwrap();
+        assert_eq!(page, holder::expected_page(i), "page {i}");
+        checked += 1;
+    }
+    assert!(checked > 10, "{checked} pages checked");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(restored as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    if let Err(e) = dump.wait(Duration::from_secs(20)) {
+        panic!("{e}\n{}", criu::log_tail(&dir.path().join("dump.log"), 10));
+    }
+}

@@ -19,6 +19,8 @@
 //!   `--stream`, with the restore options the source announced in its hello; dst::migration
 //!   sends on an early restore only if ImagesDone's options are the same, and otherwise drops it
 //!   and starts one anew (logged). Templates (`--restore-cmd`) and runc restores never start early.
+//! - Its socket lives in the migration's directory (0700, root's): only root can connect, and the
+//!   first connection is taken as CRIU's (CRIU connects within milliseconds of its exec).
 //! - The streamer serves only regular files directly inside the images directory
 //!   ([`image_streamer::plain_name`]); anything else is answered "no such image". It buffers at
 //!   most one request ([`image_streamer::MAX_REQUEST_BYTES`]) and has at most [`MAX_FEEDERS`]

@@ -54,7 +54,7 @@ fn an_early_restore_reads_nothing_until_sent_on_and_dies_with_its_guard() {
         return;
     };
     let dir = criu::TestDir::new("early-restore-drop");
-    let e = early(&c, &dir);
+    let mut e = early(&c, &dir);
     let pid = e.pid().expect("a waiting restore has a pid");
     let log = dir.path().join("work/restore.log");
     // CRIU opens its log after connecting to the streamer, then probes the kernel, then asks for
@@ -74,6 +74,7 @@ fn an_early_restore_reads_nothing_until_sent_on_and_dies_with_its_guard() {
         !dir.path().join("work/restore.pid").exists(),
         "nothing may be restored before go"
     );
+    assert!(e.is_waiting(), "a connected, running restore is waiting");
     drop(e);
     criu::wait_for(
         Duration::from_secs(5),
@@ -163,4 +164,66 @@ fn an_early_restore_sent_on_restores_a_lazy_dump() {
     if let Err(e) = dump.wait(Duration::from_secs(20)) {
         panic!("{e}\n{}", criu::log_tail(&dir.path().join("dump.log"), 10));
     }
+}
+
+/// Starts an early restore and waits until CRIU has connected and probed (its log exists).
+fn early_and_connected(c: &criu::Criu, dir: &criu::TestDir) -> EarlyRestore {
+    let e = early(c, dir);
+    let log = dir.path().join("work/restore.log");
+    criu::wait_for(Duration::from_secs(20), "criu restore's log", || {
+        log.exists()
+    })
+    .unwrap();
+    e
+}
+
+/// A restore that ended while it waited (here: killed) is not waiting any more, so dst starts a
+/// new one rather than send on a dead one.
+#[test]
+fn an_early_restore_that_ended_is_not_waiting() {
+    let Some(c) = criu::require("an_early_restore_that_ended_is_not_waiting") else {
+        return;
+    };
+    let dir = criu::TestDir::new("early-restore-ended");
+    let mut e = early_and_connected(&c, &dir);
+    let pid = e.pid().expect("a waiting restore has a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    criu::wait_for(
+        Duration::from_secs(5),
+        "the killed restore to stop waiting",
+        || !e.is_waiting(),
+    )
+    .unwrap();
+}
+
+/// An image that exists but cannot be opened is never answered "no such image" (CRIU would
+/// take it as empty and restore without it): the restore is killed and fails.
+#[test]
+fn an_image_that_cannot_be_opened_kills_the_restore() {
+    let Some(c) = criu::require("an_image_that_cannot_be_opened_kills_the_restore") else {
+        return;
+    };
+    let dir = criu::TestDir::new("early-restore-unreadable");
+    let images = dir.sub("images");
+    // A symlink loop: open() fails with ELOOP, not ENOENT.
+    std::os::unix::fs::symlink("inventory.img", images.join("inventory.img")).unwrap();
+    let e = early_and_connected(&c, &dir);
+    let mut restore = e.go(&images);
+    let mut status = None;
+    criu::wait_for(Duration::from_secs(20), "the restore to end", || {
+        status = restore.try_wait().ok().flatten();
+        status.is_some()
+    })
+    .unwrap();
+    let status = status.unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(nix::libc::SIGKILL),
+        "the streamer kills the restore: {status}"
+    );
 }

@@ -135,6 +135,11 @@ fn plain_dump_holds_touched_pages() {
     // So their data is in the pages file, which a lazy restore skips: a streamed one cannot
     // (dst::early_restore), and dst restores such images the usual way.
     assert!(images.lazy_pages_with_data(1).unwrap() >= dumped);
+    let blockers = pageserv::criu::stream_restore::blockers(&images).unwrap();
+    assert!(
+        blockers.len() == 1 && blockers[0].contains("marked lazy"),
+        "{blockers:?}"
+    );
     // Their data reads back as written, run by run (the 1 MiB run in one read).
     let reader = images.page_reader(PagemapId::Pid(1)).unwrap();
     for (start, n) in dumped_runs() {
@@ -199,6 +204,10 @@ fn lazy_dump_marks_touched_pages_lazy() {
     assert!(s.tasks[0].memory.lazy.pages >= dumped);
     // A lazy dump keeps lazy pages' data out of the pages file: a streamed restore may read it.
     assert_eq!(images.lazy_pages_with_data(1).unwrap(), 0);
+    assert_eq!(
+        pageserv::criu::stream_restore::blockers(&images).unwrap(),
+        Vec::<String>::new()
+    );
 
     let pm = images.pagemap(1).unwrap();
     let flags = flags_in_region(&pm, h.addr);

@@ -225,6 +225,41 @@ impl ImageDir {
             .sum())
     }
 
+    /// Present pages of `pid` that CRIU's restorer reads itself from the pages file, with
+    /// `preadv` at their offsets (`prepare_vma_ios` in criu/mem.c): those of private mappings
+    /// CRIU does not premap, hugetlb (`MAP_HUGETLB`) and plugin (`VMA_EXT_PLUGIN`) ones.
+    pub fn pages_read_by_restorer(&self, pid: u32) -> Result<u64> {
+        if !self.has_memory(pid)? {
+            return Ok(0);
+        }
+        let vmas: Vec<Vma> = self
+            .vmas(pid)?
+            .into_iter()
+            .filter(|v| {
+                v.flags as i32 & libc::MAP_HUGETLB != 0 || v.status & vma_status::EXT_PLUGIN != 0
+            })
+            .collect();
+        if vmas.is_empty() {
+            return Ok(0);
+        }
+        let mut pages = 0;
+        for e in self
+            .pagemap(pid)?
+            .entries
+            .iter()
+            .filter(|e| e.flags.is_present())
+        {
+            for v in &vmas {
+                let start = e.vaddr.max(v.start);
+                let end = e.range().end().min(v.end);
+                if start < end {
+                    pages += (end - start) / crate::pages::PAGE_SIZE;
+                }
+            }
+        }
+        Ok(pages)
+    }
+
     /// Path of `pages-<pages_id>.img`.
     pub fn pages_file(&self, pages_id: u32) -> PathBuf {
         self.file(&format!("pages-{pages_id}.img"))

@@ -7,6 +7,7 @@ pub mod images;
 pub mod kdat;
 pub mod opts;
 pub mod page_server;
+pub mod stream_restore;
 
 /// Pagemap entry flags (`PE_*` in CRIU's `criu/include/pagemap.h`), as stored in
 /// `pagemap_entry.flags` and carried in the high 16 bits of a page-server ADD_F command word.

@@ -22,19 +22,25 @@
 //! - Its socket lives in the migration's directory (0700, root's): only root can connect, and the
 //!   first connection is taken as CRIU's (CRIU connects within milliseconds of its exec).
 //! - The streamer serves only regular files directly inside the images directory
-//!   ([`image_streamer::plain_name`]); anything else is answered "no such image". It buffers at
-//!   most one request ([`image_streamer::MAX_REQUEST_BYTES`]) and has at most [`MAX_FEEDERS`]
-//!   threads copying large images into CRIU's pipes at once; smaller images
-//!   (up to [`PIPE_FILL_MAX`]) go into the pipe in one write, without a thread.
+//!   ([`image_streamer::plain_name`]); a name that is not there is answered "no such image",
+//!   which CRIU takes as an empty image. So an image that exists is never answered so: a file
+//!   that cannot be opened for another reason, or whose copy into CRIU's pipe fails (other than
+//!   CRIU closing it), kills the restore, which then fails loudly rather than restore a part.
+//! - It buffers at most one request ([`image_streamer::MAX_REQUEST_BYTES`]). Images up to
+//!   [`PIPE_FILL_MAX`] go into their pipe in one write; larger ones are copied by threads, at most
+//!   [`MAX_FEEDERS`] at once, and a restore that holds more large images open at once is killed
+//!   (the streamer never waits for a copy: CRIU's next request may be what the copy waits for).
+//! - [`EarlyRestore::is_waiting`] tells whether the restore is still there and connected; a
+//!   caller sends on only such a restore, and starts a new one the usual way otherwise.
+//! - Images a streamed restore would misread are never sent: see [`crate::criu::stream_restore`].
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,8 +52,9 @@ use crate::dst::restore::{Restore, RestoreError, RestoreOptions};
 /// How long the streamer waits for `criu restore` to connect (it does so within milliseconds
 /// of its exec: before its log or its kernel probe).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// At most this many images are copied into CRIU's pipes by threads at once.
-pub const MAX_FEEDERS: usize = 16;
+/// At most this many images larger than [`PIPE_FILL_MAX`] are being copied into CRIU's pipes at
+/// once (CRIU reads an image to its end before it opens most others).
+pub const MAX_FEEDERS: usize = 64;
 /// Images up to this size go into their pipe in one write (the pipe is grown to fit them, up to
 /// Linux's default `pipe-max-size`), with no thread.
 pub const PIPE_FILL_MAX: u64 = 1 << 20;
@@ -79,14 +86,47 @@ enum ServeError {
     NoPipe(String),
     #[error("criu restore sent more than one request at a time")]
     Pipelined,
+    #[error("opening image {path} for criu restore: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("criu restore holds more than {MAX_FEEDERS} large images open at once")]
+    TooManyFeeders,
 }
 
 /// A `criu restore --stream` waiting for its images.
 pub struct EarlyRestore {
     /// The restore and the gate that sends it on; `None` once [`EarlyRestore::go`] took them.
     waiting: Option<(Restore, mpsc::Sender<PathBuf>)>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     carried: Vec<String>,
+}
+
+/// What the streamer thread and the restore's owner share.
+#[derive(Default)]
+struct Shared {
+    /// The owner dropped the restore before it was sent on: stop waiting for CRIU.
+    stop: AtomicBool,
+    /// CRIU connected to the streamer.
+    connected: AtomicBool,
+    /// The restore's process group (0 until it is spawned), killed on a failure of the streamer.
+    pgid: AtomicI32,
+}
+
+impl Shared {
+    /// Kills the restore: it must fail loudly rather than read a part of an image.
+    fn kill_restore(&self, why: &dyn std::fmt::Display) {
+        let pgid = self.pgid.load(Ordering::Relaxed);
+        tracing::error!("killing the early restore (process group {pgid}): {why}");
+        if pgid > 0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 impl EarlyRestore {
@@ -111,9 +151,9 @@ impl EarlyRestore {
         std::fs::create_dir_all(stream_dir).map_err(listen)?;
         let listener = UnixListener::bind(&path).map_err(listen)?;
         listener.set_nonblocking(true).map_err(listen)?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let (gate, gate_rx) = mpsc::channel();
-        let serving = stop.clone();
+        let serving = shared.clone();
         std::thread::Builder::new()
             .name("image-streamer".into())
             .spawn(move || {
@@ -124,20 +164,33 @@ impl EarlyRestore {
             .map_err(EarlyRestoreError::Thread)?;
         let restore = Restore::start_streamed(criu, stream_dir, work, &opts.with_carried(&carried));
         match restore {
-            Some(Ok(r)) => Ok(Some(EarlyRestore {
-                waiting: Some((r, gate)),
-                stop,
-                carried,
-            })),
+            Some(Ok(r)) => {
+                shared
+                    .pgid
+                    .store(i32::try_from(r.pid()).unwrap_or(0), Ordering::Relaxed);
+                Ok(Some(EarlyRestore {
+                    waiting: Some((r, gate)),
+                    shared,
+                    carried,
+                }))
+            }
             Some(Err(e)) => {
-                stop.store(true, Ordering::Relaxed);
+                shared.stop.store(true, Ordering::Relaxed);
                 Err(e.into())
             }
             None => {
-                stop.store(true, Ordering::Relaxed);
+                shared.stop.store(true, Ordering::Relaxed);
                 Ok(None)
             }
         }
+    }
+
+    /// The restore is still running and connected to the streamer, waiting for its images.
+    pub fn is_waiting(&mut self) -> bool {
+        let connected = self.shared.connected.load(Ordering::Relaxed);
+        self.waiting
+            .as_mut()
+            .is_some_and(|(r, _)| connected && matches!(r.try_wait(), Ok(None)))
     }
 
     /// The waiting `criu restore`'s pid.
@@ -167,7 +220,7 @@ impl EarlyRestore {
 impl Drop for EarlyRestore {
     fn drop(&mut self) {
         if let Some((mut restore, _gate)) = self.waiting.take() {
-            self.stop.store(true, Ordering::Relaxed);
+            self.shared.stop.store(true, Ordering::Relaxed);
             restore.kill();
         }
     }
@@ -176,18 +229,38 @@ impl Drop for EarlyRestore {
 /// Accepts CRIU's connection, waits for the gate, then answers requests until CRIU closes.
 fn serve(
     listener: UnixListener,
-    stop: &AtomicBool,
+    shared: &Arc<Shared>,
     gate: mpsc::Receiver<PathBuf>,
 ) -> Result<(), ServeError> {
-    let Some(conn) = accept(&listener, stop)? else {
-        return Ok(());
+    let conn = match accept(&listener, &shared.stop) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            shared.kill_restore(&e);
+            return Err(e);
+        }
     };
     drop(listener);
+    shared.connected.store(true, Ordering::Relaxed);
+    let served = answer(&conn, shared, gate);
+    if let Err(e) = &served {
+        // Before the connection closes: CRIU must not see a clean end first and exit on its own.
+        shared.kill_restore(e);
+    }
+    served
+}
+
+/// Answers CRIU's requests on `conn` until it closes it (or the gate is dropped).
+fn answer(
+    conn: &UnixStream,
+    shared: &Arc<Shared>,
+    gate: mpsc::Receiver<PathBuf>,
+) -> Result<(), ServeError> {
     let mut images: Option<PathBuf> = None;
     let mut buf = Vec::with_capacity(256);
-    let mut feeders = VecDeque::new();
+    let mut feeders = Vec::new();
     loop {
-        let Some(name) = next_request(&conn, &mut buf)? else {
+        let Some(name) = next_request(conn, &mut buf)? else {
             return Ok(());
         };
         let dir = match &images {
@@ -198,17 +271,24 @@ fn serve(
                 Err(_) => return Ok(()),
             },
         };
-        let file = image_streamer::plain_name(&name).and_then(|n| open_regular(&dir.join(n)));
-        (&conn).write_all(&image_streamer::encode_reply(file.is_some()))?;
+        let file = match image_streamer::plain_name(&name) {
+            Some(n) => open_image(&dir.join(n))?,
+            None => {
+                tracing::warn!(image = %name, "criu restore asked for an image outside its directory");
+                None
+            }
+        };
+        let mut w = conn;
+        w.write_all(&image_streamer::encode_reply(file.is_some()))?;
         let Some(file) = file else {
             continue;
         };
-        let (got, pipe) = crate::fdpass::recv_fd(&conn, &mut [0u8; 1])?;
+        let (got, pipe) = crate::fdpass::recv_fd(conn, &mut [0u8; 1])?;
         if got == 0 {
             return Ok(());
         }
         let pipe = pipe.ok_or_else(|| ServeError::NoPipe(name.clone()))?;
-        feed(file, pipe, name, &mut feeders);
+        feed(file, pipe, name, shared, &mut feeders)?;
     }
 }
 
@@ -258,40 +338,54 @@ fn next_request(mut conn: &UnixStream, buf: &mut Vec<u8>) -> Result<Option<Strin
     }
 }
 
-fn open_regular(path: &Path) -> Option<File> {
-    let f = File::open(path).ok()?;
-    f.metadata().ok()?.is_file().then_some(f)
+/// The image at `path`; `None` only if there is no such file (or it is not a regular file).
+fn open_image(path: &Path) -> Result<Option<File>, ServeError> {
+    let open = |source| ServeError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    match File::open(path) {
+        Ok(f) => Ok(f.metadata().map_err(open)?.is_file().then_some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(open(e)),
+    }
 }
 
 /// Writes `file` into CRIU's `pipe` and closes it: here if it fits in the pipe, else on a
-/// thread (at most [`MAX_FEEDERS`]; the oldest is waited for first).
-fn feed(mut file: File, pipe: OwnedFd, name: String, feeders: &mut VecDeque<JoinHandle<()>>) {
+/// thread (at most [`MAX_FEEDERS`] at once). A copy that fails other than by CRIU closing the
+/// pipe kills the restore.
+fn feed(
+    mut file: File,
+    pipe: OwnedFd,
+    name: String,
+    shared: &Arc<Shared>,
+    feeders: &mut Vec<JoinHandle<()>>,
+) -> Result<(), ServeError> {
     let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
     let fits = len <= PIPE_FILL_MAX && pipe_fits(&pipe, len);
     let mut pipe = File::from(pipe);
-    let copy = move |file: &mut File, pipe: &mut File, name: &str| {
-        if let Err(e) = std::io::copy(file, pipe) {
-            // CRIU stopped reading (it failed or was killed): its exit tells why.
-            tracing::debug!(image = %name, "feeding the image to criu restore: {e}");
+    let shared = shared.clone();
+    let copy = move |file: &mut File, pipe: &mut File| match std::io::copy(file, pipe) {
+        Ok(_) => {}
+        // CRIU stopped reading (it failed or was killed): its exit tells why.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            tracing::debug!(image = %name, "criu restore closed the image's pipe: {e}")
         }
+        Err(e) => shared.kill_restore(&format!("feeding image {name}: {e}")),
     };
     if fits {
-        copy(&mut file, &mut pipe, &name);
-        return;
+        copy(&mut file, &mut pipe);
+        return Ok(());
     }
     feeders.retain(|h| !h.is_finished());
-    if feeders.len() >= MAX_FEEDERS
-        && let Some(oldest) = feeders.pop_front()
-    {
-        let _ = oldest.join();
+    if feeders.len() >= MAX_FEEDERS {
+        return Err(ServeError::TooManyFeeders);
     }
-    let spawned = std::thread::Builder::new()
+    let h = std::thread::Builder::new()
         .name("image-feeder".into())
-        .spawn(move || copy(&mut file, &mut pipe, &name));
-    match spawned {
-        Ok(h) => feeders.push_back(h),
-        Err(e) => tracing::warn!("no thread to feed an image to criu restore: {e}"),
-    }
+        .spawn(move || copy(&mut file, &mut pipe))?;
+    feeders.push(h);
+    Ok(())
 }
 
 /// True if an empty `pipe` takes `len` bytes without blocking (growing it if it must).

@@ -95,6 +95,10 @@ fn start_early(opts: &DstOptions, dir: &Path, work: &Path, hello: &Hello) -> Opt
     if !opts.restore.early {
         return None;
     }
+    if let Some(why) = crate::criu::stream_restore::option_blocker(&opts.restore.extra) {
+        tracing::info!("not starting the restore early: {why}");
+        return None;
+    }
     let carried = match crate::criu::opts::accept(&hello.restore_criu_opts) {
         Ok(c) => c,
         Err(e) => {
@@ -172,8 +176,8 @@ async fn run_in(
             "pre-copied pages held in the page store"
         );
     }
-    let (lazy, nr_tasks, streamable) = match check_images(&images_dir, &mut store, &mut report) {
-        Ok(c) => (c.lazy, c.nr_tasks, c.streamable),
+    let (lazy, nr_tasks) = match check_images(&images_dir, &mut store, &mut report) {
+        Ok(c) => (c.lazy, c.nr_tasks),
         Err(e) => {
             // The source resumes its tree. It learns why if its own data disagrees; image errors
             // name this host's paths, which stay in its log.
@@ -204,7 +208,7 @@ async fn run_in(
             held: Arc::new(held.clone()),
             sink,
         },
-        (early, streamable),
+        early,
     );
     let Started {
         keeper,

@@ -25,9 +25,6 @@ pub(crate) struct Checked {
     /// Each task's lazy ranges, by image pid.
     pub lazy: BTreeMap<u32, Vec<PageRange>>,
     pub nr_tasks: usize,
-    /// No page is both lazy and in the pages file, so a streamed restore reads the images right
-    /// (see [`ImageDir::lazy_pages_with_data`]).
-    pub streamable: bool,
 }
 
 /// Reads the lazy ranges of every task from the images (into `report`) and checks the page store
@@ -42,9 +39,7 @@ pub(crate) fn check_images(
     let images = ImageDir::open(images_dir)?;
     let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
     let tasks = images.pstree()?;
-    let mut streamable = true;
     for t in &tasks {
-        streamable &= images.lazy_pages_with_data(t.pid)? == 0;
         let ranges = images.lazy_ranges(t.pid)?;
         report.lazy_pages += ranges.iter().map(|r| r.nr_pages).sum::<u64>();
         lazy.insert(t.pid, ranges);
@@ -75,7 +70,6 @@ pub(crate) fn check_images(
     Ok(Checked {
         lazy,
         nr_tasks: tasks.len(),
-        streamable,
     })
 }
 
@@ -108,6 +102,39 @@ pub(crate) struct FaultThreadIo<S> {
     pub sink: S,
 }
 
+/// `early` if it may be sent on: started with the dump's restore options, still waiting, and
+/// the images in `images_dir` are ones a streamed restore reads right
+/// ([`crate::criu::stream_restore`]); else why not (and it is dropped, which kills it).
+fn send_on(
+    mut early: EarlyRestore,
+    carried: &[String],
+    images_dir: &Path,
+) -> Result<EarlyRestore, String> {
+    if early.carried() != carried {
+        return Err(format!(
+            "the dump calls for restore options {carried:?}, the source announced {:?}",
+            early.carried()
+        ));
+    }
+    let blockers = ImageDir::open(images_dir)
+        .and_then(|images| crate::criu::stream_restore::blockers(&images))
+        .map_err(|e| format!("reading the images: {e}"))?;
+    if !blockers.is_empty() {
+        return Err(format!(
+            "a streamed restore would misread these images: {}",
+            blockers.join("; ")
+        ));
+    }
+    if !early.is_waiting() {
+        return Err(
+            "the restore started with the migration is no longer waiting for its \
+                    images (it ended, or never connected to the image streamer)"
+                .into(),
+        );
+    }
+    Ok(early)
+}
+
 /// Starts the uffd keeper, the fault loop, the lazy-pages socket and `criu restore` (sends on
 /// `early`, the restore started with the migration, if its options are the dump's; see
 /// [`crate::dst::early_restore`]); on a failure, stops what it had started.
@@ -120,7 +147,7 @@ pub(crate) fn start_restore(
     carried: &[String],
     lazy: &BTreeMap<u32, Vec<PageRange>>,
     io: FaultThreadIo<impl uffd_loop::OutboundSink>,
-    (early, streamable): (Option<EarlyRestore>, bool),
+    early: Option<EarlyRestore>,
 ) -> Result<Started> {
     let FaultThreadIo { held, sink } = io;
     // A copy of every uffd lives in the keeper (fork children's too, as they appear), so even
@@ -153,28 +180,14 @@ pub(crate) fn start_restore(
     let started = LazySocket::bind(work)
         .context("listening on lazy-pages.socket")
         .and_then(|socket| {
-            let restore = match early {
-                Some(e) if e.carried() == carried && streamable => {
+            let restore = match early.map(|e| send_on(e, carried, images_dir)) {
+                Some(Ok(e)) => {
                     used_early = true;
                     e.go(images_dir)
                 }
                 other => {
-                    if let Some(e) = other {
-                        if streamable {
-                            tracing::info!(
-                                announced = ?e.carried(),
-                                dump = ?carried,
-                                "the dump calls for other restore options than the source \
-                                 announced: the early restore is stopped and a new one started"
-                            );
-                        } else {
-                            tracing::warn!(
-                                "the images hold data of lazy pages (not a `criu dump \
-                                 --lazy-pages` dump?), which a streamed restore cannot skip: the \
-                                 early restore is stopped and a new one started"
-                            );
-                        }
-                        drop(e);
+                    if let Some(Err(why)) = other {
+                        tracing::warn!("not sending the early restore on, restoring anew: {why}");
                     }
                     Restore::start(
                         &opts.criu,

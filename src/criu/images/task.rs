@@ -71,6 +71,8 @@ pub mod vma_status {
     pub const AREA_VVAR: u32 = 1 << 12;
     pub const AREA_AIORING: u32 = 1 << 13;
     pub const AREA_MEMFD: u32 = 1 << 14;
+    /// A mapping a CRIU plugin restores (`VMA_EXT_PLUGIN`).
+    pub const EXT_PLUGIN: u32 = 1 << 27;
 }
 
 /// One mapping of a task (`vma_entry`), `[start, end)` in dump-time addresses.

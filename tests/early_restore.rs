@@ -54,15 +54,11 @@ fn an_early_restore_reads_nothing_until_sent_on_and_dies_with_its_guard() {
         return;
     };
     let dir = criu::TestDir::new("early-restore-drop");
-    let mut e = early(&c, &dir);
-    let pid = e.pid().expect("a waiting restore has a pid");
-    let log = dir.path().join("work/restore.log");
     // CRIU opens its log after connecting to the streamer, then probes the kernel, then asks for
     // inventory.img, which no one answers.
-    criu::wait_for(Duration::from_secs(20), "criu restore's log", || {
-        log.exists()
-    })
-    .unwrap();
+    let mut e = early_and_connected(&c, &dir);
+    let pid = e.pid().expect("a waiting restore has a pid");
+    let log = dir.path().join("work/restore.log");
     std::thread::sleep(Duration::from_millis(700));
     assert!(
         matches!(state(pid), Some(s) if s != 'Z'),

@@ -206,58 +206,12 @@ impl ImageDir {
         )
     }
 
-    /// Pages `pid`'s pagemap marks both lazy and present: their data is in the pages file, and
-    /// a lazy restore skips over it (`restore_priv_vma_content` -> `skip_pages` in criu/mem.c).
-    /// CRIU's plain dumps mark every lazy-capable page so; `criu dump --lazy-pages` never does
-    /// (`ppb_xfer_flags` with `transfer_lazy` off: lazy pages are PE_LAZY alone, no data).
-    /// `criu restore --stream` cannot skip data (`skip_pagemap_pages` moves a file offset, which a
-    /// pipe does not have), so dst streams a lazy restore only when this is 0 for every task.
+    /// Pages `pid`'s pagemap marks both lazy and present ([`lazy_pages_with_data`]).
     pub fn lazy_pages_with_data(&self, pid: u32) -> Result<u64> {
         if !self.has_memory(pid)? {
             return Ok(0);
         }
-        Ok(self
-            .pagemap(pid)?
-            .entries
-            .iter()
-            .filter(|e| e.flags.is_lazy() && e.flags.is_present())
-            .map(|e| e.nr_pages)
-            .sum())
-    }
-
-    /// Present pages of `pid` that CRIU's restorer reads itself from the pages file, with
-    /// `preadv` at their offsets (`prepare_vma_ios` in criu/mem.c): those of private mappings
-    /// CRIU does not premap, hugetlb (`MAP_HUGETLB`) and plugin (`VMA_EXT_PLUGIN`) ones.
-    pub fn pages_read_by_restorer(&self, pid: u32) -> Result<u64> {
-        if !self.has_memory(pid)? {
-            return Ok(0);
-        }
-        let vmas: Vec<Vma> = self
-            .vmas(pid)?
-            .into_iter()
-            .filter(|v| {
-                v.flags as i32 & libc::MAP_HUGETLB != 0 || v.status & vma_status::EXT_PLUGIN != 0
-            })
-            .collect();
-        if vmas.is_empty() {
-            return Ok(0);
-        }
-        let mut pages = 0;
-        for e in self
-            .pagemap(pid)?
-            .entries
-            .iter()
-            .filter(|e| e.flags.is_present())
-        {
-            for v in &vmas {
-                let start = e.vaddr.max(v.start);
-                let end = e.range().end().min(v.end);
-                if start < end {
-                    pages += (end - start) / crate::pages::PAGE_SIZE;
-                }
-            }
-        }
-        Ok(pages)
+        Ok(lazy_pages_with_data(&self.pagemap(pid)?.entries))
     }
 
     /// Path of `pages-<pages_id>.img`.
@@ -304,3 +258,34 @@ pub fn write_pagemap(dir: &Path, id: PagemapId, pages_id: u32, entries: &[MapEnt
 
 #[cfg(test)]
 mod tests;
+
+/// Pages `entries` mark both lazy and present: their data is in the pages file, and a lazy
+/// restore skips over it (`restore_priv_vma_content` -> `skip_pages` in criu/mem.c). CRIU's plain
+/// dumps mark every lazy-capable page so; `criu dump --lazy-pages` never does (`ppb_xfer_flags`
+/// with `transfer_lazy` off: lazy pages are PE_LAZY alone, no data).
+pub fn lazy_pages_with_data(entries: &[MapEntry]) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.flags.is_lazy() && e.flags.is_present())
+        .map(|e| e.nr_pages)
+        .sum()
+}
+
+/// Present pages in `entries` that CRIU's restorer reads itself from the pages file, with
+/// `preadv` at their offsets (`prepare_vma_ios` in criu/mem.c): those of the private mappings
+/// in `vmas` CRIU does not premap, hugetlb (`MAP_HUGETLB`) and plugin (`VMA_EXT_PLUGIN`) ones.
+pub fn pages_read_by_restorer(entries: &[MapEntry], vmas: &[Vma]) -> u64 {
+    let mut pages = 0;
+    let unpremapped = vmas.iter().filter(|v| {
+        v.flags as i32 & libc::MAP_HUGETLB != 0 || v.status & vma_status::EXT_PLUGIN != 0
+    });
+    for v in unpremapped {
+        for e in entries.iter().filter(|e| e.flags.is_present()) {
+            let (start, end) = (e.vaddr.max(v.start), e.range().end().min(v.end));
+            if start < end {
+                pages += (end - start) / crate::pages::PAGE_SIZE;
+            }
+        }
+    }
+    pages
+}

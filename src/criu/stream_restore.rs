@@ -20,13 +20,19 @@
 //! are checked before the restore starts ([`option_blocker`]).
 
 use crate::criu::image::{ImageError, Result};
-use crate::criu::images::ImageDir;
+use crate::criu::images::{ImageDir, lazy_pages_with_data, pages_read_by_restorer};
 
 /// Why a streamed restore would misread `images`, one line per cause found (empty: none).
 pub fn blockers(images: &ImageDir) -> Result<Vec<String>> {
     let mut why = Vec::new();
     for t in images.pstree()? {
-        let skipped = images.lazy_pages_with_data(t.pid)?;
+        if !images.has_memory(t.pid)? {
+            continue;
+        }
+        // One read of each image per task: this runs between the images' arrival and the
+        // restore.
+        let entries = images.pagemap(t.pid)?.entries;
+        let skipped = lazy_pages_with_data(&entries);
         if skipped > 0 {
             why.push(format!(
                 "task {}: {skipped} pages are marked lazy and have data in the pages image, which \
@@ -34,7 +40,7 @@ pub fn blockers(images: &ImageDir) -> Result<Vec<String>> {
                 t.pid
             ));
         }
-        let preadv = images.pages_read_by_restorer(t.pid)?;
+        let preadv = pages_read_by_restorer(&entries, &images.vmas(t.pid)?);
         if preadv > 0 {
             why.push(format!(
                 "task {}: {preadv} present pages in hugetlb or plugin mappings, which CRIU's \

@@ -132,7 +132,7 @@ impl Shared {
 impl EarlyRestore {
     /// Listens on `stream_dir/streamer-serve.sock` and starts `criu restore --stream` with
     /// `opts` plus `carried` (the restore options the source announced) in `work`. `Ok(None)`
-    /// when `opts` is a template or a runc restore, which cannot start early.
+    /// unless `opts` [starts early](RestoreOptions::starts_early).
     pub fn start(
         criu: &Criu,
         stream_dir: &Path,
@@ -140,7 +140,7 @@ impl EarlyRestore {
         opts: &RestoreOptions,
         carried: Vec<String>,
     ) -> Result<Option<EarlyRestore>, EarlyRestoreError> {
-        if opts.template.is_some() || opts.runc.is_some() {
+        if !opts.starts_early() {
             return Ok(None);
         }
         let path = stream_dir.join(SERVE_SOCKET);
@@ -164,7 +164,7 @@ impl EarlyRestore {
             .map_err(EarlyRestoreError::Thread)?;
         let restore = Restore::start_streamed(criu, stream_dir, work, &opts.with_carried(&carried));
         match restore {
-            Some(Ok(r)) => {
+            Ok(r) => {
                 shared
                     .pgid
                     .store(i32::try_from(r.pid()).unwrap_or(0), Ordering::Relaxed);
@@ -174,13 +174,9 @@ impl EarlyRestore {
                     carried,
                 }))
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 shared.stop.store(true, Ordering::Relaxed);
                 Err(e.into())
-            }
-            None => {
-                shared.stop.store(true, Ordering::Relaxed);
-                Ok(None)
             }
         }
     }

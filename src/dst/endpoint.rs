@@ -118,8 +118,7 @@ pub async fn serve(
         max_concurrent = limits.max_concurrent,
         "pageserv dst ready"
     );
-    let early =
-        opts.restore.early && opts.restore.template.is_none() && opts.restore.runc.is_none();
+    let early = opts.restore.starts_early();
     if let Some(w) = crate::criu::kdat::probe().and_then(|s| crate::criu::kdat::warning(s, early)) {
         tracing::warn!("{w}");
     }

@@ -92,7 +92,7 @@ pub(crate) async fn migrate_in(
 /// ([`crate::dst::early_restore`]), with the restore options the source's `hello` announced.
 /// `None` (the restore starts once the images are in) if they do not, or if it cannot start.
 fn start_early(opts: &DstOptions, dir: &Path, work: &Path, hello: &Hello) -> Option<EarlyRestore> {
-    if !opts.restore.early {
+    if !opts.restore.starts_early() {
         return None;
     }
     if let Some(why) = crate::criu::stream_restore::option_blocker(&opts.restore.extra) {
@@ -177,7 +177,7 @@ async fn run_in(
         );
     }
     let (lazy, nr_tasks) = match check_images(&images_dir, &mut store, &mut report) {
-        Ok(c) => (c.lazy, c.nr_tasks),
+        Ok(r) => r,
         Err(e) => {
             // The source resumes its tree. It learns why if its own data disagrees; image errors
             // name this host's paths, which stay in its log.

@@ -64,6 +64,12 @@ pub struct RestoreOptions {
 }
 
 impl RestoreOptions {
+    /// The restore is started with the migration: [`RestoreOptions::early`] and the default
+    /// command (a template or runc builds CRIU's command line itself).
+    pub fn starts_early(&self) -> bool {
+        self.early && self.template.is_none() && self.runc.is_none()
+    }
+
     /// These options plus the ones the source's dump calls for ([`crate::criu::opts`]).
     pub fn with_carried(&self, carried: &[String]) -> RestoreOptions {
         RestoreOptions {
@@ -141,19 +147,17 @@ impl Restore {
 
     /// Starts `criu restore --stream` with `stream_dir` as its images directory: it connects
     /// to the image streamer listening there and reads every image through it
-    /// ([`crate::dst::early_restore`]). The default command only: `None` for a template or runc.
+    /// ([`crate::dst::early_restore`]). The default command only (see
+    /// [`RestoreOptions::starts_early`]): a template's is not CRIU's command line.
     pub fn start_streamed(
         criu: &Criu,
         stream_dir: &Path,
         work: &Path,
         opts: &RestoreOptions,
-    ) -> Option<Result<Restore, RestoreError>> {
-        if opts.template.is_some() || opts.runc.is_some() {
-            return None;
-        }
+    ) -> Result<Restore, RestoreError> {
         let mut cmd = restore_command(criu, stream_dir, work, opts, true);
         cmd.arg("--stream");
-        Some(Restore::spawn(cmd, work, opts))
+        Restore::spawn(cmd, work, opts)
     }
 
     fn spawn(

@@ -20,13 +20,6 @@ use crate::dst::uffd_loop::{self, UffdStats};
 use crate::pages::PageRange;
 use crate::stats::DstReport;
 
-/// What [`check_images`] found.
-pub(crate) struct Checked {
-    /// Each task's lazy ranges, by image pid.
-    pub lazy: BTreeMap<u32, Vec<PageRange>>,
-    pub nr_tasks: usize,
-}
-
 /// Reads the lazy ranges of every task from the images (into `report`) and checks the page store
 /// against them. A task whose memory the dump wrote whole into the images (CRIU's stack-page
 /// test, see source::eager_dump) has no lazy page: its pre-copied pages can never be confirmed,
@@ -35,7 +28,7 @@ pub(crate) fn check_images(
     images_dir: &Path,
     store: &mut Option<PageStore>,
     report: &mut DstReport,
-) -> Result<Checked> {
+) -> Result<(BTreeMap<u32, Vec<PageRange>>, usize)> {
     let images = ImageDir::open(images_dir)?;
     let mut lazy: BTreeMap<u32, Vec<PageRange>> = BTreeMap::new();
     let tasks = images.pstree()?;
@@ -67,10 +60,7 @@ pub(crate) fn check_images(
             .into());
         }
     }
-    Ok(Checked {
-        lazy,
-        nr_tasks: tasks.len(),
-    })
+    Ok((lazy, tasks.len()))
 }
 
 /// The page store holds more pages than the dump's lazy pages allow.

@@ -214,6 +214,16 @@ fn arrivals_in_one_message_place_data_and_zero_runs() {
             })
         })
         .collect();
+    // The readers fault before the first batch leaves: since the loop runs on the fault lane it
+    // can place every batch before a reader touches a page, and the test would see no fault.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.stats.counters().faults == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reader faulted within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Batches of 64 pages: 4 data runs of 15 pages and 4 zero pages each.
     for batch in 0..pages / 64 {
         let mut runs = Vec::new();

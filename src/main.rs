@@ -162,9 +162,19 @@ struct Common {
     /// Write the final report as JSON here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+    /// Read the bulk connections' socket as each datagram arrives instead of in batches
+    /// (`transport::recv_batch`): more CPU on links slower than ~1.7 Gbit/s. For measurements;
+    /// see README, "Receive batching".
+    #[arg(long)]
+    no_recv_batching: bool,
 }
 
 impl Common {
+    /// The bulk connections' receive batching.
+    fn recv_batching(&self) -> Option<pageserv::transport::recv_batch::RecvBatching> {
+        (!self.no_recv_batching).then(Default::default)
+    }
+
     /// The CRIU to run, logging at `--criu-verbosity` (`runc`: runc starts it, at its own level).
     fn criu(&self, runc: bool) -> Result<Criu> {
         if runc && let Some(v) = self.criu_verbosity {
@@ -360,6 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                 transport: pageserv::transport::TransportOptions {
                     congestion: a.congestion.into(),
                     deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
+                    recv_batching: a.common.recv_batching(),
                     ..Default::default()
                 }
                 .with_sparse_bulk_acks(),
@@ -422,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
                     congestion: a.congestion.into(),
                     idle_timeout: a.link.idle_timeout,
                     deny: DenyList::load_optional(a.deny_cert.as_deref())?.into(),
+                    recv_batching: a.common.recv_batching(),
                     ..Default::default()
                 }
                 .with_sparse_bulk_acks(),
@@ -454,6 +466,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 transport: pageserv::transport::TransportOptions {
                     idle_timeout: a.link.idle_timeout,
+                    recv_batching: a.common.recv_batching(),
                     ..Default::default()
                 },
                 recover_timeout: a.link.recover_timeout,

@@ -7,8 +7,10 @@
 //! 1.3 the client finishes its handshake before the server has checked the client's certificate,
 //! so without this a refused client would only learn of it at its first stream operation.
 
+mod batched_socket;
 mod errors;
 mod framed;
+pub mod recv_batch;
 pub mod scavenger;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -215,6 +217,10 @@ pub struct TransportOptions {
     /// Drive the endpoint (socket, timers, connection drivers) on the fault lane
     /// ([`crate::fault_lane`]) instead of the caller's runtime: for the fault connection only.
     pub fault_lane: bool,
+    /// Receive batching on this endpoint's socket ([`recv_batch`]): for bulk endpoints, where
+    /// it saves the receiver's CPU; `None` reads every datagram as it comes (the fault
+    /// connection, whose every datagram is on a fault's path).
+    pub recv_batching: Option<recv_batch::RecvBatching>,
     /// A client's deny list (`pageserv src --deny-cert FILE`): a server presenting one of these
     /// certificates is refused right after the TLS handshake, before anything is sent to it.
     pub deny: Arc<DenyList>,
@@ -237,6 +243,7 @@ impl Default for TransportOptions {
             max_datagram: MAX_DATAGRAM,
             admit_timeout: Duration::from_secs(10),
             fault_lane: false,
+            recv_batching: Some(recv_batch::RecvBatching::default()),
             deny: Arc::default(),
         }
     }
@@ -273,6 +280,7 @@ impl TransportOptions {
     pub fn for_faults(self) -> Self {
         TransportOptions {
             fault_lane: true,
+            recv_batching: None,
             sparse_acks: Some(FAULT_SPARSE_ACKS),
             ..self
         }
@@ -524,13 +532,18 @@ fn endpoint(
     opts: &TransportOptions,
 ) -> Result<Endpoint, TransportError> {
     let socket = udp_socket(addr, opts)?;
+    let bind_err = |source| TransportError::Bind { addr, source };
     let runtime: Arc<dyn quinn::Runtime> = if opts.fault_lane {
         Arc::new(crate::fault_lane::LaneRuntime)
     } else {
         Arc::new(quinn::TokioRuntime)
     };
-    Endpoint::new(opts.endpoint_config()?, server, socket, runtime)
-        .map_err(|source| TransportError::Bind { addr, source })
+    let socket: Arc<dyn quinn::AsyncUdpSocket> = match opts.recv_batching {
+        Some(cfg) => Arc::new(batched_socket::BatchedSocket::new(socket, cfg).map_err(bind_err)?),
+        None => runtime.wrap_udp_socket(socket).map_err(bind_err)?,
+    };
+    Endpoint::new_with_abstract_socket(opts.endpoint_config()?, server, socket, runtime)
+        .map_err(bind_err)
 }
 
 /// Listens on `listen` (port 0 picks one: see `Endpoint::local_addr`) with default options.

@@ -45,6 +45,10 @@ pub struct QuinnBulkArgs {
     /// With `--ack-threshold N` (N > 0): the longest the receiver holds an ACK back, in µs.
     #[arg(long, requires = "ack_threshold")]
     pub ack_max_delay_us: Option<u64>,
+    /// Read the socket as each datagram arrives, as the services do with `--no-recv-batching`
+    /// (default: in batches, `transport::recv_batch`).
+    #[arg(long)]
+    pub no_recv_batching: bool,
     /// Internal: run one side (receiver or sender) in the current namespace.
     #[arg(long, hide = true)]
     pub side: Option<String>,
@@ -171,6 +175,10 @@ pub fn run(a: QuinnBulkArgs) -> Result<()> {
     }
     .with_sparse_bulk_acks();
     let mut side_args = Vec::new();
+    if a.no_recv_batching {
+        opts.recv_batching = None;
+        side_args.push("--no-recv-batching".to_string());
+    }
     if let Some(threshold) = a.ack_threshold {
         let max_delay = a.ack_max_delay_us.map_or(
             transport::BULK_SPARSE_ACKS.max_delay,

@@ -30,7 +30,7 @@ pub struct SourceReport {
     /// Bytes both QUIC connections sent from the freeze on (UDP payload: images, pages,
     /// validity frames, QUIC overhead).
     pub wire_bytes_after_freeze: u64,
-    /// Largest UDP payload the push connection's MTU discovery settled on: 1,466 or so on a
+    /// Largest UDP payload the push connection's MTU discovery settled on: 1,472 on a
     /// 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
     pub path_mtu: u16,
     /// The source's peak resident memory (VmHWM).

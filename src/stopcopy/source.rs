@@ -106,7 +106,7 @@ pub struct StopCopyReport {
     pub images_bytes: u64,
     /// UDP bytes sent on the QUIC connection.
     pub wire_bytes: u64,
-    /// Largest UDP payload the control connection's MTU discovery settled on: 1,466 or so on
+    /// Largest UDP payload the control connection's MTU discovery settled on: 1,472 on
     /// a 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
     pub path_mtu: u16,
     pub dump_ok: bool,

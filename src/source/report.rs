@@ -33,6 +33,9 @@ pub struct SourceReport {
     /// Largest UDP payload the push connection's MTU discovery settled on: 1,472 on a
     /// 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
     pub path_mtu: u16,
+    /// Times the push connection fell back to 1,200-byte datagrams (quinn's suspected black
+    /// holes; see [`crate::transport::BLACK_HOLE_COOLDOWN`]).
+    pub path_black_holes: u64,
     /// The source's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
     /// Times the link to dst died mid post-copy and came back (see source::recovery).
@@ -109,7 +112,7 @@ impl SourceReport {
              \x20 total                                     {:>10.1} ms\n\
              \x20 lazy pages {}, images {} bytes\n\
              \x20 fault pages served {}, pages pushed {}, zero pages {}, refused {}\n\
-             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}, QUIC datagrams up to {} bytes\n\
+             \x20 GETs to the dump {}, bytes from the dump {}, push bytes {}, QUIC datagrams up to {} bytes{}\n\
              {}{}{}",
             self.downtime_ms,
             self.total_ms,
@@ -123,6 +126,7 @@ impl SourceReport {
             self.pump.bytes_from_dump,
             self.push_bytes,
             self.path_mtu,
+            crate::transport::black_hole_note(self.path_black_holes),
             self.serving(),
             self.fault_service(),
             self.usage.render(),
@@ -177,7 +181,19 @@ mod tests {
         };
         let text = r.render();
         assert!(
-            text.contains("push bytes 42, QUIC datagrams up to 6500 bytes"),
+            text.contains("push bytes 42, QUIC datagrams up to 6500 bytes\n"),
+            "{text}"
+        );
+        let fell_back = SourceReport {
+            path_mtu: 1_472,
+            path_black_holes: 2,
+            ..SourceReport::default()
+        };
+        let text = fell_back.render();
+        assert!(
+            text.contains(
+                "QUIC datagrams up to 1472 bytes (fell back to 1200 bytes 2 times: suspected black holes)"
+            ),
             "{text}"
         );
     }

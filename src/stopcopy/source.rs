@@ -109,6 +109,9 @@ pub struct StopCopyReport {
     /// Largest UDP payload the control connection's MTU discovery settled on: 1,472 on
     /// a 1,500-byte path, up to [`crate::transport::MAX_DATAGRAM`] on a jumbo one.
     pub path_mtu: u16,
+    /// Times the control connection fell back to 1,200-byte datagrams (quinn's suspected black
+    /// holes; see [`crate::transport::BLACK_HOLE_COOLDOWN`]).
+    pub path_black_holes: u64,
     pub dump_ok: bool,
     /// The service's CPU time and peak RSS (its own and its reaped children's, CRIU's dump
     /// among them, apart).
@@ -123,7 +126,7 @@ impl StopCopyReport {
              \x20 memory session (dump start → CLOSE)       {:>10.1} ms\n\
              \x20 total                                     {:>10.1} ms\n\
              \x20 pagemaps {}, pages present {} ({:.1} MiB), in parent {}, lazy-only {}\n\
-             \x20 images {} bytes, wire {} bytes, QUIC datagrams up to {} bytes\n\
+             \x20 images {} bytes, wire {} bytes, QUIC datagrams up to {} bytes{}\n\
              {}",
             self.downtime_ms,
             self.session_ms,
@@ -136,6 +139,7 @@ impl StopCopyReport {
             self.images_bytes,
             self.wire_bytes,
             self.path_mtu,
+            crate::transport::black_hole_note(self.path_black_holes),
             self.usage.render(),
         )
     }
@@ -310,6 +314,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     ctl.finish();
     report.wire_bytes = conns.iter().map(|c| c.stats().udp_tx.bytes).sum();
     report.path_mtu = conn.stats().path.current_mtu;
+    report.path_black_holes = conn.stats().path.black_holes_detected;
     for (i, c) in conns.iter().enumerate() {
         let s = c.stats();
         tracing::info!(
@@ -321,6 +326,7 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
             cwnd = s.path.cwnd,
             rtt_us = s.path.rtt.as_micros() as u64,
             mtu = s.path.current_mtu,
+            black_holes = s.path.black_holes_detected,
             "QUIC path of the session"
         );
     }

@@ -280,6 +280,7 @@ impl TransportOptions {
             udp_recv_buffer: 0,
             udp_send_buffer: 0,
             max_datagram: QUINN_MAX_DATAGRAM,
+            recv_batching: None,
             ..Self::default()
         }
     }

@@ -188,8 +188,7 @@ async fn drive(
     )
     .await;
     let link_tx_bytes = link.tx_bytes();
-    let path_mtu = link.conn.stats().path.current_mtu;
-    let path_black_holes = link.conn.stats().path.black_holes_detected;
+    let path = link.conn.stats().path;
     let wire_after_freeze = (wire_dead_links + link_tx_bytes).saturating_sub(wire_at_freeze);
     let DstConnections {
         conn, fault_conn, ..
@@ -202,8 +201,8 @@ async fn drive(
             report.eager_dump = dump.eager;
             report.dump_phases = dump_phases;
             report.wire_bytes_after_freeze = wire_after_freeze;
-            report.path_mtu = path_mtu;
-            report.path_black_holes = path_black_holes;
+            report.path_mtu = path.current_mtu;
+            report.path_black_holes = path.black_holes_detected;
             report.peak_rss_bytes = peak_rss_bytes();
             report.usage = crate::usage::ServiceUsage::measure(
                 report.total_ms,

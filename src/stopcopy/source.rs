@@ -313,8 +313,9 @@ pub async fn run(opts: StopCopyOptions) -> Result<StopCopyReport> {
     .await?;
     ctl.finish();
     report.wire_bytes = conns.iter().map(|c| c.stats().udp_tx.bytes).sum();
-    report.path_mtu = conn.stats().path.current_mtu;
-    report.path_black_holes = conn.stats().path.black_holes_detected;
+    let path = conn.stats().path;
+    report.path_mtu = path.current_mtu;
+    report.path_black_holes = path.black_holes_detected;
     for (i, c) in conns.iter().enumerate() {
         let s = c.stats();
         tracing::info!(
